@@ -1,0 +1,233 @@
+"""S3 I/O: the only module that talks to S3.
+
+One boto3 client and one bounded thread pool per process (re-created after ``fork``, so
+DataLoader workers never share a connection pool), ranged GETs that check their body length
+and retry short or failed reads, and counters of what was requested and received.
+smart-open is used for streaming (multipart) writes of artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import smart_open
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = int(os.environ.get("BRAINSEG_S3_CONCURRENCY", "32"))  # ranged GETs in flight per process
+BOTO_MAX_ATTEMPTS = 8  # botocore "adaptive" retries of throttling and 5xx
+RANGE_ATTEMPTS = 4  # our own retries of a short or broken range body
+RETRY_BACKOFF_S = 0.05
+
+_lock = threading.Lock()
+_process: dict = {"pid": None, "client": None, "pool": None}
+_counters = {"get_requests": 0, "bytes_received": 0, "range_retries": 0, "put_requests": 0,
+             "bytes_sent": 0, "list_requests": 0}
+
+
+class S3Error(RuntimeError):
+    """An S3 request failed; the message names the bucket and key."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size in bytes and ETag (quotes stripped)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``.
+
+    Raises:
+        ValueError: when ``uri`` is not an ``s3://`` URI with a bucket.
+    """
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"expected an S3 URI like s3://bucket/prefix/, got {uri!r}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI {uri!r} has no bucket name; expected s3://bucket/prefix/")
+    return bucket, key
+
+
+def client():
+    """The process's boto3 S3 client (endpoint from ``AWS_ENDPOINT_URL`` when set)."""
+    _ensure_process_state()
+    return _process["client"]
+
+
+def executor() -> ThreadPoolExecutor:
+    """The process's bounded pool for concurrent ranged GETs."""
+    _ensure_process_state()
+    return _process["pool"]
+
+
+def _ensure_process_state() -> None:
+    pid = os.getpid()
+    if _process["pid"] == pid:
+        return
+    with _lock:
+        if _process["pid"] == pid:
+            return
+        config = botocore.config.Config(
+            retries={"mode": "adaptive", "max_attempts": BOTO_MAX_ATTEMPTS},
+            max_pool_connections=MAX_CONCURRENCY + 4,
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        session = boto3.session.Session()
+        _process["client"] = session.client("s3", config=config)
+        _process["pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-range")
+        _process["pid"] = pid
+        # A forked child inherits the parent's counters; it reports its own work only.
+        for name in _counters:
+            _counters[name] = 0
+
+
+def _count(**increments: int) -> None:
+    with _lock:
+        for name, value in increments.items():
+            _counters[name] += value
+
+
+def stats() -> dict:
+    """Counters for this process: GET requests, bytes received, range retries, PUTs, LISTs."""
+    with _lock:
+        return dict(_counters)
+
+
+def reset_stats() -> None:
+    """Zero this process's counters."""
+    with _lock:
+        for name in _counters:
+            _counters[name] = 0
+
+
+def _wrap(err: Exception, action: str, bucket: str, key: str) -> S3Error:
+    if isinstance(err, botocore.exceptions.ClientError):
+        code = err.response.get("Error", {}).get("Code", "?")
+        return S3Error(f"{action} s3://{bucket}/{key} failed: {code} ({err})")
+    return S3Error(f"{action} s3://{bucket}/{key} failed: {type(err).__name__}: {err}")
+
+
+_TRANSIENT = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.IncompleteReadError,
+)
+
+
+def get_range(bucket: str, key: str, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of an object, retried until the body has the expected length.
+
+    Raises:
+        S3Error: the request failed after retries, or the object is shorter than ``stop``.
+    """
+    if not 0 <= start < stop:
+        raise ValueError(f"byte range [{start}, {stop}) of s3://{bucket}/{key} is empty or negative")
+    expected = stop - start
+    last_error: Exception | None = None
+    for attempt in range(RANGE_ATTEMPTS):
+        try:
+            response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+            body = response["Body"].read()
+        except botocore.exceptions.ClientError as err:
+            _count(get_requests=1)
+            raise _wrap(err, f"GET bytes {start}-{stop - 1} of", bucket, key) from err
+        except _TRANSIENT as err:
+            _count(get_requests=1, range_retries=1)
+            last_error = err
+        else:
+            _count(get_requests=1, bytes_received=len(body))
+            if len(body) == expected:
+                return body
+            last_error = S3Error(f"short body: got {len(body)} of {expected} bytes")
+            _count(range_retries=1)
+            if "ContentRange" in response and response["ContentRange"].rsplit("/", 1)[-1].isdigit():
+                size = int(response["ContentRange"].rsplit("/", 1)[-1])
+                if size < stop:
+                    raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
+        time.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise S3Error(f"GET bytes {start}-{stop - 1} of s3://{bucket}/{key} failed after "
+                  f"{RANGE_ATTEMPTS} attempts: {last_error}") from last_error
+
+
+def get_ranges(requests: Sequence[tuple[str, str, int, int]]) -> list[bytes]:
+    """Fetch many ``(bucket, key, start, stop)`` ranges concurrently, results in request order."""
+    if len(requests) == 1:
+        return [get_range(*requests[0])]
+    futures = [executor().submit(get_range, *request) for request in requests]
+    return [future.result() for future in futures]
+
+
+def get_object(bucket: str, key: str) -> bytes:
+    """A whole object in one GET."""
+    try:
+        body = client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (botocore.exceptions.ClientError, *_TRANSIENT) as err:
+        _count(get_requests=1)
+        raise _wrap(err, "GET", bucket, key) from err
+    _count(get_requests=1, bytes_received=len(body))
+    return body
+
+
+def read_uri(uri: str) -> bytes | None:
+    """A whole object named by URI, or ``None`` when it does not exist."""
+    bucket, key = parse_uri(uri)
+    try:
+        return get_object(bucket, key)
+    except S3Error as err:
+        cause = err.__cause__
+        if isinstance(cause, botocore.exceptions.ClientError) and \
+                cause.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
+    """Every object under ``prefix``, paginated."""
+    paginator = client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            _count(list_requests=1)
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+    except botocore.exceptions.ClientError as err:
+        raise _wrap(err, "LIST", bucket, prefix) from err
+
+
+def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    """Write one small object in a single PUT."""
+    bucket, key = parse_uri(uri)
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+    except (botocore.exceptions.ClientError, *_TRANSIENT) as err:
+        raise _wrap(err, "PUT", bucket, key) from err
+    _count(put_requests=1, bytes_sent=len(data))
+
+
+def open_write(uri: str, mode: str = "wb"):
+    """A streaming writer (multipart upload) for a large artifact at ``uri``."""
+    parse_uri(uri)
+    return smart_open.open(uri, mode, transport_params={"client": client()})
+
+
+def bucket_exists(bucket: str) -> bool:
+    """Whether ``bucket`` exists and is reachable with the current credentials."""
+    try:
+        client().head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError:
+        return False
+    return True
