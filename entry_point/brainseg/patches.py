@@ -1,0 +1,159 @@
+"""The patch stream: a torch ``IterableDataset`` of 3D patches read from S3 by byte ranges.
+
+Each shard (one DataLoader worker of one distributed rank) walks its residue of the task
+sequence (see :mod:`brainseg.sampling`). A small thread pool reads the slabs of the next tasks
+while the consumer cuts, normalises and augments patches from the current ones; how many slabs
+may be in flight follows from the memory budget. Patches of ``patches_per_slab`` consecutive
+tasks are interleaved, so a batch mixes cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed
+from torch.utils.data import IterableDataset, get_worker_info
+
+from brainseg.augment import augment, normalize, pad_to
+from brainseg.catalog import Case
+from brainseg.config import StreamConfig
+from brainseg.sampling import SlabPlan, patch_extent, plan_slab
+
+logger = logging.getLogger(__name__)
+
+FLOAT_BYTES = 4
+
+
+def distributed_position() -> tuple[int, int]:
+    """``(rank, world_size)`` from torch.distributed when initialised, else from torchrun's env."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
+    """Upper bound of the memory one task holds: raw and decoded slabs plus its patches."""
+    shape = case.image.shape
+    extent = patch_extent(shape, config.patch_size)
+    slab_voxels = (min(shape[0], extent[0] + config.slab_margin[0])
+                   * min(shape[1], extent[1] + config.slab_margin[1]) * shape[2])
+    per_voxel = 2 * FLOAT_BYTES + case.image.bytes_per_voxel + case.mask.bytes_per_voxel
+    patch_voxels = int(np.prod(config.patch_size))
+    return slab_voxels * per_voxel + config.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1)
+
+
+class PatchStream(IterableDataset):
+    """Endless stream of ``{"image", "label", "case_id", "task", "origin"}`` samples.
+
+    ``image`` is float32 ``(1, D, H, W)`` normalised; ``label`` is uint8 ``(1, D, H, W)``
+    (1 = tumour); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
+
+    Args:
+        cases: usable cases (``status == "ok"``), e.g. ``catalog.split("train")``.
+        config: sampling, normalisation, augmentation and memory settings.
+        start_task: first task index, to resume a run where it stopped.
+        rank, world_size: distributed position; by default from torch.distributed or env.
+    """
+
+    def __init__(self, cases: list[Case], config: StreamConfig, start_task: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if not cases:
+            raise ValueError("no usable training cases: every case was excluded or the split is empty; "
+                             "run `python infra/inspect_data.py <data-uri>` to see why")
+        unusable = [case.case_id for case in cases if case.status != "ok" or case.summary is None]
+        if unusable:
+            raise ValueError(f"cases {unusable[:5]} are excluded or unsummarised; pass only usable cases")
+        if start_task < 0:
+            raise ValueError(f"start_task {start_task}: expected >= 0")
+        self.cases = list(cases)
+        self.config = config
+        self.start_task = start_task
+        default_rank, default_world_size = distributed_position()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world_size if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self._shapes = [case.image.shape for case in self.cases]
+        self._foregrounds = [case.summary.foreground_points for case in self.cases]
+        self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
+        if self.task_cost_bytes > config.memory_budget_bytes:
+            raise ValueError(self._budget_message(1, config.memory_budget_bytes))
+
+    def _budget_message(self, workers: int, budget: int) -> str:
+        return (f"memory budget {budget / 2**20:.0f} MiB per worker ({workers} worker(s) share "
+                f"{self.config.memory_budget_bytes / 2**20:.0f} MiB) cannot hold one slab of "
+                f"{self.task_cost_bytes / 2**20:.0f} MiB; raise memory_budget_bytes or lower "
+                "patch_size, slab_margin or patches_per_slab")
+
+    def plan(self, task: int) -> SlabPlan:
+        return plan_slab(task, self._shapes, self._foregrounds, self.config)
+
+    def shard(self) -> tuple[int, int, int]:
+        """``(shard index, shard count, workers in this process group)`` of the calling worker."""
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return self.rank * workers + worker_id, self.world_size * workers, workers
+
+    def capacity(self, workers: int) -> int:
+        """Slabs one worker may hold at once (being cut plus read ahead), within its budget share."""
+        budget = self.config.memory_budget_bytes // workers
+        fits = budget // self.task_cost_bytes
+        if fits < 1:
+            raise ValueError(self._budget_message(workers, budget))
+        return int(min(self.config.read_ahead + self.config.patches_per_slab, fits))
+
+    def __iter__(self) -> Iterator[dict]:
+        shard, shards, workers = self.shard()
+        capacity = self.capacity(workers)
+        group = min(self.config.patches_per_slab, capacity)
+        tasks = iter(range(self.start_task + shard, 2**62, shards))
+        with ThreadPoolExecutor(2 * capacity, thread_name_prefix="slab") as pool:
+            pending: deque[tuple[SlabPlan, Future, Future]] = deque()
+
+            def read_ahead(limit: int) -> None:
+                while len(pending) < limit:
+                    plan = self.plan(next(tasks))
+                    case = self.cases[plan.case_index]
+                    pending.append((plan, pool.submit(case.image.read_region, *plan.region),
+                                    pool.submit(case.mask.read_region, *plan.region)))
+
+            while True:
+                read_ahead(capacity)
+                ready = [pending.popleft() for _ in range(group)]
+                read_ahead(capacity - group)  # keep reading while this group is cut into patches
+                samples = [self._patches(plan, image.result(), mask.result()) for plan, image, mask in ready]
+                del ready
+                for index in range(self.config.patches_per_slab):
+                    for patches in samples:
+                        yield patches[index]
+
+    def _patches(self, plan: SlabPlan, image: np.ndarray, mask: np.ndarray) -> list[dict]:
+        case = self.cases[plan.case_index]
+        summary = case.summary
+        image = normalize(image, self.config.normalization, summary.mean, summary.std, summary.low, summary.high)
+        label = (mask > 0).astype(np.uint8)
+        z0, _, y0, _, x0, _ = plan.region
+        out = []
+        for number, origin in enumerate(plan.origins):
+            window = tuple(slice(o - r, o - r + e) for o, r, e in zip(origin, (z0, y0, x0), plan.patch_extent))
+            patch_image = pad_to(image[window], self.config.patch_size)
+            patch_label = pad_to(label[window], self.config.patch_size)
+            if self.config.augment:
+                rng = np.random.default_rng([self.config.seed, plan.task, number, 1])
+                patch_image, patch_label = augment(patch_image, patch_label, rng,
+                                                   minmax=self.config.normalization == "minmax")
+            out.append({
+                "image": torch.from_numpy(np.ascontiguousarray(patch_image)[None]),
+                "label": torch.from_numpy(np.ascontiguousarray(patch_label)[None]),
+                "case_id": case.case_id,
+                "task": plan.task,
+                "origin": torch.tensor(origin, dtype=torch.int64),
+            })
+        return out

@@ -1,0 +1,95 @@
+"""Where patches come from: a pure function from (seed, task index) to a slab and its patches.
+
+A *task* is one slab read: a region of one case, full width, a little deeper and taller than a
+patch, from which ``patches_per_slab`` patches are cut. Tasks are numbered 0, 1, 2, ...; shards
+(DataLoader workers and distributed ranks) take disjoint residues of that sequence, so no work is
+duplicated and a run resumes from a task index alone. Foreground tasks centre their patches on
+tumour voxels recorded in the index; exactly ``foreground_fraction`` of tasks are foreground.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainseg.config import StreamConfig
+
+
+@dataclass(frozen=True)
+class SlabPlan:
+    """One task: read ``region`` of case ``case_index``, cut patches at ``origins``.
+
+    ``region`` is ``(z0, z1, y0, y1, x0, x1)``; origins are absolute ``(z, y, x)`` and each patch
+    spans ``patch_extent`` voxels inside the region.
+    """
+
+    task: int
+    case_index: int
+    region: tuple
+    origins: tuple
+    patch_extent: tuple
+    foreground: bool
+
+
+def patch_extent(shape: tuple, patch_size: tuple) -> tuple:
+    """The patch size clamped to the volume; the stream pads it back to ``patch_size``."""
+    return tuple(min(int(s), int(p)) for s, p in zip(shape, patch_size))
+
+
+def is_foreground_task(task: int, fraction: float) -> bool:
+    """Exactly ``fraction`` of any run of consecutive tasks are foreground (no randomness)."""
+    return math.floor((task + 1) * fraction + 1e-9) > math.floor(task * fraction + 1e-9)
+
+
+def case_for_task(task: int, num_cases: int, seed: int) -> int:
+    """Cases are visited in a fresh seeded permutation every ``num_cases`` tasks."""
+    permutation = np.random.default_rng([seed, task // num_cases, 7]).permutation(num_cases)
+    return int(permutation[task % num_cases])
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(int(value), high))
+
+
+def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: StreamConfig) -> SlabPlan:
+    """The slab and patch origins of ``task``.
+
+    Args:
+        task: task index (>= 0).
+        shapes: ``(D, H, W)`` of each case.
+        foregrounds: tumour voxel coordinates ``((z, y, x), ...)`` of each case (may be empty).
+        config: patch size, margins, patches per slab, foreground fraction and seed.
+    """
+    case_index = case_for_task(task, len(shapes), config.seed)
+    shape = tuple(shapes[case_index])
+    extent = patch_extent(shape, config.patch_size)
+    slab = (min(shape[0], extent[0] + config.slab_margin[0]),
+            min(shape[1], extent[1] + config.slab_margin[1]),
+            shape[2])
+    rng = np.random.default_rng([config.seed, task])
+    points = np.asarray(foregrounds[case_index], dtype=np.int64).reshape(-1, 3)
+    foreground = is_foreground_task(task, config.foreground_fraction) and len(points) > 0
+
+    if foreground:
+        centre = points[rng.integers(len(points))]
+        start = [_clamp(centre[a] - slab[a] // 2 + rng.integers(-(slab[a] - extent[a]) // 2,
+                                                                  (slab[a] - extent[a]) // 2 + 1),
+                        0, shape[a] - slab[a]) for a in range(2)]
+    else:
+        start = [int(rng.integers(0, shape[a] - slab[a] + 1)) for a in range(2)]
+    region = (start[0], start[0] + slab[0], start[1], start[1] + slab[1], 0, shape[2])
+
+    inside = points[(points[:, 0] >= region[0]) & (points[:, 0] < region[1])
+                    & (points[:, 1] >= region[2]) & (points[:, 1] < region[3])] if foreground else points[:0]
+    origins = []
+    for _ in range(config.patches_per_slab):
+        if len(inside):
+            centre = inside[rng.integers(len(inside))]
+            origin = [_clamp(centre[a] - extent[a] // 2, region[2 * a], region[2 * a + 1] - extent[a])
+                      for a in range(3)]
+        else:
+            origin = [int(rng.integers(region[2 * a], region[2 * a + 1] - extent[a] + 1)) for a in range(3)]
+        origins.append(tuple(int(v) for v in origin))
+    return SlabPlan(task, case_index, region, tuple(origins), extent, foreground)
