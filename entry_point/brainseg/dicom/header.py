@@ -26,6 +26,7 @@ NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still found in archives)
 }
+PREAMBLE_BYTES = 132  # 128-byte preamble and "DICM"
 PATIENT_HASH_SALT = b"brainseg-patient-v1"
 
 
@@ -217,6 +218,8 @@ def parse_header(prefix: bytes, object_size: int) -> ObjectHeader:
             project does not read.
     """
     complete = len(prefix) >= object_size
+    if not complete and len(prefix) < PREAMBLE_BYTES:
+        raise NeedMoreBytes(min(object_size, 4096))
     stream = io.BytesIO(prefix)
     try:
         with warnings.catch_warnings():

@@ -24,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+JPEG2000_MIN_SIZE = 32  # pixels: OpenJPEG encodes with 6 resolution levels
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
@@ -154,6 +155,9 @@ def encode(dataset: Dataset, transfer_syntax: str = "explicit-le") -> bytes:
         raise ValueError(f"unknown transfer syntax {transfer_syntax!r}; expected one of "
                          f"{sorted(TRANSFER_SYNTAXES)}")
     uid = UID(TRANSFER_SYNTAXES[transfer_syntax])
+    if uid == JPEG2000Lossless and min(dataset.Rows, dataset.Columns) < JPEG2000_MIN_SIZE:
+        raise ValueError(f"JPEG 2000 needs images of at least {JPEG2000_MIN_SIZE}x{JPEG2000_MIN_SIZE} "
+                         f"pixels (OpenJPEG's 6 resolution levels); got {dataset.Rows}x{dataset.Columns}")
     frames = int(dataset.get("NumberOfFrames", 1))
     dtype = np.dtype(("i" if dataset.PixelRepresentation else "u") + str(dataset.BitsAllocated // 8))
     shape = (frames, dataset.Rows, dataset.Columns) if frames > 1 else (dataset.Rows, dataset.Columns)

@@ -1,0 +1,49 @@
+"""Check and profile a DICOM dataset in S3 before training on it.
+
+    python infra/inspect_data.py s3://bucket/dataset/ [--json profile.json] [--index-uri s3://...]
+
+Prints shapes, spacings, intensity range, tumour volume distribution, the split and every
+excluded case with its reason. Builds (or reuses) the header index the training job uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entry_point"))
+
+from brainseg import s3io  # noqa: E402
+from brainseg.catalog import build_catalog  # noqa: E402
+from brainseg.profile import format_profile, profile_catalog  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/image/ and <case_id>/mask/")
+    parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
+    parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    parser.add_argument("--refresh-index", action="store_true", help="read every header again")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        catalog = build_catalog(args.data_uri, index_uri=args.index_uri, seed=args.seed,
+                                refresh_index=args.refresh_index)
+    except (ValueError, s3io.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    profile = profile_catalog(catalog)
+    print(format_profile(profile))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(profile, indent=2))
+        print(f"profile written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: a moto S3 server on 127.0.0.1 over real HTTP, buckets, and DICOM case writers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from brainseg import s3io
+from brainseg.dicom import writer
+from brainseg.phantom import make_phantom
+from infra.s3server import EmbeddedS3
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_server():
+    """One moto server for the session; every test talks to it through AWS_ENDPOINT_URL."""
+    saved = {name: os.environ.get(name) for name in
+             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    with EmbeddedS3() as server:
+        os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A new, empty bucket."""
+    name = f"test-bucket-{os.getpid()}-{next(_bucket_numbers)}"
+    s3io.client().create_bucket(Bucket=name)
+    return name
+
+
+def put(uri: str, data: bytes) -> None:
+    s3io.put_bytes(uri, data)
+
+
+def small_phantom(seed: int = 0, shape=(12, 40, 36)):
+    return make_phantom(shape, np.random.default_rng(seed))
+
+
+def put_series(base: str, folder: str, datasets, transfer_syntax: str = "explicit-le", names=None) -> dict:
+    """Encode datasets and PUT them under ``base/folder/``; returns {key suffix: bytes}."""
+    written = {}
+    for number, dataset in enumerate(datasets, start=1):
+        name = names[number - 1] if names else f"IM_{number:04d}.dcm"
+        data = writer.encode(dataset, transfer_syntax)
+        put(f"{base}/{folder}/{name}", data)
+        written[name] = data
+    return written
+
+
+def put_case(root: str, case_id: str, image: np.ndarray, mask: np.ndarray, *,
+             transfer_syntax: str = "explicit-le", multiframe: bool = False,
+             spec: writer.SeriesSpec | None = None, mask_spec: writer.SeriesSpec | None = None) -> dict:
+    """Write one case; returns {"image": {name: bytes}, "mask": {...}}."""
+    spec = spec or writer.SeriesSpec(spacing=(2.0, 0.9, 0.8), patient_id=f"PID-{case_id}",
+                                     patient_name=f"Doe^{case_id}")
+    mask_spec = mask_spec or writer.SeriesSpec(spacing=spec.spacing, origin=spec.origin,
+                                               orientation=spec.orientation, patient_id=spec.patient_id,
+                                               patient_name=spec.patient_name)
+    base = f"{root.rstrip('/')}/{case_id}"
+    out = {}
+    for folder, volume, series_spec in (("image", image, spec), ("mask", mask, mask_spec)):
+        datasets = ([writer.multiframe_dataset(volume, series_spec)] if multiframe
+                    else writer.slice_datasets(volume, series_spec))
+        out[folder] = put_series(base, folder, datasets, transfer_syntax)
+    return out

@@ -1,0 +1,100 @@
+"""Header parsing from a prefix: located pixel data, growth requests, and clear refusals."""
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+
+from brainseg.dicom import HeaderError, NeedMoreBytes, parse_header
+from brainseg.dicom import writer
+
+SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)
+VOLUME = (np.arange(4 * 40 * 32).reshape(4, 40, 32) % 900).astype(np.int16) - 100
+
+
+def _encoded(syntax: str, multiframe: bool) -> bytes:
+    spec = writer.SeriesSpec(spacing=(2.5, 0.7, 0.6), origin=(1.0, 2.0, 3.0))
+    dataset = writer.multiframe_dataset(VOLUME, spec) if multiframe else writer.slice_datasets(VOLUME, spec)[1]
+    return writer.encode(dataset, syntax)
+
+
+@pytest.mark.parametrize("multiframe", [False, True], ids=["single-frame", "multi-frame"])
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_header_fields_and_pixel_location(syntax, multiframe):
+    data = _encoded(syntax, multiframe)
+    header = parse_header(data, len(data))
+    reference = pydicom.dcmread(io.BytesIO(data))
+    assert header.transfer_syntax == reference.file_meta.TransferSyntaxUID
+    assert (header.rows, header.columns) == (40, 32)
+    assert header.frames == (4 if multiframe else 1)
+    assert header.pixel_signed and header.bits_allocated == 16
+    assert header.pixel_spacing == (0.7, 0.6)
+    expected_z = [3.0 + 2.5 * i for i in range(4)] if multiframe else [3.0 + 2.5]
+    assert [p[2] for p in header.positions] == pytest.approx(expected_z)
+    if header.encapsulated:
+        assert header.pixel_length == -1
+        assert len(header.frame_starts) == header.frames
+        assert data[header.frame_starts[0]:header.frame_starts[0] + 4] == b"\xfe\xff\x00\xe0"  # an item tag
+    else:
+        assert data[header.pixel_offset:header.pixel_offset + header.pixel_length] == reference.PixelData
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_short_prefix_asks_for_more(syntax):
+    data = _encoded(syntax, multiframe=True)
+    with pytest.raises(NeedMoreBytes) as raised:
+        parse_header(data[:300], len(data))
+    assert 300 < raised.value.size <= len(data)
+
+
+def test_growing_prefix_reaches_the_same_header():
+    data = _encoded("explicit-le", multiframe=True)
+    size = 128
+    while True:
+        try:
+            header = parse_header(data[:size], len(data))
+            break
+        except NeedMoreBytes as more:
+            size = more.size
+    assert header == parse_header(data, len(data))
+    assert size < len(data)
+
+
+def test_not_dicom():
+    data = b"case notes: nothing to see here\n" * 10
+    with pytest.raises(HeaderError, match="not a DICOM file"):
+        parse_header(data, len(data))
+
+
+def test_dicom_without_pixel_data():
+    dataset = writer.slice_datasets(VOLUME[:1], writer.SeriesSpec())[0]
+    del dataset.PixelData
+    for keyword in ("Rows", "Columns"):
+        delattr(dataset, keyword)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    with pytest.raises(HeaderError, match="no pixel data"):
+        parse_header(data, len(data))
+
+
+def test_colour_image_is_refused():
+    dataset = writer.slice_datasets(VOLUME[:1], writer.SeriesSpec())[0]
+    dataset.SamplesPerPixel = 3
+    dataset.PhotometricInterpretation = "RGB"
+    dataset.PlanarConfiguration = 0
+    dataset.PixelData = np.zeros((40, 32, 3), np.uint16).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    with pytest.raises(HeaderError, match="3 samples per pixel"):
+        parse_header(data, len(data))
+
+
+def test_truncated_pixel_data_is_refused():
+    data = _encoded("explicit-le", multiframe=True)
+    header = parse_header(data, len(data))
+    cut = data[:header.pixel_offset + 100]
+    with pytest.raises(HeaderError, match="truncated"):
+        parse_header(cut, len(cut))
