@@ -249,11 +249,12 @@ def assign_splits(cases: list[Case], seed: int, fractions=DEFAULT_SPLIT_FRACTION
         groups.setdefault(case.patient_group or case.case_id, []).append(case)
     keys = sorted(groups)
     order = np.random.default_rng(seed).permutation(len(keys))
-    targets = [round(fractions[0] * len(usable)), round(fractions[1] * len(usable))]
-    counts = [0, 0, 0]
+    train, val = round(fractions[0] * len(usable)), round(fractions[1] * len(usable))
+    targets = np.asarray([train, val, len(usable) - train - val])
+    counts = np.zeros(3, dtype=int)
     for position in order:
         members = groups[keys[position]]
-        slot = 0 if counts[0] < targets[0] else 1 if counts[1] < targets[1] else 2
+        slot = int(np.argmax(targets - counts))  # the split furthest below its target
         counts[slot] += len(members)
         for case in members:
             case.split = SPLITS[slot]

@@ -1,0 +1,121 @@
+"""Catalog: splits, manifest, the ETag-keyed header index, bad input, and no patient identifiers."""
+
+import io
+import json
+import logging
+
+import pydicom
+import pytest
+
+from brainseg import s3io
+from brainseg.catalog import build_catalog
+from brainseg.dicom import writer
+from tests.conftest import put, put_case, small_phantom
+
+
+def _dataset(bucket: str, count: int, patient_of=lambda n: f"PID-{n}") -> str:
+    root = f"s3://{bucket}/data"
+    for number in range(count):
+        phantom = small_phantom(seed=number, shape=(6, 32, 32))
+        spec = writer.SeriesSpec(spacing=(2.0, 1.0, 1.0), patient_id=patient_of(number),
+                                 patient_name=f"Doe^Jane{number}")
+        put_case(root, f"case_{number:02d}", phantom.image, phantom.mask, spec=spec)
+    return root + "/"
+
+
+def _splits(catalog) -> dict:
+    return {case.case_id: case.split for case in catalog.cases}
+
+
+def test_seeded_patient_level_split(bucket):
+    uri = _dataset(bucket, 10, patient_of=lambda n: "PID-shared" if n in (3, 7) else f"PID-{n}")
+    first = build_catalog(uri, seed=5)
+    assert [len(first.split(name)) for name in ("train", "val", "test")] == [5, 2, 3]
+    assert first.cases[3].split == first.cases[7].split  # one patient, one split
+    assert _splits(build_catalog(uri, seed=5, refresh_index=True)) == _splits(first)
+    others = [_splits(build_catalog(uri, seed=seed)) for seed in (6, 7, 8)]
+    assert any(split != _splits(first) for split in others)
+
+
+def test_custom_fractions_are_checked(bucket):
+    uri = _dataset(bucket, 4)
+    assert len(build_catalog(uri, split_fractions=(0.5, 0.5, 0.0)).split("val")) == 2
+    with pytest.raises(ValueError, match="summing to 1"):
+        build_catalog(uri, split_fractions=(0.5, 0.2, 0.2))
+
+
+def test_manifest_fixes_the_split(bucket):
+    uri = _dataset(bucket, 4)
+    put(uri + "manifest.csv", b"case_id,split\ncase_00,test\ncase_01,train\ncase_02,val\n")
+    catalog = build_catalog(uri)
+    assert _splits(catalog) == {"case_00": "test", "case_01": "train", "case_02": "val", "case_03": ""}
+    assert catalog.cases[3].reason == "not listed in manifest.csv"
+
+
+def test_malformed_manifest_says_where(bucket):
+    uri = _dataset(bucket, 2)
+    put(uri + "manifest.csv", b"case_id,split\ncase_00,training\n")
+    with pytest.raises(ValueError, match=r"manifest\.csv line 2: \['case_00', 'training'\]; expected"):
+        build_catalog(uri)
+
+
+def test_index_is_reused_and_invalidated_by_etag(bucket):
+    uri = _dataset(bucket, 3)
+    first = build_catalog(uri)
+    assert first.index_stats["headers_read"] == first.index_stats["objects"] == 36
+    s3io.reset_stats()
+    second = build_catalog(uri)
+    assert second.index_stats["headers_read"] == 0
+    assert s3io.stats()["get_requests"] == 1  # the index itself; no header, no pixel read
+    key_uri = f"{uri}case_01/image/IM_0001.dcm"
+    dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
+    dataset.PixelData = (dataset.pixel_array + 1).tobytes()  # same slice, new pixels, new ETag
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    put(key_uri, buffer.getvalue())
+    third = build_catalog(uri)
+    assert third.index_stats["headers_read"] == 1
+    assert third.index_stats["cases_summarised"] == 1
+
+
+def test_index_at_another_location_and_unwritable_location(bucket, caplog):
+    uri = _dataset(bucket, 2)
+    elsewhere = f"s3://{bucket}/indexes/run.json"
+    build_catalog(uri, index_uri=elsewhere)
+    assert s3io.read_uri(elsewhere) is not None
+    assert s3io.read_uri(uri + ".brainseg/index.json") is None
+    with caplog.at_level(logging.WARNING):
+        catalog = build_catalog(uri, index_uri="s3://no-such-bucket-here/index.json")
+    assert len(catalog.cases) == 2
+    assert "could not save the header index to s3://no-such-bucket-here/index.json" in caplog.text
+
+
+def test_no_patient_identifiers_in_logs_or_index(bucket, caplog):
+    uri = _dataset(bucket, 3)
+    put(uri + "case_01/image/IM_0001.dcm", b"not dicom")
+    with caplog.at_level(logging.DEBUG, logger="brainseg"):
+        catalog = build_catalog(uri)
+    assert catalog.cases[1].status == "excluded"
+    index = s3io.read_uri(uri + ".brainseg/index.json").decode()
+    for text in (caplog.text, index, json.dumps([c.reason for c in catalog.cases])):
+        assert "Doe^Jane" not in text and "PID-" not in text and "19700101" not in text
+    assert "case_01 excluded" in caplog.text
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("/data/local/path", "expected an S3 URI like s3://bucket/prefix/"),
+    ("s3:///prefix", "has no bucket name"),
+])
+def test_bad_uri(uri, message):
+    with pytest.raises(ValueError, match=message):
+        build_catalog(uri)
+
+
+def test_empty_prefix(bucket):
+    with pytest.raises(ValueError, match=rf"no case folders under s3://{bucket}/nothing/"):
+        build_catalog(f"s3://{bucket}/nothing/")
+
+
+def test_missing_bucket():
+    with pytest.raises(s3io.S3Error, match=r"LIST s3://missing-bucket-x/data/ failed: NoSuchBucket"):
+        build_catalog("s3://missing-bucket-x/data/")
