@@ -95,6 +95,15 @@ def _ensure_process_state() -> None:
             _counters[name] = 0
 
 
+def reset_client() -> None:
+    """Drop this process's client and pool; the next call builds them from the current environment
+    (for example after ``AWS_ENDPOINT_URL`` changed)."""
+    with _lock:
+        if _process["pool"] is not None and _process["pid"] == os.getpid():
+            _process["pool"].shutdown(wait=True)
+        _process.update(pid=None, client=None, pool=None)
+
+
 def _count(**increments: int) -> None:
     with _lock:
         for name, value in increments.items():

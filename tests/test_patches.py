@@ -1,0 +1,159 @@
+"""Patch planning and the patch stream: foreground share, determinism, sharding, padding, budget."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from brainseg.catalog import build_catalog
+from brainseg.config import StreamConfig
+from brainseg.patches import PatchStream
+from brainseg.sampling import is_foreground_task, plan_slab
+from tests.conftest import put_case, small_phantom
+
+SMALL = dict(patch_size=(16, 24, 24), slab_margin=(4, 8), memory_budget_bytes=64 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    from brainseg import s3io
+
+    s3io.client().create_bucket(Bucket="patch-stream")
+    for number in range(4):
+        phantom = small_phantom(seed=20 + number, shape=(20, 48, 40))
+        put_case("s3://patch-stream/data", f"case_{number}", phantom.image, phantom.mask)
+    catalog = build_catalog("s3://patch-stream/data/", split_fractions=(1.0, 0.0, 0.0))
+    return catalog.split("train")
+
+
+@pytest.mark.parametrize("fraction, tasks, expected", [(1 / 3, 300, 100), (0.0, 50, 0), (1.0, 50, 50), (0.25, 40, 10)])
+def test_foreground_share_is_exact(fraction, tasks, expected):
+    assert sum(is_foreground_task(t, fraction) for t in range(tasks)) == expected
+
+
+def test_plans_are_deterministic_and_inside_the_volume():
+    shapes = [(30, 64, 50), (10, 20, 20)]
+    points = [((15, 30, 25), (16, 31, 26)), ()]
+    config = StreamConfig(patch_size=(16, 32, 32), slab_margin=(4, 8), patches_per_slab=3)
+    for task in range(60):
+        plan = plan_slab(task, shapes, points, config)
+        assert plan == plan_slab(task, shapes, points, config)
+        shape = shapes[plan.case_index]
+        z0, z1, y0, y1, x0, x1 = plan.region
+        assert 0 <= z0 < z1 <= shape[0] and 0 <= y0 < y1 <= shape[1] and (x0, x1) == (0, shape[2])
+        assert plan.patch_extent == tuple(min(s, p) for s, p in zip(shape, config.patch_size))
+        for origin in plan.origins:
+            for axis in range(3):
+                assert plan.region[2 * axis] <= origin[axis]
+                assert origin[axis] + plan.patch_extent[axis] <= plan.region[2 * axis + 1]
+        if plan.foreground:
+            assert plan.case_index == 0
+            assert all(any(all(o[a] <= p[a] < o[a] + plan.patch_extent[a] for a in range(3)) for p in points[0])
+                       for o in plan.origins)
+
+
+def _take(stream, count, workers=0):
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    samples = []
+    for sample in loader:
+        samples.append(sample)
+        if len(samples) == count:
+            break
+    return samples
+
+
+def test_samples_have_the_documented_shapes(cases):
+    sample = _take(PatchStream(cases, StreamConfig(**SMALL)), 1)[0]
+    assert sample["image"].shape == (1, 16, 24, 24) and sample["image"].dtype == torch.float32
+    assert sample["label"].shape == (1, 16, 24, 24) and sample["label"].dtype == torch.uint8
+    assert set(sample["label"].unique().tolist()) <= {0, 1}
+    assert sample["case_id"].startswith("case_") and sample["origin"].shape == (3,)
+
+
+def test_same_seed_same_patches(cases):
+    first = _take(PatchStream(cases, StreamConfig(**SMALL, seed=3)), 8)
+    second = _take(PatchStream(cases, StreamConfig(**SMALL, seed=3)), 8)
+    for a, b in zip(first, second):
+        assert a["task"] == b["task"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    third = _take(PatchStream(cases, StreamConfig(**SMALL, seed=4)), 8)
+    assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, third))
+
+
+def test_resume_from_a_task_index(cases):
+    config = StreamConfig(**SMALL, patches_per_slab=1)
+    whole = _take(PatchStream(cases, config), 6)
+    resumed = _take(PatchStream(cases, config, start_task=3), 3)
+    assert [s["task"] for s in resumed] == [3, 4, 5]
+    for a, b in zip(whole[3:], resumed):
+        assert torch.equal(a["image"], b["image"])
+
+
+def test_batches_mix_cases(cases):
+    samples = _take(PatchStream(cases, StreamConfig(**SMALL, patches_per_slab=4)), 4)
+    assert [s["task"] for s in samples] == [0, 1, 2, 3]  # one patch of each of four slabs
+
+
+def test_workers_and_ranks_see_disjoint_shards(cases):
+    config = StreamConfig(**SMALL, patches_per_slab=2)
+    tasks = {}
+    for rank in range(2):
+        stream = PatchStream(cases, config, rank=rank, world_size=2)
+        samples = _take(stream, 16, workers=2)
+        tasks[rank] = [s["task"] for s in samples]
+    seen = [set(t) for t in tasks.values()]
+    assert not seen[0] & seen[1]
+    assert all(t % 4 in (0, 1) for t in tasks[0]) and all(t % 4 in (2, 3) for t in tasks[1])
+    assert seen[0] | seen[1] == set(range(16))
+
+
+def test_foreground_patches_hold_tumour(cases):
+    samples = _take(PatchStream(cases, StreamConfig(**SMALL, foreground_fraction=1.0, augment=False)), 12)
+    assert all(s["label"].sum() > 0 for s in samples)
+
+
+def test_small_volumes_are_padded(cases):
+    config = StreamConfig(patch_size=(32, 64, 64), slab_margin=(0, 0), augment=False,
+                          memory_budget_bytes=64 * 2**20)
+    sample = _take(PatchStream(cases, config), 1)[0]
+    assert sample["image"].shape == (1, 32, 64, 64)
+    assert torch.all(sample["image"][0, :6] == 0) and torch.all(sample["label"][0, :6] == 0)  # (32-20)/2 pad
+
+
+def test_minmax_normalisation_stays_in_unit_range(cases):
+    samples = _take(PatchStream(cases, StreamConfig(**SMALL, normalization="minmax")), 6)
+    for sample in samples:
+        assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
+
+
+def test_zscore_patch_is_the_normalised_region(cases):
+    config = StreamConfig(**SMALL, augment=False)
+    by_id = {case.case_id: case for case in cases}
+    for sample in _take(PatchStream(cases, config), 6):
+        case = by_id[sample["case_id"]]
+        z, y, x = sample["origin"].tolist()
+        raw = case.image.read_region(z, z + 16, y, y + 24, x, x + 24)
+        expected = (raw - np.float32(case.summary.mean)) / np.float32(case.summary.std)
+        np.testing.assert_allclose(sample["image"][0].numpy(), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(sample["label"][0].numpy(),
+                                      case.mask.read_region(z, z + 16, y, y + 24, x, x + 24) > 0)
+
+
+def test_budget_too_small_for_one_slab(cases):
+    with pytest.raises(ValueError, match=r"memory budget .* cannot hold one slab of \d+ MiB; raise memory_budget_bytes"):
+        PatchStream(cases, StreamConfig(patch_size=(96, 96, 96), memory_budget_bytes=16 * 2**20))
+
+
+def test_no_cases():
+    with pytest.raises(ValueError, match="no usable training cases"):
+        PatchStream([], StreamConfig())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"patch_size": (0, 96, 96)}, "patch_size"),
+    ({"foreground_fraction": 1.5}, "foreground_fraction"),
+    ({"normalization": "percentile"}, "normalization 'percentile'"),
+    ({"patches_per_slab": 0}, "patches_per_slab"),
+])
+def test_config_checks_itself(changes, message):
+    with pytest.raises(ValueError, match=message):
+        StreamConfig(**changes)
