@@ -107,7 +107,7 @@ def _triple(text: str, kind) -> tuple:
     return values
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, required=True)
     parser.add_argument("--out", required=True, help="s3://bucket/prefix/ or a local folder")
@@ -123,10 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one line per encoded tile otherwise
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed)
     started = time.perf_counter()
-    written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)
+    try:
+        written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)
+    except (ValueError, s3io.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logger.info("wrote %d case(s), %.1f MB, to %s in %.1f s", args.cases, written / 1e6, args.out,
                 time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,7 +38,7 @@ def upload_tree(folder: str | Path, uri: str, threads: int = 16) -> tuple[int, i
     return len(files), total
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("uri")
@@ -46,10 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.perf_counter()
-    count, total = upload_tree(args.folder, args.uri, args.threads)
+    try:
+        count, total = upload_tree(args.folder, args.uri, args.threads)
+    except (ValueError, s3io.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logger.info("uploaded %d file(s), %.1f MB, to %s in %.1f s", count, total / 1e6, args.uri,
                 time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

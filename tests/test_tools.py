@@ -1,0 +1,73 @@
+"""The command-line tools as a user runs them: synth, upload, inspect_data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+
+
+def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
+    folder = tmp_path / "cases"
+    result = run("infra/synth.py", "--cases", "3", "--out", str(folder), "--shape", "16,40,36",
+                 "--transfer-syntax", "explicit-le")
+    assert result.returncode == 0, result.stderr
+    images = sorted((folder / "case_0001" / "image").glob("*.dcm"))
+    assert len(images) == 16
+    dataset = pydicom.dcmread(images[0])
+    assert (dataset.Rows, dataset.Columns) == (40, 36) and dataset.Modality == "MR"
+
+    uri = f"s3://{bucket}/dataset/"
+    result = run("infra/upload.py", str(folder), uri)
+    assert result.returncode == 0, result.stderr
+    assert "uploaded 96 file(s)" in result.stderr
+
+    profile_path = tmp_path / "profile.json"
+    result = run("infra/inspect_data.py", uri, "--json", str(profile_path))
+    assert result.returncode == 0, result.stderr
+    assert "3 total, 3 usable, 0 excluded" in result.stdout
+    assert "16x40x36 (3)" in result.stdout
+    profile = json.loads(profile_path.read_text())
+    assert profile["cases"] == 3 and profile["splits"] == {"train": 2, "val": 1, "test": 0}
+    assert profile["tumour_ml"]["min"] > 0
+    assert profile["layouts"] == {"single-frame": 3}
+    assert "Synthetic^" not in result.stdout + result.stderr + profile_path.read_text()
+
+
+def test_synth_multiframe_compressed_straight_to_s3(bucket):
+    uri = f"s3://{bucket}/mf/"
+    result = run("infra/synth.py", "--cases", "2", "--out", uri, "--shape", "12,40,40",
+                 "--transfer-syntax", "rle", "--multiframe")
+    assert result.returncode == 0, result.stderr
+    result = run("infra/inspect_data.py", uri)
+    assert result.returncode == 0, result.stderr
+    assert "multi-frame (2)" in result.stdout and "RLE Lossless (2 objects)" in result.stdout
+
+
+def test_inspect_reports_exclusions(bucket):
+    uri = f"s3://{bucket}/mixed/"
+    assert run("infra/synth.py", "--cases", "2", "--out", uri, "--shape", "8,32,32").returncode == 0
+    from brainseg import s3io
+
+    s3io.put_bytes(uri + "case_0001/image/IM_0003.dcm", b"garbage")
+    result = run("infra/inspect_data.py", uri)
+    assert result.returncode == 0, result.stderr
+    assert "case_0001: 1 image object(s) unusable: IM_0003.dcm (not a DICOM file" in result.stdout
+
+
+def test_bad_input_is_explained():
+    result = run("infra/inspect_data.py", "not-a-uri")
+    assert result.returncode == 2 and "expected an S3 URI like s3://bucket/prefix/" in result.stderr
+    result = run("infra/synth.py", "--cases", "1", "--out", "/tmp/x", "--shape", "10,10")
+    assert result.returncode == 2 and "expected three positive numbers" in result.stderr
+    result = run("infra/upload.py", "/no/such/folder", "s3://b/p/")
+    assert result.returncode == 2 and "is not a folder" in result.stderr
