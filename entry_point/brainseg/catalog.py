@@ -142,7 +142,7 @@ def _load_index(index_uri: str) -> dict:
 
 def _save_index(index_uri: str, index: dict) -> None:
     try:
-        s3io.put_bytes(index_uri, json.dumps(index, separators=(",", ":")).encode(), "application/json")
+        s3io.write_json(index_uri, index)  # streamed: a large dataset's index is tens of MB
     except s3io.S3Error as err:
         logger.warning("could not save the header index to %s (%s); the next job will read the "
                        "headers again. Pass a writable index location to keep it.", index_uri, err)

@@ -8,6 +8,7 @@ smart-open is used for streaming (multipart) writes of artifacts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -233,10 +234,15 @@ def open_write(uri: str, mode: str = "wb"):
     return smart_open.open(uri, mode, transport_params={"client": client()})
 
 
-def bucket_exists(bucket: str) -> bool:
-    """Whether ``bucket`` exists and is reachable with the current credentials."""
+def write_json(uri: str, document) -> None:
+    """Stream ``document`` as compact JSON to ``uri`` (multipart when large).
+
+    Raises:
+        S3Error: the upload failed; the message names the bucket and key.
+    """
+    bucket, key = parse_uri(uri)
     try:
-        client().head_bucket(Bucket=bucket)
-    except botocore.exceptions.ClientError:
-        return False
-    return True
+        with open_write(uri, "w") as stream:
+            json.dump(document, stream, separators=(",", ":"))
+    except (OSError, ValueError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        raise _wrap(err, "write", bucket, key) from err
