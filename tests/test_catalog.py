@@ -119,3 +119,29 @@ def test_empty_prefix(bucket):
 def test_missing_bucket():
     with pytest.raises(s3io.S3Error, match=r"LIST s3://missing-bucket-x/data/ failed: NoSuchBucket"):
         build_catalog("s3://missing-bucket-x/data/")
+
+
+def test_trusted_index_starts_without_listing(bucket):
+    uri = _dataset(bucket, 3)
+    put(uri + "manifest.csv", b"case_id,split\ncase_00,train\ncase_01,val\ncase_02,test\n")
+    listed = build_catalog(uri)
+    s3io.reset_stats()
+    trusted = build_catalog(uri, trust_index=True)
+    stats = s3io.stats()
+    assert stats["list_requests"] == 0
+    assert stats["get_requests"] == 2  # the index and the manifest
+    assert _splits(trusted) == _splits(listed) == {"case_00": "train", "case_01": "val", "case_02": "test"}
+    assert trusted.fingerprint == listed.fingerprint
+
+
+def test_object_changed_after_indexing_fails_loudly(bucket):
+    uri = _dataset(bucket, 2)
+    catalog = build_catalog(uri, trust_index=True)
+    key_uri = f"{uri}case_00/image/IM_0002.dcm"
+    dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
+    dataset.PixelData = (dataset.pixel_array // 2).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    put(key_uri, buffer.getvalue())
+    with pytest.raises(s3io.S3Error, match=r"IM_0002\.dcm changed since it was indexed .* --refresh-index"):
+        catalog.cases[0].image.read_volume()

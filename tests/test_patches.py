@@ -88,9 +88,11 @@ def test_resume_from_a_task_index(cases):
         assert torch.equal(a["image"], b["image"])
 
 
-def test_batches_mix_cases(cases):
-    samples = _take(PatchStream(cases, StreamConfig(**SMALL, patches_per_slab=4)), 4)
-    assert [s["task"] for s in samples] == [0, 1, 2, 3]  # one patch of each of four slabs
+@pytest.mark.parametrize("mix, expected", [(1, [0, 0, 0, 1, 1, 1]), (2, [0, 1, 0, 1, 0, 1]),
+                                           (3, [0, 1, 2, 0, 1, 2])])
+def test_patches_of_consecutive_slabs_are_interleaved(cases, mix, expected):
+    samples = _take(PatchStream(cases, StreamConfig(**SMALL, patches_per_slab=3, mix_slabs=mix)), 6)
+    assert [s["task"] for s in samples] == expected
 
 
 def test_workers_and_ranks_see_disjoint_shards(cases):
@@ -153,6 +155,7 @@ def test_no_cases():
     ({"foreground_fraction": 1.5}, "foreground_fraction"),
     ({"normalization": "percentile"}, "normalization 'percentile'"),
     ({"patches_per_slab": 0}, "patches_per_slab"),
+    ({"mix_slabs": 0}, "mix_slabs"),
 ])
 def test_config_checks_itself(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -110,18 +110,18 @@ def _index_uri_for(uri: str) -> str:
 def read_header(bucket: str, info: s3io.ObjectInfo) -> IndexedObject:
     """Parse one object's header with as few ranged bytes as possible."""
     if info.size == 0:
-        return IndexedObject(info.key, info.size, None, "empty object (0 bytes)")
+        return IndexedObject(info.key, info.size, info.etag, None, "empty object (0 bytes)")
     size = min(HEADER_PREFIX_BYTES, info.size)
     prefix = b""
     while True:
         if size > len(prefix):
-            prefix += s3io.get_range(bucket, info.key, len(prefix), size)
+            prefix += s3io.get_range(bucket, info.key, len(prefix), size, info.etag)
         try:
-            return IndexedObject(info.key, info.size, parse_header(prefix, info.size))
+            return IndexedObject(info.key, info.size, info.etag, parse_header(prefix, info.size))
         except NeedMoreBytes as more:
             size = min(info.size, max(more.size, len(prefix) + 1))
         except HeaderError as err:
-            return IndexedObject(info.key, info.size, None, str(err))
+            return IndexedObject(info.key, info.size, info.etag, None, str(err))
 
 
 def _load_index(index_uri: str) -> dict:
@@ -169,8 +169,9 @@ def _group_objects(prefix: str, listing: list[s3io.ObjectInfo]):
     return cases, manifest, ignored
 
 
-def _series_fingerprint(objects: list[s3io.ObjectInfo]) -> str:
-    digest = hashlib.sha256()
+def _objects_fingerprint(objects, extra: bytes = b"") -> str:
+    """Hash of the keys and ETags of ``objects`` (any order) and ``extra`` bytes."""
+    digest = hashlib.sha256(extra)
     for info in sorted(objects, key=lambda o: o.key):
         digest.update(f"{info.key}\0{info.etag}\0".encode())
     return digest.hexdigest()[:24]
@@ -221,19 +222,17 @@ def summarise_case(case_id: str, image: Series, mask: Series) -> CaseSummary:
     )
 
 
-def _read_manifest(bucket: str, info: s3io.ObjectInfo) -> dict[str, str]:
-    text = s3io.get_object(bucket, info.key).decode("utf-8-sig")
-    reader = csv.reader(io.StringIO(text))
+def _parse_manifest(uri: str, data: bytes) -> dict[str, str]:
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig")))
     header = [cell.strip() for cell in next(reader, [])]
     if header[:2] != ["case_id", "split"]:
-        raise ValueError(f"s3://{bucket}/{info.key}: first line is {header!r}; expected the "
-                         "header 'case_id,split'")
+        raise ValueError(f"{uri}: first line is {header!r}; expected the header 'case_id,split'")
     splits = {}
     for line_number, row in enumerate(reader, start=2):
         if not row or not "".join(row).strip():
             continue
         if len(row) < 2 or row[1].strip() not in SPLITS:
-            raise ValueError(f"s3://{bucket}/{info.key} line {line_number}: {row!r}; expected "
+            raise ValueError(f"{uri} line {line_number}: {row!r}; expected "
                              f"'case_id,split' with split one of {', '.join(SPLITS)}")
         splits[row[0].strip()] = row[1].strip()
     return splits
@@ -262,7 +261,7 @@ def assign_splits(cases: list[Case], seed: int, fractions=DEFAULT_SPLIT_FRACTION
 
 def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
-                  refresh_index: bool = False) -> Catalog:
+                  refresh_index: bool = False, trust_index: bool = False) -> Catalog:
     """Index, check, summarise and split every case under ``uri``.
 
     Args:
@@ -273,6 +272,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         split_fractions: train/val/test fractions of the seeded split.
         exclude_empty_masks: exclude cases whose mask has no tumour voxel.
         refresh_index: ignore a saved index and read every header again.
+        trust_index: start from a saved index without listing the prefix, so start-up costs the
+            same whatever the dataset size. Objects changed since indexing fail at read time
+            (every range carries the indexed ETag); cases added since are not seen. Without a
+            saved index this lists the prefix as usual.
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix, holds no case folder, or the manifest is malformed.
@@ -283,16 +286,25 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     uri = f"s3://{bucket}/{prefix}"
     index_uri = index_uri or _index_uri_for(uri)
     started = time.perf_counter()
-    listing = list(s3io.list_objects(bucket, prefix))
+    index = {} if refresh_index else _load_index(index_uri)
+    saved_objects = index.get("objects", {})
+    manifest_uri = uri + MANIFEST_NAME
+    if trust_index and saved_objects:
+        listing = [s3io.ObjectInfo(key, entry["size"], entry["etag"]) for key, entry in saved_objects.items()]
+        manifest_bytes = s3io.read_uri(manifest_uri)
+        logger.info("using the saved index %s (%d objects) without listing %s", index_uri, len(listing), uri)
+    else:
+        listing = s3io.list_tree(bucket, prefix)
+        manifest_bytes = None
     grouped, manifest_info, ignored = _group_objects(prefix, listing)
+    if manifest_info is not None:
+        manifest_bytes = s3io.get_object(bucket, manifest_info.key)
     if not grouped:
         raise ValueError(f"no case folders under {uri}: expected <case_id>/image/*.dcm and "
                          f"<case_id>/mask/*.dcm ({len(listing)} objects listed)")
     if ignored:
         logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
 
-    index = {} if refresh_index else _load_index(index_uri)
-    saved_objects = index.get("objects", {})
     objects: dict[str, dict] = {}
     to_read = []
     for info in (i for parts in grouped.values() for series in parts.values() for i in series):
@@ -315,7 +327,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         case = Case(case_id)
         parts = {}
         for folder in ("image", "mask"):
-            indexed = [IndexedObject(info.key, info.size,
+            indexed = [IndexedObject(info.key, info.size, info.etag,
                                      ObjectHeader.from_json(objects[info.key]["header"])
                                      if objects[info.key]["header"] else None,
                                      objects[info.key].get("error", ""))
@@ -337,7 +349,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     for case in cases:
         if case.status != "ok":
             continue
-        fingerprint = _series_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
+        fingerprint = _objects_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
         saved = saved_cases.get(case.case_id)
         if saved and saved.get("fingerprint") == fingerprint:
             summaries[case.case_id] = saved
@@ -360,8 +372,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                 case.exclude("mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False")
 
     _exclude_cross_case_duplicates(cases, etags)
-    if manifest_info is not None:
-        manifest = _read_manifest(bucket, manifest_info)
+    if manifest_bytes is not None:
+        manifest = _parse_manifest(manifest_uri, manifest_bytes)
         unknown = sorted(set(manifest) - {case.case_id for case in cases})
         if unknown:
             logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), uri,
@@ -379,7 +391,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     new_index = {"version": INDEX_VERSION, "objects": objects, "cases": summaries}
     if to_read or pending or new_index["objects"].keys() != saved_objects.keys():
         _save_index(index_uri, new_index)
-    fingerprint = hashlib.sha256("".join(f"{i.key}\0{i.etag}\0" for i in listing).encode()).hexdigest()[:16]
+    # What training reads: the case objects and the manifest.
+    fingerprint = _objects_fingerprint((i for parts in grouped.values() for series in parts.values() for i in series),
+                                       manifest_bytes or b"")[:16]
     stats = {
         "objects": sum(len(s) for parts in grouped.values() for s in parts.values()),
         "headers_read": len(to_read),

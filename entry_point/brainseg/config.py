@@ -21,6 +21,8 @@ class StreamConfig:
         patches_per_slab: patches cut from each fetched slab, to amortise its requests.
         slab_margin: extra ``(D, H)`` voxels fetched around a patch, room for the slab's patches
             to differ (the full width is fetched anyway: rows are contiguous in DICOM).
+        mix_slabs: patches of this many consecutive slabs are interleaved, so a batch mixes
+            cases; the first batch waits for this many slabs (1: each slab's patches in a row).
         normalization: ``"zscore"`` (body mean and std) or ``"minmax"`` (0.5-99.5 percentile to [0, 1]).
         augment: random flips, in-plane 90-degree rotations, intensity scale/shift and noise.
         memory_budget_bytes: hard bound on slabs and patches held by the pipeline, shared by all
@@ -33,6 +35,7 @@ class StreamConfig:
     foreground_fraction: float = 1.0 / 3.0
     patches_per_slab: int = 4
     slab_margin: tuple = (16, 16)
+    mix_slabs: int = 2
     normalization: str = "zscore"
     augment: bool = True
     memory_budget_bytes: int = 1024 * MiB
@@ -50,6 +53,8 @@ class StreamConfig:
             raise ValueError(f"foreground_fraction {self.foreground_fraction}: expected a value in [0, 1]")
         if self.patches_per_slab < 1:
             raise ValueError(f"patches_per_slab {self.patches_per_slab}: expected at least 1")
+        if self.mix_slabs < 1:
+            raise ValueError(f"mix_slabs {self.mix_slabs}: expected at least 1")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization {self.normalization!r}: expected one of {NORMALIZATIONS}")
         if self.read_ahead < 1:

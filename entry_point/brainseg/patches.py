@@ -3,8 +3,8 @@
 Each shard (one DataLoader worker of one distributed rank) walks its residue of the task
 sequence (see :mod:`brainseg.sampling`). A small thread pool reads the slabs of the next tasks
 while the consumer cuts, normalises and augments patches from the current ones; how many slabs
-may be in flight follows from the memory budget. Patches of ``patches_per_slab`` consecutive
-tasks are interleaved, so a batch mixes cases.
+may be in flight follows from the memory budget. Patches of ``mix_slabs`` consecutive tasks are
+interleaved, so a batch mixes cases.
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ class PatchStream(IterableDataset):
         fits = budget // self.task_cost_bytes
         if fits < 1:
             raise ValueError(self._budget_message(workers, budget))
-        return int(min(self.config.read_ahead + self.config.patches_per_slab, fits))
+        return int(min(self.config.read_ahead + self.config.mix_slabs, fits))
 
     def __iter__(self) -> Iterator[dict]:
         shard, shards, workers = self.shard()
         capacity = self.capacity(workers)
-        group = min(self.config.patches_per_slab, capacity)
+        group = min(self.config.mix_slabs, capacity)
         tasks = iter(range(self.start_task + shard, 2**62, shards))
         with ThreadPoolExecutor(2 * capacity, thread_name_prefix="slab") as pool:
             pending: deque[tuple[SlabPlan, Future, Future]] = deque()

@@ -28,10 +28,11 @@ class QualityError(ValueError):
 
 @dataclass(frozen=True)
 class IndexedObject:
-    """One object of a series folder: its key, size, and header or the reason it has none."""
+    """One object of a series folder: its key, size, ETag, and header or the reason it has none."""
 
     key: str
     size: int
+    etag: str
     header: ObjectHeader | None
     error: str = ""
 
@@ -124,6 +125,7 @@ def assemble_series(bucket: str, folder: str, objects: list[IndexedObject]) -> S
         bucket=bucket,
         keys=tuple(obj.key for obj in objects),
         sizes=tuple(obj.size for obj in objects),
+        etags=tuple(obj.etag for obj in objects),
         headers=tuple(headers),
         planes=tuple(planes),
         spacing=(nominal, *headers[0].pixel_spacing),

@@ -139,11 +139,16 @@ _TRANSIENT = (
 )
 
 
-def get_range(bucket: str, key: str, start: int, stop: int) -> bytes:
+def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = None) -> bytes:
     """Bytes ``[start, stop)`` of an object, retried until the body has the expected length.
 
+    Args:
+        etag: when given, S3 serves the range only if the object still has this ETag
+            (``If-Match``), so bytes located by an older index are never mixed with new content.
+
     Raises:
-        S3Error: the request failed after retries, or the object is shorter than ``stop``.
+        S3Error: the request failed after retries, the object changed since ``etag`` was
+            recorded, or it is shorter than ``stop``.
     """
     if not 0 <= start < stop:
         raise ValueError(f"byte range [{start}, {stop}) of s3://{bucket}/{key} is empty or negative")
@@ -151,10 +156,15 @@ def get_range(bucket: str, key: str, start: int, stop: int) -> bytes:
     last_error: Exception | None = None
     for attempt in range(RANGE_ATTEMPTS):
         try:
-            response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+            conditions = {"IfMatch": etag} if etag else {}
+            response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **conditions)
             body = response["Body"].read()
         except botocore.exceptions.ClientError as err:
             _count(get_requests=1)
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise S3Error(f"s3://{bucket}/{key} changed since it was indexed (ETag {etag} no longer "
+                              "matches); rebuild the index: python infra/inspect_data.py DATA_URI "
+                              "--refresh-index") from err
             raise _wrap(err, f"GET bytes {start}-{stop - 1} of", bucket, key) from err
         except _TRANSIENT as err:
             _count(get_requests=1, range_retries=1)
@@ -174,8 +184,8 @@ def get_range(bucket: str, key: str, start: int, stop: int) -> bytes:
                   f"{RANGE_ATTEMPTS} attempts: {last_error}") from last_error
 
 
-def get_ranges(requests: Sequence[tuple[str, str, int, int]]) -> list[bytes]:
-    """Fetch many ``(bucket, key, start, stop)`` ranges concurrently, results in request order."""
+def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
+    """Fetch many ``(bucket, key, start, stop[, etag])`` ranges concurrently, in request order."""
     if len(requests) == 1:
         return [get_range(*requests[0])]
     futures = [executor().submit(get_range, *request) for request in requests]
@@ -216,6 +226,30 @@ def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
                 yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
     except botocore.exceptions.ClientError as err:
         raise _wrap(err, "LIST", bucket, prefix) from err
+
+
+def list_folders(bucket: str, prefix: str) -> tuple[list[str], list[ObjectInfo]]:
+    """The sub-prefixes directly under ``prefix`` (ending in "/") and the objects at its top level."""
+    folders, objects = [], []
+    paginator = client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            _count(list_requests=1)
+            folders += [item["Prefix"] for item in page.get("CommonPrefixes", [])]
+            objects += [ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+                        for item in page.get("Contents", [])]
+    except botocore.exceptions.ClientError as err:
+        raise _wrap(err, "LIST", bucket, prefix) from err
+    return folders, objects
+
+
+def list_tree(bucket: str, prefix: str) -> list[ObjectInfo]:
+    """Every object under ``prefix``, listing its folders concurrently (one LIST per folder page)
+    instead of paging through the whole tree one request after another."""
+    folders, objects = list_folders(bucket, prefix)
+    for listed in executor().map(lambda folder: list(list_objects(bucket, folder)), folders):
+        objects += listed
+    return objects
 
 
 def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:

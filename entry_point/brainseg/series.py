@@ -50,7 +50,8 @@ class Series:
 
     Attributes:
         bucket: the S3 bucket holding the objects.
-        keys: object keys; ``sizes`` and ``headers`` are parallel to them.
+        keys: object keys; ``sizes``, ``etags`` and ``headers`` are parallel to them. Every read
+            sends the indexed ETag (If-Match), so a changed object fails loudly.
         planes: for each slice along the normal (ascending), which object and frame holds it.
         spacing: ``(dz, dy, dx)`` in mm.
         origin: patient position (mm) of the first voxel of plane 0.
@@ -60,6 +61,7 @@ class Series:
     bucket: str
     keys: tuple
     sizes: tuple
+    etags: tuple
     headers: tuple
     planes: tuple
     spacing: tuple
@@ -84,6 +86,7 @@ class Series:
             "bucket": self.bucket,
             "keys": list(self.keys),
             "sizes": list(self.sizes),
+            "etags": list(self.etags),
             "headers": [header.to_json() for header in self.headers],
             "planes": [list(plane) for plane in self.planes],
             "spacing": list(self.spacing),
@@ -97,6 +100,7 @@ class Series:
             bucket=data["bucket"],
             keys=tuple(data["keys"]),
             sizes=tuple(data["sizes"]),
+            etags=tuple(data["etags"]),
             headers=tuple(ObjectHeader.from_json(h) for h in data["headers"]),
             planes=tuple(tuple(p) for p in data["planes"]),
             spacing=tuple(data["spacing"]),
@@ -148,11 +152,11 @@ class Series:
         requests, fills = [], []
         for obj, pieces in wanted.items():
             for start, stop, members in coalesce([(p[0], p[1]) for p in pieces]):
-                requests.append((self.bucket, self.keys[obj], start, stop))
+                requests.append((self.bucket, self.keys[obj], start, stop, self.etags[obj]))
                 fills.append((obj, start, [pieces[m] for m in members]))
         for obj, pieces in whole_objects.items():
             header = self.headers[obj]
-            requests.append((self.bucket, self.keys[obj], header.pixel_offset, self.sizes[obj]))
+            requests.append((self.bucket, self.keys[obj], header.pixel_offset, self.sizes[obj], self.etags[obj]))
             fills.append((obj, None, pieces))
 
         for body, (obj, request_start, pieces) in zip(s3io.get_ranges(requests), fills):
