@@ -27,7 +27,7 @@ from brainseg.series import Series
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 INDEX_DIR = ".brainseg"
 MANIFEST_NAME = "manifest.csv"
 HEADER_PREFIX_BYTES = 8 * 1024  # 8 KiB: a classic slice header fits; enhanced objects grow it
@@ -124,25 +124,53 @@ def read_header(bucket: str, info: s3io.ObjectInfo) -> IndexedObject:
             return IndexedObject(info.key, info.size, info.etag, None, str(err))
 
 
-def _load_index(index_uri: str) -> dict:
-    try:
-        raw = s3io.read_uri(index_uri)
-    except s3io.S3Error as err:
-        logger.warning("could not read the header index at %s (%s); indexing from scratch", index_uri, err)
-        return {}
-    if raw is None:
-        return {}
-    try:
-        index = json.loads(raw)
-    except ValueError:
-        logger.warning("header index at %s is not valid JSON; indexing from scratch", index_uri)
-        return {}
-    return index if index.get("version") == INDEX_VERSION else {}
+@dataclass
+class HeaderIndex:
+    """What a job saves for the next: every object's header (or error) and each case's summary.
+
+    Stored as JSON Lines (a version line, one line per object, one per case) and streamed in
+    both directions, so a dataset of any size never sits in memory as one document.
+    """
+
+    objects: dict[str, IndexedObject] = field(default_factory=dict)
+    cases: dict[str, tuple[str, CaseSummary]] = field(default_factory=dict)  # id -> (fingerprint, summary)
+
+    def lines(self):
+        yield json.dumps({"version": INDEX_VERSION})
+        for obj in self.objects.values():
+            yield json.dumps({"object": obj.key, "etag": obj.etag, "size": obj.size, "error": obj.error,
+                              "header": obj.header.to_row() if obj.header else None}, separators=(",", ":"))
+        for case_id, (fingerprint, summary) in self.cases.items():
+            yield json.dumps({"case": case_id, "fingerprint": fingerprint, "summary": asdict(summary)},
+                             separators=(",", ":"))
 
 
-def _save_index(index_uri: str, index: dict) -> None:
+def _load_index(index_uri: str) -> HeaderIndex:
+    index = HeaderIndex()
     try:
-        s3io.write_json(index_uri, index)  # streamed: a large dataset's index is tens of MB
+        lines = s3io.read_lines(index_uri)
+        if lines is None:
+            return index
+        if json.loads(next(lines, b"{}")).get("version") != INDEX_VERSION:
+            logger.info("header index at %s has another version; indexing from scratch", index_uri)
+            return index
+        for line in lines:
+            entry = json.loads(line)
+            if "object" in entry:
+                header = ObjectHeader.from_row(entry["header"]) if entry["header"] else None
+                index.objects[entry["object"]] = IndexedObject(entry["object"], entry["size"], entry["etag"],
+                                                               header, entry["error"])
+            else:
+                index.cases[entry["case"]] = (entry["fingerprint"], CaseSummary.from_json(entry["summary"]))
+    except (s3io.S3Error, ValueError, KeyError, TypeError) as err:
+        logger.warning("could not use the header index at %s (%s); indexing from scratch", index_uri, err)
+        return HeaderIndex()
+    return index
+
+
+def _save_index(index_uri: str, index: HeaderIndex) -> None:
+    try:
+        s3io.write_lines(index_uri, index.lines())
     except s3io.S3Error as err:
         logger.warning("could not save the header index to %s (%s); the next job will read the "
                        "headers again. Pass a writable index location to keep it.", index_uri, err)
@@ -286,11 +314,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     uri = f"s3://{bucket}/{prefix}"
     index_uri = index_uri or _index_uri_for(uri)
     started = time.perf_counter()
-    index = {} if refresh_index else _load_index(index_uri)
-    saved_objects = index.get("objects", {})
+    index = HeaderIndex() if refresh_index else _load_index(index_uri)
     manifest_uri = uri + MANIFEST_NAME
-    if trust_index and saved_objects:
-        listing = [s3io.ObjectInfo(key, entry["size"], entry["etag"]) for key, entry in saved_objects.items()]
+    if trust_index and index.objects:
+        listing = [s3io.ObjectInfo(obj.key, obj.size, obj.etag) for obj in index.objects.values()]
         manifest_bytes = s3io.read_uri(manifest_uri)
         logger.info("using the saved index %s (%d objects) without listing %s", index_uri, len(listing), uri)
     else:
@@ -305,34 +332,24 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     if ignored:
         logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
 
-    objects: dict[str, dict] = {}
+    objects: dict[str, IndexedObject] = {}
     to_read = []
     for info in (i for parts in grouped.values() for series in parts.values() for i in series):
-        entry = saved_objects.get(info.key)
-        if entry and entry.get("etag") == info.etag and entry.get("size") == info.size:
-            objects[info.key] = entry
+        saved = index.objects.get(info.key)
+        if saved is not None and saved.etag == info.etag and saved.size == info.size:
+            objects[info.key] = saved
         else:
             to_read.append(info)
     read_started = time.perf_counter()
     for indexed in s3io.executor().map(lambda info: read_header(bucket, info), to_read):
-        objects[indexed.key] = {"size": indexed.size, "header": indexed.header.to_json() if indexed.header else None,
-                                "error": indexed.error}
-    etags = {info.key: info.etag for info in listing}
-    for info in to_read:
-        objects[info.key]["etag"] = etags[info.key]
+        objects[indexed.key] = indexed
     read_seconds = time.perf_counter() - read_started
 
     cases = []
     for case_id in sorted(grouped):
         case = Case(case_id)
-        parts = {}
-        for folder in ("image", "mask"):
-            indexed = [IndexedObject(info.key, info.size, info.etag,
-                                     ObjectHeader.from_json(objects[info.key]["header"])
-                                     if objects[info.key]["header"] else None,
-                                     objects[info.key].get("error", ""))
-                       for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
-            parts[folder] = indexed
+        parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
+                 for folder in ("image", "mask")}
         try:
             case.image = assemble_series(bucket, "image", parts["image"])
             case.mask = assemble_series(bucket, "mask", parts["mask"])
@@ -343,35 +360,32 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         case.patient_group = min(hashes) if hashes else ""
         cases.append(case)
 
-    saved_cases = index.get("cases", {})
-    summaries: dict[str, dict] = {}
+    summaries: dict[str, tuple[str, CaseSummary]] = {}
     pending = []
     for case in cases:
         if case.status != "ok":
             continue
-        fingerprint = _objects_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
-        saved = saved_cases.get(case.case_id)
-        if saved and saved.get("fingerprint") == fingerprint:
+        case_fingerprint = _objects_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
+        saved = index.cases.get(case.case_id)
+        if saved is not None and saved[0] == case_fingerprint:
             summaries[case.case_id] = saved
         else:
-            pending.append((case, fingerprint))
+            pending.append((case, case_fingerprint))
     with ThreadPoolExecutor(CASE_WORKERS, thread_name_prefix="case-summary") as pool:
-        futures = [(case, fingerprint, pool.submit(summarise_case, case.case_id, case.image, case.mask))
-                   for case, fingerprint in pending]
-        for case, fingerprint, future in futures:
+        futures = [(case, case_fingerprint, pool.submit(summarise_case, case.case_id, case.image, case.mask))
+                   for case, case_fingerprint in pending]
+        for case, case_fingerprint, future in futures:
             try:
-                summary = future.result()
+                summaries[case.case_id] = (case_fingerprint, future.result())
             except (s3io.S3Error, ValueError) as err:
                 case.exclude(f"pixel data unreadable: {err}")
-                continue
-            summaries[case.case_id] = {"fingerprint": fingerprint, "summary": asdict(summary)}
     for case in cases:
         if case.status == "ok":
-            case.summary = CaseSummary.from_json(summaries[case.case_id]["summary"])
+            case.summary = summaries[case.case_id][1]
             if exclude_empty_masks and case.summary.tumour_voxels == 0:
                 case.exclude("mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False")
 
-    _exclude_cross_case_duplicates(cases, etags)
+    _exclude_cross_case_duplicates(cases)
     if manifest_bytes is not None:
         manifest = _parse_manifest(manifest_uri, manifest_bytes)
         unknown = sorted(set(manifest) - {case.case_id for case in cases})
@@ -388,9 +402,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     else:
         assign_splits(cases, seed, split_fractions)
 
-    new_index = {"version": INDEX_VERSION, "objects": objects, "cases": summaries}
-    if to_read or pending or new_index["objects"].keys() != saved_objects.keys():
-        _save_index(index_uri, new_index)
+    if to_read or pending or objects.keys() != index.objects.keys():
+        _save_index(index_uri, HeaderIndex(objects, summaries))
     # What training reads: the case objects and the manifest.
     fingerprint = _objects_fingerprint((i for parts in grouped.values() for series in parts.values() for i in series),
                                        manifest_bytes or b"")[:16]
@@ -412,13 +425,13 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     return catalog
 
 
-def _exclude_cross_case_duplicates(cases: list[Case], etags: dict[str, str]) -> None:
+def _exclude_cross_case_duplicates(cases: list[Case]) -> None:
     """A case whose image objects repeat another case's (same content or same SOP instance)."""
     seen: dict[str, str] = {}
     for case in cases:
         if case.image is None:
             continue
-        marks = {f"etag:{etags[key]}" for key in case.image.keys}
+        marks = {f"etag:{etag}" for etag in case.image.etags}
         marks |= {f"sop:{header.sop_uid}" for header in case.image.headers if header.sop_uid}
         first = sorted({seen[mark] for mark in marks if mark in seen})
         if first and case.status == "ok":

@@ -8,14 +8,13 @@ smart-open is used for streaming (multipart) writes of artifacts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import boto3
 import botocore.config
@@ -28,6 +27,7 @@ MAX_CONCURRENCY = int(os.environ.get("BRAINSEG_S3_CONCURRENCY", "32"))  # ranged
 BOTO_MAX_ATTEMPTS = 8  # botocore "adaptive" retries of throttling and 5xx
 RANGE_ATTEMPTS = 4  # our own retries of a short or broken range body
 RETRY_BACKOFF_S = 0.05
+STREAM_CHUNK_BYTES = 1024 * 1024  # 1 MiB reads when streaming an object line by line
 
 _lock = threading.Lock()
 _process: dict = {"pid": None, "client": None, "pool": None}
@@ -268,8 +268,31 @@ def open_write(uri: str, mode: str = "wb"):
     return smart_open.open(uri, mode, transport_params={"client": client()})
 
 
-def write_json(uri: str, document) -> None:
-    """Stream ``document`` as compact JSON to ``uri`` (multipart when large).
+def read_lines(uri: str) -> Iterator[bytes] | None:
+    """The lines of an object, streamed (never whole in memory), or ``None`` when it does not exist."""
+    bucket, key = parse_uri(uri)
+    try:
+        response = client().get_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as err:
+        _count(get_requests=1)
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise _wrap(err, "GET", bucket, key) from err
+    _count(get_requests=1)
+
+    def lines() -> Iterator[bytes]:
+        try:
+            for line in response["Body"].iter_lines(chunk_size=STREAM_CHUNK_BYTES):
+                _count(bytes_received=len(line) + 1)
+                yield line
+        except _TRANSIENT as err:
+            raise _wrap(err, "GET", bucket, key) from err
+
+    return lines()
+
+
+def write_lines(uri: str, lines: Iterable[str]) -> None:
+    """Stream text lines to ``uri`` as one object (multipart when large).
 
     Raises:
         S3Error: the upload failed; the message names the bucket and key.
@@ -277,6 +300,8 @@ def write_json(uri: str, document) -> None:
     bucket, key = parse_uri(uri)
     try:
         with open_write(uri, "w") as stream:
-            json.dump(document, stream, separators=(",", ":"))
+            for line in lines:
+                stream.write(line)
+                stream.write("\n")
     except (OSError, ValueError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
         raise _wrap(err, "write", bucket, key) from err

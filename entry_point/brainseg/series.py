@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg import s3io
-from brainseg.dicom import ObjectHeader, decode_frame, decode_native_rows, item_fragments
+from brainseg.dicom import decode_frame, decode_native_rows, item_fragments
 from brainseg.dicom.pixels import split_frames
 
 COALESCE_GAP_BYTES = 256 * 1024  # 256 KiB: re-reading this costs less than another request's latency
@@ -80,33 +80,6 @@ class Series:
     @property
     def compressed(self) -> bool:
         return any(header.encapsulated for header in self.headers)
-
-    def to_json(self) -> dict:
-        return {
-            "bucket": self.bucket,
-            "keys": list(self.keys),
-            "sizes": list(self.sizes),
-            "etags": list(self.etags),
-            "headers": [header.to_json() for header in self.headers],
-            "planes": [list(plane) for plane in self.planes],
-            "spacing": list(self.spacing),
-            "origin": list(self.origin),
-            "orientation": list(self.orientation),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Series":
-        return cls(
-            bucket=data["bucket"],
-            keys=tuple(data["keys"]),
-            sizes=tuple(data["sizes"]),
-            etags=tuple(data["etags"]),
-            headers=tuple(ObjectHeader.from_json(h) for h in data["headers"]),
-            planes=tuple(tuple(p) for p in data["planes"]),
-            spacing=tuple(data["spacing"]),
-            origin=tuple(data["origin"]),
-            orientation=tuple(data["orientation"]),
-        )
 
     def _check_region(self, bounds: tuple[int, ...]) -> None:
         for axis, (low, high, size) in enumerate(zip(bounds[0::2], bounds[1::2], self.shape)):

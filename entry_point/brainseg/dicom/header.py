@@ -13,7 +13,7 @@ import hashlib
 import io
 import struct
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import pydicom
 import pydicom.errors
@@ -42,7 +42,7 @@ class NeedMoreBytes(Exception):
         self.size = size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectHeader:
     """What a region read needs to know about one DICOM object.
 
@@ -85,16 +85,28 @@ class ObjectHeader:
     def frame_bytes(self) -> int:
         return self.rows * self.columns * self.bytes_per_pixel * self.samples_per_pixel
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_row(self) -> list:
+        """The field values in declaration order (a compact JSON form)."""
+        return [getattr(self, name) for name in _FIELD_NAMES]
 
     @classmethod
-    def from_json(cls, data: dict) -> "ObjectHeader":
-        fields = dict(data)
-        fields["positions"] = tuple(tuple(p) for p in fields["positions"])
-        for name in ("orientation", "pixel_spacing", "frame_starts"):
-            fields[name] = tuple(fields[name])
-        return cls(**fields)
+    def from_row(cls, row: list) -> "ObjectHeader":
+        """Inverse of :meth:`to_row`. Values every slice of a series repeats are shared, so a
+        catalog of many thousands of objects stays small."""
+        values = dict(zip(_FIELD_NAMES, row))
+        values["positions"] = tuple(tuple(p) for p in values["positions"])
+        values["frame_starts"] = tuple(values["frame_starts"])
+        for name in _SHARED_FIELDS:
+            value = values[name]
+            value = tuple(value) if isinstance(value, list) else value
+            values[name] = _shared.setdefault((name, value), value)
+        return cls(**values)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(ObjectHeader))
+_SHARED_FIELDS = ("transfer_syntax", "photometric", "orientation", "pixel_spacing", "series_uid",
+                  "modality", "patient_hash", "rescale_slope", "rescale_intercept", "slice_thickness")
+_shared: dict = {}
 
 
 def _float_list(value, count: int) -> tuple | None:
