@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/image/ and <case_id>/mask/")
     parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
-    parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.json)")
+    parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     parser.add_argument("--refresh-index", action="store_true", help="read every header again")
     args = parser.parse_args(argv)

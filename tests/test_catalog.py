@@ -83,7 +83,7 @@ def test_index_at_another_location_and_unwritable_location(bucket, caplog):
     elsewhere = f"s3://{bucket}/indexes/run.json"
     build_catalog(uri, index_uri=elsewhere)
     assert s3io.read_uri(elsewhere) is not None
-    assert s3io.read_uri(uri + ".brainseg/index.json") is None
+    assert s3io.read_uri(uri + ".brainseg/index.jsonl") is None
     with caplog.at_level(logging.WARNING):
         catalog = build_catalog(uri, index_uri="s3://no-such-bucket-here/index.json")
     assert len(catalog.cases) == 2
@@ -96,7 +96,7 @@ def test_no_patient_identifiers_in_logs_or_index(bucket, caplog):
     with caplog.at_level(logging.DEBUG, logger="brainseg"):
         catalog = build_catalog(uri)
     assert catalog.cases[1].status == "excluded"
-    index = s3io.read_uri(uri + ".brainseg/index.json").decode()
+    index = s3io.read_uri(uri + ".brainseg/index.jsonl").decode()
     for text in (caplog.text, index, json.dumps([c.reason for c in catalog.cases])):
         assert "Doe^Jane" not in text and "PID-" not in text and "19700101" not in text
     assert "case_01 excluded" in caplog.text

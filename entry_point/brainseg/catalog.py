@@ -39,7 +39,7 @@ MASK_CHUNK_SLICES = 16  # mask slices read at once when summarising (bounds memo
 CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CaseSummary:
     """Content statistics of one case, computed once and cached in the index.
 
@@ -104,7 +104,7 @@ class Catalog:
 
 
 def _index_uri_for(uri: str) -> str:
-    return uri.rstrip("/") + f"/{INDEX_DIR}/index.json"
+    return uri.rstrip("/") + f"/{INDEX_DIR}/index.jsonl"
 
 
 def read_header(bucket: str, info: s3io.ObjectInfo) -> IndexedObject:
@@ -294,7 +294,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
     Args:
         uri: the dataset prefix ``s3://bucket/prefix/`` (layout in the README).
-        index_uri: where the header index JSON lives (default ``<uri>/.brainseg/index.json``);
+        index_uri: where the header index JSON lives (default ``<uri>/.brainseg/index.jsonl``);
             it is reused when present and rewritten when anything changed.
         seed: seed of the patient-level split (ignored when ``manifest.csv`` exists).
         split_fractions: train/val/test fractions of the seeded split.

@@ -124,6 +124,11 @@ class PatchStream(IterableDataset):
                     pending.append((plan, pool.submit(case.image.read_region, *plan.region),
                                     pool.submit(case.mask.read_region, *plan.region)))
 
+            # The first group is fetched alone: read-ahead submitted with it would share the
+            # range pool and delay the first batch.
+            read_ahead(group)
+            for _plan, image, mask in pending:
+                image.result(), mask.result()
             while True:
                 read_ahead(capacity)
                 ready = [pending.popleft() for _ in range(group)]

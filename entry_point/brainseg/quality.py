@@ -26,7 +26,7 @@ class QualityError(ValueError):
     """A series or case fails a check; the message is the exclusion reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IndexedObject:
     """One object of a series folder: its key, size, ETag, and header or the reason it has none."""
 
