@@ -20,6 +20,7 @@ peak RSS is its own. Methods, all reading the same patch origins (96^3 by defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -96,6 +97,14 @@ def _objects_for(series, z_range) -> list[str]:
     return sorted({series.keys[series.planes[z][0]] for z in z_range})
 
 
+def _baseline_patch(plan, cases, load) -> list[np.ndarray]:
+    """Image and mask crops of one patch from whole objects; ``load(series, keys)`` decodes them."""
+    case = cases[plan.case_index]
+    z_range = range(plan.origins[0][0], plan.origins[0][0] + plan.patch_extent[0])
+    return [_crop(_planes_of(series, load(series, _objects_for(series, z_range)), z_range), plan)
+            for series in (case.image, case.mask)]
+
+
 def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
     """Run one method in this process and return its figures."""
     started = time.perf_counter()
@@ -111,33 +120,21 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
     first_batch = None
     count = 0
 
-    if method.startswith("ours"):
-        config = StreamConfig(patch_size=patch_size, read_ahead=READ_AHEAD, augment=True,
-                              **({"patches_per_slab": 1, "slab_margin": (0, 0)} if method == "ours-band" else {}))
-        stream = iter(PatchStream(cases, config))
-        for _ in range(patches):
-            next(stream)
-            count += 1
-            if count == BATCH:
-                first_batch = time.perf_counter() - started
-    elif method == "whole":
-        def fetch(plan):
-            case = cases[plan.case_index]
-            z_range = range(plan.origins[0][0], plan.origins[0][0] + plan.patch_extent[0])
-            out = []
-            for series in (case.image, case.mask):
-                keys = _objects_for(series, z_range)
-                blobs = dict(zip(keys, s3io.executor().map(lambda k: s3io.get_object(series.bucket, k), keys)))
-                out.append(_crop(_planes_of(series, _decode_objects(blobs), z_range), plan))
-            return out
+    with contextlib.ExitStack() as stack:
+        if method.startswith("ours"):
+            config = StreamConfig(patch_size=patch_size, read_ahead=READ_AHEAD, augment=True,
+                                  **({"patches_per_slab": 1, "slab_margin": (0, 0)} if method == "ours-band" else {}))
+            stream = iter(PatchStream(cases, config))
+            produced = (next(stream) for _ in range(patches))
+        elif method == "whole":
+            def load(series, keys):
+                return _decode_objects(dict(zip(keys, s3io.executor().map(
+                    lambda key: s3io.get_object(series.bucket, key), keys))))
 
-        with ThreadPoolExecutor(READ_AHEAD) as pool:
-            for _ in pool.map(fetch, plans):
-                count += 1
-                if count == BATCH:
-                    first_batch = time.perf_counter() - started
-    elif method == "file":
-        with tempfile.TemporaryDirectory(prefix="filemode-") as folder:
+            pool = stack.enter_context(ThreadPoolExecutor(READ_AHEAD))
+            produced = pool.map(lambda plan: _baseline_patch(plan, cases, load), plans)
+        elif method == "file":
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="filemode-"))
             keys = [key for case in catalog.cases for series in (case.image, case.mask) if series
                     for key in series.keys]
 
@@ -149,23 +146,17 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
             list(s3io.executor().map(download, keys))
             download_seconds = time.perf_counter() - started
 
-            def read(plan):
-                case = cases[plan.case_index]
-                z_range = range(plan.origins[0][0], plan.origins[0][0] + plan.patch_extent[0])
-                out = []
-                for series in (case.image, case.mask):
-                    arrays = {key: pydicom.dcmread(Path(folder) / key).pixel_array
-                              for key in _objects_for(series, z_range)}
-                    out.append(_crop(_planes_of(series, arrays, z_range), plan))
-                return out
+            def load(series, keys):
+                return {key: pydicom.dcmread(Path(folder) / key).pixel_array for key in keys}
 
-            with ThreadPoolExecutor(READ_AHEAD) as pool:
-                for _ in pool.map(read, plans):
-                    count += 1
-                    if count == BATCH:
-                        first_batch = time.perf_counter() - started
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+            pool = stack.enter_context(ThreadPoolExecutor(READ_AHEAD))
+            produced = pool.map(lambda plan: _baseline_patch(plan, cases, load), plans)
+        else:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        for _ in produced:
+            count += 1
+            if count == BATCH:
+                first_batch = time.perf_counter() - started
 
     total = time.perf_counter() - started
     stats = s3io.stats()

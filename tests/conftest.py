@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 
@@ -38,6 +39,13 @@ def bucket() -> str:
     name = f"test-bucket-{os.getpid()}-{next(_bucket_numbers)}"
     s3io.client().create_bucket(Bucket=name)
     return name
+
+
+def dicom_bytes(dataset) -> bytes:
+    """A pydicom dataset as a DICOM file, written as it stands (no transfer-syntax change)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def put(uri: str, data: bytes) -> None:

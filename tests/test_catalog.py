@@ -10,7 +10,7 @@ import pytest
 from brainseg import s3io
 from brainseg.catalog import build_catalog
 from brainseg.dicom import writer
-from tests.conftest import put, put_case, small_phantom
+from tests.conftest import dicom_bytes, put, put_case, small_phantom
 
 
 def _dataset(bucket: str, count: int, patient_of=lambda n: f"PID-{n}") -> str:
@@ -70,9 +70,7 @@ def test_index_is_reused_and_invalidated_by_etag(bucket):
     key_uri = f"{uri}case_01/image/IM_0001.dcm"
     dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
     dataset.PixelData = (dataset.pixel_array + 1).tobytes()  # same slice, new pixels, new ETag
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    put(key_uri, buffer.getvalue())
+    put(key_uri, dicom_bytes(dataset))
     third = build_catalog(uri)
     assert third.index_stats["headers_read"] == 1
     assert third.index_stats["cases_summarised"] == 1
@@ -140,8 +138,6 @@ def test_object_changed_after_indexing_fails_loudly(bucket):
     key_uri = f"{uri}case_00/image/IM_0002.dcm"
     dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
     dataset.PixelData = (dataset.pixel_array // 2).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    put(key_uri, buffer.getvalue())
+    put(key_uri, dicom_bytes(dataset))
     with pytest.raises(s3io.S3Error, match=r"IM_0002\.dcm changed since it was indexed .* --refresh-index"):
         catalog.cases[0].image.read_volume()

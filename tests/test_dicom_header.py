@@ -8,6 +8,7 @@ import pytest
 
 from brainseg.dicom import HeaderError, NeedMoreBytes, parse_header
 from brainseg.dicom import writer
+from tests.conftest import dicom_bytes
 
 SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)
 VOLUME = (np.arange(4 * 40 * 32).reshape(4, 40, 32) % 900).astype(np.int16) - 100
@@ -72,9 +73,7 @@ def test_dicom_without_pixel_data():
     del dataset.PixelData
     for keyword in ("Rows", "Columns"):
         delattr(dataset, keyword)
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
+    data = dicom_bytes(dataset)
     with pytest.raises(HeaderError, match="no pixel data"):
         parse_header(data, len(data))
 
@@ -85,9 +84,7 @@ def test_colour_image_is_refused():
     dataset.PhotometricInterpretation = "RGB"
     dataset.PlanarConfiguration = 0
     dataset.PixelData = np.zeros((40, 32, 3), np.uint16).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
+    data = dicom_bytes(dataset)
     with pytest.raises(HeaderError, match="3 samples per pixel"):
         parse_header(data, len(data))
 

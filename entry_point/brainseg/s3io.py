@@ -39,7 +39,7 @@ class S3Error(RuntimeError):
     """An S3 request failed; the message names the bucket and key."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectInfo:
     """One listed object: its key, size in bytes and ETag (quotes stripped)."""
 
