@@ -6,7 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from brainseg.catalog import SPLITS, Catalog
+from brainseg.catalog import Catalog
+from brainseg.splits import SPLITS
 from brainseg.dicom.header import NATIVE_SYNTAXES
 
 SYNTAX_NAMES = {
