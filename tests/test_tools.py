@@ -71,3 +71,15 @@ def test_bad_input_is_explained():
     assert result.returncode == 2 and "expected three positive numbers" in result.stderr
     result = run("infra/upload.py", "/no/such/folder", "s3://b/p/")
     assert result.returncode == 2 and "is not a folder" in result.stderr
+
+
+def test_missing_credentials_are_explained(bucket):
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")  # the endpoint stays the local moto server
+    result = subprocess.run([sys.executable, "infra/inspect_data.py", f"s3://{bucket}/data/"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "no AWS credentials found; configure a profile or role" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -125,6 +125,10 @@ def reset_stats() -> None:
 
 
 def _wrap(err: Exception, action: str, bucket: str, key: str) -> S3Error:
+    if isinstance(err, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return S3Error(f"{action} s3://{bucket}/{key} failed: no AWS credentials found; configure a "
+                       "profile or role, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                       "AWS_ENDPOINT_URL for a local S3 such as infra/s3server.py)")
     if isinstance(err, botocore.exceptions.ClientError):
         code = err.response.get("Error", {}).get("Code", "?")
         return S3Error(f"{action} s3://{bucket}/{key} failed: {code} ({err})")
@@ -169,6 +173,8 @@ def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = N
         except _TRANSIENT as err:
             _count(get_requests=1, range_retries=1)
             last_error = err
+        except botocore.exceptions.BotoCoreError as err:
+            raise _wrap(err, f"GET bytes {start}-{stop - 1} of", bucket, key) from err
         else:
             _count(get_requests=1, bytes_received=len(body))
             if len(body) == expected:
@@ -196,7 +202,7 @@ def get_object(bucket: str, key: str) -> bytes:
     """A whole object in one GET."""
     try:
         body = client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (botocore.exceptions.ClientError, *_TRANSIENT) as err:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         _count(get_requests=1)
         raise _wrap(err, "GET", bucket, key) from err
     _count(get_requests=1, bytes_received=len(body))
@@ -224,7 +230,7 @@ def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
             _count(list_requests=1)
             for item in page.get("Contents", []):
                 yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
-    except botocore.exceptions.ClientError as err:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _wrap(err, "LIST", bucket, prefix) from err
 
 
@@ -238,7 +244,7 @@ def list_folders(bucket: str, prefix: str) -> tuple[list[str], list[ObjectInfo]]
             folders += [item["Prefix"] for item in page.get("CommonPrefixes", [])]
             objects += [ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
                         for item in page.get("Contents", [])]
-    except botocore.exceptions.ClientError as err:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _wrap(err, "LIST", bucket, prefix) from err
     return folders, objects
 
@@ -257,7 +263,7 @@ def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stre
     bucket, key = parse_uri(uri)
     try:
         client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-    except (botocore.exceptions.ClientError, *_TRANSIENT) as err:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _wrap(err, "PUT", bucket, key) from err
     _count(put_requests=1, bytes_sent=len(data))
 
@@ -277,6 +283,8 @@ def read_lines(uri: str) -> Iterator[bytes] | None:
         _count(get_requests=1)
         if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
+        raise _wrap(err, "GET", bucket, key) from err
+    except botocore.exceptions.BotoCoreError as err:
         raise _wrap(err, "GET", bucket, key) from err
     _count(get_requests=1)
 
