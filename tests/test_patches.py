@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from brainseg import s3io
 from brainseg.catalog import build_catalog
 from brainseg.config import StreamConfig
 from brainseg.patches import PatchStream
@@ -16,8 +17,6 @@ SMALL = dict(patch_size=(16, 24, 24), slab_margin=(4, 8), memory_budget_bytes=64
 
 @pytest.fixture(scope="module")
 def cases():
-    from brainseg import s3io
-
     s3io.client().create_bucket(Bucket="patch-stream")
     for number in range(4):
         phantom = small_phantom(seed=20 + number, shape=(20, 48, 40))

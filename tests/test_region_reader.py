@@ -10,7 +10,7 @@ from brainseg import s3io
 from brainseg.catalog import build_catalog
 from brainseg.dicom import writer
 from brainseg.series import coalesce
-from tests.conftest import put_case, small_phantom
+from tests.conftest import put_case, put_series, small_phantom
 
 SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)
 
@@ -62,8 +62,6 @@ def test_slices_sorted_along_the_normal_not_by_name(bucket):
     spec = writer.SeriesSpec(spacing=(1.5, 1.0, 1.0), orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
     datasets = writer.slice_datasets(phantom.image, spec)
     names = [f"IM_{number:04d}.dcm" for number in range(len(datasets), 0, -1)]
-    from tests.conftest import put_series
-
     put_series(f"s3://{bucket}/data/case_s", "image", datasets, names=names)
     put_series(f"s3://{bucket}/data/case_s", "mask", writer.slice_datasets(
         phantom.mask, writer.SeriesSpec(spacing=spec.spacing, orientation=spec.orientation)), names=names)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pydicom
 
+from brainseg import s3io
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,8 +58,6 @@ def test_synth_multiframe_compressed_straight_to_s3(bucket):
 def test_inspect_reports_exclusions(bucket):
     uri = f"s3://{bucket}/mixed/"
     assert run("infra/synth.py", "--cases", "2", "--out", uri, "--shape", "8,32,32").returncode == 0
-    from brainseg import s3io
-
     s3io.put_bytes(uri + "case_0001/image/IM_0003.dcm", b"garbage")
     result = run("infra/inspect_data.py", uri)
     assert result.returncode == 0, result.stderr

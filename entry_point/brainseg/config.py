@@ -5,7 +5,7 @@ The launcher imports this module on a laptop without torch; keep it that way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
@@ -61,7 +61,3 @@ class StreamConfig:
             raise ValueError(f"read_ahead {self.read_ahead}: expected at least 1")
         if self.memory_budget_bytes < 16 * MiB:
             raise ValueError(f"memory_budget_bytes {self.memory_budget_bytes}: expected at least 16 MiB")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
