@@ -124,14 +124,28 @@ def reset_stats() -> None:
             _counters[name] = 0
 
 
+_BOTO_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
+_MISSING_CODES = ("NoSuchKey", "404")
+
+
+def _error_code(err: Exception) -> str:
+    """S3's error code of a ClientError ("NoSuchKey", "PreconditionFailed", ...), else ""."""
+    if isinstance(err, botocore.exceptions.ClientError):
+        return err.response.get("Error", {}).get("Code", "")
+    return ""
+
+
+def _object_info(item: dict) -> ObjectInfo:
+    return ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+
+
 def _wrap(err: Exception, action: str, bucket: str, key: str) -> S3Error:
     if isinstance(err, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
         return S3Error(f"{action} s3://{bucket}/{key} failed: no AWS credentials found; configure a "
                        "profile or role, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
                        "AWS_ENDPOINT_URL for a local S3 such as infra/s3server.py)")
     if isinstance(err, botocore.exceptions.ClientError):
-        code = err.response.get("Error", {}).get("Code", "?")
-        return S3Error(f"{action} s3://{bucket}/{key} failed: {code} ({err})")
+        return S3Error(f"{action} s3://{bucket}/{key} failed: {_error_code(err) or '?'} ({err})")
     return S3Error(f"{action} s3://{bucket}/{key} failed: {type(err).__name__}: {err}")
 
 
@@ -165,7 +179,7 @@ def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = N
             body = response["Body"].read()
         except botocore.exceptions.ClientError as err:
             _count(get_requests=1)
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            if _error_code(err) in ("PreconditionFailed", "412"):
                 raise S3Error(f"s3://{bucket}/{key} changed since it was indexed (ETag {etag} no longer "
                               "matches); rebuild the index: python infra/inspect_data.py DATA_URI "
                               "--refresh-index") from err
@@ -202,7 +216,7 @@ def get_object(bucket: str, key: str) -> bytes:
     """A whole object in one GET."""
     try:
         body = client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+    except _BOTO_ERRORS as err:
         _count(get_requests=1)
         raise _wrap(err, "GET", bucket, key) from err
     _count(get_requests=1, bytes_received=len(body))
@@ -215,9 +229,7 @@ def read_uri(uri: str) -> bytes | None:
     try:
         return get_object(bucket, key)
     except S3Error as err:
-        cause = err.__cause__
-        if isinstance(cause, botocore.exceptions.ClientError) and \
-                cause.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        if _error_code(err.__cause__) in _MISSING_CODES:
             return None
         raise
 
@@ -229,8 +241,8 @@ def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             _count(list_requests=1)
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+                yield _object_info(item)
+    except _BOTO_ERRORS as err:
         raise _wrap(err, "LIST", bucket, prefix) from err
 
 
@@ -242,9 +254,8 @@ def list_folders(bucket: str, prefix: str) -> tuple[list[str], list[ObjectInfo]]
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             _count(list_requests=1)
             folders += [item["Prefix"] for item in page.get("CommonPrefixes", [])]
-            objects += [ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
-                        for item in page.get("Contents", [])]
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            objects += [_object_info(item) for item in page.get("Contents", [])]
+    except _BOTO_ERRORS as err:
         raise _wrap(err, "LIST", bucket, prefix) from err
     return folders, objects
 
@@ -263,7 +274,7 @@ def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stre
     bucket, key = parse_uri(uri)
     try:
         client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+    except _BOTO_ERRORS as err:
         raise _wrap(err, "PUT", bucket, key) from err
     _count(put_requests=1, bytes_sent=len(data))
 
@@ -281,7 +292,7 @@ def read_lines(uri: str) -> Iterator[bytes] | None:
         response = client().get_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as err:
         _count(get_requests=1)
-        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        if _error_code(err) in _MISSING_CODES:
             return None
         raise _wrap(err, "GET", bucket, key) from err
     except botocore.exceptions.BotoCoreError as err:
@@ -311,5 +322,5 @@ def write_lines(uri: str, lines: Iterable[str]) -> None:
             for line in lines:
                 stream.write(line)
                 stream.write("\n")
-    except (OSError, ValueError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+    except (OSError, ValueError, *_BOTO_ERRORS) as err:
         raise _wrap(err, "write", bucket, key) from err
