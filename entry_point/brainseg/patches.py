@@ -9,7 +9,6 @@ interleaved, so a batch mixes cases.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,9 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from brainseg.augment import augment, normalize, pad_to
 from brainseg.catalog import Case
 from brainseg.config import StreamConfig
-from brainseg.sampling import SlabPlan, patch_extent, plan_slab
-
-logger = logging.getLogger(__name__)
+from brainseg.sampling import SlabPlan, plan_slab, slab_shape
 
 FLOAT_BYTES = 4
 
@@ -39,10 +36,7 @@ def distributed_position() -> tuple[int, int]:
 
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
     """Upper bound of the memory one task holds: raw and decoded slabs plus its patches."""
-    shape = case.image.shape
-    extent = patch_extent(shape, config.patch_size)
-    slab_voxels = (min(shape[0], extent[0] + config.slab_margin[0])
-                   * min(shape[1], extent[1] + config.slab_margin[1]) * shape[2])
+    slab_voxels = int(np.prod(slab_shape(case.image.shape, config)))
     per_voxel = 2 * FLOAT_BYTES + case.image.bytes_per_voxel + case.mask.bytes_per_voxel
     patch_voxels = int(np.prod(config.patch_size))
     return slab_voxels * per_voxel + config.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1)

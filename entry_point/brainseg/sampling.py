@@ -38,6 +38,14 @@ def patch_extent(shape: tuple, patch_size: tuple) -> tuple:
     return tuple(min(int(s), int(p)) for s, p in zip(shape, patch_size))
 
 
+def slab_shape(shape: tuple, config: StreamConfig) -> tuple:
+    """``(D, H, W)`` of a slab: the clamped patch plus the margin in D and H, and the full width."""
+    extent = patch_extent(shape, config.patch_size)
+    return (min(shape[0], extent[0] + config.slab_margin[0]),
+            min(shape[1], extent[1] + config.slab_margin[1]),
+            shape[2])
+
+
 def is_foreground_task(task: int, fraction: float) -> bool:
     """Exactly ``fraction`` of any run of consecutive tasks are foreground (no randomness)."""
     return math.floor((task + 1) * fraction + 1e-9) > math.floor(task * fraction + 1e-9)
@@ -65,9 +73,7 @@ def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: 
     case_index = case_for_task(task, len(shapes), config.seed)
     shape = tuple(shapes[case_index])
     extent = patch_extent(shape, config.patch_size)
-    slab = (min(shape[0], extent[0] + config.slab_margin[0]),
-            min(shape[1], extent[1] + config.slab_margin[1]),
-            shape[2])
+    slab = slab_shape(shape, config)
     rng = np.random.default_rng([config.seed, task])
     points = np.asarray(foregrounds[case_index], dtype=np.int64).reshape(-1, 3)
     foreground = is_foreground_task(task, config.foreground_fraction) and len(points) > 0
