@@ -230,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(int(v) for v in args.shape.split(","))
     results = []
     with EmbeddedS3(latency_ms=args.latency_ms) as server:
-        os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(server.environment())
         s3io.reset_client()
         s3io.client().create_bucket(Bucket=BUCKET)
         for layout in args.layouts.split(","):

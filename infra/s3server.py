@@ -91,6 +91,11 @@ class EmbeddedS3:
         self._process: subprocess.Popen | None = None
         self._log = None
 
+    def environment(self) -> dict[str, str]:
+        """Variables that point boto3 at this server (moto accepts any credentials)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "embedded",
+                "AWS_SECRET_ACCESS_KEY": "embedded", "AWS_DEFAULT_REGION": "us-east-1"}
+
     def start(self) -> "EmbeddedS3":
         command = [sys.executable, str(Path(__file__).resolve()), "--host", self.host,
                    "--port", str(self.port), "--latency-ms", str(self.latency_ms),

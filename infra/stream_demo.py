@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             stream(args.data_uri, args.batches, patch_size)
             return 0
         with EmbeddedS3() as server:
-            os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID="demo",
-                              AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
+            os.environ.update(server.environment())
             s3io.reset_client()
             s3io.client().create_bucket(Bucket="demo")
             uri = "s3://demo/brain-mri/"

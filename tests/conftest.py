@@ -20,11 +20,9 @@ _bucket_numbers = itertools.count()
 @pytest.fixture(scope="session", autouse=True)
 def s3_server():
     """One moto server for the session; every test talks to it through AWS_ENDPOINT_URL."""
-    saved = {name: os.environ.get(name) for name in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     with EmbeddedS3() as server:
-        os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        saved = {name: os.environ.get(name) for name in server.environment()}
+        os.environ.update(server.environment())
         yield server
     for name, value in saved.items():
         if value is None:
