@@ -142,9 +142,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     if ignored:
         logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
 
+    case_objects = [info for parts in grouped.values() for series in parts.values() for info in series]
     objects: dict[str, IndexedObject] = {}
     to_read = []
-    for info in (i for parts in grouped.values() for series in parts.values() for i in series):
+    for info in case_objects:
         saved = index.objects.get(info.key)
         if saved is not None and saved.etag == info.etag and saved.size == info.size:
             objects[info.key] = saved
@@ -215,10 +216,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     if to_read or pending or objects.keys() != index.objects.keys():
         save_index(index_uri, HeaderIndex(objects, summaries))
     # What training reads: the case objects and the manifest.
-    fingerprint = _objects_fingerprint((i for parts in grouped.values() for series in parts.values() for i in series),
-                                       manifest_bytes or b"")[:16]
+    fingerprint = _objects_fingerprint(case_objects, manifest_bytes or b"")[:16]
     stats = {
-        "objects": sum(len(s) for parts in grouped.values() for s in parts.values()),
+        "objects": len(case_objects),
         "headers_read": len(to_read),
         "headers_reused": len(objects) - len(to_read),
         "header_seconds": round(read_seconds, 3),
