@@ -78,13 +78,25 @@ def test_same_seed_same_patches(cases):
     assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, third))
 
 
-def test_resume_from_a_task_index(cases):
-    config = StreamConfig(**SMALL, patches_per_slab=1)
-    whole = _take(PatchStream(cases, config), 6)
-    resumed = _take(PatchStream(cases, config, start_task=3), 3)
-    assert [s["task"] for s in resumed] == [3, 4, 5]
-    for a, b in zip(whole[3:], resumed):
-        assert torch.equal(a["image"], b["image"])
+def _batches(stream, count, batch_size, workers):
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+@pytest.mark.parametrize("workers, start", [(0, 3), (2, 3), (2, 4), (3, 5)])
+def test_resume_continues_the_batch_sequence(cases, workers, start):
+    # 3 samples per batch against groups of 2 slabs x 2 patches: resume points fall mid-group.
+    config = StreamConfig(**SMALL, patches_per_slab=2, mix_slabs=2)
+    whole = _batches(PatchStream(cases, config, batch_size=3), start + 4, 3, workers)
+    resumed = _batches(PatchStream(cases, config, start_batch=start, batch_size=3), 4, 3, workers)
+    for a, b in zip(whole[start:], resumed):
+        assert a["task"].tolist() == b["task"].tolist()
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
 @pytest.mark.parametrize("mix, expected", [(1, [0, 0, 0, 1, 1, 1]), (2, [0, 1, 0, 1, 0, 1]),

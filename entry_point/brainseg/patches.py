@@ -51,11 +51,14 @@ class PatchStream(IterableDataset):
     Args:
         cases: usable cases (``status == "ok"``), e.g. ``catalog.split("train")``.
         config: sampling, normalisation, augmentation and memory settings.
-        start_task: first task index, to resume a run where it stopped.
+        start_batch, batch_size: resume position. The stream continues exactly as if
+            ``start_batch`` batches of ``batch_size`` samples had already been taken from a
+            ``DataLoader`` with the same number of workers (worker roles are rotated so the
+            loader's round-robin picks up where the interrupted one stopped).
         rank, world_size: distributed position; by default from torch.distributed or env.
     """
 
-    def __init__(self, cases: list[Case], config: StreamConfig, start_task: int = 0,
+    def __init__(self, cases: list[Case], config: StreamConfig, start_batch: int = 0, batch_size: int = 1,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
         if not cases:
@@ -64,11 +67,12 @@ class PatchStream(IterableDataset):
         unusable = [case.case_id for case in cases if case.status != "ok" or case.summary is None]
         if unusable:
             raise ValueError(f"cases {unusable[:5]} are excluded or unsummarised; pass only usable cases")
-        if start_task < 0:
-            raise ValueError(f"start_task {start_task}: expected >= 0")
+        if start_batch < 0 or batch_size < 1:
+            raise ValueError(f"start_batch {start_batch}, batch_size {batch_size}: expected >= 0 and >= 1")
         self.cases = list(cases)
         self.config = config
-        self.start_task = start_task
+        self.start_batch = start_batch
+        self.batch_size = batch_size
         default_rank, default_world_size = distributed_position()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world_size if world_size is None else world_size
@@ -89,11 +93,19 @@ class PatchStream(IterableDataset):
     def plan(self, task: int) -> SlabPlan:
         return plan_slab(task, self._shapes, self._foregrounds, self.config)
 
-    def shard(self) -> tuple[int, int, int]:
-        """``(shard index, shard count, workers in this process group)`` of the calling worker."""
+    def shard(self) -> tuple[int, int, int, int]:
+        """``(shard index, shard count, workers in this process group, samples to skip)``.
+
+        A DataLoader takes batch ``i`` from worker ``i % workers``. After ``start_batch``
+        batches, worker ``w`` therefore plays the role of worker ``(w + start_batch) % workers``
+        of the uninterrupted run, which had already delivered ``(start_batch + w) // workers``
+        batches of that shard.
+        """
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        return self.rank * workers + worker_id, self.world_size * workers, workers
+        role = (worker_id + self.start_batch) % workers
+        skip = (self.start_batch + worker_id) // workers * self.batch_size
+        return self.rank * workers + role, self.world_size * workers, workers, skip
 
     def capacity(self, workers: int) -> int:
         """Slabs one worker may hold at once (being cut plus read ahead), within its budget share."""
@@ -104,10 +116,12 @@ class PatchStream(IterableDataset):
         return int(min(self.config.read_ahead + self.config.mix_slabs, fits))
 
     def __iter__(self) -> Iterator[dict]:
-        shard, shards, workers = self.shard()
+        shard, shards, workers, skip = self.shard()
         capacity = self.capacity(workers)
         group = min(self.config.mix_slabs, capacity)
-        tasks = iter(range(self.start_task + shard, 2**62, shards))
+        group_patches = group * self.config.patches_per_slab
+        first_group, skip = divmod(skip, group_patches)
+        tasks = iter(range(shard + first_group * group * shards, 2**62, shards))
         with ThreadPoolExecutor(2 * capacity, thread_name_prefix="slab") as pool:
             pending: deque[tuple[SlabPlan, Future, Future]] = deque()
 
@@ -131,7 +145,10 @@ class PatchStream(IterableDataset):
                 del ready
                 for index in range(self.config.patches_per_slab):
                     for patches in samples:
-                        yield patches[index]
+                        if skip:
+                            skip -= 1
+                        else:
+                            yield patches[index]
 
     def _patches(self, plan: SlabPlan, image: np.ndarray, mask: np.ndarray) -> list[dict]:
         case = self.cases[plan.case_index]
