@@ -99,7 +99,8 @@ def _objects_fingerprint(objects, extra: bytes = b"") -> str:
 
 def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
-                  refresh_index: bool = False, trust_index: bool = False) -> Catalog:
+                  refresh_index: bool = False, trust_index: bool = False,
+                  require_masks: bool = True) -> Catalog:
     """Index, check, summarise and split every case under ``uri``.
 
     Args:
@@ -114,6 +115,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             same whatever the dataset size. Objects changed since indexing fail at read time
             (every range carries the indexed ETag); cases added since are not seen. Without a
             saved index this lists the prefix as usual.
+        require_masks: with ``False`` (self-supervised pretraining) a case without a ``mask/``
+            folder is usable; its ``mask`` is ``None`` and its summary has no tumour.
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix, holds no case folder, or the manifest is malformed.
@@ -163,8 +166,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                  for folder in ("image", "mask")}
         try:
             case.image = assemble_series(bucket, "image", parts["image"])
-            case.mask = assemble_series(bucket, "mask", parts["mask"])
-            check_pair(case.image, case.mask)
+            if parts["mask"] or require_masks:
+                case.mask = assemble_series(bucket, "mask", parts["mask"])
+                check_pair(case.image, case.mask)
         except QualityError as err:
             case.exclude(str(err))
         hashes = {h.patient_hash for h in (case.image.headers if case.image else ()) if h.patient_hash}
@@ -193,7 +197,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     for case in cases:
         if case.status == "ok":
             case.summary = summaries[case.case_id][1]
-            if exclude_empty_masks and case.summary.tumour_voxels == 0:
+            if exclude_empty_masks and require_masks and case.summary.tumour_voxels == 0:
                 case.exclude("mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False")
 
     _exclude_cross_case_duplicates(cases)

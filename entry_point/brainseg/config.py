@@ -5,7 +5,10 @@ The launcher imports this module on a laptop without torch; keep it that way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import re
+from dataclasses import dataclass, fields, replace
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
@@ -61,3 +64,232 @@ class StreamConfig:
             raise ValueError(f"read_ahead {self.read_ahead}: expected at least 1")
         if self.memory_budget_bytes < 16 * MiB:
             raise ValueError(f"memory_budget_bytes {self.memory_budget_bytes}: expected at least 16 MiB")
+
+
+TASKS = ("segmentation", "autoencoder")
+MODELS = ("unet", "attention_unet", "segresnet", "dynunet")
+ACTIVATIONS = ("relu", "prelu")
+NORMS = ("instance", "batch")
+LOSSES = ("dice_ce", "dice", "focal_tversky")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "onecycle", "poly", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_SOURCES = ("stream", "memory")
+
+# Fields that may change when a run resumes from its checkpoint; any other change is refused.
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
+                               "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
+                               "trust_index", "refresh_index", "run_name", "output_uri", "compile"})
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Everything a training run is configured by; every field is a ``--flag`` of ``train.py``.
+
+    Data: ``data_uri`` (required) holds the cases; ``index_uri`` overrides where the header
+    index lives; ``trust_index``/``refresh_index`` as in ``build_catalog``; ``max_train_cases``
+    (0 = all) keeps the first N training cases for the low-label regime; ``max_val_cases``
+    (0 = all) bounds validation cost; ``data_source`` ``stream`` reads patches by ranged GETs,
+    ``memory`` downloads each training volume first (the reference the stream is compared to).
+
+    Output: a run writes under ``<output_uri>/<run_name>/``; ``run_name`` defaults to the
+    SageMaker job name, else a timestamp. Pass the same ``run_name`` to resume a local run.
+
+    Model: ``model`` in ``MODELS``; ``channels`` per level (each level halves the resolution);
+    ``res_units`` residual units per level (U-Nets); ``activation``, ``norm``, ``dropout``.
+
+    Training: ``task`` ``segmentation`` or ``autoencoder`` (masked-image reconstruction
+    pretraining on images without masks); ``loss``; ``optimizer`` with ``lr``,
+    ``weight_decay``, ``momentum`` (SGD); ``schedule`` with ``warmup_steps``; ``grad_clip``
+    (0 = off); ``precision`` (``bf16`` or ``fp16`` autocast; fp16 with a gradient scaler, GPU
+    only); ``compile`` (``torch.compile``); ``epochs`` of
+    ``steps_per_epoch`` steps of ``batch_size`` patches per rank; ``patience`` validations
+    without improvement before stopping early (0 = never); ``deterministic`` algorithms;
+    ``num_workers`` DataLoader workers per rank.
+
+    Evaluation: sliding-window inference with ``sw_overlap`` and ``sw_batch_size``.
+
+    Artifacts: a checkpoint every epoch and every ``checkpoint_steps`` steps (0 = epochs only),
+    the newest ``keep_checkpoints`` kept; a plain progress line every ``log_every`` steps.
+
+    Transfer: ``init_weights`` (``s3://`` URI or path) loads matching layers;
+    ``freeze_encoder`` trains only the decoder.
+
+    The patch stream: ``patch_size`` ... ``seed`` as in :class:`StreamConfig`
+    (``memory_budget_mb`` in MiB); ``seed`` also seeds the split, initial weights and dropout.
+    """
+
+    data_uri: str = ""
+    output_uri: str = ""
+    run_name: str = ""
+    index_uri: str = ""
+    trust_index: bool = False
+    refresh_index: bool = False
+    max_train_cases: int = 0
+    max_val_cases: int = 0
+    data_source: str = "stream"
+    task: str = "segmentation"
+    model: str = "unet"
+    channels: tuple = (16, 32, 64, 128, 256)
+    res_units: int = 2
+    activation: str = "prelu"
+    norm: str = "instance"
+    dropout: float = 0.0
+    loss: str = "dice_ce"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    grad_clip: float = 12.0
+    precision: str = "fp32"
+    compile: bool = False
+    epochs: int = 50
+    steps_per_epoch: int = 250
+    batch_size: int = 2
+    patience: int = 10
+    deterministic: bool = False
+    num_workers: int = 2
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 2
+    checkpoint_steps: int = 0
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    init_weights: str = ""
+    freeze_encoder: bool = False
+    patch_size: tuple = (96, 96, 96)
+    foreground_fraction: float = 1.0 / 3.0
+    patches_per_slab: int = 4
+    slab_margin: tuple = (16, 16)
+    mix_slabs: int = 2
+    normalization: str = "zscore"
+    augment: bool = True
+    memory_budget_mb: int = 1024
+    read_ahead: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "patch_size", "slab_margin"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name, allowed in (("task", TASKS), ("model", MODELS), ("activation", ACTIVATIONS),
+                              ("norm", NORMS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("data_source", DATA_SOURCES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("data_uri", "output_uri"):
+            value = getattr(self, name)
+            if value and not value.startswith("s3://"):
+                raise ValueError(f"{name} {value!r}: expected an s3:// URI")
+        if len(self.channels) < 2 or min(self.channels) < 1:
+            raise ValueError(f"channels {self.channels}: expected at least two positive widths, e.g. 16,32,64")
+        positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")
+        non_negative = ("max_train_cases", "max_val_cases", "res_units", "warmup_steps", "grad_clip",
+                        "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)}: expected >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout}: expected a value in [0, 1)")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"sw_overlap {self.sw_overlap}: expected a value in [0, 1)")
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_name):
+            raise ValueError(f"run_name {self.run_name!r}: expected letters, digits, '.', '_' or '-'")
+        self.stream_config()  # the stream settings check themselves
+
+    def stream_config(self) -> StreamConfig:
+        """The patch-stream settings of this run."""
+        return StreamConfig(
+            patch_size=self.patch_size, foreground_fraction=self.foreground_fraction,
+            patches_per_slab=self.patches_per_slab, slab_margin=self.slab_margin, mix_slabs=self.mix_slabs,
+            normalization=self.normalization, augment=self.augment,
+            memory_budget_bytes=self.memory_budget_mb * MiB, read_ahead=self.read_ahead, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    def replace(self, **changes) -> "Hyperparameters":
+        return replace(self, **changes)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+
+
+def _parse_ints(text: str) -> tuple:
+    text = str(text).strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        return tuple(int(v) for v in values)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers as 1,2,3 or [1, 2, 3]") from None
+
+
+def _converter(default):
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, tuple):
+        return _parse_ints
+    return type(default)
+
+
+def field_converters() -> dict:
+    """``{field name: function from its text form to its value}``."""
+    return {f.name: _converter(f.default) for f in fields(Hyperparameters)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``--kebab-case`` flags (``--snake_case`` accepted too, as SageMaker passes them)."""
+    parser = argparse.ArgumentParser(
+        description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, convert in field_converters().items():
+        default = getattr(Hyperparameters, name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, type=convert, default=default,
+                            required=name in ("data_uri", "output_uri"),
+                            help=f"(default: {shown})" if name not in ("data_uri", "output_uri") else "s3:// URI")
+    return parser
+
+
+def parse_hyperparameters(argv: list[str]) -> tuple[Hyperparameters, list[str]]:
+    """Hyperparameters from command-line arguments; returns them and the arguments not recognised.
+
+    Unknown arguments are returned, not fatal: SageMaker and launchers add their own.
+
+    Raises:
+        SystemExit: a required flag is missing or a value cannot be parsed (argparse's message).
+        ValueError: a value is out of range.
+    """
+    namespace, unknown = build_parser().parse_known_args(argv)
+    return Hyperparameters(**vars(namespace)), unknown
+
+
+def validate_overrides(overrides: dict) -> Hyperparameters:
+    """Check ``{field: value or text}`` against the fields (for launchers); returns the result.
+
+    Raises:
+        ValueError: an unknown field, or a value that cannot be parsed or is out of range.
+    """
+    converters = field_converters()
+    unknown = sorted(set(overrides) - set(converters))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(converters)}")
+    values = {}
+    for name, value in overrides.items():
+        try:
+            values[name] = converters[name](value) if isinstance(value, str) else value
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise ValueError(f"hyperparameter {name}={value!r}: {err}") from None
+    return Hyperparameters(**values)

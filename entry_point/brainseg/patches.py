@@ -37,16 +37,24 @@ def distributed_position() -> tuple[int, int]:
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
     """Upper bound of the memory one task holds: raw and decoded slabs plus its patches."""
     slab_voxels = int(np.prod(slab_shape(case.image.shape, config)))
-    per_voxel = 2 * FLOAT_BYTES + case.image.bytes_per_voxel + case.mask.bytes_per_voxel
+    mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
+    per_voxel = 2 * FLOAT_BYTES + case.image.bytes_per_voxel + mask_bytes
     patch_voxels = int(np.prod(config.patch_size))
     return slab_voxels * per_voxel + config.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1)
+
+
+def _read_mask(case: Case, region: tuple) -> np.ndarray:
+    if case.mask is None:
+        z0, z1, y0, y1, x0, x1 = region
+        return np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.uint8)
+    return case.mask.read_region(*region)
 
 
 class PatchStream(IterableDataset):
     """Endless stream of ``{"image", "label", "case_id", "task", "origin"}`` samples.
 
     ``image`` is float32 ``(1, D, H, W)`` normalised; ``label`` is uint8 ``(1, D, H, W)``
-    (1 = tumour); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
+    (1 = tumour; all 0 for a case without a mask); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
 
     Args:
         cases: usable cases (``status == "ok"``), e.g. ``catalog.split("train")``.
@@ -130,7 +138,7 @@ class PatchStream(IterableDataset):
                     plan = self.plan(next(tasks))
                     case = self.cases[plan.case_index]
                     pending.append((plan, pool.submit(case.image.read_region, *plan.region),
-                                    pool.submit(case.mask.read_region, *plan.region)))
+                                    pool.submit(_read_mask, case, plan.region)))
 
             # The first group is fetched alone: read-ahead submitted with it would share the
             # range pool and delay the first batch.

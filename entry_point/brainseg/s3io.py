@@ -324,3 +324,31 @@ def write_lines(uri: str, lines: Iterable[str]) -> None:
                 stream.write("\n")
     except (OSError, ValueError, *_BOTO_ERRORS) as err:
         raise _wrap(err, "write", bucket, key) from err
+
+
+def delete(uri: str) -> None:
+    """Delete one object (deleting a missing object is not an error in S3)."""
+    bucket, key = parse_uri(uri)
+    try:
+        client().delete_object(Bucket=bucket, Key=key)
+    except _BOTO_ERRORS as err:
+        raise _wrap(err, "DELETE", bucket, key) from err
+
+
+def check_bucket(uri: str) -> None:
+    """Fail early, with the bucket named, when the bucket of ``uri`` is missing or not reachable.
+
+    Raises:
+        S3Error: HEAD bucket failed (missing bucket, access denied, no endpoint, no credentials).
+    """
+    bucket, _ = parse_uri(uri)
+    try:
+        client().head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as err:
+        code = _error_code(err)
+        hint = {"404": "it does not exist; create it or fix the URI",
+                "NoSuchBucket": "it does not exist; create it or fix the URI",
+                "403": "access denied; grant the job's role s3:ListBucket on it"}.get(code, str(err))
+        raise S3Error(f"bucket {bucket!r} of {uri} is not usable: {hint}") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise _wrap(err, "HEAD", bucket, "") from err

@@ -50,8 +50,8 @@ def _stable_seed(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def summarise_case(case_id: str, image: Series, mask: Series) -> CaseSummary:
-    """Intensity statistics from a few image slices and the tumour content of the whole mask."""
+def summarise_case(case_id: str, image: Series, mask: Series | None) -> CaseSummary:
+    """Intensity statistics from a few image slices and the tumour content of the whole mask (if any)."""
     depth = image.shape[0]
     picks = sorted({int(round(z)) for z in np.linspace(0, depth - 1, min(STAT_SLICES, depth))})
     values = image.read_planes(picks).ravel()
@@ -64,7 +64,7 @@ def summarise_case(case_id: str, image: Series, mask: Series) -> CaseSummary:
     bbox_high = np.full(3, -1)
     rng = np.random.default_rng(_stable_seed(case_id))
     reservoir: list[np.ndarray] = []
-    for z0 in range(0, depth, MASK_CHUNK_SLICES):
+    for z0 in range(0, depth if mask is not None else 0, MASK_CHUNK_SLICES):
         z1 = min(depth, z0 + MASK_CHUNK_SLICES)
         chunk = mask.read_region(z0, z1, 0, mask.shape[1], 0, mask.shape[2])
         points = np.argwhere(chunk > 0)

@@ -1,0 +1,80 @@
+"""torch.distributed under torchrun: process group, device, and the few collectives training needs.
+
+Without torchrun (``WORLD_SIZE`` unset or 1) every helper is a cheap no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes; returns ``(rank, world_size, device)``.
+
+    NCCL on GPUs, gloo on CPU. Each rank uses the GPU of its ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return rank(), world, device
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def mean(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over ranks."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def total(value: float, device: torch.device) -> float:
+    """The sum of ``value`` over ranks."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def broadcast(value):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def teardown() -> None:
+    if active():
+        dist.destroy_process_group()

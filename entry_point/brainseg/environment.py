@@ -1,0 +1,62 @@
+"""The SageMaker container contract, read in one place, with local fallbacks.
+
+Inside a SageMaker training container the platform sets ``SM_*`` variables and mounts
+``/opt/ml``; outside one the same fields fall back to local directories, so ``train.py`` runs
+the same everywhere. Torch-free: the launcher's process mode builds this contract too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where a run keeps local files and who it is in the cluster.
+
+    Attributes:
+        model_dir: final model directory (``SM_MODEL_DIR``; SageMaker uploads it as model.tar.gz).
+        output_data_dir: other outputs (``SM_OUTPUT_DATA_DIR``).
+        checkpoint_dir: local checkpoint directory SageMaker syncs with ``CheckpointConfig``:
+            ``SM_CHECKPOINT_DIR`` (our extension, used by the launcher's process mode) or
+            ``/opt/ml/checkpoints`` when it exists, else ``None``.
+        job_name: the training job name (``TRAINING_JOB_NAME`` or ``SM_TRAINING_ENV``), if any.
+        hosts, current_host: the instances of the job (``SM_HOSTS``, ``SM_CURRENT_HOST``).
+        num_gpus: GPUs on this instance (``SM_NUM_GPUS``), ``None`` outside SageMaker.
+    """
+
+    model_dir: str
+    output_data_dir: str
+    checkpoint_dir: str | None
+    job_name: str | None
+    hosts: tuple
+    current_host: str
+    num_gpus: int | None
+
+    @property
+    def on_sagemaker(self) -> bool:
+        return self.job_name is not None
+
+
+def read_environment(environ=None) -> Environment:
+    """The contract from ``environ`` (default ``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    training_env = json.loads(environ.get("SM_TRAINING_ENV") or "{}")
+    checkpoint_dir = environ.get("SM_CHECKPOINT_DIR")
+    if checkpoint_dir is None and Path(SAGEMAKER_CHECKPOINT_DIR).is_dir():
+        checkpoint_dir = SAGEMAKER_CHECKPOINT_DIR
+    hosts = tuple(json.loads(environ["SM_HOSTS"])) if environ.get("SM_HOSTS") else ("localhost",)
+    return Environment(
+        model_dir=environ.get("SM_MODEL_DIR", "model"),
+        output_data_dir=environ.get("SM_OUTPUT_DATA_DIR", "output"),
+        checkpoint_dir=checkpoint_dir,
+        job_name=environ.get("TRAINING_JOB_NAME") or training_env.get("job_name"),
+        hosts=hosts,
+        current_host=environ.get("SM_CURRENT_HOST", hosts[0]),
+        num_gpus=int(environ["SM_NUM_GPUS"]) if environ.get("SM_NUM_GPUS") else None,
+    )

@@ -1,0 +1,135 @@
+"""Whole-volume evaluation: read each case through the region reader, sliding-window inference,
+per-case overlap (segmentation) or reconstruction error (autoencoder).
+
+The next case's volumes are read while the current one is inferred. Under torch.distributed each
+rank evaluates its share of the cases and every rank receives all results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed
+from monai.inferers import sliding_window_inference
+
+from brainseg.augment import normalize
+from brainseg.catalog import Case
+from brainseg.config import Hyperparameters
+from brainseg.metrics import Overlap
+from brainseg.pretext import drop_blocks
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One evaluated case. ``overlap`` for segmentation, ``mse`` for the autoencoder."""
+
+    case_id: str
+    shape: tuple
+    seconds: float
+    overlap: Overlap | None = None
+    truth_ml: float = 0.0
+    predicted_ml: float = 0.0
+    mse: float | None = None
+
+    def row(self) -> dict:
+        row = {"case_id": self.case_id, "shape": "x".join(map(str, self.shape))}
+        if self.overlap is not None:
+            row.update(dice=round(self.overlap.dice, 6), iou=round(self.overlap.iou, 6),
+                       truth_ml=round(self.truth_ml, 3), predicted_ml=round(self.predicted_ml, 3),
+                       truth_voxels=self.overlap.truth, predicted_voxels=self.overlap.predicted,
+                       intersection_voxels=self.overlap.intersection)
+        if self.mse is not None:
+            row["mse"] = round(self.mse, 6)
+        row["seconds"] = round(self.seconds, 3)
+        return row
+
+
+def case_seed(case_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast when asked for, else a no-op context."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def infer(model: torch.nn.Module, image: np.ndarray, hp: Hyperparameters, device: torch.device) -> torch.Tensor:
+    """Sliding-window output ``(C, D, H, W)`` float32 on the CPU for a normalised volume."""
+    volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+    with torch.no_grad(), autocast(device, hp.precision):
+        output = sliding_window_inference(volume, roi_size=hp.patch_size, sw_batch_size=hp.sw_batch_size,
+                                          predictor=model, overlap=hp.sw_overlap, mode="gaussian")
+    return output[0].float().cpu()
+
+
+def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
+    summary = case.summary
+    image = normalize(case.image.read_volume(), hp.normalization, summary.mean, summary.std,
+                      summary.low, summary.high)
+    mask = case.mask.read_volume() > 0 if case.mask is not None and hp.task == "segmentation" else None
+    return image, mask
+
+
+def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
+                  keep) -> CaseResult:
+    if hp.task == "autoencoder":
+        masked = drop_blocks(image, np.random.default_rng(case_seed(case.case_id)))
+        reconstruction = infer(model, masked, hp, device)[0].numpy()
+        mse = float(np.mean((reconstruction - image) ** 2))
+        return CaseResult(case.case_id, image.shape, time.perf_counter() - started, mse=mse)
+    prediction = infer(model, image, hp, device).argmax(0).numpy().astype(bool)
+    if keep is not None:
+        keep(case, image, mask, prediction)
+    voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
+    overlap = Overlap.of(prediction, mask)
+    return CaseResult(case.case_id, image.shape, time.perf_counter() - started, overlap=overlap,
+                      truth_ml=overlap.truth * voxel_ml, predicted_ml=overlap.predicted * voxel_ml)
+
+
+def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
+             keep=None) -> list[CaseResult]:
+    """Evaluate ``cases`` (this rank's share when distributed); results of all ranks, by case ID.
+
+    ``keep(case, image, mask, prediction)``, if given, sees each segmented volume (e.g. to save crops).
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    mine = cases[rank::world]
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
+            upcoming = reader.submit(_load, mine[0], hp) if mine else None
+            for number, case in enumerate(mine):
+                started = time.perf_counter()
+                image, mask = upcoming.result()
+                upcoming = reader.submit(_load, mine[number + 1], hp) if number + 1 < len(mine) else None
+                results.append(_evaluate_one(model, case, image, mask, hp, device, started, keep))
+    finally:
+        model.train(was_training)
+    if distributed:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        results = [result for part in gathered for result in part]
+    return sorted(results, key=lambda result: result.case_id)
+
+
+def aggregate(results: list[CaseResult]) -> dict:
+    """Set-level figures: mean and median per-case Dice/IoU and Dice of the summed counts (or MSE)."""
+    if not results:
+        return {}
+    if results[0].overlap is None:
+        errors = [result.mse for result in results]
+        return {"loss": float(np.mean(errors)), "loss_median": float(np.median(errors)), "cases": len(results)}
+    dice = [result.overlap.dice for result in results]
+    iou = [result.overlap.iou for result in results]
+    total = sum((result.overlap for result in results), Overlap(0, 0, 0))
+    return {"dice": float(np.mean(dice)), "dice_median": float(np.median(dice)), "iou": float(np.mean(iou)),
+            "dice_global": total.dice, "iou_global": total.iou, "cases": len(results)}

@@ -1,0 +1,54 @@
+"""SageMaker training entry point: parse the hyperparameters, build the run, run it.
+
+    python entry_point/train.py --data-uri s3://bucket/dataset/ --output-uri s3://bucket/runs/ [--flag value ...]
+    torchrun --nproc-per-node 2 entry_point/train.py ...          (one process per GPU)
+
+Every flag is a field of ``brainseg.config.Hyperparameters`` (``--help`` lists them). Exit
+status: 0 finished, 2 bad configuration or data (nothing trained), 3 S3 failure, 4 stopped by
+SIGTERM with a checkpoint saved (run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from brainseg import s3io
+from brainseg.artifacts import CheckpointError
+from brainseg.config import parse_hyperparameters
+from brainseg.environment import read_environment
+
+logger = logging.getLogger("brainseg.train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    try:
+        hp, unknown = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        logger.error("bad hyperparameter: %s", err)
+        return 2
+    if unknown:
+        logger.warning("ignoring arguments that are not hyperparameters: %s", " ".join(unknown))
+    from brainseg.training import Interrupted, Run, TrainingError  # torch only once the flags are valid
+
+    try:
+        Run(hp, read_environment()).execute()
+    except Interrupted as err:
+        logger.warning("%s", err)
+        return 4
+    except TrainingError as err:
+        logger.error("%s", err)
+        return 2
+    except CheckpointError as err:
+        logger.error("%s", err)
+        return 2
+    except s3io.S3Error as err:
+        logger.error("S3: %s", err)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
