@@ -1,0 +1,114 @@
+"""Hyperparameters: CLI flags generated from the dataclass, SageMaker's argument forms, every field used."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from brainseg.config import Hyperparameters, parse_hyperparameters, validate_overrides
+from brainseg.environment import read_environment
+
+REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
+ENTRY_POINT = Path(__file__).resolve().parents[1] / "entry_point"
+
+
+def test_flags_in_both_spellings_with_lists_and_booleans():
+    hp, unknown = parse_hyperparameters(REQUIRED + [
+        "--patch-size", "64,64,32", "--slab_margin", "[8, 4]", "--augment", "false", "--compile", "True",
+        "--lr", "3e-4", "--model", "dynunet", "--channels", "[8,16,32]"])
+    assert hp.patch_size == (64, 64, 32) and hp.slab_margin == (8, 4) and hp.channels == (8, 16, 32)
+    assert hp.augment is False and hp.compile is True and hp.lr == 3e-4 and hp.model == "dynunet"
+    assert unknown == []
+
+
+def test_unknown_arguments_are_returned_not_fatal():
+    hp, unknown = parse_hyperparameters(REQUIRED + ["--sagemaker_program", "train.py", "--epochs", "3"])
+    assert hp.epochs == 3 and unknown == ["--sagemaker_program", "train.py"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vnet"], "model 'vnet': expected one of unet, attention_unet, segresnet, dynunet"),
+    (["--patch-size", "96,96"], r"patch_size \(96, 96\): expected three positive sizes"),
+    (["--dropout", "1.5"], r"dropout 1.5: expected a value in \[0, 1\)"),
+    (["--batch-size", "0"], "batch_size 0: expected at least 1"),
+    (["--run-name", "a b"], "run_name 'a b'"),
+])
+def test_bad_values_name_the_field_and_what_was_expected(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_hyperparameters(REQUIRED + argv)
+
+
+def test_unparseable_values_and_missing_uris_stop_argparse(capsys):
+    with pytest.raises(SystemExit):
+        parse_hyperparameters(REQUIRED + ["--augment", "maybe"])
+    assert "'maybe': expected true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_hyperparameters(["--output-uri", "s3://out/"])
+    assert "--data-uri" in capsys.readouterr().err
+
+
+def test_uris_must_be_s3():
+    with pytest.raises(ValueError, match="data_uri '/data': expected an s3:// URI"):
+        Hyperparameters(data_uri="/data")
+
+
+def test_overrides_are_validated_for_launchers():
+    assert validate_overrides({"epochs": "7", "augment": "false", "patch_size": "32,32,32"}).patch_size == (32, 32, 32)
+    with pytest.raises(ValueError, match="unknown hyperparameter.*learning_rate"):
+        validate_overrides({"learning_rate": "0.1"})
+    with pytest.raises(ValueError, match="hyperparameter epochs='many'"):
+        validate_overrides({"epochs": "many"})
+
+
+def test_stream_config_carries_the_stream_fields():
+    hp = Hyperparameters(patch_size=(32, 48, 64), memory_budget_mb=64, mix_slabs=3, seed=9)
+    config = hp.stream_config()
+    assert config.patch_size == (32, 48, 64) and config.memory_budget_bytes == 64 * 2**20
+    assert config.mix_slabs == 3 and config.seed == 9
+
+
+def _hp_attributes() -> set[str]:
+    """Every ``hp.<name>`` / ``self.hp.<name>`` read in the entry point outside the config module."""
+    used = set()
+    for path in ENTRY_POINT.rglob("*.py"):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                owner = node.value
+                if (isinstance(owner, ast.Name) and owner.id == "hp") or (
+                        isinstance(owner, ast.Attribute) and owner.attr == "hp"):
+                    used.add(node.attr)
+    return used
+
+
+def _stream_config_attributes() -> set[str]:
+    """The fields ``Hyperparameters.stream_config`` hands to the patch stream."""
+    tree = ast.parse((ENTRY_POINT / "brainseg" / "config.py").read_text())
+    method = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "stream_config")
+    return {node.attr for node in ast.walk(method)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+
+
+def test_every_field_is_used():
+    unused = {f.name for f in fields(Hyperparameters)} - _hp_attributes() - _stream_config_attributes()
+    assert not unused, f"hyperparameters never read by the training code: {sorted(unused)}"
+
+
+def test_environment_reads_sagemaker_variables(tmp_path):
+    env = read_environment({"SM_MODEL_DIR": "/opt/ml/model", "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data",
+                            "SM_HOSTS": '["algo-1", "algo-2"]', "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "4",
+                            "SM_TRAINING_ENV": '{"job_name": "brainseg-2026"}',
+                            "SM_CHECKPOINT_DIR": str(tmp_path)})
+    assert env.model_dir == "/opt/ml/model" and env.hosts == ("algo-1", "algo-2") and env.current_host == "algo-2"
+    assert env.num_gpus == 4 and env.job_name == "brainseg-2026" and env.checkpoint_dir == str(tmp_path)
+    assert env.on_sagemaker
+
+
+def test_environment_falls_back_outside_sagemaker():
+    env = read_environment({})
+    assert env.model_dir == "model" and env.job_name is None and env.hosts == ("localhost",)
+    assert not env.on_sagemaker

@@ -1,0 +1,123 @@
+"""Model factory, encoder freezing and transfer, losses, schedules, and the hand-written Dice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric, compute_iou
+
+from brainseg.config import Hyperparameters
+from brainseg.losses import build_loss
+from brainseg.metrics import Overlap
+from brainseg.models import build_model, encoder_state, freeze_encoder, is_encoder_parameter, load_matching
+from brainseg.optim import build_optimizer, build_scheduler
+
+SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), res_units=1)
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "segresnet", "dynunet"])
+@pytest.mark.parametrize("task, channels_out", [("segmentation", 2), ("autoencoder", 1)])
+def test_every_model_maps_a_patch_to_logits(name, task, channels_out):
+    model = build_model(Hyperparameters(model=name, task=task, dropout=0.1, **SMALL))
+    assert model(torch.zeros(2, 1, 16, 16, 16)).shape == (2, channels_out, 16, 16, 16)
+
+
+def test_activation_and_dropout_reach_the_network():
+    relu = build_model(Hyperparameters(activation="relu", dropout=0.2, **SMALL))
+    kinds = {type(module).__name__ for module in relu.modules()}
+    assert "ReLU" in kinds and "PReLU" not in kinds and {"Dropout", "Dropout3d"} & kinds
+    assert "PReLU" in {type(module).__name__ for module in build_model(Hyperparameters(**SMALL)).modules()}
+
+
+def test_patch_size_must_divide_by_the_downsampling():
+    with pytest.raises(ValueError, match=r"every size must be a multiple of 4"):
+        build_model(Hyperparameters(channels=(4, 8, 16), patch_size=(16, 18, 16)))
+
+
+def test_segresnet_needs_doubling_channels():
+    with pytest.raises(ValueError, match="segresnet widths double per level"):
+        build_model(Hyperparameters(model="segresnet", channels=(4, 6, 16), patch_size=(16, 16, 16)))
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "segresnet", "dynunet"])
+def test_frozen_encoder_stays_put_while_the_decoder_learns(name):
+    hp = Hyperparameters(model=name, **SMALL)
+    model = build_model(hp)
+    frozen, trainable = freeze_encoder(model, name)
+    assert frozen > 0 and trainable > 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model.parameters(), hp)
+    loss = build_loss(hp)(model(torch.randn(2, 1, 16, 16, 16)), torch.randint(0, 2, (2, 1, 16, 16, 16)))
+    loss.backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        if is_encoder_parameter(name, n):
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if not is_encoder_parameter(name, n))
+
+
+def test_encoder_transfers_to_a_segmentation_model_and_reports_the_rest():
+    pretrained = build_model(Hyperparameters(task="autoencoder", **SMALL))
+    target = build_model(Hyperparameters(**SMALL))
+    report = load_matching(target, encoder_state(pretrained, "unet"))
+    assert report["loaded"] and not report["shape_mismatch"] and not report["unexpected"]
+    for name in report["loaded"]:
+        assert torch.equal(target.state_dict()[name], pretrained.state_dict()[name])
+    whole = load_matching(build_model(Hyperparameters(**SMALL)), pretrained.state_dict())
+    assert whole["shape_mismatch"]  # the 1-channel output layer cannot go into a 2-class head
+
+
+@pytest.mark.parametrize("loss", ["dice_ce", "dice", "focal_tversky"])
+def test_losses_prefer_the_right_answer(loss):
+    label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    label[..., 2:6, 2:6, 2:6] = 1
+    right = torch.cat([1 - label, label], 1).float() * 10 - 5
+    wrong = torch.cat([label, 1 - label], 1).float() * 10 - 5
+    fn = build_loss(Hyperparameters(loss=loss))
+    assert float(fn(right, label)) < 0.1 < float(fn(wrong, label))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly", "constant", "onecycle"])
+def test_schedules_warm_up_then_follow_their_shape(schedule):
+    hp = Hyperparameters(schedule=schedule, warmup_steps=10, lr=1.0, **SMALL)
+    optimizer = build_optimizer(build_model(hp).parameters(), hp)
+    scheduler = build_scheduler(optimizer, hp, total_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < rates[9] and max(rates) == pytest.approx(1.0, rel=0.05)
+    if schedule == "constant":
+        assert rates[-1] == pytest.approx(1.0)
+    else:
+        assert rates[-1] < 0.05 and all(a >= b for a, b in zip(rates[12:], rates[13:]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_optimizers_apply_weight_decay(optimizer):
+    hp = Hyperparameters(optimizer=optimizer, weight_decay=0.1, **SMALL)
+    built = build_optimizer(build_model(hp).parameters(), hp)
+    assert built.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_hand_written_dice_and_iou_match_monai():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        truth = rng.random((12, 16, 16)) < rng.uniform(0.01, 0.3)
+        prediction = truth ^ (rng.random(truth.shape) < rng.uniform(0.0, 0.2))
+        ours = Overlap.of(prediction, truth)
+        p, t = (torch.from_numpy(a)[None, None].float() for a in (prediction, truth))
+        metric = DiceMetric(include_background=True)
+        metric(p, t)
+        assert ours.dice == pytest.approx(float(metric.aggregate()), abs=1e-6)
+        assert ours.iou == pytest.approx(float(compute_iou(p, t)), abs=1e-6)
+
+
+def test_empty_prediction_and_truth_is_a_perfect_case():
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    assert Overlap.of(empty, empty).dice == 1.0 and Overlap.of(empty, empty).iou == 1.0
+    full = ~empty
+    assert Overlap.of(full, empty).dice == 0.0
