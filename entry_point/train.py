@@ -24,6 +24,8 @@ logger = logging.getLogger("brainseg.train")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
+    for noisy in ("botocore", "boto3", "smart_open"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         hp, unknown = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
     except ValueError as err:

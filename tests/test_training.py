@@ -1,0 +1,235 @@
+"""The training entry script end to end against the moto S3 server: artifacts, learning, exact
+resume after a real kill, SIGTERM, transfer from an autoencoder, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from brainseg import s3io
+from brainseg.config import Hyperparameters
+from brainseg.models import build_model, is_encoder_parameter
+from infra.synth import SynthSpec, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--batch-size", "2", "--num-workers", "0",
+         "--warmup-steps", "5", "--lr", "3e-3", "--foreground-fraction", "0.5", "--memory-budget-mb", "64",
+         "--res-units", "1", "--log-every", "1000"]
+METRIC_LINE = re.compile(r"epoch=(\d+) train_loss=([0-9.]+) val_dice=([0-9.]+) val_iou=([0-9.]+)")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> str:
+    """10 synthetic cases of 32x64x64 (5 train, 2 val, 3 test)."""
+    name = f"train-data-{os.getpid()}"
+    s3io.client().create_bucket(Bucket=name)
+    write_dataset(10, f"s3://{name}/ds/", SynthSpec(shape=(32, 64, 64)))
+    return f"s3://{name}/ds/"
+
+
+def _args(dataset: str, output: str, run: str, *extra: str) -> list[str]:
+    return ["--data-uri", dataset, "--output-uri", output, "--run-name", run, *SMALL, *extra]
+
+
+def _read_json(uri: str):
+    return json.loads(s3io.read_uri(uri))
+
+
+def _checkpoint(output: str, run: str) -> dict:
+    pointer = _read_json(f"{output}/{run}/checkpoints/latest.json")
+    data = s3io.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _subprocess_env(tmp_path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "entry_point"), SM_MODEL_DIR=str(tmp_path / "model"))
+    env.pop("SM_CHECKPOINT_DIR", None)
+    return env
+
+
+def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    monkeypatch.setenv("SM_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    output = f"s3://{bucket}/runs"
+    assert train.main(_args(dataset, output, "e2e", "--epochs", "3", "--steps-per-epoch", "30")) == 0
+    run = f"{output}/e2e"
+    bucket_name, prefix = s3io.parse_uri(run + "/")
+    keys = sorted(info.key[len(prefix):] for info in s3io.list_objects(bucket_name, prefix))
+    assert keys == ["checkpoints/latest.json", "checkpoints/step-00000030.pt", "checkpoints/step-00000060.pt",
+                    "checkpoints/step-00000090.pt", "metrics/metrics.jsonl", "metrics/test_per_case.csv",
+                    "model/model.pt", "run.json", "summary.json"]
+
+    lines = [json.loads(line) for line in s3io.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3] and [line["step"] for line in lines] == [30, 60, 90]
+    for line in lines:
+        for name in ("lr", "train_loss", "val_dice", "val_iou", "patches_per_s", "data_wait_fraction", "seconds"):
+            assert isinstance(line[name], float), name
+        assert 0 <= line["data_wait_fraction"] <= 1 and line["patches_per_s"] > 0
+
+    rows = list(csv.DictReader(io.StringIO(s3io.read_uri(f"{run}/metrics/test_per_case.csv").decode())))
+    assert [row["case_id"] for row in rows] == sorted(row["case_id"] for row in rows) and len(rows) == 3
+    assert all(row["case_id"].startswith("case_") and 0 <= float(row["dice"]) <= 1 for row in rows)
+
+    summary = _read_json(f"{run}/summary.json")
+    assert summary["test_dice_mean"] > 0.3, summary  # chance (all tumour) is ~0.02 here
+    assert summary["best_epoch"] in (1, 2, 3) and summary["best_val_dice"] == max(l["val_dice"] for l in lines)
+    assert summary["hyperparameters"]["patch_size"] == [32, 32, 32] and len(summary["dataset_fingerprint"]) == 16
+    assert re.fullmatch(r"[0-9a-f]{12}", summary["code_version"]) and summary["test_cases"] == 3
+    assert _read_json(f"{run}/run.json")["status"] == "finished"
+
+    weights = torch.load(io.BytesIO(s3io.read_uri(f"{run}/model/model.pt")), weights_only=True)
+    model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1))
+    model.load_state_dict(weights)
+    assert (tmp_path / "model" / "model.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest.json", "step-00000030.pt", "step-00000060.pt", "step-00000090.pt"]
+
+    logged = [METRIC_LINE.search(line) for line in capsys.readouterr().out.splitlines()]
+    epochs = [m for m in logged if m]
+    assert [int(m.group(1)) for m in epochs] == [1, 2, 3]
+    assert float(epochs[-1].group(3)) == pytest.approx(lines[-1]["val_dice"], abs=1e-4)
+    out = s3io.read_uri(f"{run}/metrics/test_per_case.csv").decode() + json.dumps(summary)
+    assert "SYN" not in out and "Synthetic^" not in out  # no patient IDs or names in artifacts
+
+
+def test_streamed_and_in_memory_training_are_the_same_computation(dataset, bucket):
+    output = f"s3://{bucket}/runs"
+    for source in ("stream", "memory"):
+        assert train.main(_args(dataset, output, source, "--epochs", "1", "--steps-per-epoch", "6",
+                                "--data-source", source, "--max-val-cases", "1")) == 0
+    streamed, in_memory = _checkpoint(output, "stream")["model"], _checkpoint(output, "memory")["model"]
+    assert all(torch.equal(streamed[name], in_memory[name]) for name in streamed)
+
+
+def _wait_for_step(uri: str, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = s3io.read_uri(uri)
+        if data is not None and json.loads(data)["step"] >= step:
+            return
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
+
+
+def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
+    """SIGKILL mid-epoch, run the same command again: the final weights equal an uninterrupted run's."""
+    output = f"s3://{bucket}/runs"
+    common = ["--epochs", "2", "--steps-per-epoch", "6", "--checkpoint-steps", "2", "--dropout", "0.1",
+              "--num-workers", "2", "--deterministic", "true", "--max-val-cases", "1"]
+    env = _subprocess_env(tmp_path)
+    command = [sys.executable, str(ROOT / "entry_point" / "train.py")]
+    whole = subprocess.run(command + _args(dataset, output, "whole", *common), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    victim = subprocess.Popen(command + _args(dataset, output, "killed", *common), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(f"{output}/killed/checkpoints/latest.json", 4, victim)
+    time.sleep(0.3)  # into the steps after the checkpoint
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    killed_at = _read_json(f"{output}/killed/checkpoints/latest.json")["step"]
+    assert killed_at < 12, "the run finished before it was killed"
+    resumed = subprocess.run(command + _args(dataset, output, "killed", *common), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from step-{killed_at:08d}.pt" in resumed.stdout
+
+    first, second = _checkpoint(output, "whole"), _checkpoint(output, "killed")
+    assert first["state"]["step"] == second["state"]["step"] == 12
+    for part in ("model", "best_model"):
+        assert all(torch.equal(first[part][name], second[part][name]) for name in first[part]), part
+    assert first["state"]["history"][-1]["train_loss"] == second["state"]["history"][-1]["train_loss"]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(dataset, bucket, tmp_path):
+    output = f"s3://{bucket}/runs"
+    args = _args(dataset, output, "spot", "--epochs", "2", "--steps-per-epoch", "40", "--max-val-cases", "1")
+    command = [sys.executable, str(ROOT / "entry_point" / "train.py"), *args]
+    process = subprocess.Popen(command, env=_subprocess_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while s3io.read_uri(f"{output}/spot/run.json") is None:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 4, out
+    assert _read_json(f"{output}/spot/run.json")["status"] == "interrupted"
+    stopped = _read_json(f"{output}/spot/checkpoints/latest.json")["step"]
+    assert 0 < stopped < 80 and f"stopped by SIGTERM at step {stopped}" in out
+    again = subprocess.run(command, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"step {stopped}" in again.stdout
+    assert _read_json(f"{output}/spot/run.json")["status"] == "finished"
+
+
+def test_autoencoder_pretraining_then_frozen_encoder_transfer(dataset, bucket):
+    unlabelled = f"s3://{bucket}/unlabelled/"
+    source_bucket, source_prefix = s3io.parse_uri(dataset)
+    for info in s3io.list_objects(source_bucket, source_prefix):
+        if "/image/" in info.key:
+            s3io.client().copy_object(Bucket=bucket, Key="unlabelled/" + info.key[len(source_prefix):],
+                                      CopySource={"Bucket": source_bucket, "Key": info.key})
+    output = f"s3://{bucket}/runs"
+    assert train.main(_args(unlabelled, output, "pretrain", "--task", "autoencoder", "--epochs", "1",
+                            "--steps-per-epoch", "4", "--max-val-cases", "1")) == 0
+    summary = _read_json(f"{output}/pretrain/summary.json")
+    assert summary["test_loss"] > 0 and summary["best_val_loss"] > 0
+    encoder_uri = f"{output}/pretrain/model/encoder.pt"
+    encoder = torch.load(io.BytesIO(s3io.read_uri(encoder_uri)), weights_only=False)["encoder"]
+
+    assert train.main(_args(dataset, output, "transfer", "--init-weights", encoder_uri, "--freeze-encoder", "true",
+                            "--max-train-cases", "2", "--epochs", "1", "--steps-per-epoch", "4",
+                            "--max-val-cases", "1")) == 0
+    trained = _checkpoint(output, "transfer")["model"]
+    assert encoder and all(torch.equal(trained[name], tensor) for name, tensor in encoder.items())
+    assert all(is_encoder_parameter("unet", name) for name in encoder)
+
+
+def test_resuming_with_other_hyperparameters_is_refused(dataset, bucket, capsys):
+    output = f"s3://{bucket}/runs"
+    args = _args(dataset, output, "fixed", "--epochs", "1", "--steps-per-epoch", "2", "--max-val-cases", "1")
+    assert train.main(args) == 0
+    capsys.readouterr()
+    assert train.main(args + ["--lr", "0.1", "--epochs", "2"]) == 2
+    out = capsys.readouterr().out
+    assert "from different hyperparameters (lr: 0.003 -> 0.1)" in out and "another --run-name" in out
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    (["--model", "vnet"], 2, "model 'vnet': expected one of unet"),
+    (["--patch-size", "64,128,128"], 2, r"patch_size \(64, 128, 128\) is larger than every training volume"),
+    (["--patch-size", "32,30,32"], 2, "every size must be a multiple of 4"),
+])
+def test_bad_configuration_stops_before_training(dataset, bucket, capsys, extra, code, message):
+    output = f"s3://{bucket}/runs"
+    assert train.main(_args(dataset, output, "bad", *extra)) == code
+    assert re.search(message, capsys.readouterr().out)
+    assert s3io.read_uri(f"{output}/bad/checkpoints/latest.json") is None
+
+
+def test_missing_bucket_is_named(bucket, capsys):
+    assert train.main(_args("s3://no-such-bucket-here/ds/", f"s3://{bucket}/runs", "r")) == 3
+    assert ("bucket 'no-such-bucket-here' of s3://no-such-bucket-here/ds/ is not usable: it does not exist"
+            in capsys.readouterr().out)
+
+
+def test_no_usable_cases_says_how_to_find_out_why(bucket, capsys):
+    s3io.put_bytes(f"s3://{bucket}/empty/case_0001/image/IM_0001.dcm", b"not dicom")
+    assert train.main(_args(f"s3://{bucket}/empty/", f"s3://{bucket}/runs", "r")) == 2
+    out = capsys.readouterr().out
+    assert "no usable training cases" in out and "infra/inspect_data.py" in out
