@@ -11,6 +11,7 @@ SIGTERM with a checkpoint saved (run the same command to resume).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from brainseg import s3io
@@ -22,7 +23,8 @@ logger = logging.getLogger("brainseg.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    main_process = os.environ.get("RANK", "0") == "0"  # other torchrun ranks log warnings only
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     for noisy in ("botocore", "boto3", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

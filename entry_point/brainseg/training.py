@@ -134,8 +134,7 @@ def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], lis
     if not any(all(p <= s for p, s in zip(hp.patch_size, case.image.shape)) for case in train):
         largest = max((case.image.shape for case in train), key=lambda shape: int(np.prod(shape)))
         raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
-                            f"{largest}); lower --patch-size to fit, e.g. "
-                            f"{','.join(str(min(p, s) // 16 * 16 or min(p, s)) for p, s in zip(hp.patch_size, largest))}")
+                            f"{largest}); lower --patch-size to fit inside the volumes")
     return train, val, test
 
 

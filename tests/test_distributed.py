@@ -1,0 +1,46 @@
+"""Two processes under torchrun with the gloo backend on CPU (the slow tier: `make test-slow`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainseg import s3io
+from infra.synth import SynthSpec, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_two_process_ddp_run(bucket, tmp_path):
+    dataset = f"s3://{bucket}/ds/"
+    write_dataset(8, dataset, SynthSpec(shape=(32, 64, 64)))
+    output = f"s3://{bucket}/runs"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "entry_point"), SM_MODEL_DIR=str(tmp_path / "model"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+               str(ROOT / "entry_point" / "train.py"), "--data-uri", dataset, "--output-uri", output,
+               "--run-name", "ddp", "--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1",
+               "--epochs", "2", "--steps-per-epoch", "4", "--num-workers", "1", "--batch-size", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+
+    run = json.loads(s3io.read_uri(f"{output}/ddp/run.json"))
+    assert run["status"] == "finished" and run["world_size"] == 2
+    lines = [json.loads(line) for line in s3io.read_uri(f"{output}/ddp/metrics/metrics.jsonl").splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]  # rank 0 alone writes: no duplicates
+    assert out.count("epoch=2 train_loss=") == 1 and out.count("test_dice=") == 1
+
+    pointer = json.loads(s3io.read_uri(f"{output}/ddp/checkpoints/latest.json"))
+    checkpoint = torch.load(io.BytesIO(s3io.read_uri(f"{output}/ddp/checkpoints/{pointer['checkpoint']}")),
+                            weights_only=False)
+    assert checkpoint["sampler"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert checkpoint["state"]["step"] == 8  # steps count per rank: 2 x 4, each of 2 ranks' batches
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values() if tensor.is_floating_point())
