@@ -51,14 +51,19 @@ def test_plans_are_deterministic_and_inside_the_volume():
                        for o in plan.origins)
 
 
-def _take(stream, count, workers=0):
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
-    samples = []
-    for sample in loader:
-        samples.append(sample)
-        if len(samples) == count:
+def _batches(stream, count, batch_size, workers):
+    """The first ``count`` items a DataLoader yields (samples when ``batch_size`` is None)."""
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
+    items = []
+    for item in loader:
+        items.append(item)
+        if len(items) == count:
             break
-    return samples
+    return items
+
+
+def _take(stream, count, workers=0):
+    return _batches(stream, count, None, workers)
 
 
 def test_samples_have_the_documented_shapes(cases):
@@ -76,16 +81,6 @@ def test_same_seed_same_patches(cases):
         assert a["task"] == b["task"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     third = _take(PatchStream(cases, StreamConfig(**SMALL, seed=4)), 8)
     assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, third))
-
-
-def _batches(stream, count, batch_size, workers):
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == count:
-            break
-    return batches
 
 
 @pytest.mark.parametrize("workers, start", [(0, 3), (2, 3), (2, 4), (3, 5)])

@@ -233,3 +233,5 @@ def test_no_usable_cases_says_how_to_find_out_why(bucket, capsys):
     assert train.main(_args(f"s3://{bucket}/empty/", f"s3://{bucket}/runs", "r")) == 2
     out = capsys.readouterr().out
     assert "no usable training cases" in out and "infra/inspect_data.py" in out
+    status = _read_json(f"s3://{bucket}/runs/r/run.json")
+    assert status["status"] == "failed" and "no usable training cases" in status["error"]
