@@ -76,6 +76,9 @@ SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 
+CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES}
+
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
@@ -172,10 +175,7 @@ class Hyperparameters:
     def __post_init__(self) -> None:
         for name in ("channels", "patch_size", "slab_margin"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name, allowed in (("task", TASKS), ("model", MODELS), ("activation", ACTIVATIONS),
-                              ("norm", NORMS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("data_source", DATA_SOURCES)):
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         for name in ("data_uri", "output_uri"):
@@ -251,15 +251,16 @@ def field_converters() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """``--kebab-case`` flags (``--snake_case`` accepted too, as SageMaker passes them)."""
     parser = argparse.ArgumentParser(
-        description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges. Every flag is a field "
+                    "of brainseg.config.Hyperparameters; see its docstring and the README.")
     for name, convert in field_converters().items():
         default = getattr(Hyperparameters, name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        text = f"one of {'|'.join(CHOICES[name])} " if name in CHOICES else ""
         parser.add_argument(*flags, dest=name, type=convert, default=default,
                             required=name in ("data_uri", "output_uri"),
-                            help=f"(default: {shown})" if name not in ("data_uri", "output_uri") else "s3:// URI")
+                            help=f"{text}(default: {shown})" if name not in ("data_uri", "output_uri") else "s3:// URI")
     return parser
 
 
