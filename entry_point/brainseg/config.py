@@ -161,16 +161,16 @@ class Hyperparameters:
     log_every: int = 50
     init_weights: str = ""
     freeze_encoder: bool = False
-    patch_size: tuple = (96, 96, 96)
-    foreground_fraction: float = 1.0 / 3.0
-    patches_per_slab: int = 4
-    slab_margin: tuple = (16, 16)
-    mix_slabs: int = 2
-    normalization: str = "zscore"
-    augment: bool = True
-    memory_budget_mb: int = 1024
-    read_ahead: int = 4
-    seed: int = 0
+    patch_size: tuple = StreamConfig.patch_size
+    foreground_fraction: float = StreamConfig.foreground_fraction
+    patches_per_slab: int = StreamConfig.patches_per_slab
+    slab_margin: tuple = StreamConfig.slab_margin
+    mix_slabs: int = StreamConfig.mix_slabs
+    normalization: str = StreamConfig.normalization
+    augment: bool = StreamConfig.augment
+    memory_budget_mb: int = StreamConfig.memory_budget_bytes // MiB
+    read_ahead: int = StreamConfig.read_ahead
+    seed: int = StreamConfig.seed
 
     def __post_init__(self) -> None:
         for name in ("channels", "patch_size", "slab_margin"):
