@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-slow bench clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt entry_point/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) infra/stream_demo.py
+	$(PY) infra/launch.py
 
 test: setup
 	$(PY) -m pytest -m "not slow"
