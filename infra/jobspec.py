@@ -97,7 +97,11 @@ class JobSpec:
         for reserved, flag in (("data_uri", "--data-uri"), ("output_uri", "--output-uri"), ("run_name", "--job-name")):
             if reserved in self.hyperparameters:
                 raise ValueError(f"hyperparameter {reserved} is set by the launcher; use {flag}")
-        validate_overrides({**self.hyperparameters, "data_uri": "s3://placeholder/", "output_uri": "s3://placeholder/"})
+        checked = validate_overrides({**self.hyperparameters, "data_uri": "s3://placeholder/",
+                                      "output_uri": "s3://placeholder/"})
+        # Canonical values ("32,32,32" -> [32, 32, 32], "false" -> False), as train.py will read them.
+        object.__setattr__(self, "hyperparameters", {name: _plain(getattr(checked, name))
+                                                     for name in self.hyperparameters})
 
     @property
     def max_wait(self) -> int:
@@ -113,8 +117,7 @@ class JobSpec:
     def training_hyperparameters(self) -> dict:
         """The hyperparameters the job is given: the overrides plus the data and output URIs.
         The run is named after the job (train.py reads ``TRAINING_JOB_NAME``)."""
-        return {**{k: _plain(v) for k, v in self.hyperparameters.items()},
-                "data_uri": self.data_uri, "output_uri": self.output_uri}
+        return {**self.hyperparameters, "data_uri": self.data_uri, "output_uri": self.output_uri}
 
 
 def _plain(value):

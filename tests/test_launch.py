@@ -1,0 +1,233 @@
+"""The launcher: job settings, process mode with the SageMaker container contract, the SDK v3
+request against moto's SageMaker and S3, the dry run, the IAM policy, and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+
+from brainseg import s3io
+from brainseg.config import parse_hyperparameters
+from infra import launch, process_job, sagemaker_job
+from infra.jobspec import METRIC_DEFINITIONS, build_spec, iam_policy, parse_overrides, sagemaker_cli_args
+from infra.synth import SynthSpec, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
+        "num_workers=0", "max_val_cases=1", "log_every=1000"]
+ROLE = "arn:aws:iam::123456789012:role/brainseg-training"
+
+
+@pytest.fixture(autouse=True)
+def sdk_environment(monkeypatch):
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="module")
+def dataset() -> str:
+    name = f"launch-data-{os.getpid()}"
+    s3io.client().create_bucket(Bucket=name)
+    write_dataset(8, f"s3://{name}/ds/", SynthSpec(shape=(32, 64, 64)))
+    return f"s3://{name}/ds/"
+
+
+@pytest.fixture(scope="module")
+def process_run(dataset, tmp_path_factory):
+    """One process-mode job; its real log is what the metric definitions must match."""
+    output = f"s3://{dataset.split('/')[2]}/runs"
+    spec = build_spec({"mode": "process", "data_uri": dataset, "output_uri": output, "job_name": "proc"},
+                      parse_overrides(TINY))
+    root = tmp_path_factory.mktemp("process")
+    sink = io.StringIO()
+    code = process_job.run(spec, "proc-1", root, sink=sink)
+    return {"code": code, "log": sink.getvalue(), "root": root, "output": output}
+
+
+def test_process_mode_runs_train_py_under_the_container_contract(process_run):
+    assert process_run["code"] == 0, process_run["log"][-3000:]
+    opt_ml = process_run["root"] / "algo-1" / "opt" / "ml"
+    assert (opt_ml / "model" / "model.pt").is_file()  # SM_MODEL_DIR
+    assert sorted(p.name for p in (opt_ml / "checkpoints").iterdir())[-1] == "step-00000006.pt"  # SM_CHECKPOINT_DIR
+    hps = json.loads((opt_ml / "input" / "config" / "hyperparameters.json").read_text())
+    assert hps["patch_size"] == "[32, 32, 32]" and hps["epochs"] == "2"  # strings, as SageMaker writes them
+    summary = json.loads(s3io.read_uri(f"{process_run['output']}/proc-1/summary.json"))
+    assert summary["run_name"] == "proc-1" and summary["hyperparameters"]["patch_size"] == [32, 32, 32]
+    assert "ignoring arguments" not in process_run["log"]
+
+
+def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
+    log = process_run["log"]
+    expected = {"train:loss", "validation:dice", "validation:iou", "train:lr", "train:patches_per_s",
+                "train:data_wait", "test:dice", "test:dice_median", "test:iou"}
+    found = {}
+    for definition in METRIC_DEFINITIONS:
+        values = [float(m.group(1)) for m in re.finditer(definition["Regex"], log)]
+        if values:
+            found[definition["Name"]] = values
+    assert set(found) == expected, set(found) ^ expected
+    assert len(found["validation:dice"]) == 2 and len(found["test:dice"]) == 1
+    lines = [json.loads(line) for line in s3io.read_uri(f"{process_run['output']}/proc-1/metrics/metrics.jsonl")
+             .splitlines()]
+    assert found["validation:dice"] == pytest.approx([line["val_dice"] for line in lines], abs=1e-4)
+    assert found["validation:iou"] == pytest.approx([line["val_iou"] for line in lines], abs=1e-4)
+
+
+def test_autoencoder_metric_lines_are_matched_too():
+    line = "2026-01-01 INFO brainseg.train: epoch=2 train_loss=0.1 val_loss=0.0421 lr=0.001 patches_per_s=3.0 data_wait=0.010 seconds=1.0"
+    by_name = {d["Name"]: d["Regex"] for d in METRIC_DEFINITIONS}
+    assert float(re.search(by_name["validation:loss"], line).group(1)) == 0.0421
+    assert re.search(by_name["validation:dice"], line) is None
+    assert float(re.search(by_name["test:loss"], "test_loss=0.05000 cases=3").group(1)) == 0.05
+
+
+def test_hyperparameters_travel_as_sagemaker_passes_them():
+    from sagemaker.train.container_drivers.common.utils import hyperparameters_to_cli_args, safe_serialize
+    hps = {"patch_size": [64, 64, 32], "augment": False, "lr": 0.0003, "model": "dynunet",
+           "data_uri": "s3://d/x/", "output_uri": "s3://o/"}
+    as_request = {key: safe_serialize(value) for key, value in hps.items()}  # what CreateTrainingJob carries
+    assert sagemaker_cli_args(hps) == hyperparameters_to_cli_args(as_request)
+    parsed, unknown = parse_hyperparameters(hyperparameters_to_cli_args(as_request))
+    assert not unknown and parsed.patch_size == (64, 64, 32) and parsed.augment is False
+    assert parsed.lr == 0.0003 and parsed.model == "dynunet"
+
+
+def _capture(session: boto3.Session) -> list:
+    requests = []
+    session.events.register("before-parameter-build.sagemaker.CreateTrainingJob",
+                            lambda params, **_: requests.append(json.loads(json.dumps(params, default=str))))
+    return requests
+
+
+def test_aws_mode_request_against_moto(bucket, process_run):
+    output = f"s3://{bucket}/runs/"
+    spec = build_spec({"mode": "aws", "data_uri": "s3://data-bucket/ds/", "output_uri": output, "role": ROLE,
+                       "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1",
+                       "instance_type": "ml.g5.2xlarge", "instance_count": 2, "spot": True, "max_run_s": 7200,
+                       "volume_kms_key": "arn:aws:kms:us-east-1:123456789012:key/vol",
+                       "output_kms_key": "arn:aws:kms:us-east-1:123456789012:key/out",
+                       "subnets": "subnet-1,subnet-2", "security_group_ids": ["sg-1"],
+                       "inter_container_encryption": True, "tags": {"project": "brainseg"}},
+                      parse_overrides(["epochs=3", "patch_size=[64,64,64]", "augment=false"]))
+    session = boto3.Session(region_name="us-east-1")
+    requests = _capture(session)
+    job_name = sagemaker_job.submit(spec, session)
+    [request] = requests
+    assert request["TrainingJobName"] == job_name and job_name.startswith("brainseg-")
+    assert request["AlgorithmSpecification"]["TrainingImage"] == spec.image_uri
+    assert request["HyperParameters"] == {"epochs": "3", "patch_size": "[64, 64, 64]", "augment": "false",
+                                          "data_uri": "s3://data-bucket/ds/", "output_uri": output}
+    assert not request["InputDataConfig"] or all(c["ChannelName"] in ("code", "sm_drivers")
+                                                  for c in request["InputDataConfig"])  # no dataset channel
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 100,
+                                         "VolumeKmsKeyId": spec.volume_kms_key}
+    assert request["EnableManagedSpotTraining"] is True
+    stopping = request["StoppingCondition"]
+    assert stopping["MaxRuntimeInSeconds"] == 7200 and stopping["MaxWaitTimeInSeconds"] >= 7200
+    assert request["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert request["CheckpointConfig"]["S3Uri"].startswith(f"{output}brainseg/{job_name}/")
+    assert request["OutputDataConfig"]["S3OutputPath"] == output
+    assert request["OutputDataConfig"]["KmsKeyId"] == spec.output_kms_key
+    assert request["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
+    assert request["EnableInterContainerTrafficEncryption"] is True
+    assert {"Key": "project", "Value": "brainseg"} in request["Tags"]
+    assert request["RoleArn"] == ROLE
+    for definition in request["AlgorithmSpecification"]["MetricDefinitions"]:
+        if definition["Name"] not in ("validation:loss", "test:loss"):
+            assert re.search(definition["Regex"], process_run["log"]), definition
+
+    code_prefix = f"runs/brainseg/{job_name}/input/"
+    landed = {info.key[len(code_prefix):] for info in s3io.list_objects(bucket, code_prefix)}
+    sources = {f"code/{p.relative_to(ROOT / 'entry_point').as_posix()}" for p in (ROOT / "entry_point").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert sources <= landed, sorted(sources - landed)
+    assert "code/requirements.txt" in landed
+    distributed = json.loads(s3io.get_object(bucket, code_prefix + "sm_drivers/distributed.json"))
+    assert "torchrun" in json.dumps(distributed).lower() or "process_count_per_node" in distributed
+    job = session.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    assert job["RoleArn"] == ROLE
+
+
+def test_prebuilt_image_gets_the_requirements_file(bucket):
+    spec = build_spec({"mode": "aws", "data_uri": "s3://d/ds/", "output_uri": f"s3://{bucket}/r/", "role": ROLE}, {})
+    request = sagemaker_job.dry_run_request(spec, boto3.Session(region_name="eu-west-1"))
+    assert request["AlgorithmSpecification"]["TrainingImage"].startswith(
+        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:")
+
+
+def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):
+    jobs = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
+    code = launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/ds/", "--output-uri",
+                        f"s3://{bucket}/runs/", "--hp", "epochs=4", "--spot", "--dry-run"])
+    assert code == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["HyperParameters"]["epochs"] == "4" and request["EnableManagedSpotTraining"] is True
+    assert list(s3io.list_objects(bucket, "")) == []
+    after = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
+    assert len(after) == len(jobs)
+
+
+def test_config_file_and_overrides(tmp_path, bucket, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"mode: aws\nrole: {ROLE}\ndata_uri: s3://d/ds/\noutput_uri: s3://{bucket}/runs/\n"
+                      "instance_type: ml.p3.2xlarge\nhyperparameters:\n  epochs: 5\n  patch_size: [64, 64, 64]\n")
+    assert launch.main(["--config", str(config), "--hp", "epochs=7", "--instance-count", "3", "--dry-run"]) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["HyperParameters"]["epochs"] == "7" and request["HyperParameters"]["patch_size"] == "[64, 64, 64]"
+    assert request["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
+    assert request["ResourceConfig"]["InstanceCount"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "aws", "--data-uri", "s3://d/x/", "--output-uri", "s3://o/"], "aws mode needs --role"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp",
+      "learning_rate=0.1"], "unknown hyperparameter(s) learning_rate"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "/data", "--output-uri", "s3://o/"],
+     "expected an S3 URI like s3://bucket/prefix/, got '/data'"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp", "epochs=many"],
+     "hyperparameter epochs='many'"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--spot",
+      "--max-run-s", "7200", "--max-wait-s", "3600"], "max_wait_s 3600 is below max_run_s 7200"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp",
+      "run_name=x"], "use --job-name"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
+      "--network-isolation"], "network_isolation cuts the container off from S3"),
+])
+def test_bad_input_is_refused_before_anything_is_submitted(argv, message, capsys):
+    before = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
+    assert launch.main(argv + ["--dry-run"] if "--role" in argv else argv) == 2
+    assert message in capsys.readouterr().err
+    after = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
+    assert len(after) == len(before)
+
+
+def test_local_mode_without_docker_or_image_says_so(bucket, capsys):
+    code = launch.main(["--mode", "local", "--image-uri", "brainseg-missing:none", "--data-uri", "s3://d/x/",
+                        "--output-uri", f"s3://{bucket}/runs/"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert any(text in err for text in ("docker is not installed", "Docker is not running",
+                                        "image brainseg-missing:none is not present locally")), err
+    assert list(s3io.list_objects(bucket, "")) == []
+
+
+def test_iam_policy_is_scoped_to_the_prefixes(capsys):
+    assert launch.main(["iam-policy", "--data-uri", "s3://scans/brain/", "--output-uri", "s3://results/runs/",
+                        "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc"]) == 0
+    policy = json.loads(capsys.readouterr().out)
+    by_sid = {statement["Sid"]: statement for statement in policy["Statement"]}
+    assert by_sid["ReadDataset"]["Resource"] == "arn:aws:s3:::scans/brain/*"
+    assert by_sid["ReadDataset"]["Action"] == "s3:GetObject"
+    assert by_sid["WriteHeaderIndex"]["Resource"] == "arn:aws:s3:::scans/brain/.brainseg/*"
+    assert by_sid["ReadWriteOutput"]["Resource"] == "arn:aws:s3:::results/runs/*"
+    assert by_sid["ListDataset"]["Condition"]["StringLike"]["s3:prefix"] == ["brain/*"]
+    assert by_sid["UseKmsKeys"]["Resource"] == ["arn:aws:kms:eu-west-1:1:key/k"]
+    assert "VpcNetworkInterfaces" in by_sid
+    assert not any(statement["Resource"] == "arn:aws:s3:::*" for statement in policy["Statement"])
+    assert iam_policy("s3://a/b/", "s3://c/d/")["Statement"][0]["Resource"] == "arn:aws:s3:::a"
