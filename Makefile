@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-local-mode image bench clean
 
 $(VENV)/.installed: requirements.txt entry_point/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ test: setup
 	$(PY) -m pytest -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m "slow and not docker"
+
+test-local-mode: setup
+	bash infra/local_mode_ci.sh
+
+image:
+	bash docker/build.sh
 
 bench: setup
 	$(PY) benchmarks/loader.py

@@ -17,7 +17,7 @@ import sys
 from brainseg import s3io
 from brainseg.artifacts import CheckpointError
 from brainseg.config import parse_hyperparameters
-from brainseg.environment import read_environment
+from brainseg.environment import drop_privileges, read_environment
 
 logger = logging.getLogger("brainseg.train")
 
@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("ignoring arguments that are not hyperparameters: %s", " ".join(unknown))
     from brainseg.training import Interrupted, Run, TrainingError  # torch only once the flags are valid
 
+    env = read_environment()
+    user = drop_privileges(env)
+    if user:
+        logger.info("running as %s, not root", user)
     try:
-        Run(hp, read_environment()).execute()
+        Run(hp, env).execute()
     except Interrupted as err:
         logger.warning("%s", err)
         return 4

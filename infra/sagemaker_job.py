@@ -145,13 +145,27 @@ def submit(spec: JobSpec, boto_session: boto3.Session, environment: dict | None 
            local_root: str | None = None) -> str | None:
     """Submit (aws: returns the job name) or run to the end (local: the SDK names the job itself
     and does not return the name; the run is found under the output URI)."""
-    if spec.mode == "local":
-        check_docker(spec.image_uri)
+    if spec.mode == "aws":
+        trainer = build_trainer(spec, boto_session, environment, local_root)
+        trainer.train(wait=spec.wait, logs=spec.wait)
+        return trainer._latest_training_job.training_job_name
+    check_docker(spec.image_uri)
     trainer = build_trainer(spec, boto_session, environment, local_root)
-    trainer.train(wait=spec.wait or spec.mode == "local", logs=spec.wait or spec.mode == "local")
-    if spec.mode == "local":
-        return None
-    return trainer._latest_training_job.training_job_name
+    try:
+        trainer.train(wait=True, logs=True)
+    except RuntimeError as err:
+        raise LaunchError(f"the local-mode container failed (its output is above): {err}") from None
+    finally:
+        cleanup_local(local_root)
+    return None
+
+
+def cleanup_local(local_root: str | None) -> None:
+    """Remove what local mode leaves behind: the job's exited containers and its compose network."""
+    compose = Path(local_root or "") / "docker-compose.yaml"
+    if local_root and compose.is_file():
+        subprocess.run(["docker-compose", "-f", str(compose), "rm", "-f", "-s"], capture_output=True, timeout=120)
+    subprocess.run(["docker", "network", "rm", "sagemaker-local"], capture_output=True, timeout=60)
 
 
 def check_docker(image: str) -> None:

@@ -44,3 +44,33 @@ def test_two_process_ddp_run(bucket, tmp_path):
     assert checkpoint["sampler"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["state"]["step"] == 8  # steps count per rank: 2 x 4, each of 2 ranks' batches
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values() if tensor.is_floating_point())
+
+
+def test_process_mode_two_instances_under_torchrun(bucket, tmp_path):
+    """Two simulated hosts, each a torchrun agent with SageMaker's node rank and master address."""
+    dataset = f"s3://{bucket}/ds2/"
+    write_dataset(8, dataset, SynthSpec(shape=(32, 64, 64)))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "infra" / "launch.py"), "--mode", "process", "--instance-count", "2",
+         "--data-uri", dataset, "--output-uri", f"s3://{bucket}/runs/", "--job-name", "two-hosts",
+         "--hp", "channels=[8,16,32]", "--hp", "patch_size=[32,32,32]", "--hp", "res_units=1", "--hp", "epochs=1",
+         "--hp", "steps_per_epoch=3", "--hp", "num_workers=0"],
+        cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "algo-1 | " in out and "algo-2 | " in out
+    job = out.split("artifacts: ")[1].split()[0]
+    run = json.loads(s3io.read_uri(job + "run.json"))
+    assert run["world_size"] == 2 and run["status"] == "finished" and run["run_name"].startswith("two-hosts-")
+
+
+def test_the_readme_demo_command(tmp_path):
+    """`python infra/launch.py` with no arguments: embedded S3, synthetic data, a short run that learns."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
+    result = subprocess.run([sys.executable, str(ROOT / "infra" / "launch.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    [run] = list((tmp_path / "demo-output").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_dice_mean"] > 0.5, summary  # chance is ~0.01

@@ -60,3 +60,28 @@ def read_environment(environ=None) -> Environment:
         current_host=environ.get("SM_CURRENT_HOST", hosts[0]),
         num_gpus=int(environ["SM_NUM_GPUS"]) if environ.get("SM_NUM_GPUS") else None,
     )
+
+
+def drop_privileges(env: Environment, user: str | None = None) -> str | None:
+    """Continue as the unprivileged ``user`` (default ``$BRAINSEG_RUN_AS``) when started as root.
+
+    SageMaker's bootstrap needs root (it makes its driver script executable and mounts root-owned
+    ``/opt/ml`` directories), but parsing DICOM from a bucket does not: the training image sets
+    ``BRAINSEG_RUN_AS``, and the script hands the directories it writes to that user and drops
+    root before reading any data. Returns the user switched to, or ``None``.
+    """
+    user = user or os.environ.get("BRAINSEG_RUN_AS")
+    if not user or os.geteuid() != 0:
+        return None
+    import pwd
+
+    account = pwd.getpwnam(user)
+    for directory in (env.model_dir, env.output_data_dir, env.checkpoint_dir):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            os.chown(directory, account.pw_uid, account.pw_gid)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    os.environ["HOME"] = account.pw_dir
+    return user
