@@ -83,6 +83,8 @@ class JobSpec:
             if not self.role:
                 raise ValueError("aws mode needs --role: the ARN of the IAM role the training job runs as "
                                  "(`python infra/launch.py iam-policy ...` prints the policy it needs)")
+        if self.dry_run and self.mode != "aws":
+            raise ValueError("--dry-run prints a CreateTrainingJob request, so it needs --mode aws")
         if self.instance_count < 1:
             raise ValueError(f"instance_count {self.instance_count}: expected at least 1")
         if self.spot and self.max_wait_s and self.max_wait_s < self.max_run_s:

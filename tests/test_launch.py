@@ -198,6 +198,7 @@ def test_config_file_and_overrides(tmp_path, bucket, capsys):
       "run_name=x"], "use --job-name"),
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
       "--network-isolation"], "network_isolation cuts the container off from S3"),
+    (["--mode", "process", "--dry-run"], "--dry-run prints a CreateTrainingJob request, so it needs --mode aws"),
 ])
 def test_bad_input_is_refused_before_anything_is_submitted(argv, message, capsys):
     before = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
