@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     run = f"{output}/e2e"
     bucket_name, prefix = s3io.parse_uri(run + "/")
     keys = sorted(info.key[len(prefix):] for info in s3io.list_objects(bucket_name, prefix))
+    predictions = [key for key in keys if key.startswith("predictions/")]
+    keys = [key for key in keys if key not in predictions]
     assert keys == ["checkpoints/latest.json", "checkpoints/step-00000030.pt", "checkpoints/step-00000060.pt",
                     "checkpoints/step-00000090.pt", "metrics/metrics.jsonl", "metrics/test_per_case.csv",
                     "model/model.pt", "run.json", "summary.json"]
@@ -79,6 +82,11 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
         assert 0 <= line["data_wait_fraction"] <= 1 and line["patches_per_s"] > 0
 
     rows = list(csv.DictReader(io.StringIO(s3io.read_uri(f"{run}/metrics/test_per_case.csv").decode())))
+    assert predictions == [f"predictions/{row['case_id']}.npz" for row in rows]
+    crop = np.load(io.BytesIO(s3io.read_uri(f"{run}/{predictions[0]}")))
+    assert crop["image"].dtype == np.float16 and crop["image"].shape == crop["mask"].shape == crop["prediction"].shape
+    assert all(a <= b for a, b in zip(crop["image"].shape, (32, 64, 64))) and crop["mask"].any()
+    assert len(s3io.read_uri(f"{run}/{predictions[0]}")) < 300_000
     assert [row["case_id"] for row in rows] == sorted(row["case_id"] for row in rows) and len(rows) == 3
     assert all(row["case_id"].startswith("case_") and 0 <= float(row["dice"]) <= 1 for row in rows)
 

@@ -8,6 +8,7 @@ Layout::
     metrics/metrics.jsonl       one JSON line per epoch
     metrics/test_per_case.csv   final test evaluation, one row per case
     model/model.pt              best weights (and model/encoder.pt for autoencoder runs)
+    predictions/<case>.npz      test cases: image, mask and prediction around the tumour (bounded crop)
     summary.json                headline results
 
 Checkpoints are also mirrored to a local directory (``/opt/ml/checkpoints`` on SageMaker, which
@@ -26,6 +27,8 @@ import logging
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from brainseg import s3io
 
@@ -80,6 +83,11 @@ class RunStore:
             writer.writeheader()
             writer.writerows(rows)
         self.put(relative, buffer.getvalue().encode(), "text/csv")
+
+    def put_npz(self, relative: str, arrays: dict) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        self.put(relative, buffer.getvalue())
 
     def put_metrics(self, history: list[dict]) -> None:
         """Rewrite ``metrics/metrics.jsonl`` with every epoch so far (small: one line per epoch)."""

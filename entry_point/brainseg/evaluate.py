@@ -35,6 +35,7 @@ class CaseResult:
     truth_ml: float = 0.0
     predicted_ml: float = 0.0
     mse: float | None = None
+    crop: dict | None = None  # image/mask/prediction around the tumour, for review overlays
 
     def row(self) -> dict:
         row = {"case_id": self.case_id, "shape": "x".join(map(str, self.shape))}
@@ -68,6 +69,22 @@ def infer(model: torch.nn.Module, image: np.ndarray, hp: Hyperparameters, device
     return output[0].float().cpu()
 
 
+CROP_SHAPE = (32, 64, 64)  # at most 256 KiB of float16 image per case, plus two uint8 labels
+
+
+def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray) -> dict:
+    """A bounded box of image, mask and prediction centred on the tumour (truth, else prediction).
+
+    ``origin`` is the box's ``(z, y, x)`` in the volume; the image is float16 (normalised values).
+    """
+    target = mask if mask.any() else prediction
+    centre = (np.argwhere(target).mean(axis=0) if target.any() else np.asarray(image.shape) / 2).round().astype(int)
+    start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, CROP_SHAPE, image.shape)]
+    box = tuple(slice(a, a + s) for a, s in zip(start, CROP_SHAPE))
+    return {"image": image[box].astype(np.float16), "mask": mask[box].astype(np.uint8),
+            "prediction": prediction[box].astype(np.uint8), "origin": np.asarray(start, dtype=np.int32)}
+
+
 def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
     summary = case.summary
     image = normalize(case.image.read_volume(), hp.normalization, summary.mean, summary.std,
@@ -77,26 +94,25 @@ def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
-                  keep) -> CaseResult:
+                  crops: bool) -> CaseResult:
     if hp.task == "autoencoder":
         masked = drop_blocks(image, np.random.default_rng(case_seed(case.case_id)))
         reconstruction = infer(model, masked, hp, device)[0].numpy()
         mse = float(np.mean((reconstruction - image) ** 2))
         return CaseResult(case.case_id, image.shape, time.perf_counter() - started, mse=mse)
     prediction = infer(model, image, hp, device).argmax(0).numpy().astype(bool)
-    if keep is not None:
-        keep(case, image, mask, prediction)
     voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
     overlap = Overlap.of(prediction, mask)
     return CaseResult(case.case_id, image.shape, time.perf_counter() - started, overlap=overlap,
-                      truth_ml=overlap.truth * voxel_ml, predicted_ml=overlap.predicted * voxel_ml)
+                      truth_ml=overlap.truth * voxel_ml, predicted_ml=overlap.predicted * voxel_ml,
+                      crop=tumour_crop(image, mask, prediction) if crops else None)
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
-             keep=None) -> list[CaseResult]:
+             crops: bool = False) -> list[CaseResult]:
     """Evaluate ``cases`` (this rank's share when distributed); results of all ranks, by case ID.
 
-    ``keep(case, image, mask, prediction)``, if given, sees each segmented volume (e.g. to save crops).
+    With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
@@ -111,7 +127,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
                 started = time.perf_counter()
                 image, mask = upcoming.result()
                 upcoming = reader.submit(_load, mine[number + 1], hp) if number + 1 < len(mine) else None
-                results.append(_evaluate_one(model, case, image, mask, hp, device, started, keep))
+                results.append(_evaluate_one(model, case, image, mask, hp, device, started, crops))
     finally:
         model.train(was_training)
     if distributed:

@@ -417,7 +417,7 @@ class Run:
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
-        results = evaluate(self.model, self.test_cases, hp, self.device) if self.test_cases else []
+        results = evaluate(self.model, self.test_cases, hp, self.device, crops=True) if self.test_cases else []
         scores = aggregate(results)
         summary = {
             "run_name": self.run_name,
@@ -442,6 +442,9 @@ class Run:
                            test_dice_global=scores.get("dice_global"))
         if self.main:
             self.store.put_csv("metrics/test_per_case.csv", [result.row() for result in results])
+            for result in results:
+                if result.crop is not None:
+                    self.store.put_npz(f"predictions/{result.case_id}.npz", result.crop)
             self.store.put_json("summary.json", summary)
             model_dir = Path(self.env.model_dir)
             model_dir.mkdir(parents=True, exist_ok=True)
