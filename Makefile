@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-local-mode image bench clean
+.PHONY: setup demo test test-slow test-local-mode test-browser image bench clean
 
 $(VENV)/.installed: requirements.txt entry_point/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ test: setup
 	$(PY) -m pytest -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -m "slow and not docker"
+	$(PY) -m pytest -m "slow and not docker and not browser"
 
 test-local-mode: setup
 	bash infra/local_mode_ci.sh
+
+test-browser: setup
+	bash infra/browser_ci.sh
 
 image:
 	bash docker/build.sh

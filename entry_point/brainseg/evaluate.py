@@ -72,17 +72,19 @@ def infer(model: torch.nn.Module, image: np.ndarray, hp: Hyperparameters, device
 CROP_SHAPE = (32, 64, 64)  # at most 256 KiB of float16 image per case, plus two uint8 labels
 
 
-def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray) -> dict:
+def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spacing: tuple) -> dict:
     """A bounded box of image, mask and prediction centred on the tumour (truth, else prediction).
 
-    ``origin`` is the box's ``(z, y, x)`` in the volume; the image is float16 (normalised values).
+    ``origin`` is the box's ``(z, y, x)`` in the volume, ``spacing`` its voxel size in mm; the
+    image is float16 (normalised values).
     """
     target = mask if mask.any() else prediction
     centre = (np.argwhere(target).mean(axis=0) if target.any() else np.asarray(image.shape) / 2).round().astype(int)
     start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, CROP_SHAPE, image.shape)]
     box = tuple(slice(a, a + s) for a, s in zip(start, CROP_SHAPE))
     return {"image": image[box].astype(np.float16), "mask": mask[box].astype(np.uint8),
-            "prediction": prediction[box].astype(np.uint8), "origin": np.asarray(start, dtype=np.int32)}
+            "prediction": prediction[box].astype(np.uint8), "origin": np.asarray(start, dtype=np.int32),
+            "spacing": np.asarray(spacing, dtype=np.float32)}
 
 
 def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
@@ -105,7 +107,7 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
     overlap = Overlap.of(prediction, mask)
     return CaseResult(case.case_id, image.shape, time.perf_counter() - started, overlap=overlap,
                       truth_ml=overlap.truth * voxel_ml, predicted_ml=overlap.predicted * voxel_ml,
-                      crop=tumour_crop(image, mask, prediction) if crops else None)
+                      crop=tumour_crop(image, mask, prediction, case.image.spacing) if crops else None)
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
