@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from brainseg import s3io
-from brainseg.config import Hyperparameters, validate_overrides
+from brainseg.config import validate_overrides
 
 MODES = ("process", "local", "aws")
 NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"

@@ -53,14 +53,21 @@ class Run:
         return sorted(self.per_case, key=lambda row: (float(row.get("dice", "nan")), row["case_id"]))
 
 
-def _read_json(uri: str, what: str, problems: list):
+def _fetch(uri: str, what: str, problems: list, missing: str = "missing") -> bytes | None:
+    """An artifact's bytes, or ``None`` with the reason added to ``problems``."""
     try:
         data = s3io.read_uri(uri)
     except s3io.S3Error as err:
         problems.append(f"{what}: unreadable ({err})")
         return None
     if data is None:
-        problems.append(f"{what}: missing")
+        problems.append(f"{what}: {missing}")
+    return data
+
+
+def _read_json(uri: str, what: str, problems: list):
+    data = _fetch(uri, what, problems)
+    if data is None:
         return None
     try:
         return json.loads(data)
@@ -91,15 +98,8 @@ def read_metrics(uri: str, problems: list) -> list[dict]:
 
 
 def read_per_case(uri: str, problems: list) -> list[dict]:
-    try:
-        data = s3io.read_uri(uri)
-    except s3io.S3Error as err:
-        problems.append(f"metrics/test_per_case.csv: unreadable ({err})")
-        return []
-    if data is None:
-        problems.append("metrics/test_per_case.csv: missing (no test evaluation yet)")
-        return []
-    return list(csv.DictReader(io.StringIO(data.decode())))
+    data = _fetch(uri, "metrics/test_per_case.csv", problems, "missing (no test evaluation yet)")
+    return list(csv.DictReader(io.StringIO(data.decode()))) if data is not None else []
 
 
 def load_run(uri: str) -> Run:
@@ -141,14 +141,8 @@ def differing_hyperparameters(runs: list[Run]) -> list[str]:
 
 def load_crop(run: Run, case_id: str) -> dict | None:
     """The prediction crop of one test case, or ``None`` (noted in ``run.problems``)."""
-    relative = f"predictions/{case_id}.npz"
-    try:
-        data = s3io.read_uri(run.uri + relative)
-    except s3io.S3Error as err:
-        run.problems.append(f"{relative}: unreadable ({err})")
-        return None
+    data = _fetch(run.uri + f"predictions/{case_id}.npz", f"predictions/{case_id}.npz", run.problems)
     if data is None:
-        run.problems.append(f"{relative}: missing")
         return None
     with np.load(io.BytesIO(data)) as arrays:
         return {name: arrays[name] for name in arrays.files}

@@ -13,6 +13,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 from botocore.awsrequest import AWSResponse
@@ -48,7 +49,10 @@ def _sdk():
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
     from sagemaker.train.model_trainer import Mode
-    return locals()
+    return SimpleNamespace(Session=Session, CheckpointConfig=CheckpointConfig, Compute=Compute, Networking=Networking,
+                           OutputDataConfig=OutputDataConfig, SourceCode=SourceCode,
+                           StoppingCondition=StoppingCondition, MetricDefinition=MetricDefinition, Tag=Tag,
+                           ModelTrainer=ModelTrainer, Torchrun=Torchrun, Mode=Mode)
 
 
 def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
@@ -72,52 +76,52 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     sdk = _sdk()
     region = boto_session.region_name
     out_bucket, _, out_prefix = spec.output_uri[len("s3://"):].partition("/")
-    session = sdk["Session"](boto_session=boto_session, default_bucket=out_bucket,
+    session = sdk.Session(boto_session=boto_session, default_bucket=out_bucket,
                              default_bucket_prefix=out_prefix.strip("/") or None)
     image, requirements = training_image(spec, region)
     local = spec.mode == "local"
-    compute = sdk["Compute"](
+    compute = sdk.Compute(
         instance_type="local" if local else (spec.instance_type or "ml.g5.xlarge"),
         instance_count=spec.instance_count, volume_size_in_gb=spec.volume_size_gb,
         volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None)
     networking = None
     if spec.subnets or spec.security_group_ids or spec.network_isolation or spec.inter_container_encryption:
-        networking = sdk["Networking"](subnets=list(spec.subnets) or None,
+        networking = sdk.Networking(subnets=list(spec.subnets) or None,
                                        security_group_ids=list(spec.security_group_ids) or None,
                                        enable_network_isolation=spec.network_isolation or None,
                                        enable_inter_container_traffic_encryption=spec.inter_container_encryption or None)
-    stopping = sdk["StoppingCondition"](max_runtime_in_seconds=spec.max_run_s,
+    stopping = sdk.StoppingCondition(max_runtime_in_seconds=spec.max_run_s,
                                         max_wait_time_in_seconds=spec.max_wait if spec.spot else None)
     distributed = None
     if spec.instance_count > 1 or spec.processes_per_host > 1:
-        distributed = sdk["Torchrun"](process_count_per_node=spec.processes_per_host or None)
-    trainer = sdk["ModelTrainer"](
-        training_mode=sdk["Mode"].LOCAL_CONTAINER if local else sdk["Mode"].SAGEMAKER_TRAINING_JOB,
+        distributed = sdk.Torchrun(process_count_per_node=spec.processes_per_host or None)
+    trainer = sdk.ModelTrainer(
+        training_mode=sdk.Mode.LOCAL_CONTAINER if local else sdk.Mode.SAGEMAKER_TRAINING_JOB,
         sagemaker_session=session,
         role=spec.role or None,
         base_job_name=spec.base_job_name(),
         training_image=image,
-        source_code=sdk["SourceCode"](source_dir=str(SOURCE_DIR), entry_script="train.py",
+        source_code=sdk.SourceCode(source_dir=str(SOURCE_DIR), entry_script="train.py",
                                       requirements=requirements,
                                       ignore_patterns=[".env", ".git", "__pycache__", ".pytest_cache"]),
         compute=compute,
         networking=networking,
         stopping_condition=stopping,
         distributed=distributed,
-        output_data_config=sdk["OutputDataConfig"](s3_output_path=spec.output_uri.rstrip("/") + "/",
+        output_data_config=sdk.OutputDataConfig(s3_output_path=spec.output_uri.rstrip("/") + "/",
                                                    kms_key_id=spec.output_kms_key or None),
         hyperparameters=spec.training_hyperparameters(),
         environment=dict(environment or {}),
-        tags=[sdk["Tag"](key=k, value=str(v)) for k, v in spec.tags.items()] or None,
+        tags=[sdk.Tag(key=k, value=str(v)) for k, v in spec.tags.items()] or None,
         **({"local_container_root": local_root} if local_root else {}),
     )
-    trainer = trainer.with_metric_definitions([sdk["MetricDefinition"](name=d["Name"], regex=d["Regex"])
+    trainer = trainer.with_metric_definitions([sdk.MetricDefinition(name=d["Name"], regex=d["Regex"])
                                                for d in METRIC_DEFINITIONS])
     if not local:
         # SageMaker syncs /opt/ml/checkpoints with <output>/<base name>/<job>/checkpoints (the SDK's
         # per-job default under our default bucket and prefix) across spot interruptions; train.py
         # also writes its own under <output>/<job>/checkpoints/ and resumes from the newer.
-        trainer = trainer.with_checkpoint_config(sdk["CheckpointConfig"](local_path="/opt/ml/checkpoints"))
+        trainer = trainer.with_checkpoint_config(sdk.CheckpointConfig(local_path="/opt/ml/checkpoints"))
     return trainer
 
 

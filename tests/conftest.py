@@ -81,3 +81,13 @@ def put_case(root: str, case_id: str, image: np.ndarray, mask: np.ndarray, *,
                     else writer.slice_datasets(volume, series_spec))
         out[folder] = put_series(base, folder, datasets, transfer_syntax)
     return out
+
+
+def synthetic_dataset(name: str, cases: int, shape=(32, 64, 64)) -> str:
+    """A new bucket ``<name>-<pid>`` holding ``cases`` synthetic cases under ``ds/``; returns the URI."""
+    from infra.synth import SynthSpec, write_dataset
+
+    bucket = f"{name}-{os.getpid()}"
+    s3io.client().create_bucket(Bucket=bucket)
+    write_dataset(cases, f"s3://{bucket}/ds/", SynthSpec(shape=shape))
+    return f"s3://{bucket}/ds/"

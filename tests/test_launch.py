@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from brainseg import s3io
 from brainseg.config import parse_hyperparameters
 from infra import launch, process_job, sagemaker_job
 from infra.jobspec import METRIC_DEFINITIONS, build_spec, iam_policy, parse_overrides, sagemaker_cli_args
-from infra.synth import SynthSpec, write_dataset
+from tests.conftest import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
@@ -32,10 +31,7 @@ def sdk_environment(monkeypatch):
 
 @pytest.fixture(scope="module")
 def dataset() -> str:
-    name = f"launch-data-{os.getpid()}"
-    s3io.client().create_bucket(Bucket=name)
-    write_dataset(8, f"s3://{name}/ds/", SynthSpec(shape=(32, 64, 64)))
-    return f"s3://{name}/ds/"
+    return synthetic_dataset("launch-data", 8)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import train
 from brainseg import s3io
 from infra import review
 from infra.runs import list_runs, load_run, read_metrics
-from infra.synth import SynthSpec, write_dataset
+from tests.conftest import synthetic_dataset
 
 TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1", "--epochs", "2",
         "--steps-per-epoch", "3", "--num-workers", "0", "--warmup-steps", "2", "--log-every", "1000"]
@@ -27,10 +27,8 @@ TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1",
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> str:
     """Two finished runs that differ in lr, one still running (torn metrics line), one failed."""
-    bucket = f"review-{os.getpid()}"
-    s3io.client().create_bucket(Bucket=bucket)
-    dataset, output = f"s3://{bucket}/ds/", f"s3://{bucket}/runs"
-    write_dataset(8, dataset, SynthSpec(shape=(32, 64, 64)))
+    dataset = synthetic_dataset("review", 8)
+    output = dataset.replace("/ds/", "/runs")
     os.environ["SM_MODEL_DIR"] = str(tmp_path_factory.mktemp("model"))
     try:
         for name, lr in (("fast", "0.003"), ("slow", "0.001")):

@@ -22,7 +22,7 @@ import train
 from brainseg import s3io
 from brainseg.config import Hyperparameters
 from brainseg.models import build_model, is_encoder_parameter
-from infra.synth import SynthSpec, write_dataset
+from tests.conftest import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--batch-size", "2", "--num-workers", "0",
@@ -34,10 +34,7 @@ METRIC_LINE = re.compile(r"epoch=(\d+) train_loss=([0-9.]+) val_dice=([0-9.]+) v
 @pytest.fixture(scope="module")
 def dataset() -> str:
     """10 synthetic cases of 32x64x64 (5 train, 2 val, 3 test)."""
-    name = f"train-data-{os.getpid()}"
-    s3io.client().create_bucket(Bucket=name)
-    write_dataset(10, f"s3://{name}/ds/", SynthSpec(shape=(32, 64, 64)))
-    return f"s3://{name}/ds/"
+    return synthetic_dataset("train-data", 10)
 
 
 def _args(dataset: str, output: str, run: str, *extra: str) -> list[str]:
