@@ -7,6 +7,7 @@ best case, image/mask/prediction overlays on three orthogonal slices through the
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Template  # noqa: E402
 
-from infra.runs import Run, differing_hyperparameters, load_crop  # noqa: E402
+from infra.runs import Run, differing_hyperparameters  # noqa: E402
 
 DPI = 100
 TEMPLATE = Template("""<!doctype html>
@@ -32,10 +33,11 @@ th { background: #eee; } td.name { text-align: left; }
 <body>
 <h1>Training runs</h1>
 <table>
-<tr><th>run</th><th>started</th><th>status</th><th>epochs</th><th>best val Dice</th><th>test Dice mean</th><th>test Dice median</th>
+{% if differing %}<tr><th colspan="8"></th><th colspan="{{ differing|length }}">hyperparameters that differ</th></tr>{% endif %}
+<tr><th>run</th><th>started</th><th>status</th><th>last write</th><th>epochs done</th><th>best val Dice</th><th>test Dice mean</th><th>test Dice median</th>
 {% for name in differing %}<th>{{ name }}</th>{% endfor %}</tr>
 {% for run in runs %}<tr><td class="name">{{ run.name }}</td><td>{{ run.started_text }}</td><td>{{ run.status }}</td>
-<td>{{ run.metrics|length }}</td><td>{{ fmt(run.best_val_dice) }}</td><td>{{ fmt(run.test_dice) }}</td>
+<td>{{ run.updated_text }}</td><td>{{ run.metrics|length }}</td><td>{{ fmt(run.best_val_dice) }}</td><td>{{ fmt(run.test_dice) }}</td>
 <td>{{ fmt((run.summary or {}).get("test_dice_median")) }}</td>
 {% for name in differing %}<td>{{ run.hyperparameters.get(name) }}</td>{% endfor %}</tr>
 {% endfor %}</table>
@@ -63,15 +65,20 @@ window.addEventListener("load", () => {
 
 
 def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.4f}"
+    if value is None:
+        return "–"
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def text_summary(runs: list[Run]) -> str:
     """What the report says, for a terminal: one line per run, differing settings, worst cases."""
     differing = differing_hyperparameters(runs)
-    lines = [f"{'run':34} {'started':20} {'status':12} {'epochs':>6} {'best val Dice':>13} {'test Dice':>9}"]
+    now = time.time()
+    lines = [f"{'run':34} {'started':20} {'status':12} {'last write':12} {'epochs':>6} {'best val Dice':>13} "
+             f"{'test Dice':>9}"]
     for run in runs:
-        lines.append(f"{run.name:34} {run.started_text:20} {run.status:12} {len(run.metrics):6d} "
+        lines.append(f"{run.name:34} {run.started_text:20} {run.status:12} {run.updated_ago(now):12} "
+                     f"{len(run.metrics):6d} "
                      f"{_fmt(run.best_val_dice):>13} {_fmt(run.test_dice):>9}")
     if len(runs) > 1:
         lines.append("hyperparameters that differ (in run order):" + ("" if differing else " none"))
@@ -114,7 +121,8 @@ def curve_figures(runs: list[Run], out: Path) -> list[dict]:
             axis.grid(alpha=0.3)
             if key == "lr":
                 axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        axes[0][0].legend(fontsize=8)
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=8)
         _save(figure, out / file)
         figures.append({"file": file, "alt": alt})
     return figures
@@ -150,7 +158,7 @@ def overlay_figures(runs: list[Run], out: Path) -> dict:
         ordered = run.cases_worst_first()
         picks = [("worst", ordered[0]), ("best", ordered[-1])] if ordered else []
         for label, row in picks[:1] if len(ordered) == 1 else picks:
-            crop = load_crop(run, row["case_id"])
+            crop = run.load_crop(row["case_id"])
             if crop is None:
                 continue
             file = f"overlay_{run.name}_{label}.png"

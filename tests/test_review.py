@@ -10,14 +10,17 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import matplotlib.image
+import numpy as np
 import pytest
 
 import train
 from brainseg import s3io
 from infra import review
-from infra.runs import list_runs, load_run, read_metrics
+from infra.runs import MetricsTail, list_runs, load_run
 from tests.conftest import synthetic_dataset
 
 TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1", "--epochs", "2",
@@ -55,18 +58,91 @@ def test_listing_shows_every_run_with_status_scores_and_differences(runs, capsys
     fast = load_run(f"{runs}/fast")
     assert f"{fast.best_val_dice:.4f}" in rows["fast"] and f"{fast.test_dice:.4f}" in rows["fast"]
     assert re.search(r"^  lr: .*0\.003.*0\.001", out, re.M)
-    assert "going: metrics/metrics.jsonl: line 2 is incomplete or malformed; skipped" in out
+    assert "going: metrics/metrics.jsonl: line 2 is incomplete (still being written?); skipped" in out
     assert "broken: failed: TrainingError: no usable training cases" in out
     assert "broken: metrics/metrics.jsonl: missing" in out
 
 
-def test_a_running_jobs_metrics_are_read_as_they_grow(runs):
-    uri = f"{runs}/going/metrics/metrics.jsonl"
-    problems = []
-    assert [line["epoch"] for line in read_metrics(uri, problems)] == [1] and problems
-    s3io.put_bytes(uri, b'{"epoch": 1, "val_dice": 0.1}\n{"epoch": 2, "val_dice": 0.3}\n{"epoch": 3, "val_dice": 0.4}\n')
-    problems = []
-    assert [line["epoch"] for line in read_metrics(uri, problems)] == [1, 2, 3] and not problems
+def test_metrics_are_read_incrementally_as_they_grow(runs):
+    uri = f"{runs}/growing/metrics/metrics.jsonl"
+    epochs = [json.dumps({"epoch": n, "step": 40 * n, "train_loss": 1 / n, "val_dice": 0.1 * n}) + "\n"
+              for n in range(1, 31)]
+    tail = MetricsTail(uri)
+    assert tail.poll() == [] and tail.problems == ["metrics/metrics.jsonl: missing (no epoch finished yet?)"]
+    s3io.put_bytes(uri, "".join(epochs[:20]).encode() + epochs[20][:15].encode())
+    assert [line["epoch"] for line in tail.poll()] == list(range(1, 21))
+    assert tail.problems == ["metrics/metrics.jsonl: line 21 is incomplete (still being written?); skipped"]
+    s3io.put_bytes(uri, "".join(epochs).encode())
+    s3io.reset_stats()
+    assert [line["epoch"] for line in tail.poll()] == list(range(21, 31)) and not tail.problems
+    new_bytes = len("".join(epochs[20:]))
+    assert new_bytes < s3io.stats()["bytes_received"] <= new_bytes + MetricsTail.OVERLAP  # only the tail
+    s3io.reset_stats()
+    assert tail.poll() == [] and s3io.stats()["bytes_received"] <= MetricsTail.OVERLAP
+    assert [line["epoch"] for line in tail.lines] == list(range(1, 31)) and tail.rewrites == 0
+
+    # a resumed job rewrites the file from an older checkpoint's history: read again from the start
+    resumed = epochs[:12] + [json.dumps({"epoch": 13, "step": 520, "train_loss": 0.5}) + "\n", "not json\n"]
+    s3io.put_bytes(uri, "".join(resumed).encode())
+    assert [line["epoch"] for line in tail.poll()] == list(range(1, 14)) and tail.rewrites == 1
+    assert tail.lines[-1]["train_loss"] == 0.5
+    assert tail.problems == ["metrics/metrics.jsonl: line 14 is not an epoch record; skipped"]
+
+
+def test_follow_prints_epochs_as_a_job_writes_them_until_it_finishes(runs, tmp_path, capsys):
+    live = f"{runs}/live"
+    lines = [json.dumps({"epoch": n, "step": 10 * n, "train_loss": 1.0 / n, "val_dice": 0.2 * n, "lr": 1e-3,
+                         "patches_per_s": 9.5, "data_wait_fraction": 0.05}) + "\n" for n in (1, 2, 3)]
+    s3io.put_bytes(f"{live}/run.json", json.dumps({"status": "running", "started": 1.9e9}).encode())
+    s3io.put_bytes(f"{live}/metrics/metrics.jsonl", lines[0].encode())
+
+    def job():
+        time.sleep(0.5)
+        s3io.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines[:2]).encode())
+        time.sleep(0.5)
+        s3io.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines).encode())
+        s3io.put_bytes(f"{live}/summary.json", json.dumps({"best_val_dice": 0.6, "test_dice_mean": 0.55}).encode())
+        s3io.put_bytes(f"{live}/metrics/test_per_case.csv", b"case_id,dice,iou\ncase_000,0.55,0.4\n")
+        s3io.put_bytes(f"{live}/run.json", json.dumps({"status": "finished", "started": 1.9e9}).encode())
+
+    writer = threading.Thread(target=job)
+    writer.start()
+    try:
+        assert review.main([live, "--follow", "--interval", "0.2", "--report", str(tmp_path)]) == 0
+    finally:
+        writer.join()
+    out = capsys.readouterr().out
+    printed = [line for line in out.splitlines() if line.startswith("live: epoch")]
+    assert printed == ["live: epoch 1  step 10  train loss 1.0000  val Dice 0.2000  lr 1.00e-03  patches/s 9.5  "
+                       "data wait 5.0%", *printed[1:]] and [line.split()[2] for line in printed] == ["1", "2", "3"]
+    assert "live: finished" in out
+    row = next(line for line in out.splitlines() if line.startswith("live "))
+    assert " finished " in row and " 0.6000 " in row and row.endswith("0.5500")
+    assert (tmp_path / "index.html").exists()
+
+
+def test_damaged_artifacts_are_reported_and_the_rest_reviewed(runs, tmp_path, capsys):
+    damaged = f"{runs}/damaged"
+    s3io.put_bytes(f"{damaged}/run.json", json.dumps({"status": "finished", "started": 1.6e9,
+                                                      "hyperparameters": ["not", "a", "mapping"]}).encode())
+    s3io.put_bytes(f"{damaged}/summary.json", b'{"best_val_dice": 0.7, "test_dice_mean": ')
+    s3io.put_bytes(f"{damaged}/metrics/metrics.jsonl", b'{"epoch": 1, "val_dice": 0.7}\n')
+    s3io.put_bytes(f"{damaged}/metrics/test_per_case.csv",
+                   b"case_id,dice,iou\ncase_001,0.31,0.2\ncase_002,,\ncase_003,0.9,0.8\n")
+    s3io.put_bytes(f"{damaged}/predictions/case_001.npz", b"PK\x03\x04 truncated upload")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, image=np.zeros((4, 4, 4)), mask=np.zeros((4, 4)))
+    s3io.put_bytes(f"{damaged}/predictions/case_003.npz", buffer.getvalue())
+    assert review.main([damaged, "--report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "damaged: summary.json: not valid JSON" in out
+    assert "damaged: run.json: hyperparameters should be a JSON object, found list" in out
+    assert "damaged: metrics/test_per_case.csv: line 3 has no case_id or no numeric dice; skipped" in out
+    assert "damaged: worst test cases: case_001 (Dice 0.310), case_003 (Dice 0.900)" in out
+    page = (tmp_path / "index.html").read_text()
+    assert "damaged: predictions/case_001.npz: not a readable .npz (BadZipFile" in page
+    assert "damaged: predictions/case_003.npz: expected 3-D arrays image, mask, prediction of one shape" in page
+    assert "overlay_damaged" not in page and "curves.png" in page
 
 
 def test_report_has_curves_tables_and_overlays(runs, tmp_path, capsys):

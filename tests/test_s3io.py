@@ -53,6 +53,26 @@ def test_missing_key_names_bucket_and_key(bucket):
     assert s3io.read_uri(f"s3://{bucket}/absent.dcm") is None
 
 
+def test_read_from_an_offset_tells_nothing_new_from_rewritten_shorter(bucket):
+    uri = f"s3://{bucket}/growing.jsonl"
+    assert s3io.read_from(uri) is None
+    s3io.put_bytes(uri, b"0123456789")
+    whole = s3io.read_from(uri)
+    assert (whole.data, whole.size) == (b"0123456789", 10) and whole.modified > 0
+    s3io.reset_stats()
+    tail = s3io.read_from(uri, 6)
+    assert (tail.data, tail.size) == (b"6789", 10) and s3io.stats()["bytes_received"] == 4
+    at_end = s3io.read_from(uri, 10)
+    assert (at_end.data, at_end.size) == (b"", 10)
+    s3io.put_bytes(uri, b"abc")
+    shorter = s3io.read_from(uri, 6)
+    assert (shorter.data, shorter.size) == (b"", 3)
+    s3io.put_bytes(uri, b"")
+    assert s3io.read_from(uri).data == b""
+    with pytest.raises(ValueError, match="negative offset -1"):
+        s3io.read_from(uri, -1)
+
+
 def _read_in_child(bucket, queue):
     data = s3io.get_range(bucket, "blob", 0, 3)
     queue.put((data, s3io.stats()["get_requests"]))

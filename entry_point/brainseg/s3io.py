@@ -234,6 +234,49 @@ def read_uri(uri: str) -> bytes | None:
         raise
 
 
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """Bytes from an offset to the end of an object, with the object's size and last-modified time."""
+
+    data: bytes
+    size: int
+    modified: float
+
+
+def read_from(uri: str, start: int = 0) -> Tail | None:
+    """An object's bytes from ``start`` to its end in one GET (a ranged GET when ``start`` > 0),
+    or ``None`` when it does not exist. An object no longer than ``start`` gives empty ``data``
+    and its current size, so a reader tailing a growing file can tell "nothing new" from "rewritten
+    shorter"."""
+    if start < 0:
+        raise ValueError(f"cannot read {uri} from negative offset {start}")
+    bucket, key = parse_uri(uri)
+    ranged = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        response = client().get_object(Bucket=bucket, Key=key, **ranged)
+        data = response["Body"].read()
+    except botocore.exceptions.ClientError as err:
+        _count(get_requests=1)
+        code = _error_code(err)
+        if code in _MISSING_CODES:
+            return None
+        if code not in ("InvalidRange", "416"):
+            raise _wrap(err, f"GET from byte {start} of", bucket, key) from err
+        try:
+            head = client().head_object(Bucket=bucket, Key=key)
+        except _BOTO_ERRORS as head_err:
+            if _error_code(head_err) in _MISSING_CODES:
+                return None
+            raise _wrap(head_err, "HEAD", bucket, key) from head_err
+        return Tail(b"", int(head["ContentLength"]), head["LastModified"].timestamp())
+    except botocore.exceptions.BotoCoreError as err:
+        raise _wrap(err, f"GET from byte {start} of", bucket, key) from err
+    _count(get_requests=1, bytes_received=len(data))
+    content_range = response.get("ContentRange", "")
+    size = int(content_range.rsplit("/", 1)[-1]) if content_range[-1:].isdigit() else start + len(data)
+    return Tail(data, size, response["LastModified"].timestamp())
+
+
 def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
     """Every object under ``prefix``, paginated."""
     paginator = client().get_paginator("list_objects_v2")
