@@ -34,6 +34,7 @@ image:
 bench: setup
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/review.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results
