@@ -31,6 +31,21 @@ def s3_server():
             os.environ[name] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sagemaker_dirs(tmp_path_factory):
+    """Model and output folders of in-process training runs go to a temporary folder, never into
+    the checkout (train.py's local defaults are ./model and ./output)."""
+    saved = {name: os.environ.get(name) for name in ("SM_MODEL_DIR", "SM_OUTPUT_DATA_DIR")}
+    os.environ["SM_MODEL_DIR"] = str(tmp_path_factory.mktemp("sm-model"))
+    os.environ["SM_OUTPUT_DATA_DIR"] = str(tmp_path_factory.mktemp("sm-output"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def bucket() -> str:
     """A new, empty bucket."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,16 +27,12 @@ TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> str:
+def runs() -> str:
     """Two finished runs that differ in lr, one still running (torn metrics line), one failed."""
     dataset = synthetic_dataset("review", 8)
     output = dataset.replace("/ds/", "/runs")
-    os.environ["SM_MODEL_DIR"] = str(tmp_path_factory.mktemp("model"))
-    try:
-        for name, lr in (("fast", "0.003"), ("slow", "0.001")):
-            assert train.main(["--data-uri", dataset, "--output-uri", output, "--run-name", name, "--lr", lr, *TINY]) == 0
-    finally:
-        os.environ.pop("SM_MODEL_DIR")
+    for name, lr in (("fast", "0.003"), ("slow", "0.001")):
+        assert train.main(["--data-uri", dataset, "--output-uri", output, "--run-name", name, "--lr", lr, *TINY]) == 0
     s3io.put_bytes(f"{output}/going/run.json", json.dumps(
         {"status": "running", "started": 1.8e9, "hyperparameters": {"lr": 0.01}}).encode())
     s3io.put_bytes(f"{output}/going/metrics/metrics.jsonl",
