@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Template  # noqa: E402
 
+from brainseg.metrics import tumour_centre  # noqa: E402
 from infra.runs import Run, differing_hyperparameters  # noqa: E402
 
 DPI = 100
@@ -132,8 +133,7 @@ def overlay_figure(crop: dict, title: str, path: Path) -> None:
     """Axial, coronal and sagittal slices through the tumour centre: image in grey, true tumour
     outlined in green, prediction filled in red."""
     image, mask, prediction = (crop[name].astype(np.float32) for name in ("image", "mask", "prediction"))
-    target = mask if mask.any() else prediction
-    centre = (np.argwhere(target > 0).mean(axis=0) if target.any() else np.asarray(image.shape) / 2).astype(int)
+    centre = tumour_centre(mask, prediction)
     dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
     views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
              ("coronal", (slice(None), centre[1], slice(None)), dz / dx),

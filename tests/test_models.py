@@ -9,7 +9,7 @@ from monai.metrics import DiceMetric, compute_iou
 
 from brainseg.config import Hyperparameters
 from brainseg.losses import build_loss
-from brainseg.metrics import Overlap
+from brainseg.metrics import Overlap, tumour_centre
 from brainseg.models import build_model, encoder_state, freeze_encoder, is_encoder_parameter, load_matching
 from brainseg.optim import build_optimizer, build_scheduler
 
@@ -121,3 +121,12 @@ def test_empty_prediction_and_truth_is_a_perfect_case():
     assert Overlap.of(empty, empty).dice == 1.0 and Overlap.of(empty, empty).iou == 1.0
     full = ~empty
     assert Overlap.of(full, empty).dice == 0.0
+
+
+def test_tumour_centre_prefers_truth_then_prediction_then_the_middle():
+    truth, prediction = np.zeros((8, 10, 12), dtype=bool), np.zeros((8, 10, 12), dtype=np.uint8)
+    assert tumour_centre(truth, prediction).tolist() == [4, 5, 6]
+    prediction[1, 2, 3] = 1
+    assert tumour_centre(truth, prediction).tolist() == [1, 2, 3]
+    truth[6, 7, 8:11] = True
+    assert tumour_centre(truth, prediction).tolist() == [6, 7, 9]

@@ -20,7 +20,7 @@ from monai.inferers import sliding_window_inference
 from brainseg.augment import normalize
 from brainseg.catalog import Case
 from brainseg.config import Hyperparameters
-from brainseg.metrics import Overlap
+from brainseg.metrics import Overlap, tumour_centre
 from brainseg.pretext import drop_blocks
 
 
@@ -78,8 +78,7 @@ def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spa
     ``origin`` is the box's ``(z, y, x)`` in the volume, ``spacing`` its voxel size in mm; the
     image is float16 (normalised values).
     """
-    target = mask if mask.any() else prediction
-    centre = (np.argwhere(target).mean(axis=0) if target.any() else np.asarray(image.shape) / 2).round().astype(int)
+    centre = tumour_centre(mask, prediction)
     start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, CROP_SHAPE, image.shape)]
     box = tuple(slice(a, a + s) for a, s in zip(start, CROP_SHAPE))
     return {"image": image[box].astype(np.float16), "mask": mask[box].astype(np.uint8),

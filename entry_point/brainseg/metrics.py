@@ -1,7 +1,8 @@
 """Overlap metrics from voxel counts, so per-case and whole-set figures come from the same numbers.
 
 Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G|; when both prediction and truth are empty
-the case is a perfect 1.0 (nothing to find, nothing found).
+the case is a perfect 1.0 (nothing to find, nothing found). :func:`tumour_centre` locates the
+tumour the same way for the saved prediction crops and the review's overlays.
 """
 
 from __future__ import annotations
@@ -40,3 +41,11 @@ class Overlap:
     def iou(self) -> float:
         union = self.predicted + self.truth - self.intersection
         return 1.0 if union == 0 else self.intersection / union
+
+
+def tumour_centre(mask: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """The ``(z, y, x)`` voxel at the centre of the true tumour, else of the predicted one, else of
+    the volume."""
+    target = mask if mask.any() else prediction
+    points = np.argwhere(target > 0)
+    return (points.mean(axis=0) if len(points) else np.asarray(mask.shape) / 2).round().astype(int)
