@@ -40,13 +40,12 @@ class MetricsTail:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.lines: list[dict] = []
         self.modified: float | None = None
         self.rewrites = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.lines = []
+        self.lines: list[dict] = []
         self.offset = 0  # end of the last complete line read
         self.line_count = 0
         self.malformed: list[int] = []

@@ -225,13 +225,8 @@ def get_object(bucket: str, key: str) -> bytes:
 
 def read_uri(uri: str) -> bytes | None:
     """A whole object named by URI, or ``None`` when it does not exist."""
-    bucket, key = parse_uri(uri)
-    try:
-        return get_object(bucket, key)
-    except S3Error as err:
-        if _error_code(err.__cause__) in _MISSING_CODES:
-            return None
-        raise
+    tail = read_from(uri)
+    return None if tail is None else tail.data
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +247,7 @@ def read_from(uri: str, start: int = 0) -> Tail | None:
         raise ValueError(f"cannot read {uri} from negative offset {start}")
     bucket, key = parse_uri(uri)
     ranged = {"Range": f"bytes={start}-"} if start else {}
+    action = f"GET from byte {start} of" if start else "GET"
     try:
         response = client().get_object(Bucket=bucket, Key=key, **ranged)
         data = response["Body"].read()
@@ -261,7 +257,7 @@ def read_from(uri: str, start: int = 0) -> Tail | None:
         if code in _MISSING_CODES:
             return None
         if code not in ("InvalidRange", "416"):
-            raise _wrap(err, f"GET from byte {start} of", bucket, key) from err
+            raise _wrap(err, action, bucket, key) from err
         try:
             head = client().head_object(Bucket=bucket, Key=key)
         except _BOTO_ERRORS as head_err:
@@ -270,7 +266,7 @@ def read_from(uri: str, start: int = 0) -> Tail | None:
             raise _wrap(head_err, "HEAD", bucket, key) from head_err
         return Tail(b"", int(head["ContentLength"]), head["LastModified"].timestamp())
     except botocore.exceptions.BotoCoreError as err:
-        raise _wrap(err, f"GET from byte {start} of", bucket, key) from err
+        raise _wrap(err, action, bucket, key) from err
     _count(get_requests=1, bytes_received=len(data))
     content_range = response.get("ContentRange", "")
     size = int(content_range.rsplit("/", 1)[-1]) if content_range[-1:].isdigit() else start + len(data)
