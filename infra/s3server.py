@@ -1,7 +1,8 @@
 """An embedded S3 for tests, benchmarks and local runs: a moto server in its own process.
 
 It is real HTTP on a real port, so ranged GETs, retries and forked DataLoader workers behave as
-they do against S3. ``--latency-ms`` delays every request, to model S3's per-request latency.
+they do against S3. ``--latency-ms`` delays every request, to model S3's per-request latency, and
+faults (throttling, resets, short bodies; :mod:`infra.faults`) can be switched on while it runs.
 
     python infra/s3server.py --port 9000 --latency-ms 20
 """
@@ -9,7 +10,6 @@ they do against S3. ``--latency-ms`` delays every request, to model S3's per-req
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import socket
 import subprocess
@@ -23,6 +23,10 @@ from pathlib import Path
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
+if __package__ in (None, ""):  # run as a script: python infra/s3server.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from infra.faults import FaultInjector, Faults  # noqa: E402
+
 START_TIMEOUT_S = 30.0
 
 
@@ -34,36 +38,13 @@ def _latency_middleware(app, latency_s: float):
     return delayed
 
 
-def _truncating_middleware(app, every: int):
-    """Cut the body of every ``every``-th ranged GET in half (a misbehaving proxy), for tests."""
-    counter = itertools.count(1)
-
-    def truncating(environ, start_response):
-        if environ.get("REQUEST_METHOD") != "GET" or "HTTP_RANGE" not in environ or next(counter) % every:
-            return app(environ, start_response)
-        captured = {}
-
-        def capture(status, headers, exc_info=None):
-            captured["status"], captured["headers"] = status, headers
-            return lambda data: None
-
-        body = b"".join(app(environ, capture))
-        short = body[: len(body) // 2]
-        headers = [(k, str(len(short)) if k.lower() == "content-length" else v) for k, v in captured["headers"]]
-        start_response(captured["status"], headers)
-        return [short]
-
-    return truncating
-
-
-def serve(host: str, port: int, latency_ms: float, truncate_every: int = 0) -> None:
+def serve(host: str, port: int, latency_ms: float, seed: int = 0) -> None:
     """Serve S3 on ``host:port`` until killed."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)  # no line per request, none per injected reset
     app = DomainDispatcherApplication(create_backend_app)
     if latency_ms > 0:
         app = _latency_middleware(app, latency_ms / 1000.0)
-    if truncate_every > 0:
-        app = _truncating_middleware(app, truncate_every)
+    app = FaultInjector(app, seed)
     server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
     server.serve_forever()
 
@@ -81,12 +62,11 @@ class EmbeddedS3:
         endpoint_url: ``http://127.0.0.1:PORT`` for clients on this machine.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
-                 truncate_every: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0, seed: int = 0):
         self.host = host
         self.port = port or free_port(host)
         self.latency_ms = latency_ms
-        self.truncate_every = truncate_every
+        self.seed = seed
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
         self._log = None
@@ -96,10 +76,15 @@ class EmbeddedS3:
         return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "embedded",
                 "AWS_SECRET_ACCESS_KEY": "embedded", "AWS_DEFAULT_REGION": "us-east-1"}
 
+    @property
+    def faults(self) -> Faults:
+        """The server's fault rules (see :mod:`infra.faults`)."""
+        return Faults(self.endpoint_url)
+
     def start(self) -> "EmbeddedS3":
         command = [sys.executable, str(Path(__file__).resolve()), "--host", self.host,
                    "--port", str(self.port), "--latency-ms", str(self.latency_ms),
-                   "--truncate-every", str(self.truncate_every)]
+                   "--seed", str(self.seed)]
         # A file, not a pipe: a pipe nobody drains fills up and blocks the server.
         self._log = tempfile.TemporaryFile()
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -144,10 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every request")
-    parser.add_argument("--truncate-every", type=int, default=0,
-                        help="testing only: cut every Nth ranged GET body in half")
+    parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults (infra.faults)")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.latency_ms, args.truncate_every)
+    serve(args.host, args.port, args.latency_ms, args.seed)
 
 
 if __name__ == "__main__":

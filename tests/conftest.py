@@ -31,6 +31,13 @@ def s3_server():
             os.environ[name] = value
 
 
+@pytest.fixture
+def faults(s3_server):
+    """The session server's fault rules (infra.faults), cleared after the test."""
+    with s3_server.faults as rules:
+        yield rules
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sagemaker_dirs(tmp_path_factory):
     """Model and output folders of in-process training runs go to a temporary folder, never into

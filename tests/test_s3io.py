@@ -1,4 +1,5 @@
-"""S3 I/O against real HTTP: counters, retries of short bodies, errors naming bucket and key, fork safety."""
+"""S3 I/O against real HTTP: counters, every read retried through injected faults, conditional writes,
+errors naming bucket and key, fork safety."""
 
 import multiprocessing
 import os
@@ -6,7 +7,6 @@ import os
 import pytest
 
 from brainseg import s3io
-from infra.s3server import EmbeddedS3
 
 
 def test_counters_follow_requests_and_bytes(bucket):
@@ -21,24 +21,79 @@ def test_counters_follow_requests_and_bytes(bucket):
     assert s3io.stats()["get_requests"] == 0
 
 
-def test_short_bodies_are_retried():
-    saved = os.environ["AWS_ENDPOINT_URL"]
-    with EmbeddedS3(truncate_every=2) as faulty:
-        os.environ["AWS_ENDPOINT_URL"] = faulty.endpoint_url
-        s3io.reset_client()
-        try:
-            s3io.client().create_bucket(Bucket="faulty")
-            data = os.urandom(50_000)
-            s3io.put_bytes("s3://faulty/blob", data)
-            s3io.reset_stats()
-            for start in range(0, 50_000, 5_000):
-                assert s3io.get_range("faulty", "blob", start, start + 5_000) == data[start:start + 5_000]
-            stats = s3io.stats()
-            assert stats["range_retries"] >= 5
-            assert stats["get_requests"] == 10 + stats["range_retries"]
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = saved
-            s3io.reset_client()
+FAULTS = ["slowdown", "error500", "reset", "cut", "short", "short-checksum"]
+READS = {
+    "get_range": lambda uri, data: s3io.get_range(*s3io.parse_uri(uri), 1000, 41000) == data[1000:41000],
+    "read_uri": lambda uri, data: s3io.read_uri(uri) == data,
+    "read_from": lambda uri, data: s3io.read_from(uri, 7).data == data[7:],
+    "read_lines": lambda uri, data: b"\n".join(s3io.read_lines(uri)) == data,
+}
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+@pytest.mark.parametrize("fault", FAULTS)
+def test_every_read_survives_every_transient_fault(bucket, faults, fault, read):
+    data = b"\n".join(b"%06d " % n + os.urandom(40).hex().encode() for n in range(2000))
+    uri = f"s3://{bucket}/blob"
+    s3io.put_bytes(uri, data)
+    faults.set({"fault": fault, "method": "GET", "key": "/blob$", "times": 2})
+    s3io.reset_stats()
+    assert READS[read](uri, data)
+    assert faults.injected() == 2
+    if fault not in ("slowdown", "error500", "reset"):  # those botocore retries itself
+        assert s3io.stats()["retries"] == 2
+
+
+def test_a_stream_that_breaks_resumes_where_it_stopped(bucket, faults, monkeypatch):
+    monkeypatch.setattr(s3io, "STREAM_CHUNK_BYTES", 64 * 1024)
+    lines = [b"%07d" % n * 20 for n in range(40_000)]  # 5.6 MB
+    uri = f"s3://{bucket}/index.jsonl"
+    s3io.put_bytes(uri, b"\n".join(lines) + b"\n")
+    faults.set({"fault": "cut", "method": "GET", "key": "index.jsonl", "times": 3})
+    s3io.reset_stats()
+    assert list(s3io.read_lines(uri)) == lines
+    stats = s3io.stats()
+    assert stats["retries"] == 3 and stats["get_requests"] == 4
+    assert stats["bytes_received"] < 2 * 5.6e6  # each resumption starts where the last one broke off
+
+
+def test_a_stream_never_splices_a_rewritten_object(bucket, faults):
+    uri = f"s3://{bucket}/index.jsonl"
+    s3io.put_bytes(uri, b"\n".join(b"%07d" % n * 20 for n in range(200_000)))
+    faults.set({"fault": "cut", "method": "GET", "key": "index.jsonl", "times": 1})
+    stream = s3io.read_lines(uri)
+    next(stream)
+    s3io.put_bytes(uri, b"new content\n")
+    with pytest.raises(s3io.S3Error, match="rewritten while it was being read"):
+        list(stream)
+
+
+def test_a_fault_that_never_clears_fails_with_the_object_named(bucket, faults, monkeypatch):
+    monkeypatch.setattr(s3io, "RETRY_BACKOFF_S", 0.0)
+    s3io.put_bytes(f"s3://{bucket}/blob", b"x" * 1000)
+    faults.set({"fault": "short", "method": "GET", "key": "/blob$"})
+    with pytest.raises(s3io.S3Error, match=rf"s3://{bucket}/blob failed after 6 attempts: _ShortBody"):
+        s3io.get_range(bucket, "blob", 0, 1000)
+    with pytest.raises(s3io.S3Error, match=rf"s3://{bucket}/blob failed after 6 attempts"):
+        s3io.read_uri(f"s3://{bucket}/blob")
+
+
+def test_an_object_with_no_newline_is_not_read_whole_as_a_line(bucket, monkeypatch):
+    monkeypatch.setattr(s3io, "MAX_LINE_BYTES", 1000)
+    s3io.put_bytes(f"s3://{bucket}/image.dcm", b"D" * 5000)
+    with pytest.raises(ValueError, match="has a line longer than 1000 bytes"):
+        next(s3io.read_lines(f"s3://{bucket}/image.dcm"))
+
+
+def test_conditional_writes(bucket):
+    uri = f"s3://{bucket}/owner.json"
+    first = s3io.put_bytes(uri, b"mine", if_none_match=True)
+    with pytest.raises(s3io.Conflict, match="the object exists"):
+        s3io.put_bytes(uri, b"theirs", if_none_match=True)
+    second = s3io.put_bytes(uri, b"mine again", if_match=first)
+    with pytest.raises(s3io.Conflict, match="the object changed"):
+        s3io.put_bytes(uri, b"stale", if_match=first)
+    assert s3io.read_from(uri).etag == second and s3io.read_uri(uri) == b"mine again"
 
 
 def test_reading_past_the_end_names_the_object(bucket):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +26,23 @@ logger = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = int(os.environ.get("BRAINSEG_S3_CONCURRENCY", "32"))  # ranged GETs in flight per process
 BOTO_MAX_ATTEMPTS = 8  # botocore "adaptive" retries of throttling and 5xx
-RANGE_ATTEMPTS = 4  # our own retries of a short or broken range body
-RETRY_BACKOFF_S = 0.05
+READ_ATTEMPTS = 6  # our own attempts at a read whose body broke off or came back short
+RETRY_BACKOFF_S = 0.1  # doubled after each failed attempt, with jitter
 STREAM_CHUNK_BYTES = 1024 * 1024  # 1 MiB reads when streaming an object line by line
+MAX_LINE_BYTES = 64 * 1024 * 1024  # 64 MiB: a longer "line" means the object is not line-oriented
 
 _lock = threading.Lock()
 _process: dict = {"pid": None, "client": None, "pool": None}
-_counters = {"get_requests": 0, "bytes_received": 0, "range_retries": 0, "put_requests": 0,
+_counters = {"get_requests": 0, "bytes_received": 0, "retries": 0, "put_requests": 0,
              "bytes_sent": 0, "list_requests": 0}
 
 
 class S3Error(RuntimeError):
     """An S3 request failed; the message names the bucket and key."""
+
+
+class Conflict(S3Error):
+    """A conditional write found the object created or changed by someone else."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +155,102 @@ def _wrap(err: Exception, action: str, bucket: str, key: str) -> S3Error:
     return S3Error(f"{action} s3://{bucket}/{key} failed: {type(err).__name__}: {err}")
 
 
+# Failures of a request or of reading its body that a new request may not meet again: dropped or
+# reset connections, timeouts, bodies cut short (with or without a checksum that then fails).
 _TRANSIENT = (
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,  # ResponseStreamingError, ReadTimeoutError, ConnectionClosedError
+    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError
     botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.FlexibleChecksumError,
 )
+_PRECONDITION_CODES = ("PreconditionFailed", "412")
+_RANGE_CODES = ("InvalidRange", "416")
+_jitter = random.Random()  # never the global generator: training checkpoints its state
+
+
+class _ShortBody(Exception):
+    """A response body ended before the bytes its Content-Range announced."""
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(RETRY_BACKOFF_S * 2**attempt * _jitter.uniform(0.5, 1.0))
+
+
+def _total_size(response: dict, start: int, received: int) -> int:
+    content_range = response.get("ContentRange", "")
+    return int(content_range.rsplit("/", 1)[-1]) if content_range[-1:].isdigit() else start + received
+
+
+def _changed(bucket: str, key: str, etag: str, streaming: bool) -> S3Error:
+    if streaming:
+        return S3Error(f"s3://{bucket}/{key} was rewritten while it was being read (ETag {etag} no longer "
+                       "matches); read it again")
+    return S3Error(f"s3://{bucket}/{key} changed since it was indexed (ETag {etag} no longer matches); rebuild "
+                   "the index: python infra/inspect_data.py DATA_URI --refresh-index")
+
+
+def _open(bucket: str, key: str, start: int, stop: int | None, etag: str | None,
+          streaming: bool = False) -> dict | None:
+    """One ranged GetObject: bytes ``[start, stop)``, or from ``start`` to the end when ``stop`` is
+    None (``bytes=0-`` for a whole object, so the answer says the object's size and a short body is
+    noticed). ``None`` when the object does not exist; an object no longer than ``start`` gives a
+    response whose ``Body`` is ``None``. Transient errors propagate to the caller's retry loop."""
+    conditions = {"IfMatch": etag} if etag else {}
+    span = f"bytes={start}-{'' if stop is None else stop - 1}"
+    s3 = client()  # first: it resets the counters in a freshly forked process
+    _count(get_requests=1)
+    try:
+        return s3.get_object(Bucket=bucket, Key=key, Range=span, **conditions)
+    except botocore.exceptions.ClientError as err:
+        code = _error_code(err)
+        if code in _MISSING_CODES:
+            return None
+        if code in _PRECONDITION_CODES and etag:
+            raise _changed(bucket, key, etag, streaming) from err
+        if code in _RANGE_CODES and stop is None:
+            try:
+                head = s3.head_object(Bucket=bucket, Key=key, **conditions)
+            except _BOTO_ERRORS as head_err:
+                if _error_code(head_err) in _MISSING_CODES:
+                    return None
+                raise _wrap(head_err, "HEAD", bucket, key) from head_err
+            return {"Body": None, "ContentLength": 0, "ContentRange": f"bytes */{head['ContentLength']}",
+                    "LastModified": head["LastModified"], "ETag": head["ETag"]}
+        raise _wrap(err, f"GET {span} of", bucket, key) from err
+    except _TRANSIENT:
+        raise
+    except botocore.exceptions.BotoCoreError as err:
+        raise _wrap(err, f"GET {span} of", bucket, key) from err
+
+
+def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: str | None = None) -> "Tail | None":
+    """Bytes ``[start, stop)`` (to the end when ``stop`` is None) in one GET, retried on transient
+    failures and on bodies shorter than the range S3 says it sent; ``None`` when the object does
+    not exist."""
+    span = f"bytes {start}-{'' if stop is None else stop - 1}"
+    last_error: Exception | None = None
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            response = _open(bucket, key, start, stop, etag)
+            if response is None:
+                return None
+            data = response["Body"].read() if response["Body"] is not None else b""
+        except _TRANSIENT as err:
+            last_error = err
+        else:
+            _count(bytes_received=len(data))
+            size = _total_size(response, start, len(data))
+            if stop is not None and size < stop:
+                raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
+            expected = max(0, (size if stop is None else stop) - start)
+            if len(data) == expected:
+                return Tail(data, size, response["LastModified"].timestamp(), response["ETag"].strip('"'))
+            last_error = _ShortBody(f"short body: got {len(data)} of {expected} bytes")
+        _count(retries=1)
+        if attempt + 1 < READ_ATTEMPTS:
+            _backoff(attempt)
+    raise S3Error(f"GET {span} of s3://{bucket}/{key} failed after {READ_ATTEMPTS} attempts: "
+                  f"{type(last_error).__name__}: {last_error}") from last_error
 
 
 def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = None) -> bytes:
@@ -165,43 +261,16 @@ def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = N
             (``If-Match``), so bytes located by an older index are never mixed with new content.
 
     Raises:
-        S3Error: the request failed after retries, the object changed since ``etag`` was
-            recorded, or it is shorter than ``stop``.
+        S3Error: the request failed after retries, the object is missing, changed since
+            ``etag`` was recorded, or shorter than ``stop``.
     """
     if not 0 <= start < stop:
         raise ValueError(f"byte range [{start}, {stop}) of s3://{bucket}/{key} is empty or negative")
-    expected = stop - start
-    last_error: Exception | None = None
-    for attempt in range(RANGE_ATTEMPTS):
-        try:
-            conditions = {"IfMatch": etag} if etag else {}
-            response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **conditions)
-            body = response["Body"].read()
-        except botocore.exceptions.ClientError as err:
-            _count(get_requests=1)
-            if _error_code(err) in ("PreconditionFailed", "412"):
-                raise S3Error(f"s3://{bucket}/{key} changed since it was indexed (ETag {etag} no longer "
-                              "matches); rebuild the index: python infra/inspect_data.py DATA_URI "
-                              "--refresh-index") from err
-            raise _wrap(err, f"GET bytes {start}-{stop - 1} of", bucket, key) from err
-        except _TRANSIENT as err:
-            _count(get_requests=1, range_retries=1)
-            last_error = err
-        except botocore.exceptions.BotoCoreError as err:
-            raise _wrap(err, f"GET bytes {start}-{stop - 1} of", bucket, key) from err
-        else:
-            _count(get_requests=1, bytes_received=len(body))
-            if len(body) == expected:
-                return body
-            last_error = S3Error(f"short body: got {len(body)} of {expected} bytes")
-            _count(range_retries=1)
-            if "ContentRange" in response and response["ContentRange"].rsplit("/", 1)[-1].isdigit():
-                size = int(response["ContentRange"].rsplit("/", 1)[-1])
-                if size < stop:
-                    raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
-        time.sleep(RETRY_BACKOFF_S * 2**attempt)
-    raise S3Error(f"GET bytes {start}-{stop - 1} of s3://{bucket}/{key} failed after "
-                  f"{RANGE_ATTEMPTS} attempts: {last_error}") from last_error
+    tail = _read(bucket, key, start, stop, etag)
+    if tail is None:
+        raise S3Error(f"GET bytes {start}-{stop - 1} of s3://{bucket}/{key} failed: NoSuchKey (the object is "
+                      "gone; it was listed or indexed earlier)")
+    return tail.data
 
 
 def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
@@ -213,14 +282,15 @@ def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
 
 
 def get_object(bucket: str, key: str) -> bytes:
-    """A whole object in one GET."""
-    try:
-        body = client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except _BOTO_ERRORS as err:
-        _count(get_requests=1)
-        raise _wrap(err, "GET", bucket, key) from err
-    _count(get_requests=1, bytes_received=len(body))
-    return body
+    """A whole object (retried like every read).
+
+    Raises:
+        S3Error: it does not exist, or the read failed after retries.
+    """
+    tail = _read(bucket, key)
+    if tail is None:
+        raise S3Error(f"GET s3://{bucket}/{key} failed: NoSuchKey")
+    return tail.data
 
 
 def read_uri(uri: str) -> bytes | None:
@@ -231,46 +301,22 @@ def read_uri(uri: str) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class Tail:
-    """Bytes from an offset to the end of an object, with the object's size and last-modified time."""
+    """Bytes from an offset to the end of an object, with the object's size, last-modified time and ETag."""
 
     data: bytes
     size: int
     modified: float
+    etag: str = ""
 
 
 def read_from(uri: str, start: int = 0) -> Tail | None:
-    """An object's bytes from ``start`` to its end in one GET (a ranged GET when ``start`` > 0),
-    or ``None`` when it does not exist. An object no longer than ``start`` gives empty ``data``
-    and its current size, so a reader tailing a growing file can tell "nothing new" from "rewritten
-    shorter"."""
+    """An object's bytes from ``start`` to its end (retried like every read), or ``None`` when it
+    does not exist. An object no longer than ``start`` gives empty ``data`` and its current size,
+    so a reader tailing a growing file can tell "nothing new" from "rewritten shorter"."""
     if start < 0:
         raise ValueError(f"cannot read {uri} from negative offset {start}")
     bucket, key = parse_uri(uri)
-    ranged = {"Range": f"bytes={start}-"} if start else {}
-    action = f"GET from byte {start} of" if start else "GET"
-    try:
-        response = client().get_object(Bucket=bucket, Key=key, **ranged)
-        data = response["Body"].read()
-    except botocore.exceptions.ClientError as err:
-        _count(get_requests=1)
-        code = _error_code(err)
-        if code in _MISSING_CODES:
-            return None
-        if code not in ("InvalidRange", "416"):
-            raise _wrap(err, action, bucket, key) from err
-        try:
-            head = client().head_object(Bucket=bucket, Key=key)
-        except _BOTO_ERRORS as head_err:
-            if _error_code(head_err) in _MISSING_CODES:
-                return None
-            raise _wrap(head_err, "HEAD", bucket, key) from head_err
-        return Tail(b"", int(head["ContentLength"]), head["LastModified"].timestamp())
-    except botocore.exceptions.BotoCoreError as err:
-        raise _wrap(err, action, bucket, key) from err
-    _count(get_requests=1, bytes_received=len(data))
-    content_range = response.get("ContentRange", "")
-    size = int(content_range.rsplit("/", 1)[-1]) if content_range[-1:].isdigit() else start + len(data)
-    return Tail(data, size, response["LastModified"].timestamp())
+    return _read(bucket, key, start)
 
 
 def list_objects(bucket: str, prefix: str) -> Iterator[ObjectInfo]:
@@ -308,14 +354,33 @@ def list_tree(bucket: str, prefix: str) -> list[ObjectInfo]:
     return objects
 
 
-def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-    """Write one small object in a single PUT."""
+def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream", *,
+              if_none_match: bool = False, if_match: str | None = None) -> str:
+    """Write one small object in a single PUT; returns its new ETag.
+
+    Args:
+        if_none_match: write only if no object exists at ``uri`` (S3 conditional write).
+        if_match: write only if the object still has this ETag.
+
+    Raises:
+        Conflict: a condition did not hold (someone else wrote or created the object).
+        S3Error: the PUT failed after botocore's retries.
+    """
     bucket, key = parse_uri(uri)
+    conditions = {"IfNoneMatch": "*"} if if_none_match else {}
+    if if_match:
+        conditions["IfMatch"] = if_match
     try:
-        client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-    except _BOTO_ERRORS as err:
+        response = client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, **conditions)
+    except botocore.exceptions.ClientError as err:
+        if conditions and _error_code(err) in (*_PRECONDITION_CODES, "ConditionalRequestConflict", "409"):
+            raise Conflict(f"PUT s3://{bucket}/{key}: {'the object exists' if if_none_match else 'the object changed'} "
+                           f"({_error_code(err)})") from err
+        raise _wrap(err, "PUT", bucket, key) from err
+    except botocore.exceptions.BotoCoreError as err:
         raise _wrap(err, "PUT", bucket, key) from err
     _count(put_requests=1, bytes_sent=len(data))
+    return response["ETag"].strip('"')
 
 
 def open_write(uri: str, mode: str = "wb"):
@@ -325,28 +390,69 @@ def open_write(uri: str, mode: str = "wb"):
 
 
 def read_lines(uri: str) -> Iterator[bytes] | None:
-    """The lines of an object, streamed (never whole in memory), or ``None`` when it does not exist."""
+    """The lines of an object, streamed (never whole in memory), or ``None`` when it does not exist.
+
+    A stream that breaks (reset, timeout, cut body) continues with a ranged GET from the last byte
+    received, pinned to the object's ETag so a rewritten object is never spliced onto the old one.
+
+    Raises (while iterating):
+        S3Error: the stream broke off ``READ_ATTEMPTS`` times, or the object was rewritten.
+        ValueError: a line is longer than ``MAX_LINE_BYTES`` (the object is not line-oriented).
+    """
     bucket, key = parse_uri(uri)
-    try:
-        response = client().get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as err:
-        _count(get_requests=1)
-        if _error_code(err) in _MISSING_CODES:
-            return None
-        raise _wrap(err, "GET", bucket, key) from err
-    except botocore.exceptions.BotoCoreError as err:
-        raise _wrap(err, "GET", bucket, key) from err
-    _count(get_requests=1)
+    first = _open_retried(bucket, key, 0, None)
+    if first is None:
+        return None
+    etag = first["ETag"].strip('"')
+    size = _total_size(first, 0, first.get("ContentLength", 0))
 
     def lines() -> Iterator[bytes]:
-        try:
-            for line in response["Body"].iter_lines(chunk_size=STREAM_CHUNK_BYTES):
-                _count(bytes_received=len(line) + 1)
-                yield line
-        except _TRANSIENT as err:
-            raise _wrap(err, "GET", bucket, key) from err
+        response, position, pending, failures = first, 0, b"", 0
+        while True:
+            try:
+                for chunk in (response["Body"].iter_chunks(STREAM_CHUNK_BYTES) if response["Body"] else ()):
+                    position += len(chunk)
+                    _count(bytes_received=len(chunk))
+                    *complete, pending = (pending + chunk).split(b"\n")
+                    if len(pending) > MAX_LINE_BYTES:
+                        raise ValueError(f"s3://{bucket}/{key} has a line longer than {MAX_LINE_BYTES} bytes "
+                                         "(not a line-oriented file)")
+                    yield from complete
+                if position >= size:
+                    break
+                error: Exception = _ShortBody(f"stream ended at byte {position} of {size}")
+            except _TRANSIENT as err:
+                error = err
+            failures += 1
+            _count(retries=1)
+            if failures >= READ_ATTEMPTS:
+                raise S3Error(f"GET s3://{bucket}/{key} broke off at byte {position} {failures} times: "
+                              f"{type(error).__name__}: {error}") from error
+            _backoff(failures - 1)
+            response = _open_retried(bucket, key, position, etag)
+            if response is None:
+                raise S3Error(f"s3://{bucket}/{key} disappeared while it was being read")
+        if pending:
+            yield pending
 
     return lines()
+
+
+def _open_retried(bucket: str, key: str, start: int, etag: str | None) -> dict | None:
+    """:func:`_open` from ``start`` to the end, retrying transient failures of the request itself."""
+    last_error: Exception | None = None
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            response = _open(bucket, key, start, None, etag, streaming=True)
+        except _TRANSIENT as err:
+            last_error = err
+            _count(retries=1)
+            if attempt + 1 < READ_ATTEMPTS:
+                _backoff(attempt)
+            continue
+        return response
+    raise S3Error(f"GET s3://{bucket}/{key} from byte {start} failed after {READ_ATTEMPTS} attempts: "
+                  f"{type(last_error).__name__}: {last_error}") from last_error
 
 
 def write_lines(uri: str, lines: Iterable[str]) -> None:
@@ -375,19 +481,23 @@ def delete(uri: str) -> None:
 
 
 def check_bucket(uri: str) -> None:
-    """Fail early, with the bucket named, when the bucket of ``uri`` is missing or not reachable.
+    """Fail early, with the bucket named, when the bucket of ``uri`` is missing or its prefix cannot
+    be listed. One LIST of at most one key under the prefix: unlike HeadBucket it is allowed by a
+    policy that grants ``s3:ListBucket`` only on that prefix.
 
     Raises:
-        S3Error: HEAD bucket failed (missing bucket, access denied, no endpoint, no credentials).
+        S3Error: missing bucket, access denied, no endpoint, no credentials.
     """
-    bucket, _ = parse_uri(uri)
+    bucket, prefix = parse_uri(uri)
     try:
-        client().head_bucket(Bucket=bucket)
+        client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except botocore.exceptions.ClientError as err:
         code = _error_code(err)
-        hint = {"404": "it does not exist; create it or fix the URI",
-                "NoSuchBucket": "it does not exist; create it or fix the URI",
-                "403": "access denied; grant the job's role s3:ListBucket on it"}.get(code, str(err))
+        hint = {"NoSuchBucket": "it does not exist; create it or fix the URI",
+                "AccessDenied": f"access denied; grant the job's role s3:ListBucket on it for the prefix {prefix!r}"
+                }.get(code, str(err))
         raise S3Error(f"bucket {bucket!r} of {uri} is not usable: {hint}") from err
     except botocore.exceptions.BotoCoreError as err:
-        raise _wrap(err, "HEAD", bucket, "") from err
+        raise _wrap(err, "LIST", bucket, prefix) from err
+    finally:
+        _count(list_requests=1)
