@@ -15,7 +15,7 @@ import os
 import sys
 
 from brainseg import s3io
-from brainseg.artifacts import CheckpointError
+from brainseg.checkpoints import CheckpointError
 from brainseg.config import parse_hyperparameters
 from brainseg.environment import drop_privileges, read_environment
 

@@ -40,7 +40,7 @@ def test_two_process_ddp_run(bucket, tmp_path):
 
     pointer = json.loads(s3io.read_uri(f"{output}/ddp/checkpoints/latest.json"))
     checkpoint = torch.load(io.BytesIO(s3io.read_uri(f"{output}/ddp/checkpoints/{pointer['checkpoint']}")),
-                            weights_only=False)
+                            weights_only=True)
     assert checkpoint["sampler"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["state"]["step"] == 8  # steps count per rank: 2 x 4, each of 2 ranks' batches
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values() if tensor.is_floating_point())

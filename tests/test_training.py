@@ -48,7 +48,7 @@ def _read_json(uri: str):
 def _checkpoint(output: str, run: str) -> dict:
     pointer = _read_json(f"{output}/{run}/checkpoints/latest.json")
     data = s3io.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
-    return torch.load(io.BytesIO(data), weights_only=False)
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _subprocess_env(tmp_path: Path) -> dict:
@@ -67,8 +67,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     keys = sorted(info.key[len(prefix):] for info in s3io.list_objects(bucket_name, prefix))
     predictions = [key for key in keys if key.startswith("predictions/")]
     keys = [key for key in keys if key not in predictions]
-    assert keys == ["checkpoints/latest.json", "checkpoints/step-00000030.pt", "checkpoints/step-00000060.pt",
-                    "checkpoints/step-00000090.pt", "metrics/metrics.jsonl", "metrics/test_per_case.csv",
+    checkpoints = [f"checkpoints/step-000000{step}.{ext}" for step in (30, 60, 90) for ext in ("json", "pt")]
+    assert keys == ["checkpoints/latest.json", *checkpoints, "metrics/metrics.jsonl", "metrics/test_per_case.csv",
                     "model/model.pt", "run.json", "summary.json"]
 
     lines = [json.loads(line) for line in s3io.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
@@ -98,8 +98,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1))
     model.load_state_dict(weights)
     assert (tmp_path / "model" / "model.pt").is_file()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest.json", "step-00000030.pt", "step-00000060.pt", "step-00000090.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "e2e").iterdir()) == [
+        "latest.json", *(name.removeprefix("checkpoints/") for name in checkpoints)]
 
     logged = [METRIC_LINE.search(line) for line in capsys.readouterr().out.splitlines()]
     epochs = [m for m in logged if m]
@@ -195,7 +195,7 @@ def test_autoencoder_pretraining_then_frozen_encoder_transfer(dataset, bucket):
     summary = _read_json(f"{output}/pretrain/summary.json")
     assert summary["test_loss"] > 0 and summary["best_val_loss"] > 0
     encoder_uri = f"{output}/pretrain/model/encoder.pt"
-    encoder = torch.load(io.BytesIO(s3io.read_uri(encoder_uri)), weights_only=False)["encoder"]
+    encoder = torch.load(io.BytesIO(s3io.read_uri(encoder_uri)), weights_only=True)["encoder"]
 
     assert train.main(_args(dataset, output, "transfer", "--init-weights", encoder_uri, "--freeze-encoder", "true",
                             "--max-train-cases", "2", "--epochs", "1", "--steps-per-epoch", "4",
@@ -240,3 +240,37 @@ def test_no_usable_cases_says_how_to_find_out_why(bucket, capsys):
     assert "no usable training cases" in out and "infra/inspect_data.py" in out
     status = _read_json(f"s3://{bucket}/runs/r/run.json")
     assert status["status"] == "failed" and "no usable training cases" in status["error"]
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_through_dropped_connections(
+        dataset, bucket, faults, capsys):
+    output = f"s3://{bucket}/runs"
+    args = _args(dataset, output, "damaged", "--steps-per-epoch", "4", "--checkpoint-steps", "2",
+                 "--max-val-cases", "1")
+    assert train.main(args + ["--epochs", "1"]) == 0
+    s3io.put_bytes(f"{output}/damaged/checkpoints/step-00000004.pt", b"torn upload")
+    capsys.readouterr()
+    faults.set({"fault": "cut", "method": "GET", "key": "/damaged/checkpoints/", "times": 3})
+    assert train.main(args + ["--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from s3 step-00000002.pt (step 2), passing over what cannot be used: s3 step-00000004.pt " \
+           "does not match its record" in out
+    assert "resumed from step-00000002.pt (s3) at epoch 0, step 2" in out and faults.injected() == 3
+    assert _read_json(f"{output}/damaged/summary.json")["steps"] == 8
+
+
+class _RunsCode:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_init_weights_that_would_run_code_are_refused(dataset, bucket, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": {"layer.weight": torch.zeros(1)}, "payload": _RunsCode(str(marker))}, weights)
+    code = train.main(_args(dataset, f"s3://{bucket}/runs", "hostile", "--init-weights", str(weights)))
+    assert code == 2 and not marker.exists()
+    assert "is refused: only tensors and plain values are loaded" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import random
 import signal
 import time
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from brainseg import distributed, s3io
 from brainseg.artifacts import RunStore
+from brainseg.checkpoints import CheckpointStore
 from brainseg.catalog import Case, Catalog, build_catalog
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters
 from brainseg.environment import Environment
@@ -41,7 +43,9 @@ from brainseg.pretext import drop_blocks
 from brainseg.progress import Progress
 
 logger = logging.getLogger("brainseg.train")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
+CHECKPOINT_KEYS = frozenset({"format", "hyperparameters", "model", "optimizer", "scheduler", "scaler", "best_model",
+                             "state", "rng", "sampler", "dataset_fingerprint", "code_version"})
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,13 +98,20 @@ def configure_determinism(hp: Hyperparameters) -> None:
 
 
 def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["gauss"]))
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available() and states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -138,6 +149,36 @@ def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], lis
     return train, val, test
 
 
+def load_tensors(data: bytes, what: str):
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a file someone
+    else could write (a checkpoint, init weights) cannot run code when it is read.
+
+    Raises:
+        ValueError: not a torch file, or it holds other objects; the message names ``what``.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
+                      "not a torch file")
+        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
+                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
+
+
+def load_checkpoint(data: bytes) -> dict:
+    """A checkpoint's training state, checked for the format and keys this code writes."""
+    checkpoint = load_tensors(data, "the checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint format {found!r}; this code reads format {CHECKPOINT_FORMAT}")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
 def read_weights(location: str) -> dict:
     """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file or a bare state dict."""
     try:
@@ -147,11 +188,11 @@ def read_weights(location: str) -> dict:
                 raise TrainingError(f"init_weights {location}: no such object")
         else:
             data = Path(location).read_bytes()
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except (OSError, s3io.S3Error, RuntimeError, EOFError) as err:
-        if isinstance(err, TrainingError):
-            raise
-        raise TrainingError(f"init_weights {location}: cannot be read as torch weights: {err}") from err
+        payload = load_tensors(data, f"init_weights {location}")
+    except OSError as err:
+        raise TrainingError(f"init_weights {location}: cannot be read: {err}") from err
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     for key in ("model", "encoder"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             return payload[key]
@@ -172,7 +213,8 @@ class Run:
             raise TrainingError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         configure_determinism(hp)
         self.run_name = resolve_run_name(hp, env)
-        self.store = RunStore(hp.output_uri, self.run_name, env.checkpoint_dir)
+        self.store = RunStore(hp.output_uri, self.run_name)
+        self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
         self.state = LoopState()
         self.interrupted = False
         self.output_ready = False
@@ -219,12 +261,11 @@ class Run:
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint of this run, if there is one."""
-        found = self.store.latest_checkpoint()
+        found = self.checkpoints.newest(load_checkpoint)
         if found is None:
             logger.info("run %s: new run, artifacts under %s", self.run_name, self.store.uri)
             return
-        data, pointer = found
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        checkpoint, pointer = found
         saved = checkpoint["hyperparameters"]
         current = self.hp.to_dict()
         differing = sorted(name for name in current if name not in RESUMABLE_CHANGES
@@ -288,7 +329,7 @@ class Run:
     def save_checkpoint(self) -> None:
         data = self.checkpoint_bytes()  # a collective: every rank takes part
         if self.main:
-            name = self.store.save_checkpoint(data, self.state.step, self.state.epoch, self.hp.keep_checkpoints)
+            name = self.checkpoints.save(data, self.state.step, self.state.epoch, self.hp.keep_checkpoints)
             logger.info("checkpoint %s (%.1f MiB) at epoch %d step %d", name, len(data) / 2**20,
                         self.state.epoch, self.state.step)
         distributed.barrier()
