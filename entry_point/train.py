@@ -18,6 +18,7 @@ from brainseg import s3io
 from brainseg.checkpoints import CheckpointError
 from brainseg.config import parse_hyperparameters
 from brainseg.environment import drop_privileges, read_environment
+from brainseg.ownership import RunTaken
 
 logger = logging.getLogger("brainseg.train")
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         logger.error("%s", err)
         return 2
-    except CheckpointError as err:
+    except (CheckpointError, RunTaken) as err:
         logger.error("%s", err)
         return 2
     except s3io.S3Error as err:

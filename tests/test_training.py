@@ -69,7 +69,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     keys = [key for key in keys if key not in predictions]
     checkpoints = [f"checkpoints/step-000000{step}.{ext}" for step in (30, 60, 90) for ext in ("json", "pt")]
     assert keys == ["checkpoints/latest.json", *checkpoints, "metrics/metrics.jsonl", "metrics/test_per_case.csv",
-                    "model/model.pt", "run.json", "summary.json"]
+                    "model/model.pt", "owner.json", "run.json", "summary.json"]
+    assert _read_json(f"{output}/e2e/owner.json")["released"] is True
 
     lines = [json.loads(line) for line in s3io.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3] and [line["step"] for line in lines] == [30, 60, 90]

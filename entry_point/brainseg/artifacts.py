@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -31,17 +32,25 @@ UPLOAD_BACKOFF_S = 2.0
 
 
 class RunStore:
-    """The artifacts of one run in S3."""
+    """The artifacts of one run in S3.
 
-    def __init__(self, output_uri: str, run_name: str):
+    Args:
+        before_write: called before every upload; raises to stop writes (a run owned by
+            another job, see :mod:`brainseg.ownership`).
+    """
+
+    def __init__(self, output_uri: str, run_name: str, before_write: Callable[[], None] | None = None):
         self.run_name = run_name
         self.uri = f"{output_uri.rstrip('/')}/{run_name}/"
+        self.before_write = before_write
 
     def url(self, relative: str) -> str:
         return self.uri + relative
 
     def put(self, relative: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Upload with retries; raises :class:`s3io.S3Error` once every attempt failed."""
+        if self.before_write is not None:
+            self.before_write()
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 s3io.put_bytes(self.url(relative), data, content_type)

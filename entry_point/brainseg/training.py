@@ -38,6 +38,7 @@ from brainseg.losses import build_loss
 from brainseg.memory import load_in_memory
 from brainseg.models import build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.optim import build_optimizer, build_scheduler
+from brainseg.ownership import RunLock
 from brainseg.patches import PatchStream
 from brainseg.pretext import drop_blocks
 from brainseg.progress import Progress
@@ -213,7 +214,8 @@ class Run:
             raise TrainingError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         configure_determinism(hp)
         self.run_name = resolve_run_name(hp, env)
-        self.store = RunStore(hp.output_uri, self.run_name)
+        self.lock = RunLock(hp.output_uri, self.run_name, env.job_name) if self.main else None
+        self.store = RunStore(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
         self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
         self.state = LoopState()
         self.interrupted = False
@@ -224,7 +226,9 @@ class Run:
     def build(self) -> None:
         hp = self.hp
         s3io.check_bucket(hp.output_uri)
-        self.output_ready = True
+        if self.lock is not None:
+            self.lock.acquire()  # before anything is written to the run folder
+            self.output_ready = True
         s3io.check_bucket(hp.data_uri)
         self.catalog = load_catalog(hp)
         self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
@@ -508,25 +512,30 @@ class Run:
             s3io.S3Error: S3 unreachable or an artifact upload failed after retries.
         """
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        status = "failed"
         try:
             self.build()
             self.write_status("running", epoch=self.state.epoch, step=self.state.step)
             self.train()
             if self.interrupted:
-                self.write_status("interrupted", epoch=self.state.epoch, step=self.state.step)
+                status = "interrupted"
+                self.write_status(status, epoch=self.state.epoch, step=self.state.step)
                 raise Interrupted(f"stopped by SIGTERM at step {self.state.step}; the checkpoint is saved and "
                                     "the same command resumes")
             summary = self.test()
             self.write_status("finished", epoch=self.state.epoch, step=self.state.step)
+            status = "finished"
             return summary if self.main else None
         except BaseException as err:
-            if not self.interrupted and self.output_ready:
+            if not self.interrupted and self.output_ready and not self.lock.lost:
                 try:
                     self.write_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
                 except s3io.S3Error:
                     logger.warning("could not record the failure in %srun.json", self.store.uri)
             raise
         finally:
+            if self.lock is not None:
+                self.lock.release(status)
             signal.signal(signal.SIGTERM, previous)
             distributed.teardown()
 
