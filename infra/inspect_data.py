@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     parser.add_argument("--refresh-index", action="store_true", help="read every header again")
+    parser.add_argument("--max-header-mb", type=int, default=1,
+                        help="refuse objects whose header does not end within this many MiB (1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         catalog = build_catalog(args.data_uri, index_uri=args.index_uri, seed=args.seed,
-                                refresh_index=args.refresh_index)
+                                refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20)
     except (ValueError, s3io.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

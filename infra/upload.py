@@ -20,13 +20,15 @@ logger = logging.getLogger("upload")
 
 
 def upload_tree(folder: str | Path, uri: str, threads: int = 16) -> tuple[int, int]:
-    """Upload every file under ``folder`` to ``uri``; returns ``(files, bytes)``."""
+    """Upload every file under ``folder`` to ``uri``, except hidden ones (``.DS_Store``, ``._*``,
+    anything under a folder whose name starts with a dot); returns ``(files, bytes)``."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{folder!r} is not a folder; expected a case tree <case_id>/image/..., <case_id>/mask/...")
     bucket, prefix = s3io.parse_uri(uri)
     base = f"s3://{bucket}/{prefix.rstrip('/') + '/' if prefix else ''}"
-    files = sorted(path for path in root.rglob("*") if path.is_file())
+    files = sorted(path for path in root.rglob("*") if path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(root).parts))
 
     def send(path: Path) -> int:
         data = path.read_bytes()

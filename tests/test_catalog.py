@@ -66,7 +66,7 @@ def test_index_is_reused_and_invalidated_by_etag(bucket):
     s3io.reset_stats()
     second = build_catalog(uri)
     assert second.index_stats["headers_read"] == 0
-    assert s3io.stats()["get_requests"] == 1  # the index itself; no header, no pixel read
+    assert s3io.stats()["get_requests"] == 2  # the index and its identity key; no header, no pixel read
     key_uri = f"{uri}case_01/image/IM_0001.dcm"
     dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
     dataset.PixelData = (dataset.pixel_array + 1).tobytes()  # same slice, new pixels, new ETag
@@ -127,7 +127,7 @@ def test_trusted_index_starts_without_listing(bucket):
     trusted = build_catalog(uri, trust_index=True)
     stats = s3io.stats()
     assert stats["list_requests"] == 0
-    assert stats["get_requests"] == 2  # the index and the manifest
+    assert stats["get_requests"] == 3  # the index, its identity key and the manifest
     assert _splits(trusted) == _splits(listed) == {"case_00": "train", "case_01": "val", "case_02": "test"}
     assert trusted.fingerprint == listed.fingerprint
 

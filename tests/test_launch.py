@@ -50,7 +50,7 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
     assert process_run["code"] == 0, process_run["log"][-3000:]
     opt_ml = process_run["root"] / "algo-1" / "opt" / "ml"
     assert (opt_ml / "model" / "model.pt").is_file()  # SM_MODEL_DIR
-    assert sorted(p.name for p in (opt_ml / "checkpoints").iterdir())[-1] == "step-00000006.pt"  # SM_CHECKPOINT_DIR
+    assert sorted(p.name for p in (opt_ml / "checkpoints" / "proc-1").iterdir())[-1] == "step-00000006.pt"  # SM_CHECKPOINT_DIR/<run>
     hps = json.loads((opt_ml / "input" / "config" / "hyperparameters.json").read_text())
     assert hps["patch_size"] == "[32, 32, 32]" and hps["epochs"] == "2"  # strings, as SageMaker writes them
     summary = json.loads(s3io.read_uri(f"{process_run['output']}/proc-1/summary.json"))

@@ -29,6 +29,21 @@ def _write(root, case_id, image_datasets, mask_volume, mask_spec=None, extra=Non
         put(f"{base}/image/{name}", data)
 
 
+def _report() -> bytes:
+    """A structured report: a DICOM object of the patient with no image (exports put them beside slices)."""
+    report = writer.slice_datasets(np.zeros((1, 4, 4), np.uint16), _spec("report"))[0]
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):
+        delattr(report, keyword)
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    report.Modality = "SR"
+    return dicom_bytes(report)
+
+
+STRAYS = {"notes.txt": b"reader notes, not an image\n" * 20, ".DS_Store": b"\x00\x00\x00\x01Bud1" * 10,
+          "DICOMDIR": b"\x00" * 128 + b"DICM" + b"\x00" * 64, "report.dcm": _report()}
+
+
 @pytest.fixture(scope="module")
 def catalog():
     bucket = "quality-checks"
@@ -75,13 +90,14 @@ def catalog():
     _write(root, "mask_shape", writer.slice_datasets(image, _spec("shape")), mask[:, :-2, :])
     _write(root, "mask_origin", writer.slice_datasets(image, _spec("origin")), mask,
            mask_spec=_spec("origin", origin=(0.0, 5.0, 0.0)))
-    _write(root, "non_image_object", writer.slice_datasets(image, _spec("text")), mask,
-           extra={"notes.txt": b"reader notes, not an image\n" * 20})
-    no_pixels = writer.slice_datasets(image[:1], _spec("sr"))[0]
-    del no_pixels.PixelData, no_pixels.Rows, no_pixels.Columns
-
-    _write(root, "no_pixel_data", writer.slice_datasets(image, _spec("sr")), mask,
-           extra={"report.dcm": dicom_bytes(no_pixels)})
+    _write(root, "stray_objects", writer.slice_datasets(image, _spec("stray")), mask, extra=STRAYS)
+    _write(root, "only_strays", [], mask, extra={"notes.txt": STRAYS["notes.txt"]})
+    _write(root, "damaged_slice", writer.slice_datasets(image, _spec("damaged"))[1:], mask,
+           extra={"IM_0001.dcm": b"garbage where a slice should be"})
+    header_only = writer.slice_datasets(image[:1], _spec("cut"))[0]
+    del header_only.PixelData
+    _write(root, "truncated_header", writer.slice_datasets(image, _spec("cut"))[1:], mask,
+           extra={"IM_0001.dcm": dicom_bytes(header_only)})
     truncated = writer.encode(writer.slice_datasets(image[:1], _spec("trunc"))[0])
     slices = writer.slice_datasets(image, _spec("trunc"))
     _write(root, "truncated_object", slices[1:], mask, extra={"IM_0001.dcm": truncated[:-500]})
@@ -99,9 +115,13 @@ EXPECTED = [
     ("gantry_tilt", r"not stacked along the slice normal"),
     ("mask_shape", r"mask geometry does not match image: mask shape \(12, 38, 36\), image shape \(12, 40, 36\)"),
     ("mask_origin", r"mask geometry does not match image: mask origin is 5\.00 mm from the image origin"),
-    ("non_image_object", r"1 image object\(s\) unusable: notes\.txt \(not a DICOM file"),
-    ("no_pixel_data", r"report\.dcm \(no pixel data: not an image object\)"),
-    ("truncated_object", r"IM_0001\.dcm \(Pixel Data holds .* \(truncated object\?\)\)"),
+    ("only_strays", r"no image objects: expected a DICOM series under image/ \(1 non-image object\(s\) skipped: "
+                    r"notes\.txt\)"),
+    ("damaged_slice", r"1 image object\(s\) unusable: IM_0001\.dcm \(not a DICOM file"),
+    ("truncated_header", r"IM_0001\.dcm \(the header ends at byte \d+ of \d+ without Pixel Data, but a MR Image "
+                         r"Storage object carries pixel data \(truncated object\?\)\)"),
+    ("truncated_object", r"IM_0001\.dcm \(Pixel Data holds 2380 of the 2880 bytes that 1 frame\(s\) of 40x36x16 "
+                         r"bits need \(truncated object\?\)\)"),
     ("empty_mask", r"mask is empty \(no tumour voxels\)"),
     ("missing_mask", r"no mask objects: expected a DICOM series under mask/"),
     ("zz_copy_of_good_0", r"image objects duplicate those of case good_0"),
@@ -117,12 +137,23 @@ def test_failing_case_is_excluded_with_its_reason(catalog, case_id, reason):
 
 
 def test_good_cases_survive_and_are_split(catalog):
-    good = [case for case in catalog.cases if case.case_id.startswith("good_")]
-    assert [case.status for case in good] == ["ok"] * 4
+    good = [case for case in catalog.cases if case.case_id.startswith("good_") or case.case_id == "stray_objects"]
+    assert [case.status for case in good] == ["ok"] * 5
     assert all(case.split in ("train", "val", "test") for case in good)
     assert {case.case_id for case in catalog.cases if case.status == "ok"} == {c.case_id for c in good}
 
 
+def test_stray_objects_are_skipped_with_a_warning_not_a_reason_to_drop_the_case(catalog):
+    case = next(case for case in catalog.cases if case.case_id == "stray_objects")
+    assert case.status == "ok" and case.image.shape == (12, 40, 36)
+    assert sorted(case.skipped) == [
+        "image/.DS_Store: hidden file (e.g. .DS_Store), not part of a series",
+        "image/DICOMDIR: DICOMDIR (a media directory), not part of a series",
+        "image/notes.txt: not a DICOM file (no 'DICM' marker after the 128-byte preamble)",
+        "image/report.dcm: no pixel data: a Basic Text SR Storage object"]
+
+
 def test_reasons_never_name_the_patient(catalog):
-    for case in catalog.excluded():
-        assert "Doe" not in case.reason and "PID-" not in case.reason
+    for case in catalog.cases:
+        for text in [case.reason, *case.skipped]:
+            assert "Doe" not in text and "PID-" not in text

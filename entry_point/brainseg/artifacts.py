@@ -68,7 +68,8 @@ class RunStore:
     def put_csv(self, relative: str, rows: list[dict]) -> None:
         buffer = io.StringIO()
         if rows:
-            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+            columns = list(dict.fromkeys(name for row in rows for name in row))
+            writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         self.put(relative, buffer.getvalue().encode(), "text/csv")

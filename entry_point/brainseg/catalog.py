@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from brainseg import s3io
-from brainseg.index import HeaderIndex, load_index, read_header, save_index
+from brainseg.index import (MAX_HEADER_BYTES, HeaderIndex, identity_key, is_stray_name, key_id, load_index,
+                            read_header, save_index)
 from brainseg.quality import IndexedObject, QualityError, assemble_series, check_pair
 from brainseg.series import Series
 from brainseg.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
@@ -30,7 +32,8 @@ CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent 
 
 @dataclass
 class Case:
-    """One patient case folder: ``status`` is ``"ok"`` or ``"excluded"`` (then ``reason`` says why)."""
+    """One patient case folder: ``status`` is ``"ok"`` or ``"excluded"`` (then ``reason`` says why).
+    ``skipped`` lists the non-image objects found in its series folders and why each was skipped."""
 
     case_id: str
     split: str = ""
@@ -40,6 +43,7 @@ class Case:
     mask: Series | None = None
     summary: CaseSummary | None = None
     patient_group: str = ""
+    skipped: list = field(default_factory=list)
 
     def exclude(self, reason: str) -> None:
         self.status, self.reason, self.split = "excluded", reason, ""
@@ -66,6 +70,34 @@ class Catalog:
 
 def _index_uri_for(uri: str) -> str:
     return uri.rstrip("/") + f"/{INDEX_DIR}/index.jsonl"
+
+
+def check_index_location(uri: str, index_uri: str) -> None:
+    """Inside the dataset an index may live only under ``<data>/.brainseg/``, never in a case folder.
+
+    Raises:
+        ValueError: ``index_uri`` lies elsewhere inside the data prefix.
+    """
+    if index_uri.startswith(uri) and not index_uri.startswith(uri + INDEX_DIR + "/"):
+        raise ValueError(f"index_uri {index_uri} is inside the dataset {uri} but not under its {INDEX_DIR}/ "
+                         f"folder; it would be listed as data (or overwrite it). Use {_index_uri_for(uri)} "
+                         "or a location outside the dataset")
+
+
+def _layout_hint(uri: str, listing: list[s3io.ObjectInfo], prefix: str) -> str:
+    """Why no object sits in ``<case>/image/`` or ``<case>/mask/``, when the layout says so."""
+    parts = [info.key[len(prefix):].split("/") for info in listing]
+    deeper = sorted({p[0] for p in parts if len(p) >= 4 and p[2] in ("image", "mask")})
+    if deeper:
+        return (f"; cases seem to be one level down, under {uri}{deeper[0]}/ (pass that as the data URI)")
+    if any(len(p) >= 2 and p[0] in ("image", "mask") for p in parts):
+        parent = uri.rstrip("/").rsplit("/", 1)[0] + "/"
+        return f"; {uri} looks like a single case folder (it holds image/ or mask/): pass its parent {parent}"
+    return ""
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _group_objects(prefix: str, listing: list[s3io.ObjectInfo]):
@@ -100,7 +132,7 @@ def _objects_fingerprint(objects, extra: bytes = b"") -> str:
 def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
                   refresh_index: bool = False, trust_index: bool = False,
-                  require_masks: bool = True) -> Catalog:
+                  require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES) -> Catalog:
     """Index, check, summarise and split every case under ``uri``.
 
     Args:
@@ -117,17 +149,22 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             saved index this lists the prefix as usual.
         require_masks: with ``False`` (self-supervised pretraining) a case without a ``mask/``
             folder is usable; its ``mask`` is ``None`` and its summary has no tumour.
+        max_header_bytes: a header that does not end within this many bytes is refused.
 
     Raises:
-        ValueError: ``uri`` is not an S3 prefix, holds no case folder, or the manifest is malformed.
+        ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
+            cases are one level up or down), the manifest is malformed, or ``index_uri`` is in a
+            case folder or holds something other than an index.
         s3io.S3Error: the bucket cannot be listed.
     """
     bucket, prefix = s3io.parse_uri(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     uri = f"s3://{bucket}/{prefix}"
     index_uri = index_uri or _index_uri_for(uri)
+    check_index_location(uri, index_uri)
     started = time.perf_counter()
-    index = HeaderIndex() if refresh_index else load_index(index_uri)
+    key = identity_key(index_uri)
+    index = load_index(index_uri, key_id(key), refresh=refresh_index)
     manifest_uri = uri + MANIFEST_NAME
     if trust_index and index.objects:
         listing = [s3io.ObjectInfo(obj.key, obj.size, obj.etag) for obj in index.objects.values()]
@@ -139,9 +176,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     grouped, manifest_info, ignored = _group_objects(prefix, listing)
     if manifest_info is not None:
         manifest_bytes = s3io.get_object(bucket, manifest_info.key)
-    if not grouped:
+    if not any(series for parts in grouped.values() for series in parts.values()):
         raise ValueError(f"no case folders under {uri}: expected <case_id>/image/*.dcm and "
-                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed)")
+                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed){_layout_hint(uri, listing, prefix)}")
     if ignored:
         logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
 
@@ -155,7 +192,14 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         else:
             to_read.append(info)
     read_started = time.perf_counter()
-    for indexed in s3io.executor().map(lambda info: read_header(bucket, info), to_read):
+
+    def read(info: s3io.ObjectInfo) -> IndexedObject:
+        stray = is_stray_name(info.key)
+        if stray:
+            return IndexedObject(info.key, info.size, info.etag, None, stray, stray=True)
+        return read_header(bucket, info, key, max_header_bytes)
+
+    for indexed in s3io.executor().map(read, to_read):
         objects[indexed.key] = indexed
     read_seconds = time.perf_counter() - read_started
 
@@ -164,6 +208,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         case = Case(case_id)
         parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
                  for folder in ("image", "mask")}
+        case.skipped = [f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
+                        for obj in parts[folder] if obj.stray]
         try:
             case.image = assemble_series(bucket, "image", parts["image"])
             if parts["mask"] or require_masks:
@@ -202,23 +248,23 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
     _exclude_cross_case_duplicates(cases)
     if manifest_bytes is not None:
-        manifest = parse_manifest(manifest_uri, manifest_bytes)
-        unknown = sorted(set(manifest) - {case.case_id for case in cases})
+        manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, manifest_bytes).items()}
+        unknown = sorted(set(manifest) - {_nfc(case.case_id) for case in cases})
         if unknown:
             logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), uri,
                            ", ".join(unknown[:5]))
         for case in cases:
             if case.status != "ok":
                 continue
-            if case.case_id in manifest:
-                case.split = manifest[case.case_id]
+            if _nfc(case.case_id) in manifest:
+                case.split = manifest[_nfc(case.case_id)]
             else:
                 case.exclude("not listed in manifest.csv")
     else:
         assign_splits(cases, seed, split_fractions)
 
     if to_read or pending or objects.keys() != index.objects.keys():
-        save_index(index_uri, HeaderIndex(objects, summaries))
+        save_index(index_uri, HeaderIndex(index.key_id, objects, summaries))
     # What training reads: the case objects and the manifest.
     fingerprint = _objects_fingerprint(case_objects, manifest_bytes or b"")[:16]
     stats = {
@@ -233,6 +279,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     catalog = Catalog(uri=uri, cases=cases, fingerprint=fingerprint, index_stats=stats)
     for case in catalog.excluded():
         logger.warning("case %s excluded: %s", case.case_id, case.reason)
+    for case in cases:
+        if case.skipped:
+            logger.warning("case %s: skipped %d non-image object(s): %s", case.case_id, len(case.skipped),
+                           "; ".join(case.skipped[:3]) + (" ..." if len(case.skipped) > 3 else ""))
     logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
                 uri, len(cases), len(cases) - len(catalog.excluded()), len(catalog.split("train")),
                 len(catalog.split("val")), len(catalog.split("test")), len(catalog.excluded()), stats)
@@ -246,7 +296,7 @@ def _exclude_cross_case_duplicates(cases: list[Case]) -> None:
         if case.image is None:
             continue
         marks = {f"etag:{etag}" for etag in case.image.etags}
-        marks |= {f"sop:{header.sop_uid}" for header in case.image.headers if header.sop_uid}
+        marks |= {f"sop:{header.instance_hash}" for header in case.image.headers if header.instance_hash}
         first = sorted({seen[mark] for mark in marks if mark in seen})
         if first and case.status == "ok":
             case.exclude(f"image objects duplicate those of case {first[0]} (copied or "

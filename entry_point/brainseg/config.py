@@ -82,7 +82,8 @@ CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NO
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
-                               "trust_index", "refresh_index", "run_name", "output_uri", "compile"})
+                               "trust_index", "refresh_index", "run_name", "output_uri", "compile",
+                               "save_predictions"})
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class Hyperparameters:
     index lives; ``trust_index``/``refresh_index`` as in ``build_catalog``; ``max_train_cases``
     (0 = all) keeps the first N training cases for the low-label regime; ``max_val_cases``
     (0 = all) bounds validation cost; ``data_source`` ``stream`` reads patches by ranged GETs,
-    ``memory`` downloads each training volume first (the reference the stream is compared to).
+    ``memory`` downloads each training volume first (the reference the stream is compared to);
+    ``max_header_mb`` refuses objects whose header does not end within that many MiB.
 
     Output: a run writes under ``<output_uri>/<run_name>/``; ``run_name`` defaults to the
     SageMaker job name, else a timestamp. Pass the same ``run_name`` to resume a local run.
@@ -110,7 +112,9 @@ class Hyperparameters:
     without improvement before stopping early (0 = never); ``deterministic`` algorithms;
     ``num_workers`` DataLoader workers per rank.
 
-    Evaluation: sliding-window inference with ``sw_overlap`` and ``sw_batch_size``.
+    Evaluation: sliding-window inference with ``sw_overlap`` and ``sw_batch_size``;
+    ``save_predictions`` writes each test case's image/mask/prediction crop to the output (patient
+    pixels: turn it off where the output bucket must hold none).
 
     Artifacts: a checkpoint every epoch and every ``checkpoint_steps`` steps (0 = epochs only),
     the newest ``keep_checkpoints`` kept; a plain progress line every ``log_every`` steps.
@@ -131,6 +135,7 @@ class Hyperparameters:
     max_train_cases: int = 0
     max_val_cases: int = 0
     data_source: str = "stream"
+    max_header_mb: int = 1
     task: str = "segmentation"
     model: str = "unet"
     channels: tuple = (16, 32, 64, 128, 256)
@@ -156,6 +161,7 @@ class Hyperparameters:
     num_workers: int = 2
     sw_overlap: float = 0.25
     sw_batch_size: int = 2
+    save_predictions: bool = True
     checkpoint_steps: int = 0
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -184,7 +190,8 @@ class Hyperparameters:
                 raise ValueError(f"{name} {value!r}: expected an s3:// URI")
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise ValueError(f"channels {self.channels}: expected at least two positive widths, e.g. 16,32,64")
-        positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints")
+        positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints",
+                    "max_header_mb")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")

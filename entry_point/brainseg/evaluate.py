@@ -8,6 +8,7 @@ rank evaluates its share of the cases and every rank receives all results.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,13 +21,17 @@ from monai.inferers import sliding_window_inference
 from brainseg.augment import normalize
 from brainseg.catalog import Case
 from brainseg.config import Hyperparameters
+from brainseg.dicom import PixelDataError
 from brainseg.metrics import Overlap, tumour_centre
 from brainseg.pretext import drop_blocks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CaseResult:
-    """One evaluated case. ``overlap`` for segmentation, ``mse`` for the autoencoder."""
+    """One evaluated case. ``overlap`` for segmentation, ``mse`` for the autoencoder; ``error`` when
+    its pixels could not be decoded (then it counts in no figure)."""
 
     case_id: str
     shape: tuple
@@ -36,9 +41,12 @@ class CaseResult:
     predicted_ml: float = 0.0
     mse: float | None = None
     crop: dict | None = None  # image/mask/prediction around the tumour, for review overlays
+    error: str = ""
 
     def row(self) -> dict:
         row = {"case_id": self.case_id, "shape": "x".join(map(str, self.shape))}
+        if self.error:
+            return {**row, "error": self.error}
         if self.overlap is not None:
             row.update(dice=round(self.overlap.dice, 6), iou=round(self.overlap.iou, 6),
                        truth_ml=round(self.truth_ml, 3), predicted_ml=round(self.predicted_ml, 3),
@@ -126,8 +134,15 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
             upcoming = reader.submit(_load, mine[0], hp) if mine else None
             for number, case in enumerate(mine):
                 started = time.perf_counter()
-                image, mask = upcoming.result()
-                upcoming = reader.submit(_load, mine[number + 1], hp) if number + 1 < len(mine) else None
+                loading, upcoming = upcoming, (reader.submit(_load, mine[number + 1], hp)
+                                               if number + 1 < len(mine) else None)
+                try:
+                    image, mask = loading.result()
+                except PixelDataError as err:
+                    logger.warning("case %s left out of the evaluation: its pixels cannot be decoded (%s)",
+                                   case.case_id, err)
+                    results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
+                    continue
                 results.append(_evaluate_one(model, case, image, mask, hp, device, started, crops))
     finally:
         model.train(was_training)
@@ -139,14 +154,18 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
 
 
 def aggregate(results: list[CaseResult]) -> dict:
-    """Set-level figures: mean and median per-case Dice/IoU and Dice of the summed counts (or MSE)."""
+    """Set-level figures: mean and median per-case Dice/IoU and Dice of the summed counts (or MSE),
+    over the cases that could be read (``unreadable`` counts the others)."""
+    unreadable = sum(1 for result in results if result.error)
+    results = [result for result in results if not result.error]
     if not results:
-        return {}
+        return {"unreadable": unreadable} if unreadable else {}
     if results[0].overlap is None:
         errors = [result.mse for result in results]
-        return {"loss": float(np.mean(errors)), "loss_median": float(np.median(errors)), "cases": len(results)}
+        return {"loss": float(np.mean(errors)), "loss_median": float(np.median(errors)), "cases": len(results),
+                "unreadable": unreadable}
     dice = [result.overlap.dice for result in results]
     iou = [result.overlap.iou for result in results]
     total = sum((result.overlap for result in results), Overlap(0, 0, 0))
     return {"dice": float(np.mean(dice)), "dice_median": float(np.median(dice)), "iou": float(np.mean(iou)),
-            "dice_global": total.dice, "iou_global": total.iou, "cases": len(results)}
+            "dice_global": total.dice, "iou_global": total.iou, "cases": len(results), "unreadable": unreadable}

@@ -1,84 +1,203 @@
 """The header index: every object's parsed header (or why it has none) and each case's summary.
 
-Headers are parsed from small ranged reads, growing the range until the pixel data is located.
-The index is saved as JSON Lines keyed by object key and ETag, and streamed in both directions,
-so a dataset of any size never sits in memory as one document.
+Headers are parsed from small ranged reads, growing the range until the pixel data is located,
+never past ``max_header_bytes``. The index is saved as JSON Lines keyed by object key and ETag,
+and streamed in both directions, so a dataset of any size never sits in memory as one document.
+
+Identifiers never enter the index: PatientID and the series and instance UIDs are kept as keyed
+hashes (HMAC-SHA256). The key is a per-dataset secret: ``BRAINSEG_IDENTITY_KEY`` (hex) when set,
+else 32 random bytes stored beside the index (``<index>.key``, created once with a conditional
+PUT). Without the key a hash cannot be checked against guessed medical record numbers.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
+import secrets
 from dataclasses import asdict, dataclass, field
 
 from brainseg import s3io
-from brainseg.dicom import HeaderError, NeedMoreBytes, ObjectHeader, parse_header
+from brainseg.dicom import HeaderError, NeedMoreBytes, NotAnImage, NotDicom, ObjectHeader, element_beyond, parse_header
 from brainseg.quality import IndexedObject
 from brainseg.summary import CaseSummary
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: keyed identity hashes, stray objects
 HEADER_PREFIX_BYTES = 8 * 1024  # 8 KiB: a classic slice header fits; enhanced objects grow it
+MAX_HEADER_BYTES = 1024 * 1024  # 1 MiB: a header larger than this is refused, never downloaded
+KEY_BYTES = 32
+KEY_ENVIRONMENT = "BRAINSEG_IDENTITY_KEY"
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")  # a file named like this is meant to be a slice
 
 
-def read_header(bucket: str, info: s3io.ObjectInfo) -> IndexedObject:
-    """Parse one object's header with as few ranged bytes as possible."""
+class IndexLocationError(ValueError):
+    """The index location holds an object that is not a header index (it would be overwritten)."""
+
+
+def is_stray_name(key: str) -> str:
+    """Why an object is skipped by its name alone ("" when it is not): hidden files and DICOMDIR."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("."):
+        return "hidden file (e.g. .DS_Store), not part of a series"
+    if name.upper() == "DICOMDIR":
+        return "DICOMDIR (a media directory), not part of a series"
+    return ""
+
+
+def read_header(bucket: str, info: s3io.ObjectInfo, identity_key: bytes = b"",
+                max_header_bytes: int = MAX_HEADER_BYTES) -> IndexedObject:
+    """Parse one object's header with as few ranged bytes as possible (at most ``max_header_bytes``).
+
+    An object that is not an image (a text file, a DICOM report) is marked ``stray``: a folder may
+    hold it beside its slices. A damaged image object is not stray: its case cannot be trusted.
+    """
+    looks_like_a_slice = info.key.lower().endswith(DICOM_SUFFIXES)
     if info.size == 0:
-        return IndexedObject(info.key, info.size, info.etag, None, "empty object (0 bytes)")
-    size = min(HEADER_PREFIX_BYTES, info.size)
+        return IndexedObject(info.key, info.size, info.etag, None, "empty object (0 bytes)",
+                             stray=not looks_like_a_slice)
+    size = min(HEADER_PREFIX_BYTES, info.size, max_header_bytes)
     prefix = b""
     while True:
         if size > len(prefix):
             prefix += s3io.get_range(bucket, info.key, len(prefix), size, info.etag)
         try:
-            return IndexedObject(info.key, info.size, info.etag, parse_header(prefix, info.size))
+            return IndexedObject(info.key, info.size, info.etag, parse_header(prefix, info.size, identity_key))
         except NeedMoreBytes as more:
-            size = min(info.size, max(more.size, len(prefix) + 1))
+            if len(prefix) >= max_header_bytes:
+                beyond = element_beyond(prefix, max_header_bytes)
+                return IndexedObject(info.key, info.size, info.etag, None,
+                                     f"the header does not end within {max_header_bytes:,} bytes"
+                                     f"{' (' + beyond + ')' if beyond else ''}; larger headers are not read "
+                                     "(raise --max-header-mb and re-index with --refresh-index if it is genuine)")
+            size = min(info.size, max(more.size, len(prefix) + 1), max_header_bytes)
+        except NotDicom as err:
+            return IndexedObject(info.key, info.size, info.etag, None, str(err), stray=not looks_like_a_slice)
+        except NotAnImage as err:
+            return IndexedObject(info.key, info.size, info.etag, None, str(err), stray=True)
         except HeaderError as err:
             return IndexedObject(info.key, info.size, info.etag, None, str(err))
+        except Exception as err:  # last line of defence: hostile bytes must not stop indexing
+            return IndexedObject(info.key, info.size, info.etag, None,
+                                 f"unexpected error while parsing the header ({type(err).__name__})")
+
+
+def _key_from_environment() -> bytes | None:
+    text = os.environ.get(KEY_ENVIRONMENT, "").strip()
+    if not text:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise ValueError(f"{KEY_ENVIRONMENT} must be at least 16 bytes written as hex (e.g. `openssl rand -hex 32`)")
+    return key
+
+
+def identity_key(index_uri: str) -> bytes:
+    """The dataset's identity key: from the environment, else beside the index (created once).
+
+    Raises:
+        ValueError: the environment's key is malformed, or the stored key is damaged.
+    """
+    key = _key_from_environment()
+    if key is not None:
+        return key
+    uri = index_uri + ".key"
+    fresh = secrets.token_bytes(KEY_BYTES)
+    try:
+        stored = s3io.read_uri(uri)
+        if stored is None:
+            try:
+                s3io.put_bytes(uri, fresh, if_none_match=True)
+                return fresh
+            except s3io.Conflict:
+                stored = s3io.read_uri(uri)  # another job created it first
+    except s3io.S3Error as err:
+        logger.warning("could not read or store the identity key at %s (%s): this job's identity hashes are its "
+                       "own, and no saved index can be reused", uri, err)
+        return fresh
+    if stored is None or len(stored) != KEY_BYTES:
+        raise ValueError(f"the identity key {uri} is damaged ({0 if stored is None else len(stored)} bytes, expected "
+                         f"{KEY_BYTES}); delete it and the index beside it, then index again")
+    return stored
+
+
+def key_id(key: bytes) -> str:
+    """Names a key without revealing it, so an index hashed with another key is not reused."""
+    return hmac.new(key, b"brainseg identity key", "sha256").hexdigest()[:12]
 
 
 @dataclass
 class HeaderIndex:
     """What a job saves for the next: every object's header (or error) and each case's summary.
 
-    Stored as JSON Lines: a version line, one line per object, one per case.
+    Stored as JSON Lines: a version line (with the identity key's ID), one line per object, one per case.
     """
 
+    key_id: str = ""
     objects: dict[str, IndexedObject] = field(default_factory=dict)
     cases: dict[str, tuple[str, CaseSummary]] = field(default_factory=dict)  # id -> (fingerprint, summary)
 
     def lines(self):
-        yield json.dumps({"version": INDEX_VERSION})
+        yield json.dumps({"version": INDEX_VERSION, "key_id": self.key_id})
         for obj in self.objects.values():
             yield json.dumps({"object": obj.key, "etag": obj.etag, "size": obj.size, "error": obj.error,
-                              "header": obj.header.to_row() if obj.header else None}, separators=(",", ":"))
+                              "stray": obj.stray, "header": obj.header.to_row() if obj.header else None},
+                             separators=(",", ":"))
         for case_id, (fingerprint, summary) in self.cases.items():
             yield json.dumps({"case": case_id, "fingerprint": fingerprint, "summary": asdict(summary)},
                              separators=(",", ":"))
 
 
-def load_index(index_uri: str) -> HeaderIndex:
-    index = HeaderIndex()
+def _version_line(index_uri: str, lines) -> dict:
+    """The first line of the object at the index location, which must be an index's version line."""
+    refusal = (f"index location {index_uri} holds an object that is not a brainseg header index; it would be "
+               "overwritten. Pass another --index-uri (or remove that object)")
+    try:
+        first = json.loads(next(lines, b""))
+    except ValueError:
+        raise IndexLocationError(refusal) from None
+    if not isinstance(first, dict) or not isinstance(first.get("version"), int):
+        raise IndexLocationError(refusal)
+    return first
+
+
+def load_index(index_uri: str, current_key_id: str, refresh: bool = False) -> HeaderIndex:
+    """The saved index, or an empty one when there is none, it is of another version or key, it
+    cannot be read, or ``refresh`` asks to read every header again.
+
+    Raises:
+        IndexLocationError: something that is not an index is stored at ``index_uri``.
+    """
+    index = HeaderIndex(current_key_id)
     try:
         lines = s3io.read_lines(index_uri)
         if lines is None:
             return index
-        if json.loads(next(lines, b"{}")).get("version") != INDEX_VERSION:
-            logger.info("header index at %s has another version; indexing from scratch", index_uri)
+        first = _version_line(index_uri, lines)
+        if refresh:
+            return index
+        if (first["version"], first.get("key_id")) != (INDEX_VERSION, current_key_id):
+            logger.info("header index at %s has another version or identity key; indexing from scratch", index_uri)
             return index
         for line in lines:
             entry = json.loads(line)
             if "object" in entry:
                 header = ObjectHeader.from_row(entry["header"]) if entry["header"] else None
                 index.objects[entry["object"]] = IndexedObject(entry["object"], entry["size"], entry["etag"],
-                                                               header, entry["error"])
+                                                               header, entry["error"], entry["stray"])
             else:
                 index.cases[entry["case"]] = (entry["fingerprint"], CaseSummary.from_json(entry["summary"]))
+    except IndexLocationError:
+        raise
     except (s3io.S3Error, ValueError, KeyError, TypeError) as err:
         logger.warning("could not use the header index at %s (%s); indexing from scratch", index_uri, err)
-        return HeaderIndex()
+        return HeaderIndex(current_key_id)
     return index
 
 

@@ -9,8 +9,10 @@ interleaved, so a batch mixes cases.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
@@ -22,9 +24,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from brainseg.augment import augment, normalize, pad_to
 from brainseg.catalog import Case
 from brainseg.config import StreamConfig
+from brainseg.dicom import PixelDataError
 from brainseg.sampling import SlabPlan, plan_slab, slab_shape
 
+logger = logging.getLogger(__name__)
+
 FLOAT_BYTES = 4
+REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
 
 
 def distributed_position() -> tuple[int, int]:
@@ -86,6 +92,7 @@ class PatchStream(IterableDataset):
         self.world_size = default_world_size if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self._unreadable: set[str] = set()  # cases warned about, per worker
         self._shapes = [case.image.shape for case in self.cases]
         self._foregrounds = [case.summary.foreground_points for case in self.cases]
         self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
@@ -98,8 +105,34 @@ class PatchStream(IterableDataset):
                 f"{self.task_cost_bytes / 2**20:.0f} MiB; raise memory_budget_bytes or lower "
                 "patch_size, slab_margin or patches_per_slab")
 
-    def plan(self, task: int) -> SlabPlan:
-        return plan_slab(task, self._shapes, self._foregrounds, self.config)
+    def plan(self, task: int, attempt: int = 0) -> SlabPlan:
+        return plan_slab(task, self._shapes, self._foregrounds, self.config, attempt)
+
+    def _read(self, plan: SlabPlan) -> tuple[np.ndarray, np.ndarray]:
+        case = self.cases[plan.case_index]
+        return case.image.read_region(*plan.region), _read_mask(case, plan.region)
+
+    def _settle(self, plan: SlabPlan, image: Future, mask: Future) -> tuple[SlabPlan, np.ndarray, np.ndarray]:
+        """The slab of ``plan``, or, when its pixels cannot be decoded (a damaged compressed frame
+        the index could not see), the task's next replacement plan in a fixed order."""
+        try:
+            return plan, image.result(), mask.result()
+        except PixelDataError as err:
+            failure = err
+        for attempt in range(1, REPLACEMENT_ATTEMPTS + 1):
+            self._warn_unreadable(self.cases[plan.case_index].case_id, failure)
+            plan = self.plan(plan.task, attempt)
+            try:
+                return (plan, *self._read(plan))
+            except PixelDataError as err:
+                failure = err
+        raise PixelDataError(f"task {plan.task}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
+                             f"{failure}")
+
+    def _warn_unreadable(self, case_id: str, err: Exception) -> None:
+        if case_id not in self._unreadable:
+            self._unreadable.add(case_id)
+            logger.warning("case %s: a slab cannot be decoded (%s); its tasks take replacement slabs", case_id, err)
 
     def shard(self) -> tuple[int, int, int, int]:
         """``(shard index, shard count, workers in this process group, samples to skip)``.
@@ -144,12 +177,12 @@ class PatchStream(IterableDataset):
             # range pool and delay the first batch.
             read_ahead(group)
             for _plan, image, mask in pending:
-                image.result(), mask.result()
+                futures.wait([image, mask])
             while True:
                 read_ahead(capacity)
                 ready = [pending.popleft() for _ in range(group)]
                 read_ahead(capacity - group)  # keep reading while this group is cut into patches
-                samples = [self._patches(plan, image.result(), mask.result()) for plan, image, mask in ready]
+                samples = [self._patches(*self._settle(*slab)) for slab in ready]
                 del ready
                 for index in range(self.config.patches_per_slab):
                     for patches in samples:

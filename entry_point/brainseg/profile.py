@@ -61,6 +61,8 @@ def profile_catalog(catalog: Catalog) -> dict:
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
                                                for case in usable]),
         "exclusions": [{"case_id": case.case_id, "reason": case.reason} for case in catalog.excluded()],
+        "skipped_objects": [{"case_id": case.case_id, "object": item.split(": ", 1)[0], "reason": item.split(": ", 1)[1]}
+                            for case in catalog.cases for item in case.skipped],
         "index": catalog.index_stats,
     }
 
@@ -84,4 +86,7 @@ def format_profile(profile: dict) -> str:
     if profile["exclusions"]:
         lines.append("excluded:")
         lines += [f"  {item['case_id']}: {item['reason']}" for item in profile["exclusions"]]
+    if profile["skipped_objects"]:
+        lines.append(f"skipped (not images; their cases are kept): {len(profile['skipped_objects'])} object(s)")
+        lines += [f"  {item['case_id']}/{item['object']}: {item['reason']}" for item in profile["skipped_objects"]]
     return "\n".join(lines)

@@ -28,13 +28,16 @@ class QualityError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class IndexedObject:
-    """One object of a series folder: its key, size, ETag, and header or the reason it has none."""
+    """One object of a series folder: its key, size, ETag, and header or the reason it has none.
+    A ``stray`` object is not an image at all (notes.txt, a DICOMDIR, a report): it is skipped,
+    while an image object without a header makes its series unusable."""
 
     key: str
     size: int
     etag: str
     header: ObjectHeader | None
     error: str = ""
+    stray: bool = False
 
     @property
     def name(self) -> str:
@@ -57,21 +60,24 @@ def assemble_series(bucket: str, folder: str, objects: list[IndexedObject]) -> S
     Args:
         bucket: the bucket holding the objects.
         folder: ``"image"`` or ``"mask"``, for messages.
-        objects: every object listed under the folder.
+        objects: every object listed under the folder; stray (non-image) objects are skipped.
 
     Raises:
-        QualityError: empty folder, unreadable or non-image objects, mixed series, sizes or
+        QualityError: no image object, unreadable image objects, mixed series, sizes or
             orientations, duplicated or missing slices, uneven spacing, misaligned stack.
     """
+    strays = [obj for obj in objects if obj.stray]
+    objects = [obj for obj in objects if not obj.stray]
     if not objects:
-        raise QualityError(f"no {folder} objects: expected a DICOM series under {folder}/")
+        skipped = f" ({len(strays)} non-image object(s) skipped: {_names(strays)})" if strays else ""
+        raise QualityError(f"no {folder} objects: expected a DICOM series under {folder}/{skipped}")
     broken = [obj for obj in objects if obj.header is None]
     if broken:
         raise QualityError(f"{len(broken)} {folder} object(s) unusable: {_names(broken)} "
                            f"({broken[0].error})")
     headers = [obj.header for obj in objects]
-    if len({h.series_uid for h in headers}) > 1:
-        raise QualityError(f"{folder}/ mixes {len({h.series_uid for h in headers})} series "
+    if len({h.series_hash for h in headers}) > 1:
+        raise QualityError(f"{folder}/ mixes {len({h.series_hash for h in headers})} series "
                            "(different SeriesInstanceUID); keep one series per folder")
     sizes = {(h.rows, h.columns) for h in headers}
     if len(sizes) > 1:

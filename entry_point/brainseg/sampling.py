@@ -61,7 +61,8 @@ def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(int(value), high))
 
 
-def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: StreamConfig) -> SlabPlan:
+def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: StreamConfig,
+              attempt: int = 0) -> SlabPlan:
     """The slab and patch origins of ``task``.
 
     Args:
@@ -69,12 +70,19 @@ def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: 
         shapes: ``(D, H, W)`` of each case.
         foregrounds: tumour voxel coordinates ``((z, y, x), ...)`` of each case (may be empty).
         config: patch size, margins, patches per slab, foreground fraction and seed.
+        attempt: 0 for the task's own plan; 1, 2, ... for the replacements drawn, in this fixed
+            order, when the slab of an earlier attempt could not be decoded (a damaged frame), so a
+            task's patches still depend only on the seed, the task and the data.
     """
-    case_index = case_for_task(task, len(shapes), config.seed)
+    if attempt:
+        case_index = int(np.random.default_rng([config.seed, task, attempt, 13]).integers(len(shapes)))
+        rng = np.random.default_rng([config.seed, task, attempt])
+    else:
+        case_index = case_for_task(task, len(shapes), config.seed)
+        rng = np.random.default_rng([config.seed, task])
     shape = tuple(shapes[case_index])
     extent = patch_extent(shape, config.patch_size)
     slab = slab_shape(shape, config)
-    rng = np.random.default_rng([config.seed, task])
     points = np.asarray(foregrounds[case_index], dtype=np.int64).reshape(-1, 3)
     foreground = is_foreground_task(task, config.foreground_fraction) and len(points) > 0
 

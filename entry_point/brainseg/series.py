@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg import s3io
-from brainseg.dicom import decode_frame, decode_native_rows, item_fragments
+from brainseg.dicom import PixelDataError, decode_frame, decode_native_rows, item_fragments
 from brainseg.dicom.pixels import split_frames
 
 COALESCE_GAP_BYTES = 256 * 1024  # 256 KiB: re-reading this costs less than another request's latency
@@ -133,20 +133,29 @@ class Series:
             fills.append((obj, None, pieces))
 
         for body, (obj, request_start, pieces) in zip(s3io.get_ranges(requests), fills):
-            header = self.headers[obj]
-            view = memoryview(body)
-            if request_start is None:
-                frames = split_frames(view, header.frames)
-                for index, frame in pieces:
-                    out[index] = decode_frame([frames[frame]], header)[y0:y1, x0:x1]
-                continue
-            for start, stop, index in pieces:
-                chunk = view[start - request_start:stop - request_start]
-                if header.encapsulated:
-                    out[index] = decode_frame(item_fragments(chunk), header)[y0:y1, x0:x1]
-                else:
-                    out[index] = decode_native_rows(chunk, header, y1 - y0)[:, x0:x1]
+            try:
+                self._fill(out, memoryview(body), obj, request_start, pieces, y0, y1, x0, x1)
+            except PixelDataError as err:
+                raise PixelDataError(f"{self.keys[obj].rsplit('/', 1)[-1]}: {err}") from None
         return out
+
+    def _fill(self, out: np.ndarray, view: memoryview, obj: int, request_start: int | None, pieces: list,
+              y0: int, y1: int, x0: int, x1: int) -> None:
+        """Decode the fetched bytes of one request into the output slices they cover."""
+        header = self.headers[obj]
+        if request_start is None:
+            frames = split_frames(view, header.frames)
+            for index, frame in pieces:
+                if frame >= len(frames):
+                    raise PixelDataError(f"holds {len(frames)} frame(s); frame {frame} is missing")
+                out[index] = decode_frame([frames[frame]], header)[y0:y1, x0:x1]
+            return
+        for start, stop, index in pieces:
+            chunk = view[start - request_start:stop - request_start]
+            if header.encapsulated:
+                out[index] = decode_frame(item_fragments(chunk), header)[y0:y1, x0:x1]
+            else:
+                out[index] = decode_native_rows(chunk, header, y1 - y0)[:, x0:x1]
 
     def read_volume(self) -> np.ndarray:
         """The whole series as a ``(D, H, W)`` float32 array."""

@@ -41,7 +41,9 @@ def assign_splits(cases: list, seed: int, fractions=DEFAULT_SPLIT_FRACTIONS) -> 
     groups: dict[str, list] = {}
     for case in sorted(usable, key=lambda c: c.case_id):
         groups.setdefault(case.patient_group or case.case_id, []).append(case)
-    keys = sorted(groups)
+    # Ordered by their first case ID, not by the patient hash: the hash depends on the dataset's
+    # identity key, and the split must depend only on the cases and the seed.
+    keys = sorted(groups, key=lambda group: groups[group][0].case_id)
     order = np.random.default_rng(seed).permutation(len(keys))
     train, val = round(fractions[0] * len(usable)), round(fractions[1] * len(usable))
     targets = np.asarray([train, val, len(usable) - train - val])

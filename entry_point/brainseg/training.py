@@ -32,6 +32,7 @@ from brainseg.artifacts import RunStore
 from brainseg.checkpoints import CheckpointStore
 from brainseg.catalog import Case, Catalog, build_catalog
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters
+from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.evaluate import aggregate, autocast, evaluate
 from brainseg.losses import build_loss
@@ -121,9 +122,13 @@ def restore_rng_states(states: dict) -> None:
 def load_catalog(hp: Hyperparameters) -> Catalog:
     """The dataset catalog; rank 0 indexes first so the other ranks reuse its index."""
     def build() -> Catalog:
-        return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
-                             refresh_index=hp.refresh_index and distributed.is_main(),
-                             trust_index=hp.trust_index, require_masks=hp.task == "segmentation")
+        try:
+            return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
+                                 refresh_index=hp.refresh_index and distributed.is_main(),
+                                 trust_index=hp.trust_index, require_masks=hp.task == "segmentation",
+                                 max_header_bytes=hp.max_header_mb * 2**20)
+        except ValueError as err:  # the data prefix's layout, the manifest, the index location
+            raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None
     distributed.barrier()
     return catalog if catalog is not None else build()
@@ -296,7 +301,10 @@ class Run:
 
     def loader(self) -> DataLoader:
         hp = self.hp
-        cases = load_in_memory(self.train_cases) if hp.data_source == "memory" else self.train_cases
+        try:
+            cases = load_in_memory(self.train_cases) if hp.data_source == "memory" else self.train_cases
+        except PixelDataError as err:
+            raise TrainingError(f"--data-source memory needs every training volume whole: {err}") from err
         stream = PatchStream(cases, hp.stream_config(), start_batch=self.state.step, batch_size=hp.batch_size,
                              rank=self.rank, world_size=self.world)
         # Its own generator: creating the iterator must not draw from the global RNG, or a
@@ -416,6 +424,9 @@ class Run:
         }
         started = time.perf_counter()
         results = aggregate(evaluate(self.model, self.val_cases, hp, self.device))
+        if not results.get("cases"):
+            raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
+                                "above); exclude the damaged cases or list others as 'val' in manifest.csv")
         if hp.task == "autoencoder":
             line["val_loss"] = results["loss"]
             metric = -results["loss"]
@@ -462,7 +473,8 @@ class Run:
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
-        results = evaluate(self.model, self.test_cases, hp, self.device, crops=True) if self.test_cases else []
+        results = (evaluate(self.model, self.test_cases, hp, self.device, crops=hp.save_predictions)
+                   if self.test_cases else [])
         scores = aggregate(results)
         summary = {
             "run_name": self.run_name,
@@ -472,6 +484,7 @@ class Run:
             "steps": self.state.step,
             "stopped_early": self.state.stopped_early,
             "test_cases": len(results),
+            "unreadable_test_cases": scores.get("unreadable", 0),
             "hyperparameters": hp.to_dict(),
             "dataset_fingerprint": self.catalog.fingerprint,
             "code_version": code_version(),

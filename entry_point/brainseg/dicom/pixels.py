@@ -17,6 +17,10 @@ from brainseg.dicom.header import ITEM_TAG, ObjectHeader
 SEQUENCE_DELIMITER_TAG = (0xFFFE, 0xE0DD)
 
 
+class PixelDataError(ValueError):
+    """Fetched pixel bytes cannot be turned into an image (a damaged frame or item)."""
+
+
 def native_dtype(header: ObjectHeader) -> np.dtype:
     """The stored-value dtype of a native object (size, sign, byte order)."""
     kind = "i" if header.pixel_signed else "u"
@@ -59,29 +63,40 @@ def item_fragments(data: bytes | memoryview) -> list[bytes]:
         if (group, element) == SEQUENCE_DELIMITER_TAG:
             break
         if (group, element) != ITEM_TAG or position + 8 + length > len(data):
-            raise ValueError(f"corrupt encapsulated pixel data at byte {position}")
+            raise PixelDataError(f"corrupt encapsulated pixel data at byte {position} of the frame")
         fragments.append(bytes(data[position + 8:position + 8 + length]))
         position += 8 + length
     return fragments
 
 
 def decode_frame(fragments: list[bytes], header: ObjectHeader) -> np.ndarray:
-    """Decode one compressed frame (its fragments) into a ``(rows, columns)`` float32 array."""
-    decoder = get_decoder(header.transfer_syntax)
-    values, _ = decoder.as_array(
-        encapsulate([b"".join(fragments)]),
-        rows=header.rows,
-        columns=header.columns,
-        samples_per_pixel=1,
-        bits_allocated=header.bits_allocated,
-        bits_stored=header.bits_stored,
-        pixel_representation=int(header.pixel_signed),
-        photometric_interpretation=header.photometric,
-        number_of_frames=1,
-    )
-    return to_modality(values.reshape(header.rows, header.columns), header)
+    """Decode one compressed frame (its fragments) into a ``(rows, columns)`` float32 array.
+
+    Raises:
+        PixelDataError: the codestream cannot be decoded into ``rows x columns`` pixels.
+    """
+    try:
+        decoder = get_decoder(header.transfer_syntax)
+        values, _ = decoder.as_array(
+            encapsulate([b"".join(fragments)]),
+            rows=header.rows,
+            columns=header.columns,
+            samples_per_pixel=1,
+            bits_allocated=header.bits_allocated,
+            bits_stored=header.bits_stored,
+            pixel_representation=int(header.pixel_signed),
+            photometric_interpretation=header.photometric,
+            number_of_frames=1,
+        )
+        values = values.reshape(header.rows, header.columns)
+    except Exception as err:  # each decoder plugin raises its own types on a damaged codestream
+        raise PixelDataError(f"a compressed frame cannot be decoded ({type(err).__name__})") from None
+    return to_modality(values, header)
 
 
 def split_frames(pixel_value: bytes | memoryview, frames: int) -> list[bytes]:
     """Frames of encapsulated Pixel Data that has no offset table (starts at its first item)."""
-    return list(generate_frames(bytes(pixel_value), number_of_frames=frames))
+    try:
+        return list(generate_frames(bytes(pixel_value), number_of_frames=frames))
+    except Exception as err:  # pydicom raises several types on damaged items
+        raise PixelDataError(f"encapsulated frames cannot be split ({type(err).__name__})") from None
