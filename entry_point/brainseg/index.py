@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from brainseg import s3io
 from brainseg.dicom import HeaderError, NeedMoreBytes, NotAnImage, NotDicom, ObjectHeader, element_beyond, parse_header
@@ -48,41 +49,54 @@ def is_stray_name(key: str) -> str:
     return ""
 
 
-def read_header(bucket: str, info: s3io.ObjectInfo, identity_key: bytes = b"",
-                max_header_bytes: int = MAX_HEADER_BYTES) -> IndexedObject:
-    """Parse one object's header with as few ranged bytes as possible (at most ``max_header_bytes``).
+def parse_object(key: str, size: int, fetch: Callable[[int, int], bytes], identity_key: bytes = b"",
+                 max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[ObjectHeader | None, str, bool]:
+    """Parse one object's header from as few leading bytes as possible (at most ``max_header_bytes``).
 
-    An object that is not an image (a text file, a DICOM report) is marked ``stray``: a folder may
-    hold it beside its slices. A damaged image object is not stray: its case cannot be trusted.
+    Args:
+        key: the object's key (its name decides whether a non-DICOM object is stray).
+        size: the object's size in bytes.
+        fetch: ``fetch(start, stop)`` returns the object's bytes ``[start, stop)``.
+
+    Returns:
+        ``(header, error, stray)``: the header, or ``None`` with the reason. An object that is not
+        an image (a text file, a DICOM report) is ``stray``: a folder may hold it beside its
+        slices. A damaged image object is not stray: its series cannot be trusted.
     """
-    looks_like_a_slice = info.key.lower().endswith(DICOM_SUFFIXES)
-    if info.size == 0:
-        return IndexedObject(info.key, info.size, info.etag, None, "empty object (0 bytes)",
-                             stray=not looks_like_a_slice)
-    size = min(HEADER_PREFIX_BYTES, info.size, max_header_bytes)
+    looks_like_a_slice = key.lower().endswith(DICOM_SUFFIXES)
+    if size == 0:
+        return None, "empty object (0 bytes)", not looks_like_a_slice
+    wanted = min(HEADER_PREFIX_BYTES, size, max_header_bytes)
     prefix = b""
     while True:
-        if size > len(prefix):
-            prefix += s3io.get_range(bucket, info.key, len(prefix), size, info.etag)
+        if wanted > len(prefix):
+            prefix += fetch(len(prefix), wanted)
         try:
-            return IndexedObject(info.key, info.size, info.etag, parse_header(prefix, info.size, identity_key))
+            return parse_header(prefix, size, identity_key), "", False
         except NeedMoreBytes as more:
             if len(prefix) >= max_header_bytes:
                 beyond = element_beyond(prefix, max_header_bytes)
-                return IndexedObject(info.key, info.size, info.etag, None,
-                                     f"the header does not end within {max_header_bytes:,} bytes"
-                                     f"{' (' + beyond + ')' if beyond else ''}; larger headers are not read "
-                                     "(raise --max-header-mb and re-index with --refresh-index if it is genuine)")
-            size = min(info.size, max(more.size, len(prefix) + 1), max_header_bytes)
+                return None, (f"the header does not end within {max_header_bytes:,} bytes"
+                              f"{' (' + beyond + ')' if beyond else ''}; larger headers are not read (raise "
+                              "--max-header-mb and re-index with --refresh-index if it is genuine)"), False
+            wanted = min(size, max(more.size, len(prefix) + 1), max_header_bytes)
         except NotDicom as err:
-            return IndexedObject(info.key, info.size, info.etag, None, str(err), stray=not looks_like_a_slice)
+            return None, str(err), not looks_like_a_slice
         except NotAnImage as err:
-            return IndexedObject(info.key, info.size, info.etag, None, str(err), stray=True)
+            return None, str(err), True
         except HeaderError as err:
-            return IndexedObject(info.key, info.size, info.etag, None, str(err))
+            return None, str(err), False
         except Exception as err:  # last line of defence: hostile bytes must not stop indexing
-            return IndexedObject(info.key, info.size, info.etag, None,
-                                 f"unexpected error while parsing the header ({type(err).__name__})")
+            return None, f"unexpected error while parsing the header ({type(err).__name__})", False
+
+
+def read_header(bucket: str, info: s3io.ObjectInfo, identity_key: bytes = b"",
+                max_header_bytes: int = MAX_HEADER_BYTES) -> IndexedObject:
+    """:func:`parse_object` by ranged GETs (pinned to the listed ETag)."""
+    header, error, stray = parse_object(
+        info.key, info.size, lambda start, stop: s3io.get_range(bucket, info.key, start, stop, info.etag),
+        identity_key, max_header_bytes)
+    return IndexedObject(info.key, info.size, info.etag, header, error, stray)
 
 
 def _key_from_environment() -> bytes | None:

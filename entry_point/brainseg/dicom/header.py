@@ -468,6 +468,9 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
         what = f"{needed} bytes that {frames} frame(s) of {rows}x{columns}x{bits_allocated} bits need"
         if length < needed:
             raise HeaderError(f"the Pixel Data element declares {max(length, 0)} of the {what}")
+        if length > needed + 1:  # one byte of padding makes an odd length even
+            raise HeaderError(f"the Pixel Data element declares {length} bytes, more than the {what}: Rows, "
+                              "Columns, BitsAllocated or NumberOfFrames is wrong")
         held = object_size - value_offset
         if held < needed:
             raise HeaderError(f"Pixel Data holds {max(held, 0)} of the {what} (truncated object?)")
