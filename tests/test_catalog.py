@@ -141,3 +141,65 @@ def test_object_changed_after_indexing_fails_loudly(bucket):
     put(key_uri, dicom_bytes(dataset))
     with pytest.raises(s3io.S3Error, match=r"IM_0002\.dcm changed since it was indexed .* --refresh-index"):
         catalog.cases[0].image.read_volume()
+
+
+def test_identifiers_are_hashed_with_a_per_dataset_key(bucket, monkeypatch):
+    uri = _dataset(bucket, 4, patient_of=lambda n: "PID-same" if n < 2 else f"PID-{n}")
+    first = build_catalog(uri)
+    key = s3io.read_uri(uri + ".brainseg/index.jsonl.key")
+    assert len(key) == 32
+    assert first.cases[0].patient_group == first.cases[1].patient_group != first.cases[2].patient_group
+    copy = f"s3://{bucket}/copy/"
+    source_bucket, source_prefix = s3io.parse_uri(uri)
+    for info in s3io.list_objects(source_bucket, source_prefix + "case_"):
+        s3io.client().copy_object(Bucket=bucket, Key="copy/" + info.key[len(source_prefix):],
+                                  CopySource={"Bucket": bucket, "Key": info.key})
+    second = build_catalog(copy)
+    assert s3io.read_uri(copy + ".brainseg/index.jsonl.key") != key  # another dataset, another key
+    assert second.cases[0].patient_group != first.cases[0].patient_group  # so hashes cannot be compared across
+    assert _splits(second) == _splits(first)  # while the split depends only on the cases and the seed
+    monkeypatch.setenv("BRAINSEG_IDENTITY_KEY", "ab" * 32)
+    s3io.reset_stats()
+    third = build_catalog(uri)
+    assert third.index_stats["headers_read"] == third.index_stats["objects"] == 48  # an index hashed with another key is not reused
+    monkeypatch.setenv("BRAINSEG_IDENTITY_KEY", "not hex")
+    with pytest.raises(ValueError, match="BRAINSEG_IDENTITY_KEY must be at least 16 bytes written as hex"):
+        build_catalog(uri)
+
+
+def test_the_index_never_overwrites_data(bucket):
+    uri = _dataset(bucket, 2)
+    with pytest.raises(ValueError, match=r"index_uri .*case_00/image/index\.jsonl is inside the dataset .* but not "
+                                         r"under its \.brainseg/ folder"):
+        build_catalog(uri, index_uri=uri + "case_00/image/index.jsonl")
+    dicom = s3io.read_uri(uri + "case_00/image/IM_0001.dcm")
+    elsewhere = f"s3://{bucket}/not-an-index.dcm"
+    put(elsewhere, dicom)
+    for refresh in (False, True):
+        with pytest.raises(ValueError, match="holds an object that is not a brainseg header index; it would be "
+                                             "overwritten"):
+            build_catalog(uri, index_uri=elsewhere, refresh_index=refresh)
+    assert s3io.read_uri(elsewhere) == dicom
+
+
+@pytest.mark.parametrize("where, hint", [
+    ("", r"cases seem to be one level down, under s3://{bucket}/nest/data/"),
+    ("data/case_00/", r"s3://{bucket}/nest/data/case_00/ looks like a single case folder .* pass its parent "
+                      r"s3://{bucket}/nest/data/"),
+])
+def test_a_prefix_one_level_off_gets_a_hint(bucket, where, hint):
+    root = f"s3://{bucket}/nest/data"
+    phantom = small_phantom(seed=1, shape=(6, 32, 32))
+    put_case(root, "case_00", phantom.image, phantom.mask)
+    with pytest.raises(ValueError, match="no case folders under .*" + hint.format(bucket=bucket)):
+        build_catalog(f"s3://{bucket}/nest/{where}")
+
+
+def test_manifest_names_match_in_any_unicode_normal_form(bucket):
+    root = f"s3://{bucket}/accents"
+    for number, name in enumerate(("Ame\u0301lie", "Zoe\u0308")):  # decomposed, as macOS writes file names
+        phantom = small_phantom(seed=number, shape=(6, 32, 32))
+        put_case(root, name, phantom.image, phantom.mask)
+    put(root + "/manifest.csv", "case_id,split\nAm\u00e9lie,train\nZo\u00eb,val\n".encode())
+    catalog = build_catalog(root + "/")
+    assert [(case.status, case.split) for case in catalog.cases] == [("ok", "train"), ("ok", "val")]

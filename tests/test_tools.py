@@ -28,20 +28,27 @@ def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
     dataset = pydicom.dcmread(images[0])
     assert (dataset.Rows, dataset.Columns) == (40, 36) and dataset.Modality == "MR"
 
+    (folder / ".DS_Store").write_bytes(b"Bud1")
+    (folder / "case_0001" / "image" / "._IM_0001.dcm").write_bytes(b"AppleDouble")
     uri = f"s3://{bucket}/dataset/"
     result = run("infra/upload.py", str(folder), uri)
     assert result.returncode == 0, result.stderr
-    assert "uploaded 96 file(s)" in result.stderr
+    assert "uploaded 96 file(s)" in result.stderr  # hidden files stay behind
+    s3io.put_bytes(uri + "case_0002/image/notes.txt", b"reader notes\n")
 
     profile_path = tmp_path / "profile.json"
     result = run("infra/inspect_data.py", uri, "--json", str(profile_path))
     assert result.returncode == 0, result.stderr
     assert "3 total, 3 usable, 0 excluded" in result.stdout
+    assert "skipped (not images; their cases are kept): 1 object(s)\n  case_0002/image/notes.txt: not a DICOM file" \
+        in result.stdout
     assert "16x40x36 (3)" in result.stdout
     profile = json.loads(profile_path.read_text())
     assert profile["cases"] == 3 and profile["splits"] == {"train": 2, "val": 1, "test": 0}
     assert profile["tumour_ml"]["min"] > 0
     assert profile["layouts"] == {"single-frame": 3}
+    assert profile["skipped_objects"] == [{"case_id": "case_0002", "object": "image/notes.txt",
+                                           "reason": "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"}]
     assert "Synthetic^" not in result.stdout + result.stderr + profile_path.read_text()
 
 
