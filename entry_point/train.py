@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("botocore", "boto3", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        hp, unknown = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
+        hp, ignored = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         logger.error("bad hyperparameter: %s", err)
         return 2
-    if unknown:
-        logger.warning("ignoring arguments that are not hyperparameters: %s", " ".join(unknown))
+    if ignored:
+        logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))
     from brainseg.training import Interrupted, Run, TrainingError  # torch only once the flags are valid
 
     env = read_environment()

@@ -99,8 +99,9 @@ class JobSpec:
         for reserved, flag in (("data_uri", "--data-uri"), ("output_uri", "--output-uri"), ("run_name", "--job-name")):
             if reserved in self.hyperparameters:
                 raise ValueError(f"hyperparameter {reserved} is set by the launcher; use {flag}")
-        checked = validate_overrides({**self.hyperparameters, "data_uri": "s3://placeholder/",
-                                      "output_uri": "s3://placeholder/"})
+        # The real URIs when known, so a dataset/output overlap is refused before anything is submitted.
+        checked = validate_overrides({**self.hyperparameters, "data_uri": self.data_uri or "s3://placeholder-data/",
+                                      "output_uri": self.output_uri or "s3://placeholder-output/"})
         # Canonical values ("32,32,32" -> [32, 32, 32], "false" -> False), as train.py will read them.
         object.__setattr__(self, "hyperparameters", {name: _plain(getattr(checked, name))
                                                      for name in self.hyperparameters})

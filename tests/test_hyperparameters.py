@@ -16,17 +16,45 @@ ENTRY_POINT = Path(__file__).resolve().parents[1] / "entry_point"
 
 
 def test_flags_in_both_spellings_with_lists_and_booleans():
-    hp, unknown = parse_hyperparameters(REQUIRED + [
+    hp, ignored = parse_hyperparameters(REQUIRED + [
         "--patch-size", "64,64,32", "--slab_margin", "[8, 4]", "--augment", "false", "--compile", "True",
         "--lr", "3e-4", "--model", "dynunet", "--channels", "[8,16,32]"])
     assert hp.patch_size == (64, 64, 32) and hp.slab_margin == (8, 4) and hp.channels == (8, 16, 32)
     assert hp.augment is False and hp.compile is True and hp.lr == 3e-4 and hp.model == "dynunet"
-    assert unknown == []
+    assert ignored == []
 
 
-def test_unknown_arguments_are_returned_not_fatal():
-    hp, unknown = parse_hyperparameters(REQUIRED + ["--sagemaker_program", "train.py", "--epochs", "3"])
-    assert hp.epochs == 3 and unknown == ["--sagemaker_program", "train.py"]
+def test_only_sagemakers_own_arguments_are_tolerated():
+    hp, ignored = parse_hyperparameters(REQUIRED + ["--sagemaker_program", "train.py", "--epochs", "3",
+                                                    "--_tuning_objective_metric=validation:dice"])
+    assert hp.epochs == 3 and ignored == ["--sagemaker_program", "train.py", "--_tuning_objective_metric=validation:dice"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrr", "0.1"], r"unknown flag --lrr; did you mean --lr\?"),
+    (["--epoch", "3"], r"unknown flag --epoch; did you mean --epochs\?"),  # no silent abbreviations
+    (["--learning_rate=0.1"], r"unknown flag --learning_rate \(train.py --help"),
+    (["stray"], r"unexpected argument 'stray'"),
+])
+def test_unknown_flags_stop_with_the_closest_one(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_hyperparameters(REQUIRED + argv)
+
+
+@pytest.mark.parametrize("fields_, message", [
+    (dict(data_uri="s3://b/ds/", output_uri="s3://b/ds/runs/"), "output_uri s3://b/ds/runs/ is inside data_uri"),
+    (dict(data_uri="s3://b/", output_uri="s3://b/runs/"), "output_uri s3://b/runs/ is inside data_uri s3://b/"),
+    (dict(data_uri="s3://b/r1/ds/", output_uri="s3://b/", run_name="r1"), "data_uri s3://b/r1/ds/ is inside the run"),
+    (dict(data_uri="s3://b/ds/", index_uri="s3://b/ds/case_1/index.jsonl"), "but not under its .brainseg/ folder"),
+    (dict(memory_budget_mb=64, num_workers=4), r"--memory-budget-mb 64 gives each of 4 DataLoader worker\(s\) 16 MiB, "
+                                               r"but one slab needs 28 MiB; raise --memory-budget-mb to at least 114"),
+])
+def test_locations_and_budget_are_checked_before_anything_runs(fields_, message):
+    with pytest.raises(ValueError, match=message):
+        Hyperparameters(**fields_)
+    Hyperparameters(**{**fields_, **({"memory_budget_mb": 128} if "memory_budget_mb" in fields_ else {}),
+                       **({"output_uri": "s3://other/runs/"} if "output_uri" in fields_ else {}),
+                       **({"index_uri": "s3://b/ds/.brainseg/index.jsonl"} if "index_uri" in fields_ else {})})
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -57,8 +85,8 @@ def test_uris_must_be_s3():
 
 def test_overrides_are_validated_for_launchers():
     assert validate_overrides({"epochs": "7", "augment": "false", "patch_size": "32,32,32"}).patch_size == (32, 32, 32)
-    with pytest.raises(ValueError, match="unknown hyperparameter.*learning_rate"):
-        validate_overrides({"learning_rate": "0.1"})
+    with pytest.raises(ValueError, match=r"unknown hyperparameter epochz; did you mean --epochs\?"):
+        validate_overrides({"epochz": "1"})
     with pytest.raises(ValueError, match="hyperparameter epochs='many'"):
         validate_overrides({"epochs": "many"})
 

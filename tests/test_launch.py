@@ -183,7 +183,7 @@ def test_config_file_and_overrides(tmp_path, bucket, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "aws", "--data-uri", "s3://d/x/", "--output-uri", "s3://o/"], "aws mode needs --role"),
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp",
-      "learning_rate=0.1"], "unknown hyperparameter(s) learning_rate"),
+      "learning_rate=0.1"], "unknown hyperparameter learning_rate"),
     (["--mode", "aws", "--role", ROLE, "--data-uri", "/data", "--output-uri", "s3://o/"],
      "expected an S3 URI like s3://bucket/prefix/, got '/data'"),
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp", "epochs=many"],

@@ -275,3 +275,42 @@ def test_init_weights_that_would_run_code_are_refused(dataset, bucket, tmp_path,
     code = train.main(_args(dataset, f"s3://{bucket}/runs", "hostile", "--init-weights", str(weights)))
     assert code == 2 and not marker.exists()
     assert "is refused: only tensors and plain values are loaded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--warmup", "5"], r"unknown flag --warmup; did you mean --warmup-steps\?"),
+    (["--memory-budget-mb", "16", "--num-workers", "2", "--patch-size", "64,64,64"],
+     r"--memory-budget-mb 16 gives each of 2 DataLoader worker\(s\) 8 MiB, but one slab needs"),
+])
+def test_bad_flags_stop_before_anything_is_read(bucket, capsys, extra, message):
+    s3io.reset_stats()
+    assert train.main(_args("s3://no-bucket-needed/ds/", f"s3://{bucket}/runs", "r", *extra)) == 2
+    assert re.search(message, capsys.readouterr().out) and s3io.stats()["get_requests"] == 0
+
+
+def test_the_exact_memory_budget_is_checked_before_the_model_is_built(dataset, bucket, capsys):
+    args = _args(dataset, f"s3://{bucket}/runs", "budget", "--memory-budget-mb", "16", "--num-workers", "12",
+                 "--patch-size", "32,64,16", "--slab-margin", "0,0", "--patches-per-slab", "1")
+    assert train.main(args) == 2  # the volumes are 64 wide: a slab is 4 times the smallest one
+    assert re.search(r"--memory-budget-mb 16 gives each of 12 DataLoader worker\(s\) 1 MiB, but one slab needs 2 "
+                     r"MiB; raise --memory-budget-mb to at least 19", capsys.readouterr().out)
+
+
+def test_a_job_name_that_is_not_a_folder_name_is_refused(dataset, bucket, capsys, monkeypatch):
+    monkeypatch.setenv("TRAINING_JOB_NAME", "../../other-bucket")
+    code = train.main(["--data-uri", dataset, "--output-uri", f"s3://{bucket}/runs", *SMALL])
+    assert code == 2 and "TRAINING_JOB_NAME '../../other-bucket': expected 1-128 letters" in capsys.readouterr().out
+
+
+def test_too_few_cases_for_the_split_stop_before_training(bucket, capsys):
+    uri = synthetic_dataset("three-cases", 3, shape=(16, 32, 32))
+    assert train.main(_args(uri, f"s3://{bucket}/runs", "few")) == 2
+    assert ("3 usable case(s) cannot fill a 50/20/30 train/val/test split (train 2, val 1, test 0): add cases, or "
+            "fix the split in manifest.csv" in capsys.readouterr().out)
+
+
+def test_a_warm_up_longer_than_the_run_is_a_warning(dataset, bucket, capsys):
+    args = _args(dataset, f"s3://{bucket}/runs", "warm", "--epochs", "1", "--steps-per-epoch", "2",
+                 "--max-val-cases", "1", "--warmup-steps", "50")
+    assert train.main(args) == 0
+    assert "warmup_steps 50 is not shorter than the run (2 steps)" in capsys.readouterr().out

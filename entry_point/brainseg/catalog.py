@@ -57,6 +57,7 @@ class Catalog:
     cases: list[Case]
     fingerprint: str
     index_stats: dict = field(default_factory=dict)
+    manifest: bool = False  # the splits come from manifest.csv, not the seeded shuffle
 
     def split(self, name: str) -> list[Case]:
         """The usable cases of one split (``"train"``, ``"val"`` or ``"test"``)."""
@@ -276,7 +277,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         "cases_summarised": len(pending),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    catalog = Catalog(uri=uri, cases=cases, fingerprint=fingerprint, index_stats=stats)
+    catalog = Catalog(uri=uri, cases=cases, fingerprint=fingerprint, index_stats=stats,
+                      manifest=manifest_bytes is not None)
     for case in catalog.excluded():
         logger.warning("case %s excluded: %s", case.case_id, case.reason)
     for case in cases:

@@ -6,12 +6,42 @@ The launcher imports this module on a laptop without torch; keep it that way.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 from dataclasses import dataclass, fields, replace
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
+FLOAT_BYTES = 4
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Arguments SageMaker itself may add to the entry script's command line (the tuner's
+# sagemaker_program/submit_directory, a training recipe's path, a tuning job's objective, the
+# SDK v2 estimators' own); every other unknown argument is an error.
+SAGEMAKER_ARGUMENTS = frozenset({
+    "sagemaker_program", "sagemaker_submit_directory", "sagemaker_recipe_local_path", "_tuning_objective_metric",
+    "sagemaker_container_log_level", "sagemaker_job_name", "sagemaker_region", "sagemaker_estimator_class_name",
+    "sagemaker_estimator_module"})
+
+
+def check_run_name(name: str, what: str = "run_name") -> None:
+    """A run name becomes an S3 folder: letters, digits, '.', '_' or '-', at most 128.
+
+    Raises:
+        ValueError: the name says which field it came from and what is allowed.
+    """
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{what} {name!r}: expected 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                         "or digit")
+
+
+def _prefix(uri: str) -> str:
+    return uri.rstrip("/") + "/"
+
+
+def inside(uri: str, prefix: str) -> bool:
+    """Whether the S3 location ``uri`` lies under (or is) the prefix ``prefix``."""
+    return _prefix(uri).startswith(_prefix(prefix))
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,14 @@ class StreamConfig:
     memory_budget_bytes: int = 1024 * MiB
     read_ahead: int = 4
     seed: int = 0
+
+    def task_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int) -> int:
+        """Upper bound of the memory one task holds: a ``slab`` ``(D, H, W)`` raw and decoded
+        (image and mask), plus the patches cut from it."""
+        slab_voxels = slab[0] * slab[1] * slab[2]
+        patch_voxels = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        return (slab_voxels * (2 * FLOAT_BYTES + image_bytes + mask_bytes)
+                + self.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
@@ -204,9 +242,37 @@ class Hyperparameters:
             raise ValueError(f"dropout {self.dropout}: expected a value in [0, 1)")
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ValueError(f"sw_overlap {self.sw_overlap}: expected a value in [0, 1)")
-        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_name):
-            raise ValueError(f"run_name {self.run_name!r}: expected letters, digits, '.', '_' or '-'")
-        self.stream_config()  # the stream settings check themselves
+        if self.run_name:
+            check_run_name(self.run_name)
+        self._check_locations()
+        self._check_memory_budget()
+
+    def _check_locations(self) -> None:
+        """Outputs never inside the dataset: they would be listed as cases, and could overwrite data."""
+        if self.data_uri and self.output_uri and inside(self.output_uri, self.data_uri):
+            raise ValueError(f"output_uri {self.output_uri} is inside data_uri {self.data_uri}: runs would be read "
+                             "as cases and could overwrite data; write the runs elsewhere")
+        if self.data_uri and self.output_uri and self.run_name and inside(self.data_uri, self.run_uri()):
+            raise ValueError(f"data_uri {self.data_uri} is inside the run folder {self.run_uri()}; pick another "
+                             "run_name or output_uri")
+        if self.data_uri and self.index_uri and inside(self.index_uri, self.data_uri) \
+                and not inside(self.index_uri, _prefix(self.data_uri) + ".brainseg/"):
+            raise ValueError(f"index_uri {self.index_uri} is inside data_uri {self.data_uri} but not under its "
+                             ".brainseg/ folder; an index may live only there inside the dataset")
+
+    def _check_memory_budget(self) -> None:
+        """The smallest slab a patch needs (the volume at least as large as the patch) must fit in
+        one DataLoader worker's share of the budget; the exact check needs the volumes' shapes."""
+        config = self.stream_config()  # the stream settings check themselves
+        workers = max(1, self.num_workers)
+        slab = (self.patch_size[0] + self.slab_margin[0], self.patch_size[1] + self.slab_margin[1], self.patch_size[2])
+        needed = config.task_bytes(slab, 1, 1)
+        if needed > config.memory_budget_bytes // workers:
+            raise ValueError(budget_message(self.memory_budget_mb, workers, needed))
+
+    def run_uri(self, run_name: str | None = None) -> str:
+        """``<output_uri>/<run_name>/``."""
+        return f"{self.output_uri.rstrip('/')}/{run_name or self.run_name}/"
 
     def stream_config(self) -> StreamConfig:
         """The patch-stream settings of this run."""
@@ -222,6 +288,15 @@ class Hyperparameters:
 
     def replace(self, **changes) -> "Hyperparameters":
         return replace(self, **changes)
+
+
+def budget_message(budget_mb: int, workers: int, needed_bytes: int) -> str:
+    """Why the memory budget is too small, naming the flag to raise and by how much."""
+    least = -(-needed_bytes * workers // MiB)
+    return (f"--memory-budget-mb {budget_mb} gives each of {workers} DataLoader worker(s) "
+            f"{budget_mb / workers:.0f} MiB, but one slab needs {needed_bytes / MiB:.0f} MiB; raise "
+            f"--memory-budget-mb to at least {least}, or lower --patch-size, --slab-margin, --patches-per-slab "
+            "or --num-workers")
 
 
 def _parse_bool(text: str) -> bool:
@@ -258,6 +333,7 @@ def field_converters() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """``--kebab-case`` flags (``--snake_case`` accepted too, as SageMaker passes them)."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges. Every flag is a field "
                     "of brainseg.config.Hyperparameters; see its docstring and the README.")
     for name, convert in field_converters().items():
@@ -271,17 +347,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_hyperparameters(argv: list[str]) -> tuple[Hyperparameters, list[str]]:
-    """Hyperparameters from command-line arguments; returns them and the arguments not recognised.
+def _did_you_mean(name: str) -> str:
+    names = [f.name for f in fields(Hyperparameters)]
+    close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
+    return f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
 
-    Unknown arguments are returned, not fatal: SageMaker and launchers add their own.
+
+def _sagemaker_arguments(unknown: list[str]) -> list[str]:
+    """``unknown`` when it holds only SageMaker's own arguments (with their values).
+
+    Raises:
+        ValueError: any other argument, named, with the closest flag when there is one.
+    """
+    position = 0
+    while position < len(unknown):
+        token = unknown[position]
+        name, has_value, _ = token.removeprefix("--").partition("=")
+        if not token.startswith("--") or name not in SAGEMAKER_ARGUMENTS:
+            what = f"unknown flag {token.split('=')[0]}" if token.startswith("--") else f"unexpected argument {token!r}"
+            raise ValueError(f"{what}{_did_you_mean(name) if token.startswith('--') else ''} (train.py --help "
+                             "lists every flag)")
+        position += 1 if has_value or position + 1 >= len(unknown) or unknown[position + 1].startswith("--") else 2
+    return unknown
+
+
+def parse_hyperparameters(argv: list[str]) -> tuple[Hyperparameters, list[str]]:
+    """Hyperparameters from command-line arguments; returns them and the SageMaker arguments
+    (:data:`SAGEMAKER_ARGUMENTS`) that were given and are ignored.
 
     Raises:
         SystemExit: a required flag is missing or a value cannot be parsed (argparse's message).
-        ValueError: a value is out of range.
+        ValueError: an unknown flag (with the closest known one), or a value out of range.
     """
     namespace, unknown = build_parser().parse_known_args(argv)
-    return Hyperparameters(**vars(namespace)), unknown
+    ignored = _sagemaker_arguments(unknown)
+    return Hyperparameters(**vars(namespace)), ignored
 
 
 def validate_overrides(overrides: dict) -> Hyperparameters:
@@ -293,7 +393,8 @@ def validate_overrides(overrides: dict) -> Hyperparameters:
     converters = field_converters()
     unknown = sorted(set(overrides) - set(converters))
     if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)}; known: {', '.join(converters)}")
+        raise ValueError(f"unknown hyperparameter {unknown[0]}{_did_you_mean(unknown[0])} (known: "
+                         f"{', '.join(converters)})")
     values = {}
     for name, value in overrides.items():
         try:

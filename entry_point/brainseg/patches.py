@@ -29,7 +29,6 @@ from brainseg.sampling import SlabPlan, plan_slab, slab_shape
 
 logger = logging.getLogger(__name__)
 
-FLOAT_BYTES = 4
 REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
 
 
@@ -41,12 +40,9 @@ def distributed_position() -> tuple[int, int]:
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
-    """Upper bound of the memory one task holds: raw and decoded slabs plus its patches."""
-    slab_voxels = int(np.prod(slab_shape(case.image.shape, config)))
+    """Upper bound of the memory one task of ``case`` holds: raw and decoded slabs plus its patches."""
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
-    per_voxel = 2 * FLOAT_BYTES + case.image.bytes_per_voxel + mask_bytes
-    patch_voxels = int(np.prod(config.patch_size))
-    return slab_voxels * per_voxel + config.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1)
+    return config.task_bytes(slab_shape(case.image.shape, config), case.image.bytes_per_voxel, mask_bytes)
 
 
 def _read_mask(case: Case, region: tuple) -> np.ndarray:

@@ -31,7 +31,8 @@ from brainseg import distributed, s3io
 from brainseg.artifacts import RunStore
 from brainseg.checkpoints import CheckpointStore
 from brainseg.catalog import Case, Catalog, build_catalog
-from brainseg.config import RESUMABLE_CHANGES, Hyperparameters
+from brainseg.splits import DEFAULT_SPLIT_FRACTIONS
+from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.evaluate import aggregate, autocast, evaluate
@@ -40,7 +41,7 @@ from brainseg.memory import load_in_memory
 from brainseg.models import build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.optim import build_optimizer, build_scheduler
 from brainseg.ownership import RunLock
-from brainseg.patches import PatchStream
+from brainseg.patches import PatchStream, slab_cost_bytes
 from brainseg.pretext import drop_blocks
 from brainseg.progress import Progress
 
@@ -87,6 +88,13 @@ def code_version() -> str:
 def resolve_run_name(hp: Hyperparameters, env: Environment) -> str:
     """``hp.run_name``, else the SageMaker job name, else a UTC timestamp (rank 0's, on every rank)."""
     name = hp.run_name or env.job_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        check_run_name(name, "run_name" if hp.run_name else "TRAINING_JOB_NAME")
+        if inside(hp.data_uri, hp.run_uri(name)):
+            raise ValueError(f"data_uri {hp.data_uri} is inside the run folder {hp.run_uri(name)}; pick another "
+                             "run name or output_uri")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
     return distributed.broadcast(name)
 
 
@@ -138,12 +146,19 @@ def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], lis
     """Train, validation and test cases, checked against the patch size."""
     train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
     usable = len(catalog.cases) - len(catalog.excluded())
-    if not train:
-        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, "
-                            f"{usable} usable); run `python infra/inspect_data.py {hp.data_uri}` to see why")
-    if not val:
-        raise TrainingError(f"no validation cases under {hp.data_uri} ({usable} usable cases): add cases or "
-                            "list some as 'val' in manifest.csv")
+    if not usable:
+        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, none "
+                            f"usable); run `python infra/inspect_data.py {hp.data_uri}` to see why")
+    counts = f"train {len(train)}, val {len(val)}, test {len(test)}"
+    if not catalog.manifest and not (train and val and test):
+        split = "/".join(str(round(100 * fraction)) for fraction in DEFAULT_SPLIT_FRACTIONS)
+        raise TrainingError(f"{usable} usable case(s) cannot fill a {split} train/val/test split ({counts}): add "
+                            "cases, or fix the split in manifest.csv")
+    if not train or not val:
+        raise TrainingError(f"manifest.csv leaves no usable {'training' if not train else 'validation'} case "
+                            f"({counts}); list some as '{'train' if not train else 'val'}'")
+    if not test:
+        logger.warning("manifest.csv lists no usable test case: the run ends without a test evaluation")
     if hp.max_train_cases:
         train = train[:hp.max_train_cases]
     if hp.max_val_cases:
@@ -237,6 +252,10 @@ class Run:
         s3io.check_bucket(hp.data_uri)
         self.catalog = load_catalog(hp)
         self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
+        workers = max(1, hp.num_workers)
+        needed = max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases)
+        if needed > hp.memory_budget_mb * 2**20 // workers:
+            raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
         try:
             self.model = build_model(hp).to(self.device)
         except ValueError as err:
@@ -255,6 +274,9 @@ class Run:
             frozen, trainable = freeze_encoder(self.model, hp.model)
             logger.info("encoder frozen: %d parameter tensors frozen, %d trainable", frozen, trainable)
         self.total_steps = hp.epochs * hp.steps_per_epoch
+        if hp.warmup_steps >= self.total_steps and hp.schedule != "onecycle":
+            logger.warning("warmup_steps %d is not shorter than the run (%d steps): the learning rate never reaches "
+                           "--lr %g; lower --warmup-steps", hp.warmup_steps, self.total_steps, hp.lr)
         self.optimizer = build_optimizer(self.model.parameters(), hp)
         self.scheduler = build_scheduler(self.optimizer, hp, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=hp.precision == "fp16")
