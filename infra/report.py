@@ -96,6 +96,11 @@ def text_summary(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def plain_text(text: str) -> str:
+    """``text`` drawn as written: a ``$`` (case IDs are folder names) would start matplotlib mathtext."""
+    return text.replace("$", r"\$")
+
+
 def _save(figure, path: Path) -> None:
     figure.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
@@ -115,7 +120,7 @@ def curve_figures(runs: list[Run], out: Path) -> list[dict]:
             for run in runs:
                 points = [(line["epoch"], line[key]) for line in run.metrics if line.get(key) is not None]
                 if points:
-                    axis.plot(*zip(*points), marker="o", markersize=3, label=run.name)
+                    axis.plot(*zip(*points), marker="o", markersize=3, label=plain_text(run.name))
             axis.set_xlabel("epoch")
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_ylabel(label)
@@ -148,7 +153,7 @@ def overlay_figure(crop: dict, title: str, path: Path) -> None:
             axis.contour(mask[index], levels=[0.5], colors="lime", linewidths=1.0)
         axis.set_title(name, fontsize=9)
         axis.axis("off")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(plain_text(title), fontsize=10)
     _save(figure, path)
 
 

@@ -19,6 +19,7 @@ import pytest
 import train
 from brainseg import s3io
 from infra import review
+from infra.report import overlay_figure
 from infra.runs import MetricsTail, list_runs, load_run
 from tests.conftest import synthetic_dataset
 
@@ -180,3 +181,13 @@ def test_every_figure_renders_in_headless_chromium(runs, tmp_path):
     body = re.search(r'<body data-images="(\d+)" data-images-rendered="(\d+)"', dom)
     assert body, dom[:2000]
     assert int(body.group(1)) == expected >= 7 and int(body.group(2)) == expected
+
+
+@pytest.mark.parametrize("case_id", ["case_$x^{2$", "$\\frac{a}{b}$", "Amélie_€"])
+def test_case_names_are_drawn_as_written(tmp_path, case_id):
+    crop = {"image": np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float16),
+            "mask": np.zeros((8, 16, 16), np.uint8), "prediction": np.ones((8, 16, 16), np.uint8),
+            "spacing": np.ones(3, np.float32)}
+    crop["mask"][3:5, 6:9, 6:9] = 1
+    overlay_figure(crop, f"run: worst test case {case_id} (Dice 0.100)", tmp_path / "overlay.png")
+    assert matplotlib.image.imread(tmp_path / "overlay.png").shape[2] == 4
