@@ -3,8 +3,8 @@
 No torch and no SageMaker SDK here: ``launch.py`` builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
 ``process_job`` for ``process``). Also here: the SageMaker metric definitions (one per metric
-line ``train.py`` logs), the hyperparameters as SageMaker passes them on the command line, and
-the least-privilege IAM policy of the job's role.
+line ``train.py`` logs), and the hyperparameters as SageMaker passes them on the command line
+(the IAM policies are in :mod:`infra.iam`).
 """
 
 from __future__ import annotations
@@ -189,57 +189,3 @@ def build_spec(settings: dict, overrides: dict) -> JobSpec:
 
 def with_demo_data(spec: JobSpec, data_uri: str, output_uri: str) -> JobSpec:
     return replace(spec, data_uri=data_uri, output_uri=spec.output_uri or output_uri)
-
-
-def _bucket_and_prefix(uri: str) -> tuple[str, str]:
-    bucket, prefix = s3io.parse_uri(uri)
-    return bucket, prefix.rstrip("/") + "/" if prefix else ""
-
-
-def iam_policy(data_uri: str, output_uri: str, kms_keys: tuple = (), vpc: bool = False,
-               init_weights_uri: str = "") -> dict:
-    """The least-privilege policy of the training job's role.
-
-    Data: list and read the dataset, write only its header index (``.brainseg/``). Output: read,
-    write and delete under the output prefix (artifacts, checkpoint pruning, the uploaded source
-    code). Plus what every SageMaker training job needs: ECR pulls, CloudWatch logs and metrics;
-    KMS use of the given keys; ENI management inside a VPC.
-    """
-    data_bucket, data_prefix = _bucket_and_prefix(data_uri)
-    out_bucket, out_prefix = _bucket_and_prefix(output_uri)
-    statements = [
-        {"Sid": "ListDataset", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{data_bucket}",
-         "Condition": {"StringLike": {"s3:prefix": [f"{data_prefix}*"]}}},
-        {"Sid": "ReadDataset", "Effect": "Allow", "Action": "s3:GetObject",
-         "Resource": f"arn:aws:s3:::{data_bucket}/{data_prefix}*"},
-        {"Sid": "WriteHeaderIndex", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-         "Resource": f"arn:aws:s3:::{data_bucket}/{data_prefix}.brainseg/*"},
-        {"Sid": "ListOutput", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{out_bucket}",
-         "Condition": {"StringLike": {"s3:prefix": [f"{out_prefix}*"]}}},
-        {"Sid": "ReadWriteOutput", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
-         "Resource": f"arn:aws:s3:::{out_bucket}/{out_prefix}*"},
-        {"Sid": "PullTrainingImage", "Effect": "Allow",
-         "Action": ["ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer",
-                    "ecr:BatchGetImage"], "Resource": "*"},
-        {"Sid": "Logs", "Effect": "Allow",
-         "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-         "Resource": "arn:aws:logs:*:*:log-group:/aws/sagemaker/TrainingJobs*"},
-        {"Sid": "Metrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
-         "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}}},
-    ]
-    if init_weights_uri.startswith("s3://"):
-        bucket, key = s3io.parse_uri(init_weights_uri)
-        statements.append({"Sid": "ReadInitWeights", "Effect": "Allow", "Action": "s3:GetObject",
-                           "Resource": f"arn:aws:s3:::{bucket}/{key}"})
-    if kms_keys:
-        statements.append({"Sid": "UseKmsKeys", "Effect": "Allow",
-                           "Action": ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:CreateGrant",
-                                      "kms:DescribeKey"], "Resource": sorted(set(kms_keys))})
-    if vpc:
-        statements.append({"Sid": "VpcNetworkInterfaces", "Effect": "Allow",
-                           "Action": ["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
-                                      "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
-                                      "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
-                                      "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], "Resource": "*"})
-    return {"Version": "2012-10-17", "Statement": statements}

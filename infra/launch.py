@@ -3,7 +3,7 @@
     python infra/launch.py                                   # the demo: process mode, embedded S3, synthetic data
     python infra/launch.py --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
     python infra/launch.py --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
-    python infra/launch.py iam-policy --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
+    python infra/launch.py iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
 
 Modes:
   process  train.py in subprocesses with SageMaker's container contract (SM_* variables, /opt/ml-style
@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "entry_point"), str(ROOT)]
 
 from brainseg import s3io  # noqa: E402
-from infra.jobspec import JobSpec, build_spec, iam_policy, load_config, parse_overrides  # noqa: E402
+from infra import iam  # noqa: E402
+from infra.jobspec import JobSpec, build_spec, load_config, parse_overrides  # noqa: E402
 
 logger = logging.getLogger("launch")
 DEMO_BUCKET = "brainseg-demo"
@@ -79,14 +80,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _policy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py iam-policy",
-                                     description="Print the least-privilege IAM policy of the job's role.")
+    parser = argparse.ArgumentParser(
+        prog="launch.py iam-policy",
+        description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "
+                    "its trust policy (role_trust) and what the caller needs to launch and review jobs "
+                    "(caller_permissions).")
+    parser.add_argument("--role", required=True, help="the job role's ARN (its account pins the buckets)")
     parser.add_argument("--data-uri", required=True)
     parser.add_argument("--output-uri", required=True)
+    parser.add_argument("--job-name", default="brainseg", help="the base job name (scopes checkpoint deletes and jobs)")
+    parser.add_argument("--index-uri", default="", help="the header index, when not under <data-uri>/.brainseg/")
     parser.add_argument("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
     parser.add_argument("--vpc", action="store_true", help="the job runs in VPC subnets")
     parser.add_argument("--init-weights", default="", help="an s3:// weights file the job starts from")
+    parser.add_argument("--region", default="*", help="the region of the jobs (default: any)")
     return parser
+
+
+def policies(args: argparse.Namespace) -> dict:
+    """The three policy documents of ``launch.py iam-policy``; ValueError for bad input."""
+    account = iam.role_account(args.role)
+    return {
+        "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
+                                            tuple(args.kms_key), args.vpc, args.init_weights, args.region),
+        "role_trust": iam.trust_policy(account, args.region),
+        "caller_permissions": iam.caller_policy(args.role, args.output_uri, args.job_name, args.region),
+    }
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -228,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["iam-policy"]:
         args = _policy_parser().parse_args(argv[1:])
         try:
-            policy = iam_policy(args.data_uri, args.output_uri, tuple(args.kms_key), args.vpc, args.init_weights)
+            documents = policies(args)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(json.dumps(policy, indent=1))
+        print(json.dumps(documents, indent=1))
         return 0
     args = _parser().parse_args(argv)
     from infra.sagemaker_job import LaunchError

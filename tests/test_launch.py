@@ -11,11 +11,13 @@ from pathlib import Path
 import boto3
 import pytest
 
+import train
 from brainseg import s3io
 from brainseg.config import parse_hyperparameters
 from infra import launch, process_job, sagemaker_job
-from infra.jobspec import METRIC_DEFINITIONS, build_spec, iam_policy, parse_overrides, sagemaker_cli_args
+from infra.jobspec import METRIC_DEFINITIONS, build_spec, parse_overrides, sagemaker_cli_args
 from tests.conftest import synthetic_dataset
+from tests.policy import S3Calls, allowed, request
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
@@ -214,17 +216,66 @@ def test_local_mode_without_docker_or_image_says_so(bucket, capsys):
     assert list(s3io.list_objects(bucket, "")) == []
 
 
-def test_iam_policy_is_scoped_to_the_prefixes(capsys):
-    assert launch.main(["iam-policy", "--data-uri", "s3://scans/brain/", "--output-uri", "s3://results/runs/",
-                        "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc"]) == 0
-    policy = json.loads(capsys.readouterr().out)
-    by_sid = {statement["Sid"]: statement for statement in policy["Statement"]}
+def _policies(capsys, *extra) -> dict:
+    assert launch.main(["iam-policy", "--role", ROLE, "--data-uri", "s3://scans/brain/", "--output-uri",
+                        "s3://results/runs/", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_iam_policies_are_scoped_to_the_prefixes_and_the_account(capsys):
+    documents = _policies(capsys, "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc", "--region", "eu-west-1")
+    by_sid = {statement["Sid"]: statement for statement in documents["role_permissions"]["Statement"]}
     assert by_sid["ReadDataset"]["Resource"] == "arn:aws:s3:::scans/brain/*"
     assert by_sid["ReadDataset"]["Action"] == "s3:GetObject"
-    assert by_sid["WriteHeaderIndex"]["Resource"] == "arn:aws:s3:::scans/brain/.brainseg/*"
+    assert by_sid["ReadDataset"]["Condition"] == {"StringEquals": {"s3:ResourceAccount": "123456789012"}}
+    assert by_sid["ReadWriteHeaderIndex"]["Resource"] == ["arn:aws:s3:::scans/brain/.brainseg/*"]
     assert by_sid["ReadWriteOutput"]["Resource"] == "arn:aws:s3:::results/runs/*"
+    assert "s3:DeleteObject" not in by_sid["ReadWriteOutput"]["Action"]
+    assert by_sid["PruneCheckpoints"]["Resource"] == "arn:aws:s3:::results/runs/brainseg*/checkpoints/*"
     assert by_sid["ListDataset"]["Condition"]["StringLike"]["s3:prefix"] == ["brain/*"]
-    assert by_sid["UseKmsKeys"]["Resource"] == ["arn:aws:kms:eu-west-1:1:key/k"]
+    assert by_sid["UseKmsKeysThroughS3AndVolumes"]["Condition"] == {
+        "StringLike": {"kms:ViaService": ["s3.eu-west-1.amazonaws.com", "ec2.eu-west-1.amazonaws.com"]}}
+    assert by_sid["GrantKmsToVolumes"]["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
     assert "VpcNetworkInterfaces" in by_sid
-    assert not any(statement["Resource"] == "arn:aws:s3:::*" for statement in policy["Statement"])
-    assert iam_policy("s3://a/b/", "s3://c/d/")["Statement"][0]["Resource"] == "arn:aws:s3:::a"
+    assert not any(statement["Resource"] == "arn:aws:s3:::*" for statement in documents["role_permissions"]["Statement"])
+    trust = documents["role_trust"]["Statement"][0]
+    assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+    assert trust["Condition"]["ArnLike"]["aws:SourceArn"] == "arn:aws:sagemaker:eu-west-1:123456789012:training-job/*"
+    caller = {statement["Sid"]: statement for statement in documents["caller_permissions"]["Statement"]}
+    assert caller["PassTheJobRoleToSageMakerOnly"]["Resource"] == ROLE
+    assert caller["PassTheJobRoleToSageMakerOnly"]["Condition"]["StringEquals"]["iam:PassedToService"] == \
+        "sagemaker.amazonaws.com"
+    assert caller["RunTrainingJobs"]["Resource"] == "arn:aws:sagemaker:eu-west-1:123456789012:training-job/brainseg*"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--output-uri", "s3://scans/brain/runs/", "overlap: the output's write and delete grant would reach the data"),
+    ("--output-uri", "s3://scans/", "overlap"),
+    ("--role", "brainseg-role", "expected an IAM role ARN"),
+])
+def test_iam_policy_refuses_what_would_hurt_the_data(capsys, flag, value, message):
+    argv = ["iam-policy", "--role", ROLE, "--data-uri", "s3://scans/brain/", "--output-uri", "s3://results/runs/"]
+    argv[argv.index(flag) + 1] = value
+    assert launch.main(argv) == 2 and message in capsys.readouterr().err
+
+
+def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
+    output, index = f"s3://{bucket}/runs", f"s3://{bucket}/indexes/launch.jsonl"
+    policy = launch.policies(launch._policy_parser().parse_args(
+        ["--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--index-uri", index]))["role_permissions"]
+    args = ["--data-uri", dataset, "--output-uri", output, "--index-uri", index, "--run-name", "brainseg-iam",
+            "--channels", "8,16", "--patch-size", "16,32,32", "--res-units", "1", "--epochs", "1", "--steps-per-epoch",
+            "3", "--checkpoint-steps", "1", "--keep-checkpoints", "1", "--num-workers", "0", "--max-val-cases", "1"]
+    with S3Calls(s3io.client()) as recorded:
+        assert train.main(args) == 0
+    operations = {operation for operation, _ in recorded.calls}
+    assert {"ListObjectsV2", "GetObject", "PutObject", "DeleteObject"} <= operations and "HeadBucket" not in operations
+    refused = [(operation, params.get("Key", params.get("Prefix"))) for operation, params in recorded.calls
+               if not allowed(policy, *request(operation, params, "123456789012"))]
+    assert refused == []
+    # The evaluator is not lenient: what the printed policy must refuse, it refuses.
+    assert not allowed(policy, *request("HeadBucket", {"Bucket": dataset.split("/")[2]}, "123456789012"))
+    assert not allowed(policy, *request("GetObject", {"Bucket": dataset.split("/")[2], "Key": "ds/x.dcm"},
+                                        "999999999999"))
+    assert not allowed(policy, *request("DeleteObject", {"Bucket": bucket, "Key": "runs/brainseg-iam/run.json"},
+                                        "123456789012"))

@@ -489,6 +489,7 @@ def check_bucket(uri: str) -> None:
         S3Error: missing bucket, access denied, no endpoint, no credentials.
     """
     bucket, prefix = parse_uri(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""  # a folder: what a prefix-scoped grant names
     try:
         client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except botocore.exceptions.ClientError as err:
