@@ -9,6 +9,8 @@ Faults:
 * ``slowdown``: ``503 SlowDown``, as S3 answers above its request rate.
 * ``error500``: ``500 InternalError``.
 * ``reset``: the TCP connection is reset before any response (``ECONNRESET`` at the client).
+* ``lost-reply``: the request is carried out, then the connection is reset before the answer (a
+  retried conditional write then meets its own first write).
 * ``cut``: headers promise the whole body, half of it is sent, then the connection is reset.
 * ``short``: a well-formed response whose body (and Content-Length) is half of what was asked.
 * ``short-checksum``: as ``short``, with an ``x-amz-checksum-crc32`` header of the whole body, so
@@ -36,7 +38,7 @@ import zlib
 from dataclasses import asdict, dataclass
 
 CONTROL_PATH = "/_faults"
-FAULTS = ("slowdown", "error500", "reset", "cut", "short", "short-checksum", "latency")
+FAULTS = ("slowdown", "error500", "reset", "lost-reply", "cut", "short", "short-checksum", "latency")
 ERROR_BODIES = {
     "slowdown": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
     "error500": ("500 Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
@@ -137,6 +139,9 @@ class FaultInjector:
             _reset(environ)
             return []
         status, headers, body = _respond(self.app, environ)
+        if fault == "lost-reply":
+            _reset(environ)
+            return []
         if not status.startswith("2") or len(body) < 2:
             start_response(status, _with_length(headers, len(body)))
             return [body]

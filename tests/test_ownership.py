@@ -106,3 +106,14 @@ def test_train_refuses_a_run_another_job_writes_and_leaves_it_alone(bucket, caps
     assert code == 2
     assert "run shared is being written by another job: job-a" in capsys.readouterr().out
     assert json.loads(s3io.read_uri(f"{output}/shared/run.json"))["status"] == "running"
+
+
+def test_a_claim_written_but_unanswered_is_recognised_as_our_own(bucket, faults):
+    faults.set({"fault": "lost-reply", "method": "PUT", "key": "/r6/owner.json", "every": 2})
+    lock = RunLock(f"s3://{bucket}/runs", "r6", "job-a")
+    lock.acquire()  # the create is carried out, its answer lost; botocore's retry meets it (412)
+    time.sleep(4 * ownership.HEARTBEAT_S)  # heartbeats too, every other one unanswered
+    assert not lock.lost
+    lock.release("finished")
+    record = json.loads(s3io.read_uri(f"s3://{bucket}/runs/r6/owner.json"))
+    assert record["released"] is True and faults.injected() >= 2

@@ -130,6 +130,7 @@ def _wait_for_step(uri: str, step: int, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
 
 
+@pytest.mark.slow  # subprocesses killed and started again: the slow tier
 def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     """SIGKILL mid-epoch, run the same command again: the final weights equal an uninterrupted run's."""
     output = f"s3://{bucket}/runs"
@@ -161,6 +162,7 @@ def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     assert first["state"]["history"][-1]["train_loss"] == second["state"]["history"][-1]["train_loss"]
 
 
+@pytest.mark.slow  # subprocesses killed and started again: the slow tier
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(dataset, bucket, tmp_path):
     output = f"s3://{bucket}/runs"
     args = _args(dataset, output, "spot", "--epochs", "2", "--steps-per-epoch", "40", "--max-val-cases", "1")

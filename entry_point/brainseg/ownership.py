@@ -152,25 +152,35 @@ class RunLock:
         self._thread = threading.Thread(target=self._heartbeat, name="run-heartbeat", daemon=True)
         self._thread.start()
 
-    def _take_over(self, etag: str) -> bool:
+    def _replace(self, etag: str, **extra) -> Claim | None:
+        """Rewrite the claim if it still has ``etag``; ``None`` when it was written, else the claim
+        someone else wrote. A PUT retried by botocore after a lost answer meets its own first
+        write (412): the token tells it apart from another job's."""
         try:
-            self.etag = s3io.put_bytes(self.uri, self._record(), "application/json", if_match=etag)
-            return True
+            self.etag = s3io.put_bytes(self.uri, self._record(**extra), "application/json", if_match=etag)
+            return None
         except s3io.Conflict:
-            return False
+            claim = self._read()
+        if claim is not None and claim.record.get("token") == self.token:
+            self.etag = claim.etag
+            return None
+        return claim or Claim({}, "", 0.0)
+
+    def _take_over(self, etag: str) -> bool:
+        return self._replace(etag) is None
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self.etag = s3io.put_bytes(self.uri, self._record(), "application/json", if_match=self.etag)
-            except s3io.Conflict:
-                claim = self._read()
-                self.lost = f"another job took over run {self.run_name}: {claim.describe() if claim else 'unknown'}"
-                logger.error("%s; this job stops writing to it", self.lost)
-                return
+                other = self._replace(self.etag)
             except s3io.S3Error as err:
                 logger.warning("run %s: heartbeat not written (%s); trying again in %.0f s", self.run_name, err,
                                HEARTBEAT_S)
+                continue
+            if other is not None:
+                self.lost = f"another job took over run {self.run_name}: {other.describe()}"
+                logger.error("%s; this job stops writing to it", self.lost)
+                return
 
     def check(self) -> None:
         """Raise :class:`RunTaken` if another job has taken the run over (call before writing)."""
@@ -187,8 +197,8 @@ class RunLock:
         if self.lost:
             return
         try:
-            s3io.put_bytes(self.uri, self._record(released=True, status=status), "application/json",
-                           if_match=self.etag)
+            if self._replace(self.etag, released=True, status=status) is not None:
+                logger.warning("run %s: another job took it over before it was released", self.run_name)
         except s3io.S3Error as err:
             logger.warning("run %s: could not release its claim (%s); the next job takes it over once it is "
                            "stale (%.0f s)", self.run_name, err, STALE_AFTER_S)
