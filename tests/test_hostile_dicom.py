@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import torch
@@ -23,26 +22,14 @@ from brainseg import s3io
 from brainseg.catalog import build_catalog
 from brainseg.config import Hyperparameters, StreamConfig
 from brainseg.dicom import HeaderError, parse_header, writer
-from brainseg.dicom.pixels import native_dtype
 from brainseg.evaluate import aggregate, evaluate
-from brainseg.index import parse_object, read_header
+from brainseg.index import read_header
 from brainseg.models import build_model
 from brainseg.patches import PatchStream
+from infra.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
 from tests.conftest import dicom_bytes, put, put_case, small_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
-PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN12345", "AccessionNumber": "ACC998877",
-       "PatientBirthDate": "19700101", "InstitutionName": "St Elsewhere"}
-PHI_TOKENS = ("Doe", "Jane", "MRN12345", "ACC998877", "19700101", "Elsewhere")
-VOLUME = (np.arange(4 * 16 * 16).reshape(4, 16, 16) % 900).astype(np.int16) - 100
-
-
-def _slice(**changes):
-    dataset = writer.slice_datasets(VOLUME, writer.SeriesSpec(patient_id=PHI["PatientID"],
-                                                              patient_name=PHI["PatientName"]))[1]
-    for keyword, value in {**PHI, **changes}.items():
-        setattr(dataset, keyword, value)
-    return dataset
 
 
 def _with_meta(data: bytes, **changes) -> bytes:
@@ -78,47 +65,47 @@ def _bad_offset_table() -> bytes:
 
 
 HOSTILE = [
-    ("transfer syntax is an SOP class", lambda: _with_meta(dicom_bytes(_slice()),
+    ("transfer syntax is an SOP class", lambda: _with_meta(dicom_bytes(identified_slice()),
                                                            TransferSyntaxUID="1.2.840.10008.5.1.4.1.1.4"),
      r"TransferSyntaxUID \(0002,0010\) holds a MR Image Storage UID, not a transfer syntax"),
-    ("transfer syntax is a private UID", lambda: _with_meta(dicom_bytes(_slice()), TransferSyntaxUID="1.2.3.4.5"),
+    ("transfer syntax is a private UID", lambda: _with_meta(dicom_bytes(identified_slice()), TransferSyntaxUID="1.2.3.4.5"),
      r"holds an unregistered UID, not a transfer syntax"),
-    ("unknown VR in SOPInstanceUID", lambda: _unknown_vr(dicom_bytes(_slice()), b"\x08\x00\x18\x00"),
+    ("unknown VR in SOPInstanceUID", lambda: _unknown_vr(dicom_bytes(identified_slice()), b"\x08\x00\x18\x00"),
      r"SOPInstanceUID \(0008,0018\) cannot be decoded"),
-    ("implicit declared, explicit written", lambda: _with_meta(dicom_bytes(_slice()),
+    ("implicit declared, explicit written", lambda: _with_meta(dicom_bytes(identified_slice()),
                                                                TransferSyntaxUID="1.2.840.10008.1.2"),
      r"the file meta declares Implicit VR Little Endian but the data set is encoded as Explicit VR Little Endian"),
-    ("explicit declared, implicit written", lambda: _with_meta(writer.encode(_slice(), "implicit-le"),
+    ("explicit declared, implicit written", lambda: _with_meta(writer.encode(identified_slice(), "implicit-le"),
                                                                TransferSyntaxUID="1.2.840.10008.1.2.1"),
      r"declares Explicit VR Little Endian but the data set is encoded as Implicit VR Little Endian"),
-    ("NaN rescale slope", lambda: dicom_bytes(_slice(RescaleSlope="NaN", RescaleIntercept="0")),
+    ("NaN rescale slope", lambda: dicom_bytes(identified_slice(RescaleSlope="NaN", RescaleIntercept="0")),
      r"RescaleSlope \(0028,1053\) holds a value that is not a finite number"),
-    ("infinite intercept", lambda: dicom_bytes(_slice(RescaleSlope="1", RescaleIntercept="-inf")),
+    ("infinite intercept", lambda: dicom_bytes(identified_slice(RescaleSlope="1", RescaleIntercept="-inf")),
      r"RescaleIntercept \(0028,1052\) holds a value that is not a finite number"),
-    ("zero rescale slope", lambda: dicom_bytes(_slice(RescaleSlope="0", RescaleIntercept="0")),
+    ("zero rescale slope", lambda: dicom_bytes(identified_slice(RescaleSlope="0", RescaleIntercept="0")),
      r"RescaleSlope is 0"),
-    ("infinite position", lambda: dicom_bytes(_slice(ImagePositionPatient=["0", "inf", "0"])),
+    ("infinite position", lambda: dicom_bytes(identified_slice(ImagePositionPatient=["0", "inf", "0"])),
      r"ImagePositionPatient \(0020,0032\) holds a value that is not a finite number"),
-    ("NaN spacing", lambda: dicom_bytes(_slice(PixelSpacing=["nan", "1"])),
+    ("NaN spacing", lambda: dicom_bytes(identified_slice(PixelSpacing=["nan", "1"])),
      r"PixelSpacing \(0028,0030\) holds a value that is not a finite number"),
-    ("zero spacing", lambda: dicom_bytes(_slice(PixelSpacing=[0.0, 1.0])), r"PixelSpacing is not positive"),
-    ("degenerate orientation", lambda: dicom_bytes(_slice(ImageOrientationPatient=[0, 0, 0, 0, 0, 0])),
+    ("zero spacing", lambda: dicom_bytes(identified_slice(PixelSpacing=[0.0, 1.0])), r"PixelSpacing is not positive"),
+    ("degenerate orientation", lambda: dicom_bytes(identified_slice(ImageOrientationPatient=[0, 0, 0, 0, 0, 0])),
      r"ImageOrientationPatient is not two orthogonal unit vectors"),
-    ("orientation with 5 values", lambda: dicom_bytes(_slice(ImageOrientationPatient=[1, 0, 0, 0, 1])),
+    ("orientation with 5 values", lambda: dicom_bytes(identified_slice(ImageOrientationPatient=[1, 0, 0, 0, 1])),
      r"ImageOrientationPatient \(0020,0037\) has 5 value\(s\); expected 6"),
-    ("BitsStored above BitsAllocated", lambda: dicom_bytes(_slice(BitsStored=17)),
+    ("BitsStored above BitsAllocated", lambda: dicom_bytes(identified_slice(BitsStored=17)),
      r"BitsStored is 17; expected 1 to BitsAllocated \(16\)"),
-    ("colour photometric", lambda: dicom_bytes(_slice(PhotometricInterpretation="PALETTE COLOR")),
+    ("colour photometric", lambda: dicom_bytes(identified_slice(PhotometricInterpretation="PALETTE COLOR")),
      r"PhotometricInterpretation is not MONOCHROME1 or MONOCHROME2"),
-    ("frames without positions", lambda: dicom_bytes(_slice(NumberOfFrames=3)),
+    ("frames without positions", lambda: dicom_bytes(identified_slice(NumberOfFrames=3)),
      r"NumberOfFrames is 3 with one ImagePositionPatient and no per-frame positions"),
     ("frames without their functional groups", lambda: _multiframe(NumberOfFrames=6),
      r"NumberOfFrames is 6 but PerFrameFunctionalGroupsSequence has 4 item\(s\)"),
     ("offset table points outside", _bad_offset_table,
      r"the offset table of the encapsulated Pixel Data points outside the object or out of order"),
-    ("payload cut", lambda: dicom_bytes(_slice())[:-100],
+    ("payload cut", lambda: dicom_bytes(identified_slice())[:-100],
      r"Pixel Data holds 412 of the 512 bytes that 1 frame\(s\) of 16x16x16 bits need \(truncated object\?\)"),
-    ("header cut", lambda: dicom_bytes(_slice())[:700],
+    ("header cut", lambda: dicom_bytes(identified_slice())[:700],
      r"(the header cannot be parsed \(near byte \d+: \w+\)|the header ends at byte \d+ of 700 without Pixel Data)"),
 ]
 
@@ -133,7 +120,7 @@ def test_a_damaged_image_header_is_refused_with_a_true_reason(make, reason):
 
 
 def test_an_element_declaring_gigabytes_is_refused_without_downloading_the_object(bucket):
-    dataset = _slice()
+    dataset = identified_slice()
     dataset.add_new(0x00291010, "OB", b"\0" * 16)  # a private element; its length is made huge below
     data = bytearray(dicom_bytes(dataset))
     position = data.index(b"\x29\x00\x10\x10OB")
@@ -153,9 +140,9 @@ def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, cap
     phantom = small_phantom(seed=3)
     spec = writer.SeriesSpec(spacing=(2.0, 0.9, 0.8), patient_id=PHI["PatientID"], patient_name=PHI["PatientName"])
     put_case(root, "case_a", phantom.image, phantom.mask, spec=spec)
-    damaged = _slice(SOPInstanceUID="1.2.ACC998877.19700101.Doe^Jane", StudyInstanceUID="MRN12345")
+    damaged = identified_slice(SOPInstanceUID="1.2.ACC998877.19700101.Doe^Jane", StudyInstanceUID="MRN12345")
     put(f"{root}/case_a/image/IM_0099.dcm", _unknown_vr(dicom_bytes(damaged), b"\x08\x00\x18\x00"))
-    put(f"{root}/case_b/image/IM_0001.dcm", dicom_bytes(_slice(SeriesInstanceUID="1.2.St Elsewhere")))
+    put(f"{root}/case_b/image/IM_0001.dcm", dicom_bytes(identified_slice(SeriesInstanceUID="1.2.St Elsewhere")))
     with caplog.at_level(logging.DEBUG):
         catalog = build_catalog(root + "/")
     assert [case.status for case in catalog.cases] == ["excluded", "excluded"]
@@ -170,63 +157,6 @@ def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, cap
     assert not any(token in inspected.stdout + inspected.stderr for token in PHI_TOKENS)
 
 
-def _fuzz_bases() -> dict[str, bytes]:
-    """Real headers of each layout this project reads, carrying patient identifiers."""
-    bases = {}
-    for syntax in ("explicit-le", "implicit-le", "explicit-be", "rle", "jpegls"):
-        bases[f"slice {syntax}"] = writer.encode(_slice(), syntax)
-    enhanced = writer.multiframe_dataset(VOLUME, writer.SeriesSpec(patient_id=PHI["PatientID"],
-                                                                   patient_name=PHI["PatientName"]))
-    bases["enhanced explicit-le"] = writer.encode(enhanced, "explicit-le")
-    bases["enhanced rle"] = writer.encode(writer.multiframe_dataset(VOLUME, writer.SeriesSpec()), "rle")
-    return bases
-
-
-def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
-    """1 to 4 random bytes of the header (up to the pixel data's first bytes) replaced."""
-    header_end = parse_header(data, len(data)).pixel_offset + 16
-    mutated = bytearray(data)
-    for _ in range(int(rng.integers(1, 5))):
-        mutated[int(rng.integers(0, min(header_end, len(data))))] = int(rng.integers(0, 256))
-    return bytes(mutated)
-
-
-def _stored_values_agree(data: bytes, header) -> bool | None:
-    """Whether our pixel location gives pydicom's stored values (None: pydicom cannot decode it)."""
-    try:
-        reference = pydicom.dcmread(io.BytesIO(data)).pixel_array
-    except Exception:
-        return None
-    count = header.rows * header.columns * header.frames
-    ours = np.frombuffer(data, native_dtype(header), count, header.pixel_offset)
-    return reference.size == count and np.array_equal(ours.ravel(), reference.ravel().astype(ours.dtype))
-
-
-def fuzz_headers(count: int, seed: int = 0) -> dict:
-    """Parse ``count`` mutated headers; outcome counts and the first few mistakes."""
-    rng = np.random.default_rng(seed)
-    bases = list(_fuzz_bases().items())
-    outcomes = {"parsed": 0, "excluded": 0, "skipped": 0, "values_checked": 0}
-    mistakes = []
-    for number in range(count):
-        name, base = bases[number % len(bases)]
-        data = _mutate(base, rng)
-        header, error, stray = parse_object(f"case/image/IM_{number}.dcm", len(data),
-                                            lambda start, stop: data[start:stop])
-        if error.startswith("unexpected") or any(token in error for token in PHI_TOKENS):
-            mistakes.append(f"{name} #{number}: {error}")
-        if header is None:
-            outcomes["skipped" if stray else "excluded"] += 1
-            continue
-        outcomes["parsed"] += 1
-        if not header.encapsulated:
-            agree = _stored_values_agree(data, header)
-            outcomes["values_checked"] += agree is not None
-            if agree is False:
-                mistakes.append(f"{name} #{number}: pixel values differ from pydicom's")
-    return {"tried": count, **outcomes, "mistakes": mistakes}
-
-
 @pytest.mark.parametrize("count", [1500, pytest.param(40_000, marks=pytest.mark.slow)])
 def test_fuzzed_headers_are_parsed_or_refused_never_crash_or_misread(count):
     result = fuzz_headers(count)
@@ -238,20 +168,9 @@ def test_fuzzed_headers_are_parsed_or_refused_never_crash_or_misread(count):
 
 @pytest.mark.parametrize("cases", [24, pytest.param(300, marks=pytest.mark.slow)])
 def test_fuzzed_cases_never_escape_build_catalog(bucket, cases):
-    rng = np.random.default_rng(cases)
-    root = f"s3://{bucket}/fuzz"
-    volume = small_phantom(seed=1, shape=(4, 16, 16))
-    for number in range(cases):
-        syntax = ("explicit-le", "implicit-le", "explicit-be", "rle")[number % 4]
-        spec = writer.SeriesSpec(spacing=(2.0, 1.0, 1.0), patient_id=PHI["PatientID"], patient_name=PHI["PatientName"])
-        objects = [writer.encode(dataset, syntax) for dataset in writer.slice_datasets(volume.image, spec)]
-        victim = int(rng.integers(len(objects)))
-        objects[victim] = _mutate(objects[victim], rng)
-        for index, data in enumerate(objects):
-            put(f"{root}/case_{number:04d}/image/IM_{index:04d}.dcm", data)
-        for index, dataset in enumerate(writer.slice_datasets(volume.mask, spec)):
-            put(f"{root}/case_{number:04d}/mask/IM_{index:04d}.dcm", writer.encode(dataset, syntax))
-    catalog = build_catalog(root + "/")
+    root = f"s3://{bucket}/fuzz/"
+    write_fuzzed_cases(root, cases, seed=cases)
+    catalog = build_catalog(root)
     assert len(catalog.cases) == cases
     for case in catalog.cases:
         assert case.status == "ok" or (case.status == "excluded" and case.reason), case

@@ -316,3 +316,25 @@ def test_a_warm_up_longer_than_the_run_is_a_warning(dataset, bucket, capsys):
                  "--max-val-cases", "1", "--warmup-steps", "50")
     assert train.main(args) == 0
     assert "warmup_steps 50 is not shorter than the run (2 steps)" in capsys.readouterr().out
+
+
+FLAKY_NETWORK = [{"fault": fault, "method": method, "probability": 0.04}
+                 for method, kinds in (("GET", ("slowdown", "reset", "cut", "short", "short-checksum")),
+                                       ("PUT", ("slowdown", "error500", "reset", "lost-reply")))
+                 for fault in kinds]
+
+
+@pytest.mark.slow  # two training runs with DataLoader workers
+def test_training_through_a_flaky_network_computes_the_same_weights(dataset, bucket, faults):
+    output = f"s3://{bucket}/runs"
+    common = ["--epochs", "2", "--steps-per-epoch", "4", "--checkpoint-steps", "2", "--num-workers", "2",
+              "--deterministic", "true", "--max-val-cases", "1"]
+    assert train.main(_args(dataset, output, "clean", *common)) == 0
+    faults.set(*FLAKY_NETWORK)
+    assert train.main(_args(dataset, output, "flaky", *common)) == 0
+    injected = faults.injected()
+    faults.clear()
+    clean, flaky = _checkpoint(output, "clean"), _checkpoint(output, "flaky")
+    assert injected > 20, injected
+    for part in ("model", "best_model"):
+        assert all(torch.equal(clean[part][name], flaky[part][name]) for name in clean[part]), part
