@@ -64,10 +64,21 @@ def assemble_series(bucket: str, folder: str, objects: list[IndexedObject]) -> S
 
     Raises:
         QualityError: no image object, unreadable image objects, mixed series, sizes or
-            orientations, duplicated or missing slices, uneven spacing, misaligned stack.
+            orientations, duplicated or missing slices, uneven spacing, misaligned stack. When
+            the folder also held skipped objects, the reason names them: a damaged slice taken
+            for a non-image object would explain a gap.
     """
     strays = [obj for obj in objects if obj.stray]
-    objects = [obj for obj in objects if not obj.stray]
+    try:
+        return _assemble(bucket, folder, [obj for obj in objects if not obj.stray], strays)
+    except QualityError as err:
+        if strays and objects != strays:
+            raise QualityError(f"{err} (the folder also holds {len(strays)} skipped non-image object(s): "
+                               f"{_names(strays)})") from None
+        raise
+
+
+def _assemble(bucket: str, folder: str, objects: list[IndexedObject], strays: list[IndexedObject]) -> Series:
     if not objects:
         skipped = f" ({len(strays)} non-image object(s) skipped: {_names(strays)})" if strays else ""
         raise QualityError(f"no {folder} objects: expected a DICOM series under {folder}/{skipped}")

@@ -404,7 +404,8 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
             raise HeaderError(f"the header ends at byte {position} of {object_size} without Pixel Data, but "
                               f"{'a ' + sop_class if sop_class else 'an image'} object carries pixel data "
                               "(truncated object?)")
-        raise NotAnImage(f"no pixel data: {'a ' + sop_class if sop_class else 'not an image'} object")
+        raise NotAnImage(f"no pixel data: a {sop_class} object" if sop_class else
+                         "no pixel data and no registered SOP class: taken for a non-image object")
     uid = _transfer_syntax(dataset, prefix)
     big_endian = not uid.is_little_endian
     encapsulated = str(uid) not in NATIVE_SYNTAXES
