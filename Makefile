@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/review.py
+	$(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results

@@ -44,7 +44,6 @@ def test_unknown_flags_stop_with_the_closest_one(argv, message):
 @pytest.mark.parametrize("fields_, message", [
     (dict(data_uri="s3://b/ds/", output_uri="s3://b/ds/runs/"), "output_uri s3://b/ds/runs/ is inside data_uri"),
     (dict(data_uri="s3://b/", output_uri="s3://b/runs/"), "output_uri s3://b/runs/ is inside data_uri s3://b/"),
-    (dict(data_uri="s3://b/r1/ds/", output_uri="s3://b/", run_name="r1"), "data_uri s3://b/r1/ds/ is inside the run"),
     (dict(data_uri="s3://b/ds/", index_uri="s3://b/ds/case_1/index.jsonl"), "but not under its .brainseg/ folder"),
     (dict(memory_budget_mb=64, num_workers=4), r"--memory-budget-mb 64 gives each of 4 DataLoader worker\(s\) 16 MiB, "
                                                r"but one slab needs 28 MiB; raise --memory-budget-mb to at least 114"),

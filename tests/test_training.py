@@ -290,6 +290,13 @@ def test_bad_flags_stop_before_anything_is_read(bucket, capsys, extra, message):
     assert re.search(message, capsys.readouterr().out) and s3io.stats()["get_requests"] == 0
 
 
+def test_a_run_folder_holding_the_data_is_refused(bucket, capsys):
+    s3io.reset_stats()
+    assert train.main(_args(f"s3://{bucket}/r1/ds/", f"s3://{bucket}", "r1")) == 2
+    assert f"data_uri s3://{bucket}/r1/ds/ is inside the run folder s3://{bucket}/r1/" in capsys.readouterr().out
+    assert s3io.stats()["get_requests"] == 0
+
+
 def test_the_exact_memory_budget_is_checked_before_the_model_is_built(dataset, bucket, capsys):
     args = _args(dataset, f"s3://{bucket}/runs", "budget", "--memory-budget-mb", "16", "--num-workers", "12",
                  "--patch-size", "32,64,16", "--slab-margin", "0,0", "--patches-per-slab", "1")

@@ -252,9 +252,6 @@ class Hyperparameters:
         if self.data_uri and self.output_uri and inside(self.output_uri, self.data_uri):
             raise ValueError(f"output_uri {self.output_uri} is inside data_uri {self.data_uri}: runs would be read "
                              "as cases and could overwrite data; write the runs elsewhere")
-        if self.data_uri and self.output_uri and self.run_name and inside(self.data_uri, self.run_uri()):
-            raise ValueError(f"data_uri {self.data_uri} is inside the run folder {self.run_uri()}; pick another "
-                             "run_name or output_uri")
         if self.data_uri and self.index_uri and inside(self.index_uri, self.data_uri) \
                 and not inside(self.index_uri, _prefix(self.data_uri) + ".brainseg/"):
             raise ValueError(f"index_uri {self.index_uri} is inside data_uri {self.data_uri} but not under its "
@@ -270,9 +267,9 @@ class Hyperparameters:
         if needed > config.memory_budget_bytes // workers:
             raise ValueError(budget_message(self.memory_budget_mb, workers, needed))
 
-    def run_uri(self, run_name: str | None = None) -> str:
+    def run_uri(self, run_name: str) -> str:
         """``<output_uri>/<run_name>/``."""
-        return f"{self.output_uri.rstrip('/')}/{run_name or self.run_name}/"
+        return f"{self.output_uri.rstrip('/')}/{run_name}/"
 
     def stream_config(self) -> StreamConfig:
         """The patch-stream settings of this run."""

@@ -29,9 +29,8 @@ from torch.utils.data import DataLoader
 
 from brainseg import distributed, s3io
 from brainseg.artifacts import RunStore
-from brainseg.checkpoints import CheckpointStore
 from brainseg.catalog import Case, Catalog, build_catalog
-from brainseg.splits import DEFAULT_SPLIT_FRACTIONS
+from brainseg.checkpoints import CheckpointStore
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
@@ -44,6 +43,7 @@ from brainseg.ownership import RunLock
 from brainseg.patches import PatchStream, slab_cost_bytes
 from brainseg.pretext import drop_blocks
 from brainseg.progress import Progress
+from brainseg.splits import DEFAULT_SPLIT_FRACTIONS
 
 logger = logging.getLogger("brainseg.train")
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
