@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 entry_point/train.py ...          (one process per GPU)
 
 Every flag is a field of ``brainseg.config.Hyperparameters`` (``--help`` lists them). Exit
-status: 0 finished, 2 bad configuration or data (nothing trained), 3 S3 failure, 4 stopped by
-SIGTERM with a checkpoint saved (run the same command to resume).
+status: 0 finished, 2 bad configuration or data, or a run another job writes (nothing trained),
+3 S3 failure, 4 stopped by SIGTERM with a checkpoint saved (run the same command to resume).
 """
 
 from __future__ import annotations
