@@ -3,6 +3,7 @@ errors naming bucket and key, fork safety."""
 
 import multiprocessing
 import os
+import threading
 
 import pytest
 
@@ -151,3 +152,26 @@ def test_forked_process_builds_its_own_client(bucket):
 def test_parse_uri_rejects(uri):
     with pytest.raises(ValueError, match="s3://bucket"):
         s3io.parse_uri(uri)
+
+
+def test_fanning_out_over_more_cases_than_threads_does_not_deadlock(bucket, monkeypatch):
+    """Each in-memory case load waits on its own ranged GETs; with more cases than pool threads the
+    loads must not hold every thread the GETs need (it deadlocked at >= 32 cases)."""
+    from brainseg.catalog import build_catalog
+    from brainseg.memory import load_in_memory
+    from tests.conftest import put_case, small_phantom
+
+    for number in range(3):
+        phantom = small_phantom(number, shape=(4, 16, 16))
+        put_case(f"s3://{bucket}/ds", f"case-{number}", phantom.image, phantom.mask)
+    cases = [case for case in build_catalog(f"s3://{bucket}/ds/").cases if case.status == "ok"]
+    monkeypatch.setattr(s3io, "MAX_CONCURRENCY", 2)
+    s3io.reset_client()
+    loaded = []
+    worker = threading.Thread(target=lambda: loaded.extend(load_in_memory(cases)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "loading 3 cases on a pool of 2 threads deadlocked"
+    assert [case.image.read_volume().shape for case in loaded] == [(4, 16, 16)] * 3
+    monkeypatch.undo()
+    s3io.reset_client()

@@ -32,7 +32,7 @@ STREAM_CHUNK_BYTES = 1024 * 1024  # 1 MiB reads when streaming an object line by
 MAX_LINE_BYTES = 64 * 1024 * 1024  # 64 MiB: a longer "line" means the object is not line-oriented
 
 _lock = threading.Lock()
-_process: dict = {"pid": None, "client": None, "pool": None}
+_process: dict = {"pid": None, "client": None, "leaf_pool": None, "fan_out_pool": None}
 _counters = {"get_requests": 0, "bytes_received": 0, "retries": 0, "put_requests": 0,
              "bytes_sent": 0, "list_requests": 0}
 
@@ -75,9 +75,13 @@ def client():
 
 
 def executor() -> ThreadPoolExecutor:
-    """The process's bounded pool for concurrent ranged GETs."""
+    """The process's pool for fanning work out over objects or cases (each task may read ranges).
+
+    Leaf GETs (:func:`get_ranges`) run on a pool of their own, so a task here that waits on its
+    ranges never holds a thread those ranges need.
+    """
     _ensure_process_state()
-    return _process["pool"]
+    return _process["fan_out_pool"]
 
 
 def _ensure_process_state() -> None:
@@ -95,7 +99,8 @@ def _ensure_process_state() -> None:
         )
         session = boto3.session.Session()
         _process["client"] = session.client("s3", config=config)
-        _process["pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-range")
+        _process["leaf_pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-range")
+        _process["fan_out_pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-task")
         _process["pid"] = pid
         # A forked child inherits the parent's counters; it reports its own work only.
         for name in _counters:
@@ -103,12 +108,13 @@ def _ensure_process_state() -> None:
 
 
 def reset_client() -> None:
-    """Drop this process's client and pool; the next call builds them from the current environment
+    """Drop this process's client and pools; the next call builds them from the current environment
     (for example after ``AWS_ENDPOINT_URL`` changed)."""
     with _lock:
-        if _process["pool"] is not None and _process["pid"] == os.getpid():
-            _process["pool"].shutdown(wait=True)
-        _process.update(pid=None, client=None, pool=None)
+        if _process["pid"] == os.getpid():
+            for pool in (_process["fan_out_pool"], _process["leaf_pool"]):
+                pool.shutdown(wait=True)
+        _process.update(pid=None, client=None, leaf_pool=None, fan_out_pool=None)
 
 
 def _count(**increments: int) -> None:
@@ -277,7 +283,8 @@ def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
     """Fetch many ``(bucket, key, start, stop[, etag])`` ranges concurrently, in request order."""
     if len(requests) == 1:
         return [get_range(*requests[0])]
-    futures = [executor().submit(get_range, *request) for request in requests]
+    _ensure_process_state()
+    futures = [_process["leaf_pool"].submit(get_range, *request) for request in requests]
     return [future.result() for future in futures]
 
 
