@@ -22,6 +22,7 @@ import train
 from brainseg import s3io
 from brainseg.config import Hyperparameters
 from brainseg.models import build_model, is_encoder_parameter
+from infra.synth import SynthSpec, write_dataset
 from tests.conftest import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +217,41 @@ def test_resuming_with_other_hyperparameters_is_refused(dataset, bucket, capsys)
     assert train.main(args + ["--lr", "0.1", "--epochs", "2"]) == 2
     out = capsys.readouterr().out
     assert "from different hyperparameters (lr: 0.003 -> 0.1)" in out and "another --run-name" in out
+
+
+def test_resuming_on_a_changed_dataset_is_refused_unless_allowed(bucket, capsys):
+    data = synthetic_dataset("changing-data", 8)
+    output = f"s3://{bucket}/runs"
+    args = _args(data, output, "growing", "--epochs", "1", "--steps-per-epoch", "2", "--max-val-cases", "1")
+    assert train.main(args) == 0
+    write_dataset(1, data, SynthSpec(shape=(32, 64, 64)), first=8)
+    added = sorted(s3io.list_folders(*s3io.parse_uri(data))[0])[-1].rstrip("/").rsplit("/", 1)[-1]
+    capsys.readouterr()
+    assert train.main(args + ["--epochs", "2"]) == 2
+    out = capsys.readouterr().out
+    assert re.search(r"the dataset under \S+ changed since checkpoint step-00000002\.pt \(fingerprint \w+ -> \w+: "
+                     rf".*\b{added}\b", out), out
+    assert "--allow-dataset-change true" in out
+    assert _checkpoint(output, "growing")["state"]["epoch"] == 1
+    assert train.main(args + ["--epochs", "2", "--allow-dataset-change", "true"]) == 0
+    assert "continuing on the new data" in capsys.readouterr().out
+    assert _checkpoint(output, "growing")["state"]["epoch"] == 2
+
+
+def test_the_code_version_is_what_was_loaded_when_first_asked(tmp_path, monkeypatch):
+    import brainseg.training as training
+
+    source = tmp_path / "module.py"
+    source.write_text("VALUE = 1\n")
+    monkeypatch.setattr(training, "CODE_ROOT", tmp_path)
+    training.code_version.cache_clear()
+    first = training.code_version()
+    source.write_text("VALUE = 2\n")
+    assert training.code_version() == first
+    training.code_version.cache_clear()
+    assert training.code_version() != first
+    monkeypatch.undo()
+    training.code_version.cache_clear()
 
 
 @pytest.mark.parametrize("extra, code, message", [

@@ -121,7 +121,7 @@ CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NO
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
-                               "save_predictions"})
+                               "save_predictions", "allow_dataset_change"})
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,8 @@ class Hyperparameters:
     (0 = all) bounds validation cost; ``data_source`` ``stream`` reads patches by ranged GETs,
     ``memory`` downloads each training volume first (the reference the stream is compared to);
     ``max_header_mb`` refuses objects whose header does not end within that many MiB.
+    A run resumes only on the dataset its checkpoint was trained on (same objects, same splits);
+    ``allow_dataset_change`` continues on changed data anyway, with a warning.
 
     Output: a run writes under ``<output_uri>/<run_name>/``; ``run_name`` defaults to the
     SageMaker job name, else a timestamp. Pass the same ``run_name`` to resume a local run.
@@ -170,6 +172,7 @@ class Hyperparameters:
     index_uri: str = ""
     trust_index: bool = False
     refresh_index: bool = False
+    allow_dataset_change: bool = False
     max_train_cases: int = 0
     max_val_cases: int = 0
     data_source: str = "stream"

@@ -11,6 +11,7 @@ state, every RNG state and the patch-stream position, so a resumed run continues
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -77,8 +78,10 @@ class LoopState:
     epoch_seconds: float = 0.0
 
 
+@functools.cache
 def code_version() -> str:
-    """SHA-256 (first 12 hex digits) of the entry point's Python sources: what ran, with or without git."""
+    """SHA-256 (first 12 hex digits) of the entry point's Python sources as they were when first
+    asked (what this process runs), with or without git."""
     digest = hashlib.sha256()
     for path in sorted(CODE_ROOT.rglob("*.py")):
         digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
@@ -306,6 +309,7 @@ class Run:
             raise TrainingError(f"run {self.run_name} has a checkpoint ({pointer['checkpoint']}) from different "
                                 f"hyperparameters ({changes}); use the same values to resume, or another "
                                 "--run-name to start a new run")
+        self.check_dataset(checkpoint, pointer["checkpoint"])
         sampler = checkpoint["sampler"]
         if (sampler["num_workers"], sampler["world_size"]) != (self.hp.num_workers, self.world):
             logger.warning("resuming with %d workers x %d ranks instead of %d x %d: training continues, but "
@@ -320,6 +324,35 @@ class Run:
         restore_rng_states(checkpoint["rng"][self.rank] if self.rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
         logger.info("run %s: resumed from %s (%s) at epoch %d, step %d", self.run_name, pointer["checkpoint"],
                     pointer["source"], self.state.epoch, self.state.step)
+
+    def splits(self) -> dict:
+        """The case IDs of each split of the catalog (what a checkpoint records)."""
+        return {name: [case.case_id for case in self.catalog.split(name)] for name in ("train", "val", "test")}
+
+    def check_dataset(self, checkpoint: dict, name: str) -> None:
+        """Resume only on the data the checkpoint was trained on, unless ``allow_dataset_change``.
+
+        Raises:
+            TrainingError: the dataset's objects or splits changed; the message says how.
+        """
+        saved = checkpoint["dataset_fingerprint"]
+        if saved == self.catalog.fingerprint:
+            return
+        before, now = checkpoint.get("splits", {}), self.splits()
+        changes = []
+        for split in ("train", "val", "test"):
+            for sign, ids in (("+", set(now[split]) - set(before.get(split, []))),
+                              ("-", set(before.get(split, [])) - set(now[split]))):
+                if ids:
+                    shown = ", ".join(sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+                    changes.append(f"{split} {sign}{len(ids)} ({shown})")
+        what = "; ".join(changes) if changes else "same cases in every split, but objects or the manifest changed"
+        message = (f"run {self.run_name}: the dataset under {self.hp.data_uri} changed since checkpoint {name} "
+                   f"(fingerprint {saved} -> {self.catalog.fingerprint}: {what})")
+        if not self.hp.allow_dataset_change:
+            raise TrainingError(f"{message}; resume on the same data, pass --allow-dataset-change true to continue "
+                                "on the new data, or use another --run-name to start a new run")
+        logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
 
     def loader(self) -> DataLoader:
         hp = self.hp
@@ -356,6 +389,7 @@ class Run:
             "sampler": {"start_batch": self.state.step, "batch_size": self.hp.batch_size,
                         "num_workers": self.hp.num_workers, "world_size": self.world},
             "dataset_fingerprint": self.catalog.fingerprint,
+            "splits": self.splits(),
             "code_version": code_version(),
         }, buffer)
         return buffer.getvalue()
