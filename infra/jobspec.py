@@ -2,9 +2,9 @@
 
 No torch and no SageMaker SDK here: ``launch.py`` builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
-``process_job`` for ``process``). Also here: the SageMaker metric definitions (one per metric
-line ``train.py`` logs), and the hyperparameters as SageMaker passes them on the command line
-(the IAM policies are in :mod:`infra.iam`).
+``process_job`` for ``process``). Also here: the hyperparameters as SageMaker passes them on the
+command line (the metric definitions are in :mod:`brainseg.metric_lines`, the IAM policies in
+:mod:`infra.iam`).
 """
 
 from __future__ import annotations
@@ -21,21 +21,6 @@ from brainseg import s3io
 from brainseg.config import validate_overrides
 
 MODES = ("process", "local", "aws")
-NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-# One definition per metric line train.py logs (brainseg.training); tests match them against real logs.
-METRIC_DEFINITIONS = [
-    {"Name": "train:loss", "Regex": rf"epoch=\d+ train_loss={NUMBER}"},
-    {"Name": "validation:dice", "Regex": rf"epoch=\d+ train_loss=\S+ val_dice={NUMBER}"},
-    {"Name": "validation:iou", "Regex": rf"epoch=\d+ train_loss=\S+ val_dice=\S+ val_iou={NUMBER}"},
-    {"Name": "validation:loss", "Regex": rf"epoch=\d+ train_loss=\S+ val_loss={NUMBER}"},
-    {"Name": "train:lr", "Regex": rf"epoch=\d+ .* lr={NUMBER}"},
-    {"Name": "train:patches_per_s", "Regex": rf"epoch=\d+ .* patches_per_s={NUMBER}"},
-    {"Name": "train:data_wait", "Regex": rf"epoch=\d+ .* data_wait={NUMBER}"},
-    {"Name": "test:dice", "Regex": rf"test_dice={NUMBER}"},
-    {"Name": "test:dice_median", "Regex": rf"test_dice_median={NUMBER}"},
-    {"Name": "test:iou", "Regex": rf"test_dice=\S+ test_dice_median=\S+ test_iou={NUMBER}"},
-    {"Name": "test:loss", "Regex": rf"test_loss={NUMBER}"},
-]
 DEFAULT_INSTANCE_TYPE = {"aws": "ml.g5.xlarge", "local": "local", "process": "local"}
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import boto3
 from botocore.awsrequest import AWSResponse
 
-from infra.jobspec import METRIC_DEFINITIONS, JobSpec
+from brainseg.metric_lines import METRIC_DEFINITIONS
+from infra.jobspec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIR = ROOT / "entry_point"

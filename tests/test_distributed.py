@@ -36,7 +36,7 @@ def test_two_process_ddp_run(bucket, tmp_path):
     assert run["status"] == "finished" and run["world_size"] == 2
     lines = [json.loads(line) for line in s3io.read_uri(f"{output}/ddp/metrics/metrics.jsonl").splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # rank 0 alone writes: no duplicates
-    assert out.count("epoch=2 train_loss=") == 1 and out.count("test_dice=") == 1
+    assert out.count("epoch_metrics epoch=2 ") == 1 and out.count("test_metrics test_dice=") == 1
 
     pointer = json.loads(s3io.read_uri(f"{output}/ddp/checkpoints/latest.json"))
     checkpoint = torch.load(io.BytesIO(s3io.read_uri(f"{output}/ddp/checkpoints/{pointer['checkpoint']}")),

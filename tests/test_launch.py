@@ -15,13 +15,14 @@ import train
 from brainseg import s3io
 from brainseg.config import parse_hyperparameters
 from infra import launch, process_job, sagemaker_job
-from infra.jobspec import METRIC_DEFINITIONS, build_spec, parse_overrides, sagemaker_cli_args
+from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
+from infra.jobspec import build_spec, parse_overrides, sagemaker_cli_args
 from tests.conftest import synthetic_dataset
 from tests.policy import S3Calls, allowed, request
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
-        "num_workers=0", "max_val_cases=1", "log_every=1000"]
+        "num_workers=0", "max_val_cases=1", "log_every=1"]
 ROLE = "arn:aws:iam::123456789012:role/brainseg-training"
 
 
@@ -61,28 +62,37 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
 
 
 def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
+    """The log holds a progress line for every step as well; the epoch metrics match only the two
+    epoch lines (the progress lines share lr, patches_per_s and data_wait_fraction)."""
     log = process_run["log"]
+    assert log.count("progress phase=train step=") == 6
     expected = {"train:loss", "validation:dice", "validation:iou", "train:lr", "train:patches_per_s",
-                "train:data_wait", "test:dice", "test:dice_median", "test:iou"}
+                "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou"}
     found = {}
     for definition in METRIC_DEFINITIONS:
         values = [float(m.group(1)) for m in re.finditer(definition["Regex"], log)]
         if values:
             found[definition["Name"]] = values
     assert set(found) == expected, set(found) ^ expected
-    assert len(found["validation:dice"]) == 2 and len(found["test:dice"]) == 1
+    assert len(found["test:dice"]) == 1
     lines = [json.loads(line) for line in s3io.read_uri(f"{process_run['output']}/proc-1/metrics/metrics.jsonl")
              .splitlines()]
-    assert found["validation:dice"] == pytest.approx([line["val_dice"] for line in lines], abs=1e-4)
-    assert found["validation:iou"] == pytest.approx([line["val_iou"] for line in lines], abs=1e-4)
+    for metric, field, tolerance in (("validation:dice", "val_dice", 1e-4), ("validation:iou", "val_iou", 1e-4),
+                                     ("train:loss", "train_loss", 1e-4), ("train:lr", "lr", 1e-3),
+                                     ("train:patches_per_s", "patches_per_s", 0.01),
+                                     ("train:data_wait_fraction", "data_wait_fraction", 1e-3)):
+        assert found[metric] == pytest.approx([line[field] for line in lines], rel=tolerance, abs=tolerance), metric
 
 
 def test_autoencoder_metric_lines_are_matched_too():
-    line = "2026-01-01 INFO brainseg.train: epoch=2 train_loss=0.1 val_loss=0.0421 lr=0.001 patches_per_s=3.0 data_wait=0.010 seconds=1.0"
+    line = "2026-01-01 INFO brainseg.train: " + EPOCH.format(
+        {"epoch": 2, "train_loss": 0.1, "val_loss": 0.0421, "lr": 0.001, "patches_per_s": 3.0,
+         "data_wait_fraction": 0.01, "seconds": 1.0})
     by_name = {d["Name"]: d["Regex"] for d in METRIC_DEFINITIONS}
     assert float(re.search(by_name["validation:loss"], line).group(1)) == 0.0421
     assert re.search(by_name["validation:dice"], line) is None
-    assert float(re.search(by_name["test:loss"], "test_loss=0.05000 cases=3").group(1)) == 0.05
+    test_line = TEST.format({"test_loss": 0.05, "cases": 3, "best_epoch": 2})
+    assert float(re.search(by_name["test:loss"], test_line).group(1)) == 0.05
 
 
 def test_hyperparameters_travel_as_sagemaker_passes_them():

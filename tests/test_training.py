@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--batch-size", "2", "--num-workers", "0",
          "--warmup-steps", "5", "--lr", "3e-3", "--foreground-fraction", "0.5", "--memory-budget-mb", "64",
          "--res-units", "1", "--log-every", "1000"]
-METRIC_LINE = re.compile(r"epoch=(\d+) train_loss=([0-9.]+) val_dice=([0-9.]+) val_iou=([0-9.]+)")
+METRIC_LINE = re.compile(r"epoch_metrics epoch=(\d+) step=\d+ train_loss=([0-9.]+) val_dice=([0-9.]+) "
+                         r"val_iou=([0-9.]+)")
 
 
 @pytest.fixture(scope="module")

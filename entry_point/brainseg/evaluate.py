@@ -24,8 +24,10 @@ from brainseg.config import Hyperparameters
 from brainseg.dicom import PixelDataError
 from brainseg.metrics import Overlap, tumour_centre
 from brainseg.pretext import drop_blocks
+from brainseg.progress import Progress
 
 logger = logging.getLogger(__name__)
+EVAL_LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often while evaluating
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,11 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
-             crops: bool = False) -> list[CaseResult]:
+             crops: bool = False, phase: str = "val") -> list[CaseResult]:
     """Evaluate ``cases`` (this rank's share when distributed); results of all ranks, by case ID.
 
-    With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`.
+    With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`. Rank 0 shows
+    its progress as ``phase`` (a bar in a terminal, a line every 30 s otherwise).
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
@@ -129,8 +132,9 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
     results = []
     was_training = model.training
     model.eval()
+    progress = Progress(len(mine), phase=phase, unit="case", log_seconds=EVAL_LOG_SECONDS, enabled=rank == 0)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
+        with progress, ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
             upcoming = reader.submit(_load, mine[0], hp) if mine else None
             for number, case in enumerate(mine):
                 started = time.perf_counter()
@@ -142,8 +146,9 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
                     logger.warning("case %s left out of the evaluation: its pixels cannot be decoded (%s)",
                                    case.case_id, err)
                     results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
-                    continue
-                results.append(_evaluate_one(model, case, image, mask, hp, device, started, crops))
+                else:
+                    results.append(_evaluate_one(model, case, image, mask, hp, device, started, crops))
+                progress.update(number + 1)
     finally:
         model.train(was_training)
     if distributed:

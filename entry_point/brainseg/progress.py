@@ -1,36 +1,71 @@
-"""Training progress: a tqdm bar in a terminal, plain log lines every ``log_every`` steps otherwise
-(SageMaker and CI logs are not terminals and a redrawn bar would flood them)."""
+"""Progress of a phase (training steps, validation or test cases): a tqdm bar in a terminal, plain
+``progress`` log lines otherwise (SageMaker and CI logs are not terminals and a redrawn bar would
+flood them).
+
+While a bar is shown, log records go through ``tqdm.write`` so a log line never lands on the
+bar's line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from brainseg.metric_lines import PROGRESS
 
 logger = logging.getLogger("brainseg.train")
 
 
 class Progress:
-    def __init__(self, total_steps: int, initial: int, log_every: int, enabled: bool = True, stream=None):
-        stream = stream or sys.stderr
-        self.log_every = log_every
-        self.enabled = enabled
-        self.bar = (tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True, file=stream)
-                    if enabled and stream.isatty() else None)
-        self.total = total_steps
+    """``total`` units (``step`` or ``case``) of one phase (``train``, ``val`` or ``test``).
 
-    def update(self, step: int, epoch: int, loss: float, lr: float, patches_per_s: float, data_wait: float) -> None:
-        """Report that optimiser step ``step`` (1-based count) finished."""
+    Without a terminal a ``progress`` line is logged every ``log_every`` units (training steps)
+    or, with ``log_seconds``, at most that often (evaluation: short phases log nothing).
+    """
+
+    def __init__(self, total: int, initial: int = 0, *, phase: str = "train", unit: str = "step",
+                 log_every: int = 0, log_seconds: float = 0.0, enabled: bool = True, stream=None):
+        stream = stream or sys.stderr
+        self.total, self.phase, self.unit = total, phase, unit
+        self.log_every, self.log_seconds = log_every, log_seconds
+        self.enabled = enabled
+        self.last_line = time.monotonic()
+        self.redirect = contextlib.ExitStack()
+        self.bar = None
+        if enabled and stream.isatty():
+            self.redirect.enter_context(logging_redirect_tqdm())
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=phase, dynamic_ncols=True, file=stream,
+                            leave=phase == "train")
+
+    def update(self, done: int, **values) -> None:
+        """Unit ``done`` (1-based count) finished; ``values`` (``PROGRESS`` fields) describe it."""
         if not self.enabled:
             return
+        counters = {"phase": self.phase, self.unit: f"{done}/{self.total}"}
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", wait=f"{data_wait:.0%}")
-        elif step % self.log_every == 0 or step == self.total:
-            logger.info("step=%d/%d epoch=%d loss=%.4f lr=%.3g patches_per_s=%.1f data_wait=%.2f",
-                        step, self.total, epoch, loss, lr, patches_per_s, data_wait)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix({name: f"{value:{spec}}" for name, spec in PROGRESS.fields
+                                  if (value := values.get(name)) is not None})
+            return
+        now = time.monotonic()
+        due = (self.log_every and (done % self.log_every == 0 or done == self.total)) or \
+            (self.log_seconds and now - self.last_line >= self.log_seconds)
+        if due:
+            self.last_line = now
+            logger.info("%s", PROGRESS.format({**values, **counters}))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.redirect.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

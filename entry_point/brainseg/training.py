@@ -38,6 +38,7 @@ from brainseg.environment import Environment
 from brainseg.evaluate import aggregate, autocast, evaluate
 from brainseg.losses import build_loss
 from brainseg.memory import load_in_memory
+from brainseg.metric_lines import EPOCH, TEST
 from brainseg.models import build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.optim import build_optimizer, build_scheduler
 from brainseg.ownership import RunLock
@@ -435,7 +436,7 @@ class Run:
     def train(self) -> None:
         hp, state = self.hp, self.state
         batches = iter(self.loader())
-        progress = Progress(self.total_steps, state.step, hp.log_every, enabled=self.main)
+        progress = Progress(self.total_steps, state.step, log_every=hp.log_every, enabled=self.main)
         try:
             while state.epoch < hp.epochs and not state.stopped_early and not self.interrupted:
                 while state.epoch_steps < hp.steps_per_epoch and not self.interrupted:
@@ -454,8 +455,9 @@ class Run:
                     if self.world > 1:  # every rank stops at the same step
                         self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
                     rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
-                    progress.update(state.step, state.epoch + 1, loss, self.scheduler.get_last_lr()[0], rate,
-                                    state.epoch_wait / max(state.epoch_seconds, 1e-9))
+                    progress.update(state.step, epoch=state.epoch + 1, loss=loss, lr=self.scheduler.get_last_lr()[0],
+                                    patches_per_s=rate,
+                                    data_wait_fraction=state.epoch_wait / max(state.epoch_seconds, 1e-9))
                     if hp.checkpoint_steps and state.step % hp.checkpoint_steps == 0 \
                             and state.epoch_steps < hp.steps_per_epoch:
                         self.save_checkpoint()
@@ -479,7 +481,7 @@ class Run:
             "seconds": seconds,
         }
         started = time.perf_counter()
-        results = aggregate(evaluate(self.model, self.val_cases, hp, self.device))
+        results = aggregate(evaluate(self.model, self.val_cases, hp, self.device, phase="val"))
         if not results.get("cases"):
             raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
                                 "above); exclude the damaged cases or list others as 'val' in manifest.csv")
@@ -506,11 +508,7 @@ class Run:
         state.epoch_steps = 0
         if self.main:
             self.store.put_metrics(state.history)
-            scores = (f"val_loss={line['val_loss']:.4f}" if hp.task == "autoencoder"
-                      else f"val_dice={line['val_dice']:.4f} val_iou={line['val_iou']:.4f}")
-            logger.info("epoch=%d train_loss=%.4f %s lr=%.3g patches_per_s=%.2f data_wait=%.3f seconds=%.1f%s",
-                        line["epoch"], line["train_loss"], scores, line["lr"], line["patches_per_s"],
-                        line["data_wait_fraction"], line["seconds"], " best" if improved else "")
+            logger.info("%s", EPOCH.format(line, "best" if improved else ""))
             if state.stopped_early:
                 logger.info("early stop: no improvement for %d validations; best epoch %d", state.stale,
                             state.best_epoch)
@@ -529,7 +527,7 @@ class Run:
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
-        results = (evaluate(self.model, self.test_cases, hp, self.device, crops=hp.save_predictions)
+        results = (evaluate(self.model, self.test_cases, hp, self.device, crops=hp.save_predictions, phase="test")
                    if self.test_cases else [])
         scores = aggregate(results)
         summary = {
@@ -564,13 +562,9 @@ class Run:
             model_dir.mkdir(parents=True, exist_ok=True)
             torch.save(self.best_weights, model_dir / "model.pt")
             (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
-            if hp.task == "autoencoder":
-                logger.info("test_loss=%.5f cases=%d best_epoch=%d", scores.get("loss", float("nan")), len(results),
-                            self.state.best_epoch)
-            else:
-                logger.info("test_dice=%.4f test_dice_median=%.4f test_iou=%.4f cases=%d best_epoch=%d",
-                            scores.get("dice", float("nan")), scores.get("dice_median", float("nan")),
-                            scores.get("iou", float("nan")), len(results), self.state.best_epoch)
+            names = ("test_loss",) if hp.task == "autoencoder" else ("test_dice", "test_dice_median", "test_iou")
+            values = {name: scores.get(name.removeprefix("test_"), math.nan) for name in names}
+            logger.info("%s", TEST.format({**values, "cases": len(results), "best_epoch": self.state.best_epoch}))
         return summary
 
     def execute(self) -> dict | None:
