@@ -5,28 +5,30 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-slow test-local-mode test-browser image bench clean
 
-$(VENV)/.installed: requirements.txt entry_point/requirements.txt
+$(VENV)/.installed: requirements.txt entry_point/requirements.txt tools/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) infra/launch.py
+	$(VENV)/bin/brainseg-launch
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -m "slow and not docker and not browser"
 
 test-local-mode: setup
-	bash infra/local_mode_ci.sh
+	bash .ci/local_mode.sh
 
 test-browser: setup
-	bash infra/browser_ci.sh
+	bash .ci/browser.sh
 
 image:
 	bash docker/build.sh

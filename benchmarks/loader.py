@@ -36,15 +36,14 @@ import psutil
 import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "entry_point"), str(ROOT)]
 
-from brainseg import s3io  # noqa: E402
-from brainseg.catalog import build_catalog  # noqa: E402
 from brainseg.config import StreamConfig  # noqa: E402
-from brainseg.patches import PatchStream  # noqa: E402
-from brainseg.sampling import plan_slab  # noqa: E402
-from infra.s3server import EmbeddedS3  # noqa: E402
-from infra.synth import SynthSpec, encode_case, write_files  # noqa: E402
+from brainseg.data.catalog import build_catalog  # noqa: E402
+from brainseg.data.sampling import plan_slab  # noqa: E402
+from brainseg.data.stream import PatchStream  # noqa: E402
+from brainseg.io import s3  # noqa: E402
+from tools.data.synth import SynthSpec, encode_case, write_files  # noqa: E402
+from tools.testing.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench"
 BATCH = 2
@@ -116,7 +115,7 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
                             trust_index=method != "ours-cold")
     catalog_seconds = time.perf_counter() - started
     cases, plans = _plans(catalog, patch_size, patches)
-    s3io.reset_stats()
+    s3.reset_stats()
     first_batch = None
     count = 0
 
@@ -128,8 +127,8 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
             produced = (next(stream) for _ in range(patches))
         elif method == "whole":
             def load(series, keys):
-                return _decode_objects(dict(zip(keys, s3io.executor().map(
-                    lambda key: s3io.get_object(series.bucket, key), keys))))
+                return _decode_objects(dict(zip(keys, s3.executor().map(
+                    lambda key: s3.get_object(series.bucket, key), keys))))
 
             pool = stack.enter_context(ThreadPoolExecutor(READ_AHEAD))
             produced = pool.map(lambda plan: _baseline_patch(plan, cases, load), plans)
@@ -141,9 +140,9 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
             def download(key):
                 path = Path(folder) / key
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(s3io.get_object(BUCKET, key))
+                path.write_bytes(s3.get_object(BUCKET, key))
 
-            list(s3io.executor().map(download, keys))
+            list(s3.executor().map(download, keys))
             download_seconds = time.perf_counter() - started
 
             def load(series, keys):
@@ -159,7 +158,7 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
                 first_batch = time.perf_counter() - started
 
     total = time.perf_counter() - started
-    stats = s3io.stats()
+    stats = s3.stats()
     steady = total - first_batch
     case = cases[0]
     band_bytes = int(np.prod(patch_size[:2]) * case.image.shape[2]
@@ -203,10 +202,10 @@ def _write_datasets(cases: list[int], shape: tuple, multiframe: bool, jobs: int)
 
 
 def _delete_prefix(uri: str) -> None:
-    bucket, prefix = s3io.parse_uri(uri)
-    keys = [info.key for info in s3io.list_objects(bucket, prefix)]
+    bucket, prefix = s3.parse_uri(uri)
+    keys = [info.key for info in s3.list_objects(bucket, prefix)]
     for start in range(0, len(keys), 1000):
-        s3io.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
+        s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with EmbeddedS3(latency_ms=args.latency_ms) as server:
         os.environ.update(server.environment())
-        s3io.reset_client()
-        s3io.client().create_bucket(Bucket=BUCKET)
+        s3.reset_client()
+        s3.client().create_bucket(Bucket=BUCKET)
         for layout in args.layouts.split(","):
             started = time.perf_counter()
             uris = _write_datasets(cases, shape, layout == "multi-frame", jobs=8)
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             for uri in uris.values():
                 _delete_prefix(uri)
     report = {"latency_ms": args.latency_ms, "shape": shape, "patch": args.patch, "batch": BATCH,
-              "read_ahead": READ_AHEAD, "s3_concurrency": s3io.MAX_CONCURRENCY, "cpu_count": os.cpu_count(),
+              "read_ahead": READ_AHEAD, "s3_concurrency": s3.MAX_CONCURRENCY, "cpu_count": os.cpu_count(),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

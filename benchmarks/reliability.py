@@ -6,9 +6,9 @@
 Each part counts what was tried, what survived (the right bytes, the right weights, a clear
 refusal) and what was lost (an exception that escaped, wrong numbers, a traceback, data changed):
 
-* fuzz: seeded 1-4 byte mutations of real headers (``infra.fuzz``), parsed in memory; then whole
+* fuzz: seeded 1-4 byte mutations of real headers (``tools.testing.fuzz``), parsed in memory; then whole
   cases with one mutated slice each, indexed from the embedded S3 by ``build_catalog``.
-* faults: every fault the embedded S3 injects (``infra.faults``) on ``--probability`` of the
+* faults: every fault the embedded S3 injects (``tools.testing.faults``) on ``--probability`` of the
   requests, against ranged, whole and streamed reads, plain and conditional writes; seconds
   against the same work without faults.
 * training: the same short ``train.py`` run clean and through a flaky network (4% of GETs and PUTs
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "entry_point"), str(ROOT)]
 
 import train  # noqa: E402
-from brainseg import ownership, s3io  # noqa: E402
-from brainseg.catalog import build_catalog  # noqa: E402
-from infra.fuzz import fuzz_headers, write_fuzzed_cases  # noqa: E402
-from infra.s3server import EmbeddedS3  # noqa: E402
-from infra.synth import SynthSpec, write_dataset  # noqa: E402
+from brainseg.data.catalog import build_catalog  # noqa: E402
+from brainseg.io import s3  # noqa: E402
+from brainseg.run import ownership  # noqa: E402
+from tools.data.synth import SynthSpec, write_dataset  # noqa: E402
+from tools.testing.fuzz import fuzz_headers, write_fuzzed_cases  # noqa: E402
+from tools.testing.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-reliability"
 OUTPUT_BUCKET = "bench-reliability-runs"  # bad inputs write (or refuse to write) here, outside the data bucket
@@ -78,15 +78,15 @@ def _read_work(rng: np.random.Generator, reads: int) -> list:
     lines_uri = f"s3://{BUCKET}/faults/lines.jsonl"
     data = rng.bytes(1 << 20)
     lines = [json.dumps({"line": n, "value": rng.random()}).encode() for n in range(30_000)]
-    s3io.put_bytes(blob, data)
-    s3io.put_bytes(lines_uri, b"\n".join(lines) + b"\n")
+    s3.put_bytes(blob, data)
+    s3.put_bytes(lines_uri, b"\n".join(lines) + b"\n")
     work = []
     for _ in range(reads):
         start = int(rng.integers(0, len(data) - 65536))
         stop = start + int(rng.integers(1, 65536))
-        work.append(("ranged", lambda a=start, b=stop: s3io.get_range(BUCKET, "faults/blob.bin", a, b), data[start:stop]))
-    work += [("whole", lambda: s3io.read_uri(blob), data)] * max(1, reads // 10)
-    work += [("streamed", lambda: list(s3io.read_lines(lines_uri)), lines)] * max(1, reads // 60)
+        work.append(("ranged", lambda a=start, b=stop: s3.get_range(BUCKET, "faults/blob.bin", a, b), data[start:stop]))
+    work += [("whole", lambda: s3.read_uri(blob), data)] * max(1, reads // 10)
+    work += [("streamed", lambda: list(s3.read_lines(lines_uri)), lines)] * max(1, reads // 60)
     return work
 
 
@@ -99,13 +99,13 @@ def _write_work(rng: np.random.Generator, writes: int, tag: str) -> list:
 
         def write_and_read(uri=uri, payload=payload, conditional=conditional):
             try:
-                s3io.put_bytes(uri, payload, if_none_match=conditional)
-            except s3io.Conflict:
+                s3.put_bytes(uri, payload, if_none_match=conditional)
+            except s3.Conflict:
                 # A create answered 412 after its own lost reply; its callers (the run claim, the
                 # identity key) read back what is there, as this does.
                 if not conditional:
                     raise
-            return s3io.read_uri(uri)
+            return s3.read_uri(uri)
 
         work.append(("conditional put" if conditional else "put", write_and_read, payload))
     return work
@@ -113,7 +113,7 @@ def _write_work(rng: np.random.Generator, writes: int, tag: str) -> list:
 
 def _run(work: list) -> dict:
     survived, lost, errors = 0, 0, []
-    s3io.reset_stats()
+    s3.reset_stats()
     started = time.perf_counter()
     for _name, call, expected in work:
         try:
@@ -124,7 +124,7 @@ def _run(work: list) -> dict:
         survived += ok
         lost += not ok
     return {"tried": len(work), "survived": survived, "lost": lost, "seconds": round(time.perf_counter() - started, 2),
-            "retries": s3io.stats()["retries"], "errors": errors[:3]}
+            "retries": s3.stats()["retries"], "errors": errors[:3]}
 
 
 def faults(server: EmbeddedS3, reads: int, probability: float) -> dict:
@@ -145,8 +145,8 @@ def faults(server: EmbeddedS3, reads: int, probability: float) -> dict:
 
 
 def _weights(output: str, run: str) -> dict:
-    pointer = json.loads(s3io.read_uri(f"{output}/{run}/checkpoints/latest.json"))
-    data = s3io.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
+    pointer = json.loads(s3.read_uri(f"{output}/{run}/checkpoints/latest.json"))
+    data = s3.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
     return torch.load(io.BytesIO(data), weights_only=True)["model"]
 
 
@@ -168,9 +168,9 @@ def training(server: EmbeddedS3) -> dict:
     server.faults.clear()
     clean, flaky = _weights(output, "clean"), _weights(output, "flaky")
     identical = all(torch.equal(clean[name], flaky[name]) for name in clean)
-    s3io.put_bytes(f"{output}/clean/checkpoints/step-00000008.pt", b"torn upload")
+    s3.put_bytes(f"{output}/clean/checkpoints/step-00000008.pt", b"torn upload")
     resumed = train.main(common + ["--run-name", "clean", "--epochs", "3"]) == 0
-    summary = json.loads(s3io.read_uri(f"{output}/clean/summary.json"))
+    summary = json.loads(s3.read_uri(f"{output}/clean/summary.json"))
     return {"flaky_network": {"faults_injected": injected, "weights_bit_identical": identical, "seconds": seconds},
             "damaged_newest_checkpoint": {"resumed_and_finished": resumed and summary["steps"] == 12}}
 
@@ -222,15 +222,15 @@ def _bad_inputs(dataset: str, output: str, scratch: Path) -> list[tuple[str, lis
 def bad_input(server: EmbeddedS3, scratch: Path) -> dict:
     dataset = f"s3://{BUCKET}/train/"
     output = f"s3://{OUTPUT_BUCKET}/runs"
-    s3io.client().create_bucket(Bucket=OUTPUT_BUCKET)
+    s3.client().create_bucket(Bucket=OUTPUT_BUCKET)
     write_dataset(3, f"s3://{BUCKET}/three/", SynthSpec(shape=(16, 32, 32)))
-    dicom = s3io.read_uri(dataset + "case_0000/image/IM_0001.dcm")
-    s3io.put_bytes(f"s3://{BUCKET}/bad/IM_0001.dcm", dicom)
+    dicom = s3.read_uri(dataset + "case_0000/image/IM_0001.dcm")
+    s3.put_bytes(f"s3://{BUCKET}/bad/IM_0001.dcm", dicom)
     ownership.HEARTBEAT_S = 1.0
     owner = ownership.RunLock(output, "owned", "another-job")
     owner.acquire()
     results = []
-    environment = {**os.environ, "PYTHONPATH": str(ROOT / "entry_point"), "SM_MODEL_DIR": str(scratch / "model")}
+    environment = {**os.environ, "SM_MODEL_DIR": str(scratch / "model")}
     try:
         for what, arguments, extra, expected, phrase in _bad_inputs(dataset, output, scratch):
             done = subprocess.run([sys.executable, str(ROOT / "entry_point" / "train.py"), *arguments],
@@ -242,7 +242,7 @@ def bad_input(server: EmbeddedS3, scratch: Path) -> dict:
             print(json.dumps(results[-1]), flush=True)
     finally:
         owner.release("finished")
-    unchanged = s3io.read_uri(f"s3://{BUCKET}/bad/IM_0001.dcm") == dicom and not (scratch / "code-ran").exists()
+    unchanged = s3.read_uri(f"s3://{BUCKET}/bad/IM_0001.dcm") == dicom and not (scratch / "code-ran").exists()
     return {"tried": len(results), "clear_refusals": sum(r["clear"] for r in results),
             "tracebacks": sum(r["traceback"] for r in results), "data_unchanged": unchanged, "inputs": results}
 
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedS3() as server, tempfile.TemporaryDirectory() as scratch:
         os.environ.update(server.environment())
         os.environ["SM_MODEL_DIR"] = str(Path(scratch) / "model")
-        s3io.reset_client()
-        s3io.client().create_bucket(Bucket=BUCKET)
+        s3.reset_client()
+        s3.client().create_bucket(Bucket=BUCKET)
         result = {"date": time.strftime("%Y-%m-%d"),
                   "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
                   "setup": {"headers": args.headers, "cases": args.cases, "reads": args.reads,

@@ -4,7 +4,7 @@
                                 [--out benchmarks/results/review.json]
 
 One embedded S3 (moto, its own process, ``--latency-ms`` added to every request) holds ``--runs``
-finished runs written through ``brainseg.artifacts.RunStore`` as the training job writes them
+finished runs written through ``brainseg.run.artifacts.RunStore`` as the training job writes them
 (run.json, an ``--epochs``-line metrics.jsonl, summary, per-case CSV of ``--cases`` rows, one
 32×64×64 prediction crop per case). Measured: listing and reading every run under the prefix;
 following one run while it grows an epoch at a time, incremental polls (``MetricsTail``) against
@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "entry_point"), str(ROOT)]
 
-from brainseg import s3io  # noqa: E402
-from brainseg.artifacts import RunStore  # noqa: E402
-from infra.report import write_report  # noqa: E402
-from infra.runs import MetricsTail, list_runs  # noqa: E402
-from infra.s3server import EmbeddedS3  # noqa: E402
+from brainseg.io import s3  # noqa: E402
+from brainseg.run.artifacts import RunStore  # noqa: E402
+from tools.review.report import write_report  # noqa: E402
+from tools.review.runs import MetricsTail, list_runs  # noqa: E402
+from tools.testing.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-review"
 CROP = (32, 64, 64)
@@ -68,11 +67,11 @@ def write_run(output: str, name: str, epochs: int, cases: int, rng: np.random.Ge
 
 
 def timed(function):
-    s3io.reset_stats()
+    s3.reset_stats()
     started = time.perf_counter()
     result = function()
     seconds = time.perf_counter() - started
-    stats = s3io.stats()
+    stats = s3.stats()
     return result, {"seconds": round(seconds, 3), "get_requests": stats["get_requests"],
                     "bytes_received": stats["bytes_received"], "list_requests": stats["list_requests"]}
 
@@ -90,7 +89,7 @@ def follow(output: str, epochs: int, rng: np.random.Generator) -> dict:
         assert [line["epoch"] for line in added] == [epoch], added
         incremental["seconds"] += cost["seconds"]
         incremental["bytes"] += cost["bytes_received"]
-        data, cost = timed(lambda: s3io.read_uri(uri))
+        data, cost = timed(lambda: s3.read_uri(uri))
         assert data.count(b"\n") == epoch
         whole["seconds"] += cost["seconds"]
         whole["bytes"] += cost["bytes_received"]
@@ -112,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     with EmbeddedS3(latency_ms=args.latency_ms) as server:
         os.environ.update(server.environment())
-        s3io.reset_client()
-        s3io.client().create_bucket(Bucket=BUCKET)
+        s3.reset_client()
+        s3.client().create_bucket(Bucket=BUCKET)
         output = f"s3://{BUCKET}/runs"
         for index in range(args.runs):
             write_run(output, f"run-{index:02d}", args.epochs, args.cases, rng)

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "entry_point"), str(ROOT)]
 
-from brainseg import s3io  # noqa: E402
-from infra.s3server import EmbeddedS3  # noqa: E402
-from infra.synth import SynthSpec, write_dataset  # noqa: E402
+from brainseg.io import s3  # noqa: E402
+from tools.data.synth import SynthSpec, write_dataset  # noqa: E402
+from tools.testing.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-train"
 MODEL = ["--channels", "8,16,32,64", "--patch-size", "32,64,64", "--res-units", "2", "--batch-size", "2",
@@ -52,8 +51,8 @@ def run(source: str, dataset: str, epochs: int, steps: int) -> dict:
         wall = time.perf_counter() - started
     if child.returncode != 0:
         raise RuntimeError(f"{source} run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-    lines = [json.loads(line) for line in s3io.read_uri(f"{output}/{source}/metrics/metrics.jsonl").splitlines()]
-    summary = json.loads(s3io.read_uri(f"{output}/{source}/summary.json"))
+    lines = [json.loads(line) for line in s3.read_uri(f"{output}/{source}/metrics/metrics.jsonl").splitlines()]
+    summary = json.loads(s3.read_uri(f"{output}/{source}/summary.json"))
     later = lines[1:] or lines
     return {
         "data_source": source,
@@ -85,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(int(v) for v in args.shape.split(","))
     with EmbeddedS3(latency_ms=args.latency_ms) as server:
         os.environ.update(server.environment())
-        s3io.reset_client()
-        s3io.client().create_bucket(Bucket=BUCKET)
+        s3.reset_client()
+        s3.client().create_bucket(Bucket=BUCKET)
         dataset = f"s3://{BUCKET}/ds/"
         write_dataset(args.cases, dataset, SynthSpec(shape=shape), jobs=2)
         rows = []

@@ -14,11 +14,11 @@ import logging
 import os
 import sys
 
-from brainseg import s3io
-from brainseg.checkpoints import CheckpointError
 from brainseg.config import parse_hyperparameters
 from brainseg.environment import drop_privileges, read_environment
-from brainseg.ownership import RunTaken
+from brainseg.io import s3
+from brainseg.run.checkpoint import CheckpointError
+from brainseg.run.ownership import RunTaken
 
 logger = logging.getLogger("brainseg.train")
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ignored:
         logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))
-    from brainseg.training import Interrupted, Run, TrainingError  # torch only once the flags are valid
+    from brainseg.run.engine import Interrupted, Run, TrainingError  # torch only once the flags are valid
 
     env = read_environment()
     user = drop_privileges(env)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RunTaken) as err:
         logger.error("%s", err)
         return 2
-    except s3io.S3Error as err:
+    except s3.S3Error as err:
         logger.error("S3: %s", err)
         return 3
     return 0

@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from brainseg import s3io
 from brainseg.dicom import writer
-from brainseg.phantom import make_phantom
-from infra.s3server import EmbeddedS3
+from brainseg.io import s3
+from tools.data.phantom import make_phantom
+from tools.testing.s3server import EmbeddedS3
 
 _bucket_numbers = itertools.count()
 
@@ -33,7 +35,7 @@ def s3_server():
 
 @pytest.fixture
 def faults(s3_server):
-    """The session server's fault rules (infra.faults), cleared after the test."""
+    """The session server's fault rules (tools.testing.faults), cleared after the test."""
     with s3_server.faults as rules:
         yield rules
 
@@ -57,8 +59,13 @@ def sagemaker_dirs(tmp_path_factory):
 def bucket() -> str:
     """A new, empty bucket."""
     name = f"test-bucket-{os.getpid()}-{next(_bucket_numbers)}"
-    s3io.client().create_bucket(Bucket=name)
+    s3.client().create_bucket(Bucket=name)
     return name
+
+
+def console_script(name: str) -> str:
+    """The path of an installed console script (``pip install -e .``) of this interpreter's environment."""
+    return str(Path(sys.executable).with_name(name))
 
 
 def dicom_bytes(dataset) -> bytes:
@@ -69,7 +76,7 @@ def dicom_bytes(dataset) -> bytes:
 
 
 def put(uri: str, data: bytes) -> None:
-    s3io.put_bytes(uri, data)
+    s3.put_bytes(uri, data)
 
 
 def small_phantom(seed: int = 0, shape=(12, 40, 36)):
@@ -107,9 +114,9 @@ def put_case(root: str, case_id: str, image: np.ndarray, mask: np.ndarray, *,
 
 def synthetic_dataset(name: str, cases: int, shape=(32, 64, 64)) -> str:
     """A new bucket ``<name>-<pid>`` holding ``cases`` synthetic cases under ``ds/``; returns the URI."""
-    from infra.synth import SynthSpec, write_dataset
+    from tools.data.synth import SynthSpec, write_dataset
 
     bucket = f"{name}-{os.getpid()}"
-    s3io.client().create_bucket(Bucket=bucket)
+    s3.client().create_bucket(Bucket=bucket)
     write_dataset(cases, f"s3://{bucket}/ds/", SynthSpec(shape=shape))
     return f"s3://{bucket}/ds/"

@@ -65,7 +65,7 @@ class S3Calls:
     def _record(self, params, model, **_):
         self.calls.append((model.name, dict(params)))
 
-    def __enter__(self) -> "S3Calls":
+    def __enter__(self) -> S3Calls:
         self.client.meta.events.register("before-parameter-build.s3", self._record)
         return self
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from brainseg import s3io
-from brainseg.artifacts import RunStore
-from brainseg.checkpoints import CheckpointStore
+from brainseg.io import s3
+from brainseg.run.artifacts import RunStore
+from brainseg.run.checkpoint import CheckpointStore
 
 
 def _fail_puts(key_part: str, times: int, status: int = 500, code: str = "InternalError"):
@@ -31,25 +31,25 @@ def _fail_puts(key_part: str, times: int, status: int = 500, code: str = "Intern
 def test_a_failed_upload_is_retried(bucket):
     store = CheckpointStore(RunStore(f"s3://{bucket}/runs", "r4"))
     hook, state = _fail_puts("step-00000002.pt", times=9)  # more than botocore's own 8 attempts
-    s3io.client().meta.events.register_first("before-send.s3.PutObject", hook)
+    s3.client().meta.events.register_first("before-send.s3.PutObject", hook)
     try:
         store.save(b"second", 2, 1, keep=3)
     finally:
-        s3io.client().meta.events.unregister("before-send.s3.PutObject", hook)
+        s3.client().meta.events.unregister("before-send.s3.PutObject", hook)
     assert state["left"] == 0 and store.newest(bytes)[0] == b"second"
 
 
 def test_a_failed_upload_never_moves_the_pointer(bucket, monkeypatch):
-    monkeypatch.setattr("brainseg.artifacts.UPLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr("brainseg.run.artifacts.UPLOAD_BACKOFF_S", 0.0)
     store = CheckpointStore(RunStore(f"s3://{bucket}/runs", "r5"))
     store.save(b"first", 1, 1, keep=3)
     hook, _ = _fail_puts("step-00000002.pt", times=10**6, status=403, code="AccessDenied")
-    s3io.client().meta.events.register_first("before-send.s3.PutObject", hook)
+    s3.client().meta.events.register_first("before-send.s3.PutObject", hook)
     try:
-        with pytest.raises(s3io.S3Error, match="step-00000002.pt"):
+        with pytest.raises(s3.S3Error, match="step-00000002.pt"):
             store.save(b"second", 2, 2, keep=3)
     finally:
-        s3io.client().meta.events.unregister("before-send.s3.PutObject", hook)
-    assert json.loads(s3io.read_uri(store.store.url("checkpoints/latest.json")))["checkpoint"] == "step-00000001.pt"
-    assert s3io.read_uri(store.store.url("checkpoints/step-00000002.json")) is None
+        s3.client().meta.events.unregister("before-send.s3.PutObject", hook)
+    assert json.loads(s3.read_uri(store.store.url("checkpoints/latest.json")))["checkpoint"] == "step-00000001.pt"
+    assert s3.read_uri(store.store.url("checkpoints/step-00000002.json")) is None
     assert store.newest(bytes)[0] == b"first"

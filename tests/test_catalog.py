@@ -7,9 +7,9 @@ import logging
 import pydicom
 import pytest
 
-from brainseg import s3io
-from brainseg.catalog import build_catalog
+from brainseg.data.catalog import build_catalog
 from brainseg.dicom import writer
+from brainseg.io import s3
 from tests.conftest import dicom_bytes, put, put_case, small_phantom
 
 
@@ -63,12 +63,12 @@ def test_index_is_reused_and_invalidated_by_etag(bucket):
     uri = _dataset(bucket, 3)
     first = build_catalog(uri)
     assert first.index_stats["headers_read"] == first.index_stats["objects"] == 36
-    s3io.reset_stats()
+    s3.reset_stats()
     second = build_catalog(uri)
     assert second.index_stats["headers_read"] == 0
-    assert s3io.stats()["get_requests"] == 2  # the index and its identity key; no header, no pixel read
+    assert s3.stats()["get_requests"] == 2  # the index and its identity key; no header, no pixel read
     key_uri = f"{uri}case_01/image/IM_0001.dcm"
-    dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
+    dataset = pydicom.dcmread(io.BytesIO(s3.read_uri(key_uri)))
     dataset.PixelData = (dataset.pixel_array + 1).tobytes()  # same slice, new pixels, new ETag
     put(key_uri, dicom_bytes(dataset))
     third = build_catalog(uri)
@@ -80,8 +80,8 @@ def test_index_at_another_location_and_unwritable_location(bucket, caplog):
     uri = _dataset(bucket, 2)
     elsewhere = f"s3://{bucket}/indexes/run.json"
     build_catalog(uri, index_uri=elsewhere)
-    assert s3io.read_uri(elsewhere) is not None
-    assert s3io.read_uri(uri + ".brainseg/index.jsonl") is None
+    assert s3.read_uri(elsewhere) is not None
+    assert s3.read_uri(uri + ".brainseg/index.jsonl") is None
     with caplog.at_level(logging.WARNING):
         catalog = build_catalog(uri, index_uri="s3://no-such-bucket-here/index.json")
     assert len(catalog.cases) == 2
@@ -94,7 +94,7 @@ def test_no_patient_identifiers_in_logs_or_index(bucket, caplog):
     with caplog.at_level(logging.DEBUG, logger="brainseg"):
         catalog = build_catalog(uri)
     assert catalog.cases[1].status == "excluded"
-    index = s3io.read_uri(uri + ".brainseg/index.jsonl").decode()
+    index = s3.read_uri(uri + ".brainseg/index.jsonl").decode()
     for text in (caplog.text, index, json.dumps([c.reason for c in catalog.cases])):
         assert "Doe^Jane" not in text and "PID-" not in text and "19700101" not in text
     assert "case_01 excluded" in caplog.text
@@ -115,7 +115,7 @@ def test_empty_prefix(bucket):
 
 
 def test_missing_bucket():
-    with pytest.raises(s3io.S3Error, match=r"LIST s3://missing-bucket-x/data/ failed: NoSuchBucket"):
+    with pytest.raises(s3.S3Error, match=r"LIST s3://missing-bucket-x/data/ failed: NoSuchBucket"):
         build_catalog("s3://missing-bucket-x/data/")
 
 
@@ -123,9 +123,9 @@ def test_trusted_index_starts_without_listing(bucket):
     uri = _dataset(bucket, 3)
     put(uri + "manifest.csv", b"case_id,split\ncase_00,train\ncase_01,val\ncase_02,test\n")
     listed = build_catalog(uri)
-    s3io.reset_stats()
+    s3.reset_stats()
     trusted = build_catalog(uri, trust_index=True)
-    stats = s3io.stats()
+    stats = s3.stats()
     assert stats["list_requests"] == 0
     assert stats["get_requests"] == 3  # the index, its identity key and the manifest
     assert _splits(trusted) == _splits(listed) == {"case_00": "train", "case_01": "val", "case_02": "test"}
@@ -136,30 +136,30 @@ def test_object_changed_after_indexing_fails_loudly(bucket):
     uri = _dataset(bucket, 2)
     catalog = build_catalog(uri, trust_index=True)
     key_uri = f"{uri}case_00/image/IM_0002.dcm"
-    dataset = pydicom.dcmread(io.BytesIO(s3io.read_uri(key_uri)))
+    dataset = pydicom.dcmread(io.BytesIO(s3.read_uri(key_uri)))
     dataset.PixelData = (dataset.pixel_array // 2).tobytes()
     put(key_uri, dicom_bytes(dataset))
-    with pytest.raises(s3io.S3Error, match=r"IM_0002\.dcm changed since it was indexed .* --refresh-index"):
+    with pytest.raises(s3.S3Error, match=r"IM_0002\.dcm changed since it was indexed .* --refresh-index"):
         catalog.cases[0].image.read_volume()
 
 
 def test_identifiers_are_hashed_with_a_per_dataset_key(bucket, monkeypatch):
     uri = _dataset(bucket, 4, patient_of=lambda n: "PID-same" if n < 2 else f"PID-{n}")
     first = build_catalog(uri)
-    key = s3io.read_uri(uri + ".brainseg/index.jsonl.key")
+    key = s3.read_uri(uri + ".brainseg/index.jsonl.key")
     assert len(key) == 32
     assert first.cases[0].patient_group == first.cases[1].patient_group != first.cases[2].patient_group
     copy = f"s3://{bucket}/copy/"
-    source_bucket, source_prefix = s3io.parse_uri(uri)
-    for info in s3io.list_objects(source_bucket, source_prefix + "case_"):
-        s3io.client().copy_object(Bucket=bucket, Key="copy/" + info.key[len(source_prefix):],
+    source_bucket, source_prefix = s3.parse_uri(uri)
+    for info in s3.list_objects(source_bucket, source_prefix + "case_"):
+        s3.client().copy_object(Bucket=bucket, Key="copy/" + info.key[len(source_prefix):],
                                   CopySource={"Bucket": bucket, "Key": info.key})
     second = build_catalog(copy)
-    assert s3io.read_uri(copy + ".brainseg/index.jsonl.key") != key  # another dataset, another key
+    assert s3.read_uri(copy + ".brainseg/index.jsonl.key") != key  # another dataset, another key
     assert second.cases[0].patient_group != first.cases[0].patient_group  # so hashes cannot be compared across
     assert _splits(second) == _splits(first)  # while the split depends only on the cases and the seed
     monkeypatch.setenv("BRAINSEG_IDENTITY_KEY", "ab" * 32)
-    s3io.reset_stats()
+    s3.reset_stats()
     third = build_catalog(uri)
     assert third.index_stats["headers_read"] == third.index_stats["objects"] == 48  # an index hashed with another key is not reused
     monkeypatch.setenv("BRAINSEG_IDENTITY_KEY", "not hex")
@@ -172,14 +172,14 @@ def test_the_index_never_overwrites_data(bucket):
     with pytest.raises(ValueError, match=r"index_uri .*case_00/image/index\.jsonl is inside the dataset .* but not "
                                          r"under its \.brainseg/ folder"):
         build_catalog(uri, index_uri=uri + "case_00/image/index.jsonl")
-    dicom = s3io.read_uri(uri + "case_00/image/IM_0001.dcm")
+    dicom = s3.read_uri(uri + "case_00/image/IM_0001.dcm")
     elsewhere = f"s3://{bucket}/not-an-index.dcm"
     put(elsewhere, dicom)
     for refresh in (False, True):
         with pytest.raises(ValueError, match="holds an object that is not a brainseg header index; it would be "
                                              "overwritten"):
             build_catalog(uri, index_uri=elsewhere, refresh_index=refresh)
-    assert s3io.read_uri(elsewhere) == dicom
+    assert s3.read_uri(elsewhere) == dicom
 
 
 @pytest.mark.parametrize("where, hint", [

@@ -9,9 +9,9 @@ import logging
 
 import pytest
 
-from brainseg import s3io
-from brainseg.artifacts import RunStore
-from brainseg.checkpoints import CheckpointError, CheckpointStore
+from brainseg.io import s3
+from brainseg.run.artifacts import RunStore
+from brainseg.run.checkpoint import CheckpointError, CheckpointStore
 
 
 def _store(bucket: str, run: str, local=None) -> CheckpointStore:
@@ -19,8 +19,8 @@ def _store(bucket: str, run: str, local=None) -> CheckpointStore:
 
 
 def _listing(store: CheckpointStore) -> list[str]:
-    bucket, prefix = s3io.parse_uri(store.store.uri)
-    return sorted(info.key[len(prefix):] for info in s3io.list_objects(bucket, prefix))
+    bucket, prefix = s3.parse_uri(store.store.uri)
+    return sorted(info.key[len(prefix):] for info in s3.list_objects(bucket, prefix))
 
 
 def _as_is(data: bytes) -> bytes:
@@ -74,8 +74,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(bucket, caplog,
     store = _store(bucket, f"damaged-{damage[-4:-1]}")
     store.save(b"step 3", 3, 1, keep=3)
     store.save(b"step 6", 6, 2, keep=3)
-    s3io.put_bytes(store.store.url(damage), b"{truncated")
-    with caplog.at_level(logging.WARNING, logger="brainseg.checkpoints"):
+    s3.put_bytes(store.store.url(damage), b"{truncated")
+    with caplog.at_level(logging.WARNING, logger="brainseg.run.checkpoint"):
         data, record = store.newest(_as_is)
     assert data == b"step 3" and record["step"] == 3
     assert "resuming from s3 step-00000003.pt (step 3), passing over what cannot be used" in caplog.text
@@ -88,8 +88,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(bucket, caplog,
 def test_a_malformed_pointer_is_reported_and_the_records_are_used(bucket, caplog, pointer):
     store = _store(bucket, "pointer")
     store.save(b"step 6", 6, 2, keep=3)
-    s3io.put_bytes(store.store.url("checkpoints/latest.json"), pointer)
-    with caplog.at_level(logging.WARNING, logger="brainseg.checkpoints"):
+    s3.put_bytes(store.store.url("checkpoints/latest.json"), pointer)
+    with caplog.at_level(logging.WARNING, logger="brainseg.run.checkpoint"):
         data, record = store.newest(_as_is)
     assert data == b"step 6" and "s3 latest.json" in caplog.text
 
@@ -104,7 +104,7 @@ def test_a_checkpoint_that_does_not_load_falls_back(bucket, caplog):
             raise ValueError("the checkpoint is refused: only tensors and plain values are loaded")
         return data
 
-    with caplog.at_level(logging.WARNING, logger="brainseg.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="brainseg.run.checkpoint"):
         assert store.newest(load)[0] == b"good"
     assert "only tensors and plain values" in caplog.text
 
@@ -112,7 +112,7 @@ def test_a_checkpoint_that_does_not_load_falls_back(bucket, caplog):
 def test_no_usable_checkpoint_lists_every_reason(bucket):
     store = _store(bucket, "r3")
     store.save(b"good", 3, 1, keep=3)
-    s3io.put_bytes(store.store.url("checkpoints/step-00000003.pt"), b"truncated")
+    s3.put_bytes(store.store.url("checkpoints/step-00000003.pt"), b"truncated")
     with pytest.raises(CheckpointError, match=r"s3 step-00000003.pt does not match its record \(9 bytes, expected 4"):
         store.newest(_as_is)
 

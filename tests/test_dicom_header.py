@@ -6,8 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from brainseg.dicom import HeaderError, NeedMoreBytes, parse_header
-from brainseg.dicom import writer
+from brainseg.dicom import HeaderError, NeedMoreBytes, parse_header, writer
 from tests.conftest import dicom_bytes
 
 SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)

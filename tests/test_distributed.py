@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainseg import s3io
-from infra.synth import SynthSpec, write_dataset
+from brainseg.io import s3
+from tests.conftest import console_script
+from tools.data.synth import SynthSpec, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def test_two_process_ddp_run(bucket, tmp_path):
     dataset = f"s3://{bucket}/ds/"
     write_dataset(8, dataset, SynthSpec(shape=(32, 64, 64)))
     output = f"s3://{bucket}/runs"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "entry_point"), SM_MODEL_DIR=str(tmp_path / "model"))
+    env = dict(os.environ, SM_MODEL_DIR=str(tmp_path / "model"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
                str(ROOT / "entry_point" / "train.py"), "--data-uri", dataset, "--output-uri", output,
                "--run-name", "ddp", "--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1",
@@ -32,14 +33,14 @@ def test_two_process_ddp_run(bucket, tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
 
-    run = json.loads(s3io.read_uri(f"{output}/ddp/run.json"))
+    run = json.loads(s3.read_uri(f"{output}/ddp/run.json"))
     assert run["status"] == "finished" and run["world_size"] == 2
-    lines = [json.loads(line) for line in s3io.read_uri(f"{output}/ddp/metrics/metrics.jsonl").splitlines()]
+    lines = [json.loads(line) for line in s3.read_uri(f"{output}/ddp/metrics/metrics.jsonl").splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]  # rank 0 alone writes: no duplicates
     assert out.count("epoch_metrics epoch=2 ") == 1 and out.count("test_metrics test_dice=") == 1
 
-    pointer = json.loads(s3io.read_uri(f"{output}/ddp/checkpoints/latest.json"))
-    checkpoint = torch.load(io.BytesIO(s3io.read_uri(f"{output}/ddp/checkpoints/{pointer['checkpoint']}")),
+    pointer = json.loads(s3.read_uri(f"{output}/ddp/checkpoints/latest.json"))
+    checkpoint = torch.load(io.BytesIO(s3.read_uri(f"{output}/ddp/checkpoints/{pointer['checkpoint']}")),
                             weights_only=True)
     assert checkpoint["sampler"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["state"]["step"] == 8  # steps count per rank: 2 x 4, each of 2 ranks' batches
@@ -51,7 +52,7 @@ def test_process_mode_two_instances_under_torchrun(bucket, tmp_path):
     dataset = f"s3://{bucket}/ds2/"
     write_dataset(8, dataset, SynthSpec(shape=(32, 64, 64)))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "infra" / "launch.py"), "--mode", "process", "--instance-count", "2",
+        [console_script("brainseg-launch"), "--mode", "process", "--instance-count", "2",
          "--data-uri", dataset, "--output-uri", f"s3://{bucket}/runs/", "--job-name", "two-hosts",
          "--hp", "channels=[8,16,32]", "--hp", "patch_size=[32,32,32]", "--hp", "res_units=1", "--hp", "epochs=1",
          "--hp", "steps_per_epoch=3", "--hp", "num_workers=0"],
@@ -64,14 +65,14 @@ def test_process_mode_two_instances_under_torchrun(bucket, tmp_path):
         config = json.loads((hosts / host / "opt/ml/input/config/resourceconfig.json").read_text())
         assert config == {"current_host": host, "hosts": ["algo-1", "algo-2"]}
     job = out.split("artifacts: ")[1].split()[0]
-    run = json.loads(s3io.read_uri(job + "run.json"))
+    run = json.loads(s3.read_uri(job + "run.json"))
     assert run["world_size"] == 2 and run["status"] == "finished" and run["run_name"].startswith("two-hosts-")
 
 
 def test_the_readme_demo_command(tmp_path):
-    """`python infra/launch.py` with no arguments: embedded S3, synthetic data, a short run that learns."""
+    """`brainseg-launch` with no arguments: embedded S3, synthetic data, a short run that learns."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
-    result = subprocess.run([sys.executable, str(ROOT / "infra" / "launch.py")], cwd=tmp_path, env=env,
+    result = subprocess.run([console_script("brainseg-launch")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

@@ -9,7 +9,6 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -18,16 +17,16 @@ import torch
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
-from brainseg import s3io
-from brainseg.catalog import build_catalog
 from brainseg.config import Hyperparameters, StreamConfig
+from brainseg.data.catalog import build_catalog
+from brainseg.data.index import read_header
+from brainseg.data.stream import PatchStream
 from brainseg.dicom import HeaderError, parse_header, writer
-from brainseg.evaluate import aggregate, evaluate
-from brainseg.index import read_header
-from brainseg.models import build_model
-from brainseg.patches import PatchStream
-from infra.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
-from tests.conftest import dicom_bytes, put, put_case, small_phantom
+from brainseg.io import s3
+from brainseg.model.networks import build_model
+from brainseg.run.evaluate import aggregate, evaluate
+from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom
+from tools.testing.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,12 +126,12 @@ def test_an_element_declaring_gigabytes_is_refused_without_downloading_the_objec
     struct.pack_into("<I", data, position + 8, 3 * 2**30)
     data += b"\0" * (3 * 2**20)  # a 3 MiB object whose header claims 3 GiB
     put(f"s3://{bucket}/huge/IM_0001.dcm", bytes(data))
-    s3io.reset_stats()
-    indexed = read_header(bucket, s3io.ObjectInfo("huge/IM_0001.dcm", len(data), ""))
+    s3.reset_stats()
+    indexed = read_header(bucket, s3.ObjectInfo("huge/IM_0001.dcm", len(data), ""))
     assert indexed.header is None and not indexed.stray
     assert indexed.error.startswith("the header does not end within 1,048,576 bytes (element (0029,1010) declares "
                                     "3,221,225,472 bytes); larger headers are not read")
-    assert s3io.stats()["bytes_received"] == 2**20
+    assert s3.stats()["bytes_received"] == 2**20
 
 
 def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, capfd):
@@ -146,12 +145,12 @@ def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, cap
     with caplog.at_level(logging.DEBUG):
         catalog = build_catalog(root + "/")
     assert [case.status for case in catalog.cases] == ["excluded", "excluded"]
-    index = s3io.read_uri(root + "/.brainseg/index.jsonl").decode()
+    index = s3.read_uri(root + "/.brainseg/index.jsonl").decode()
     printed = capfd.readouterr()
     for text in (caplog.text, printed.out, printed.err, index, json.dumps([c.reason for c in catalog.cases])):
         assert not any(token in text for token in PHI_TOKENS), text
     assert "1.2.840.10008" not in index.replace("1.2.840.10008.1.2.1", "")  # no UID kept verbatim
-    inspected = subprocess.run([sys.executable, "infra/inspect_data.py", root + "/", "--refresh-index"], cwd=ROOT,
+    inspected = subprocess.run([console_script("brainseg-inspect"), root + "/", "--refresh-index"], cwd=ROOT,
                                capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert inspected.returncode == 0 and "case_a:" in inspected.stdout  # outside pytest's warning capture
     assert not any(token in inspected.stdout + inspected.stderr for token in PHI_TOKENS)
@@ -190,13 +189,13 @@ def _corrupt_rle_frame(data: bytes) -> bytes:
 def damaged_frame_catalog():
     """Three RLE cases; case_1's fifth slice cannot be decoded, and the index (which reads 8 of
     12 slices per case) cannot see it."""
-    s3io.client().create_bucket(Bucket="damaged-frame")
+    s3.client().create_bucket(Bucket="damaged-frame")
     root = "s3://damaged-frame/data"
     for number in range(3):
         phantom = small_phantom(seed=40 + number, shape=(12, 32, 32))
         put_case(root, f"case_{number}", phantom.image, phantom.mask, transfer_syntax="rle")
     key = f"{root}/case_1/image/IM_0005.dcm"
-    put(key, _corrupt_rle_frame(s3io.read_uri(key)))
+    put(key, _corrupt_rle_frame(s3.read_uri(key)))
     catalog = build_catalog(root + "/", split_fractions=(1.0, 0.0, 0.0))
     assert [case.status for case in catalog.cases] == ["ok"] * 3
     return catalog
@@ -211,7 +210,7 @@ def _samples(cases, count: int) -> list[dict]:
 
 def test_a_slab_that_cannot_be_decoded_is_replaced_the_same_way_every_time(damaged_frame_catalog, caplog):
     cases = damaged_frame_catalog.split("train")
-    with caplog.at_level(logging.WARNING, logger="brainseg.patches"):
+    with caplog.at_level(logging.WARNING, logger="brainseg.data.stream"):
         first = _samples(cases, 80)
     assert "case case_1: a slab cannot be decoded (IM_0005.dcm: a compressed frame cannot be decoded" in caplog.text
     second = _samples(cases, 80)
@@ -222,7 +221,7 @@ def test_a_slab_that_cannot_be_decoded_is_replaced_the_same_way_every_time(damag
 
 def test_a_case_that_cannot_be_decoded_is_left_out_of_the_evaluation(damaged_frame_catalog, caplog):
     hp = Hyperparameters(channels=(4, 8), patch_size=(4, 16, 16), res_units=1)
-    with caplog.at_level(logging.WARNING, logger="brainseg.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="brainseg.run.evaluate"):
         results = evaluate(build_model(hp), damaged_frame_catalog.cases, hp, torch.device("cpu"))
     assert [result.row().get("error", "") != "" for result in results] == [False, True, False]
     assert aggregate(results)["cases"] == 2 and aggregate(results)["unreadable"] == 1

@@ -12,13 +12,14 @@ import boto3
 import pytest
 
 import train
-from brainseg import s3io
 from brainseg.config import parse_hyperparameters
-from infra import launch, process_job, sagemaker_job
-from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
-from infra.jobspec import build_spec, parse_overrides, sagemaker_cli_args
+from brainseg.io import s3
+from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from tests.conftest import synthetic_dataset
 from tests.policy import S3Calls, allowed, request
+from tools.launch import cli as launch
+from tools.launch import process_job, sagemaker_job
+from tools.launch.jobspec import build_spec, parse_overrides, sagemaker_cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
@@ -56,7 +57,7 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
     assert sorted(p.name for p in (opt_ml / "checkpoints" / "proc-1").iterdir())[-1] == "step-00000006.pt"  # SM_CHECKPOINT_DIR/<run>
     hps = json.loads((opt_ml / "input" / "config" / "hyperparameters.json").read_text())
     assert hps["patch_size"] == "[32, 32, 32]" and hps["epochs"] == "2"  # strings, as SageMaker writes them
-    summary = json.loads(s3io.read_uri(f"{process_run['output']}/proc-1/summary.json"))
+    summary = json.loads(s3.read_uri(f"{process_run['output']}/proc-1/summary.json"))
     assert summary["run_name"] == "proc-1" and summary["hyperparameters"]["patch_size"] == [32, 32, 32]
     assert "ignoring arguments" not in process_run["log"]
 
@@ -75,7 +76,7 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
             found[definition["Name"]] = values
     assert set(found) == expected, set(found) ^ expected
     assert len(found["test:dice"]) == 1
-    lines = [json.loads(line) for line in s3io.read_uri(f"{process_run['output']}/proc-1/metrics/metrics.jsonl")
+    lines = [json.loads(line) for line in s3.read_uri(f"{process_run['output']}/proc-1/metrics/metrics.jsonl")
              .splitlines()]
     for metric, field, tolerance in (("validation:dice", "val_dice", 1e-4), ("validation:iou", "val_iou", 1e-4),
                                      ("train:loss", "train_loss", 1e-4), ("train:lr", "lr", 1e-3),
@@ -151,12 +152,12 @@ def test_aws_mode_request_against_moto(bucket, process_run):
             assert re.search(definition["Regex"], process_run["log"]), definition
 
     code_prefix = f"runs/brainseg/{job_name}/input/"
-    landed = {info.key[len(code_prefix):] for info in s3io.list_objects(bucket, code_prefix)}
+    landed = {info.key[len(code_prefix):] for info in s3.list_objects(bucket, code_prefix)}
     sources = {f"code/{p.relative_to(ROOT / 'entry_point').as_posix()}" for p in (ROOT / "entry_point").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert sources <= landed, sorted(sources - landed)
     assert "code/requirements.txt" in landed
-    distributed = json.loads(s3io.get_object(bucket, code_prefix + "sm_drivers/distributed.json"))
+    distributed = json.loads(s3.get_object(bucket, code_prefix + "sm_drivers/distributed.json"))
     assert "torchrun" in json.dumps(distributed).lower() or "process_count_per_node" in distributed
     job = session.client("sagemaker").describe_training_job(TrainingJobName=job_name)
     assert job["RoleArn"] == ROLE
@@ -176,7 +177,7 @@ def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):
     assert code == 0
     request = json.loads(capsys.readouterr().out)
     assert request["HyperParameters"]["epochs"] == "4" and request["EnableManagedSpotTraining"] is True
-    assert list(s3io.list_objects(bucket, "")) == []
+    assert list(s3.list_objects(bucket, "")) == []
     after = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
     assert len(after) == len(jobs)
 
@@ -223,7 +224,7 @@ def test_local_mode_without_docker_or_image_says_so(bucket, capsys):
     err = capsys.readouterr().err
     assert any(text in err for text in ("docker is not installed", "Docker is not running",
                                         "image brainseg-missing:none is not present locally")), err
-    assert list(s3io.list_objects(bucket, "")) == []
+    assert list(s3.list_objects(bucket, "")) == []
 
 
 def _policies(capsys, *extra) -> dict:
@@ -276,7 +277,7 @@ def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
     args = ["--data-uri", dataset, "--output-uri", output, "--index-uri", index, "--run-name", "brainseg-iam",
             "--channels", "8,16", "--patch-size", "16,32,32", "--res-units", "1", "--epochs", "1", "--steps-per-epoch",
             "3", "--checkpoint-steps", "1", "--keep-checkpoints", "1", "--num-workers", "0", "--max-val-cases", "1"]
-    with S3Calls(s3io.client()) as recorded:
+    with S3Calls(s3.client()) as recorded:
         assert train.main(args) == 0
     operations = {operation for operation, _ in recorded.calls}
     assert {"ListObjectsV2", "GetObject", "PutObject", "DeleteObject"} <= operations and "HeadBucket" not in operations

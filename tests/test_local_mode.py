@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("BRAINSEG_TEST_IMAGE", "brainseg-train:latest")
@@ -42,7 +43,7 @@ def test_local_mode_job_reads_the_embedded_s3_and_writes_artifacts(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
     env["AWS_DEFAULT_REGION"] = "us-east-1"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "infra" / "launch.py"), "--mode", "local", "--image-uri", IMAGE,
+        [console_script("brainseg-launch"), "--mode", "local", "--image-uri", IMAGE,
          "--hp", "epochs=1", "--hp", "steps_per_epoch=4", "--hp", "num_workers=0", "--hp", "max_val_cases=2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     out = result.stdout + result.stderr

@@ -8,10 +8,10 @@ import torch
 from monai.metrics import DiceMetric, compute_iou
 
 from brainseg.config import Hyperparameters
-from brainseg.losses import build_loss
-from brainseg.metrics import Overlap, tumour_centre
-from brainseg.models import build_model, encoder_state, freeze_encoder, is_encoder_parameter, load_matching
-from brainseg.optim import build_optimizer, build_scheduler
+from brainseg.model.losses import build_loss
+from brainseg.model.networks import build_model, encoder_state, freeze_encoder, is_encoder_parameter, load_matching
+from brainseg.model.optim import build_optimizer, build_scheduler
+from brainseg.run.metrics import Overlap, tumour_centre
 
 SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), res_units=1)
 

@@ -9,9 +9,10 @@ import time
 import pytest
 
 import train
-from brainseg import ownership, s3io
-from brainseg.artifacts import RunStore
-from brainseg.ownership import RunLock, RunTaken
+from brainseg.io import s3
+from brainseg.run import ownership
+from brainseg.run.artifacts import RunStore
+from brainseg.run.ownership import RunLock, RunTaken
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,7 @@ def quick_heartbeat(monkeypatch):
 
 
 def _claim(bucket: str, run: str, **record) -> None:
-    s3io.put_bytes(f"s3://{bucket}/runs/{run}/owner.json", json.dumps(record).encode())
+    s3.put_bytes(f"s3://{bucket}/runs/{run}/owner.json", json.dumps(record).encode())
 
 
 def test_a_second_job_is_refused_while_the_first_is_alive(bucket):
@@ -42,11 +43,11 @@ def test_a_released_run_is_taken_over_at_once(bucket, caplog):
     first = RunLock(f"s3://{bucket}/runs", "r2", "job-a")
     first.acquire()
     first.release("interrupted")
-    released = json.loads(s3io.read_uri(f"s3://{bucket}/runs/r2/owner.json"))
+    released = json.loads(s3.read_uri(f"s3://{bucket}/runs/r2/owner.json"))
     assert released["released"] is True and released["status"] == "interrupted"
     second = RunLock(f"s3://{bucket}/runs", "r2", "job-a")
     started = time.monotonic()
-    with caplog.at_level("INFO", logger="brainseg.ownership"):
+    with caplog.at_level("INFO", logger="brainseg.run.ownership"):
         second.acquire()
     second.release("finished")
     assert time.monotonic() - started < 0.5 and "it was released" in caplog.text
@@ -58,7 +59,7 @@ def test_a_claim_left_by_a_dead_process_of_this_machine_is_taken_over_at_once(bu
     _claim(bucket, "r3", token="x", job="", host="here", pid=dead.pid, machine=ownership._machine(),
            heartbeat=time.time())
     lock = RunLock(f"s3://{bucket}/runs", "r3")
-    with caplog.at_level("INFO", logger="brainseg.ownership"):
+    with caplog.at_level("INFO", logger="brainseg.run.ownership"):
         lock.acquire()
     lock.release("finished")
     assert "its process no longer exists" in caplog.text
@@ -70,7 +71,7 @@ def test_a_claim_that_stops_changing_is_taken_over_when_stale(bucket, caplog, mo
            heartbeat=time.time())
     lock = RunLock(f"s3://{bucket}/runs", "r4")
     started = time.monotonic()
-    with caplog.at_level("INFO", logger="brainseg.ownership"):
+    with caplog.at_level("INFO", logger="brainseg.run.ownership"):
         lock.acquire()
     lock.release("finished")
     assert time.monotonic() - started >= 2.0  # stale after 3 s, counted from S3's second-resolution clock
@@ -89,8 +90,8 @@ def test_an_owner_notices_a_take_over_and_stops_writing(bucket):
     with pytest.raises(RunTaken, match="another job took over run r5: job-b"):
         store.put_json("run.json", {"status": "failed"})
     lock.release("failed")
-    assert json.loads(s3io.read_uri(f"s3://{bucket}/runs/r5/run.json")) == {"status": "running"}
-    assert json.loads(s3io.read_uri(f"s3://{bucket}/runs/r5/owner.json"))["job"] == "job-b"
+    assert json.loads(s3.read_uri(f"s3://{bucket}/runs/r5/run.json")) == {"status": "running"}
+    assert json.loads(s3.read_uri(f"s3://{bucket}/runs/r5/owner.json"))["job"] == "job-b"
 
 
 def test_train_refuses_a_run_another_job_writes_and_leaves_it_alone(bucket, capsys):
@@ -105,7 +106,7 @@ def test_train_refuses_a_run_another_job_writes_and_leaves_it_alone(bucket, caps
         owner.release("finished")
     assert code == 2
     assert "run shared is being written by another job: job-a" in capsys.readouterr().out
-    assert json.loads(s3io.read_uri(f"{output}/shared/run.json"))["status"] == "running"
+    assert json.loads(s3.read_uri(f"{output}/shared/run.json"))["status"] == "running"
 
 
 def test_a_claim_written_but_unanswered_is_recognised_as_our_own(bucket, faults):
@@ -115,5 +116,5 @@ def test_a_claim_written_but_unanswered_is_recognised_as_our_own(bucket, faults)
     time.sleep(4 * ownership.HEARTBEAT_S)  # heartbeats too, every other one unanswered
     assert not lock.lost
     lock.release("finished")
-    record = json.loads(s3io.read_uri(f"s3://{bucket}/runs/r6/owner.json"))
+    record = json.loads(s3.read_uri(f"s3://{bucket}/runs/r6/owner.json"))
     assert record["released"] is True and faults.injected() >= 2

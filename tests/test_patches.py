@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg import s3io
-from brainseg.catalog import build_catalog
 from brainseg.config import StreamConfig
-from brainseg.patches import PatchStream
-from brainseg.sampling import is_foreground_task, plan_slab
+from brainseg.data.catalog import build_catalog
+from brainseg.data.sampling import is_foreground_task, plan_slab
+from brainseg.data.stream import PatchStream
+from brainseg.io import s3
 from tests.conftest import put_case, small_phantom
 
 SMALL = dict(patch_size=(16, 24, 24), slab_margin=(4, 8), memory_budget_bytes=64 * 2**20)
@@ -17,7 +17,7 @@ SMALL = dict(patch_size=(16, 24, 24), slab_margin=(4, 8), memory_budget_bytes=64
 
 @pytest.fixture(scope="module")
 def cases():
-    s3io.client().create_bucket(Bucket="patch-stream")
+    s3.client().create_bucket(Bucket="patch-stream")
     for number in range(4):
         phantom = small_phantom(seed=20 + number, shape=(20, 48, 40))
         put_case("s3://patch-stream/data", f"case_{number}", phantom.image, phantom.mask)

@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 
-from brainseg.progress import Progress
+from brainseg.run.progress import Progress
 
 VALUES = {"epoch": 1, "loss": 0.5, "lr": 1e-3, "patches_per_s": 12.0, "data_wait_fraction": 0.1}
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from brainseg import s3io
-from brainseg.catalog import build_catalog
+from brainseg.data.catalog import build_catalog
 from brainseg.dicom import writer
+from brainseg.io import s3
 from tests.conftest import dicom_bytes, put, put_case, put_series, small_phantom
 
 SPACING = (2.0, 0.9, 0.8)
@@ -47,7 +47,7 @@ STRAYS = {"notes.txt": b"reader notes, not an image\n" * 20, ".DS_Store": b"\x00
 @pytest.fixture(scope="module")
 def catalog():
     bucket = "quality-checks"
-    s3io.client().create_bucket(Bucket=bucket)
+    s3.client().create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/data"
     phantom = small_phantom(seed=1)
     image, mask = phantom.image, phantom.mask

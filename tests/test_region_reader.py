@@ -6,10 +6,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from brainseg import s3io
-from brainseg.catalog import build_catalog
+from brainseg.data.catalog import build_catalog
+from brainseg.data.series import coalesce
 from brainseg.dicom import writer
-from brainseg.series import coalesce
+from brainseg.io import s3
 from tests.conftest import put_case, put_series, small_phantom
 
 SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)
@@ -77,9 +77,9 @@ def test_native_single_frame_region_fetches_only_the_band(bucket):
     mask[4, 30, 40] = 1
     put_case(f"s3://{bucket}/data", "case_b", image, mask)
     case = build_catalog(f"s3://{bucket}/data/").cases[0]
-    s3io.reset_stats()
+    s3.reset_stats()
     region = case.image.read_region(2, 8, 10, 30, 20, 50)
-    stats = s3io.stats()
+    stats = s3.stats()
     np.testing.assert_array_equal(region, image[2:8, 10:30, 20:50])
     assert stats["get_requests"] == 6  # one per slice
     assert stats["bytes_received"] == 6 * 20 * columns * 2  # exactly the rows, full width
@@ -93,9 +93,9 @@ def test_native_multiframe_region_is_coalesced(bucket):
     mask = (image > 3990).astype(np.uint8)
     put_case(f"s3://{bucket}/data", "case_c", image, mask, multiframe=True)
     case = build_catalog(f"s3://{bucket}/data/").cases[0]
-    s3io.reset_stats()
+    s3.reset_stats()
     region = case.image.read_region(5, 37, 8, 40, 0, 64)
-    stats = s3io.stats()
+    stats = s3.stats()
     np.testing.assert_array_equal(region, image[5:37, 8:40])
     assert stats["get_requests"] <= 2, stats  # 32 frames, a few coalesced requests
     frame_bytes = rows * columns * 2
@@ -107,9 +107,9 @@ def test_compressed_multiframe_fetches_only_needed_frames(bucket):
     put_case(f"s3://{bucket}/data", "case_d", phantom.image, phantom.mask, transfer_syntax="rle",
              multiframe=True)
     case = build_catalog(f"s3://{bucket}/data/").cases[0]
-    s3io.reset_stats()
+    s3.reset_stats()
     region = case.image.read_region(10, 13, 0, 32, 0, 32)
-    stats = s3io.stats()
+    stats = s3.stats()
     np.testing.assert_array_equal(region, phantom.image[10:13].astype(np.float32))
     assert stats["get_requests"] == 1
     assert stats["bytes_received"] < case.image.sizes[0] / 5

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 import train
-from brainseg import s3io
-from infra import review
-from infra.report import overlay_figure
-from infra.runs import MetricsTail, list_runs, load_run
+from brainseg.io import s3
 from tests.conftest import synthetic_dataset
+from tools.review import cli as review
+from tools.review.report import overlay_figure
+from tools.review.runs import MetricsTail, list_runs, load_run
 
 TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1", "--epochs", "2",
         "--steps-per-epoch", "3", "--num-workers", "0", "--warmup-steps", "2", "--log-every", "1000"]
@@ -34,13 +34,13 @@ def runs() -> str:
     output = dataset.replace("/ds/", "/runs")
     for name, lr in (("fast", "0.003"), ("slow", "0.001")):
         assert train.main(["--data-uri", dataset, "--output-uri", output, "--run-name", name, "--lr", lr, *TINY]) == 0
-    s3io.put_bytes(f"{output}/going/run.json", json.dumps(
+    s3.put_bytes(f"{output}/going/run.json", json.dumps(
         {"status": "running", "started": 1.8e9, "hyperparameters": {"lr": 0.01}}).encode())
-    s3io.put_bytes(f"{output}/going/metrics/metrics.jsonl",
+    s3.put_bytes(f"{output}/going/metrics/metrics.jsonl",
                    b'{"epoch": 1, "step": 3, "train_loss": 1.2, "val_dice": 0.1, "lr": 0.01}\n{"epoch": 2, "st')
-    s3io.put_bytes(f"{output}/broken/run.json", json.dumps(
+    s3.put_bytes(f"{output}/broken/run.json", json.dumps(
         {"status": "failed", "started": 1.7e9, "error": "TrainingError: no usable training cases"}).encode())
-    s3io.put_bytes(f"{output}/not-a-run/notes.txt", b"ignored")
+    s3.put_bytes(f"{output}/not-a-run/notes.txt", b"ignored")
     return output
 
 
@@ -65,21 +65,21 @@ def test_metrics_are_read_incrementally_as_they_grow(runs):
               for n in range(1, 31)]
     tail = MetricsTail(uri)
     assert tail.poll() == [] and tail.problems == ["metrics/metrics.jsonl: missing (no epoch finished yet?)"]
-    s3io.put_bytes(uri, "".join(epochs[:20]).encode() + epochs[20][:15].encode())
+    s3.put_bytes(uri, "".join(epochs[:20]).encode() + epochs[20][:15].encode())
     assert [line["epoch"] for line in tail.poll()] == list(range(1, 21))
     assert tail.problems == ["metrics/metrics.jsonl: line 21 is incomplete (still being written?); skipped"]
-    s3io.put_bytes(uri, "".join(epochs).encode())
-    s3io.reset_stats()
+    s3.put_bytes(uri, "".join(epochs).encode())
+    s3.reset_stats()
     assert [line["epoch"] for line in tail.poll()] == list(range(21, 31)) and not tail.problems
     new_bytes = len("".join(epochs[20:]))
-    assert new_bytes < s3io.stats()["bytes_received"] <= new_bytes + MetricsTail.OVERLAP  # only the tail
-    s3io.reset_stats()
-    assert tail.poll() == [] and s3io.stats()["bytes_received"] <= MetricsTail.OVERLAP
+    assert new_bytes < s3.stats()["bytes_received"] <= new_bytes + MetricsTail.OVERLAP  # only the tail
+    s3.reset_stats()
+    assert tail.poll() == [] and s3.stats()["bytes_received"] <= MetricsTail.OVERLAP
     assert [line["epoch"] for line in tail.lines] == list(range(1, 31)) and tail.rewrites == 0
 
     # a resumed job rewrites the file from an older checkpoint's history: read again from the start
     resumed = epochs[:12] + [json.dumps({"epoch": 13, "step": 520, "train_loss": 0.5}) + "\n", "not json\n"]
-    s3io.put_bytes(uri, "".join(resumed).encode())
+    s3.put_bytes(uri, "".join(resumed).encode())
     assert [line["epoch"] for line in tail.poll()] == list(range(1, 14)) and tail.rewrites == 1
     assert tail.lines[-1]["train_loss"] == 0.5
     assert tail.problems == ["metrics/metrics.jsonl: line 14 is not an epoch record; skipped"]
@@ -89,17 +89,17 @@ def test_follow_prints_epochs_as_a_job_writes_them_until_it_finishes(runs, tmp_p
     live = f"{runs}/live"
     lines = [json.dumps({"epoch": n, "step": 10 * n, "train_loss": 1.0 / n, "val_dice": 0.2 * n, "lr": 1e-3,
                          "patches_per_s": 9.5, "data_wait_fraction": 0.05}) + "\n" for n in (1, 2, 3)]
-    s3io.put_bytes(f"{live}/run.json", json.dumps({"status": "running", "started": 1.9e9}).encode())
-    s3io.put_bytes(f"{live}/metrics/metrics.jsonl", lines[0].encode())
+    s3.put_bytes(f"{live}/run.json", json.dumps({"status": "running", "started": 1.9e9}).encode())
+    s3.put_bytes(f"{live}/metrics/metrics.jsonl", lines[0].encode())
 
     def job():
         time.sleep(0.5)
-        s3io.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines[:2]).encode())
+        s3.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines[:2]).encode())
         time.sleep(0.5)
-        s3io.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines).encode())
-        s3io.put_bytes(f"{live}/summary.json", json.dumps({"best_val_dice": 0.6, "test_dice_mean": 0.55}).encode())
-        s3io.put_bytes(f"{live}/metrics/test_per_case.csv", b"case_id,dice,iou\ncase_000,0.55,0.4\n")
-        s3io.put_bytes(f"{live}/run.json", json.dumps({"status": "finished", "started": 1.9e9}).encode())
+        s3.put_bytes(f"{live}/metrics/metrics.jsonl", "".join(lines).encode())
+        s3.put_bytes(f"{live}/summary.json", json.dumps({"best_val_dice": 0.6, "test_dice_mean": 0.55}).encode())
+        s3.put_bytes(f"{live}/metrics/test_per_case.csv", b"case_id,dice,iou\ncase_000,0.55,0.4\n")
+        s3.put_bytes(f"{live}/run.json", json.dumps({"status": "finished", "started": 1.9e9}).encode())
 
     writer = threading.Thread(target=job)
     writer.start()
@@ -119,16 +119,16 @@ def test_follow_prints_epochs_as_a_job_writes_them_until_it_finishes(runs, tmp_p
 
 def test_damaged_artifacts_are_reported_and_the_rest_reviewed(runs, tmp_path, capsys):
     damaged = f"{runs}/damaged"
-    s3io.put_bytes(f"{damaged}/run.json", json.dumps({"status": "finished", "started": 1.6e9,
+    s3.put_bytes(f"{damaged}/run.json", json.dumps({"status": "finished", "started": 1.6e9,
                                                       "hyperparameters": ["not", "a", "mapping"]}).encode())
-    s3io.put_bytes(f"{damaged}/summary.json", b'{"best_val_dice": 0.7, "test_dice_mean": ')
-    s3io.put_bytes(f"{damaged}/metrics/metrics.jsonl", b'{"epoch": 1, "val_dice": 0.7}\n')
-    s3io.put_bytes(f"{damaged}/metrics/test_per_case.csv",
+    s3.put_bytes(f"{damaged}/summary.json", b'{"best_val_dice": 0.7, "test_dice_mean": ')
+    s3.put_bytes(f"{damaged}/metrics/metrics.jsonl", b'{"epoch": 1, "val_dice": 0.7}\n')
+    s3.put_bytes(f"{damaged}/metrics/test_per_case.csv",
                    b"case_id,dice,iou\ncase_001,0.31,0.2\ncase_002,,\ncase_003,0.9,0.8\n")
-    s3io.put_bytes(f"{damaged}/predictions/case_001.npz", b"PK\x03\x04 truncated upload")
+    s3.put_bytes(f"{damaged}/predictions/case_001.npz", b"PK\x03\x04 truncated upload")
     buffer = io.BytesIO()
     np.savez_compressed(buffer, image=np.zeros((4, 4, 4)), mask=np.zeros((4, 4)))
-    s3io.put_bytes(f"{damaged}/predictions/case_003.npz", buffer.getvalue())
+    s3.put_bytes(f"{damaged}/predictions/case_003.npz", buffer.getvalue())
     assert review.main([damaged, "--report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "damaged: summary.json: not valid JSON" in out
@@ -154,7 +154,7 @@ def test_report_has_curves_tables_and_overlays(runs, tmp_path, capsys):
     assert "no test evaluation" in page
     table = page.split("<h2>fast: test cases, worst first</h2>")[1].split("</table>")[0]
     shown = re.findall(r'<td class="name">(case_\d+)</td><td>([0-9.]+)</td>', table)
-    rows = list(csv.DictReader(io.StringIO(s3io.read_uri(f"{runs}/fast/metrics/test_per_case.csv").decode())))
+    rows = list(csv.DictReader(io.StringIO(s3.read_uri(f"{runs}/fast/metrics/test_per_case.csv").decode())))
     assert [case for case, _ in shown] == [row["case_id"] for row in sorted(rows, key=lambda r: float(r["dice"]))]
 
 

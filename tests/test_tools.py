@@ -3,24 +3,24 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 
-from brainseg import s3io
+from brainseg.io import s3
+from tests.conftest import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+def run(script, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ))
 
 
 def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
     folder = tmp_path / "cases"
-    result = run("infra/synth.py", "--cases", "3", "--out", str(folder), "--shape", "16,40,36",
+    result = run("brainseg-synth", "--cases", "3", "--out", str(folder), "--shape", "16,40,36",
                  "--transfer-syntax", "explicit-le")
     assert result.returncode == 0, result.stderr
     images = sorted((folder / "case_0001" / "image").glob("*.dcm"))
@@ -31,13 +31,13 @@ def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
     (folder / ".DS_Store").write_bytes(b"Bud1")
     (folder / "case_0001" / "image" / "._IM_0001.dcm").write_bytes(b"AppleDouble")
     uri = f"s3://{bucket}/dataset/"
-    result = run("infra/upload.py", str(folder), uri)
+    result = run("brainseg-upload", str(folder), uri)
     assert result.returncode == 0, result.stderr
     assert "uploaded 96 file(s)" in result.stderr  # hidden files stay behind
-    s3io.put_bytes(uri + "case_0002/image/notes.txt", b"reader notes\n")
+    s3.put_bytes(uri + "case_0002/image/notes.txt", b"reader notes\n")
 
     profile_path = tmp_path / "profile.json"
-    result = run("infra/inspect_data.py", uri, "--json", str(profile_path))
+    result = run("brainseg-inspect", uri, "--json", str(profile_path))
     assert result.returncode == 0, result.stderr
     assert "3 total, 3 usable, 0 excluded" in result.stdout
     assert "skipped (not images; their cases are kept): 1 object(s)\n  case_0002/image/notes.txt: not a DICOM file" \
@@ -54,29 +54,29 @@ def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
 
 def test_synth_multiframe_compressed_straight_to_s3(bucket):
     uri = f"s3://{bucket}/mf/"
-    result = run("infra/synth.py", "--cases", "2", "--out", uri, "--shape", "12,40,40",
+    result = run("brainseg-synth", "--cases", "2", "--out", uri, "--shape", "12,40,40",
                  "--transfer-syntax", "rle", "--multiframe")
     assert result.returncode == 0, result.stderr
-    result = run("infra/inspect_data.py", uri)
+    result = run("brainseg-inspect", uri)
     assert result.returncode == 0, result.stderr
     assert "multi-frame (2)" in result.stdout and "RLE Lossless (2 objects)" in result.stdout
 
 
 def test_inspect_reports_exclusions(bucket):
     uri = f"s3://{bucket}/mixed/"
-    assert run("infra/synth.py", "--cases", "2", "--out", uri, "--shape", "8,32,32").returncode == 0
-    s3io.put_bytes(uri + "case_0001/image/IM_0003.dcm", b"garbage")
-    result = run("infra/inspect_data.py", uri)
+    assert run("brainseg-synth", "--cases", "2", "--out", uri, "--shape", "8,32,32").returncode == 0
+    s3.put_bytes(uri + "case_0001/image/IM_0003.dcm", b"garbage")
+    result = run("brainseg-inspect", uri)
     assert result.returncode == 0, result.stderr
     assert "case_0001: 1 image object(s) unusable: IM_0003.dcm (not a DICOM file" in result.stdout
 
 
 def test_bad_input_is_explained():
-    result = run("infra/inspect_data.py", "not-a-uri")
+    result = run("brainseg-inspect", "not-a-uri")
     assert result.returncode == 2 and "expected an S3 URI like s3://bucket/prefix/" in result.stderr
-    result = run("infra/synth.py", "--cases", "1", "--out", "/tmp/x", "--shape", "10,10")
+    result = run("brainseg-synth", "--cases", "1", "--out", "/tmp/x", "--shape", "10,10")
     assert result.returncode == 2 and "expected three positive numbers" in result.stderr
-    result = run("infra/upload.py", "/no/such/folder", "s3://b/p/")
+    result = run("brainseg-upload", "/no/such/folder", "s3://b/p/")
     assert result.returncode == 2 and "is not a folder" in result.stderr
 
 
@@ -85,7 +85,7 @@ def test_missing_credentials_are_explained(bucket):
            if name not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
     env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
                AWS_EC2_METADATA_DISABLED="true")  # the endpoint stays the local moto server
-    result = subprocess.run([sys.executable, "infra/inspect_data.py", f"s3://{bucket}/data/"], cwd=ROOT,
+    result = subprocess.run([console_script("brainseg-inspect"), f"s3://{bucket}/data/"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2, result.stderr
     assert "no AWS credentials found; configure a profile or role" in result.stderr

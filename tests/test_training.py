@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import train
-from brainseg import s3io
 from brainseg.config import Hyperparameters
-from brainseg.models import build_model, is_encoder_parameter
-from infra.synth import SynthSpec, write_dataset
+from brainseg.io import s3
+from brainseg.model.networks import build_model, is_encoder_parameter
 from tests.conftest import synthetic_dataset
+from tools.data.synth import SynthSpec, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--batch-size", "2", "--num-workers", "0",
@@ -44,17 +44,17 @@ def _args(dataset: str, output: str, run: str, *extra: str) -> list[str]:
 
 
 def _read_json(uri: str):
-    return json.loads(s3io.read_uri(uri))
+    return json.loads(s3.read_uri(uri))
 
 
 def _checkpoint(output: str, run: str) -> dict:
     pointer = _read_json(f"{output}/{run}/checkpoints/latest.json")
-    data = s3io.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
+    data = s3.read_uri(f"{output}/{run}/checkpoints/{pointer['checkpoint']}")
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _subprocess_env(tmp_path: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "entry_point"), SM_MODEL_DIR=str(tmp_path / "model"))
+    env = dict(os.environ, SM_MODEL_DIR=str(tmp_path / "model"))
     env.pop("SM_CHECKPOINT_DIR", None)
     return env
 
@@ -65,8 +65,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     output = f"s3://{bucket}/runs"
     assert train.main(_args(dataset, output, "e2e", "--epochs", "3", "--steps-per-epoch", "30")) == 0
     run = f"{output}/e2e"
-    bucket_name, prefix = s3io.parse_uri(run + "/")
-    keys = sorted(info.key[len(prefix):] for info in s3io.list_objects(bucket_name, prefix))
+    bucket_name, prefix = s3.parse_uri(run + "/")
+    keys = sorted(info.key[len(prefix):] for info in s3.list_objects(bucket_name, prefix))
     predictions = [key for key in keys if key.startswith("predictions/")]
     keys = [key for key in keys if key not in predictions]
     checkpoints = [f"checkpoints/step-000000{step}.{ext}" for step in (30, 60, 90) for ext in ("json", "pt")]
@@ -74,30 +74,30 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
                     "model/model.pt", "owner.json", "run.json", "summary.json"]
     assert _read_json(f"{output}/e2e/owner.json")["released"] is True
 
-    lines = [json.loads(line) for line in s3io.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
+    lines = [json.loads(line) for line in s3.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3] and [line["step"] for line in lines] == [30, 60, 90]
     for line in lines:
         for name in ("lr", "train_loss", "val_dice", "val_iou", "patches_per_s", "data_wait_fraction", "seconds"):
             assert isinstance(line[name], float), name
         assert 0 <= line["data_wait_fraction"] <= 1 and line["patches_per_s"] > 0
 
-    rows = list(csv.DictReader(io.StringIO(s3io.read_uri(f"{run}/metrics/test_per_case.csv").decode())))
+    rows = list(csv.DictReader(io.StringIO(s3.read_uri(f"{run}/metrics/test_per_case.csv").decode())))
     assert predictions == [f"predictions/{row['case_id']}.npz" for row in rows]
-    crop = np.load(io.BytesIO(s3io.read_uri(f"{run}/{predictions[0]}")))
+    crop = np.load(io.BytesIO(s3.read_uri(f"{run}/{predictions[0]}")))
     assert crop["image"].dtype == np.float16 and crop["image"].shape == crop["mask"].shape == crop["prediction"].shape
     assert all(a <= b for a, b in zip(crop["image"].shape, (32, 64, 64))) and crop["mask"].any()
-    assert len(s3io.read_uri(f"{run}/{predictions[0]}")) < 300_000
+    assert len(s3.read_uri(f"{run}/{predictions[0]}")) < 300_000
     assert [row["case_id"] for row in rows] == sorted(row["case_id"] for row in rows) and len(rows) == 3
     assert all(row["case_id"].startswith("case_") and 0 <= float(row["dice"]) <= 1 for row in rows)
 
     summary = _read_json(f"{run}/summary.json")
     assert summary["test_dice_mean"] > 0.3, summary  # chance (all tumour) is ~0.02 here
-    assert summary["best_epoch"] in (1, 2, 3) and summary["best_val_dice"] == max(l["val_dice"] for l in lines)
+    assert summary["best_epoch"] in (1, 2, 3) and summary["best_val_dice"] == max(line["val_dice"] for line in lines)
     assert summary["hyperparameters"]["patch_size"] == [32, 32, 32] and len(summary["dataset_fingerprint"]) == 16
     assert re.fullmatch(r"[0-9a-f]{12}", summary["code_version"]) and summary["test_cases"] == 3
     assert _read_json(f"{run}/run.json")["status"] == "finished"
 
-    weights = torch.load(io.BytesIO(s3io.read_uri(f"{run}/model/model.pt")), weights_only=True)
+    weights = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
     model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1))
     model.load_state_dict(weights)
     assert (tmp_path / "model" / "model.pt").is_file()
@@ -108,7 +108,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     epochs = [m for m in logged if m]
     assert [int(m.group(1)) for m in epochs] == [1, 2, 3]
     assert float(epochs[-1].group(3)) == pytest.approx(lines[-1]["val_dice"], abs=1e-4)
-    out = s3io.read_uri(f"{run}/metrics/test_per_case.csv").decode() + json.dumps(summary)
+    out = s3.read_uri(f"{run}/metrics/test_per_case.csv").decode() + json.dumps(summary)
     assert "SYN" not in out and "Synthetic^" not in out  # no patient IDs or names in artifacts
 
 
@@ -124,7 +124,7 @@ def test_streamed_and_in_memory_training_are_the_same_computation(dataset, bucke
 def _wait_for_step(uri: str, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        data = s3io.read_uri(uri)
+        data = s3.read_uri(uri)
         if data is not None and json.loads(data)["step"] >= step:
             return
         assert process.poll() is None, process.communicate()[0]
@@ -172,7 +172,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(dataset, bucket
     process = subprocess.Popen(command, env=_subprocess_env(tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while s3io.read_uri(f"{output}/spot/run.json") is None:
+    while s3.read_uri(f"{output}/spot/run.json") is None:
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.05)
     time.sleep(1.0)
@@ -189,10 +189,10 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(dataset, bucket
 
 def test_autoencoder_pretraining_then_frozen_encoder_transfer(dataset, bucket):
     unlabelled = f"s3://{bucket}/unlabelled/"
-    source_bucket, source_prefix = s3io.parse_uri(dataset)
-    for info in s3io.list_objects(source_bucket, source_prefix):
+    source_bucket, source_prefix = s3.parse_uri(dataset)
+    for info in s3.list_objects(source_bucket, source_prefix):
         if "/image/" in info.key:
-            s3io.client().copy_object(Bucket=bucket, Key="unlabelled/" + info.key[len(source_prefix):],
+            s3.client().copy_object(Bucket=bucket, Key="unlabelled/" + info.key[len(source_prefix):],
                                       CopySource={"Bucket": source_bucket, "Key": info.key})
     output = f"s3://{bucket}/runs"
     assert train.main(_args(unlabelled, output, "pretrain", "--task", "autoencoder", "--epochs", "1",
@@ -200,7 +200,7 @@ def test_autoencoder_pretraining_then_frozen_encoder_transfer(dataset, bucket):
     summary = _read_json(f"{output}/pretrain/summary.json")
     assert summary["test_loss"] > 0 and summary["best_val_loss"] > 0
     encoder_uri = f"{output}/pretrain/model/encoder.pt"
-    encoder = torch.load(io.BytesIO(s3io.read_uri(encoder_uri)), weights_only=True)["encoder"]
+    encoder = torch.load(io.BytesIO(s3.read_uri(encoder_uri)), weights_only=True)["encoder"]
 
     assert train.main(_args(dataset, output, "transfer", "--init-weights", encoder_uri, "--freeze-encoder", "true",
                             "--max-train-cases", "2", "--epochs", "1", "--steps-per-epoch", "4",
@@ -226,7 +226,7 @@ def test_resuming_on_a_changed_dataset_is_refused_unless_allowed(bucket, capsys)
     args = _args(data, output, "growing", "--epochs", "1", "--steps-per-epoch", "2", "--max-val-cases", "1")
     assert train.main(args) == 0
     write_dataset(1, data, SynthSpec(shape=(32, 64, 64)), first=8)
-    added = sorted(s3io.list_folders(*s3io.parse_uri(data))[0])[-1].rstrip("/").rsplit("/", 1)[-1]
+    added = sorted(s3.list_folders(*s3.parse_uri(data))[0])[-1].rstrip("/").rsplit("/", 1)[-1]
     capsys.readouterr()
     assert train.main(args + ["--epochs", "2"]) == 2
     out = capsys.readouterr().out
@@ -240,7 +240,7 @@ def test_resuming_on_a_changed_dataset_is_refused_unless_allowed(bucket, capsys)
 
 
 def test_the_code_version_is_what_was_loaded_when_first_asked(tmp_path, monkeypatch):
-    import brainseg.training as training
+    import brainseg.run.engine as training
 
     source = tmp_path / "module.py"
     source.write_text("VALUE = 1\n")
@@ -264,7 +264,7 @@ def test_bad_configuration_stops_before_training(dataset, bucket, capsys, extra,
     output = f"s3://{bucket}/runs"
     assert train.main(_args(dataset, output, "bad", *extra)) == code
     assert re.search(message, capsys.readouterr().out)
-    assert s3io.read_uri(f"{output}/bad/checkpoints/latest.json") is None
+    assert s3.read_uri(f"{output}/bad/checkpoints/latest.json") is None
 
 
 def test_missing_bucket_is_named(bucket, capsys):
@@ -274,10 +274,10 @@ def test_missing_bucket_is_named(bucket, capsys):
 
 
 def test_no_usable_cases_says_how_to_find_out_why(bucket, capsys):
-    s3io.put_bytes(f"s3://{bucket}/empty/case_0001/image/IM_0001.dcm", b"not dicom")
+    s3.put_bytes(f"s3://{bucket}/empty/case_0001/image/IM_0001.dcm", b"not dicom")
     assert train.main(_args(f"s3://{bucket}/empty/", f"s3://{bucket}/runs", "r")) == 2
     out = capsys.readouterr().out
-    assert "no usable training cases" in out and "infra/inspect_data.py" in out
+    assert "no usable training cases" in out and "brainseg-inspect" in out
     status = _read_json(f"s3://{bucket}/runs/r/run.json")
     assert status["status"] == "failed" and "no usable training cases" in status["error"]
 
@@ -288,7 +288,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_through_dropped_
     args = _args(dataset, output, "damaged", "--steps-per-epoch", "4", "--checkpoint-steps", "2",
                  "--max-val-cases", "1")
     assert train.main(args + ["--epochs", "1"]) == 0
-    s3io.put_bytes(f"{output}/damaged/checkpoints/step-00000004.pt", b"torn upload")
+    s3.put_bytes(f"{output}/damaged/checkpoints/step-00000004.pt", b"torn upload")
     capsys.readouterr()
     faults.set({"fault": "cut", "method": "GET", "key": "/damaged/checkpoints/", "times": 3})
     assert train.main(args + ["--epochs", "2"]) == 0
@@ -322,16 +322,16 @@ def test_init_weights_that_would_run_code_are_refused(dataset, bucket, tmp_path,
      r"--memory-budget-mb 16 gives each of 2 DataLoader worker\(s\) 8 MiB, but one slab needs"),
 ])
 def test_bad_flags_stop_before_anything_is_read(bucket, capsys, extra, message):
-    s3io.reset_stats()
+    s3.reset_stats()
     assert train.main(_args("s3://no-bucket-needed/ds/", f"s3://{bucket}/runs", "r", *extra)) == 2
-    assert re.search(message, capsys.readouterr().out) and s3io.stats()["get_requests"] == 0
+    assert re.search(message, capsys.readouterr().out) and s3.stats()["get_requests"] == 0
 
 
 def test_a_run_folder_holding_the_data_is_refused(bucket, capsys):
-    s3io.reset_stats()
+    s3.reset_stats()
     assert train.main(_args(f"s3://{bucket}/r1/ds/", f"s3://{bucket}", "r1")) == 2
     assert f"data_uri s3://{bucket}/r1/ds/ is inside the run folder s3://{bucket}/r1/" in capsys.readouterr().out
-    assert s3io.stats()["get_requests"] == 0
+    assert s3.stats()["get_requests"] == 0
 
 
 def test_the_exact_memory_budget_is_checked_before_the_model_is_built(dataset, bucket, capsys):

@@ -286,7 +286,7 @@ class Hyperparameters:
         return {f.name: list(v) if isinstance(v, tuple) else v
                 for f in fields(self) for v in [getattr(self, f.name)]}
 
-    def replace(self, **changes) -> "Hyperparameters":
+    def replace(self, **changes) -> Hyperparameters:
         return replace(self, **changes)
 
 

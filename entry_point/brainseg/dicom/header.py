@@ -110,7 +110,7 @@ class ObjectHeader:
         return [getattr(self, name) for name in _FIELD_NAMES]
 
     @classmethod
-    def from_row(cls, row: list) -> "ObjectHeader":
+    def from_row(cls, row: list) -> ObjectHeader:
         """Inverse of :meth:`to_row`. Values every slice of a series repeats are shared, so a
         catalog of many thousands of objects stays small."""
         values = dict(zip(_FIELD_NAMES, row, strict=True))

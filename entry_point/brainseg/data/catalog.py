@@ -1,0 +1,315 @@
+"""The catalog: every case under a dataset prefix, checked, summarised and split.
+
+``build_catalog(uri)`` lists the prefix (or, trusting a saved index, does not), indexes the
+headers it has not seen (:mod:`brainseg.data.index`), assembles and checks each case's image and mask
+series (:mod:`brainseg.data.quality`), summarises new cases (:mod:`brainseg.data.summary`), excludes
+duplicates across cases, and assigns splits (:mod:`brainseg.data.splits`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from brainseg.data.index import (
+    MAX_HEADER_BYTES,
+    HeaderIndex,
+    identity_key,
+    is_stray_name,
+    key_id,
+    load_index,
+    read_header,
+    save_index,
+)
+from brainseg.data.quality import IndexedObject, QualityError, assemble_series, check_pair
+from brainseg.data.series import Series
+from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
+from brainseg.data.summary import CaseSummary, summarise_case
+from brainseg.io import s3
+
+logger = logging.getLogger(__name__)
+
+INDEX_DIR = ".brainseg"
+MANIFEST_NAME = "manifest.csv"
+CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
+
+
+@dataclass
+class Case:
+    """One patient case folder: ``status`` is ``"ok"`` or ``"excluded"`` (then ``reason`` says why).
+    ``skipped`` lists the non-image objects found in its series folders and why each was skipped."""
+
+    case_id: str
+    split: str = ""
+    status: str = "ok"
+    reason: str = ""
+    image: Series | None = None
+    mask: Series | None = None
+    summary: CaseSummary | None = None
+    patient_group: str = ""
+    skipped: list = field(default_factory=list)
+
+    def exclude(self, reason: str) -> None:
+        self.status, self.reason, self.split = "excluded", reason, ""
+
+
+@dataclass
+class Catalog:
+    """Every case under ``uri`` with its checks, summary and split."""
+
+    uri: str
+    cases: list[Case]
+    fingerprint: str
+    index_stats: dict = field(default_factory=dict)
+    manifest: bool = False  # the splits come from manifest.csv, not the seeded shuffle
+
+    def split(self, name: str) -> list[Case]:
+        """The usable cases of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return [case for case in self.cases if case.status == "ok" and case.split == name]
+
+    def excluded(self) -> list[Case]:
+        return [case for case in self.cases if case.status == "excluded"]
+
+
+def _index_uri_for(uri: str) -> str:
+    return uri.rstrip("/") + f"/{INDEX_DIR}/index.jsonl"
+
+
+def check_index_location(uri: str, index_uri: str) -> None:
+    """Inside the dataset an index may live only under ``<data>/.brainseg/``, never in a case folder.
+
+    Raises:
+        ValueError: ``index_uri`` lies elsewhere inside the data prefix.
+    """
+    if index_uri.startswith(uri) and not index_uri.startswith(uri + INDEX_DIR + "/"):
+        raise ValueError(f"index_uri {index_uri} is inside the dataset {uri} but not under its {INDEX_DIR}/ "
+                         f"folder; it would be listed as data (or overwrite it). Use {_index_uri_for(uri)} "
+                         "or a location outside the dataset")
+
+
+def _layout_hint(uri: str, listing: list[s3.ObjectInfo], prefix: str) -> str:
+    """Why no object sits in ``<case>/image/`` or ``<case>/mask/``, when the layout says so."""
+    parts = [info.key[len(prefix):].split("/") for info in listing]
+    deeper = sorted({p[0] for p in parts if len(p) >= 4 and p[2] in ("image", "mask")})
+    if deeper:
+        return (f"; cases seem to be one level down, under {uri}{deeper[0]}/ (pass that as the data URI)")
+    if any(len(p) >= 2 and p[0] in ("image", "mask") for p in parts):
+        parent = uri.rstrip("/").rsplit("/", 1)[0] + "/"
+        return f"; {uri} looks like a single case folder (it holds image/ or mask/): pass its parent {parent}"
+    return ""
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _group_objects(prefix: str, listing: list[s3.ObjectInfo]):
+    """``{case_id: {"image": [...], "mask": [...]}}``, the manifest object, and ignored keys."""
+    cases: dict[str, dict[str, list[s3.ObjectInfo]]] = {}
+    manifest, ignored = None, 0
+    for info in listing:
+        relative = info.key[len(prefix):]
+        parts = relative.split("/")
+        if relative == MANIFEST_NAME:
+            manifest = info
+        elif parts[0] == INDEX_DIR or relative.endswith("/"):
+            continue
+        elif len(parts) >= 3 and parts[1] in ("image", "mask"):
+            cases.setdefault(parts[0], {"image": [], "mask": []})[parts[1]].append(info)
+        elif len(parts) >= 2:
+            cases.setdefault(parts[0], {"image": [], "mask": []})
+            ignored += 1
+        else:
+            ignored += 1
+    return cases, manifest, ignored
+
+
+def _objects_fingerprint(objects, extra: bytes = b"") -> str:
+    """Hash of the keys and ETags of ``objects`` (any order) and ``extra`` bytes."""
+    digest = hashlib.sha256(extra)
+    for info in sorted(objects, key=lambda o: o.key):
+        digest.update(f"{info.key}\0{info.etag}\0".encode())
+    return digest.hexdigest()[:24]
+
+
+def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
+                  split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
+                  refresh_index: bool = False, trust_index: bool = False,
+                  require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES) -> Catalog:
+    """Index, check, summarise and split every case under ``uri``.
+
+    Args:
+        uri: the dataset prefix ``s3://bucket/prefix/`` (layout in the README).
+        index_uri: where the header index JSON lives (default ``<uri>/.brainseg/index.jsonl``);
+            it is reused when present and rewritten when anything changed.
+        seed: seed of the patient-level split (ignored when ``manifest.csv`` exists).
+        split_fractions: train/val/test fractions of the seeded split.
+        exclude_empty_masks: exclude cases whose mask has no tumour voxel.
+        refresh_index: ignore a saved index and read every header again.
+        trust_index: start from a saved index without listing the prefix, so start-up costs the
+            same whatever the dataset size. Objects changed since indexing fail at read time
+            (every range carries the indexed ETag); cases added since are not seen. Without a
+            saved index this lists the prefix as usual.
+        require_masks: with ``False`` (self-supervised pretraining) a case without a ``mask/``
+            folder is usable; its ``mask`` is ``None`` and its summary has no tumour.
+        max_header_bytes: a header that does not end within this many bytes is refused.
+
+    Raises:
+        ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
+            cases are one level up or down), the manifest is malformed, or ``index_uri`` is in a
+            case folder or holds something other than an index.
+        s3.S3Error: the bucket cannot be listed.
+    """
+    bucket, prefix = s3.parse_uri(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    uri = f"s3://{bucket}/{prefix}"
+    index_uri = index_uri or _index_uri_for(uri)
+    check_index_location(uri, index_uri)
+    started = time.perf_counter()
+    key = identity_key(index_uri)
+    index = load_index(index_uri, key_id(key), refresh=refresh_index)
+    manifest_uri = uri + MANIFEST_NAME
+    if trust_index and index.objects:
+        listing = [s3.ObjectInfo(obj.key, obj.size, obj.etag) for obj in index.objects.values()]
+        manifest_bytes = s3.read_uri(manifest_uri)
+        logger.info("using the saved index %s (%d objects) without listing %s", index_uri, len(listing), uri)
+    else:
+        listing = s3.list_tree(bucket, prefix)
+        manifest_bytes = None
+    grouped, manifest_info, ignored = _group_objects(prefix, listing)
+    if manifest_info is not None:
+        manifest_bytes = s3.get_object(bucket, manifest_info.key)
+    if not any(series for parts in grouped.values() for series in parts.values()):
+        raise ValueError(f"no case folders under {uri}: expected <case_id>/image/*.dcm and "
+                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed){_layout_hint(uri, listing, prefix)}")
+    if ignored:
+        logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
+
+    case_objects = [info for parts in grouped.values() for series in parts.values() for info in series]
+    objects: dict[str, IndexedObject] = {}
+    to_read = []
+    for info in case_objects:
+        saved = index.objects.get(info.key)
+        if saved is not None and saved.etag == info.etag and saved.size == info.size:
+            objects[info.key] = saved
+        else:
+            to_read.append(info)
+    read_started = time.perf_counter()
+
+    def read(info: s3.ObjectInfo) -> IndexedObject:
+        stray = is_stray_name(info.key)
+        if stray:
+            return IndexedObject(info.key, info.size, info.etag, None, stray, stray=True)
+        return read_header(bucket, info, key, max_header_bytes)
+
+    for indexed in s3.executor().map(read, to_read):
+        objects[indexed.key] = indexed
+    read_seconds = time.perf_counter() - read_started
+
+    cases = []
+    for case_id in sorted(grouped):
+        case = Case(case_id)
+        parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
+                 for folder in ("image", "mask")}
+        case.skipped = [f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
+                        for obj in parts[folder] if obj.stray]
+        try:
+            case.image = assemble_series(bucket, "image", parts["image"])
+            if parts["mask"] or require_masks:
+                case.mask = assemble_series(bucket, "mask", parts["mask"])
+                check_pair(case.image, case.mask)
+        except QualityError as err:
+            case.exclude(str(err))
+        hashes = {h.patient_hash for h in (case.image.headers if case.image else ()) if h.patient_hash}
+        case.patient_group = min(hashes) if hashes else ""
+        cases.append(case)
+
+    summaries: dict[str, tuple[str, CaseSummary]] = {}
+    pending = []
+    for case in cases:
+        if case.status != "ok":
+            continue
+        case_fingerprint = _objects_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
+        saved = index.cases.get(case.case_id)
+        if saved is not None and saved[0] == case_fingerprint:
+            summaries[case.case_id] = saved
+        else:
+            pending.append((case, case_fingerprint))
+    with ThreadPoolExecutor(CASE_WORKERS, thread_name_prefix="case-summary") as pool:
+        futures = [(case, case_fingerprint, pool.submit(summarise_case, case.case_id, case.image, case.mask))
+                   for case, case_fingerprint in pending]
+        for case, case_fingerprint, future in futures:
+            try:
+                summaries[case.case_id] = (case_fingerprint, future.result())
+            except (s3.S3Error, ValueError) as err:
+                case.exclude(f"pixel data unreadable: {err}")
+    for case in cases:
+        if case.status == "ok":
+            case.summary = summaries[case.case_id][1]
+            if exclude_empty_masks and require_masks and case.summary.tumour_voxels == 0:
+                case.exclude("mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False")
+
+    _exclude_cross_case_duplicates(cases)
+    if manifest_bytes is not None:
+        manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, manifest_bytes).items()}
+        unknown = sorted(set(manifest) - {_nfc(case.case_id) for case in cases})
+        if unknown:
+            logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), uri,
+                           ", ".join(unknown[:5]))
+        for case in cases:
+            if case.status != "ok":
+                continue
+            if _nfc(case.case_id) in manifest:
+                case.split = manifest[_nfc(case.case_id)]
+            else:
+                case.exclude("not listed in manifest.csv")
+    else:
+        assign_splits(cases, seed, split_fractions)
+
+    if to_read or pending or objects.keys() != index.objects.keys():
+        save_index(index_uri, HeaderIndex(index.key_id, objects, summaries))
+    # What training reads: the case objects and the manifest.
+    fingerprint = _objects_fingerprint(case_objects, manifest_bytes or b"")[:16]
+    stats = {
+        "objects": len(case_objects),
+        "headers_read": len(to_read),
+        "headers_reused": len(objects) - len(to_read),
+        "header_seconds": round(read_seconds, 3),
+        "headers_per_s": round(len(to_read) / read_seconds, 1) if to_read and read_seconds > 0 else None,
+        "cases_summarised": len(pending),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    catalog = Catalog(uri=uri, cases=cases, fingerprint=fingerprint, index_stats=stats,
+                      manifest=manifest_bytes is not None)
+    for case in catalog.excluded():
+        logger.warning("case %s excluded: %s", case.case_id, case.reason)
+    for case in cases:
+        if case.skipped:
+            logger.warning("case %s: skipped %d non-image object(s): %s", case.case_id, len(case.skipped),
+                           "; ".join(case.skipped[:3]) + (" ..." if len(case.skipped) > 3 else ""))
+    logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
+                uri, len(cases), len(cases) - len(catalog.excluded()), len(catalog.split("train")),
+                len(catalog.split("val")), len(catalog.split("test")), len(catalog.excluded()), stats)
+    return catalog
+
+
+def _exclude_cross_case_duplicates(cases: list[Case]) -> None:
+    """A case whose image objects repeat another case's (same content or same SOP instance)."""
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case.image is None:
+            continue
+        marks = {f"etag:{etag}" for etag in case.image.etags}
+        marks |= {f"sop:{header.instance_hash}" for header in case.image.headers if header.instance_hash}
+        first = sorted({seen[mark] for mark in marks if mark in seen})
+        if first and case.status == "ok":
+            case.exclude(f"image objects duplicate those of case {first[0]} (copied or "
+                         "mislabelled patient folder)")
+        for mark in marks:
+            seen.setdefault(mark, case.case_id)

@@ -1,0 +1,172 @@
+"""Quality checks that turn a folder of indexed DICOM objects into a sorted series, or a reason.
+
+Each check raises :class:`QualityError` with a sentence a person can act on. The catalog marks
+the case ``excluded`` with that sentence; nothing is dropped silently. Messages name objects by
+their file name within the case folder and never include patient identifiers or UIDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainseg.data.series import Series
+from brainseg.dicom import ObjectHeader
+
+ORIENTATION_TOLERANCE = 1e-4  # direction cosines
+DUPLICATE_FRACTION = 0.01  # slices closer than 1% of the spacing are the same position
+SPACING_TOLERANCE = 0.02  # 2% deviation from the median slice spacing is "uneven"
+MISSING_FACTOR = 1.5  # a gap of 1.5 spacings or more means a slice is missing
+ALIGNMENT_FRACTION = 0.1  # in-plane drift of the stack, as a fraction of the pixel spacing
+GEOMETRY_TOLERANCE = 1e-3  # relative, image vs mask spacing
+
+
+class QualityError(ValueError):
+    """A series or case fails a check; the message is the exclusion reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedObject:
+    """One object of a series folder: its key, size, ETag, and header or the reason it has none.
+    A ``stray`` object is not an image at all (notes.txt, a DICOMDIR, a report): it is skipped,
+    while an image object without a header makes its series unusable."""
+
+    key: str
+    size: int
+    etag: str
+    header: ObjectHeader | None
+    error: str = ""
+    stray: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+
+def _names(objects: list[IndexedObject], limit: int = 3) -> str:
+    names = [obj.name for obj in objects[:limit]]
+    more = f" and {len(objects) - limit} more" if len(objects) > limit else ""
+    return ", ".join(names) + more
+
+
+def _format_mm(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def assemble_series(bucket: str, folder: str, objects: list[IndexedObject]) -> Series:
+    """Check the objects of one series folder and sort their planes along the slice normal.
+
+    Args:
+        bucket: the bucket holding the objects.
+        folder: ``"image"`` or ``"mask"``, for messages.
+        objects: every object listed under the folder; stray (non-image) objects are skipped.
+
+    Raises:
+        QualityError: no image object, unreadable image objects, mixed series, sizes or
+            orientations, duplicated or missing slices, uneven spacing, misaligned stack. When
+            the folder also held skipped objects, the reason names them: a damaged slice taken
+            for a non-image object would explain a gap.
+    """
+    strays = [obj for obj in objects if obj.stray]
+    try:
+        return _assemble(bucket, folder, [obj for obj in objects if not obj.stray], strays)
+    except QualityError as err:
+        if strays and objects != strays:
+            raise QualityError(f"{err} (the folder also holds {len(strays)} skipped non-image object(s): "
+                               f"{_names(strays)})") from None
+        raise
+
+
+def _assemble(bucket: str, folder: str, objects: list[IndexedObject], strays: list[IndexedObject]) -> Series:
+    if not objects:
+        skipped = f" ({len(strays)} non-image object(s) skipped: {_names(strays)})" if strays else ""
+        raise QualityError(f"no {folder} objects: expected a DICOM series under {folder}/{skipped}")
+    broken = [obj for obj in objects if obj.header is None]
+    if broken:
+        raise QualityError(f"{len(broken)} {folder} object(s) unusable: {_names(broken)} "
+                           f"({broken[0].error})")
+    headers = [obj.header for obj in objects]
+    if len({h.series_hash for h in headers}) > 1:
+        raise QualityError(f"{folder}/ mixes {len({h.series_hash for h in headers})} series "
+                           "(different SeriesInstanceUID); keep one series per folder")
+    sizes = {(h.rows, h.columns) for h in headers}
+    if len(sizes) > 1:
+        raise QualityError(f"{folder} slices have different sizes {sorted(sizes)}")
+    orientation = np.asarray(headers[0].orientation)
+    for obj in objects:
+        if np.abs(np.asarray(obj.header.orientation) - orientation).max() > ORIENTATION_TOLERANCE:
+            raise QualityError(f"mixed orientations in {folder}/: {obj.name} has "
+                               f"{_format_mm(obj.header.orientation)}, others {_format_mm(orientation)}")
+    spacings = {tuple(round(v, 4) for v in h.pixel_spacing) for h in headers}
+    if len(spacings) > 1:
+        raise QualityError(f"{folder} slices have different pixel spacings {sorted(spacings)} mm")
+
+    normal = np.cross(orientation[:3], orientation[3:])
+    planes = [(i, f) for i, h in enumerate(headers) for f in range(h.frames)]
+    positions = np.asarray([headers[i].positions[f] for i, f in planes], dtype=float)
+    distance = positions @ normal
+    order = np.argsort(distance, kind="stable")
+    distance = distance[order]
+    positions = positions[order]
+    planes = [planes[i] for i in order]
+    if len(planes) < 2:
+        raise QualityError(f"{folder}/ holds a single slice; a 3D series needs at least 2")
+
+    gaps = np.diff(distance)
+    nominal = float(np.median(gaps))
+    if nominal <= 0:
+        nominal = max(h.slice_thickness for h in headers) or 1.0
+    duplicates = np.flatnonzero(gaps < DUPLICATE_FRACTION * nominal)
+    if duplicates.size:
+        z = int(duplicates[0])
+        names = {objects[planes[z][0]].name, objects[planes[z + 1][0]].name}
+        raise QualityError(f"duplicated slice position: {duplicates.size} slice(s) repeat a "
+                           f"position, first at {distance[z]:.2f} mm along the normal "
+                           f"({', '.join(sorted(names))})")
+    missing = np.flatnonzero(gaps > MISSING_FACTOR * nominal)
+    if missing.size:
+        z = int(missing[0])
+        lost = int(round(gaps[z] / nominal)) - 1
+        raise QualityError(f"missing slice(s): a gap of {gaps[z]:.2f} mm after slice {z} where the "
+                           f"spacing is {nominal:.2f} mm (about {lost} slice(s) absent)")
+    deviation = np.abs(gaps - nominal) / nominal
+    if deviation.max() > SPACING_TOLERANCE:
+        raise QualityError(f"uneven slice spacing: from {gaps.min():.3f} to {gaps.max():.3f} mm "
+                           f"(median {nominal:.3f} mm)")
+    drift = positions - positions[0] - np.outer(distance - distance[0], normal)
+    if np.linalg.norm(drift, axis=1).max() > ALIGNMENT_FRACTION * min(headers[0].pixel_spacing):
+        raise QualityError(f"{folder} slices are not stacked along the slice normal (gantry tilt or "
+                           "a mixed stack); resample the series before training")
+    return Series(
+        bucket=bucket,
+        keys=tuple(obj.key for obj in objects),
+        sizes=tuple(obj.size for obj in objects),
+        etags=tuple(obj.etag for obj in objects),
+        headers=tuple(headers),
+        planes=tuple(planes),
+        spacing=(nominal, *headers[0].pixel_spacing),
+        origin=tuple(float(v) for v in positions[0]),
+        orientation=tuple(float(v) for v in orientation),
+    )
+
+
+def check_pair(image: Series, mask: Series) -> None:
+    """The mask must cover the image voxel for voxel.
+
+    Raises:
+        QualityError: shape, spacing, orientation or origin differ.
+    """
+    if image.shape != mask.shape:
+        raise QualityError(f"mask geometry does not match image: mask shape {mask.shape}, "
+                           f"image shape {image.shape} (D, H, W)")
+    if not np.allclose(image.spacing, mask.spacing, rtol=GEOMETRY_TOLERANCE, atol=0):
+        raise QualityError(f"mask geometry does not match image: mask spacing "
+                           f"{_format_mm(mask.spacing)} mm, image {_format_mm(image.spacing)} mm")
+    if np.abs(np.subtract(image.orientation, mask.orientation)).max() > ORIENTATION_TOLERANCE:
+        raise QualityError("mask geometry does not match image: different orientation "
+                           f"{_format_mm(mask.orientation)} vs {_format_mm(image.orientation)}")
+    offset = float(np.linalg.norm(np.subtract(image.origin, mask.origin)))
+    if offset > ALIGNMENT_FRACTION * min(image.spacing):
+        raise QualityError(f"mask geometry does not match image: mask origin is {offset:.2f} mm "
+                           f"from the image origin")

@@ -1,0 +1,212 @@
+"""The patch stream: a torch ``IterableDataset`` of 3D patches read from S3 by byte ranges.
+
+Each shard (one DataLoader worker of one distributed rank) walks its residue of the task
+sequence (see :mod:`brainseg.data.sampling`). A small thread pool reads the slabs of the next tasks
+while the consumer cuts, normalises and augments patches from the current ones; how many slabs
+may be in flight follows from the memory budget. Patches of ``mix_slabs`` consecutive tasks are
+interleaved, so a batch mixes cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed
+from torch.utils.data import IterableDataset, get_worker_info
+
+from brainseg.config import StreamConfig
+from brainseg.data.catalog import Case
+from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
+from brainseg.data.transforms import augment, normalize, pad_to
+from brainseg.dicom import PixelDataError
+
+logger = logging.getLogger(__name__)
+
+REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
+
+
+def distributed_position() -> tuple[int, int]:
+    """``(rank, world_size)`` from torch.distributed when initialised, else from torchrun's env."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
+    """Upper bound of the memory one task of ``case`` holds: raw and decoded slabs plus its patches."""
+    mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
+    return config.task_bytes(slab_shape(case.image.shape, config), case.image.bytes_per_voxel, mask_bytes)
+
+
+def _read_mask(case: Case, region: tuple) -> np.ndarray:
+    if case.mask is None:
+        z0, z1, y0, y1, x0, x1 = region
+        return np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.uint8)
+    return case.mask.read_region(*region)
+
+
+class PatchStream(IterableDataset):
+    """Endless stream of ``{"image", "label", "case_id", "task", "origin"}`` samples.
+
+    ``image`` is float32 ``(1, D, H, W)`` normalised; ``label`` is uint8 ``(1, D, H, W)``
+    (1 = tumour; all 0 for a case without a mask); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
+
+    Args:
+        cases: usable cases (``status == "ok"``), e.g. ``catalog.split("train")``.
+        config: sampling, normalisation, augmentation and memory settings.
+        start_batch, batch_size: resume position. The stream continues exactly as if
+            ``start_batch`` batches of ``batch_size`` samples had already been taken from a
+            ``DataLoader`` with the same number of workers (worker roles are rotated so the
+            loader's round-robin picks up where the interrupted one stopped).
+        rank, world_size: distributed position; by default from torch.distributed or env.
+    """
+
+    def __init__(self, cases: list[Case], config: StreamConfig, start_batch: int = 0, batch_size: int = 1,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if not cases:
+            raise ValueError("no usable training cases: every case was excluded or the split is empty; "
+                             "run `brainseg-inspect <data-uri>` to see why")
+        unusable = [case.case_id for case in cases if case.status != "ok" or case.summary is None]
+        if unusable:
+            raise ValueError(f"cases {unusable[:5]} are excluded or unsummarised; pass only usable cases")
+        if start_batch < 0 or batch_size < 1:
+            raise ValueError(f"start_batch {start_batch}, batch_size {batch_size}: expected >= 0 and >= 1")
+        self.cases = list(cases)
+        self.config = config
+        self.start_batch = start_batch
+        self.batch_size = batch_size
+        default_rank, default_world_size = distributed_position()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world_size if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self._unreadable: set[str] = set()  # cases warned about, per worker
+        self._shapes = [case.image.shape for case in self.cases]
+        self._foregrounds = [case.summary.foreground_points for case in self.cases]
+        self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
+        if self.task_cost_bytes > config.memory_budget_bytes:
+            raise ValueError(self._budget_message(1, config.memory_budget_bytes))
+
+    def _budget_message(self, workers: int, budget: int) -> str:
+        return (f"memory budget {budget / 2**20:.0f} MiB per worker ({workers} worker(s) share "
+                f"{self.config.memory_budget_bytes / 2**20:.0f} MiB) cannot hold one slab of "
+                f"{self.task_cost_bytes / 2**20:.0f} MiB; raise memory_budget_bytes or lower "
+                "patch_size, slab_margin or patches_per_slab")
+
+    def plan(self, task: int, attempt: int = 0) -> SlabPlan:
+        return plan_slab(task, self._shapes, self._foregrounds, self.config, attempt)
+
+    def _read(self, plan: SlabPlan) -> tuple[np.ndarray, np.ndarray]:
+        case = self.cases[plan.case_index]
+        return case.image.read_region(*plan.region), _read_mask(case, plan.region)
+
+    def _settle(self, plan: SlabPlan, image: Future, mask: Future) -> tuple[SlabPlan, np.ndarray, np.ndarray]:
+        """The slab of ``plan``, or, when its pixels cannot be decoded (a damaged compressed frame
+        the index could not see), the task's next replacement plan in a fixed order."""
+        try:
+            return plan, image.result(), mask.result()
+        except PixelDataError as err:
+            failure = err
+        for attempt in range(1, REPLACEMENT_ATTEMPTS + 1):
+            self._warn_unreadable(self.cases[plan.case_index].case_id, failure)
+            plan = self.plan(plan.task, attempt)
+            try:
+                return (plan, *self._read(plan))
+            except PixelDataError as err:
+                failure = err
+        raise PixelDataError(f"task {plan.task}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
+                             f"{failure}")
+
+    def _warn_unreadable(self, case_id: str, err: Exception) -> None:
+        if case_id not in self._unreadable:
+            self._unreadable.add(case_id)
+            logger.warning("case %s: a slab cannot be decoded (%s); its tasks take replacement slabs", case_id, err)
+
+    def shard(self) -> tuple[int, int, int, int]:
+        """``(shard index, shard count, workers in this process group, samples to skip)``.
+
+        A DataLoader takes batch ``i`` from worker ``i % workers``. After ``start_batch``
+        batches, worker ``w`` therefore plays the role of worker ``(w + start_batch) % workers``
+        of the uninterrupted run, which had already delivered ``(start_batch + w) // workers``
+        batches of that shard.
+        """
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        role = (worker_id + self.start_batch) % workers
+        skip = (self.start_batch + worker_id) // workers * self.batch_size
+        return self.rank * workers + role, self.world_size * workers, workers, skip
+
+    def capacity(self, workers: int) -> int:
+        """Slabs one worker may hold at once (being cut plus read ahead), within its budget share."""
+        budget = self.config.memory_budget_bytes // workers
+        fits = budget // self.task_cost_bytes
+        if fits < 1:
+            raise ValueError(self._budget_message(workers, budget))
+        return int(min(self.config.read_ahead + self.config.mix_slabs, fits))
+
+    def __iter__(self) -> Iterator[dict]:
+        shard, shards, workers, skip = self.shard()
+        capacity = self.capacity(workers)
+        group = min(self.config.mix_slabs, capacity)
+        group_patches = group * self.config.patches_per_slab
+        first_group, skip = divmod(skip, group_patches)
+        tasks = iter(range(shard + first_group * group * shards, 2**62, shards))
+        with ThreadPoolExecutor(2 * capacity, thread_name_prefix="slab") as pool:
+            pending: deque[tuple[SlabPlan, Future, Future]] = deque()
+
+            def read_ahead(limit: int) -> None:
+                while len(pending) < limit:
+                    plan = self.plan(next(tasks))
+                    case = self.cases[plan.case_index]
+                    pending.append((plan, pool.submit(case.image.read_region, *plan.region),
+                                    pool.submit(_read_mask, case, plan.region)))
+
+            # The first group is fetched alone: read-ahead submitted with it would share the
+            # range pool and delay the first batch.
+            read_ahead(group)
+            for _plan, image, mask in pending:
+                futures.wait([image, mask])
+            while True:
+                read_ahead(capacity)
+                ready = [pending.popleft() for _ in range(group)]
+                read_ahead(capacity - group)  # keep reading while this group is cut into patches
+                samples = [self._patches(*self._settle(*slab)) for slab in ready]
+                del ready
+                for index in range(self.config.patches_per_slab):
+                    for patches in samples:
+                        if skip:
+                            skip -= 1
+                        else:
+                            yield patches[index]
+
+    def _patches(self, plan: SlabPlan, image: np.ndarray, mask: np.ndarray) -> list[dict]:
+        case = self.cases[plan.case_index]
+        summary = case.summary
+        image = normalize(image, self.config.normalization, summary.mean, summary.std, summary.low, summary.high)
+        label = (mask > 0).astype(np.uint8)
+        z0, _, y0, _, x0, _ = plan.region
+        out = []
+        for number, origin in enumerate(plan.origins):
+            window = tuple(slice(o - r, o - r + e) for o, r, e in zip(origin, (z0, y0, x0), plan.patch_extent))
+            patch_image = pad_to(image[window], self.config.patch_size)
+            patch_label = pad_to(label[window], self.config.patch_size)
+            if self.config.augment:
+                rng = np.random.default_rng([self.config.seed, plan.task, number, 1])
+                patch_image, patch_label = augment(patch_image, patch_label, rng,
+                                                   minmax=self.config.normalization == "minmax")
+            out.append({
+                "image": torch.from_numpy(np.ascontiguousarray(patch_image)[None]),
+                "label": torch.from_numpy(np.ascontiguousarray(patch_label)[None]),
+                "case_id": case.case_id,
+                "task": plan.task,
+                "origin": torch.tensor(origin, dtype=torch.int64),
+            })
+        return out

@@ -1,0 +1,608 @@
+"""One training run: build everything from the hyperparameters, resume, train, validate, test.
+
+The loop counts optimiser steps; an epoch is ``steps_per_epoch`` of them (patch sampling has no
+natural epoch). After each epoch every rank validates its share of the validation cases, rank 0
+writes the metrics line, the best weights and a checkpoint. A checkpoint holds everything the
+next step depends on: weights, optimiser, schedule, gradient scaler, loop counters, early-stopping
+state, every RNG state and the patch-stream position, so a resumed run continues bit for bit
+(on CPU with deterministic settings) where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import pickle
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
+from brainseg.data.catalog import Case, Catalog, build_catalog
+from brainseg.data.memory import load_in_memory
+from brainseg.data.pretext import drop_blocks
+from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS
+from brainseg.data.stream import PatchStream, slab_cost_bytes
+from brainseg.dicom import PixelDataError
+from brainseg.environment import Environment
+from brainseg.io import s3
+from brainseg.model.losses import build_loss
+from brainseg.model.networks import build_model, encoder_state, freeze_encoder, load_matching
+from brainseg.model.optim import build_optimizer, build_scheduler
+from brainseg.run import distributed
+from brainseg.run.artifacts import RunStore
+from brainseg.run.checkpoint import CheckpointStore
+from brainseg.run.evaluate import aggregate, autocast, evaluate
+from brainseg.run.metric_lines import EPOCH, TEST
+from brainseg.run.ownership import RunLock
+from brainseg.run.progress import Progress
+
+logger = logging.getLogger("brainseg.train")
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
+CHECKPOINT_KEYS = frozenset({"format", "hyperparameters", "model", "optimizer", "scheduler", "scaler", "best_model",
+                             "state", "rng", "sampler", "dataset_fingerprint", "code_version"})
+CODE_ROOT = Path(__file__).resolve().parents[2]  # entry_point/: train.py and brainseg/
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue; the message says what and how to fix it."""
+
+
+class Interrupted(TrainingError):
+    """SIGTERM stopped the run after a checkpoint; the same command resumes it."""
+
+
+@dataclass
+class LoopState:
+    """The loop's counters and early-stopping state (saved in every checkpoint)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimiser steps
+    best_metric: float = -math.inf  # val Dice, or minus the val loss for the autoencoder
+    best_epoch: int = 0
+    stale: int = 0  # validations since the best one
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # the metrics lines so far
+    epoch_loss: float = 0.0  # sums over the current epoch's finished steps
+    epoch_steps: int = 0
+    epoch_wait: float = 0.0
+    epoch_seconds: float = 0.0
+
+
+@functools.cache
+def code_version() -> str:
+    """SHA-256 (first 12 hex digits) of the entry point's Python sources as they were when first
+    asked (what this process runs), with or without git."""
+    digest = hashlib.sha256()
+    for path in sorted(CODE_ROOT.rglob("*.py")):
+        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def resolve_run_name(hp: Hyperparameters, env: Environment) -> str:
+    """``hp.run_name``, else the SageMaker job name, else a UTC timestamp (rank 0's, on every rank)."""
+    name = hp.run_name or env.job_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        check_run_name(name, "run_name" if hp.run_name else "TRAINING_JOB_NAME")
+        if inside(hp.data_uri, hp.run_uri(name)):
+            raise ValueError(f"data_uri {hp.data_uri} is inside the run folder {hp.run_uri(name)}; pick another "
+                             "run name or output_uri")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    return distributed.broadcast(name)
+
+
+def configure_determinism(hp: Hyperparameters) -> None:
+    random.seed(hp.seed)
+    np.random.seed(hp.seed % 2**32)
+    torch.manual_seed(hp.seed)
+    torch.backends.cudnn.benchmark = not hp.deterministic
+    if hp.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_states() -> dict:
+    """Every global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    saved = states["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_catalog(hp: Hyperparameters) -> Catalog:
+    """The dataset catalog; rank 0 indexes first so the other ranks reuse its index."""
+    def build() -> Catalog:
+        try:
+            return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
+                                 refresh_index=hp.refresh_index and distributed.is_main(),
+                                 trust_index=hp.trust_index, require_masks=hp.task == "segmentation",
+                                 max_header_bytes=hp.max_header_mb * 2**20)
+        except ValueError as err:  # the data prefix's layout, the manifest, the index location
+            raise TrainingError(str(err)) from err
+    catalog = build() if distributed.is_main() else None
+    distributed.barrier()
+    return catalog if catalog is not None else build()
+
+
+def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
+    """Train, validation and test cases, checked against the patch size."""
+    train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
+    usable = len(catalog.cases) - len(catalog.excluded())
+    if not usable:
+        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, none "
+                            f"usable); run `brainseg-inspect {hp.data_uri}` to see why")
+    counts = f"train {len(train)}, val {len(val)}, test {len(test)}"
+    if not catalog.manifest and not (train and val and test):
+        split = "/".join(str(round(100 * fraction)) for fraction in DEFAULT_SPLIT_FRACTIONS)
+        raise TrainingError(f"{usable} usable case(s) cannot fill a {split} train/val/test split ({counts}): add "
+                            "cases, or fix the split in manifest.csv")
+    if not train or not val:
+        raise TrainingError(f"manifest.csv leaves no usable {'training' if not train else 'validation'} case "
+                            f"({counts}); list some as '{'train' if not train else 'val'}'")
+    if not test:
+        logger.warning("manifest.csv lists no usable test case: the run ends without a test evaluation")
+    if hp.max_train_cases:
+        train = train[:hp.max_train_cases]
+    if hp.max_val_cases:
+        val = val[:hp.max_val_cases]
+    if not any(all(p <= s for p, s in zip(hp.patch_size, case.image.shape)) for case in train):
+        largest = max((case.image.shape for case in train), key=lambda shape: int(np.prod(shape)))
+        raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
+                            f"{largest}); lower --patch-size to fit inside the volumes")
+    return train, val, test
+
+
+def load_tensors(data: bytes, what: str):
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a file someone
+    else could write (a checkpoint, init weights) cannot run code when it is read.
+
+    Raises:
+        ValueError: not a torch file, or it holds other objects; the message names ``what``.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
+                      "not a torch file")
+        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
+                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
+
+
+def load_checkpoint(data: bytes) -> dict:
+    """A checkpoint's training state, checked for the format and keys this code writes."""
+    checkpoint = load_tensors(data, "the checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint format {found!r}; this code reads format {CHECKPOINT_FORMAT}")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def read_weights(location: str) -> dict:
+    """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file or a bare state dict."""
+    try:
+        if location.startswith("s3://"):
+            data = s3.read_uri(location)
+            if data is None:
+                raise TrainingError(f"init_weights {location}: no such object")
+        else:
+            data = Path(location).read_bytes()
+        payload = load_tensors(data, f"init_weights {location}")
+    except OSError as err:
+        raise TrainingError(f"init_weights {location}: cannot be read: {err}") from err
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    for key in ("model", "encoder"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            return payload[key]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise TrainingError(f"init_weights {location}: expected a state dict, a checkpoint or an encoder file")
+
+
+class Run:
+    """A training run; ``execute()`` trains, evaluates and returns the summary (``None`` on ranks > 0)."""
+
+    def __init__(self, hp: Hyperparameters, env: Environment):
+        self.hp = hp
+        self.env = env
+        self.rank, self.world, self.device = distributed.setup()
+        self.main = self.rank == 0
+        if hp.precision == "fp16" and self.device.type != "cuda":
+            raise TrainingError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        configure_determinism(hp)
+        self.run_name = resolve_run_name(hp, env)
+        self.lock = RunLock(hp.output_uri, self.run_name, env.job_name) if self.main else None
+        self.store = RunStore(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
+        self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
+        self.state = LoopState()
+        self.interrupted = False
+        self.output_ready = False
+        self.started = time.time()
+
+    # ----------------------------------------------------------------- setup
+    def build(self) -> None:
+        hp = self.hp
+        s3.check_bucket(hp.output_uri)
+        if self.lock is not None:
+            self.lock.acquire()  # before anything is written to the run folder
+            self.output_ready = True
+        s3.check_bucket(hp.data_uri)
+        self.catalog = load_catalog(hp)
+        self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
+        workers = max(1, hp.num_workers)
+        needed = max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases)
+        if needed > hp.memory_budget_mb * 2**20 // workers:
+            raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
+        try:
+            self.model = build_model(hp).to(self.device)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+        if hp.init_weights:
+            report = load_matching(self.model, read_weights(hp.init_weights))
+            if not report["loaded"]:
+                raise TrainingError(f"init_weights {hp.init_weights}: no layer matches model {hp.model} with "
+                                    f"channels {hp.channels} ({len(report['unexpected'])} unexpected, "
+                                    f"{len(report['shape_mismatch'])} of another shape)")
+            logger.info("init_weights %s: loaded %d tensors; not matched: %d of another shape %s, %d unknown to "
+                        "this model, %d of the model left as initialised", hp.init_weights, len(report["loaded"]),
+                        len(report["shape_mismatch"]), report["shape_mismatch"][:3], len(report["unexpected"]),
+                        len(report["missing"]))
+        if hp.freeze_encoder:
+            frozen, trainable = freeze_encoder(self.model, hp.model)
+            logger.info("encoder frozen: %d parameter tensors frozen, %d trainable", frozen, trainable)
+        self.total_steps = hp.epochs * hp.steps_per_epoch
+        if hp.warmup_steps >= self.total_steps and hp.schedule != "onecycle":
+            logger.warning("warmup_steps %d is not shorter than the run (%d steps): the learning rate never reaches "
+                           "--lr %g; lower --warmup-steps", hp.warmup_steps, self.total_steps, hp.lr)
+        self.optimizer = build_optimizer(self.model.parameters(), hp)
+        self.scheduler = build_scheduler(self.optimizer, hp, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=hp.precision == "fp16")
+        self.loss_fn = build_loss(hp)
+        self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.resume()
+        self.network = self.model
+        if self.world > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if hp.compile:
+            self.network = torch.compile(self.network)
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint of this run, if there is one."""
+        found = self.checkpoints.newest(load_checkpoint)
+        if found is None:
+            logger.info("run %s: new run, artifacts under %s", self.run_name, self.store.uri)
+            return
+        checkpoint, pointer = found
+        saved = checkpoint["hyperparameters"]
+        current = self.hp.to_dict()
+        differing = sorted(name for name in current if name not in RESUMABLE_CHANGES
+                           and saved.get(name) != current[name])
+        if differing:
+            changes = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differing)
+            raise TrainingError(f"run {self.run_name} has a checkpoint ({pointer['checkpoint']}) from different "
+                                f"hyperparameters ({changes}); use the same values to resume, or another "
+                                "--run-name to start a new run")
+        self.check_dataset(checkpoint, pointer["checkpoint"])
+        sampler = checkpoint["sampler"]
+        if (sampler["num_workers"], sampler["world_size"]) != (self.hp.num_workers, self.world):
+            logger.warning("resuming with %d workers x %d ranks instead of %d x %d: training continues, but "
+                           "the patch order differs from an uninterrupted run", self.hp.num_workers, self.world,
+                           sampler["num_workers"], sampler["world_size"])
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.best_weights = checkpoint["best_model"]
+        self.state = LoopState(**checkpoint["state"])
+        restore_rng_states(checkpoint["rng"][self.rank] if self.rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+        logger.info("run %s: resumed from %s (%s) at epoch %d, step %d", self.run_name, pointer["checkpoint"],
+                    pointer["source"], self.state.epoch, self.state.step)
+
+    def splits(self) -> dict:
+        """The case IDs of each split of the catalog (what a checkpoint records)."""
+        return {name: [case.case_id for case in self.catalog.split(name)] for name in ("train", "val", "test")}
+
+    def check_dataset(self, checkpoint: dict, name: str) -> None:
+        """Resume only on the data the checkpoint was trained on, unless ``allow_dataset_change``.
+
+        Raises:
+            TrainingError: the dataset's objects or splits changed; the message says how.
+        """
+        saved = checkpoint["dataset_fingerprint"]
+        if saved == self.catalog.fingerprint:
+            return
+        before, now = checkpoint.get("splits", {}), self.splits()
+        changes = []
+        for split in ("train", "val", "test"):
+            for sign, ids in (("+", set(now[split]) - set(before.get(split, []))),
+                              ("-", set(before.get(split, [])) - set(now[split]))):
+                if ids:
+                    shown = ", ".join(sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+                    changes.append(f"{split} {sign}{len(ids)} ({shown})")
+        what = "; ".join(changes) if changes else "same cases in every split, but objects or the manifest changed"
+        message = (f"run {self.run_name}: the dataset under {self.hp.data_uri} changed since checkpoint {name} "
+                   f"(fingerprint {saved} -> {self.catalog.fingerprint}: {what})")
+        if not self.hp.allow_dataset_change:
+            raise TrainingError(f"{message}; resume on the same data, pass --allow-dataset-change true to continue "
+                                "on the new data, or use another --run-name to start a new run")
+        logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
+
+    def loader(self) -> DataLoader:
+        hp = self.hp
+        try:
+            cases = load_in_memory(self.train_cases) if hp.data_source == "memory" else self.train_cases
+        except PixelDataError as err:
+            raise TrainingError(f"--data-source memory needs every training volume whole: {err}") from err
+        stream = PatchStream(cases, hp.stream_config(), start_batch=self.state.step, batch_size=hp.batch_size,
+                             rank=self.rank, world_size=self.world)
+        # Its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run's dropout masks would drift from an uninterrupted run's.
+        return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(hp.seed),
+                          persistent_workers=hp.num_workers > 0, prefetch_factor=2 if hp.num_workers else None)
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_bytes(self) -> bytes:
+        states = rng_states()
+        gathered = [states]
+        if distributed.active():
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, states)
+        buffer = io.BytesIO()
+        torch.save({
+            "format": CHECKPOINT_FORMAT,
+            "hyperparameters": self.hp.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_model": self.best_weights,
+            "state": dataclasses.asdict(self.state),
+            "rng": gathered,
+            "sampler": {"start_batch": self.state.step, "batch_size": self.hp.batch_size,
+                        "num_workers": self.hp.num_workers, "world_size": self.world},
+            "dataset_fingerprint": self.catalog.fingerprint,
+            "splits": self.splits(),
+            "code_version": code_version(),
+        }, buffer)
+        return buffer.getvalue()
+
+    def save_checkpoint(self) -> None:
+        data = self.checkpoint_bytes()  # a collective: every rank takes part
+        if self.main:
+            name = self.checkpoints.save(data, self.state.step, self.state.epoch, self.hp.keep_checkpoints)
+            logger.info("checkpoint %s (%.1f MiB) at epoch %d step %d", name, len(data) / 2**20,
+                        self.state.epoch, self.state.step)
+        distributed.barrier()
+
+    def write_status(self, status: str, **extra) -> None:
+        if self.main:
+            self.store.put_json("run.json", {
+                "run_name": self.run_name, "status": status, "started": self.started, "updated": time.time(),
+                "hyperparameters": self.hp.to_dict(), "world_size": self.world, "device": self.device.type,
+                "code_version": code_version(), **extra})
+
+    # ----------------------------------------------------------------- the loop
+    def train_step(self, batch: dict) -> float:
+        hp = self.hp
+        image = batch["image"].to(self.device, non_blocking=True)
+        if hp.task == "autoencoder":
+            rng = np.random.default_rng([hp.seed, self.state.step, 11])
+            inputs = torch.from_numpy(drop_blocks(batch["image"].numpy(), rng)).to(self.device, non_blocking=True)
+            target = image
+        else:
+            inputs, target = image, batch["label"].to(self.device, non_blocking=True)
+        with autocast(self.device, hp.precision):
+            output = self.network(inputs)
+        loss = self.loss_fn(output.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if hp.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def train(self) -> None:
+        hp, state = self.hp, self.state
+        batches = iter(self.loader())
+        progress = Progress(self.total_steps, state.step, log_every=hp.log_every, enabled=self.main)
+        try:
+            while state.epoch < hp.epochs and not state.stopped_early and not self.interrupted:
+                while state.epoch_steps < hp.steps_per_epoch and not self.interrupted:
+                    started = time.perf_counter()
+                    batch = next(batches)
+                    waited = time.perf_counter() - started
+                    loss = self.train_step(batch)
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"training loss is {loss} at step {state.step + 1}; lower --lr "
+                                            "or enable --grad-clip")
+                    state.step += 1
+                    state.epoch_steps += 1
+                    state.epoch_loss += loss
+                    state.epoch_wait += waited
+                    state.epoch_seconds += time.perf_counter() - started
+                    if self.world > 1:  # every rank stops at the same step
+                        self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
+                    rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
+                    progress.update(state.step, epoch=state.epoch + 1, loss=loss, lr=self.scheduler.get_last_lr()[0],
+                                    patches_per_s=rate,
+                                    data_wait_fraction=state.epoch_wait / max(state.epoch_seconds, 1e-9))
+                    if hp.checkpoint_steps and state.step % hp.checkpoint_steps == 0 \
+                            and state.epoch_steps < hp.steps_per_epoch:
+                        self.save_checkpoint()
+                if self.interrupted:
+                    break
+                self.end_epoch()
+                self.save_checkpoint()
+        finally:
+            progress.close()
+        if self.interrupted:
+            self.save_checkpoint()
+
+    def end_epoch(self) -> None:
+        hp, state = self.hp, self.state
+        seconds = distributed.mean(state.epoch_seconds, self.device)
+        line = {
+            "epoch": state.epoch + 1, "step": state.step, "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": distributed.mean(state.epoch_loss / state.epoch_steps, self.device),
+            "patches_per_s": distributed.total(state.epoch_steps * hp.batch_size / state.epoch_seconds, self.device),
+            "data_wait_fraction": distributed.mean(state.epoch_wait / state.epoch_seconds, self.device),
+            "seconds": seconds,
+        }
+        started = time.perf_counter()
+        results = aggregate(evaluate(self.model, self.val_cases, hp, self.device, phase="val"))
+        if not results.get("cases"):
+            raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
+                                "above); exclude the damaged cases or list others as 'val' in manifest.csv")
+        if hp.task == "autoencoder":
+            line["val_loss"] = results["loss"]
+            metric = -results["loss"]
+        else:
+            line.update(val_dice=results["dice"], val_iou=results["iou"], val_dice_global=results["dice_global"])
+            metric = results["dice"]
+        line["val_seconds"] = time.perf_counter() - started
+        state.epoch += 1
+        improved = metric > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.stale = metric, state.epoch, 0
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.main:
+                self.save_best()
+        else:
+            state.stale += 1
+            if hp.patience and state.stale >= hp.patience:
+                state.stopped_early = True
+        state.history.append(line)
+        state.epoch_loss = state.epoch_wait = state.epoch_seconds = 0.0
+        state.epoch_steps = 0
+        if self.main:
+            self.store.put_metrics(state.history)
+            logger.info("%s", EPOCH.format(line, "best" if improved else ""))
+            if state.stopped_early:
+                logger.info("early stop: no improvement for %d validations; best epoch %d", state.stale,
+                            state.best_epoch)
+
+    def save_best(self) -> None:
+        buffer = io.BytesIO()
+        torch.save(self.best_weights, buffer)
+        self.store.put("model/model.pt", buffer.getvalue())
+        if self.hp.task == "autoencoder":
+            buffer = io.BytesIO()
+            torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
+                        "channels": list(self.hp.channels)}, buffer)
+            self.store.put("model/encoder.pt", buffer.getvalue())
+
+    # ----------------------------------------------------------------- the end
+    def test(self) -> dict:
+        hp = self.hp
+        self.model.load_state_dict(self.best_weights)
+        results = (evaluate(self.model, self.test_cases, hp, self.device, crops=hp.save_predictions, phase="test")
+                   if self.test_cases else [])
+        scores = aggregate(results)
+        summary = {
+            "run_name": self.run_name,
+            "status": "finished",
+            "best_epoch": self.state.best_epoch,
+            "epochs_run": self.state.epoch,
+            "steps": self.state.step,
+            "stopped_early": self.state.stopped_early,
+            "test_cases": len(results),
+            "unreadable_test_cases": scores.get("unreadable", 0),
+            "hyperparameters": hp.to_dict(),
+            "dataset_fingerprint": self.catalog.fingerprint,
+            "code_version": code_version(),
+            "world_size": self.world,
+            "device": self.device.type,
+            "seconds": time.time() - self.started,
+        }
+        if hp.task == "autoencoder":
+            summary.update(best_val_loss=-self.state.best_metric, test_loss=scores.get("loss"))
+        else:
+            summary.update(best_val_dice=self.state.best_metric, test_dice_mean=scores.get("dice"),
+                           test_dice_median=scores.get("dice_median"), test_iou_mean=scores.get("iou"),
+                           test_dice_global=scores.get("dice_global"))
+        if self.main:
+            self.store.put_csv("metrics/test_per_case.csv", [result.row() for result in results])
+            for result in results:
+                if result.crop is not None:
+                    self.store.put_npz(f"predictions/{result.case_id}.npz", result.crop)
+            self.store.put_json("summary.json", summary)
+            model_dir = Path(self.env.model_dir)
+            model_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.best_weights, model_dir / "model.pt")
+            (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
+            names = ("test_loss",) if hp.task == "autoencoder" else ("test_dice", "test_dice_median", "test_iou")
+            values = {name: scores.get(name.removeprefix("test_"), math.nan) for name in names}
+            logger.info("%s", TEST.format({**values, "cases": len(results), "best_epoch": self.state.best_epoch}))
+        return summary
+
+    def execute(self) -> dict | None:
+        """Train and test; the summary on rank 0.
+
+        Raises:
+            TrainingError: bad configuration or data (nothing trained).
+            s3.S3Error: S3 unreachable or an artifact upload failed after retries.
+        """
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        status = "failed"
+        try:
+            self.build()
+            self.write_status("running", epoch=self.state.epoch, step=self.state.step)
+            self.train()
+            if self.interrupted:
+                status = "interrupted"
+                self.write_status(status, epoch=self.state.epoch, step=self.state.step)
+                raise Interrupted(f"stopped by SIGTERM at step {self.state.step}; the checkpoint is saved and "
+                                    "the same command resumes")
+            summary = self.test()
+            self.write_status("finished", epoch=self.state.epoch, step=self.state.step)
+            status = "finished"
+            return summary if self.main else None
+        except BaseException as err:
+            if not self.interrupted and self.output_ready and not self.lock.lost:
+                try:
+                    self.write_status("failed", error=f"{type(err).__name__}: {err}"[:2000])
+                except s3.S3Error:
+                    logger.warning("could not record the failure in %srun.json", self.store.uri)
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release(status)
+            signal.signal(signal.SIGTERM, previous)
+            distributed.teardown()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM: finishing the current step, saving a checkpoint and stopping")
+        self.interrupted = True

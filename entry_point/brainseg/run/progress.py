@@ -1,0 +1,71 @@
+"""Progress of a phase (training steps, validation or test cases): a tqdm bar in a terminal, plain
+``progress`` log lines otherwise (SageMaker and CI logs are not terminals and a redrawn bar would
+flood them).
+
+While a bar is shown, log records go through ``tqdm.write`` so a log line never lands on the
+bar's line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from brainseg.run.metric_lines import PROGRESS
+
+logger = logging.getLogger("brainseg.train")
+
+
+class Progress:
+    """``total`` units (``step`` or ``case``) of one phase (``train``, ``val`` or ``test``).
+
+    Without a terminal a ``progress`` line is logged every ``log_every`` units (training steps)
+    or, with ``log_seconds``, at most that often (evaluation: short phases log nothing).
+    """
+
+    def __init__(self, total: int, initial: int = 0, *, phase: str = "train", unit: str = "step",
+                 log_every: int = 0, log_seconds: float = 0.0, enabled: bool = True, stream=None):
+        stream = stream or sys.stderr
+        self.total, self.phase, self.unit = total, phase, unit
+        self.log_every, self.log_seconds = log_every, log_seconds
+        self.enabled = enabled
+        self.last_line = time.monotonic()
+        self.redirect = contextlib.ExitStack()
+        self.bar = None
+        if enabled and stream.isatty():
+            self.redirect.enter_context(logging_redirect_tqdm())
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=phase, dynamic_ncols=True, file=stream,
+                            leave=phase == "train")
+
+    def update(self, done: int, **values) -> None:
+        """Unit ``done`` (1-based count) finished; ``values`` (``PROGRESS`` fields) describe it."""
+        if not self.enabled:
+            return
+        counters = {"phase": self.phase, self.unit: f"{done}/{self.total}"}
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix({name: f"{value:{spec}}" for name, spec in PROGRESS.fields
+                                  if (value := values.get(name)) is not None})
+            return
+        now = time.monotonic()
+        due = (self.log_every and (done % self.log_every == 0 or done == self.total)) or \
+            (self.log_seconds and now - self.last_line >= self.log_seconds)
+        if due:
+            self.last_line = now
+            logger.info("%s", PROGRESS.format({**values, **counters}))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.redirect.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

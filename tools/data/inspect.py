@@ -1,0 +1,49 @@
+"""Check and profile a DICOM dataset in S3 before training on it.
+
+    brainseg-inspect s3://bucket/dataset/ [--json profile.json] [--index-uri s3://...]
+
+Prints shapes, spacings, intensity range, tumour volume distribution, the split and every
+excluded case with its reason. Builds (or reuses) the header index the training job uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from brainseg.data.catalog import build_catalog
+from brainseg.io import s3
+from tools.data.profile import format_profile, profile_catalog
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/image/ and <case_id>/mask/")
+    parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
+    parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    parser.add_argument("--refresh-index", action="store_true", help="read every header again")
+    parser.add_argument("--max-header-mb", type=int, default=1,
+                        help="refuse objects whose header does not end within this many MiB (1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        catalog = build_catalog(args.data_uri, index_uri=args.index_uri, seed=args.seed,
+                                refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20)
+    except (ValueError, s3.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    profile = profile_catalog(catalog)
+    print(format_profile(profile))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(profile, indent=2))
+        print(f"profile written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

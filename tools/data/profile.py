@@ -1,0 +1,92 @@
+"""A profile of a catalogued dataset: what a person checks before training on it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from brainseg.data.catalog import Catalog
+from brainseg.data.splits import SPLITS
+from brainseg.dicom.header import NATIVE_SYNTAXES
+
+SYNTAX_NAMES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+}
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = np.percentile(values, [0, 25, 50, 75, 100])
+    return {name: round(float(v), 3) for name, v in zip(("min", "p25", "median", "p75", "max"), q)}
+
+
+def profile_catalog(catalog: Catalog) -> dict:
+    """Counts, shapes, spacings, intensities, tumour volumes and exclusions, as plain JSON types."""
+    usable = [case for case in catalog.cases if case.status == "ok"]
+    syntaxes = Counter()
+    layouts = Counter()
+    for case in usable:
+        for header in case.image.headers:
+            syntaxes[SYNTAX_NAMES.get(header.transfer_syntax, header.transfer_syntax)] += 1
+        layouts["multi-frame" if len(case.image.headers) == 1 and case.image.headers[0].frames > 1
+                else "single-frame"] += 1
+    return {
+        "uri": catalog.uri,
+        "fingerprint": catalog.fingerprint,
+        "cases": len(catalog.cases),
+        "usable": len(usable),
+        "excluded": len(catalog.excluded()),
+        "splits": {name: len(catalog.split(name)) for name in SPLITS},
+        "shapes": dict(Counter("x".join(map(str, case.image.shape)) for case in usable).most_common()),
+        "spacings_mm": dict(Counter("x".join(f"{v:.3g}" for v in case.image.spacing) for case in usable).most_common()),
+        "layouts": dict(layouts),
+        "transfer_syntaxes": dict(syntaxes),
+        "compressed_objects": sum(n for name, n in syntaxes.items() if name not in
+                                  {SYNTAX_NAMES[s] for s in NATIVE_SYNTAXES}),
+        "intensity": {
+            "min": min((case.summary.minimum for case in usable), default=None),
+            "max": max((case.summary.maximum for case in usable), default=None),
+            "p0.5": _quantiles([case.summary.low for case in usable]),
+            "p99.5": _quantiles([case.summary.high for case in usable]),
+        },
+        "tumour_ml": _quantiles([case.summary.tumour_ml for case in usable]),
+        "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
+                                               for case in usable]),
+        "exclusions": [{"case_id": case.case_id, "reason": case.reason} for case in catalog.excluded()],
+        "skipped_objects": [{"case_id": case.case_id, "object": item.split(": ", 1)[0], "reason": item.split(": ", 1)[1]}
+                            for case in catalog.cases for item in case.skipped],
+        "index": catalog.index_stats,
+    }
+
+
+def format_profile(profile: dict) -> str:
+    """The profile as text for a terminal."""
+    lines = [
+        f"dataset     {profile['uri']}  (fingerprint {profile['fingerprint']})",
+        f"cases       {profile['cases']} total, {profile['usable']} usable, {profile['excluded']} excluded",
+        "splits      " + ", ".join(f"{name} {count}" for name, count in profile["splits"].items()),
+        "shapes      " + ", ".join(f"{shape} ({n})" for shape, n in profile["shapes"].items()),
+        "spacing mm  " + ", ".join(f"{spacing} ({n})" for spacing, n in profile["spacings_mm"].items()),
+        "layout      " + ", ".join(f"{layout} ({n})" for layout, n in profile["layouts"].items()),
+        "syntaxes    " + ", ".join(f"{name} ({n} objects)" for name, n in profile["transfer_syntaxes"].items()),
+        f"intensity   min {profile['intensity']['min']}, max {profile['intensity']['max']}, "
+        f"p99.5 median {profile['intensity']['p99.5'].get('median')}",
+        "tumour ml   " + ", ".join(f"{k} {v}" for k, v in profile["tumour_ml"].items()),
+        "tumour %    " + ", ".join(f"{k} {v}" for k, v in profile["tumour_fraction_percent"].items()),
+        f"indexing    {profile['index']}",
+    ]
+    if profile["exclusions"]:
+        lines.append("excluded:")
+        lines += [f"  {item['case_id']}: {item['reason']}" for item in profile["exclusions"]]
+    if profile["skipped_objects"]:
+        lines.append(f"skipped (not images; their cases are kept): {len(profile['skipped_objects'])} object(s)")
+        lines += [f"  {item['case_id']}/{item['object']}: {item['reason']}" for item in profile["skipped_objects"]]
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Launch a brainseg training job: on SageMaker, in SageMaker local mode, or as local processes.
+
+    brainseg-launch                                   # the demo: process mode, embedded S3, synthetic data
+    brainseg-launch --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
+    brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
+    brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
+
+Modes:
+  process  train.py in subprocesses with SageMaker's container contract (SM_* variables, /opt/ml-style
+           directories, hyperparameters as SageMaker passes them); --instance-count N runs N "hosts"
+           under torchrun. No Docker, no AWS.
+  local    SageMaker local mode (SDK v3 ModelTrainer, Mode.LOCAL_CONTAINER) with the image from docker/.
+  aws      a real training job (ModelTrainer). --dry-run prints the CreateTrainingJob request instead.
+
+Without --data-uri, process and local modes start an embedded S3 (moto), write a synthetic dataset
+into it, train briefly and print where the artifacts are. Settings may come from --config job.yaml
+(launcher settings at the top level, train.py's under `hyperparameters:`); flags win. Every
+hyperparameter is checked against train.py's fields before anything runs or is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from brainseg.io import s3
+from tools.launch import iam
+from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrides
+
+logger = logging.getLogger("launch")
+DEMO_BUCKET = "brainseg-demo"
+DEMO_CASES, DEMO_SHAPE = 24, (48, 96, 96)
+# Small enough for a 2-core CPU in a few minutes, big enough to learn (test Dice ~0.9 in the benchmark).
+DEMO_HYPERPARAMETERS = {"channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 6,
+                        "steps_per_epoch": 40, "lr": 0.003, "warmup_steps": 20, "foreground_fraction": 0.5,
+                        "batch_size": 2, "num_workers": 2, "log_every": 20}
+DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (relative to the working directory)
+DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--mode", choices=("process", "local", "aws"))
+    add("--config", help="YAML job file")
+    add("--hp", action="append", default=[], metavar="KEY=VALUE", help="a train.py hyperparameter (repeatable)")
+    add("--data-uri")
+    add("--output-uri")
+    add("--job-name", help="base job name (SageMaker appends a timestamp); also the run's name prefix")
+    add("--image-uri", help="training image (the one built from docker/); aws default: prebuilt PyTorch image")
+    add("--role", help="aws: the job's IAM role ARN")
+    add("--region", help="aws: region (default: the AWS configuration's)")
+    add("--instance-type")
+    add("--instance-count", type=int)
+    add("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
+    add("--volume-size-gb", type=int)
+    add("--spot", action="store_true", default=None, help="managed spot training (checkpoints sync to S3)")
+    add("--max-run-s", type=int)
+    add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
+    add("--volume-kms-key")
+    add("--output-kms-key")
+    add("--subnets", help="comma-separated subnet IDs")
+    add("--security-group-ids", help="comma-separated security group IDs")
+    add("--network-isolation", action="store_true", default=None)
+    add("--inter-container-encryption", action="store_true", default=None)
+    add("--tag", action="append", default=[], metavar="KEY=VALUE")
+    add("--wait", action="store_true", default=None, help="aws: wait and stream the job's logs")
+    add("--dry-run", action="store_true", default=None, help="aws: print the CreateTrainingJob request only")
+    return parser
+
+
+def _policy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py iam-policy",
+        description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "
+                    "its trust policy (role_trust) and what the caller needs to launch and review jobs "
+                    "(caller_permissions).")
+    parser.add_argument("--role", required=True, help="the job role's ARN (its account pins the buckets)")
+    parser.add_argument("--data-uri", required=True)
+    parser.add_argument("--output-uri", required=True)
+    parser.add_argument("--job-name", default="brainseg", help="the base job name (scopes checkpoint deletes and jobs)")
+    parser.add_argument("--index-uri", default="", help="the header index, when not under <data-uri>/.brainseg/")
+    parser.add_argument("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
+    parser.add_argument("--vpc", action="store_true", help="the job runs in VPC subnets")
+    parser.add_argument("--init-weights", default="", help="an s3:// weights file the job starts from")
+    parser.add_argument("--region", default="*", help="the region of the jobs (default: any)")
+    return parser
+
+
+def policies(args: argparse.Namespace) -> dict:
+    """The three policy documents of ``launch.py iam-policy``; ValueError for bad input."""
+    account = iam.role_account(args.role)
+    return {
+        "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
+                                            tuple(args.kms_key), args.vpc, args.init_weights, args.region),
+        "role_trust": iam.trust_policy(account, args.region),
+        "caller_permissions": iam.caller_policy(args.role, args.output_uri, args.job_name, args.region),
+    }
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """Config file, then flags, then --hp overrides; checked (raises ValueError with the reason)."""
+    settings = load_config(args.config)
+    for name, value in vars(args).items():
+        if name in ("config", "hp", "tag") or value is None:
+            continue
+        settings[name] = value
+    if args.tag:
+        settings["tags"] = {**settings.get("tags", {}), **parse_overrides(args.tag)}
+    settings.setdefault("mode", "process")
+    return build_spec(settings, parse_overrides(args.hp))
+
+
+def _boto_session(region: str | None):
+    import boto3
+    session = boto3.Session(region_name=region) if region else boto3.Session()
+    if not session.region_name:
+        raise ValueError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    return session
+
+
+def _start_demo(spec: JobSpec, stack):
+    """An embedded S3 with a synthetic dataset; returns the spec pointed at it and the container endpoint."""
+    from tools.data.synth import SynthSpec, write_dataset
+    from tools.testing.s3server import EmbeddedS3
+
+    local = spec.mode == "local"
+    server = stack.enter_context(EmbeddedS3(host="0.0.0.0" if local else "127.0.0.1"))
+    os.environ.update(server.environment())
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    s3.reset_client()
+    s3.client().create_bucket(Bucket=DEMO_BUCKET)
+    data_uri = f"s3://{DEMO_BUCKET}/dataset/"
+    logger.info("embedded S3 at %s; writing %d synthetic cases of %s to %s", server.endpoint_url, DEMO_CASES,
+                "x".join(map(str, DEMO_SHAPE)), data_uri)
+    write_dataset(DEMO_CASES, data_uri, SynthSpec(shape=DEMO_SHAPE), jobs=2)
+    hyperparameters = {**DEMO_HYPERPARAMETERS, **spec.hyperparameters}
+    demo = replace(spec, data_uri=data_uri, output_uri=spec.output_uri or f"s3://{DEMO_BUCKET}/runs/",
+                   hyperparameters=hyperparameters)
+    container_env = {"AWS_ENDPOINT_URL": f"http://{DOCKER_HOST_ADDRESS}:{server.port}"} if local else {}
+    return demo, container_env
+
+
+def latest_run(output_uri: str, base: str) -> str | None:
+    """The newest run under ``output_uri`` whose name starts with ``base`` (by its run.json start time)."""
+    bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
+    folders, _ = s3.list_folders(bucket, prefix)
+    best = None
+    for folder in folders:
+        name = folder[len(prefix):].rstrip("/")
+        data = s3.read_uri(f"s3://{bucket}/{folder}run.json") if name.startswith(base) else None
+        if data is not None:
+            started = json.loads(data).get("started", 0)
+            if best is None or started > best[0]:
+                best = (started, name)
+    return best[1] if best else None
+
+
+def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
+    """Copy a run's artifacts (all but checkpoints) out of the embedded S3 before it stops."""
+    bucket, prefix = s3.parse_uri(f"{output_uri.rstrip('/')}/{job_name}/")
+    target = folder / job_name
+    for info in s3.list_objects(bucket, prefix):
+        relative = info.key[len(prefix):]
+        if relative.startswith("checkpoints/"):
+            continue
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(s3.get_object(bucket, info.key))
+    return target
+
+
+def report(output_uri: str, job_name: str) -> None:
+    run = f"{output_uri.rstrip('/')}/{job_name}/"
+    summary = s3.read_uri(run + "summary.json")
+    print(f"artifacts: {run}")
+    if summary is None:
+        print("  no summary.json (the run did not finish; see run.json)")
+        return
+    summary = json.loads(summary)
+    for key in ("best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
+                "best_val_loss", "test_loss", "test_cases", "seconds"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def launch(spec: JobSpec) -> int:
+    from tools.launch import process_job, sagemaker_job
+
+    with contextlib.ExitStack() as stack:
+        container_env = {}
+        demo = not spec.data_uri
+        if demo:
+            if spec.mode == "aws":
+                raise ValueError("aws mode needs --data-uri")
+            spec, container_env = _start_demo(spec, stack)
+        if not spec.output_uri:
+            raise ValueError("--output-uri is required with --data-uri (s3://bucket/prefix/ for the runs)")
+        if spec.mode == "process":
+            job_name = spec.unique_job_name()
+            root = Path(tempfile.mkdtemp(prefix=f"{job_name}-"))
+            logger.info("process mode: job %s, container directories under %s", job_name, root)
+            code = process_job.run(spec, job_name, root)
+            report(spec.output_uri, job_name)
+            if demo:
+                print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
+            return code
+        session = _boto_session(spec.region or None)
+        if spec.dry_run:
+            request = sagemaker_job.dry_run_request(spec, session)
+            print(json.dumps(request, indent=1, sort_keys=True, default=str))
+            return 0
+        local_root = tempfile.mkdtemp(prefix="brainseg-local-") if spec.mode == "local" else None
+        job_name = sagemaker_job.submit(spec, session, container_env, local_root)
+        if spec.mode == "aws":
+            print(f"submitted training job {job_name}; artifacts will be under {spec.output_uri.rstrip('/')}/{job_name}/")
+            if spec.wait:
+                report(spec.output_uri, job_name)
+            return 0
+        job_name = latest_run(spec.output_uri, spec.base_job_name())
+        if job_name is None:
+            print(f"error: the local job wrote no run under {spec.output_uri}", file=sys.stderr)
+            return 1
+        print(f"local mode job finished; container files under {local_root}")
+        report(spec.output_uri, job_name)
+        if demo:
+            print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("botocore", "boto3", "smart_open", "sagemaker", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv[:1] == ["iam-policy"]:
+        args = _policy_parser().parse_args(argv[1:])
+        try:
+            documents = policies(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(documents, indent=1))
+        return 0
+    args = _parser().parse_args(argv)
+    from tools.launch.sagemaker_job import LaunchError
+    try:
+        spec = spec_from_args(args)
+        return launch(spec)
+    except (ValueError, LaunchError, s3.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

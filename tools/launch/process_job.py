@@ -1,0 +1,98 @@
+"""The ``process`` mode: train.py in subprocesses with SageMaker's container contract, no Docker.
+
+Each simulated instance ("host" ``algo-1``, ``algo-2``, ...) gets an ``/opt/ml``-style tree in a
+temporary directory and the variables SageMaker sets (``SM_MODEL_DIR``, ``SM_HOSTS``,
+``SM_CURRENT_HOST``, ``SM_HPS``, ``SM_TRAINING_ENV``, ``TRAINING_JOB_NAME``, ...), and receives
+the hyperparameters as SageMaker's drivers pass them (``--key value``, JSON for non-strings). Several
+instances or processes per host run under torchrun with SageMaker's torchrun flags
+(``--nnodes``, ``--node_rank``, master address and port), so the script sees what it sees on SageMaker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tools.launch.jobspec import ENTRY_POINT, JobSpec, sagemaker_cli_args
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, port: int) -> dict:
+    """The SageMaker variables of one simulated instance, its directories created under ``root``."""
+    hosts = [f"algo-{i + 1}" for i in range(spec.instance_count)]
+    host = hosts[host_rank]
+    opt_ml = root / host / "opt" / "ml"
+    dirs = {name: opt_ml / relative for name, relative in (
+        ("model", "model"), ("output", "output/data"), ("checkpoints", "checkpoints"), ("config", "input/config"))}
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    hyperparameters = spec.training_hyperparameters()
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in hyperparameters.items()}
+    (dirs["config"] / "hyperparameters.json").write_text(json.dumps(strings, indent=1))
+    (dirs["config"] / "resourceconfig.json").write_text(json.dumps({"current_host": host, "hosts": hosts}))
+    training_env = {"job_name": job_name, "hosts": hosts, "current_host": host, "hyperparameters": hyperparameters,
+                    "model_dir": str(dirs["model"]), "output_data_dir": str(dirs["output"])}
+    return {
+        "TRAINING_JOB_NAME": job_name,
+        "SM_MODEL_DIR": str(dirs["model"]),
+        "SM_OUTPUT_DATA_DIR": str(dirs["output"]),
+        "SM_CHECKPOINT_DIR": str(dirs["checkpoints"]),
+        "SM_INPUT_CONFIG_DIR": str(dirs["config"]),
+        "SM_HOSTS": json.dumps(hosts),
+        "SM_CURRENT_HOST": host,
+        "SM_HOST_COUNT": str(len(hosts)),
+        "SM_CURRENT_HOST_RANK": str(host_rank),
+        "SM_MASTER_ADDR": "127.0.0.1",
+        "SM_MASTER_PORT": str(port),
+        "SM_NUM_GPUS": "0",
+        "SM_NUM_CPUS": str(os.cpu_count() or 1),
+        "SM_HPS": json.dumps(hyperparameters),
+        "SM_TRAINING_ENV": json.dumps(training_env),
+        "PYTHONPATH": str(ENTRY_POINT),
+    }
+
+
+def host_command(spec: JobSpec, host_rank: int, port: int) -> list[str]:
+    args = sagemaker_cli_args(spec.training_hyperparameters())
+    processes = max(1, spec.processes_per_host)
+    if spec.instance_count == 1 and processes == 1:
+        return [sys.executable, "train.py", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec.instance_count}",
+            f"--nproc_per_node={processes}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            f"--node_rank={host_rank}", "train.py", *args]
+
+
+def _relay(stream, prefix: str, sink) -> None:
+    for line in stream:
+        sink.write(prefix + line)
+        sink.flush()
+
+
+def run(spec: JobSpec, job_name: str, root: Path, extra_env: dict | None = None, sink=None) -> int:
+    """Run the job's hosts to the end, relaying their output; the worst exit status."""
+    sink = sink or sys.stdout
+    port = _free_port()
+    processes, relays = [], []
+    for rank in range(spec.instance_count):
+        env = {**os.environ, **(extra_env or {}), **host_environment(spec, job_name, root, rank, port)}
+        process = subprocess.Popen(host_command(spec, rank, port), cwd=ENTRY_POINT, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        prefix = f"algo-{rank + 1} | " if spec.instance_count > 1 else ""
+        relay = threading.Thread(target=_relay, args=(process.stdout, prefix, sink), daemon=True)
+        relay.start()
+        processes.append(process)
+        relays.append(relay)
+    codes = [process.wait() for process in processes]
+    for relay in relays:
+        relay.join()
+    return max(codes, key=abs)

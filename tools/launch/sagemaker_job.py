@@ -1,0 +1,196 @@
+"""The ``aws`` and ``local`` modes: a SageMaker SDK v3 ``ModelTrainer`` built from a :class:`JobSpec`.
+
+``aws`` submits a real CreateTrainingJob; ``local`` runs the same job in SageMaker local mode
+(``Mode.LOCAL_CONTAINER``) with a locally built image. The dataset is never a channel: train.py
+reads it from ``data_uri`` by ranged GETs, so only the source code travels as a channel.
+``dry_run_request`` builds the exact CreateTrainingJob request with every AWS call that would
+change something (source upload, job creation) answered locally, and returns it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+from botocore.awsrequest import AWSResponse
+
+from brainseg.run.metric_lines import METRIC_DEFINITIONS
+from tools.launch.jobspec import ENTRY_POINT, JobSpec
+
+PREBUILT_PYTORCH = {"framework": "pytorch", "version": "2.10.0", "py_version": "py313"}
+TELEMETRY_OFF = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+
+
+class LaunchError(RuntimeError):
+    """The job cannot be submitted; the message says why and what to do."""
+
+
+class _DryRun(Exception):
+    def __init__(self, request: dict):
+        super().__init__("dry run")
+        self.request = request
+
+
+def _sdk():
+    """Import the SDK with telemetry off (it would call out to AWS on every train())."""
+    if "SAGEMAKER_USER_CONFIG_OVERRIDE" not in os.environ:
+        config = Path(tempfile.gettempdir()) / "brainseg-sagemaker-config.yaml"
+        config.write_text(TELEMETRY_OFF)
+        os.environ["SAGEMAKER_USER_CONFIG_OVERRIDE"] = str(config)
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.shapes import MetricDefinition, Tag
+    from sagemaker.core.training.configs import (
+        CheckpointConfig,
+        Compute,
+        Networking,
+        OutputDataConfig,
+        SourceCode,
+        StoppingCondition,
+    )
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.distributed import Torchrun
+    from sagemaker.train.model_trainer import Mode
+    return SimpleNamespace(Session=Session, CheckpointConfig=CheckpointConfig, Compute=Compute, Networking=Networking,
+                           OutputDataConfig=OutputDataConfig, SourceCode=SourceCode,
+                           StoppingCondition=StoppingCondition, MetricDefinition=MetricDefinition, Tag=Tag,
+                           ModelTrainer=ModelTrainer, Torchrun=Torchrun, Mode=Mode)
+
+
+def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
+    """``(image URI, requirements file)``: the given image as is, or the prebuilt PyTorch training
+    image plus ``entry_point/requirements.txt`` installed at start-up."""
+    if spec.image_uri:
+        return spec.image_uri, None
+    if spec.mode == "local":
+        raise LaunchError("local mode needs --image-uri: the tag of the image built by docker/build.sh "
+                          "(e.g. brainseg-train:latest)")
+    from sagemaker.core import image_uris
+    image = image_uris.retrieve(PREBUILT_PYTORCH["framework"], region=region, version=PREBUILT_PYTORCH["version"],
+                                py_version=PREBUILT_PYTORCH["py_version"],
+                                instance_type=spec.instance_type or "ml.g5.xlarge", image_scope="training")
+    return image, "requirements.txt"
+
+
+def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict | None = None,
+                  local_root: str | None = None):
+    """The ``ModelTrainer`` for ``spec`` (``aws`` or ``local``)."""
+    sdk = _sdk()
+    region = boto_session.region_name
+    out_bucket, _, out_prefix = spec.output_uri[len("s3://"):].partition("/")
+    session = sdk.Session(boto_session=boto_session, default_bucket=out_bucket,
+                             default_bucket_prefix=out_prefix.strip("/") or None)
+    image, requirements = training_image(spec, region)
+    local = spec.mode == "local"
+    compute = sdk.Compute(
+        instance_type="local" if local else (spec.instance_type or "ml.g5.xlarge"),
+        instance_count=spec.instance_count, volume_size_in_gb=spec.volume_size_gb,
+        volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None)
+    networking = None
+    if spec.subnets or spec.security_group_ids or spec.network_isolation or spec.inter_container_encryption:
+        networking = sdk.Networking(subnets=list(spec.subnets) or None,
+                                       security_group_ids=list(spec.security_group_ids) or None,
+                                       enable_network_isolation=spec.network_isolation or None,
+                                       enable_inter_container_traffic_encryption=spec.inter_container_encryption or None)
+    stopping = sdk.StoppingCondition(max_runtime_in_seconds=spec.max_run_s,
+                                        max_wait_time_in_seconds=spec.max_wait if spec.spot else None)
+    distributed = None
+    if spec.instance_count > 1 or spec.processes_per_host > 1:
+        distributed = sdk.Torchrun(process_count_per_node=spec.processes_per_host or None)
+    trainer = sdk.ModelTrainer(
+        training_mode=sdk.Mode.LOCAL_CONTAINER if local else sdk.Mode.SAGEMAKER_TRAINING_JOB,
+        sagemaker_session=session,
+        role=spec.role or None,
+        base_job_name=spec.base_job_name(),
+        training_image=image,
+        source_code=sdk.SourceCode(source_dir=str(ENTRY_POINT), entry_script="train.py",
+                                      requirements=requirements,
+                                      ignore_patterns=[".env", ".git", "__pycache__", ".pytest_cache"]),
+        compute=compute,
+        networking=networking,
+        stopping_condition=stopping,
+        distributed=distributed,
+        output_data_config=sdk.OutputDataConfig(s3_output_path=spec.output_uri.rstrip("/") + "/",
+                                                   kms_key_id=spec.output_kms_key or None),
+        hyperparameters=spec.training_hyperparameters(),
+        environment=dict(environment or {}),
+        tags=[sdk.Tag(key=k, value=str(v)) for k, v in spec.tags.items()] or None,
+        **({"local_container_root": local_root} if local_root else {}),
+    )
+    trainer = trainer.with_metric_definitions([sdk.MetricDefinition(name=d["Name"], regex=d["Regex"])
+                                               for d in METRIC_DEFINITIONS])
+    if not local:
+        # SageMaker syncs /opt/ml/checkpoints with <output>/<base name>/<job>/checkpoints (the SDK's
+        # per-job default under our default bucket and prefix) across spot interruptions; train.py
+        # also writes its own under <output>/<job>/checkpoints/ and resumes from the newer.
+        trainer = trainer.with_checkpoint_config(sdk.CheckpointConfig(local_path="/opt/ml/checkpoints"))
+    return trainer
+
+
+def _fake_ok(**_) -> tuple:
+    return AWSResponse("https://dry-run.invalid", 200, {}, None), {"ETag": '"dry-run"'}
+
+
+def dry_run_request(spec: JobSpec, boto_session: boto3.Session) -> dict:
+    """The CreateTrainingJob request ``spec`` would send; nothing is uploaded or submitted."""
+    def capture(params, **_):
+        raise _DryRun(params)
+    for operation in ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload",
+                      "HeadBucket", "CreateBucket"):
+        boto_session.events.register(f"before-call.s3.{operation}", _fake_ok)
+    boto_session.events.register("before-parameter-build.sagemaker.CreateTrainingJob", capture)
+    trainer = build_trainer(spec, boto_session)
+    try:
+        trainer.train(wait=False, logs=False)
+    except _DryRun as captured:
+        return captured.request
+    raise LaunchError("the SDK returned without calling CreateTrainingJob")
+
+
+def submit(spec: JobSpec, boto_session: boto3.Session, environment: dict | None = None,
+           local_root: str | None = None) -> str | None:
+    """Submit (aws: returns the job name) or run to the end (local: the SDK names the job itself
+    and does not return the name; the run is found under the output URI)."""
+    if spec.mode == "aws":
+        trainer = build_trainer(spec, boto_session, environment, local_root)
+        trainer.train(wait=spec.wait, logs=spec.wait)
+        return trainer._latest_training_job.training_job_name
+    check_docker(spec.image_uri)
+    trainer = build_trainer(spec, boto_session, environment, local_root)
+    try:
+        trainer.train(wait=True, logs=True)
+    except RuntimeError as err:
+        raise LaunchError(f"the local-mode container failed (its output is above): {err}") from None
+    finally:
+        cleanup_local(local_root)
+    return None
+
+
+def cleanup_local(local_root: str | None) -> None:
+    """Remove what local mode leaves behind: the job's exited containers and its compose network."""
+    compose = Path(local_root or "") / "docker-compose.yaml"
+    if local_root and compose.is_file():
+        subprocess.run(["docker-compose", "-f", str(compose), "rm", "-f", "-s"], capture_output=True, timeout=120)
+    subprocess.run(["docker", "network", "rm", "sagemaker-local"], capture_output=True, timeout=60)
+
+
+def check_docker(image: str) -> None:
+    """Fail with one clear line when Docker is not running or the image is not built."""
+    if not image:
+        raise LaunchError("local mode needs --image-uri: build it with docker/build.sh")
+    try:
+        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                              timeout=30)
+    except FileNotFoundError:
+        raise LaunchError("docker is not installed; install docker (and docker-compose) or use --mode process") from None
+    if info.returncode != 0:
+        raise LaunchError("Docker is not running (`docker info` failed: "
+                          f"{(info.stderr or info.stdout).strip().splitlines()[-1:] or ['no output']}); start dockerd "
+                          "or use --mode process")
+    inspect = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True, timeout=30)
+    if inspect.returncode != 0:
+        raise LaunchError(f"image {image} is not present locally (local mode never pulls it); build it with "
+                          "`bash docker/build.sh` or pass another --image-uri")

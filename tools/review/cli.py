@@ -1,0 +1,110 @@
+"""Review what training runs wrote to S3.
+
+    brainseg-review s3://bucket/runs/                      # list the runs under an output URI
+    brainseg-review s3://bucket/runs/r1 [s3://…/r2 ...]    # summarise and compare runs
+    brainseg-review s3://bucket/runs/r1 s3://…/r2 --report DIR   # + DIR/index.html with PNG figures
+    brainseg-review s3://bucket/runs/r1 --follow                 # print epochs as a running job writes them
+
+A URI holding a run.json is a run; any other prefix is listed. Missing or partial artifacts (a run
+still going, or cut short) are reported, not fatal. Following a run fetches only what its
+metrics.jsonl gained since the last look. Nothing is written to S3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from brainseg.io import s3
+from tools.review.runs import Run, list_runs, load_run
+
+
+def epoch_text(run: Run, line: dict) -> str:
+    """One epoch line of a run, as ``--follow`` prints it."""
+    parts = [f"{run.name}: epoch {line['epoch']}"]
+    for key, label, form in (("step", "step", "{}"), ("train_loss", "train loss", "{:.4f}"),
+                             ("val_dice", "val Dice", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
+                             ("lr", "lr", "{:.2e}"), ("patches_per_s", "patches/s", "{:.1f}"),
+                             ("data_wait_fraction", "data wait", "{:.1%}")):
+        value = line.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {form.format(value)}")
+    return "  ".join(parts)
+
+
+def follow(runs: list[Run], interval: float, report_dir: Path | None) -> None:
+    """Poll the runs that are still running until none is, printing each new epoch and status
+    change; the report, if any, is rewritten after every poll that found something new."""
+    from tools.review.report import write_report
+
+    for run in runs:
+        for line in run.metrics:
+            print(epoch_text(run, line))
+    announced = None
+    while active := [run for run in runs if run.status == "running"]:
+        names = ", ".join(run.name for run in active)
+        if names != announced:
+            print(f"following {names} every {interval:g} s (Ctrl-C stops)", flush=True)
+            announced = names
+        time.sleep(interval)
+        changed = False
+        for run in active:
+            rewrites = run.tail.rewrites if run.tail else 0
+            added = run.refresh()
+            if run.tail and run.tail.rewrites > rewrites:
+                print(f"{run.name}: metrics.jsonl was rewritten (resumed from a checkpoint?); read again")
+            for line in added:
+                print(epoch_text(run, line), flush=True)
+            if run.status != "running":
+                print(f"{run.name}: {run.status}", flush=True)
+            changed = changed or bool(added) or run.status != "running"
+        if changed and report_dir and any(run.status == "running" for run in runs):
+            write_report(runs, report_dir)  # the final one is written by main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("uris", nargs="+", help="an output URI to list, or one or more run URIs")
+    parser.add_argument("--report", type=Path, help="write an HTML report with PNG figures to this folder")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep polling running runs, printing each epoch as it lands, until none is running")
+    parser.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --follow (30)")
+    args = parser.parse_args(argv)
+    if args.interval <= 0:
+        parser.error(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    logging.basicConfig(level=logging.WARNING)
+    from tools.review.report import text_summary, write_report
+
+    try:
+        runs = []
+        for uri in args.uris:
+            s3.parse_uri(uri)
+            run = load_run(uri)
+            if run.found:
+                runs.append(run)
+                continue
+            listed = list_runs(uri)
+            if not listed:
+                print(f"error: no runs under {uri} (no <run>/run.json)", file=sys.stderr)
+                return 2
+            runs.extend(listed)
+        if args.follow:
+            try:
+                follow(runs, args.interval, args.report)
+            except KeyboardInterrupt:
+                print("stopped following")
+    except (ValueError, s3.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text_summary(runs))
+    if args.report:
+        path = write_report(runs, args.report)
+        print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""A run comparison as plain text and as an HTML report with PNG figures (matplotlib, Jinja2).
+
+Figures: train loss and validation Dice per epoch (all runs on one plot each), learning rate,
+throughput and data-wait fraction; per run, the test cases sorted worst first and, for its worst and
+best case, image/mask/prediction overlays on three orthogonal slices through the tumour.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from jinja2 import Template
+from matplotlib.ticker import MaxNLocator
+
+from brainseg.run.metrics import tumour_centre
+from tools.review.runs import Run, differing_hyperparameters
+
+DPI = 100
+TEMPLATE = Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>brainseg runs: {{ names }}</title>
+<style>
+body { font-family: sans-serif; margin: 2em; max-width: 1100px; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #bbb; padding: 0.2em 0.6em; text-align: right; }
+th { background: #eee; } td.name { text-align: left; }
+.problem { color: #a40; } img { max-width: 100%; border: 1px solid #ddd; }
+</style></head>
+<body>
+<h1>Training runs</h1>
+<table>
+{% if differing %}<tr><th colspan="8"></th><th colspan="{{ differing|length }}">hyperparameters that differ</th></tr>{% endif %}
+<tr><th>run</th><th>started</th><th>status</th><th>last write</th><th>epochs done</th><th>best val Dice</th><th>test Dice mean</th><th>test Dice median</th>
+{% for name in differing %}<th>{{ name }}</th>{% endfor %}</tr>
+{% for run in runs %}<tr><td class="name">{{ run.name }}</td><td>{{ run.started_text }}</td><td>{{ run.status }}</td>
+<td>{{ run.updated_text }}</td><td>{{ run.metrics|length }}</td><td>{{ fmt(run.best_val_dice) }}</td><td>{{ fmt(run.test_dice) }}</td>
+<td>{{ fmt((run.summary or {}).get("test_dice_median")) }}</td>
+{% for name in differing %}<td>{{ run.hyperparameters.get(name) }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% for run in runs %}{% for problem in run.problems %}<p class="problem">{{ run.name }}: {{ problem }}</p>{% endfor %}{% endfor %}
+<h2>Learning curves</h2>
+{% for figure in curves %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
+{% for run in runs %}
+<h2>{{ run.name }}: test cases, worst first</h2>
+{% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th></tr>
+{% for row in run.cases_worst_first() %}<tr><td class="name">{{ row.case_id }}</td><td>{{ row.dice }}</td><td>{{ row.iou }}</td>
+<td>{{ row.truth_ml }}</td><td>{{ row.predicted_ml }}</td></tr>{% endfor %}</table>
+{% else %}<p class="problem">no test evaluation</p>{% endif %}
+{% for figure in overlays.get(run.name, []) %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
+{% endfor %}
+<script>
+// Marks the page once every figure has loaded and decoded, for headless checks.
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  document.body.dataset.images = images.length;
+  document.body.dataset.imagesRendered = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+</script>
+</body></html>
+""", autoescape=True)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
+def text_summary(runs: list[Run]) -> str:
+    """What the report says, for a terminal: one line per run, differing settings, worst cases."""
+    differing = differing_hyperparameters(runs)
+    now = time.time()
+    lines = [f"{'run':34} {'started':20} {'status':12} {'last write':12} {'epochs':>6} {'best val Dice':>13} "
+             f"{'test Dice':>9}"]
+    for run in runs:
+        lines.append(f"{run.name:34} {run.started_text:20} {run.status:12} {run.updated_ago(now):12} "
+                     f"{len(run.metrics):6d} "
+                     f"{_fmt(run.best_val_dice):>13} {_fmt(run.test_dice):>9}")
+    if len(runs) > 1:
+        lines.append("hyperparameters that differ (in run order):" + ("" if differing else " none"))
+        lines += [f"  {name}: {' | '.join(str(run.hyperparameters.get(name)) for run in runs)}" for name in differing]
+    for run in runs:
+        if run.error:
+            lines.append(f"{run.name}: failed: {run.error}")
+        for problem in run.problems:
+            lines.append(f"{run.name}: {problem}")
+        worst = run.cases_worst_first()[:3]
+        if worst:
+            lines.append(f"{run.name}: worst test cases: " + ", ".join(
+                f"{row['case_id']} (Dice {float(row['dice']):.3f})" for row in worst))
+    return "\n".join(lines)
+
+
+def plain_text(text: str) -> str:
+    """``text`` drawn as written: a ``$`` (case IDs are folder names) would start matplotlib mathtext."""
+    return text.replace("$", r"\$")
+
+
+def _save(figure, path: Path) -> None:
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+
+
+def curve_figures(runs: list[Run], out: Path) -> list[dict]:
+    """Loss/Dice, learning rate, throughput/data wait: one line per run."""
+    panels = [("curves.png", "train loss and validation Dice per epoch",
+               [("train_loss", "train loss"), ("val_dice", "validation Dice")]),
+              ("learning_rate.png", "learning rate per epoch", [("lr", "learning rate")]),
+              ("throughput.png", "throughput and data-wait fraction per epoch",
+               [("patches_per_s", "patches/s"), ("data_wait_fraction", "data-wait fraction")])]
+    figures = []
+    for file, alt, series in panels:
+        figure, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.6), squeeze=False)
+        for axis, (key, label) in zip(axes[0], series):
+            for run in runs:
+                points = [(line["epoch"], line[key]) for line in run.metrics if line.get(key) is not None]
+                if points:
+                    axis.plot(*zip(*points), marker="o", markersize=3, label=plain_text(run.name))
+            axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            if key == "lr":
+                axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=8)
+        _save(figure, out / file)
+        figures.append({"file": file, "alt": alt})
+    return figures
+
+
+def overlay_figure(crop: dict, title: str, path: Path) -> None:
+    """Axial, coronal and sagittal slices through the tumour centre: image in grey, true tumour
+    outlined in green, prediction filled in red."""
+    image, mask, prediction = (crop[name].astype(np.float32) for name in ("image", "mask", "prediction"))
+    centre = tumour_centre(mask, prediction)
+    dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
+    views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
+             ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
+             ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    low, high = np.percentile(image, [1, 99])
+    for axis, (name, index, aspect) in zip(axes, views):
+        axis.imshow(image[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+        axis.imshow(np.ma.masked_equal(prediction[index], 0), cmap="autumn", alpha=0.45, interpolation="nearest",
+                    aspect=aspect)
+        if mask[index].any():
+            axis.contour(mask[index], levels=[0.5], colors="lime", linewidths=1.0)
+        axis.set_title(name, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(plain_text(title), fontsize=10)
+    _save(figure, path)
+
+
+def overlay_figures(runs: list[Run], out: Path) -> dict:
+    overlays = {}
+    for run in runs:
+        ordered = run.cases_worst_first()
+        picks = [("worst", ordered[0]), ("best", ordered[-1])] if ordered else []
+        for label, row in picks[:1] if len(ordered) == 1 else picks:
+            crop = run.load_crop(row["case_id"])
+            if crop is None:
+                continue
+            file = f"overlay_{run.name}_{label}.png"
+            overlay_figure(crop, f"{run.name}: {label} test case {row['case_id']} (Dice {float(row['dice']):.3f}); "
+                                 "green outline = tumour, red = prediction", out / file)
+            overlays.setdefault(run.name, []).append({"file": file, "alt": f"{label} case {row['case_id']}"})
+    return overlays
+
+
+def write_report(runs: list[Run], out: Path) -> Path:
+    """``out/index.html`` and its PNG figures; returns the HTML path."""
+    out.mkdir(parents=True, exist_ok=True)
+    curves = curve_figures(runs, out)
+    overlays = overlay_figures(runs, out)
+    page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
+                           overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)
+    path = out / "index.html"
+    path.write_text(page)
+    return path

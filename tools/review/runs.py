@@ -1,0 +1,291 @@
+"""Reading what training runs wrote to S3, tolerant of runs still going or cut short.
+
+A run is a folder ``<output-uri>/<run>/`` holding ``run.json`` (see ``brainseg.run.artifacts``). Every
+artifact is read on its own; one that is missing or malformed becomes a line in ``Run.problems``,
+never an exception, so a half-written or failed run can still be reviewed.
+
+``metrics.jsonl`` is read incrementally: :class:`MetricsTail` remembers how far it got and each
+refresh fetches only the bytes after the last complete line (a ranged GET), so a running job can be
+followed while the file grows; a file rewritten in between (a job resumed from an older
+checkpoint) is noticed and read again from the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from brainseg.io import s3
+
+CROP_ARRAYS = ("image", "mask", "prediction")
+
+
+class MetricsTail:
+    """The epoch lines of one ``metrics.jsonl``, extended by each :meth:`poll`.
+
+    A poll asks for the object from the end of the last complete line, starting ``OVERLAP`` bytes
+    earlier: if those bytes are not what was read before, the file was rewritten and is read again
+    from the start. A torn last line (a writer that appends in place) is left for the next poll.
+    """
+
+    OVERLAP = 256
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.modified: float | None = None
+        self.rewrites = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.lines: list[dict] = []
+        self.offset = 0  # end of the last complete line read
+        self.line_count = 0
+        self.malformed: list[int] = []
+        self.torn = False
+        self.missing = False
+        self._seen = b""  # the last bytes before ``offset``, to recognise the same file next time
+
+    def poll(self) -> list[dict]:
+        """The epoch lines completed since the last poll.
+
+        Raises:
+            s3.S3Error: the object could not be read.
+        """
+        tail = s3.read_from(self.uri, self.offset - len(self._seen))
+        if tail is None:
+            self._reset()
+            self.missing = True
+            return []
+        self.modified = tail.modified
+        if tail.size < self.offset or not tail.data.startswith(self._seen):
+            self._reset()
+            self.rewrites += 1
+            return self.poll()
+        self.missing = False
+        new = tail.data[len(self._seen):]
+        end = new.rfind(b"\n") + 1
+        added = []
+        for raw in new[:end].split(b"\n")[:-1]:
+            self.line_count += 1
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = None
+            if isinstance(line, dict) and isinstance(line.get("epoch"), int):
+                added.append(line)
+            else:
+                self.malformed.append(self.line_count)
+        self.offset += end
+        self._seen = (self._seen + new[:end])[-self.OVERLAP:]
+        self.torn = bool(new[end:].strip())
+        self.lines += added
+        return added
+
+    @property
+    def problems(self) -> list[str]:
+        what = "metrics/metrics.jsonl"
+        notes = [f"{what}: line {number} is not an epoch record; skipped" for number in self.malformed]
+        if self.missing:
+            notes.append(f"{what}: missing (no epoch finished yet?)")
+        if self.torn:
+            notes.append(f"{what}: line {self.line_count + 1} is incomplete (still being written?); skipped")
+        return notes
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _utc(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "?"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
+@dataclass
+class Run:
+    """One run's artifacts as far as they could be read; :meth:`refresh` reads them again."""
+
+    name: str
+    uri: str
+    found: bool = False  # run.json exists
+    status: str = "unknown"
+    started: float | None = None
+    updated: float | None = None  # newest write seen to run.json or metrics.jsonl
+    error: str = ""
+    hyperparameters: dict = field(default_factory=dict)
+    summary: dict | None = None
+    per_case: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    tail: MetricsTail | None = None
+
+    @property
+    def metrics(self) -> list[dict]:
+        return self.tail.lines if self.tail else []
+
+    @property
+    def problems(self) -> list[str]:
+        return self.notes + (self.tail.problems if self.tail else [])
+
+    @property
+    def started_text(self) -> str:
+        return _utc(self.started)
+
+    @property
+    def updated_text(self) -> str:
+        return _utc(self.updated)
+
+    def updated_ago(self, now: float | None = None) -> str:
+        return "?" if self.updated is None else _age((now or time.time()) - self.updated)
+
+    @property
+    def best_val_dice(self) -> float | None:
+        if self.summary and self.summary.get("best_val_dice") is not None:
+            return self.summary["best_val_dice"]
+        scores = [line["val_dice"] for line in self.metrics if isinstance(line.get("val_dice"), (int, float))]
+        return max(scores) if scores else None
+
+    @property
+    def test_dice(self) -> float | None:
+        return (self.summary or {}).get("test_dice_mean")
+
+    def cases_worst_first(self) -> list[dict]:
+        """Test cases by Dice, lowest first (a NaN Dice counts as worst)."""
+        def key(row):
+            dice = float(row["dice"])
+            return (-1.0 if math.isnan(dice) else dice, row["case_id"])
+        return sorted(self.per_case, key=key)
+
+    def _fetch(self, relative: str, missing: str = "missing") -> s3.Tail | None:
+        try:
+            tail = s3.read_from(self.uri + relative)
+        except s3.S3Error as err:
+            self.notes.append(f"{relative}: unreadable ({err})")
+            return None
+        if tail is None:
+            self.notes.append(f"{relative}: {missing}")
+        return tail
+
+    def _read_json(self, relative: str) -> tuple[dict | None, float | None]:
+        tail = self._fetch(relative)
+        if tail is None:
+            return None, None
+        try:
+            value = json.loads(tail.data)
+        except ValueError as err:
+            self.notes.append(f"{relative}: not valid JSON ({err})")
+            return {}, tail.modified
+        if not isinstance(value, dict):
+            self.notes.append(f"{relative}: expected a JSON object, found {type(value).__name__}")
+            return {}, tail.modified
+        return value, tail.modified
+
+    def _read_per_case(self) -> list[dict]:
+        relative = "metrics/test_per_case.csv"
+        tail = self._fetch(relative, "missing (no test evaluation yet)")
+        if tail is None:
+            return []
+        rows = []
+        for number, row in enumerate(csv.DictReader(io.StringIO(tail.data.decode(errors="replace"))), start=2):
+            if not row.get("case_id") or not _is_number(row.get("dice")):
+                self.notes.append(f"{relative}: line {number} has no case_id or no numeric dice; skipped")
+                continue
+            rows.append(row)
+        return rows
+
+    def refresh(self) -> list[dict]:
+        """Read ``run.json`` again, the metrics lines written since the last refresh and, unless the
+        run is still going or failed, its summary and per-case results. Returns the new epoch lines."""
+        self.notes = []
+        status, status_modified = self._read_json("run.json")
+        self.found = status is not None
+        if status is None:
+            return []
+        self.status = str(status.get("status", "unknown"))
+        self.started = status.get("started") if isinstance(status.get("started"), (int, float)) else None
+        self.error = str(status.get("error", ""))
+        hyperparameters = status.get("hyperparameters")
+        self.hyperparameters = hyperparameters if isinstance(hyperparameters, dict) else {}
+        if hyperparameters is not None and not isinstance(hyperparameters, dict):
+            self.notes.append(f"run.json: hyperparameters should be a JSON object, found {type(hyperparameters).__name__}")
+        if self.tail is None:
+            self.tail = MetricsTail(self.uri + "metrics/metrics.jsonl")
+        try:
+            added = self.tail.poll()
+        except s3.S3Error as err:
+            self.notes.append(f"metrics/metrics.jsonl: unreadable ({err})")
+            added = []
+        self.updated = max((t for t in (status_modified, self.tail.modified) if t is not None), default=None)
+        if self.status in ("finished", "unknown"):
+            self.summary, _ = self._read_json("summary.json")
+            self.per_case = self._read_per_case()
+        if self.summary and not self.hyperparameters and isinstance(self.summary.get("hyperparameters"), dict):
+            self.hyperparameters = self.summary["hyperparameters"]
+        return added
+
+    def load_crop(self, case_id: str) -> dict | None:
+        """The prediction crop of one test case, or ``None`` (the reason noted in ``problems``)."""
+        relative = f"predictions/{case_id}.npz"
+        tail = self._fetch(relative)
+        if tail is None:
+            return None
+        try:
+            with np.load(io.BytesIO(tail.data)) as arrays:
+                crop = {name: arrays[name] for name in arrays.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            self.notes.append(f"{relative}: not a readable .npz ({type(err).__name__}: {err})")
+            return None
+        shapes = {name: crop[name].shape for name in CROP_ARRAYS if name in crop}
+        if len(shapes) < len(CROP_ARRAYS) or len(set(shapes.values())) != 1 or len(crop["image"].shape) != 3:
+            self.notes.append(f"{relative}: expected 3-D arrays {', '.join(CROP_ARRAYS)} of one shape, "
+                              f"found {shapes}")
+            return None
+        return crop
+
+
+def load_run(uri: str) -> Run:
+    """Every artifact of the run at ``uri`` (``s3://…/<run>/``) that can be read; ``found`` is
+    false when there is no ``run.json`` there."""
+    uri = uri.rstrip("/") + "/"
+    run = Run(name=uri.rstrip("/").rsplit("/", 1)[-1], uri=uri)
+    run.refresh()
+    return run
+
+
+def list_runs(output_uri: str) -> list[Run]:
+    """The runs directly under ``output_uri`` (folders with a ``run.json``), oldest first, read
+    concurrently."""
+    bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
+    folders, _ = s3.list_folders(bucket, prefix)
+    runs = s3.executor().map(load_run, [f"s3://{bucket}/{folder}" for folder in folders])
+    return sorted((run for run in runs if run.found), key=lambda run: (run.started or 0, run.name))
+
+
+def differing_hyperparameters(runs: list[Run]) -> list[str]:
+    """Hyperparameters whose values are not the same in every run (data and output URIs aside)."""
+    names = sorted({name for run in runs for name in run.hyperparameters} - {"output_uri", "run_name"})
+    return [name for name in names if len({json.dumps(run.hyperparameters.get(name)) for run in runs}) > 1]
