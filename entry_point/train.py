@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ignored:
         logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))
-    from brainseg.run.engine import Interrupted, Run, TrainingError  # torch only once the flags are valid
+    from brainseg.run.engine import Interrupted, Trainer, TrainingError  # torch only once the flags are valid
 
     env = read_environment()
     user = drop_privileges(env)
     if user:
         logger.info("running as %s, not root", user)
     try:
-        Run(hp, env).execute()
+        Trainer(hp, env).execute()
     except Interrupted as err:
         logger.warning("%s", err)
         return 4

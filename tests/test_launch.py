@@ -272,8 +272,8 @@ def test_iam_policy_refuses_what_would_hurt_the_data(capsys, flag, value, messag
 
 def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
     output, index = f"s3://{bucket}/runs", f"s3://{bucket}/indexes/launch.jsonl"
-    policy = launch.policies(launch._policy_parser().parse_args(
-        ["--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--index-uri", index]))["role_permissions"]
+    policy = launch.policies(launch._parser().parse_args(
+        ["iam-policy", "--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--index-uri", index]))["role_permissions"]
     args = ["--data-uri", dataset, "--output-uri", output, "--index-uri", index, "--run-name", "brainseg-iam",
             "--channels", "8,16", "--patch-size", "16,32,32", "--res-units", "1", "--epochs", "1", "--steps-per-epoch",
             "3", "--checkpoint-steps", "1", "--keep-checkpoints", "1", "--num-workers", "0", "--max-val-cases", "1"]

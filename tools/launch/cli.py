@@ -1,7 +1,7 @@
 """Launch a brainseg training job: on SageMaker, in SageMaker local mode, or as local processes.
 
     brainseg-launch                                   # the demo: process mode, embedded S3, synthetic data
-    brainseg-launch --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
+    brainseg-launch [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
     brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
     brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
 
@@ -45,57 +45,65 @@ DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (rela
 DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
 
 
+COMMANDS = ("train", "iam-policy")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--mode", choices=("process", "local", "aws"))
-    add("--config", help="YAML job file")
-    add("--hp", action="append", default=[], metavar="KEY=VALUE", help="a train.py hyperparameter (repeatable)")
-    add("--data-uri")
-    add("--output-uri")
+    parser = argparse.ArgumentParser(prog="brainseg-launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{train,iam-policy}")
+    train = commands.add_parser("train", help="launch a training job (the default command: `brainseg-launch "
+                                "--mode ...` means `brainseg-launch train --mode ...`)",
+                                description="Launch a training job (without --data-uri: the demo).")
+    add = train.add_argument
+    add("--mode", choices=("process", "local", "aws"), help="where the job runs (default: process)")
+    add("--config", help="YAML job file: launcher settings at the top level, train.py's under `hyperparameters:`")
+    add("--hp", action="append", default=[], metavar="KEY=VALUE",
+        help="a train.py hyperparameter, e.g. lr=3e-4 or patch_size=[96,96,96] (repeatable)")
+    add("--data-uri", help="s3:// prefix holding the cases (without it: the demo's embedded S3 and synthetic data)")
+    add("--output-uri", help="s3:// prefix the runs are written under (<output-uri>/<job name>/)")
     add("--job-name", help="base job name (SageMaker appends a timestamp); also the run's name prefix")
     add("--image-uri", help="training image (the one built from docker/); aws default: prebuilt PyTorch image")
-    add("--role", help="aws: the job's IAM role ARN")
+    add("--role", help="aws: the job's IAM role ARN (see `brainseg-launch iam-policy`)")
     add("--region", help="aws: region (default: the AWS configuration's)")
-    add("--instance-type")
-    add("--instance-count", type=int)
+    add("--instance-type", help="e.g. ml.g5.xlarge (aws default), local in local and process modes")
+    add("--instance-count", type=int, help="instances (process mode: simulated hosts), default 1")
     add("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
-    add("--volume-size-gb", type=int)
+    add("--volume-size-gb", type=int, help="aws: the instance's EBS volume")
     add("--spot", action="store_true", default=None, help="managed spot training (checkpoints sync to S3)")
-    add("--max-run-s", type=int)
+    add("--max-run-s", type=int, help="stop the job after this many seconds")
     add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
-    add("--volume-kms-key")
-    add("--output-kms-key")
-    add("--subnets", help="comma-separated subnet IDs")
-    add("--security-group-ids", help="comma-separated security group IDs")
-    add("--network-isolation", action="store_true", default=None)
-    add("--inter-container-encryption", action="store_true", default=None)
-    add("--tag", action="append", default=[], metavar="KEY=VALUE")
+    add("--volume-kms-key", help="aws: KMS key for the instance's volume")
+    add("--output-kms-key", help="aws: KMS key for the job's output")
+    add("--subnets", help="comma-separated subnet IDs (the job runs in your VPC)")
+    add("--security-group-ids", help="comma-separated security group IDs (with --subnets)")
+    add("--network-isolation", action="store_true", default=None, help="aws: no network access but S3 via the job")
+    add("--inter-container-encryption", action="store_true", default=None,
+        help="aws: encrypt traffic between instances")
+    add("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job (repeatable)")
     add("--wait", action="store_true", default=None, help="aws: wait and stream the job's logs")
     add("--dry-run", action="store_true", default=None, help="aws: print the CreateTrainingJob request only")
-    return parser
 
-
-def _policy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py iam-policy",
+    policy = commands.add_parser(
+        "iam-policy", help="print the IAM documents a job's role and its caller need",
         description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "
                     "its trust policy (role_trust) and what the caller needs to launch and review jobs "
                     "(caller_permissions).")
-    parser.add_argument("--role", required=True, help="the job role's ARN (its account pins the buckets)")
-    parser.add_argument("--data-uri", required=True)
-    parser.add_argument("--output-uri", required=True)
-    parser.add_argument("--job-name", default="brainseg", help="the base job name (scopes checkpoint deletes and jobs)")
-    parser.add_argument("--index-uri", default="", help="the header index, when not under <data-uri>/.brainseg/")
-    parser.add_argument("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
-    parser.add_argument("--vpc", action="store_true", help="the job runs in VPC subnets")
-    parser.add_argument("--init-weights", default="", help="an s3:// weights file the job starts from")
-    parser.add_argument("--region", default="*", help="the region of the jobs (default: any)")
+    add = policy.add_argument
+    add("--role", required=True, help="the job role's ARN (its account pins the buckets)")
+    add("--data-uri", required=True, help="s3:// prefix the job reads cases from")
+    add("--output-uri", required=True, help="s3:// prefix the job writes runs under")
+    add("--job-name", default="brainseg", help="the base job name (scopes checkpoint deletes and jobs)")
+    add("--index-uri", default="", help="the header index, when not under <data-uri>/.brainseg/")
+    add("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
+    add("--vpc", action="store_true", help="the job runs in VPC subnets")
+    add("--init-weights", default="", help="an s3:// weights file the job starts from")
+    add("--region", default="*", help="the region of the jobs (default: any)")
     return parser
 
 
 def policies(args: argparse.Namespace) -> dict:
-    """The three policy documents of ``launch.py iam-policy``; ValueError for bad input."""
+    """The three policy documents of ``brainseg-launch iam-policy``; ValueError for bad input."""
     account = iam.role_account(args.role)
     return {
         "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
@@ -109,7 +117,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Config file, then flags, then --hp overrides; checked (raises ValueError with the reason)."""
     settings = load_config(args.config)
     for name, value in vars(args).items():
-        if name in ("config", "hp", "tag") or value is None:
+        if name in ("command", "config", "hp", "tag") or value is None:
             continue
         settings[name] = value
     if args.tag:
@@ -241,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("botocore", "boto3", "smart_open", "sagemaker", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if argv[:1] == ["iam-policy"]:
-        args = _policy_parser().parse_args(argv[1:])
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["train", *argv]
+    args = _parser().parse_args(argv)
+    if args.command == "iam-policy":
         try:
             documents = policies(args)
         except ValueError as err:
@@ -250,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(documents, indent=1))
         return 0
-    args = _parser().parse_args(argv)
     from tools.launch.sagemaker_job import LaunchError
     try:
         spec = spec_from_args(args)

@@ -112,7 +112,7 @@ def trust_policy(account: str, region: str = "*") -> dict:
 
 
 def caller_policy(role_arn: str, output_uri: str, job_name: str = "brainseg", region: str = "*") -> dict:
-    """What the person (or CI) running ``launch.py`` needs: pass the role, run and review jobs."""
+    """What the person (or CI) running ``brainseg-launch`` needs: pass the role, run and review jobs."""
     account = role_account(role_arn)
     out_bucket, out_prefix = _bucket_and_prefix(output_uri)
     return {"Version": "2012-10-17", "Statement": [

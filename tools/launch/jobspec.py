@@ -1,6 +1,6 @@
 """What a training job is, independent of where it runs: the launcher's settings, checked.
 
-No torch and no SageMaker SDK here: ``launch.py`` builds a :class:`JobSpec` from its flags and an
+No torch and no SageMaker SDK here: ``brainseg-launch`` (:mod:`tools.launch.cli`) builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
 ``process_job`` for ``process``). Also here: the hyperparameters as SageMaker passes them on the
 command line (the metric definitions are in :mod:`brainseg.run.metric_lines`, the IAM policies in

@@ -155,9 +155,12 @@ def submit(spec: JobSpec, boto_session: boto3.Session, environment: dict | None 
     """Submit (aws: returns the job name) or run to the end (local: the SDK names the job itself
     and does not return the name; the run is found under the output URI)."""
     if spec.mode == "aws":
+        created = {}  # the job name, read from the CreateTrainingJob request as it is sent
+        boto_session.events.register("before-parameter-build.sagemaker.CreateTrainingJob",
+                                     lambda params, **_: created.update(name=params["TrainingJobName"]))
         trainer = build_trainer(spec, boto_session, environment, local_root)
         trainer.train(wait=spec.wait, logs=spec.wait)
-        return trainer._latest_training_job.training_job_name
+        return created["name"]
     check_docker(spec.image_uri)
     trainer = build_trainer(spec, boto_session, environment, local_root)
     try:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from brainseg.io import s3
-from tools.review.runs import Run, list_runs, load_run
+from tools.review.runs import ReviewedRun, list_runs, load_run
 
 
-def epoch_text(run: Run, line: dict) -> str:
+def epoch_text(run: ReviewedRun, line: dict) -> str:
     """One epoch line of a run, as ``--follow`` prints it."""
     parts = [f"{run.name}: epoch {line['epoch']}"]
     for key, label, form in (("step", "step", "{}"), ("train_loss", "train loss", "{:.4f}"),
@@ -35,7 +35,7 @@ def epoch_text(run: Run, line: dict) -> str:
     return "  ".join(parts)
 
 
-def follow(runs: list[Run], interval: float, report_dir: Path | None) -> None:
+def follow(runs: list[ReviewedRun], interval: float, report_dir: Path | None) -> None:
     """Poll the runs that are still running until none is, printing each new epoch and status
     change; the report, if any, is rewritten after every poll that found something new."""
     from tools.review.report import write_report

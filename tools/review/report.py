@@ -19,7 +19,7 @@ from jinja2 import Template
 from matplotlib.ticker import MaxNLocator
 
 from brainseg.run.metrics import tumour_centre
-from tools.review.runs import Run, differing_hyperparameters
+from tools.review.runs import ReviewedRun, differing_hyperparameters
 
 DPI = 100
 TEMPLATE = Template("""<!doctype html>
@@ -71,7 +71,7 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
-def text_summary(runs: list[Run]) -> str:
+def text_summary(runs: list[ReviewedRun]) -> str:
     """What the report says, for a terminal: one line per run, differing settings, worst cases."""
     differing = differing_hyperparameters(runs)
     now = time.time()
@@ -106,7 +106,7 @@ def _save(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def curve_figures(runs: list[Run], out: Path) -> list[dict]:
+def curve_figures(runs: list[ReviewedRun], out: Path) -> list[dict]:
     """Loss/Dice, learning rate, throughput/data wait: one line per run."""
     panels = [("curves.png", "train loss and validation Dice per epoch",
                [("train_loss", "train loss"), ("val_dice", "validation Dice")]),
@@ -157,7 +157,7 @@ def overlay_figure(crop: dict, title: str, path: Path) -> None:
     _save(figure, path)
 
 
-def overlay_figures(runs: list[Run], out: Path) -> dict:
+def overlay_figures(runs: list[ReviewedRun], out: Path) -> dict:
     overlays = {}
     for run in runs:
         ordered = run.cases_worst_first()
@@ -173,7 +173,7 @@ def overlay_figures(runs: list[Run], out: Path) -> dict:
     return overlays
 
 
-def write_report(runs: list[Run], out: Path) -> Path:
+def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     """``out/index.html`` and its PNG figures; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     curves = curve_figures(runs, out)

@@ -1,7 +1,7 @@
 """Reading what training runs wrote to S3, tolerant of runs still going or cut short.
 
 A run is a folder ``<output-uri>/<run>/`` holding ``run.json`` (see ``brainseg.run.artifacts``). Every
-artifact is read on its own; one that is missing or malformed becomes a line in ``Run.problems``,
+artifact is read on its own; one that is missing or malformed becomes a line in ``ReviewedRun.problems``,
 never an exception, so a half-written or failed run can still be reviewed.
 
 ``metrics.jsonl`` is read incrementally: :class:`MetricsTail` remembers how far it got and each
@@ -127,7 +127,7 @@ def _age(seconds: float) -> str:
 
 
 @dataclass
-class Run:
+class ReviewedRun:
     """One run's artifacts as far as they could be read; :meth:`refresh` reads them again."""
 
     name: str
@@ -267,16 +267,16 @@ class Run:
         return crop
 
 
-def load_run(uri: str) -> Run:
+def load_run(uri: str) -> ReviewedRun:
     """Every artifact of the run at ``uri`` (``s3://…/<run>/``) that can be read; ``found`` is
     false when there is no ``run.json`` there."""
     uri = uri.rstrip("/") + "/"
-    run = Run(name=uri.rstrip("/").rsplit("/", 1)[-1], uri=uri)
+    run = ReviewedRun(name=uri.rstrip("/").rsplit("/", 1)[-1], uri=uri)
     run.refresh()
     return run
 
 
-def list_runs(output_uri: str) -> list[Run]:
+def list_runs(output_uri: str) -> list[ReviewedRun]:
     """The runs directly under ``output_uri`` (folders with a ``run.json``), oldest first, read
     concurrently."""
     bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
@@ -285,7 +285,7 @@ def list_runs(output_uri: str) -> list[Run]:
     return sorted((run for run in runs if run.found), key=lambda run: (run.started or 0, run.name))
 
 
-def differing_hyperparameters(runs: list[Run]) -> list[str]:
+def differing_hyperparameters(runs: list[ReviewedRun]) -> list[str]:
     """Hyperparameters whose values are not the same in every run (data and output URIs aside)."""
     names = sorted({name for run in runs for name in run.hyperparameters} - {"output_uri", "run_name"})
     return [name for name in names if len({json.dumps(run.hyperparameters.get(name)) for run in runs}) > 1]

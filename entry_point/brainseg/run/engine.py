@@ -227,7 +227,7 @@ def read_weights(location: str) -> dict:
     raise TrainingError(f"init_weights {location}: expected a state dict, a checkpoint or an encoder file")
 
 
-class Run:
+class Trainer:
     """A training run; ``execute()`` trains, evaluates and returns the summary (``None`` on ranks > 0)."""
 
     def __init__(self, hp: Hyperparameters, env: Environment):
