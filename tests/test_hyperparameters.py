@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from brainseg.config import Hyperparameters, parse_hyperparameters, validate_overrides
+from brainseg.config import Hyperparameters, build_parser, parse_hyperparameters, validate_overrides
 from brainseg.environment import read_environment
 
 REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
@@ -139,3 +139,13 @@ def test_environment_falls_back_outside_sagemaker():
     env = read_environment({})
     assert env.model_dir == "model" and env.job_name is None and env.hosts == ("localhost",)
     assert not env.on_sagemaker
+
+
+def test_help_describes_every_flag():
+    parser = build_parser()
+    documented = {action.dest: action.help for action in parser._actions if action.dest != "help"}
+    assert set(documented) == {spec.name for spec in fields(Hyperparameters)}
+    for name, text in documented.items():
+        assert text and len(text.split("(default")[0].strip()) > 10, (name, text)
+    assert "one of unet|attention_unet|segresnet|dynunet" in documented["model"]
+    assert "(default: 96,96,96)" in documented["patch_size"]

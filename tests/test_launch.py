@@ -3,6 +3,7 @@ request against moto's SageMaker and S3, the dry run, the IAM policy, and bad in
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -290,3 +291,12 @@ def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
                                         "999999999999"))
     assert not allowed(policy, *request("DeleteObject", {"Bucket": bucket, "Key": "runs/brainseg-iam/run.json"},
                                         "123456789012"))
+
+
+def test_help_describes_every_launcher_flag():
+    parser = launch._parser()
+    [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"train", "iam-policy"}
+    for name, subparser in commands.choices.items():
+        for action in subparser._actions:
+            assert action.help and len(action.help) > 10, (name, action.dest)

@@ -9,7 +9,7 @@ import argparse
 import difflib
 import json
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
@@ -124,100 +124,87 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_st
                                "save_predictions", "allow_dataset_change"})
 
 
+def _field(default, help_text: str):
+    """A field with its ``--help`` text."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Everything a training run is configured by; every field is a ``--flag`` of ``train.py``.
+    """Everything a training run is configured by; every field is a ``--flag`` of ``train.py``
+    (``--help`` prints each field's help text, written beside it here).
 
-    Data: ``data_uri`` (required) holds the cases; ``index_uri`` overrides where the header
-    index lives; ``trust_index``/``refresh_index`` as in ``build_catalog``; ``max_train_cases``
-    (0 = all) keeps the first N training cases for the low-label regime; ``max_val_cases``
-    (0 = all) bounds validation cost; ``data_source`` ``stream`` reads patches by ranged GETs,
-    ``memory`` downloads each training volume first (the reference the stream is compared to);
-    ``max_header_mb`` refuses objects whose header does not end within that many MiB.
-    A run resumes only on the dataset its checkpoint was trained on (same objects, same splits);
-    ``allow_dataset_change`` continues on changed data anyway, with a warning.
-
-    Output: a run writes under ``<output_uri>/<run_name>/``; ``run_name`` defaults to the
-    SageMaker job name, else a timestamp. Pass the same ``run_name`` to resume a local run.
-
-    Model: ``model`` in ``MODELS``; ``channels`` per level (each level halves the resolution);
-    ``res_units`` residual units per level (U-Nets); ``activation``, ``norm``, ``dropout``.
-
-    Training: ``task`` ``segmentation`` or ``autoencoder`` (masked-image reconstruction
-    pretraining on images without masks); ``loss``; ``optimizer`` with ``lr``,
-    ``weight_decay``, ``momentum`` (SGD); ``schedule`` with ``warmup_steps``; ``grad_clip``
-    (0 = off); ``precision`` (``bf16`` or ``fp16`` autocast; fp16 with a gradient scaler, GPU
-    only); ``compile`` (``torch.compile``); ``epochs`` of
-    ``steps_per_epoch`` steps of ``batch_size`` patches per rank; ``patience`` validations
-    without improvement before stopping early (0 = never); ``deterministic`` algorithms;
-    ``num_workers`` DataLoader workers per rank.
-
-    Evaluation: sliding-window inference with ``sw_overlap`` and ``sw_batch_size``;
-    ``save_predictions`` writes each test case's image/mask/prediction crop to the output (patient
-    pixels: turn it off where the output bucket must hold none).
-
-    Artifacts: a checkpoint every epoch and every ``checkpoint_steps`` steps (0 = epochs only),
-    the newest ``keep_checkpoints`` kept; a plain progress line every ``log_every`` steps.
-
-    Transfer: ``init_weights`` (``s3://`` URI or path) loads matching layers;
-    ``freeze_encoder`` trains only the decoder.
-
-    The patch stream: ``patch_size`` ... ``seed`` as in :class:`StreamConfig`
-    (``memory_budget_mb`` in MiB); ``seed`` also seeds the split, initial weights and dropout.
+    A run writes under ``<output_uri>/<run_name>/``; the stream fields (``patch_size`` ...
+    ``seed``) are those of :class:`StreamConfig`.
     """
 
-    data_uri: str = ""
-    output_uri: str = ""
-    run_name: str = ""
-    index_uri: str = ""
-    trust_index: bool = False
-    refresh_index: bool = False
-    allow_dataset_change: bool = False
-    max_train_cases: int = 0
-    max_val_cases: int = 0
-    data_source: str = "stream"
-    max_header_mb: int = 1
-    task: str = "segmentation"
-    model: str = "unet"
-    channels: tuple = (16, 32, 64, 128, 256)
-    res_units: int = 2
-    activation: str = "prelu"
-    norm: str = "instance"
-    dropout: float = 0.0
-    loss: str = "dice_ce"
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    momentum: float = 0.99
-    schedule: str = "cosine"
-    warmup_steps: int = 50
-    grad_clip: float = 12.0
-    precision: str = "fp32"
-    compile: bool = False
-    epochs: int = 50
-    steps_per_epoch: int = 250
-    batch_size: int = 2
-    patience: int = 10
-    deterministic: bool = False
-    num_workers: int = 2
-    sw_overlap: float = 0.25
-    sw_batch_size: int = 2
-    save_predictions: bool = True
-    checkpoint_steps: int = 0
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    init_weights: str = ""
-    freeze_encoder: bool = False
-    patch_size: tuple = StreamConfig.patch_size
-    foreground_fraction: float = StreamConfig.foreground_fraction
-    patches_per_slab: int = StreamConfig.patches_per_slab
-    slab_margin: tuple = StreamConfig.slab_margin
-    mix_slabs: int = StreamConfig.mix_slabs
-    normalization: str = StreamConfig.normalization
-    augment: bool = StreamConfig.augment
-    memory_budget_mb: int = StreamConfig.memory_budget_bytes // MiB
-    read_ahead: int = StreamConfig.read_ahead
-    seed: int = StreamConfig.seed
+    # Data
+    data_uri: str = _field("", "s3:// prefix holding one folder per case (required)")
+    output_uri: str = _field("", "s3:// prefix the run is written under: <output_uri>/<run_name>/ (required)")
+    run_name: str = _field("", "the run's folder; default the SageMaker job name, else a UTC timestamp. The same "
+                               "name resumes a run")
+    index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl; elsewhere "
+                                "when the data bucket is read-only)")
+    trust_index: bool = _field(False, "take the case list from the index without listing the data prefix")
+    refresh_index: bool = _field(False, "read every header again, ignoring the saved index")
+    allow_dataset_change: bool = _field(False, "resume even though the dataset changed since the checkpoint "
+                                               "(a warning instead of a refusal)")
+    max_train_cases: int = _field(0, "keep the first N training cases, the low-label regime (0: all)")
+    max_val_cases: int = _field(0, "validate on the first N validation cases, to bound its cost (0: all)")
+    data_source: str = _field("stream", "stream: patches by ranged GETs; memory: download each training volume "
+                                        "first (the reference)")
+    max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
+    # Model
+    task: str = _field("segmentation", "segmentation, or autoencoder: masked-image reconstruction pretraining "
+                                       "on images without masks")
+    model: str = _field("unet", "the MONAI network")
+    channels: tuple = _field((16, 32, 64, 128, 256), "feature channels per level; each level halves the resolution")
+    res_units: int = _field(2, "residual units per level (U-Nets)")
+    activation: str = _field("prelu", "activation function")
+    norm: str = _field("instance", "normalisation layers")
+    dropout: float = _field(0.0, "dropout probability")
+    # Optimisation
+    loss: str = _field("dice_ce", "segmentation loss")
+    optimizer: str = _field("adamw", "optimiser")
+    lr: float = _field(1e-3, "peak learning rate (reached after the warm-up)")
+    weight_decay: float = _field(1e-5, "weight decay")
+    momentum: float = _field(0.99, "SGD momentum (Nesterov)")
+    schedule: str = _field("cosine", "learning-rate schedule after the warm-up")
+    warmup_steps: int = _field(50, "linear warm-up steps")
+    grad_clip: float = _field(12.0, "clip the gradient norm to this (0: off)")
+    precision: str = _field("fp32", "bf16 or fp16 autocast (fp16 with a gradient scaler, GPU only)")
+    compile: bool = _field(False, "torch.compile the network")
+    epochs: int = _field(50, "epochs of steps_per_epoch optimiser steps")
+    steps_per_epoch: int = _field(250, "optimiser steps per epoch (patch sampling has no natural epoch)")
+    batch_size: int = _field(2, "patches per step and rank")
+    patience: int = _field(10, "validations without improvement before stopping early (0: never)")
+    deterministic: bool = _field(False, "deterministic algorithms (bit-identical resume on CPU)")
+    num_workers: int = _field(2, "DataLoader worker processes per rank (they share the memory budget)")
+    # Evaluation
+    sw_overlap: float = _field(0.25, "sliding-window overlap of whole-volume inference")
+    sw_batch_size: int = _field(2, "windows per forward pass in whole-volume inference")
+    save_predictions: bool = _field(True, "write each test case's image/mask/prediction crop to the output "
+                                          "(patient pixels: turn off where the output bucket must hold none)")
+    # Artifacts
+    checkpoint_steps: int = _field(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
+    keep_checkpoints: int = _field(3, "newest checkpoints kept")
+    log_every: int = _field(50, "a progress line every N steps when the output is not a terminal")
+    # Transfer
+    init_weights: str = _field("", "s3:// URI or path of weights to start from (matching layers are loaded)")
+    freeze_encoder: bool = _field(False, "train only the decoder")
+    # The patch stream (StreamConfig)
+    patch_size: tuple = _field(StreamConfig.patch_size, "(D, H, W) voxels of each patch")
+    foreground_fraction: float = _field(StreamConfig.foreground_fraction, "share of patches centred on a tumour voxel")
+    patches_per_slab: int = _field(StreamConfig.patches_per_slab, "patches cut from each fetched slab")
+    slab_margin: tuple = _field(StreamConfig.slab_margin, "extra (D, H) voxels fetched around a patch")
+    mix_slabs: int = _field(StreamConfig.mix_slabs, "consecutive slabs whose patches are interleaved")
+    normalization: str = _field(StreamConfig.normalization, "zscore (body mean and std) or minmax (0.5-99.5 "
+                                                            "percentile to [0, 1])")
+    augment: bool = _field(StreamConfig.augment, "random flips, 90-degree rotations, intensity scale/shift, noise")
+    memory_budget_mb: int = _field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
+                                                                            "by the DataLoader workers")
+    read_ahead: int = _field(StreamConfig.read_ahead, "slabs fetched ahead of the consumer per worker")
+    seed: int = _field(StreamConfig.seed, "seeds the split, the initial weights, dropout and every patch")
 
     def __post_init__(self) -> None:
         for name in ("channels", "patch_size", "slab_margin"):
@@ -335,15 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
         description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges. Every flag is a field "
-                    "of brainseg.config.Hyperparameters; see its docstring and the README.")
-    for name, convert in field_converters().items():
-        default = getattr(Hyperparameters, name)
+                    "of brainseg.config.Hyperparameters.")
+    converters = field_converters()
+    for spec in fields(Hyperparameters):
+        name, default = spec.name, spec.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        text = f"one of {'|'.join(CHOICES[name])} " if name in CHOICES else ""
-        parser.add_argument(*flags, dest=name, type=convert, default=default,
-                            required=name in ("data_uri", "output_uri"),
-                            help=f"{text}(default: {shown})" if name not in ("data_uri", "output_uri") else "s3:// URI")
+        choices = f"; one of {'|'.join(CHOICES[name])}" if name in CHOICES else ""
+        required = name in ("data_uri", "output_uri")
+        parser.add_argument(*flags, dest=name, type=converters[name], default=default, required=required,
+                            help=spec.metadata["help"] + choices + ("" if required or default == "" else f" (default: {shown})"))
     return parser
 
 
