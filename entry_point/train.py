@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ignored:
         logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))
-    from brainseg.run.engine import Interrupted, Trainer, TrainingError  # torch only once the flags are valid
+    from brainseg.run.engine import Trainer  # torch only once the flags are valid
+    from brainseg.run.errors import Interrupted, TrainingError
 
     env = read_environment()
     user = drop_privileges(env)

@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from brainseg.io import s3
+from brainseg.run.artifacts import RunLayout
 from tools.launch import iam
 from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrides
 
@@ -163,7 +164,7 @@ def latest_run(output_uri: str, base: str) -> str | None:
     best = None
     for folder in folders:
         name = folder[len(prefix):].rstrip("/")
-        data = s3.read_uri(f"s3://{bucket}/{folder}run.json") if name.startswith(base) else None
+        data = s3.read_uri(f"s3://{bucket}/{folder}{RunLayout.STATUS}") if name.startswith(base) else None
         if data is not None:
             started = json.loads(data).get("started", 0)
             if best is None or started > best[0]:
@@ -177,7 +178,7 @@ def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
     target = folder / job_name
     for info in s3.list_objects(bucket, prefix):
         relative = info.key[len(prefix):]
-        if relative.startswith("checkpoints/"):
+        if relative.startswith(RunLayout.CHECKPOINTS):
             continue
         path = target / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,7 @@ def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
 
 def report(output_uri: str, job_name: str) -> None:
     run = f"{output_uri.rstrip('/')}/{job_name}/"
-    summary = s3.read_uri(run + "summary.json")
+    summary = s3.read_uri(run + RunLayout.SUMMARY)
     print(f"artifacts: {run}")
     if summary is None:
         print("  no summary.json (the run did not finish; see run.json)")

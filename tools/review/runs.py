@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from brainseg.io import s3
+from brainseg.run.artifacts import RunLayout
 
 CROP_ARRAYS = ("image", "mask", "prediction")
 
@@ -93,7 +94,7 @@ class MetricsTail:
 
     @property
     def problems(self) -> list[str]:
-        what = "metrics/metrics.jsonl"
+        what = RunLayout.METRICS
         notes = [f"{what}: line {number} is not an epoch record; skipped" for number in self.malformed]
         if self.missing:
             notes.append(f"{what}: missing (no epoch finished yet?)")
@@ -205,7 +206,7 @@ class ReviewedRun:
         return value, tail.modified
 
     def _read_per_case(self) -> list[dict]:
-        relative = "metrics/test_per_case.csv"
+        relative = RunLayout.TEST_CASES
         tail = self._fetch(relative, "missing (no test evaluation yet)")
         if tail is None:
             return []
@@ -221,7 +222,7 @@ class ReviewedRun:
         """Read ``run.json`` again, the metrics lines written since the last refresh and, unless the
         run is still going or failed, its summary and per-case results. Returns the new epoch lines."""
         self.notes = []
-        status, status_modified = self._read_json("run.json")
+        status, status_modified = self._read_json(RunLayout.STATUS)
         self.found = status is not None
         if status is None:
             return []
@@ -231,17 +232,17 @@ class ReviewedRun:
         hyperparameters = status.get("hyperparameters")
         self.hyperparameters = hyperparameters if isinstance(hyperparameters, dict) else {}
         if hyperparameters is not None and not isinstance(hyperparameters, dict):
-            self.notes.append(f"run.json: hyperparameters should be a JSON object, found {type(hyperparameters).__name__}")
+            self.notes.append(f"{RunLayout.STATUS}: hyperparameters should be a JSON object, found {type(hyperparameters).__name__}")
         if self.tail is None:
-            self.tail = MetricsTail(self.uri + "metrics/metrics.jsonl")
+            self.tail = MetricsTail(self.uri + RunLayout.METRICS)
         try:
             added = self.tail.poll()
         except s3.S3Error as err:
-            self.notes.append(f"metrics/metrics.jsonl: unreadable ({err})")
+            self.notes.append(f"{RunLayout.METRICS}: unreadable ({err})")
             added = []
         self.updated = max((t for t in (status_modified, self.tail.modified) if t is not None), default=None)
         if self.status in ("finished", "unknown"):
-            self.summary, _ = self._read_json("summary.json")
+            self.summary, _ = self._read_json(RunLayout.SUMMARY)
             self.per_case = self._read_per_case()
         if self.summary and not self.hyperparameters and isinstance(self.summary.get("hyperparameters"), dict):
             self.hyperparameters = self.summary["hyperparameters"]
@@ -249,7 +250,7 @@ class ReviewedRun:
 
     def load_crop(self, case_id: str) -> dict | None:
         """The prediction crop of one test case, or ``None`` (the reason noted in ``problems``)."""
-        relative = f"predictions/{case_id}.npz"
+        relative = RunLayout.prediction(case_id)
         tail = self._fetch(relative)
         if tail is None:
             return None

@@ -10,7 +10,6 @@ interleaved, so a batch mixes cases.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent import futures
@@ -30,13 +29,6 @@ from brainseg.dicom import PixelDataError
 logger = logging.getLogger(__name__)
 
 REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
-
-
-def distributed_position() -> tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed when initialised, else from torchrun's env."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
@@ -65,11 +57,12 @@ class PatchStream(IterableDataset):
             ``start_batch`` batches of ``batch_size`` samples had already been taken from a
             ``DataLoader`` with the same number of workers (worker roles are rotated so the
             loader's round-robin picks up where the interrupted one stopped).
-        rank, world_size: distributed position; by default from torch.distributed or env.
+        rank, world_size: this process's place among the training processes (the caller reads
+            it from torch.distributed; one process by default).
     """
 
     def __init__(self, cases: list[Case], config: StreamConfig, start_batch: int = 0, batch_size: int = 1,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int = 0, world_size: int = 1):
         super().__init__()
         if not cases:
             raise ValueError("no usable training cases: every case was excluded or the split is empty; "
@@ -83,9 +76,7 @@ class PatchStream(IterableDataset):
         self.config = config
         self.start_batch = start_batch
         self.batch_size = batch_size
-        default_rank, default_world_size = distributed_position()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world_size if world_size is None else world_size
+        self.rank, self.world_size = rank, world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self._unreadable: set[str] = set()  # cases warned about, per worker

@@ -1,15 +1,5 @@
-"""What a run writes under ``<output_uri>/<run_name>/``, uploaded with retries.
-
-Layout::
-
-    run.json                    status (running/finished/failed/interrupted), start time, hyperparameters
-    owner.json                  which job writes this run (brainseg.run.ownership)
-    checkpoints/                training states and their records (brainseg.run.checkpoint)
-    metrics/metrics.jsonl       one JSON line per epoch
-    metrics/test_per_case.csv   final test evaluation, one row per case
-    model/model.pt              best weights (and model/encoder.pt for autoencoder runs)
-    predictions/<case>.npz      test cases: image, mask and prediction around the tumour (bounded crop)
-    summary.json                headline results
+"""What a run writes under ``<output_uri>/<run_name>/`` (:class:`RunLayout`, the one place its paths
+are named, for the job and the tools that read it), uploaded with retries (:class:`RunStore`).
 """
 
 from __future__ import annotations
@@ -26,6 +16,30 @@ import numpy as np
 from brainseg.io import s3
 
 logger = logging.getLogger(__name__)
+
+
+
+class RunLayout:
+    """Every path of a run, relative to ``<output_uri>/<run_name>/``."""
+
+    STATUS = "run.json"  # running/finished/failed/interrupted, start time, hyperparameters
+    OWNER = "owner.json"  # which job writes this run (brainseg.run.ownership)
+    CHECKPOINTS = "checkpoints/"  # training states and their records (brainseg.run.checkpoint)
+    METRICS = "metrics/metrics.jsonl"  # one JSON line per epoch
+    TEST_CASES = "metrics/test_per_case.csv"  # final test evaluation, one row per case
+    MODEL = "model/model.pt"  # best weights
+    ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's best weights
+    SUMMARY = "summary.json"  # headline results
+
+    @staticmethod
+    def checkpoint(name: str) -> str:
+        return RunLayout.CHECKPOINTS + name
+
+    @staticmethod
+    def prediction(case_id: str) -> str:
+        """Image, mask and prediction around the tumour of a test case (a bounded crop)."""
+        return f"predictions/{case_id}.npz"
+
 
 UPLOAD_ATTEMPTS = 3  # on top of botocore's own retries of each request
 UPLOAD_BACKOFF_S = 2.0
@@ -80,6 +94,6 @@ class RunStore:
         self.put(relative, buffer.getvalue())
 
     def put_metrics(self, history: list[dict]) -> None:
-        """Rewrite ``metrics/metrics.jsonl`` with every epoch so far (small: one line per epoch)."""
+        """Rewrite :attr:`RunLayout.METRICS` with every epoch so far (small: one line per epoch)."""
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in history)
-        self.put("metrics/metrics.jsonl", text.encode(), "application/x-ndjson")
+        self.put(RunLayout.METRICS, text.encode(), "application/x-ndjson")

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunStore
+from brainseg.run.artifacts import RunLayout, RunStore
 
 logger = logging.getLogger(__name__)
 
-POINTER = "latest.json"
+POINTER = "latest.json"  # in RunLayout.CHECKPOINTS
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt")
 RECORD_FIELDS = {"checkpoint": str, "step": int, "epoch": int, "bytes": int, "sha256": str}
 Loaded = TypeVar("Loaded")
@@ -92,30 +92,30 @@ class CheckpointStore:
             _atomic_write(self.local / name, data)
             _atomic_write(self.local / _record_name(name), record_bytes)
             _atomic_write(self.local / POINTER, record_bytes)
-        self.store.put(f"checkpoints/{name}", data)
-        self.store.put(f"checkpoints/{_record_name(name)}", record_bytes, "application/json")
-        self.store.put(f"checkpoints/{POINTER}", record_bytes, "application/json")
+        self.store.put(RunLayout.checkpoint(name), data)
+        self.store.put(RunLayout.checkpoint(_record_name(name)), record_bytes, "application/json")
+        self.store.put(RunLayout.checkpoint(POINTER), record_bytes, "application/json")
         self._prune(keep)
         return name
 
     def _prune(self, keep: int) -> None:
         names = sorted(name for name in self._s3_names() if CHECKPOINT_NAME.fullmatch(name))
         for name in names[:-keep]:
-            s3.delete(self.store.url(f"checkpoints/{_record_name(name)}"))
-            s3.delete(self.store.url(f"checkpoints/{name}"))
+            s3.delete(self.store.url(RunLayout.checkpoint(_record_name(name))))
+            s3.delete(self.store.url(RunLayout.checkpoint(name)))
         if self.local is not None:
             for path in sorted(self.local.glob("step-*.pt"))[:-keep]:
                 (self.local / _record_name(path.name)).unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
 
     def _s3_names(self) -> list[str]:
-        bucket, key = s3.parse_uri(self.store.url("checkpoints/"))
+        bucket, key = s3.parse_uri(self.store.url(RunLayout.CHECKPOINTS))
         return [info.key.rsplit("/", 1)[1] for info in s3.list_objects(bucket, key)]
 
     def _candidates(self, problems: list[str]) -> list[_Candidate]:
         """Every checkpoint that has a record (or is named by a pointer), newest first; local
         copies before S3 ones of the same step (no download)."""
-        sources = [("s3", self._s3_names(), lambda name: s3.read_uri(self.store.url(f"checkpoints/{name}")))]
+        sources = [("s3", self._s3_names(), lambda name: s3.read_uri(self.store.url(RunLayout.checkpoint(name))))]
         if self.local is not None and self.local.is_dir():
             sources.insert(0, ("local", [path.name for path in self.local.iterdir()],
                                lambda name: (self.local / name).read_bytes() if (self.local / name).is_file() else None))

@@ -39,6 +39,10 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -73,6 +77,15 @@ def broadcast(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not active():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def teardown() -> None:

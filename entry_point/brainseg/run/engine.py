@@ -17,8 +17,6 @@ import io
 import json
 import logging
 import math
-import pickle
-import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,10 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
-from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.memory import load_in_memory
 from brainseg.data.pretext import drop_blocks
-from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS
 from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
@@ -41,26 +37,25 @@ from brainseg.model.losses import build_loss
 from brainseg.model.networks import build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.run import distributed
-from brainseg.run.artifacts import RunStore
+from brainseg.run.artifacts import RunLayout, RunStore
+from brainseg.run.cases import load_catalog, select_cases
 from brainseg.run.checkpoint import CheckpointStore
+from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, autocast, evaluate
 from brainseg.run.metric_lines import EPOCH, TEST
 from brainseg.run.ownership import RunLock
 from brainseg.run.progress import Progress
+from brainseg.run.state import (
+    CHECKPOINT_FORMAT,
+    configure_determinism,
+    load_checkpoint,
+    read_weights,
+    restore_rng_states,
+    rng_states,
+)
 
 logger = logging.getLogger("brainseg.train")
-CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
-CHECKPOINT_KEYS = frozenset({"format", "hyperparameters", "model", "optimizer", "scheduler", "scaler", "best_model",
-                             "state", "rng", "sampler", "dataset_fingerprint", "code_version"})
 CODE_ROOT = Path(__file__).resolve().parents[2]  # entry_point/: train.py and brainseg/
-
-
-class TrainingError(RuntimeError):
-    """The run cannot start or continue; the message says what and how to fix it."""
-
-
-class Interrupted(TrainingError):
-    """SIGTERM stopped the run after a checkpoint; the same command resumes it."""
 
 
 @dataclass
@@ -101,130 +96,6 @@ def resolve_run_name(hp: Hyperparameters, env: Environment) -> str:
     except ValueError as err:
         raise TrainingError(str(err)) from None
     return distributed.broadcast(name)
-
-
-def configure_determinism(hp: Hyperparameters) -> None:
-    random.seed(hp.seed)
-    np.random.seed(hp.seed % 2**32)
-    torch.manual_seed(hp.seed)
-    torch.backends.cudnn.benchmark = not hp.deterministic
-    if hp.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def rng_states() -> dict:
-    """Every global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    saved = states["numpy"]
-    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
-                         saved["has_gauss"], saved["gauss"]))
-    torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def load_catalog(hp: Hyperparameters) -> Catalog:
-    """The dataset catalog; rank 0 indexes first so the other ranks reuse its index."""
-    def build() -> Catalog:
-        try:
-            return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
-                                 refresh_index=hp.refresh_index and distributed.is_main(),
-                                 trust_index=hp.trust_index, require_masks=hp.task == "segmentation",
-                                 max_header_bytes=hp.max_header_mb * 2**20)
-        except ValueError as err:  # the data prefix's layout, the manifest, the index location
-            raise TrainingError(str(err)) from err
-    catalog = build() if distributed.is_main() else None
-    distributed.barrier()
-    return catalog if catalog is not None else build()
-
-
-def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
-    """Train, validation and test cases, checked against the patch size."""
-    train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
-    usable = len(catalog.cases) - len(catalog.excluded())
-    if not usable:
-        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, none "
-                            f"usable); run `brainseg-inspect {hp.data_uri}` to see why")
-    counts = f"train {len(train)}, val {len(val)}, test {len(test)}"
-    if not catalog.manifest and not (train and val and test):
-        split = "/".join(str(round(100 * fraction)) for fraction in DEFAULT_SPLIT_FRACTIONS)
-        raise TrainingError(f"{usable} usable case(s) cannot fill a {split} train/val/test split ({counts}): add "
-                            "cases, or fix the split in manifest.csv")
-    if not train or not val:
-        raise TrainingError(f"manifest.csv leaves no usable {'training' if not train else 'validation'} case "
-                            f"({counts}); list some as '{'train' if not train else 'val'}'")
-    if not test:
-        logger.warning("manifest.csv lists no usable test case: the run ends without a test evaluation")
-    if hp.max_train_cases:
-        train = train[:hp.max_train_cases]
-    if hp.max_val_cases:
-        val = val[:hp.max_val_cases]
-    if not any(all(p <= s for p, s in zip(hp.patch_size, case.image.shape)) for case in train):
-        largest = max((case.image.shape for case in train), key=lambda shape: int(np.prod(shape)))
-        raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
-                            f"{largest}); lower --patch-size to fit inside the volumes")
-    return train, val, test
-
-
-def load_tensors(data: bytes, what: str):
-    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a file someone
-    else could write (a checkpoint, init weights) cannot run code when it is read.
-
-    Raises:
-        ValueError: not a torch file, or it holds other objects; the message names ``what``.
-    """
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
-                      "not a torch file")
-        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
-                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
-
-
-def load_checkpoint(data: bytes) -> dict:
-    """A checkpoint's training state, checked for the format and keys this code writes."""
-    checkpoint = load_tensors(data, "the checkpoint")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"checkpoint format {found!r}; this code reads format {CHECKPOINT_FORMAT}")
-    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
-    if missing:
-        raise ValueError(f"checkpoint lacks {', '.join(missing)}")
-    return checkpoint
-
-
-def read_weights(location: str) -> dict:
-    """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file or a bare state dict."""
-    try:
-        if location.startswith("s3://"):
-            data = s3.read_uri(location)
-            if data is None:
-                raise TrainingError(f"init_weights {location}: no such object")
-        else:
-            data = Path(location).read_bytes()
-        payload = load_tensors(data, f"init_weights {location}")
-    except OSError as err:
-        raise TrainingError(f"init_weights {location}: cannot be read: {err}") from err
-    except ValueError as err:
-        raise TrainingError(str(err)) from err
-    for key in ("model", "encoder"):
-        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            return payload[key]
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload
-    raise TrainingError(f"init_weights {location}: expected a state dict, a checkpoint or an encoder file")
 
 
 class Trainer:
@@ -372,11 +243,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_bytes(self) -> bytes:
-        states = rng_states()
-        gathered = [states]
-        if distributed.active():
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, states)
+        gathered = distributed.gather(rng_states())
         buffer = io.BytesIO()
         torch.save({
             "format": CHECKPOINT_FORMAT,
@@ -406,7 +273,7 @@ class Trainer:
 
     def write_status(self, status: str, **extra) -> None:
         if self.main:
-            self.store.put_json("run.json", {
+            self.store.put_json(RunLayout.STATUS, {
                 "run_name": self.run_name, "status": status, "started": self.started, "updated": time.time(),
                 "hyperparameters": self.hp.to_dict(), "world_size": self.world, "device": self.device.type,
                 "code_version": code_version(), **extra})
@@ -517,12 +384,12 @@ class Trainer:
     def save_best(self) -> None:
         buffer = io.BytesIO()
         torch.save(self.best_weights, buffer)
-        self.store.put("model/model.pt", buffer.getvalue())
+        self.store.put(RunLayout.MODEL, buffer.getvalue())
         if self.hp.task == "autoencoder":
             buffer = io.BytesIO()
             torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
                         "channels": list(self.hp.channels)}, buffer)
-            self.store.put("model/encoder.pt", buffer.getvalue())
+            self.store.put(RunLayout.ENCODER, buffer.getvalue())
 
     # ----------------------------------------------------------------- the end
     def test(self) -> dict:
@@ -554,11 +421,11 @@ class Trainer:
                            test_dice_median=scores.get("dice_median"), test_iou_mean=scores.get("iou"),
                            test_dice_global=scores.get("dice_global"))
         if self.main:
-            self.store.put_csv("metrics/test_per_case.csv", [result.row() for result in results])
+            self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:
                 if result.crop is not None:
-                    self.store.put_npz(f"predictions/{result.case_id}.npz", result.crop)
-            self.store.put_json("summary.json", summary)
+                    self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
+            self.store.put_json(RunLayout.SUMMARY, summary)
             model_dir = Path(self.env.model_dir)
             model_dir.mkdir(parents=True, exist_ok=True)
             torch.save(self.best_weights, model_dir / "model.pt")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed
 from monai.inferers import sliding_window_inference
 
 from brainseg.config import Hyperparameters
@@ -23,6 +22,7 @@ from brainseg.data.catalog import Case
 from brainseg.data.pretext import drop_blocks
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
+from brainseg.run import distributed
 from brainseg.run.metrics import Overlap, tumour_centre
 from brainseg.run.progress import Progress
 
@@ -126,8 +126,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
     With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`. Rank 0 shows
     its progress as ``phase`` (a bar in a terminal, a line every 30 s otherwise).
     """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    rank, world = distributed.rank(), distributed.world_size()
     mine = cases[rank::world]
     results = []
     was_training = model.training
@@ -151,10 +150,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
                 progress.update(number + 1)
     finally:
         model.train(was_training)
-    if distributed:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, results)
-        results = [result for part in gathered for result in part]
+    results = [result for part in distributed.gather(results) for result in part]
     return sorted(results, key=lambda result: result.case_id)
 
 

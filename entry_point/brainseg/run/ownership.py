@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainseg.io import s3
+from brainseg.run.artifacts import RunLayout
 
 logger = logging.getLogger(__name__)
 
-OWNER = "owner.json"
 HEARTBEAT_S = float(os.environ.get("BRAINSEG_HEARTBEAT_S", "30"))  # the owner rewrites its claim this often
 STALE_AFTER_S = 4 * HEARTBEAT_S  # an unchanged claim this old is a dead job's
 LAST_MODIFIED_RESOLUTION_S = 1.0
@@ -86,7 +86,7 @@ class RunLock:
     """Claim, keep and release a run folder. ``acquire()`` before writing; ``release()`` at the end."""
 
     def __init__(self, output_uri: str, run_name: str, job: str | None = None):
-        self.uri = f"{output_uri.rstrip('/')}/{run_name}/{OWNER}"
+        self.uri = f"{output_uri.rstrip('/')}/{run_name}/{RunLayout.OWNER}"
         self.run_name = run_name
         self.token = uuid.uuid4().hex
         self.job = job or ""

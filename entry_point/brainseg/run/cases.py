@@ -1,0 +1,59 @@
+"""The cases a run trains, validates and tests on: the catalog (built once, by rank 0 first) and
+the three splits, checked against what the run needs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from brainseg.config import Hyperparameters
+from brainseg.data.catalog import Case, Catalog, build_catalog
+from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS
+from brainseg.run import distributed
+from brainseg.run.errors import TrainingError
+
+logger = logging.getLogger("brainseg.train")
+
+
+def load_catalog(hp: Hyperparameters) -> Catalog:
+    """The dataset catalog; rank 0 indexes first so the other ranks reuse its index."""
+    def build() -> Catalog:
+        try:
+            return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
+                                 refresh_index=hp.refresh_index and distributed.is_main(),
+                                 trust_index=hp.trust_index, require_masks=hp.task == "segmentation",
+                                 max_header_bytes=hp.max_header_mb * 2**20)
+        except ValueError as err:  # the data prefix's layout, the manifest, the index location
+            raise TrainingError(str(err)) from err
+    catalog = build() if distributed.is_main() else None
+    distributed.barrier()
+    return catalog if catalog is not None else build()
+
+
+def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
+    """Train, validation and test cases, checked against the patch size."""
+    train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
+    usable = len(catalog.cases) - len(catalog.excluded())
+    if not usable:
+        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, none "
+                            f"usable); run `brainseg-inspect {hp.data_uri}` to see why")
+    counts = f"train {len(train)}, val {len(val)}, test {len(test)}"
+    if not catalog.manifest and not (train and val and test):
+        split = "/".join(str(round(100 * fraction)) for fraction in DEFAULT_SPLIT_FRACTIONS)
+        raise TrainingError(f"{usable} usable case(s) cannot fill a {split} train/val/test split ({counts}): add "
+                            "cases, or fix the split in manifest.csv")
+    if not train or not val:
+        raise TrainingError(f"manifest.csv leaves no usable {'training' if not train else 'validation'} case "
+                            f"({counts}); list some as '{'train' if not train else 'val'}'")
+    if not test:
+        logger.warning("manifest.csv lists no usable test case: the run ends without a test evaluation")
+    if hp.max_train_cases:
+        train = train[:hp.max_train_cases]
+    if hp.max_val_cases:
+        val = val[:hp.max_val_cases]
+    if not any(all(p <= s for p, s in zip(hp.patch_size, case.image.shape)) for case in train):
+        largest = max((case.image.shape for case in train), key=lambda shape: int(np.prod(shape)))
+        raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
+                            f"{largest}); lower --patch-size to fit inside the volumes")
+    return train, val, test

@@ -1,0 +1,103 @@
+"""The training state a checkpoint holds, as tensors and plain values only: what
+``torch.load(weights_only=True)`` reads, so a file someone else could write (a checkpoint,
+``--init-weights``) cannot run code. Also the global RNGs: seeded, saved and restored.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainseg.config import Hyperparameters
+from brainseg.io import s3
+from brainseg.run.errors import TrainingError
+
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
+CHECKPOINT_KEYS = frozenset({"format", "hyperparameters", "model", "optimizer", "scheduler", "scaler", "best_model",
+                             "state", "rng", "sampler", "dataset_fingerprint", "code_version"})
+
+
+def configure_determinism(hp: Hyperparameters) -> None:
+    random.seed(hp.seed)
+    np.random.seed(hp.seed % 2**32)
+    torch.manual_seed(hp.seed)
+    torch.backends.cudnn.benchmark = not hp.deterministic
+    if hp.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_states() -> dict:
+    """Every global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    saved = states["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_tensors(data: bytes, what: str):
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a file someone
+    else could write (a checkpoint, init weights) cannot run code when it is read.
+
+    Raises:
+        ValueError: not a torch file, or it holds other objects; the message names ``what``.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
+                      "not a torch file")
+        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
+                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
+
+
+def load_checkpoint(data: bytes) -> dict:
+    """A checkpoint's training state, checked for the format and keys this code writes."""
+    checkpoint = load_tensors(data, "the checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint format {found!r}; this code reads format {CHECKPOINT_FORMAT}")
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def read_weights(location: str) -> dict:
+    """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file or a bare state dict."""
+    try:
+        if location.startswith("s3://"):
+            data = s3.read_uri(location)
+            if data is None:
+                raise TrainingError(f"init_weights {location}: no such object")
+        else:
+            data = Path(location).read_bytes()
+        payload = load_tensors(data, f"init_weights {location}")
+    except OSError as err:
+        raise TrainingError(f"init_weights {location}: cannot be read: {err}") from err
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    for key in ("model", "encoder"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            return payload[key]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload
+    raise TrainingError(f"init_weights {location}: expected a state dict, a checkpoint or an encoder file")
