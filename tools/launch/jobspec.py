@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -23,7 +23,7 @@ from brainseg.io import s3
 MODES = ("process", "local", "aws")
 # The SageMaker source dir: train.py and the brainseg package, nothing else (tools stay out of the job).
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "entry_point"
-DEFAULT_INSTANCE_TYPE = {"aws": "ml.g5.xlarge", "local": "local", "process": "local"}
+DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"  # aws mode; local mode runs on "local"
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 
 
@@ -174,5 +174,3 @@ def build_spec(settings: dict, overrides: dict) -> JobSpec:
     return JobSpec(**settings, hyperparameters=hyperparameters)
 
 
-def with_demo_data(spec: JobSpec, data_uri: str, output_uri: str) -> JobSpec:
-    return replace(spec, data_uri=data_uri, output_uri=spec.output_uri or output_uri)

@@ -19,7 +19,7 @@ import boto3
 from botocore.awsrequest import AWSResponse
 
 from brainseg.run.metric_lines import METRIC_DEFINITIONS
-from tools.launch.jobspec import ENTRY_POINT, JobSpec
+from tools.launch.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
 PREBUILT_PYTORCH = {"framework": "pytorch", "version": "2.10.0", "py_version": "py313"}
 TELEMETRY_OFF = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
@@ -71,7 +71,7 @@ def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
     from sagemaker.core import image_uris
     image = image_uris.retrieve(PREBUILT_PYTORCH["framework"], region=region, version=PREBUILT_PYTORCH["version"],
                                 py_version=PREBUILT_PYTORCH["py_version"],
-                                instance_type=spec.instance_type or "ml.g5.xlarge", image_scope="training")
+                                instance_type=spec.instance_type or DEFAULT_INSTANCE_TYPE, image_scope="training")
     return image, "requirements.txt"
 
 
@@ -86,7 +86,7 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     image, requirements = training_image(spec, region)
     local = spec.mode == "local"
     compute = sdk.Compute(
-        instance_type="local" if local else (spec.instance_type or "ml.g5.xlarge"),
+        instance_type="local" if local else (spec.instance_type or DEFAULT_INSTANCE_TYPE),
         instance_count=spec.instance_count, volume_size_in_gb=spec.volume_size_gb,
         volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None)
     networking = None

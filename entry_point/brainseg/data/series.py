@@ -77,10 +77,6 @@ class Series:
     def bytes_per_voxel(self) -> int:
         return self.headers[0].bytes_per_pixel
 
-    @property
-    def compressed(self) -> bool:
-        return any(header.encapsulated for header in self.headers)
-
     def _check_region(self, bounds: tuple[int, ...]) -> None:
         for axis, (low, high, size) in enumerate(zip(bounds[0::2], bounds[1::2], self.shape)):
             if not (isinstance(low, (int, np.integer)) and isinstance(high, (int, np.integer))
