@@ -48,8 +48,8 @@ def test_manifest_fixes_the_split(bucket):
     uri = _dataset(bucket, 4)
     put(uri + "manifest.csv", b"case_id,split\ncase_00,test\ncase_01,train\ncase_02,val\n")
     catalog = build_catalog(uri)
-    assert _splits(catalog) == {"case_00": "test", "case_01": "train", "case_02": "val", "case_03": ""}
-    assert catalog.cases[3].reason == "not listed in manifest.csv"
+    assert _splits(catalog) == {"case_00": "test", "case_01": "train", "case_02": "val"}
+    assert [(item.case_id, item.reason) for item in catalog.exclusions] == [("case_03", "not listed in manifest.csv")]
 
 
 def test_malformed_manifest_says_where(bucket):
@@ -93,9 +93,9 @@ def test_no_patient_identifiers_in_logs_or_index(bucket, caplog):
     put(uri + "case_01/image/IM_0001.dcm", b"not dicom")
     with caplog.at_level(logging.DEBUG, logger="brainseg"):
         catalog = build_catalog(uri)
-    assert catalog.cases[1].status == "excluded"
+    assert [item.case_id for item in catalog.exclusions] == ["case_01"]
     index = s3.read_uri(uri + ".brainseg/index.jsonl").decode()
-    for text in (caplog.text, index, json.dumps([c.reason for c in catalog.cases])):
+    for text in (caplog.text, index, json.dumps([item.reason for item in catalog.exclusions])):
         assert "Doe^Jane" not in text and "PID-" not in text and "19700101" not in text
     assert "case_01 excluded" in caplog.text
 
@@ -202,4 +202,4 @@ def test_manifest_names_match_in_any_unicode_normal_form(bucket):
         put_case(root, name, phantom.image, phantom.mask)
     put(root + "/manifest.csv", "case_id,split\nAm\u00e9lie,train\nZo\u00eb,val\n".encode())
     catalog = build_catalog(root + "/")
-    assert [(case.status, case.split) for case in catalog.cases] == [("ok", "train"), ("ok", "val")]
+    assert [case.split for case in catalog.cases] == ["train", "val"] and not catalog.exclusions

@@ -144,10 +144,10 @@ def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, cap
     put(f"{root}/case_b/image/IM_0001.dcm", dicom_bytes(identified_slice(SeriesInstanceUID="1.2.St Elsewhere")))
     with caplog.at_level(logging.DEBUG):
         catalog = build_catalog(root + "/")
-    assert [case.status for case in catalog.cases] == ["excluded", "excluded"]
+    assert not catalog.cases and [item.case_id for item in catalog.exclusions] == ["case_a", "case_b"]
     index = s3.read_uri(root + "/.brainseg/index.jsonl").decode()
     printed = capfd.readouterr()
-    for text in (caplog.text, printed.out, printed.err, index, json.dumps([c.reason for c in catalog.cases])):
+    for text in (caplog.text, printed.out, printed.err, index, json.dumps([item.reason for item in catalog.exclusions])):
         assert not any(token in text for token in PHI_TOKENS), text
     assert "1.2.840.10008" not in index.replace("1.2.840.10008.1.2.1", "")  # no UID kept verbatim
     inspected = subprocess.run([console_script("brainseg-inspect"), root + "/", "--refresh-index"], cwd=ROOT,
@@ -170,11 +170,11 @@ def test_fuzzed_cases_never_escape_build_catalog(bucket, cases):
     root = f"s3://{bucket}/fuzz/"
     write_fuzzed_cases(root, cases, seed=cases)
     catalog = build_catalog(root)
-    assert len(catalog.cases) == cases
-    for case in catalog.cases:
-        assert case.status == "ok" or (case.status == "excluded" and case.reason), case
-        assert "unexpected" not in case.reason and not any(token in case.reason for token in PHI_TOKENS)
-    assert 0 < len(catalog.excluded()) < cases
+    assert len(catalog.cases) + len(catalog.exclusions) == cases
+    for item in catalog.exclusions:
+        assert item.reason and "unexpected" not in item.reason, item
+        assert not any(token in item.reason for token in PHI_TOKENS)
+    assert 0 < len(catalog.exclusions) < cases
 
 
 def _corrupt_rle_frame(data: bytes) -> bytes:
@@ -197,7 +197,7 @@ def damaged_frame_catalog():
     key = f"{root}/case_1/image/IM_0005.dcm"
     put(key, _corrupt_rle_frame(s3.read_uri(key)))
     catalog = build_catalog(root + "/", split_fractions=(1.0, 0.0, 0.0))
-    assert [case.status for case in catalog.cases] == ["ok"] * 3
+    assert len(catalog.cases) == 3 and not catalog.exclusions
     return catalog
 
 

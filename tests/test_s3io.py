@@ -164,7 +164,7 @@ def test_fanning_out_over_more_cases_than_threads_does_not_deadlock(bucket, monk
     for number in range(3):
         phantom = small_phantom(number, shape=(4, 16, 16))
         put_case(f"s3://{bucket}/ds", f"case-{number}", phantom.image, phantom.mask)
-    cases = [case for case in build_catalog(f"s3://{bucket}/ds/").cases if case.status == "ok"]
+    cases = build_catalog(f"s3://{bucket}/ds/").cases
     monkeypatch.setattr(s3, "MAX_CONCURRENCY", 2)
     s3.reset_client()
     loaded = []

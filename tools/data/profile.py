@@ -30,7 +30,7 @@ def _quantiles(values: list[float]) -> dict:
 
 def profile_catalog(catalog: Catalog) -> dict:
     """Counts, shapes, spacings, intensities, tumour volumes and exclusions, as plain JSON types."""
-    usable = [case for case in catalog.cases if case.status == "ok"]
+    usable = catalog.cases
     syntaxes = Counter()
     layouts = Counter()
     for case in usable:
@@ -41,9 +41,9 @@ def profile_catalog(catalog: Catalog) -> dict:
     return {
         "uri": catalog.uri,
         "fingerprint": catalog.fingerprint,
-        "cases": len(catalog.cases),
+        "cases": len(usable) + len(catalog.exclusions),
         "usable": len(usable),
-        "excluded": len(catalog.excluded()),
+        "excluded": len(catalog.exclusions),
         "splits": {name: len(catalog.split(name)) for name in SPLITS},
         "shapes": dict(Counter("x".join(map(str, case.image.shape)) for case in usable).most_common()),
         "spacings_mm": dict(Counter("x".join(f"{v:.3g}" for v in case.image.spacing) for case in usable).most_common()),
@@ -60,9 +60,10 @@ def profile_catalog(catalog: Catalog) -> dict:
         "tumour_ml": _quantiles([case.summary.tumour_ml for case in usable]),
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
                                                for case in usable]),
-        "exclusions": [{"case_id": case.case_id, "reason": case.reason} for case in catalog.excluded()],
+        "exclusions": [{"case_id": item.case_id, "reason": item.reason} for item in catalog.exclusions],
         "skipped_objects": [{"case_id": case.case_id, "object": item.split(": ", 1)[0], "reason": item.split(": ", 1)[1]}
-                            for case in catalog.cases for item in case.skipped],
+                            for case in sorted((*catalog.cases, *catalog.exclusions), key=lambda c: c.case_id)
+                            for item in case.skipped],
         "index": catalog.index_stats,
     }
 

@@ -38,43 +38,45 @@ MANIFEST_NAME = "manifest.csv"
 CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
 
 
-@dataclass
+@dataclass(frozen=True)
 class Case:
-    """One patient case folder: ``status`` is ``"ok"`` or ``"excluded"`` (then ``reason`` says why).
-    ``skipped`` lists the non-image objects found in its series folders and why each was skipped."""
+    """A usable case: its checked series, summary and split. ``skipped`` lists the non-image
+    objects found in its series folders and why each was skipped."""
 
     case_id: str
-    split: str = ""
-    status: str = "ok"
-    reason: str = ""
-    image: Series | None = None
-    mask: Series | None = None
-    summary: CaseSummary | None = None
+    split: str
+    image: Series
+    mask: Series | None
+    summary: CaseSummary
     patient_group: str = ""
-    skipped: list = field(default_factory=list)
-
-    def exclude(self, reason: str) -> None:
-        self.status, self.reason, self.split = "excluded", reason, ""
+    skipped: tuple = ()
 
 
-@dataclass
+@dataclass(frozen=True)
+class Exclusion:
+    """A case folder that cannot be used, and why."""
+
+    case_id: str
+    reason: str
+    skipped: tuple = ()
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """Every case under ``uri`` with its checks, summary and split."""
+    """The usable cases under ``uri`` (by case ID) with their splits, and the excluded ones."""
 
     uri: str
-    cases: list[Case]
+    cases: tuple[Case, ...]
+    exclusions: tuple[Exclusion, ...]
     fingerprint: str
     index_stats: dict = field(default_factory=dict)
     manifest: bool = False  # the splits come from manifest.csv, not the seeded shuffle
 
     def split(self, name: str) -> list[Case]:
-        """The usable cases of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        """The cases of one split (``"train"``, ``"val"`` or ``"test"``)."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return [case for case in self.cases if case.status == "ok" and case.split == name]
-
-    def excluded(self) -> list[Case]:
-        return [case for case in self.cases if case.status == "excluded"]
+        return [case for case in self.cases if case.split == name]
 
 
 def _index_uri_for(uri: str) -> str:
@@ -212,65 +214,69 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         objects[indexed.key] = indexed
     read_seconds = time.perf_counter() - read_started
 
-    cases = []
+    # Each pass looks only at the cases no earlier pass excluded; the first reason stands.
+    reasons: dict[str, str] = {}
+    skipped = {case_id: tuple(f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
+                              for info in sorted(grouped[case_id][folder], key=lambda o: o.key)
+                              if (obj := objects[info.key]).stray)
+               for case_id in grouped}
+    series: dict[str, tuple[Series, Series | None]] = {}
     for case_id in sorted(grouped):
-        case = Case(case_id)
         parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
                  for folder in ("image", "mask")}
-        case.skipped = [f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
-                        for obj in parts[folder] if obj.stray]
         try:
-            case.image = assemble_series(bucket, "image", parts["image"])
+            image = assemble_series(bucket, "image", parts["image"])
+            mask = None
             if parts["mask"] or require_masks:
-                case.mask = assemble_series(bucket, "mask", parts["mask"])
-                check_pair(case.image, case.mask)
+                mask = assemble_series(bucket, "mask", parts["mask"])
+                check_pair(image, mask)
+            series[case_id] = (image, mask)
         except QualityError as err:
-            case.exclude(str(err))
-        hashes = {h.patient_hash for h in (case.image.headers if case.image else ()) if h.patient_hash}
-        case.patient_group = min(hashes) if hashes else ""
-        cases.append(case)
+            reasons[case_id] = str(err)
 
     summaries: dict[str, tuple[str, CaseSummary]] = {}
     pending = []
-    for case in cases:
-        if case.status != "ok":
+    for case_id in series:
+        if case_id in reasons:
             continue
-        case_fingerprint = _objects_fingerprint(grouped[case.case_id]["image"] + grouped[case.case_id]["mask"])
-        saved = index.cases.get(case.case_id)
+        case_fingerprint = _objects_fingerprint(grouped[case_id]["image"] + grouped[case_id]["mask"])
+        saved = index.cases.get(case_id)
         if saved is not None and saved[0] == case_fingerprint:
-            summaries[case.case_id] = saved
+            summaries[case_id] = saved
         else:
-            pending.append((case, case_fingerprint))
+            pending.append((case_id, case_fingerprint))
     with ThreadPoolExecutor(CASE_WORKERS, thread_name_prefix="case-summary") as pool:
-        futures = [(case, case_fingerprint, pool.submit(summarise_case, case.case_id, case.image, case.mask))
-                   for case, case_fingerprint in pending]
-        for case, case_fingerprint, future in futures:
+        futures = [(case_id, case_fingerprint, pool.submit(summarise_case, case_id, *series[case_id]))
+                   for case_id, case_fingerprint in pending]
+        for case_id, case_fingerprint, future in futures:
             try:
-                summaries[case.case_id] = (case_fingerprint, future.result())
+                summaries[case_id] = (case_fingerprint, future.result())
             except (s3.S3Error, ValueError) as err:
-                case.exclude(f"pixel data unreadable: {err}")
-    for case in cases:
-        if case.status == "ok":
-            case.summary = summaries[case.case_id][1]
-            if exclude_empty_masks and require_masks and case.summary.tumour_voxels == 0:
-                case.exclude("mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False")
+                reasons[case_id] = f"pixel data unreadable: {err}"
+    for case_id in series:
+        if case_id not in reasons and exclude_empty_masks and require_masks \
+                and summaries[case_id][1].tumour_voxels == 0:
+            reasons[case_id] = "mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False"
+    reasons.update(_cross_case_duplicates({case_id: image for case_id, (image, _) in series.items()}, reasons))
 
-    _exclude_cross_case_duplicates(cases)
+    groups = {case_id: min(hashes) if (hashes := {h.patient_hash for h in image.headers if h.patient_hash}) else ""
+              for case_id, (image, _) in series.items()}
     if manifest_bytes is not None:
         manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, manifest_bytes).items()}
-        unknown = sorted(set(manifest) - {_nfc(case.case_id) for case in cases})
+        unknown = sorted(set(manifest) - {_nfc(case_id) for case_id in grouped})
         if unknown:
             logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), uri,
                            ", ".join(unknown[:5]))
-        for case in cases:
-            if case.status != "ok":
-                continue
-            if _nfc(case.case_id) in manifest:
-                case.split = manifest[_nfc(case.case_id)]
-            else:
-                case.exclude("not listed in manifest.csv")
+        for case_id in series:
+            if case_id not in reasons and _nfc(case_id) not in manifest:
+                reasons[case_id] = "not listed in manifest.csv"
+        splits = {case_id: manifest[_nfc(case_id)] for case_id in series if case_id not in reasons}
     else:
-        assign_splits(cases, seed, split_fractions)
+        splits = assign_splits({case_id: groups[case_id] for case_id in series if case_id not in reasons}, seed,
+                               split_fractions)
+    cases = tuple(Case(case_id, splits[case_id], *series[case_id], summaries[case_id][1], groups[case_id],
+                       skipped[case_id]) for case_id in sorted(splits))
+    exclusions = tuple(Exclusion(case_id, reasons[case_id], skipped[case_id]) for case_id in sorted(reasons))
 
     if to_read or pending or objects.keys() != index.objects.keys():
         save_index(index_uri, HeaderIndex(index.key_id, objects, summaries))
@@ -285,31 +291,33 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         "cases_summarised": len(pending),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    catalog = Catalog(uri=uri, cases=cases, fingerprint=fingerprint, index_stats=stats,
+    catalog = Catalog(uri=uri, cases=cases, exclusions=exclusions, fingerprint=fingerprint, index_stats=stats,
                       manifest=manifest_bytes is not None)
-    for case in catalog.excluded():
-        logger.warning("case %s excluded: %s", case.case_id, case.reason)
-    for case in cases:
-        if case.skipped:
-            logger.warning("case %s: skipped %d non-image object(s): %s", case.case_id, len(case.skipped),
-                           "; ".join(case.skipped[:3]) + (" ..." if len(case.skipped) > 3 else ""))
+    for exclusion in exclusions:
+        logger.warning("case %s excluded: %s", exclusion.case_id, exclusion.reason)
+    for case_id, items in sorted(skipped.items()):
+        if items:
+            logger.warning("case %s: skipped %d non-image object(s): %s", case_id, len(items),
+                           "; ".join(items[:3]) + (" ..." if len(items) > 3 else ""))
     logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
-                uri, len(cases), len(cases) - len(catalog.excluded()), len(catalog.split("train")),
-                len(catalog.split("val")), len(catalog.split("test")), len(catalog.excluded()), stats)
+                uri, len(grouped), len(cases), len(catalog.split("train")), len(catalog.split("val")),
+                len(catalog.split("test")), len(exclusions), stats)
     return catalog
 
 
-def _exclude_cross_case_duplicates(cases: list[Case]) -> None:
-    """A case whose image objects repeat another case's (same content or same SOP instance)."""
+def _cross_case_duplicates(images: dict[str, Series], reasons: dict[str, str]) -> dict[str, str]:
+    """Cases whose image objects repeat an earlier case's (same content or same SOP instance), by case
+    ID order; ``{case_id: reason}`` for those not already excluded."""
     seen: dict[str, str] = {}
-    for case in cases:
-        if case.image is None:
-            continue
-        marks = {f"etag:{etag}" for etag in case.image.etags}
-        marks |= {f"sop:{header.instance_hash}" for header in case.image.headers if header.instance_hash}
+    duplicates = {}
+    for case_id in sorted(images):
+        image = images[case_id]
+        marks = {f"etag:{etag}" for etag in image.etags}
+        marks |= {f"sop:{header.instance_hash}" for header in image.headers if header.instance_hash}
         first = sorted({seen[mark] for mark in marks if mark in seen})
-        if first and case.status == "ok":
-            case.exclude(f"image objects duplicate those of case {first[0]} (copied or "
-                         "mislabelled patient folder)")
+        if first and case_id not in reasons:
+            duplicates[case_id] = (f"image objects duplicate those of case {first[0]} (copied or "
+                                   "mislabelled patient folder)")
         for mark in marks:
-            seen.setdefault(mark, case.case_id)
+            seen.setdefault(mark, case_id)
+    return duplicates

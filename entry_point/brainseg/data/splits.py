@@ -27,30 +27,33 @@ def parse_manifest(uri: str, data: bytes) -> dict[str, str]:
     return splits
 
 
-def assign_splits(cases: list, seed: int, fractions=DEFAULT_SPLIT_FRACTIONS) -> None:
+def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRACTIONS) -> dict[str, str]:
     """Seeded patient-level split of the usable cases: one patient's cases share a split.
 
     Args:
-        cases: objects with ``case_id``, ``status``, ``patient_group`` and a writable ``split``.
+        groups: ``{case_id: patient group}`` of the usable cases (an empty group: the case alone).
         seed: seed of the shuffle of patient groups.
         fractions: train/val/test fractions summing to 1.
+
+    Returns:
+        ``{case_id: split}``.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions {fractions} must be three non-negative numbers summing to 1")
-    usable = [case for case in cases if case.status == "ok"]
-    groups: dict[str, list] = {}
-    for case in sorted(usable, key=lambda c: c.case_id):
-        groups.setdefault(case.patient_group or case.case_id, []).append(case)
+    members: dict[str, list[str]] = {}
+    for case_id in sorted(groups):
+        members.setdefault(groups[case_id] or case_id, []).append(case_id)
     # Ordered by their first case ID, not by the patient hash: the hash depends on the dataset's
     # identity key, and the split must depend only on the cases and the seed.
-    keys = sorted(groups, key=lambda group: groups[group][0].case_id)
+    keys = sorted(members, key=lambda group: members[group][0])
     order = np.random.default_rng(seed).permutation(len(keys))
-    train, val = round(fractions[0] * len(usable)), round(fractions[1] * len(usable))
-    targets = np.asarray([train, val, len(usable) - train - val])
+    train, val = round(fractions[0] * len(groups)), round(fractions[1] * len(groups))
+    targets = np.asarray([train, val, len(groups) - train - val])
     counts = np.zeros(3, dtype=int)
+    splits = {}
     for position in order:
-        members = groups[keys[position]]
+        group = members[keys[position]]
         slot = int(np.argmax(targets - counts))  # the split furthest below its target
-        counts[slot] += len(members)
-        for case in members:
-            case.split = SPLITS[slot]
+        counts[slot] += len(group)
+        splits.update((case_id, SPLITS[slot]) for case_id in group)
+    return splits

@@ -51,7 +51,7 @@ class PatchStream(IterableDataset):
     (1 = tumour; all 0 for a case without a mask); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
 
     Args:
-        cases: usable cases (``status == "ok"``), e.g. ``catalog.split("train")``.
+        cases: usable cases, e.g. ``catalog.split("train")``.
         config: sampling, normalisation, augmentation and memory settings.
         start_batch, batch_size: resume position. The stream continues exactly as if
             ``start_batch`` batches of ``batch_size`` samples had already been taken from a
@@ -67,9 +67,6 @@ class PatchStream(IterableDataset):
         if not cases:
             raise ValueError("no usable training cases: every case was excluded or the split is empty; "
                              "run `brainseg-inspect <data-uri>` to see why")
-        unusable = [case.case_id for case in cases if case.status != "ok" or case.summary is None]
-        if unusable:
-            raise ValueError(f"cases {unusable[:5]} are excluded or unsummarised; pass only usable cases")
         if start_batch < 0 or batch_size < 1:
             raise ValueError(f"start_batch {start_batch}, batch_size {batch_size}: expected >= 0 and >= 1")
         self.cases = list(cases)

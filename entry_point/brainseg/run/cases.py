@@ -34,9 +34,9 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
 def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
     """Train, validation and test cases, checked against the patch size."""
     train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
-    usable = len(catalog.cases) - len(catalog.excluded())
+    usable = len(catalog.cases)
     if not usable:
-        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.cases)} cases, none "
+        raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.exclusions)} cases, none "
                             f"usable); run `brainseg-inspect {hp.data_uri}` to see why")
     counts = f"train {len(train)}, val {len(val)}, test {len(test)}"
     if not catalog.manifest and not (train and val and test):
