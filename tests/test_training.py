@@ -98,7 +98,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert _read_json(f"{run}/run.json")["status"] == "finished"
 
     weights = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
-    model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1))
+    model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1), 2)
     model.load_state_dict(weights)
     assert (tmp_path / "model" / "model.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "e2e").iterdir()) == [

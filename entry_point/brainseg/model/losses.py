@@ -1,14 +1,12 @@
-"""Training losses: Dice+CE (default), Dice, Focal Tversky for segmentation; MSE for the autoencoder.
+"""Segmentation losses: Dice+CE (default), Dice, Focal Tversky.
 
-Segmentation losses take logits ``(N, 2, D, H, W)`` and labels ``(N, 1, D, H, W)`` (0/1).
+They take logits ``(N, 2, D, H, W)`` and labels ``(N, 1, D, H, W)`` (0/1).
 """
 
 from __future__ import annotations
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss, TverskyLoss
-
-from brainseg.config import Hyperparameters
 
 # Focal Tversky (Abraham & Khan, 2019): alpha weighs false positives, beta false negatives.
 TVERSKY_ALPHA, TVERSKY_BETA, FOCAL_GAMMA = 0.3, 0.7, 0.75
@@ -27,12 +25,12 @@ class FocalTverskyLoss(torch.nn.Module):
         return self.tversky(logits, label).clamp_min(0).pow(self.gamma).mean()
 
 
-def build_loss(hp: Hyperparameters) -> torch.nn.Module:
-    """The loss named by ``hp.loss`` (segmentation) or MSE (``hp.task == "autoencoder"``)."""
-    if hp.task == "autoencoder":
-        return torch.nn.MSELoss()
-    if hp.loss == "dice_ce":
+def build_loss(name: str) -> torch.nn.Module:
+    """The segmentation loss ``name`` (one of :data:`brainseg.config.LOSSES`)."""
+    if name == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True)
-    if hp.loss == "dice":
+    if name == "dice":
         return DiceLoss(to_onehot_y=True, softmax=True)
-    return FocalTverskyLoss()
+    if name == "focal_tversky":
+        return FocalTverskyLoss()
+    raise ValueError(f"loss {name!r}: expected one of dice_ce, dice, focal_tversky")

@@ -22,10 +22,6 @@ _ENCODER_PREFIXES = {
 }
 
 
-def output_channels(hp: Hyperparameters) -> int:
-    return 1 if hp.task == "autoencoder" else 2
-
-
 def check_patch_size(hp: Hyperparameters) -> None:
     """Every level halves the patch; refuse a patch size that does not divide."""
     factor = 2 ** (len(hp.channels) - 1)
@@ -34,15 +30,15 @@ def check_patch_size(hp: Hyperparameters) -> None:
                          f"every size must be a multiple of {factor}; change patch_size or channels")
 
 
-def build_model(hp: Hyperparameters) -> torch.nn.Module:
-    """The network named by ``hp.model`` with ``hp.channels``, ``hp.activation``, ``hp.norm``, ``hp.dropout``.
+def build_model(hp: Hyperparameters, out_channels: int) -> torch.nn.Module:
+    """The network named by ``hp.model`` with ``hp.channels``, ``hp.activation``, ``hp.norm``,
+    ``hp.dropout`` and ``out_channels`` outputs (the task's, :mod:`brainseg.tasks`).
 
     Raises:
         ValueError: the patch size does not divide by the network's downsampling, or (SegResNet)
             the channels do not double per level.
     """
     check_patch_size(hp)
-    out_channels = output_channels(hp)
     channels = tuple(hp.channels)
     strides = (2,) * (len(channels) - 1)
     act = hp.activation.upper()

@@ -12,6 +12,7 @@ from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
+from brainseg.tasks import task_of
 
 logger = logging.getLogger("brainseg.train")
 
@@ -22,7 +23,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
         try:
             return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
                                  refresh_index=hp.refresh_index and distributed.is_main(),
-                                 trust_index=hp.trust_index, require_masks=hp.task == "segmentation",
+                                 trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
                                  max_header_bytes=hp.max_header_mb * 2**20)
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err

@@ -22,18 +22,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
 from brainseg.data.memory import load_in_memory
-from brainseg.data.pretext import drop_blocks
 from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.io import s3
-from brainseg.model.losses import build_loss
 from brainseg.model.networks import build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.run import distributed
@@ -53,6 +50,7 @@ from brainseg.run.state import (
     restore_rng_states,
     rng_states,
 )
+from brainseg.tasks import task_of
 
 logger = logging.getLogger("brainseg.train")
 CODE_ROOT = Path(__file__).resolve().parents[2]  # entry_point/: train.py and brainseg/
@@ -103,6 +101,7 @@ class Trainer:
 
     def __init__(self, hp: Hyperparameters, env: Environment):
         self.hp = hp
+        self.task = task_of(hp)
         self.env = env
         self.rank, self.world, self.device = distributed.setup()
         self.main = self.rank == 0
@@ -133,7 +132,7 @@ class Trainer:
         if needed > hp.memory_budget_mb * 2**20 // workers:
             raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
         try:
-            self.model = build_model(hp).to(self.device)
+            self.model = build_model(hp, self.task.out_channels).to(self.device)
         except ValueError as err:
             raise TrainingError(str(err)) from err
         if hp.init_weights:
@@ -156,7 +155,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), hp)
         self.scheduler = build_scheduler(self.optimizer, hp, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=hp.precision == "fp16")
-        self.loss_fn = build_loss(hp)
+        self.loss_fn = self.task.loss(hp)
         self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.resume()
         self.network = self.model
@@ -281,13 +280,8 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def train_step(self, batch: dict) -> float:
         hp = self.hp
-        image = batch["image"].to(self.device, non_blocking=True)
-        if hp.task == "autoencoder":
-            rng = np.random.default_rng([hp.seed, self.state.step, 11])
-            inputs = torch.from_numpy(drop_blocks(batch["image"].numpy(), rng)).to(self.device, non_blocking=True)
-            target = image
-        else:
-            inputs, target = image, batch["label"].to(self.device, non_blocking=True)
+        inputs, target = (tensor.to(self.device, non_blocking=True)
+                          for tensor in self.task.inputs_and_target(batch, hp.seed, self.state.step))
         with autocast(self.device, hp.precision):
             output = self.network(inputs)
         loss = self.loss_fn(output.float(), target)
@@ -353,12 +347,8 @@ class Trainer:
         if not results.get("cases"):
             raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
                                 "above); exclude the damaged cases or list others as 'val' in manifest.csv")
-        if hp.task == "autoencoder":
-            line["val_loss"] = results["loss"]
-            metric = -results["loss"]
-        else:
-            line.update(val_dice=results["dice"], val_iou=results["iou"], val_dice_global=results["dice_global"])
-            metric = results["dice"]
+        fields, metric = self.task.validation(results)
+        line.update(fields)
         line["val_seconds"] = time.perf_counter() - started
         state.epoch += 1
         improved = metric > state.best_metric
@@ -385,7 +375,7 @@ class Trainer:
         buffer = io.BytesIO()
         torch.save(self.best_weights, buffer)
         self.store.put(RunLayout.MODEL, buffer.getvalue())
-        if self.hp.task == "autoencoder":
+        if not self.task.needs_masks:  # a pretraining run: its encoder is what transfers
             buffer = io.BytesIO()
             torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
                         "channels": list(self.hp.channels)}, buffer)
@@ -414,12 +404,7 @@ class Trainer:
             "device": self.device.type,
             "seconds": time.time() - self.started,
         }
-        if hp.task == "autoencoder":
-            summary.update(best_val_loss=-self.state.best_metric, test_loss=scores.get("loss"))
-        else:
-            summary.update(best_val_dice=self.state.best_metric, test_dice_mean=scores.get("dice"),
-                           test_dice_median=scores.get("dice_median"), test_iou_mean=scores.get("iou"),
-                           test_dice_global=scores.get("dice_global"))
+        summary.update(self.task.summary(self.state.best_metric, scores))
         if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:
@@ -430,9 +415,8 @@ class Trainer:
             model_dir.mkdir(parents=True, exist_ok=True)
             torch.save(self.best_weights, model_dir / "model.pt")
             (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
-            names = ("test_loss",) if hp.task == "autoencoder" else ("test_dice", "test_dice_median", "test_iou")
-            values = {name: scores.get(name.removeprefix("test_"), math.nan) for name in names}
-            logger.info("%s", TEST.format({**values, "cases": len(results), "best_epoch": self.state.best_epoch}))
+            logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
+                                           "best_epoch": self.state.best_epoch}))
         return summary
 
     def execute(self) -> dict | None:

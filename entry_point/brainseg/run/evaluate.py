@@ -19,12 +19,12 @@ from monai.inferers import sliding_window_inference
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case
-from brainseg.data.pretext import drop_blocks
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.run import distributed
 from brainseg.run.metrics import Overlap, tumour_centre
 from brainseg.run.progress import Progress
+from brainseg.tasks import task_of
 
 logger = logging.getLogger(__name__)
 EVAL_LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often while evaluating
@@ -100,23 +100,18 @@ def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | Non
     summary = case.summary
     image = normalize(case.image.read_volume(), hp.normalization, summary.mean, summary.std,
                       summary.low, summary.high)
-    mask = case.mask.read_volume() > 0 if case.mask is not None and hp.task == "segmentation" else None
+    mask = case.mask.read_volume() > 0 if case.mask is not None and task_of(hp).needs_masks else None
     return image, mask
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
                   crops: bool) -> CaseResult:
-    if hp.task == "autoencoder":
-        masked = drop_blocks(image, np.random.default_rng(case_seed(case.case_id)))
-        reconstruction = infer(model, masked, hp, device)[0].numpy()
-        mse = float(np.mean((reconstruction - image) ** 2))
-        return CaseResult(case.case_id, image.shape, time.perf_counter() - started, mse=mse)
-    prediction = infer(model, image, hp, device).argmax(0).numpy().astype(bool)
-    voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
-    overlap = Overlap.of(prediction, mask)
-    return CaseResult(case.case_id, image.shape, time.perf_counter() - started, overlap=overlap,
-                      truth_ml=overlap.truth * voxel_ml, predicted_ml=overlap.predicted * voxel_ml,
-                      crop=tumour_crop(image, mask, prediction, case.image.spacing) if crops else None)
+    task = task_of(hp)
+    output = infer(model, task.model_input(image, case_seed(case.case_id)), hp, device)
+    scores = task.score(image, mask, output, float(np.prod(case.image.spacing)) / 1000.0)
+    prediction = scores.pop("prediction", None)
+    crop = tumour_crop(image, mask, prediction, case.image.spacing) if crops and prediction is not None else None
+    return CaseResult(case.case_id, image.shape, time.perf_counter() - started, crop=crop, **scores)
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
