@@ -7,49 +7,55 @@ import pytest
 import torch
 from monai.metrics import DiceMetric, compute_iou
 
-from brainseg.config import Hyperparameters
 from brainseg.model.losses import build_loss
-from brainseg.model.networks import build_model, encoder_state, freeze_encoder, is_encoder_parameter, load_matching
+from brainseg.model.networks import (
+    NetworkSpec,
+    build_model,
+    check_patch_size,
+    encoder_state,
+    freeze_encoder,
+    is_encoder_parameter,
+    load_matching,
+)
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.run.metrics import Overlap, tumour_centre
 from brainseg.tasks import TASKS
 
-SMALL = dict(channels=(4, 8, 16), patch_size=(16, 16, 16), res_units=1)
+SMALL = dict(channels=(4, 8, 16), res_units=1)
 
 
 @pytest.mark.parametrize("name", ["unet", "attention_unet", "segresnet", "dynunet"])
 @pytest.mark.parametrize("task, channels_out", [("segmentation", 2), ("autoencoder", 1)])
 def test_every_model_maps_a_patch_to_logits(name, task, channels_out):
-    model = build_model(Hyperparameters(model=name, task=task, dropout=0.1, **SMALL), TASKS[task].out_channels)
+    model = build_model(NetworkSpec(name=name, dropout=0.1, out_channels=TASKS[task].out_channels, **SMALL))
     assert model(torch.zeros(2, 1, 16, 16, 16)).shape == (2, channels_out, 16, 16, 16)
 
 
 def test_activation_and_dropout_reach_the_network():
-    relu = build_model(Hyperparameters(activation="relu", dropout=0.2, **SMALL), 2)
+    relu = build_model(NetworkSpec(activation="relu", dropout=0.2, **SMALL))
     kinds = {type(module).__name__ for module in relu.modules()}
     assert "ReLU" in kinds and "PReLU" not in kinds and {"Dropout", "Dropout3d"} & kinds
-    assert "PReLU" in {type(module).__name__ for module in build_model(Hyperparameters(**SMALL), 2).modules()}
+    assert "PReLU" in {type(module).__name__ for module in build_model(NetworkSpec(**SMALL)).modules()}
 
 
 def test_patch_size_must_divide_by_the_downsampling():
     with pytest.raises(ValueError, match=r"every size must be a multiple of 4"):
-        build_model(Hyperparameters(channels=(4, 8, 16), patch_size=(16, 18, 16)), 2)
+        check_patch_size((16, 18, 16), (4, 8, 16))
 
 
 def test_segresnet_needs_doubling_channels():
     with pytest.raises(ValueError, match="segresnet widths double per level"):
-        build_model(Hyperparameters(model="segresnet", channels=(4, 6, 16), patch_size=(16, 16, 16)), 2)
+        build_model(NetworkSpec(name="segresnet", channels=(4, 6, 16)))
 
 
 @pytest.mark.parametrize("name", ["unet", "attention_unet", "segresnet", "dynunet"])
 def test_frozen_encoder_stays_put_while_the_decoder_learns(name):
-    hp = Hyperparameters(model=name, **SMALL)
-    model = build_model(hp, 2)
+    model = build_model(NetworkSpec(name=name, **SMALL))
     frozen, trainable = freeze_encoder(model, name)
     assert frozen > 0 and trainable > 0
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = build_optimizer(model.parameters(), hp)
-    loss = build_loss(hp.loss)(model(torch.randn(2, 1, 16, 16, 16)), torch.randint(0, 2, (2, 1, 16, 16, 16)))
+    optimizer = build_optimizer(model.parameters(), "adamw", lr=1e-3, weight_decay=1e-5)
+    loss = build_loss("dice_ce")(model(torch.randn(2, 1, 16, 16, 16)), torch.randint(0, 2, (2, 1, 16, 16, 16)))
     loss.backward()
     optimizer.step()
     for n, p in model.named_parameters():
@@ -60,13 +66,13 @@ def test_frozen_encoder_stays_put_while_the_decoder_learns(name):
 
 
 def test_encoder_transfers_to_a_segmentation_model_and_reports_the_rest():
-    pretrained = build_model(Hyperparameters(task="autoencoder", **SMALL), 1)
-    target = build_model(Hyperparameters(**SMALL), 2)
+    pretrained = build_model(NetworkSpec(out_channels=1, **SMALL))
+    target = build_model(NetworkSpec(**SMALL))
     report = load_matching(target, encoder_state(pretrained, "unet"))
     assert report["loaded"] and not report["shape_mismatch"] and not report["unexpected"]
     for name in report["loaded"]:
         assert torch.equal(target.state_dict()[name], pretrained.state_dict()[name])
-    whole = load_matching(build_model(Hyperparameters(**SMALL), 2), pretrained.state_dict())
+    whole = load_matching(build_model(NetworkSpec(**SMALL)), pretrained.state_dict())
     assert whole["shape_mismatch"]  # the 1-channel output layer cannot go into a 2-class head
 
 
@@ -82,9 +88,8 @@ def test_losses_prefer_the_right_answer(loss):
 
 @pytest.mark.parametrize("schedule", ["cosine", "poly", "constant", "onecycle"])
 def test_schedules_warm_up_then_follow_their_shape(schedule):
-    hp = Hyperparameters(schedule=schedule, warmup_steps=10, lr=1.0, **SMALL)
-    optimizer = build_optimizer(build_model(hp, 2).parameters(), hp)
-    scheduler = build_scheduler(optimizer, hp, total_steps=100)
+    optimizer = build_optimizer(build_model(NetworkSpec(**SMALL)).parameters(), "adamw", lr=1.0, weight_decay=1e-5)
+    scheduler = build_scheduler(optimizer, schedule, lr=1.0, warmup_steps=10, total_steps=100)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -99,8 +104,8 @@ def test_schedules_warm_up_then_follow_their_shape(schedule):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_optimizers_apply_weight_decay(optimizer):
-    hp = Hyperparameters(optimizer=optimizer, weight_decay=0.1, **SMALL)
-    built = build_optimizer(build_model(hp, 2).parameters(), hp)
+    built = build_optimizer(build_model(NetworkSpec(**SMALL)).parameters(), optimizer, lr=1e-3, weight_decay=0.1,
+                            momentum=0.99)
     assert built.param_groups[0]["weight_decay"] == 0.1
 
 

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 import train
-from brainseg.config import Hyperparameters
 from brainseg.io import s3
-from brainseg.model.networks import build_model, is_encoder_parameter
+from brainseg.model.networks import NetworkSpec, build_model, is_encoder_parameter
 from tests.conftest import synthetic_dataset
 from tools.data.synth import SynthSpec, write_dataset
 
@@ -98,7 +97,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert _read_json(f"{run}/run.json")["status"] == "finished"
 
     weights = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
-    model = build_model(Hyperparameters(channels=(8, 16, 32), patch_size=(32, 32, 32), res_units=1), 2)
+    model = build_model(NetworkSpec(channels=(8, 16, 32), res_units=1))
     model.load_state_dict(weights)
     assert (tmp_path / "model" / "model.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "e2e").iterdir()) == [

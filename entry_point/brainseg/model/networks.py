@@ -8,6 +8,7 @@ Each level of ``channels`` halves the resolution, so patch sizes must divide by 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, UNet
@@ -22,47 +23,62 @@ _ENCODER_PREFIXES = {
 }
 
 
-def check_patch_size(hp: Hyperparameters) -> None:
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that defines a network's architecture: enough to build it again for its weights."""
+
+    name: str = "unet"
+    channels: tuple = (16, 32, 64, 128, 256)
+    res_units: int = 2
+    activation: str = "prelu"
+    norm: str = "instance"
+    dropout: float = 0.0
+    in_channels: int = 1
+    out_channels: int = 2
+
+    @classmethod
+    def of(cls, hp: Hyperparameters, out_channels: int) -> NetworkSpec:
+        """The network a run's hyperparameters describe, with its task's ``out_channels``."""
+        return cls(name=hp.model, channels=tuple(hp.channels), res_units=hp.res_units, activation=hp.activation,
+                   norm=hp.norm, dropout=hp.dropout, out_channels=out_channels)
+
+
+def check_patch_size(patch_size: tuple, channels: tuple) -> None:
     """Every level halves the patch; refuse a patch size that does not divide."""
-    factor = 2 ** (len(hp.channels) - 1)
-    if any(size % factor for size in hp.patch_size):
-        raise ValueError(f"patch_size {hp.patch_size}: with {len(hp.channels)} levels (channels {hp.channels}) "
+    factor = 2 ** (len(channels) - 1)
+    if any(size % factor for size in patch_size):
+        raise ValueError(f"patch_size {tuple(patch_size)}: with {len(channels)} levels (channels {tuple(channels)}) "
                          f"every size must be a multiple of {factor}; change patch_size or channels")
 
 
-def build_model(hp: Hyperparameters, out_channels: int) -> torch.nn.Module:
-    """The network named by ``hp.model`` with ``hp.channels``, ``hp.activation``, ``hp.norm``,
-    ``hp.dropout`` and ``out_channels`` outputs (the task's, :mod:`brainseg.tasks`).
+def build_model(spec: NetworkSpec) -> torch.nn.Module:
+    """The MONAI network ``spec`` describes.
 
     Raises:
-        ValueError: the patch size does not divide by the network's downsampling, or (SegResNet)
-            the channels do not double per level.
+        ValueError: an unknown network, or (SegResNet) channels that do not double per level.
     """
-    check_patch_size(hp)
-    channels = tuple(hp.channels)
+    channels = tuple(spec.channels)
     strides = (2,) * (len(channels) - 1)
-    act = hp.activation.upper()
-    if hp.model == "unet":
-        return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=channels, strides=strides,
-                    num_res_units=hp.res_units, act=act, norm=hp.norm.upper(), dropout=hp.dropout)
-    if hp.model == "attention_unet":
-        return AttentionUnet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=channels,
-                             strides=strides, dropout=hp.dropout)
-    if hp.model == "segresnet":
+    act = spec.activation.upper()
+    sizes = {"spatial_dims": 3, "in_channels": spec.in_channels, "out_channels": spec.out_channels}
+    if spec.name == "unet":
+        return UNet(**sizes, channels=channels, strides=strides, num_res_units=spec.res_units, act=act,
+                    norm=spec.norm.upper(), dropout=spec.dropout)
+    if spec.name == "attention_unet":
+        return AttentionUnet(**sizes, channels=channels, strides=strides, dropout=spec.dropout)
+    if spec.name == "segresnet":
         doubling = tuple(channels[0] * 2 ** level for level in range(len(channels)))
         if channels != doubling or len(channels) > len(SEGRESNET_BLOCKS_DOWN):
             raise ValueError(f"channels {channels}: segresnet widths double per level (e.g. {doubling}) "
                              f"with at most {len(SEGRESNET_BLOCKS_DOWN)} levels")
-        return SegResNet(spatial_dims=3, in_channels=1, out_channels=out_channels, init_filters=channels[0],
-                         blocks_down=SEGRESNET_BLOCKS_DOWN[:len(channels)], blocks_up=(1,) * (len(channels) - 1),
-                         dropout_prob=hp.dropout or None, act=act,
-                         norm="INSTANCE" if hp.norm == "instance" else "BATCH")
-    if hp.model == "dynunet":
-        return DynUNet(spatial_dims=3, in_channels=1, out_channels=out_channels,
-                       kernel_size=[3] * len(channels), strides=[1, *strides], upsample_kernel_size=list(strides),
-                       filters=list(channels), dropout=hp.dropout or None, norm_name=hp.norm.upper(),
-                       act_name=act, res_block=hp.res_units > 0)
-    raise ValueError(f"model {hp.model!r}: expected one of unet, attention_unet, segresnet, dynunet")
+        return SegResNet(**sizes, init_filters=channels[0], blocks_down=SEGRESNET_BLOCKS_DOWN[:len(channels)],
+                         blocks_up=(1,) * (len(channels) - 1), dropout_prob=spec.dropout or None, act=act,
+                         norm="INSTANCE" if spec.norm == "instance" else "BATCH")
+    if spec.name == "dynunet":
+        return DynUNet(**sizes, kernel_size=[3] * len(channels), strides=[1, *strides],
+                       upsample_kernel_size=list(strides), filters=list(channels), dropout=spec.dropout or None,
+                       norm_name=spec.norm.upper(), act_name=act, res_block=spec.res_units > 0)
+    raise ValueError(f"model {spec.name!r}: expected one of unet, attention_unet, segresnet, dynunet")
 
 
 def is_encoder_parameter(model_name: str, parameter: str) -> bool:

@@ -31,7 +31,14 @@ from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.io import s3
-from brainseg.model.networks import build_model, encoder_state, freeze_encoder, load_matching
+from brainseg.model.networks import (
+    NetworkSpec,
+    build_model,
+    check_patch_size,
+    encoder_state,
+    freeze_encoder,
+    load_matching,
+)
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.run import distributed
 from brainseg.run.artifacts import RunLayout, RunStore
@@ -132,7 +139,8 @@ class Trainer:
         if needed > hp.memory_budget_mb * 2**20 // workers:
             raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
         try:
-            self.model = build_model(hp, self.task.out_channels).to(self.device)
+            check_patch_size(hp.patch_size, hp.channels)
+            self.model = build_model(NetworkSpec.of(hp, self.task.out_channels)).to(self.device)
         except ValueError as err:
             raise TrainingError(str(err)) from err
         if hp.init_weights:
@@ -152,8 +160,8 @@ class Trainer:
         if hp.warmup_steps >= self.total_steps and hp.schedule != "onecycle":
             logger.warning("warmup_steps %d is not shorter than the run (%d steps): the learning rate never reaches "
                            "--lr %g; lower --warmup-steps", hp.warmup_steps, self.total_steps, hp.lr)
-        self.optimizer = build_optimizer(self.model.parameters(), hp)
-        self.scheduler = build_scheduler(self.optimizer, hp, self.total_steps)
+        self.optimizer = build_optimizer(self.model.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
+        self.scheduler = build_scheduler(self.optimizer, hp.schedule, hp.lr, hp.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=hp.precision == "fp16")
         self.loss_fn = self.task.loss(hp)
         self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
