@@ -24,6 +24,7 @@ class Task:
     name: str
     out_channels: int
     needs_masks: bool
+    transfers_encoder: bool  # its best weights' encoder is saved on its own, for other runs to start from
     test_fields: tuple[str, ...]  # the test line's figures, each ``test_<aggregate name>``
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:
@@ -57,7 +58,7 @@ class Task:
 class Segmentation(Task):
     """Tumour vs background: softmax over two channels, Dice/IoU against the mask."""
 
-    name, out_channels, needs_masks = "segmentation", 2, True
+    name, out_channels, needs_masks, transfers_encoder = "segmentation", 2, True, False
     test_fields = ("test_dice", "test_dice_median", "test_iou")
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:
@@ -86,7 +87,7 @@ class Autoencoder(Task):
     """Masked-image reconstruction pretraining on images without masks: blanked blocks in, the
     whole image out, mean squared error (lower is better, so early stopping maximises its negative)."""
 
-    name, out_channels, needs_masks = "autoencoder", 1, False
+    name, out_channels, needs_masks, transfers_encoder = "autoencoder", 1, False, True
     test_fields = ("test_loss",)
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:

@@ -216,14 +216,13 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
     # Each pass looks only at the cases no earlier pass excluded; the first reason stands.
     reasons: dict[str, str] = {}
-    skipped = {case_id: tuple(f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
-                              for info in sorted(grouped[case_id][folder], key=lambda o: o.key)
-                              if (obj := objects[info.key]).stray)
-               for case_id in grouped}
+    skipped: dict[str, tuple] = {}
     series: dict[str, tuple[Series, Series | None]] = {}
     for case_id in sorted(grouped):
         parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
                  for folder in ("image", "mask")}
+        skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
+                                 for obj in parts[folder] if obj.stray)
         try:
             image = assemble_series(bucket, "image", parts["image"])
             mask = None

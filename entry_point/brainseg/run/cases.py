@@ -9,7 +9,7 @@ import numpy as np
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
-from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS
+from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 from brainseg.tasks import task_of
@@ -34,7 +34,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
 
 def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
     """Train, validation and test cases, checked against the patch size."""
-    train, val, test = (catalog.split(name) for name in ("train", "val", "test"))
+    train, val, test = (catalog.split(name) for name in SPLITS)
     usable = len(catalog.cases)
     if not usable:
         raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.exclusions)} cases, none "

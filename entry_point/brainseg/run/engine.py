@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
 from brainseg.data.memory import load_in_memory
+from brainseg.data.splits import SPLITS
 from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
@@ -207,7 +208,7 @@ class Trainer:
 
     def splits(self) -> dict:
         """The case IDs of each split of the catalog (what a checkpoint records)."""
-        return {name: [case.case_id for case in self.catalog.split(name)] for name in ("train", "val", "test")}
+        return {name: [case.case_id for case in self.catalog.split(name)] for name in SPLITS}
 
     def check_dataset(self, checkpoint: dict, name: str) -> None:
         """Resume only on the data the checkpoint was trained on, unless ``allow_dataset_change``.
@@ -220,7 +221,7 @@ class Trainer:
             return
         before, now = checkpoint.get("splits", {}), self.splits()
         changes = []
-        for split in ("train", "val", "test"):
+        for split in SPLITS:
             for sign, ids in (("+", set(now[split]) - set(before.get(split, []))),
                               ("-", set(before.get(split, [])) - set(now[split]))):
                 if ids:
@@ -383,7 +384,7 @@ class Trainer:
         buffer = io.BytesIO()
         torch.save(self.best_weights, buffer)
         self.store.put(RunLayout.MODEL, buffer.getvalue())
-        if not self.task.needs_masks:  # a pretraining run: its encoder is what transfers
+        if self.task.transfers_encoder:
             buffer = io.BytesIO()
             torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
                         "channels": list(self.hp.channels)}, buffer)

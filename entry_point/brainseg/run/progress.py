@@ -46,7 +46,6 @@ class Progress:
         """Unit ``done`` (1-based count) finished; ``values`` (``PROGRESS`` fields) describe it."""
         if not self.enabled:
             return
-        counters = {"phase": self.phase, self.unit: f"{done}/{self.total}"}
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix({name: f"{value:{spec}}" for name, spec in PROGRESS.fields
@@ -57,7 +56,7 @@ class Progress:
             (self.log_seconds and now - self.last_line >= self.log_seconds)
         if due:
             self.last_line = now
-            logger.info("%s", PROGRESS.format({**values, **counters}))
+            logger.info("%s", PROGRESS.format({**values, "phase": self.phase, self.unit: f"{done}/{self.total}"}))
 
     def close(self) -> None:
         if self.bar is not None:
