@@ -1,11 +1,12 @@
 """Loader benchmark: download-everything-first vs whole-object streaming vs ranged patch reads.
 
     python benchmarks/loader.py [--cases 20,200] [--shape 112,256,256] [--latency-ms 20]
-                                [--patches 40] [--out benchmarks/results/loader.json]
+                                [--patches 40] [--sequences t1c,t1,t2,flair] [--out benchmarks/results/loader.json]
 
 One embedded S3 (moto, its own process) with an injected per-request latency holds the same
-synthetic datasets for every method. Each (method, dataset) is measured in a fresh process so
-peak RSS is its own. Methods, all reading the same patch origins (96^3 by default):
+synthetic datasets for every method (one image series per case, or ``--sequences`` co-registered
+series, every patch reading the same band of each). Each (method, dataset) is measured in a fresh
+process so peak RSS is its own. Methods, all reading the same patch origins (96^3 by default):
 
   file        SageMaker File mode: download every object first, then read patches from disk
               with pydicom (time to first batch includes the download).
@@ -101,10 +102,10 @@ def _baseline_patch(plan, cases, load) -> list[np.ndarray]:
     case = cases[plan.case_index]
     z_range = range(plan.origins[0][0], plan.origins[0][0] + plan.patch_extent[0])
     return [_crop(_planes_of(series, load(series, _objects_for(series, z_range)), z_range), plan)
-            for series in (case.image, case.mask)]
+            for series in (*case.images, case.mask)]
 
 
-def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
+def measure(method: str, uri: str, patch_size: tuple, patches: int, sequences: tuple = ("image",)) -> dict:
     """Run one method in this process and return its figures."""
     started = time.perf_counter()
     cpu_started = _cpu_seconds()
@@ -112,7 +113,7 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
     if method == "ours-cold":
         index_uri += f".cold-{os.getpid()}"
     catalog = build_catalog(uri, index_uri=index_uri, split_fractions=(1.0, 0.0, 0.0),
-                            trust_index=method != "ours-cold")
+                            trust_index=method != "ours-cold", sequences=sequences)
     catalog_seconds = time.perf_counter() - started
     cases, plans = _plans(catalog, patch_size, patches)
     s3.reset_stats()
@@ -134,7 +135,7 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
             produced = pool.map(lambda plan: _baseline_patch(plan, cases, load), plans)
         elif method == "file":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="filemode-"))
-            keys = [key for case in catalog.cases for series in (case.image, case.mask) if series
+            keys = [key for case in catalog.cases for series in (*case.images, case.mask) if series
                     for key in series.keys]
 
             def download(key):
@@ -162,10 +163,11 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
     steady = total - first_batch
     case = cases[0]
     band_bytes = int(np.prod(patch_size[:2]) * case.image.shape[2]
-                     * (case.image.bytes_per_voxel + case.mask.bytes_per_voxel))
+                     * sum(series.bytes_per_voxel for series in (*case.images, case.mask)))
     result = {
         "method": method,
         "uri": uri,
+        "sequences": len(sequences),
         "cases": len(catalog.cases),
         "patches": count,
         "catalog_seconds": round(catalog_seconds, 3),
@@ -184,11 +186,12 @@ def measure(method: str, uri: str, patch_size: tuple, patches: int) -> dict:
     return result
 
 
-def _write_datasets(cases: list[int], shape: tuple, multiframe: bool, jobs: int) -> dict[int, str]:
+def _write_datasets(cases: list[int], shape: tuple, multiframe: bool, jobs: int,
+                    sequences: tuple = ("image",)) -> dict[int, str]:
     """Write the largest dataset; smaller ones are its first cases under their own prefixes."""
-    layout = "mf" if multiframe else "sf"
+    layout = ("mf" if multiframe else "sf") + f"{len(sequences)}"
     uris = {n: f"s3://{BUCKET}/{layout}-{n}/" for n in cases}
-    spec = SynthSpec(shape=shape, spacing=(1.0, 1.0, 1.0), multiframe=multiframe)
+    spec = SynthSpec(shape=shape, spacing=(1.0, 1.0, 1.0), multiframe=multiframe, sequences=sequences)
 
     def write(index: int) -> None:
         files = encode_case(index, spec)
@@ -217,13 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--layouts", default="single-frame,multi-frame")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sequences", default="image", help="image (one series per case) or sequence folders, "
+                        "e.g. t1c,t1,t2,flair")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loader.json")
-    parser.add_argument("--measure", nargs=4, metavar=("METHOD", "URI", "PATCH", "PATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=5, metavar=("METHOD", "URI", "PATCH", "PATCHES", "SEQUENCES"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        method, uri, patch, patches = args.measure
-        print(json.dumps(measure(method, uri, tuple(int(v) for v in patch.split(",")), int(patches))))
+        method, uri, patch, patches, sequences = args.measure
+        print(json.dumps(measure(method, uri, tuple(int(v) for v in patch.split(",")), int(patches),
+                                 tuple(sequences.split(",")))))
         return 0
+    sequences = tuple(name.strip() for name in args.sequences.split(","))
 
     cases = sorted(int(v) for v in args.cases.split(","))
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -234,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         s3.client().create_bucket(Bucket=BUCKET)
         for layout in args.layouts.split(","):
             started = time.perf_counter()
-            uris = _write_datasets(cases, shape, layout == "multi-frame", jobs=8)
+            uris = _write_datasets(cases, shape, layout == "multi-frame", jobs=8, sequences=sequences)
             print(f"# wrote {layout} datasets {cases} in {time.perf_counter() - started:.0f} s", flush=True)
             for n in cases:
                 build_catalog(uris[n], index_uri=f"s3://{BUCKET}/indexes/{uris[n].rstrip('/').rsplit('/', 1)[-1]}.json",
-                              split_fractions=(1.0, 0.0, 0.0))
+                              split_fractions=(1.0, 0.0, 0.0), sequences=sequences)
                 for method in args.methods.split(","):
                     child = subprocess.run([sys.executable, __file__, "--measure", method, uris[n], args.patch,
-                                            str(args.patches)], capture_output=True, text=True, env=dict(os.environ))
+                                            str(args.patches), ",".join(sequences)], capture_output=True, text=True,
+                                           env=dict(os.environ))
                     if child.returncode != 0:
                         print(child.stderr[-3000:], file=sys.stderr)
                         return 1
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
             for uri in uris.values():
                 _delete_prefix(uri)
-    report = {"latency_ms": args.latency_ms, "shape": shape, "patch": args.patch, "batch": BATCH,
+    report = {"latency_ms": args.latency_ms, "shape": shape, "patch": args.patch, "sequences": sequences, "batch": BATCH,
               "read_ahead": READ_AHEAD, "s3_concurrency": s3.MAX_CONCURRENCY, "cpu_count": os.cpu_count(),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -262,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(results: list[dict]) -> str:
-    header = ("| layout | cases | method | first batch s | patches/s | GETs/patch | MiB/patch | vs band bound "
-              "| CPU s/patch | peak RSS MiB |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| layout | sequences | cases | method | first batch s | patches/s | GETs/patch | MiB/patch "
+              "| vs band bound | CPU s/patch | peak RSS MiB |")
+    lines = [header, "|" + "---|" * 11]
     for r in results:
-        lines.append(f"| {r['layout']} | {r['cases']} | {r['method']} | {r['time_to_first_batch_s']} | "
+        lines.append(f"| {r['layout']} | {r['sequences']} | {r['cases']} | {r['method']} | {r['time_to_first_batch_s']} | "
                      f"{r['patches_per_s']} | {r['get_requests_per_patch']} | {r['mib_per_patch']} | "
                      f"{r['bytes_vs_band_bound']} | {r['cpu_s_per_patch']} | {r['peak_rss_mib']} |")
     return "\n".join(lines)

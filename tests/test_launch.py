@@ -69,7 +69,7 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
     log = process_run["log"]
     assert log.count("progress phase=train step=") == 6
     expected = {"train:loss", "validation:dice", "validation:iou", "train:lr", "train:patches_per_s",
-                "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou"}
+                "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou", "test:hd95"}
     found = {}
     for definition in METRIC_DEFINITIONS:
         values = [float(m.group(1)) for m in re.finditer(definition["Regex"], log)]

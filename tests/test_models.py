@@ -7,6 +7,7 @@ import pytest
 import torch
 from monai.metrics import DiceMetric, compute_iou
 
+from brainseg.config import Hyperparameters
 from brainseg.model.losses import build_loss
 from brainseg.model.networks import (
     NetworkSpec,
@@ -19,16 +20,26 @@ from brainseg.model.networks import (
 )
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.run.metrics import Overlap, tumour_centre
-from brainseg.tasks import TASKS
+from brainseg.tasks import task_of
 
 SMALL = dict(channels=(4, 8, 16), res_units=1)
+BRATS = dict(sequences="t1c,t1,t2,flair", labels="ncr=1,ed=2,et=4")
 
 
 @pytest.mark.parametrize("name", ["unet", "attention_unet", "segresnet", "dynunet"])
-@pytest.mark.parametrize("task, channels_out", [("segmentation", 2), ("autoencoder", 1)])
-def test_every_model_maps_a_patch_to_logits(name, task, channels_out):
-    model = build_model(NetworkSpec(name=name, dropout=0.1, out_channels=TASKS[task].out_channels, **SMALL))
-    assert model(torch.zeros(2, 1, 16, 16, 16)).shape == (2, channels_out, 16, 16, 16)
+@pytest.mark.parametrize("settings, channels_in, channels_out", [
+    ({}, 1, 2),  # binary: background and tumour
+    (BRATS, 4, 4),  # softmax: background and three classes
+    ({**BRATS, "regions": "brats"}, 4, 3),  # sigmoid: WT, TC, ET
+    ({"task": "autoencoder", "sequences": "t1,flair"}, 2, 2),  # reconstructs every sequence
+])
+def test_every_model_maps_a_patch_to_logits(name, settings, channels_in, channels_out):
+    hp = Hyperparameters(model=name, dropout=0.1, **settings)
+    spec = NetworkSpec.of(hp, task_of(hp).out_channels)
+    assert (spec.in_channels, spec.out_channels) == (channels_in, channels_out)
+    model = build_model(NetworkSpec(name=name, dropout=0.1, in_channels=channels_in, out_channels=channels_out,
+                                    **SMALL))
+    assert model(torch.zeros(2, channels_in, 16, 16, 16)).shape == (2, channels_out, 16, 16, 16)
 
 
 def test_activation_and_dropout_reach_the_network():

@@ -140,7 +140,8 @@ def test_zscore_patch_is_the_normalised_region(cases):
         case = by_id[sample["case_id"]]
         z, y, x = sample["origin"].tolist()
         raw = case.image.read_region(z, z + 16, y, y + 24, x, x + 24)
-        expected = (raw - np.float32(case.summary.mean)) / np.float32(case.summary.std)
+        stats = case.summary.intensities[0]
+        expected = (raw - np.float32(stats.mean)) / np.float32(stats.std)
         np.testing.assert_allclose(sample["image"][0].numpy(), expected, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(sample["label"][0].numpy(),
                                       case.mask.read_region(z, z + 16, y, y + 24, x, x + 24) > 0)

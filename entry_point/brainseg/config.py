@@ -11,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass, field, fields, replace
 
+from brainseg.labels import parse_scheme
+
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
 FLOAT_BYTES = 4
@@ -75,13 +77,13 @@ class StreamConfig:
     read_ahead: int = 4
     seed: int = 0
 
-    def task_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int) -> int:
-        """Upper bound of the memory one task holds: a ``slab`` ``(D, H, W)`` raw and decoded
-        (image and mask), plus the patches cut from it."""
+    def task_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int, channels: int = 1) -> int:
+        """Upper bound of the memory one task holds: a ``slab`` ``(D, H, W)`` of each of ``channels``
+        sequences and of the mask, raw and decoded, plus the patches cut from it."""
         slab_voxels = slab[0] * slab[1] * slab[2]
         patch_voxels = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
-        return (slab_voxels * (2 * FLOAT_BYTES + image_bytes + mask_bytes)
-                + self.patches_per_slab * patch_voxels * (FLOAT_BYTES + 1))
+        return (slab_voxels * (channels * (FLOAT_BYTES + image_bytes) + FLOAT_BYTES + mask_bytes)
+                + self.patches_per_slab * patch_voxels * (channels * FLOAT_BYTES + 1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
@@ -113,9 +115,12 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
+MISSING_SEQUENCES = ("exclude", "zero")
+SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
-           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES}
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
+           "missing_sequences": MISSING_SEQUENCES}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -154,6 +159,14 @@ class Hyperparameters:
     data_source: str = _field("stream", "stream: patches by ranged GETs; memory: download each training volume "
                                         "first (the reference)")
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
+    sequences: str = _field("image", "the sequence folders of a case, in channel order, e.g. t1c,t1,t2,flair "
+                                     "(<case>/<sequence>/*.dcm); image: the single image/ folder")
+    missing_sequences: str = _field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
+                                               "(the case is noted)")
+    labels: str = _field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
+                                     "several values; * any non-zero value)")
+    regions: str = _field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
+                              "wt=ncr+ed+et,tc=ncr+et,et=et or brats (empty: softmax over the classes)")
     # Model
     task: str = _field("segmentation", "segmentation, or autoencoder: masked-image reconstruction pretraining "
                                        "on images without masks")
@@ -234,8 +247,24 @@ class Hyperparameters:
             raise ValueError(f"sw_overlap {self.sw_overlap}: expected a value in [0, 1)")
         if self.run_name:
             check_run_name(self.run_name)
+        self._check_sequences()
+        parse_scheme(self.labels, self.regions)
         self._check_locations()
         self._check_memory_budget()
+
+    @property
+    def sequence_names(self) -> tuple[str, ...]:
+        """The sequence folders in channel order."""
+        return tuple(name.strip() for name in self.sequences.split(","))
+
+    def _check_sequences(self) -> None:
+        names = self.sequence_names
+        for name in names:
+            if not SEQUENCE_NAME.fullmatch(name) or name == "mask":
+                raise ValueError(f"sequences {self.sequences!r}: {name!r} is not a sequence folder name (lower-case "
+                                 "letters, digits, '_' or '-'; not 'mask')")
+        if len(set(names)) != len(names):
+            raise ValueError(f"sequences {self.sequences!r}: a sequence is named twice")
 
     def _check_locations(self) -> None:
         """Outputs never inside the dataset: they would be listed as cases, and could overwrite data."""
@@ -253,7 +282,7 @@ class Hyperparameters:
         config = self.stream_config()  # the stream settings check themselves
         workers = max(1, self.num_workers)
         slab = (self.patch_size[0] + self.slab_margin[0], self.patch_size[1] + self.slab_margin[1], self.patch_size[2])
-        needed = config.task_bytes(slab, 1, 1)
+        needed = config.task_bytes(slab, 1, 1, len(self.sequence_names))
         if needed > config.memory_budget_bytes // workers:
             raise ValueError(budget_message(self.memory_budget_mb, workers, needed))
 

@@ -14,8 +14,9 @@ import torch
 
 from brainseg.config import Hyperparameters
 from brainseg.data.pretext import drop_blocks
+from brainseg.labels import LabelScheme, parse_scheme
 from brainseg.model.losses import build_loss
-from brainseg.run.metrics import Overlap
+from brainseg.run.metrics import Overlap, hausdorff95
 
 PRETEXT_STREAM = 11  # the third key of the per-step generator that blanks training blocks
 
@@ -35,12 +36,13 @@ class Task:
         raise NotImplementedError
 
     def model_input(self, image: np.ndarray, case_seed: int) -> np.ndarray:
-        """The volume the network sees when a whole case is evaluated."""
+        """The volume ``(C, D, H, W)`` the network sees when a whole case is evaluated."""
         return image
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, voxel_ml: float) -> dict:
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
         """A case's figures (:class:`~brainseg.run.evaluate.CaseResult` fields) from the network's
-        output ``(C, D, H, W)``; ``prediction`` (a label volume) when there is one."""
+        output ``(C, D, H, W)``; ``prediction`` (a boolean volume of everything predicted) when
+        there is one."""
         raise NotImplementedError
 
     def validation(self, scores: dict) -> tuple[dict, float]:
@@ -56,39 +58,71 @@ class Task:
 
 
 class Segmentation(Task):
-    """Tumour vs background: softmax over two channels, Dice/IoU against the mask."""
+    """Tumour structures from the mask's labels (:mod:`brainseg.labels`): softmax over background and
+    mutually exclusive classes, or one sigmoid channel per overlapping region. Dice, IoU and HD95 per
+    structure; the headline figures are their means."""
 
-    name, out_channels, needs_masks, transfers_encoder = "segmentation", 2, True, False
-    test_fields = ("test_dice", "test_dice_median", "test_iou")
+    name, needs_masks, transfers_encoder = "segmentation", True, False
+    test_fields = ("test_dice", "test_dice_median", "test_iou", "test_hd95")
+
+    def __init__(self, scheme: LabelScheme):
+        self.scheme = scheme
+        self.out_channels = scheme.out_channels
+        self.table = torch.from_numpy(scheme.lookup())
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:
-        return build_loss(hp.loss)
+        return build_loss(hp.loss, sigmoid=self.scheme.sigmoid)
 
     def inputs_and_target(self, batch: dict, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["image"], batch["label"]
+        """The target of label values ``(N, 1, D, H, W)``: class indices ``(N, 1, ...)`` (softmax) or
+        one 0/1 channel per region ``(N, R, ...)`` (sigmoid, float)."""
+        target = self.table[:, batch["label"][:, 0].long()].transpose(0, 1)
+        return batch["image"], target.float() if self.scheme.sigmoid else target
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, voxel_ml: float) -> dict:
-        prediction = output.argmax(0).numpy().astype(bool)
-        overlap = Overlap.of(prediction, mask)
-        return {"overlap": overlap, "truth_ml": overlap.truth * voxel_ml, "predicted_ml": overlap.predicted * voxel_ml,
-                "prediction": prediction}
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
+        predicted = self.scheme.predicted(output.numpy())
+        overlaps, distances = {}, {}
+        for structure, prediction in zip(self.scheme.structures, predicted):
+            truth = structure.of(mask)
+            overlaps[structure.name] = Overlap.of(prediction, truth)
+            distances[structure.name] = hausdorff95(prediction, truth, spacing)
+        everything = np.logical_or.reduce(predicted)
+        return {"overlaps": overlaps, "hd95": distances, "prediction": everything,
+                "tumour": Overlap.of(everything, np.logical_or.reduce([s.of(mask) for s in self.scheme.structures]))}
+
+    def structure_fields(self, prefix: str, scores: dict) -> dict:
+        """``{<prefix>dice_<name>: ...}`` per structure, when there are several."""
+        if len(self.scheme.structures) < 2:
+            return {}
+        return {f"{prefix}{figure}_{name}": scores[f"{figure}_{name}"] for name in self.scheme.names
+                for figure in ("dice", "hd95")}
 
     def validation(self, scores: dict) -> tuple[dict, float]:
-        return ({"val_dice": scores["dice"], "val_iou": scores["iou"], "val_dice_global": scores["dice_global"]},
-                scores["dice"])
+        return ({"val_dice": scores["dice"], "val_iou": scores["iou"], "val_dice_global": scores["dice_global"],
+                 **self.structure_fields("val_", scores)}, scores["dice"])
 
     def summary(self, best: float, scores: dict) -> dict:
         return {"best_val_dice": best, "test_dice_mean": scores.get("dice"),
                 "test_dice_median": scores.get("dice_median"), "test_iou_mean": scores.get("iou"),
-                "test_dice_global": scores.get("dice_global")}
+                "test_dice_global": scores.get("dice_global"), "test_hd95_mean": scores.get("hd95"),
+                "structures": list(self.scheme.names),
+                **({name: value for name, value in self.structure_fields("test_", scores).items()}
+                   if scores.get("cases") else {})}
+
+    def test_values(self, scores: dict) -> dict:
+        return {**super().test_values(scores), **(self.structure_fields("test_", scores) if scores.get("cases") else {})}
 
 
 class Autoencoder(Task):
     """Masked-image reconstruction pretraining on images without masks: blanked blocks in, the
-    whole image out, mean squared error (lower is better, so early stopping maximises its negative)."""
+    whole image (every sequence) out, mean squared error (lower is better, so early stopping
+    maximises its negative)."""
 
-    name, out_channels, needs_masks, transfers_encoder = "autoencoder", 1, False, True
+    name, needs_masks, transfers_encoder = "autoencoder", False, True
     test_fields = ("test_loss",)
+
+    def __init__(self, channels: int):
+        self.out_channels = channels
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:
         return torch.nn.MSELoss()
@@ -101,8 +135,8 @@ class Autoencoder(Task):
     def model_input(self, image: np.ndarray, case_seed: int) -> np.ndarray:
         return drop_blocks(image, np.random.default_rng(case_seed))
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, voxel_ml: float) -> dict:
-        return {"mse": float(np.mean((output[0].numpy() - image) ** 2))}
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
+        return {"mse": float(np.mean((output.numpy() - image) ** 2))}
 
     def validation(self, scores: dict) -> tuple[dict, float]:
         return {"val_loss": scores["loss"]}, -scores["loss"]
@@ -111,8 +145,8 @@ class Autoencoder(Task):
         return {"best_val_loss": -best, "test_loss": scores.get("loss")}
 
 
-TASKS = {task.name: task for task in (Segmentation(), Autoencoder())}
-
-
 def task_of(hp: Hyperparameters) -> Task:
-    return TASKS[hp.task]
+    """The run's task, built from its hyperparameters (labels and regions, sequences)."""
+    if hp.task == "autoencoder":
+        return Autoencoder(len(hp.sequence_names))
+    return Segmentation(parse_scheme(hp.labels, hp.regions))

@@ -2,7 +2,8 @@
 
     brainseg-inspect s3://bucket/dataset/ [--json profile.json] [--index-uri s3://...]
 
-Prints shapes, spacings, intensity range, tumour volume distribution, the split and every
+Prints shapes, spacings, each sequence's intensity range, label values, tumour volume distribution,
+the split and every
 excluded case with its reason. Builds (or reuses) the header index the training job uses.
 """
 
@@ -16,12 +17,19 @@ from pathlib import Path
 
 from brainseg.data.catalog import build_catalog
 from brainseg.io import s3
+from brainseg.labels import parse_scheme
 from tools.data.profile import format_profile, profile_catalog
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/image/ and <case_id>/mask/")
+    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/<sequence>/ and <case_id>/mask/")
+    parser.add_argument("--sequences", default="image", help="sequence folders in channel order, e.g. "
+                        "t1c,t1,t2,flair (default: image)")
+    parser.add_argument("--missing-sequences", choices=("exclude", "zero"), default="exclude",
+                        help="a case lacking a sequence: exclude it (default) or zero-fill the channel")
+    parser.add_argument("--labels", default="tumour=*", help="classes by label value, as train.py's --labels; "
+                        "cases with other label values are listed as excluded")
     parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
     parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
@@ -32,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         catalog = build_catalog(args.data_uri, index_uri=args.index_uri, seed=args.seed,
-                                refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20)
+                                refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20,
+                                sequences=tuple(name.strip() for name in args.sequences.split(",")),
+                                zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels))
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -88,3 +88,125 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
     imaginary = rng.normal(0, sigma, shape).astype(np.float32)
     image = np.sqrt(real * real + imaginary * imaginary)
     return Phantom(image=np.clip(image, 0, 65535).astype(np.uint16), mask=tumour.astype(np.uint8))
+
+
+# Multi-sequence studies. Mean intensity of each tissue per sequence (arbitrary scanner units), in
+# the order of TISSUES. Their contrasts are those radiologists read: the enhancing rim is bright
+# only after contrast (t1c), necrosis is dark on T1 and bright on T2, oedema is bright on T2 and
+# FLAIR, CSF is bright on T2 and suppressed on FLAIR, and every lesion is darker than white matter on T1.
+TISSUES = ("background", "scalp", "skull", "csf", "grey", "white", "oedema", "necrosis", "enhancing")
+APPEARANCE = {
+    "t1": (0.0, 700.0, 120.0, 250.0, 560.0, 760.0, 480.0, 300.0, 520.0),
+    "t1c": (0.0, 700.0, 120.0, 260.0, 560.0, 760.0, 500.0, 320.0, 1150.0),
+    "t2": (0.0, 600.0, 100.0, 1500.0, 800.0, 600.0, 1250.0, 1350.0, 900.0),
+    "flair": (0.0, 650.0, 100.0, 180.0, 700.0, 560.0, 1100.0, 600.0, 900.0),
+}
+SEQUENCES = tuple(APPEARANCE)
+# BraTS label values: necrotic / non-enhancing core, peritumoural oedema, enhancing tumour.
+NCR, ED, ET = 1, 2, 4
+# Kinds of lesion and how often they occur: necrotic core in an enhancing rim (glioblastoma-like),
+# non-enhancing (low-grade-like: no enhancing voxel), and solidly enhancing without necrosis.
+LESION_KINDS = (("rim", 0.6), ("non_enhancing", 0.25), ("solid", 0.15))
+
+
+@dataclass(frozen=True)
+class Study:
+    """Co-registered sequences ``{name: (D, H, W) uint16}`` and their label volume (BraTS values),
+    with the slice spacing factor the study was acquired at (1: as generated)."""
+
+    images: dict
+    labels: np.ndarray
+    thickness: int = 1
+
+
+def _lesion(shape, centre, head_axes, rng, brain):
+    """One lesion's core, enhancing rim and oedema (boolean volumes) of a random kind and size."""
+    kind = rng.choice([k for k, _ in LESION_KINDS], p=[p for _, p in LESION_KINDS])
+    size = rng.uniform(0.1, 0.3)
+    axes = head_axes * size * rng.uniform(0.7, 1.3, 3)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    where = centre + direction * head_axes * rng.uniform(0.0, 0.8 - size)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    delta = [(g - c) / a for g, c, a in zip(grids, where, axes)]
+    radius = np.sqrt(delta[0] ** 2 + delta[1] ** 2 + delta[2] ** 2)
+    wobble = 1.0
+    for _ in range(3):
+        weights = rng.normal(0, 0.12, 3)
+        wobble = wobble + np.sin(sum(w * d * rng.uniform(2, 5) for w, d in zip(weights, delta))) * 0.15
+    tumour = (radius < wobble) & brain
+    if not tumour.any():
+        index = tuple(np.clip(np.round(where).astype(int), 0, np.asarray(shape) - 1))
+        tumour[index] = True
+    if kind == "rim":
+        core = tumour & (radius < rng.uniform(0.45, 0.7) * wobble)
+        enhancing = tumour & ~core
+    elif kind == "non_enhancing":
+        core, enhancing = tumour, np.zeros_like(tumour)
+    else:
+        core, enhancing = np.zeros_like(tumour), tumour
+    oedema = (radius < rng.uniform(1.3, 2.0) * wobble) & brain & ~tumour
+    return core, enhancing, oedema
+
+
+def make_study(shape: tuple[int, int, int], rng: np.random.Generator, sequences: tuple = SEQUENCES,
+               thickness: int = 1, noise: float = 0.04) -> Study:
+    """One synthetic multi-sequence study of ``shape`` ``(D, H, W)`` (before slice thickening).
+
+    One to three lesions of varied kind, size and place; each sequence gets its own scanner gain,
+    tissue contrast jitter, smooth bias field and Rician noise. With ``thickness`` k > 1 every k
+    slices are averaged into one (a thicker acquisition: partial volume), and the labels keep the
+    middle slice of each group.
+
+    Raises:
+        ValueError: a sequence this generator has no appearance for.
+    """
+    unknown = [name for name in sequences if name not in APPEARANCE]
+    if unknown:
+        raise ValueError(f"no synthetic appearance for sequence(s) {', '.join(unknown)}; known: {', '.join(SEQUENCES)}")
+    shape = tuple(int(n) for n in shape)
+    centre = np.asarray(shape) / 2.0 + rng.normal(0, 0.02, 3) * np.asarray(shape)
+    head_axes = np.asarray(shape) * rng.uniform(0.40, 0.46, 3)
+    r = _radius(shape, centre, head_axes)
+    tissue = np.zeros(shape, dtype=np.uint8)
+    tissue[r < 1.0] = TISSUES.index("scalp")
+    tissue[r < 0.93] = TISSUES.index("skull")
+    brain = r < 0.86
+    tissue[brain] = TISSUES.index("csf")
+    tissue[r < 0.82] = TISSUES.index("grey")
+    tissue[r < 0.62] = TISSUES.index("white")
+    ventricle_axes = head_axes * np.asarray([0.18, 0.10, 0.22])
+    for side in (-1, 1):
+        offset = np.asarray([0.0, 0.0, side * 0.12]) * head_axes
+        tissue[_radius(shape, centre + offset, ventricle_axes) < 1.0] = TISSUES.index("csf")
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    lesions = int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05]))
+    for _ in range(lesions):
+        core, enhancing, oedema = _lesion(shape, centre, head_axes, rng, brain)
+        labels[oedema & (labels == 0)] = ED
+        labels[enhancing] = ET
+        labels[core] = NCR
+    tissue[labels == ED] = TISSUES.index("oedema")
+    tissue[labels == NCR] = TISSUES.index("necrosis")
+    tissue[labels == ET] = TISSUES.index("enhancing")
+
+    images = {}
+    for name in sequences:
+        means = np.asarray(APPEARANCE[name], dtype=np.float32) * rng.uniform(0.92, 1.08, len(TISSUES))
+        image = means[tissue] * np.float32(rng.uniform(0.7, 1.4))  # scanner gain
+        bias = np.ones(shape, dtype=np.float32)
+        for axis, n in enumerate(shape):
+            profile = 1.0 + 0.1 * np.cos(np.linspace(0, np.pi, n) * rng.uniform(0.5, 1.5) + rng.uniform(0, np.pi))
+            bias *= profile.astype(np.float32).reshape([-1 if i == axis else 1 for i in range(3)])
+        image *= bias
+        sigma = noise * float(means[TISSUES.index("white")])
+        real = image + rng.normal(0, sigma, shape).astype(np.float32)
+        imaginary = rng.normal(0, sigma, shape).astype(np.float32)
+        images[name] = np.sqrt(real * real + imaginary * imaginary)
+    if thickness > 1:
+        depth = shape[0] // thickness * thickness
+        images = {name: image[:depth].reshape(-1, thickness, *shape[1:]).mean(axis=1) for name, image in images.items()}
+        labels = labels[thickness // 2:depth:thickness]
+    return Study({name: np.clip(image, 0, 65535).astype(np.uint16) for name, image in images.items()}, labels,
+                 thickness)

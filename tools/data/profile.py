@@ -33,11 +33,15 @@ def profile_catalog(catalog: Catalog) -> dict:
     usable = catalog.cases
     syntaxes = Counter()
     layouts = Counter()
+    labels = Counter()
     for case in usable:
-        for header in case.image.headers:
-            syntaxes[SYNTAX_NAMES.get(header.transfer_syntax, header.transfer_syntax)] += 1
+        for series in case.images:
+            for header in series.headers if series is not None else ():
+                syntaxes[SYNTAX_NAMES.get(header.transfer_syntax, header.transfer_syntax)] += 1
         layouts["multi-frame" if len(case.image.headers) == 1 and case.image.headers[0].frames > 1
                 else "single-frame"] += 1
+        labels.update({str(value): 1 for value, _ in case.summary.label_counts})
+    sequences = [stats.sequence for stats in usable[0].summary.intensities] if usable else []
     return {
         "uri": catalog.uri,
         "fingerprint": catalog.fingerprint,
@@ -51,12 +55,14 @@ def profile_catalog(catalog: Catalog) -> dict:
         "transfer_syntaxes": dict(syntaxes),
         "compressed_objects": sum(n for name, n in syntaxes.items() if name not in
                                   {SYNTAX_NAMES[s] for s in NATIVE_SYNTAXES}),
-        "intensity": {
-            "min": min((case.summary.minimum for case in usable), default=None),
-            "max": max((case.summary.maximum for case in usable), default=None),
-            "p0.5": _quantiles([case.summary.low for case in usable]),
-            "p99.5": _quantiles([case.summary.high for case in usable]),
-        },
+        "intensity": {sequence: {
+            "min": min((case.summary.intensities[c].minimum for case in usable), default=None),
+            "max": max((case.summary.intensities[c].maximum for case in usable), default=None),
+            "p0.5": _quantiles([case.summary.intensities[c].low for case in usable]),
+            "p99.5": _quantiles([case.summary.intensities[c].high for case in usable]),
+        } for c, sequence in enumerate(sequences)},
+        "zero_filled": {case.case_id: list(case.missing) for case in usable if case.missing},
+        "cases_with_label": dict(sorted(labels.items(), key=lambda item: int(item[0]))),
         "tumour_ml": _quantiles([case.summary.tumour_ml for case in usable]),
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
                                                for case in usable]),
@@ -78,12 +84,16 @@ def format_profile(profile: dict) -> str:
         "spacing mm  " + ", ".join(f"{spacing} ({n})" for spacing, n in profile["spacings_mm"].items()),
         "layout      " + ", ".join(f"{layout} ({n})" for layout, n in profile["layouts"].items()),
         "syntaxes    " + ", ".join(f"{name} ({n} objects)" for name, n in profile["transfer_syntaxes"].items()),
-        f"intensity   min {profile['intensity']['min']}, max {profile['intensity']['max']}, "
-        f"p99.5 median {profile['intensity']['p99.5'].get('median')}",
+        *(f"intensity   {name}: min {stats['min']}, max {stats['max']}, p99.5 median {stats['p99.5'].get('median')}"
+          for name, stats in profile["intensity"].items()),
+        "labels      " + ", ".join(f"value {value} in {n} case(s)" for value, n in profile["cases_with_label"].items()),
         "tumour ml   " + ", ".join(f"{k} {v}" for k, v in profile["tumour_ml"].items()),
         "tumour %    " + ", ".join(f"{k} {v}" for k, v in profile["tumour_fraction_percent"].items()),
         f"indexing    {profile['index']}",
     ]
+    if profile["zero_filled"]:
+        lines.append(f"zero-filled sequences: {len(profile['zero_filled'])} case(s)")
+        lines += [f"  {case_id}: {', '.join(names)}" for case_id, names in profile["zero_filled"].items()]
     if profile["exclusions"]:
         lines.append("excluded:")
         lines += [f"  {item['case_id']}: {item['reason']}" for item in profile["exclusions"]]

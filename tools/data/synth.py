@@ -1,10 +1,14 @@
 """Write a synthetic brain-tumour DICOM dataset to S3 or a local folder.
 
     brainseg-synth --cases 20 --out s3://bucket/dataset/ [--shape 96,128,128]
+        [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
 
-Each case becomes ``<case_id>/image/`` (the MR series) and ``<case_id>/mask/`` (the tumour label
-series, same geometry), one object per slice or one enhanced multi-frame object per series.
+By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
+``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
+(co-registered, one frame of reference) and a mask of BraTS labels (1 necrotic/non-enhancing core,
+2 oedema, 4 enhancing tumour); ``--thickness`` draws each case's slice thickness (a multiple of the
+first spacing) from the list. One object per slice, or one enhanced multi-frame object per series.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import numpy as np
 
 from brainseg.dicom import writer
 from brainseg.io import s3
-from tools.data.phantom import make_phantom
+from tools.data.phantom import SEQUENCES, make_phantom, make_study
 
 logger = logging.getLogger("synth")
 UPLOAD_THREADS = 16
+DESCRIPTIONS = {"image": "T1 post-contrast", "t1": "T1", "t1c": "T1 post-contrast", "t2": "T2", "flair": "FLAIR"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,18 @@ class SynthSpec:
     transfer_syntax: str = "explicit-le"
     multiframe: bool = False
     seed: int = 0
+    sequences: tuple = ("image",)  # ("image",): one T1c-like series and a 0/1 mask; else named sequences
+    thicknesses: tuple = (1,)  # slice thickness factors drawn per case (multi-sequence studies)
+
+    def volumes(self, index: int) -> tuple[dict, np.ndarray, tuple]:
+        """``({folder: volume}, mask, spacing)`` of case ``index``."""
+        rng = np.random.default_rng([self.seed, index])
+        if self.sequences == ("image",):
+            phantom = make_phantom(self.shape, rng)
+            return {"image": phantom.image}, phantom.mask, tuple(self.spacing)
+        thickness = int(rng.choice(self.thicknesses))
+        study = make_study(self.shape, rng, self.sequences, thickness)
+        return study.images, study.labels, (self.spacing[0] * thickness, *self.spacing[1:])
 
 
 def case_id_for(index: int) -> str:
@@ -44,19 +61,18 @@ def case_id_for(index: int) -> str:
 
 def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     """Relative path -> DICOM bytes for one synthetic case."""
-    rng = np.random.default_rng([spec.seed, index])
-    phantom = make_phantom(spec.shape, rng)
+    images, mask, spacing = spec.volumes(index)
     case_id = case_id_for(index)
-    common = dict(spacing=tuple(spec.spacing), origin=(-0.5 * spec.shape[2] * spec.spacing[2],
-                                                       -0.5 * spec.shape[1] * spec.spacing[1],
-                                                       -0.5 * spec.shape[0] * spec.spacing[0]),
+    common = dict(spacing=spacing, origin=(-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1],
+                                           -0.5 * spec.shape[0] * spec.spacing[0]),
                   patient_id=f"SYN{spec.seed:03d}{index:05d}", patient_name=f"Synthetic^Patient{index}")
-    image_spec = writer.SeriesSpec(**common, series_description="T1 post-contrast (synthetic)")
-    mask_spec = writer.SeriesSpec(**common, study_uid=image_spec.study_uid,
-                                  frame_of_reference_uid=image_spec.frame_of_reference_uid,
-                                  series_description="tumour mask (synthetic)")
+    first = writer.SeriesSpec(**common)
+    shared = dict(study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid)
+    series = [(folder, volume, writer.SeriesSpec(**common, **shared, series_description=DESCRIPTIONS.get(
+        folder, folder) + " (synthetic)")) for folder, volume in images.items()]
+    series.append(("mask", mask, writer.SeriesSpec(**common, **shared, series_description="tumour labels (synthetic)")))
     files = {}
-    for folder, volume, series_spec in (("image", phantom.image, image_spec), ("mask", phantom.mask, mask_spec)):
+    for folder, volume, series_spec in series:
         if spec.multiframe:
             files[f"{case_id}/{folder}/series.dcm"] = writer.encode(
                 writer.multiframe_dataset(volume, series_spec), spec.transfer_syntax)
@@ -114,12 +130,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="dz,dy,dx in mm")
     parser.add_argument("--transfer-syntax", choices=sorted(writer.TRANSFER_SYNTAXES), default="explicit-le")
     parser.add_argument("--multiframe", action="store_true", help="one enhanced multi-frame object per series")
+    parser.add_argument("--sequences", default="image",
+                        help=f"image (one series, 0/1 mask) or sequences among {','.join(SEQUENCES)} (BraTS labels)")
+    parser.add_argument("--thickness", default="1", help="slice thickness factors drawn per case, e.g. 1,2,3 "
+                        "(multi-sequence studies)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes generating cases")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("openjpeg").setLevel(logging.WARNING)  # one line per encoded tile otherwise
-    spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed)
+    try:
+        thicknesses = tuple(int(v) for v in args.thickness.split(","))
+    except ValueError:
+        thicknesses = ()
+    if not thicknesses or min(thicknesses) < 1:
+        parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
+    spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
+                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)

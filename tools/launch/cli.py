@@ -38,8 +38,11 @@ from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrid
 logger = logging.getLogger("launch")
 DEMO_BUCKET = "brainseg-demo"
 DEMO_CASES, DEMO_SHAPE = 24, (48, 96, 96)
-# Small enough for a 2-core CPU in a few minutes, big enough to learn (test Dice ~0.9 in the benchmark).
-DEMO_HYPERPARAMETERS = {"channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 6,
+DEMO_SEQUENCES = ("t1c", "t1", "t2", "flair")
+# Four co-registered sequences, BraTS labels, trained as the three overlapping BraTS regions. Small
+# enough for a 2-core CPU in a few minutes.
+DEMO_HYPERPARAMETERS = {"sequences": ",".join(DEMO_SEQUENCES), "labels": "ncr=1,ed=2,et=4", "regions": "brats",
+                        "channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 6,
                         "steps_per_epoch": 40, "lr": 0.003, "warmup_steps": 20, "foreground_fraction": 0.5,
                         "batch_size": 2, "num_workers": 2, "log_every": 20}
 DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (relative to the working directory)
@@ -149,7 +152,7 @@ def _start_demo(spec: JobSpec, stack):
     data_uri = f"s3://{DEMO_BUCKET}/dataset/"
     logger.info("embedded S3 at %s; writing %d synthetic cases of %s to %s", server.endpoint_url, DEMO_CASES,
                 "x".join(map(str, DEMO_SHAPE)), data_uri)
-    write_dataset(DEMO_CASES, data_uri, SynthSpec(shape=DEMO_SHAPE), jobs=2)
+    write_dataset(DEMO_CASES, data_uri, SynthSpec(shape=DEMO_SHAPE, sequences=DEMO_SEQUENCES), jobs=2)
     hyperparameters = {**DEMO_HYPERPARAMETERS, **spec.hyperparameters}
     demo = replace(spec, data_uri=data_uri, output_uri=spec.output_uri or f"s3://{DEMO_BUCKET}/runs/",
                    hyperparameters=hyperparameters)
@@ -194,8 +197,10 @@ def report(output_uri: str, job_name: str) -> None:
         print("  no summary.json (the run did not finish; see run.json)")
         return
     summary = json.loads(summary)
+    structures = [f"test_{figure}_{name}" for name in summary.get("structures", []) if len(summary["structures"]) > 1
+                  for figure in ("dice", "hd95")]
     for key in ("best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
-                "best_val_loss", "test_loss", "test_cases", "seconds"):
+                "test_hd95_mean", *structures, "best_val_loss", "test_loss", "test_cases", "seconds"):
         if summary.get(key) is not None:
             value = summary[key]
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

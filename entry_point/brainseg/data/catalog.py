@@ -1,9 +1,10 @@
 """The catalog: every case under a dataset prefix, checked, summarised and split.
 
 ``build_catalog(uri)`` lists the prefix (or, trusting a saved index, does not), indexes the
-headers it has not seen (:mod:`brainseg.data.index`), assembles and checks each case's image and mask
-series (:mod:`brainseg.data.quality`), summarises new cases (:mod:`brainseg.data.summary`), excludes
-duplicates across cases, and assigns splits (:mod:`brainseg.data.splits`).
+headers it has not seen (:mod:`brainseg.data.index`), assembles and checks each case's sequence
+series and mask (:mod:`brainseg.data.quality`; every sequence and the mask on one voxel grid),
+summarises new cases (:mod:`brainseg.data.summary`), excludes duplicates across cases, and assigns
+splits (:mod:`brainseg.data.splits`).
 """
 
 from __future__ import annotations
@@ -25,31 +26,44 @@ from brainseg.data.index import (
     read_header,
     save_index,
 )
-from brainseg.data.quality import IndexedObject, QualityError, assemble_series, check_pair
+from brainseg.data.quality import IndexedObject, QualityError, assemble_series, check_grid
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
 from brainseg.data.summary import CaseSummary, summarise_case
 from brainseg.io import s3
+from brainseg.labels import MAX_LABEL, LabelScheme
 
 logger = logging.getLogger(__name__)
 
 INDEX_DIR = ".brainseg"
 MANIFEST_NAME = "manifest.csv"
 CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
+IMAGE_ONLY = ("image",)  # the single-sequence layout: <case>/image/ and <case>/mask/
 
 
 @dataclass(frozen=True)
 class Case:
-    """A usable case: its checked series, summary and split. ``skipped`` lists the non-image
-    objects found in its series folders and why each was skipped."""
+    """A usable case: one checked series per sequence (channel order; ``None`` for a zero-filled
+    missing sequence, named in ``missing``), its mask, summary and split. ``skipped`` lists the
+    non-image objects found in its series folders and why each was skipped."""
 
     case_id: str
     split: str
-    image: Series
+    images: tuple
     mask: Series | None
     summary: CaseSummary
     patient_group: str = ""
     skipped: tuple = ()
+    missing: tuple = ()
+
+    @property
+    def image(self) -> Series:
+        """The first sequence present: the voxel grid every channel and the mask share."""
+        return next(series for series in self.images if series is not None)
+
+    @property
+    def channels(self) -> int:
+        return len(self.images)
 
 
 @dataclass(frozen=True)
@@ -95,15 +109,18 @@ def check_index_location(uri: str, index_uri: str) -> None:
                          "or a location outside the dataset")
 
 
-def _layout_hint(uri: str, listing: list[s3.ObjectInfo], prefix: str) -> str:
-    """Why no object sits in ``<case>/image/`` or ``<case>/mask/``, when the layout says so."""
+def _layout_hint(uri: str, listing: list[s3.ObjectInfo], prefix: str, folders: tuple) -> str:
+    """Why no object sits in ``<case>/<sequence>/`` or ``<case>/mask/``, when the layout says so."""
     parts = [info.key[len(prefix):].split("/") for info in listing]
-    deeper = sorted({p[0] for p in parts if len(p) >= 4 and p[2] in ("image", "mask")})
+    deeper = sorted({p[0] for p in parts if len(p) >= 4 and p[2] in folders})
     if deeper:
         return (f"; cases seem to be one level down, under {uri}{deeper[0]}/ (pass that as the data URI)")
-    if any(len(p) >= 2 and p[0] in ("image", "mask") for p in parts):
+    if any(len(p) >= 2 and p[0] in folders for p in parts):
         parent = uri.rstrip("/").rsplit("/", 1)[0] + "/"
-        return f"; {uri} looks like a single case folder (it holds image/ or mask/): pass its parent {parent}"
+        return f"; {uri} looks like a single case folder (it holds {'/ or '.join(folders)}/): pass its parent {parent}"
+    found = sorted({p[1] for p in parts if len(p) >= 3 and p[0] != INDEX_DIR} - set(folders))
+    if found:
+        return f"; the case folders hold {', '.join(found[:6])}/: name the sequences with --sequences"
     return ""
 
 
@@ -111,8 +128,9 @@ def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def _group_objects(prefix: str, listing: list[s3.ObjectInfo]):
-    """``{case_id: {"image": [...], "mask": [...]}}``, the manifest object, and ignored keys."""
+def _group_objects(prefix: str, listing: list[s3.ObjectInfo], folders: tuple):
+    """``{case_id: {folder: [...]}}`` for the sequence and mask ``folders``, the manifest object, and
+    the number of ignored keys."""
     cases: dict[str, dict[str, list[s3.ObjectInfo]]] = {}
     manifest, ignored = None, 0
     for info in listing:
@@ -122,10 +140,10 @@ def _group_objects(prefix: str, listing: list[s3.ObjectInfo]):
             manifest = info
         elif parts[0] == INDEX_DIR or relative.endswith("/"):
             continue
-        elif len(parts) >= 3 and parts[1] in ("image", "mask"):
-            cases.setdefault(parts[0], {"image": [], "mask": []})[parts[1]].append(info)
+        elif len(parts) >= 3 and parts[1] in folders:
+            cases.setdefault(parts[0], {folder: [] for folder in folders})[parts[1]].append(info)
         elif len(parts) >= 2:
-            cases.setdefault(parts[0], {"image": [], "mask": []})
+            cases.setdefault(parts[0], {folder: [] for folder in folders})
             ignored += 1
         else:
             ignored += 1
@@ -143,7 +161,8 @@ def _objects_fingerprint(objects, extra: bytes = b"") -> str:
 def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
                   refresh_index: bool = False, trust_index: bool = False,
-                  require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES) -> Catalog:
+                  require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
+                  sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None) -> Catalog:
     """Index, check, summarise and split every case under ``uri``.
 
     Args:
@@ -161,6 +180,12 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         require_masks: with ``False`` (self-supervised pretraining) a case without a ``mask/``
             folder is usable; its ``mask`` is ``None`` and its summary has no tumour.
         max_header_bytes: a header that does not end within this many bytes is refused.
+        sequences: the sequence folders of a case, in channel order (``("image",)``: the
+            single-sequence layout). Every sequence and the mask must share one voxel grid.
+        zero_fill: a case lacking some (not all) sequences stays usable; the missing channels read
+            as zeros and are listed in ``Case.missing``. Otherwise such a case is excluded.
+        labels: when given, a case whose mask holds a label value none of its classes covers (or
+            one above 255) is excluded, rather than having that value read as background.
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
@@ -184,14 +209,17 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     else:
         listing = s3.list_tree(bucket, prefix)
         manifest_bytes = None
-    grouped, manifest_info, ignored = _group_objects(prefix, listing)
+    sequences = tuple(sequences)
+    folders = sequences + ("mask",)
+    grouped, manifest_info, ignored = _group_objects(prefix, listing, folders)
     if manifest_info is not None:
         manifest_bytes = s3.get_object(bucket, manifest_info.key)
     if not any(series for parts in grouped.values() for series in parts.values()):
-        raise ValueError(f"no case folders under {uri}: expected <case_id>/image/*.dcm and "
-                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed){_layout_hint(uri, listing, prefix)}")
+        raise ValueError(f"no case folders under {uri}: expected <case_id>/{{{','.join(sequences)}}}/*.dcm and "
+                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed)"
+                         f"{_layout_hint(uri, listing, prefix, folders)}")
     if ignored:
-        logger.info("ignored %d object(s) outside <case>/image/ and <case>/mask/", ignored)
+        logger.info("ignored %d object(s) outside <case>/{%s}/", ignored, ",".join(folders))
 
     case_objects = [info for parts in grouped.values() for series in parts.values() for info in series]
     objects: dict[str, IndexedObject] = {}
@@ -217,19 +245,16 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     # Each pass looks only at the cases no earlier pass excluded; the first reason stands.
     reasons: dict[str, str] = {}
     skipped: dict[str, tuple] = {}
-    series: dict[str, tuple[Series, Series | None]] = {}
+    series: dict[str, tuple[dict[str, Series | None], Series | None]] = {}
+    missing: dict[str, tuple] = {}
     for case_id in sorted(grouped):
         parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
-                 for folder in ("image", "mask")}
-        skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in ("image", "mask")
+                 for folder in folders}
+        skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in folders
                                  for obj in parts[folder] if obj.stray)
         try:
-            image = assemble_series(bucket, "image", parts["image"])
-            mask = None
-            if parts["mask"] or require_masks:
-                mask = assemble_series(bucket, "mask", parts["mask"])
-                check_pair(image, mask)
-            series[case_id] = (image, mask)
+            series[case_id] = _assemble_case(bucket, sequences, parts, zero_fill, require_masks)
+            missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
             reasons[case_id] = str(err)
 
@@ -238,7 +263,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     for case_id in series:
         if case_id in reasons:
             continue
-        case_fingerprint = _objects_fingerprint(grouped[case_id]["image"] + grouped[case_id]["mask"])
+        case_fingerprint = _objects_fingerprint([info for folder in folders for info in grouped[case_id][folder]],
+                                                ",".join(sequences).encode())
         saved = index.cases.get(case_id)
         if saved is not None and saved[0] == case_fingerprint:
             summaries[case_id] = saved
@@ -256,10 +282,16 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         if case_id not in reasons and exclude_empty_masks and require_masks \
                 and summaries[case_id][1].tumour_voxels == 0:
             reasons[case_id] = "mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False"
-    reasons.update(_cross_case_duplicates({case_id: image for case_id, (image, _) in series.items()}, reasons))
+        elif case_id not in reasons and labels is not None and summaries[case_id][1].label_counts:
+            reason = _label_problem(summaries[case_id][1], labels)
+            if reason:
+                reasons[case_id] = reason
+    present = {case_id: [item for item in images.values() if item is not None] for case_id, (images, _) in series.items()}
+    reasons.update(_cross_case_duplicates(present, reasons))
 
-    groups = {case_id: min(hashes) if (hashes := {h.patient_hash for h in image.headers if h.patient_hash}) else ""
-              for case_id, (image, _) in series.items()}
+    groups = {case_id: min(hashes) if (hashes := {h.patient_hash for item in items for h in item.headers
+                                                  if h.patient_hash}) else ""
+              for case_id, items in present.items()}
     if manifest_bytes is not None:
         manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, manifest_bytes).items()}
         unknown = sorted(set(manifest) - {_nfc(case_id) for case_id in grouped})
@@ -273,8 +305,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     else:
         splits = assign_splits({case_id: groups[case_id] for case_id in series if case_id not in reasons}, seed,
                                split_fractions)
-    cases = tuple(Case(case_id, splits[case_id], *series[case_id], summaries[case_id][1], groups[case_id],
-                       skipped[case_id]) for case_id in sorted(splits))
+    cases = tuple(Case(case_id, splits[case_id], tuple(series[case_id][0].values()), series[case_id][1],
+                       summaries[case_id][1], groups[case_id], skipped[case_id], missing[case_id])
+                  for case_id in sorted(splits))
     exclusions = tuple(Exclusion(case_id, reasons[case_id], skipped[case_id]) for case_id in sorted(reasons))
 
     if to_read or pending or objects.keys() != index.objects.keys():
@@ -294,6 +327,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                       manifest=manifest_bytes is not None)
     for exclusion in exclusions:
         logger.warning("case %s excluded: %s", exclusion.case_id, exclusion.reason)
+    for case in cases:
+        if case.missing:
+            logger.warning("case %s: sequence(s) %s missing, zero-filled", case.case_id, ", ".join(case.missing))
     for case_id, items in sorted(skipped.items()):
         if items:
             logger.warning("case %s: skipped %d non-image object(s): %s", case_id, len(items),
@@ -304,15 +340,55 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     return catalog
 
 
-def _cross_case_duplicates(images: dict[str, Series], reasons: dict[str, str]) -> dict[str, str]:
+def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool,
+                   require_masks: bool) -> tuple[dict[str, Series | None], Series | None]:
+    """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
+
+    Raises:
+        QualityError: a sequence or the mask fails its checks, is absent (without ``zero_fill``),
+            or lies on another grid than the first sequence present.
+    """
+    absent = [name for name in sequences if not parts[name]]
+    if absent and len(sequences) > 1 and len(absent) < len(sequences) and not zero_fill:
+        have = ", ".join(name for name in sequences if name not in absent)
+        raise QualityError(f"missing sequence(s) {', '.join(absent)}: no objects under {absent[0]}/ (the case has "
+                           f"{have}); add it, or zero-fill it with --missing-sequences zero")
+    images = {name: assemble_series(bucket, name, parts[name]) if parts[name] or len(absent) == len(sequences)
+              else None for name in sequences}
+    reference_name = next(name for name in sequences if images[name] is not None)
+    reference = images[reference_name]
+    for name, item in images.items():
+        if item is not None and name != reference_name:
+            check_grid(reference, item, name, reference_name)
+    mask = None
+    if parts["mask"] or require_masks:
+        mask = assemble_series(bucket, "mask", parts["mask"])
+        check_grid(reference, mask, "mask", reference_name)
+    return images, mask
+
+
+def _label_problem(summary: CaseSummary, labels: LabelScheme) -> str:
+    """Why a mask's label values do not fit the classes ("" when they do)."""
+    values = [value for value, _ in summary.label_counts]
+    if max(values) > MAX_LABEL:
+        return f"mask holds label value {max(values)}; label values must lie in 0..{MAX_LABEL}"
+    unknown = labels.unknown_values(values)
+    if unknown:
+        classes = ", ".join(f"{c.name}={'+'.join(map(str, sorted(c.values)))}" for c in labels.classes)
+        return (f"mask holds label value(s) {', '.join(map(str, unknown))} that no class of --labels covers "
+                f"({classes}); add them to a class or relabel the mask")
+    return ""
+
+
+def _cross_case_duplicates(images: dict[str, list[Series]], reasons: dict[str, str]) -> dict[str, str]:
     """Cases whose image objects repeat an earlier case's (same content or same SOP instance), by case
     ID order; ``{case_id: reason}`` for those not already excluded."""
     seen: dict[str, str] = {}
     duplicates = {}
     for case_id in sorted(images):
-        image = images[case_id]
-        marks = {f"etag:{etag}" for etag in image.etags}
-        marks |= {f"sop:{header.instance_hash}" for header in image.headers if header.instance_hash}
+        marks = {f"etag:{etag}" for image in images[case_id] for etag in image.etags}
+        marks |= {f"sop:{header.instance_hash}" for image in images[case_id] for header in image.headers
+                  if header.instance_hash}
         first = sorted({seen[mark] for mark in marks if mark in seen})
         if first and case_id not in reasons:
             duplicates[case_id] = (f"image objects duplicate those of case {first[0]} (copied or "

@@ -36,8 +36,9 @@ class InMemorySeries:
 
 
 def load_in_memory(cases: list[Case]) -> list[Case]:
-    """Copies of ``cases`` with image and mask read whole into memory (concurrently)."""
+    """Copies of ``cases`` with every sequence and the mask read whole into memory (concurrently)."""
     def load(case: Case) -> Case:
         mask = InMemorySeries(case.mask) if case.mask is not None else None
-        return dataclasses.replace(case, image=InMemorySeries(case.image), mask=mask)
+        images = tuple(InMemorySeries(series) if series is not None else None for series in case.images)
+        return dataclasses.replace(case, images=images, mask=mask)
     return list(s3.executor().map(load, cases))

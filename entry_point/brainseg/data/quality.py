@@ -151,22 +151,21 @@ def _assemble(bucket: str, folder: str, objects: list[IndexedObject], strays: li
     )
 
 
-def check_pair(image: Series, mask: Series) -> None:
-    """The mask must cover the image voxel for voxel.
+def check_grid(reference: Series, other: Series, what: str = "mask", against: str = "image") -> None:
+    """``other`` (a mask or another sequence) must cover ``reference`` voxel for voxel.
 
     Raises:
-        QualityError: shape, spacing, orientation or origin differ.
+        QualityError: shape, spacing, orientation or origin differ, naming ``what`` and ``against``.
     """
-    if image.shape != mask.shape:
-        raise QualityError(f"mask geometry does not match image: mask shape {mask.shape}, "
-                           f"image shape {image.shape} (D, H, W)")
-    if not np.allclose(image.spacing, mask.spacing, rtol=GEOMETRY_TOLERANCE, atol=0):
-        raise QualityError(f"mask geometry does not match image: mask spacing "
-                           f"{_format_mm(mask.spacing)} mm, image {_format_mm(image.spacing)} mm")
-    if np.abs(np.subtract(image.orientation, mask.orientation)).max() > ORIENTATION_TOLERANCE:
-        raise QualityError("mask geometry does not match image: different orientation "
-                           f"{_format_mm(mask.orientation)} vs {_format_mm(image.orientation)}")
-    offset = float(np.linalg.norm(np.subtract(image.origin, mask.origin)))
-    if offset > ALIGNMENT_FRACTION * min(image.spacing):
-        raise QualityError(f"mask geometry does not match image: mask origin is {offset:.2f} mm "
-                           f"from the image origin")
+    differs = f"{what} geometry does not match {against}"
+    if reference.shape != other.shape:
+        raise QualityError(f"{differs}: {what} shape {other.shape}, {against} shape {reference.shape} (D, H, W)")
+    if not np.allclose(reference.spacing, other.spacing, rtol=GEOMETRY_TOLERANCE, atol=0):
+        raise QualityError(f"{differs}: {what} spacing {_format_mm(other.spacing)} mm, {against} "
+                           f"{_format_mm(reference.spacing)} mm")
+    if np.abs(np.subtract(reference.orientation, other.orientation)).max() > ORIENTATION_TOLERANCE:
+        raise QualityError(f"{differs}: different orientation {_format_mm(other.orientation)} vs "
+                           f"{_format_mm(reference.orientation)}")
+    offset = float(np.linalg.norm(np.subtract(reference.origin, other.origin)))
+    if offset > ALIGNMENT_FRACTION * min(reference.spacing):
+        raise QualityError(f"{differs}: {what} origin is {offset:.2f} mm from the {against} origin")

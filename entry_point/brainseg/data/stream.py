@@ -32,23 +32,36 @@ REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be d
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
-    """Upper bound of the memory one task of ``case`` holds: raw and decoded slabs plus its patches."""
+    """Upper bound of the memory one task of ``case`` holds: every channel's and the mask's slab raw
+    and decoded, plus its patches."""
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
-    return config.task_bytes(slab_shape(case.image.shape, config), case.image.bytes_per_voxel, mask_bytes)
+    image_bytes = max(series.bytes_per_voxel for series in case.images if series is not None)
+    return config.task_bytes(slab_shape(case.image.shape, config), image_bytes, mask_bytes, case.channels)
 
 
-def _read_mask(case: Case, region: tuple) -> np.ndarray:
-    if case.mask is None:
+def _read_or_zeros(series, region: tuple) -> np.ndarray:
+    """``series.read_region(*region)``, or zeros for a missing (zero-filled) sequence or mask."""
+    if series is None:
         z0, z1, y0, y1, x0, x1 = region
-        return np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.uint8)
-    return case.mask.read_region(*region)
+        return np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
+    return series.read_region(*region)
+
+
+def read_case_region(case: Case, region: tuple, submit=None) -> tuple[list, object]:
+    """Every channel's and the mask's voxels of ``region``: lists of futures when ``submit`` (an
+    executor's) is given, so the sequences are read concurrently, else of arrays."""
+    if submit is None:
+        return [_read_or_zeros(series, region) for series in case.images], _read_or_zeros(case.mask, region)
+    return [submit(_read_or_zeros, series, region) for series in case.images], submit(_read_or_zeros, case.mask, region)
 
 
 class PatchStream(IterableDataset):
     """Endless stream of ``{"image", "label", "case_id", "task", "origin"}`` samples.
 
-    ``image`` is float32 ``(1, D, H, W)`` normalised; ``label`` is uint8 ``(1, D, H, W)``
-    (1 = tumour; all 0 for a case without a mask); ``origin`` is the patch's ``(z, y, x)`` in the volume before augmentation.
+    ``image`` is float32 ``(C, D, H, W)``, one channel per sequence, each normalised with its own
+    statistics; ``label`` is uint8 ``(1, D, H, W)``, the mask's label values (all 0 for a case
+    without a mask; the task maps them to its targets); ``origin`` is the patch's ``(z, y, x)`` in
+    the volume before augmentation.
 
     Args:
         cases: usable cases, e.g. ``catalog.split("train")``.
@@ -92,22 +105,18 @@ class PatchStream(IterableDataset):
     def plan(self, task: int, attempt: int = 0) -> SlabPlan:
         return plan_slab(task, self._shapes, self._foregrounds, self.config, attempt)
 
-    def _read(self, plan: SlabPlan) -> tuple[np.ndarray, np.ndarray]:
-        case = self.cases[plan.case_index]
-        return case.image.read_region(*plan.region), _read_mask(case, plan.region)
-
-    def _settle(self, plan: SlabPlan, image: Future, mask: Future) -> tuple[SlabPlan, np.ndarray, np.ndarray]:
+    def _settle(self, plan: SlabPlan, images: list[Future], mask: Future) -> tuple[SlabPlan, list, np.ndarray]:
         """The slab of ``plan``, or, when its pixels cannot be decoded (a damaged compressed frame
         the index could not see), the task's next replacement plan in a fixed order."""
         try:
-            return plan, image.result(), mask.result()
+            return plan, [image.result() for image in images], mask.result()
         except PixelDataError as err:
             failure = err
         for attempt in range(1, REPLACEMENT_ATTEMPTS + 1):
             self._warn_unreadable(self.cases[plan.case_index].case_id, failure)
             plan = self.plan(plan.task, attempt)
             try:
-                return (plan, *self._read(plan))
+                return (plan, *read_case_region(self.cases[plan.case_index], plan.region))
             except PixelDataError as err:
                 failure = err
         raise PixelDataError(f"task {plan.task}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
@@ -147,21 +156,20 @@ class PatchStream(IterableDataset):
         group_patches = group * self.config.patches_per_slab
         first_group, skip = divmod(skip, group_patches)
         tasks = iter(range(shard + first_group * group * shards, 2**62, shards))
-        with ThreadPoolExecutor(2 * capacity, thread_name_prefix="slab") as pool:
-            pending: deque[tuple[SlabPlan, Future, Future]] = deque()
+        channels = max(case.channels for case in self.cases)
+        with ThreadPoolExecutor((channels + 1) * capacity, thread_name_prefix="slab") as pool:
+            pending: deque[tuple[SlabPlan, list[Future], Future]] = deque()
 
             def read_ahead(limit: int) -> None:
                 while len(pending) < limit:
                     plan = self.plan(next(tasks))
-                    case = self.cases[plan.case_index]
-                    pending.append((plan, pool.submit(case.image.read_region, *plan.region),
-                                    pool.submit(_read_mask, case, plan.region)))
+                    pending.append((plan, *read_case_region(self.cases[plan.case_index], plan.region, pool.submit)))
 
             # The first group is fetched alone: read-ahead submitted with it would share the
             # range pool and delay the first batch.
             read_ahead(group)
-            for _plan, image, mask in pending:
-                futures.wait([image, mask])
+            for _plan, images, mask in pending:
+                futures.wait([*images, mask])
             while True:
                 read_ahead(capacity)
                 ready = [pending.popleft() for _ in range(group)]
@@ -175,23 +183,23 @@ class PatchStream(IterableDataset):
                         else:
                             yield patches[index]
 
-    def _patches(self, plan: SlabPlan, image: np.ndarray, mask: np.ndarray) -> list[dict]:
+    def _patches(self, plan: SlabPlan, images: list[np.ndarray], mask: np.ndarray) -> list[dict]:
         case = self.cases[plan.case_index]
-        summary = case.summary
-        image = normalize(image, self.config.normalization, summary.mean, summary.std, summary.low, summary.high)
-        label = (mask > 0).astype(np.uint8)
+        image = np.stack([normalize(channel, self.config.normalization, stats)
+                          for channel, stats in zip(images, case.summary.intensities)])
+        label = mask.astype(np.uint8)
         z0, _, y0, _, x0, _ = plan.region
         out = []
         for number, origin in enumerate(plan.origins):
             window = tuple(slice(o - r, o - r + e) for o, r, e in zip(origin, (z0, y0, x0), plan.patch_extent))
-            patch_image = pad_to(image[window], self.config.patch_size)
+            patch_image = pad_to(image[(slice(None), *window)], (len(images), *self.config.patch_size))
             patch_label = pad_to(label[window], self.config.patch_size)
             if self.config.augment:
                 rng = np.random.default_rng([self.config.seed, plan.task, number, 1])
                 patch_image, patch_label = augment(patch_image, patch_label, rng,
                                                    minmax=self.config.normalization == "minmax")
             out.append({
-                "image": torch.from_numpy(np.ascontiguousarray(patch_image)[None]),
+                "image": torch.from_numpy(np.ascontiguousarray(patch_image)),
                 "label": torch.from_numpy(np.ascontiguousarray(patch_label)[None]),
                 "case_id": case.case_id,
                 "task": plan.task,

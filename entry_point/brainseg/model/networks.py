@@ -38,9 +38,10 @@ class NetworkSpec:
 
     @classmethod
     def of(cls, hp: Hyperparameters, out_channels: int) -> NetworkSpec:
-        """The network a run's hyperparameters describe, with its task's ``out_channels``."""
+        """The network a run's hyperparameters describe (one input channel per sequence), with its
+        task's ``out_channels``."""
         return cls(name=hp.model, channels=tuple(hp.channels), res_units=hp.res_units, activation=hp.activation,
-                   norm=hp.norm, dropout=hp.dropout, out_channels=out_channels)
+                   norm=hp.norm, dropout=hp.dropout, in_channels=len(hp.sequence_names), out_channels=out_channels)
 
 
 def check_patch_size(patch_size: tuple, channels: tuple) -> None:

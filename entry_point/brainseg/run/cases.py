@@ -10,6 +10,7 @@ import numpy as np
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
+from brainseg.labels import parse_scheme
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 from brainseg.tasks import task_of
@@ -24,7 +25,9 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
             return build_catalog(hp.data_uri, index_uri=hp.index_uri or None, seed=hp.seed,
                                  refresh_index=hp.refresh_index and distributed.is_main(),
                                  trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
-                                 max_header_bytes=hp.max_header_mb * 2**20)
+                                 max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
+                                 zero_fill=hp.missing_sequences == "zero",
+                                 labels=parse_scheme(hp.labels, hp.regions))
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None

@@ -1,5 +1,6 @@
-"""Whole-volume evaluation: read each case through the region reader, sliding-window inference,
-per-case overlap (segmentation) or reconstruction error (autoencoder).
+"""Whole-volume evaluation: read each case's sequences through the region reader, sliding-window
+inference, per-case overlap and HD95 per structure (segmentation) or reconstruction error
+(autoencoder).
 
 The next case's volumes are read while the current one is inferred. Under torch.distributed each
 rank evaluates its share of the cases and every rank receives all results.
@@ -19,6 +20,7 @@ from monai.inferers import sliding_window_inference
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case
+from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.run import distributed
@@ -32,28 +34,46 @@ EVAL_LOG_SECONDS = 30.0  # without a terminal, a progress line at most this ofte
 
 @dataclass(frozen=True)
 class CaseResult:
-    """One evaluated case. ``overlap`` for segmentation, ``mse`` for the autoencoder; ``error`` when
-    its pixels could not be decoded (then it counts in no figure)."""
+    """One evaluated case. ``overlaps`` and ``hd95`` (mm) per structure and ``tumour`` (all of them
+    together) for segmentation, ``mse`` for
+    the autoencoder; ``error`` when its pixels could not be decoded (then it counts in no figure)."""
 
     case_id: str
     shape: tuple
     seconds: float
-    overlap: Overlap | None = None
-    truth_ml: float = 0.0
-    predicted_ml: float = 0.0
+    overlaps: dict | None = None
+    hd95: dict | None = None
+    tumour: Overlap | None = None  # every structure as one: the volumes of the row
+    voxel_ml: float = 0.0
     mse: float | None = None
     crop: dict | None = None  # image/mask/prediction around the tumour, for review overlays
     error: str = ""
 
+    @property
+    def dice(self) -> float:
+        """Mean Dice over the structures."""
+        return float(np.mean([overlap.dice for overlap in self.overlaps.values()]))
+
     def row(self) -> dict:
+        """The case's line of test_cases.csv: mean figures, then each structure's when there are several."""
         row = {"case_id": self.case_id, "shape": "x".join(map(str, self.shape))}
         if self.error:
             return {**row, "error": self.error}
-        if self.overlap is not None:
-            row.update(dice=round(self.overlap.dice, 6), iou=round(self.overlap.iou, 6),
-                       truth_ml=round(self.truth_ml, 3), predicted_ml=round(self.predicted_ml, 3),
-                       truth_voxels=self.overlap.truth, predicted_voxels=self.overlap.predicted,
-                       intersection_voxels=self.overlap.intersection)
+        if self.overlaps is not None:
+            total = self.tumour
+            row.update(dice=round(self.dice, 6),
+                       iou=round(float(np.mean([o.iou for o in self.overlaps.values()])), 6),
+                       hd95=round(float(np.mean(list(self.hd95.values()))), 3),
+                       truth_ml=round(total.truth * self.voxel_ml, 3),
+                       predicted_ml=round(total.predicted * self.voxel_ml, 3),
+                       truth_voxels=total.truth, predicted_voxels=total.predicted,
+                       intersection_voxels=total.intersection)
+            if len(self.overlaps) > 1:
+                for name, overlap in self.overlaps.items():
+                    row.update({f"dice_{name}": round(overlap.dice, 6), f"iou_{name}": round(overlap.iou, 6),
+                                f"hd95_{name}": round(self.hd95[name], 3),
+                                f"truth_ml_{name}": round(overlap.truth * self.voxel_ml, 3),
+                                f"predicted_ml_{name}": round(overlap.predicted * self.voxel_ml, 3)})
         if self.mse is not None:
             row["mse"] = round(self.mse, 6)
         row["seconds"] = round(self.seconds, 3)
@@ -71,8 +91,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def infer(model: torch.nn.Module, image: np.ndarray, hp: Hyperparameters, device: torch.device) -> torch.Tensor:
-    """Sliding-window output ``(C, D, H, W)`` float32 on the CPU for a normalised volume."""
-    volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+    """Sliding-window output ``(C, D, H, W)`` float32 on the CPU for a normalised volume ``(C_in, D, H, W)``."""
+    volume = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
     with torch.no_grad(), autocast(device, hp.precision):
         output = sliding_window_inference(volume, roi_size=hp.patch_size, sw_batch_size=hp.sw_batch_size,
                                           predictor=model, overlap=hp.sw_overlap, mode="gaussian")
@@ -83,7 +103,8 @@ CROP_SHAPE = (32, 64, 64)  # at most 256 KiB of float16 image per case, plus two
 
 
 def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spacing: tuple) -> dict:
-    """A bounded box of image, mask and prediction centred on the tumour (truth, else prediction).
+    """A bounded box of image (the first sequence), mask and prediction (every structure, as one)
+    centred on the tumour (truth, else prediction).
 
     ``origin`` is the box's ``(z, y, x)`` in the volume, ``spacing`` its voxel size in mm; the
     image is float16 (normalised values).
@@ -97,21 +118,24 @@ def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spa
 
 
 def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
-    summary = case.summary
-    image = normalize(case.image.read_volume(), hp.normalization, summary.mean, summary.std,
-                      summary.low, summary.high)
-    mask = case.mask.read_volume() > 0 if case.mask is not None and task_of(hp).needs_masks else None
-    return image, mask
+    """The case's normalised channels ``(C, D, H, W)`` and its mask's label values (when scored)."""
+    depth, rows, columns = case.image.shape
+    images, mask = read_case_region(case, (0, depth, 0, rows, 0, columns))
+    image = np.stack([normalize(channel, hp.normalization, stats)
+                      for channel, stats in zip(images, case.summary.intensities)])
+    return image, mask.astype(np.uint8) if case.mask is not None and task_of(hp).needs_masks else None
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
                   crops: bool) -> CaseResult:
     task = task_of(hp)
     output = infer(model, task.model_input(image, case_seed(case.case_id)), hp, device)
-    scores = task.score(image, mask, output, float(np.prod(case.image.spacing)) / 1000.0)
+    scores = task.score(image, mask, output, case.image.spacing)
     prediction = scores.pop("prediction", None)
-    crop = tumour_crop(image, mask, prediction, case.image.spacing) if crops and prediction is not None else None
-    return CaseResult(case.case_id, image.shape, time.perf_counter() - started, crop=crop, **scores)
+    crop = (tumour_crop(image[0], mask > 0, prediction, case.image.spacing)
+            if crops and prediction is not None else None)
+    return CaseResult(case.case_id, case.image.shape, time.perf_counter() - started, crop=crop,
+                      voxel_ml=float(np.prod(case.image.spacing)) / 1000.0, **scores)
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
@@ -156,12 +180,20 @@ def aggregate(results: list[CaseResult]) -> dict:
     results = [result for result in results if not result.error]
     if not results:
         return {"unreadable": unreadable} if unreadable else {}
-    if results[0].overlap is None:
+    if results[0].overlaps is None:
         errors = [result.mse for result in results]
         return {"loss": float(np.mean(errors)), "loss_median": float(np.median(errors)), "cases": len(results),
                 "unreadable": unreadable}
-    dice = [result.overlap.dice for result in results]
-    iou = [result.overlap.iou for result in results]
-    total = sum((result.overlap for result in results), Overlap(0, 0, 0))
-    return {"dice": float(np.mean(dice)), "dice_median": float(np.median(dice)), "iou": float(np.mean(iou)),
-            "dice_global": total.dice, "iou_global": total.iou, "cases": len(results), "unreadable": unreadable}
+    names = list(results[0].overlaps)
+    scores = {}
+    for name in names:
+        total = sum((result.overlaps[name] for result in results), Overlap(0, 0, 0))
+        scores.update({f"dice_{name}": float(np.mean([result.overlaps[name].dice for result in results])),
+                       f"iou_{name}": float(np.mean([result.overlaps[name].iou for result in results])),
+                       f"hd95_{name}": float(np.mean([result.hd95[name] for result in results])),
+                       f"dice_global_{name}": total.dice, f"iou_global_{name}": total.iou})
+    dice = [result.dice for result in results]
+    mean_of = lambda figure: float(np.mean([scores[f"{figure}_{name}"] for name in names]))
+    return {"dice": float(np.mean(dice)), "dice_median": float(np.median(dice)), "iou": mean_of("iou"),
+            "hd95": mean_of("hd95"), "dice_global": mean_of("dice_global"), "iou_global": mean_of("iou_global"),
+            **scores, "cases": len(results), "unreadable": unreadable}

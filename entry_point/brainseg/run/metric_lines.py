@@ -22,8 +22,12 @@ class LineKind:
     metrics: tuple[tuple[str, str], ...] = ()
 
     def format(self, values: dict, suffix: str = "") -> str:
-        """``<tag> name=value ...`` for the fields present in ``values``, in table order."""
+        """``<tag> name=value ...`` for the fields present in ``values``, in table order, then the
+        values the table does not name (per-structure figures such as ``val_dice_et``) in their order."""
+        known = {name for name, _ in self.fields}
         parts = [self.tag] + [f"{name}={values[name]:{spec}}" for name, spec in self.fields if name in values]
+        parts += [f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+                  for name, value in values.items() if name not in known]
         return " ".join(parts) + (f" {suffix}" if suffix else "")
 
     def definitions(self) -> list[dict]:
@@ -41,10 +45,10 @@ EPOCH = LineKind(
      ("data_wait_fraction", "train:data_wait_fraction")))
 TEST = LineKind(
     "test_metrics",
-    (("test_dice", ".4f"), ("test_dice_median", ".4f"), ("test_iou", ".4f"), ("test_loss", ".5f"),
-     ("cases", "d"), ("best_epoch", "d")),
+    (("test_dice", ".4f"), ("test_dice_median", ".4f"), ("test_iou", ".4f"), ("test_hd95", ".2f"),
+     ("test_loss", ".5f"), ("cases", "d"), ("best_epoch", "d")),
     (("test_dice", "test:dice"), ("test_dice_median", "test:dice_median"), ("test_iou", "test:iou"),
-     ("test_loss", "test:loss")))
+     ("test_hd95", "test:hd95"), ("test_loss", "test:loss")))
 PROGRESS = LineKind(
     "progress",
     (("phase", ""), ("step", ""), ("case", ""), ("epoch", "d"), ("loss", ".4f"), ("lr", ".3g"), ("patches_per_s", ".1f"),
