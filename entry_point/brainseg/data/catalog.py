@@ -27,6 +27,7 @@ from brainseg.data.index import (
     save_index,
 )
 from brainseg.data.quality import IndexedObject, QualityError, assemble_series, check_grid
+from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
 from brainseg.data.summary import CaseSummary, summarise_case
@@ -50,7 +51,7 @@ class Case:
     case_id: str
     split: str
     images: tuple
-    mask: Series | None
+    mask: Series | SegmentationMask | None
     summary: CaseSummary
     patient_group: str = ""
     skipped: tuple = ()
@@ -341,7 +342,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
 
 def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool,
-                   require_masks: bool) -> tuple[dict[str, Series | None], Series | None]:
+                   require_masks: bool) -> tuple[dict[str, Series | None], Series | SegmentationMask | None]:
     """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
 
     Raises:
@@ -361,7 +362,14 @@ def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool,
         if item is not None and name != reference_name:
             check_grid(reference, item, name, reference_name)
     mask = None
-    if parts["mask"] or require_masks:
+    segmentations = [obj for obj in parts["mask"] if obj.header is not None and obj.header.is_segmentation]
+    if segmentations:
+        others = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
+        if len(segmentations) > 1 or others:
+            raise QualityError(f"mask/ holds a DICOM SEG ({segmentations[0].name}) and {len(segmentations) + len(others) - 1} other "
+                               "image object(s); keep one SEG object, or a label series, per mask folder")
+        mask = SegmentationMask.on_grid(bucket, segmentations[0], reference, reference_name)
+    elif parts["mask"] or require_masks:
         mask = assemble_series(bucket, "mask", parts["mask"])
         check_grid(reference, mask, "mask", reference_name)
     return images, mask

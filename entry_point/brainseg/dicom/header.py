@@ -38,6 +38,7 @@ PIXEL_VRS = (b"OB", b"OW", b"OF", b"OD", b"UN")
 PREAMBLE_BYTES = 132  # 128-byte preamble and "DICM"
 ORIENTATION_TOLERANCE = 1e-3  # unit length and orthogonality of the direction cosines
 IMAGE_CLASSES_WITHOUT_IMAGE_IN_NAME = {"Segmentation Storage", "Parametric Map Storage"}
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 IDENTITY_DIGITS = 16  # hex digits kept of each keyed hash
 
 
@@ -96,6 +97,12 @@ class ObjectHeader:
     pixel_offset: int
     pixel_length: int  # -1 when encapsulated (undefined length)
     frame_starts: tuple = ()
+    segments: tuple = ()  # a DICOM SEG object: the segment number of each frame
+    fractional_max: int = 0  # a FRACTIONAL SEG: the value that means "all of the voxel"; 0: BINARY
+
+    @property
+    def is_segmentation(self) -> bool:
+        return bool(self.segments)
 
     @property
     def bytes_per_pixel(self) -> int:
@@ -104,6 +111,13 @@ class ObjectHeader:
     @property
     def frame_bytes(self) -> int:
         return self.rows * self.columns * self.bytes_per_pixel * self.samples_per_pixel
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes every frame's pixels need together (1-bit SEG frames are packed without padding)."""
+        if self.bits_allocated == 1:
+            return -(-self.rows * self.columns * self.frames // 8)
+        return self.frame_bytes * self.frames
 
     def to_row(self) -> list:
         """The field values in declaration order (a compact JSON form)."""
@@ -116,6 +130,7 @@ class ObjectHeader:
         values = dict(zip(_FIELD_NAMES, row, strict=True))
         values["positions"] = tuple(tuple(p) for p in values["positions"])
         values["frame_starts"] = tuple(values["frame_starts"])
+        values["segments"] = tuple(values["segments"])
         for name in _SHARED_FIELDS:
             value = values[name]
             value = tuple(value) if isinstance(value, list) else value
@@ -417,11 +432,14 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
     bits_stored = _integer(dataset, "BitsStored", bits_allocated)
     rows, columns = _integer(dataset, "Rows", 0), _integer(dataset, "Columns", 0)
     photometric = str(_value(dataset, "PhotometricInterpretation") or "MONOCHROME2").strip()
+    segmentation = str(_value(dataset.file_meta, "MediaStorageSOPClassUID") or _value(dataset, "SOPClassUID")
+                       or "") == SEGMENTATION_STORAGE
     if samples != 1:
         raise HeaderError(f"{samples} samples per pixel; expected a greyscale image with 1 sample per pixel")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise HeaderError("PhotometricInterpretation is not MONOCHROME1 or MONOCHROME2 (a greyscale image)")
-    if bits_allocated not in (8, 16, 32):
+    segments, fractional_max = _segmentation(dataset, frames, bits_allocated, encapsulated) if segmentation else ((), 0)
+    if bits_allocated not in ((1, 8) if segmentation else (8, 16, 32)):
         raise HeaderError(f"BitsAllocated is {bits_allocated}; expected 8, 16 or 32")
     if not 1 <= bits_stored <= bits_allocated:
         raise HeaderError(f"BitsStored is {bits_stored}; expected 1 to BitsAllocated ({bits_allocated})")
@@ -458,13 +476,15 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
         patient_hash=_hashed(identity_key, _value(dataset, "PatientID")),
         pixel_offset=value_offset,
         pixel_length=length,
+        segments=segments,
+        fractional_max=fractional_max,
     )
     if encapsulated:
         if length != -1:
             raise HeaderError("encapsulated Pixel Data must have undefined length")
         header_fields["frame_starts"] = _frame_starts(dataset, prefix, value_offset, frames, object_size)
     header = ObjectHeader(**header_fields)
-    needed = header.frame_bytes * frames
+    needed = header.pixel_bytes
     if not encapsulated:
         what = f"{needed} bytes that {frames} frame(s) of {rows}x{columns}x{bits_allocated} bits need"
         if length < needed:
@@ -476,6 +496,32 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
         if held < needed:
             raise HeaderError(f"Pixel Data holds {max(held, 0)} of the {what} (truncated object?)")
     return header
+
+
+def _segmentation(dataset, frames: int, bits_allocated: int, encapsulated: bool) -> tuple[tuple, int]:
+    """A DICOM SEG object's segment number per frame and, when FRACTIONAL, its maximum value."""
+    kind = str(_value(dataset, "SegmentationType") or "").strip().upper()
+    if kind not in ("BINARY", "FRACTIONAL"):
+        raise HeaderError(f"SegmentationType (0062,0001) is {kind or 'missing'}; expected BINARY or FRACTIONAL")
+    if (kind, bits_allocated) not in (("BINARY", 1), ("FRACTIONAL", 8)):
+        raise HeaderError(f"a {kind} segmentation with BitsAllocated {bits_allocated}; expected 1 (BINARY) or "
+                          "8 (FRACTIONAL)")
+    if encapsulated:
+        raise HeaderError("a compressed segmentation: its frames cannot be read by byte ranges; write it with an "
+                          "uncompressed transfer syntax (Explicit VR Little Endian)")
+    per_frame = _value(dataset, "PerFrameFunctionalGroupsSequence") or []
+    numbers = [_first_item(item, "SegmentIdentificationSequence", "ReferencedSegmentNumber") for item in per_frame]
+    try:
+        segments = tuple(int(number) for number in numbers)
+    except (TypeError, ValueError):
+        segments = ()
+    if len(segments) != frames or min(segments, default=0) < 1:
+        raise HeaderError("a segmentation frame has no ReferencedSegmentNumber (SegmentIdentificationSequence); "
+                          "expected one per frame")
+    maximum = _integer(dataset, "MaximumFractionalValue", 255) if kind == "FRACTIONAL" else 0
+    if kind == "FRACTIONAL" and not 1 <= maximum <= 255:
+        raise HeaderError(f"MaximumFractionalValue is {maximum}; expected 1 to 255")
+    return segments, maximum
 
 
 def _hashed(key: bytes, identifier) -> str:

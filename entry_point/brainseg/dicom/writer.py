@@ -73,6 +73,11 @@ def _base_dataset(volume: np.ndarray, spec: SeriesSpec, sop_class: str) -> Datas
     dataset.PatientName = spec.patient_name
     dataset.PatientID = spec.patient_id
     dataset.PatientBirthDate = "19700101"
+    dataset.PatientSex = "O"
+    dataset.StudyDate, dataset.StudyTime, dataset.StudyID = "20260101", "120000", "1"
+    dataset.AccessionNumber = ""
+    dataset.ReferringPhysicianName = ""
+    dataset.Manufacturer = "brainseg synthetic"
     dataset.StudyInstanceUID = spec.study_uid
     dataset.SeriesInstanceUID = spec.series_uid
     dataset.FrameOfReferenceUID = spec.frame_of_reference_uid
