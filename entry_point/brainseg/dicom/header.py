@@ -510,7 +510,10 @@ def _segmentation(dataset, frames: int, bits_allocated: int, encapsulated: bool)
         raise HeaderError("a compressed segmentation: its frames cannot be read by byte ranges; write it with an "
                           "uncompressed transfer syntax (Explicit VR Little Endian)")
     per_frame = _value(dataset, "PerFrameFunctionalGroupsSequence") or []
-    numbers = [_first_item(item, "SegmentIdentificationSequence", "ReferencedSegmentNumber") for item in per_frame]
+    shared = _first_item(dataset, "SharedFunctionalGroupsSequence", "SegmentIdentificationSequence",
+                         "ReferencedSegmentNumber")  # one segment: often given once for every frame
+    numbers = [_first_item(item, "SegmentIdentificationSequence", "ReferencedSegmentNumber") or shared
+               for item in per_frame]
     try:
         segments = tuple(int(number) for number in numbers)
     except (TypeError, ValueError):

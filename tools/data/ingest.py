@@ -1,0 +1,345 @@
+"""Convert public brain-tumour datasets to the brainseg DICOM layout, written in parallel.
+
+    brainseg-ingest SRC s3://bucket/dataset/ [--format brats|msd|lgg] [--jobs 4] [--spacing 1,1,1]
+
+Formats (detected from SRC when ``--format`` is not given):
+
+  brats  one folder per case holding ``<case>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair`` and
+         ``_seg`` (labels 1 necrotic core, 2 oedema, 4 enhancing; 3 in BraTS 2023).
+  msd    the Medical Segmentation Decathlon layout: ``dataset.json``, ``imagesTr/<case>.nii.gz``
+         (4D: one volume per modality, named in dataset.json) and ``labelsTr/<case>.nii.gz``.
+  lgg    2D slice folders (the LGG segmentation set): per case ``<case>_<n>.tif`` (RGB: pre-contrast,
+         FLAIR, post-contrast) and ``<case>_<n>_mask.tif``; slices carry no geometry, so ``--spacing``
+         (mm, default 1,1,1) gives it.
+
+Each case becomes ``<case>/<sequence>/IM_*.dcm`` (one MR series per sequence, geometry from the
+NIfTI affine, converted from RAS to DICOM's LPS) and ``<case>/mask/seg.dcm``, a DICOM SEG written
+with highdicom whose segment numbers 1, 2, ... are the dataset's label values in ascending order
+(BraTS 1, 2, 4 become segments 1, 2, 3). The end of the run prints the ``--sequences`` and
+``--labels`` to train with. Float images are stored as 16-bit integers with a rescale slope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from brainseg.dicom import writer
+from brainseg.io import s3
+from brainseg.run.progress import Progress
+from tools.data.synth import write_files
+
+logger = logging.getLogger("ingest")
+FORMATS = ("brats", "msd", "lgg")
+BRATS_SEQUENCES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair"}
+BRATS_LABELS = {1: "ncr", 2: "ed", 3: "et", 4: "et"}
+LGG_SEQUENCES = ("t1", "flair", "t1c")  # the RGB channels: pre-contrast, FLAIR, post-contrast
+NAME = re.compile(r"[^a-z0-9_]+")
+
+
+class IngestError(ValueError):
+    """A source case or layout that cannot be converted; the message names the file."""
+
+
+@dataclass
+class CaseSource:
+    """One case to convert: its ID and how to load it."""
+
+    case_id: str
+    format: str
+    paths: dict  # what the loader of its format needs
+
+
+@dataclass
+class Study:
+    """A loaded case: sequences ``{name: (D, H, W)}``, labels ``(D, H, W)``, and the geometry of the grid."""
+
+    images: dict
+    labels: np.ndarray
+    spacing: tuple  # (dz, dy, dx) mm
+    origin: tuple  # LPS mm of voxel (0, 0, 0)
+    orientation: tuple  # row then column direction cosines (LPS)
+
+
+def _nifti(path: Path):
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        return np.asanyarray(image.dataobj), image.affine
+    except Exception as err:  # nibabel raises many kinds on damaged files
+        raise IngestError(f"{path.name}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+
+
+def geometry_from_affine(affine: np.ndarray, shape: tuple) -> tuple[tuple, tuple, tuple, bool]:
+    """DICOM geometry of a NIfTI volume read as slices along its third axis.
+
+    Returns ``(spacing (dz, dy, dx), origin, orientation, reversed)``: ``reversed`` when the third
+    axis runs against the slice normal, so the slices must be written last first.
+
+    Raises:
+        IngestError: a sheared affine (the third axis not along the normal of the first two).
+    """
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=float)[:3]
+    axes = lps[:, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if min(lengths) <= 0:
+        raise IngestError(f"the affine has a zero-length axis: {affine.tolist()}")
+    row, column, through = (axes[:, i] / lengths[i] for i in range(3))
+    normal = np.cross(row, column)
+    if abs(abs(float(normal @ through)) - 1.0) > 1e-3:
+        raise IngestError("the affine is sheared (slices not stacked along their normal); resample the volume first")
+    flipped = float(normal @ through) < 0
+    origin = lps[:, 3] + (axes[:, 2] * (shape[2] - 1) if flipped else 0.0)
+    return ((float(lengths[2]), float(lengths[1]), float(lengths[0])), tuple(float(v) for v in origin),
+            tuple(float(v) for v in (*row, *column)), flipped)
+
+
+def _slices(data: np.ndarray, flipped: bool) -> np.ndarray:
+    """``(I, J, K)`` NIfTI voxels as ``(K, J, I)`` DICOM slices (rows along J, columns along I)."""
+    volume = np.transpose(data, (2, 1, 0))
+    return volume[::-1] if flipped else volume
+
+
+def load_brats(source: CaseSource) -> Study:
+    images, geometry, shape = {}, None, None
+    for key, name in BRATS_SEQUENCES.items():
+        data, affine = _nifti(source.paths[key])
+        found = geometry_from_affine(affine, data.shape)
+        if geometry is not None and (data.shape != shape or not np.allclose(found[0], geometry[0], rtol=1e-3)
+                                     or not np.allclose(found[1], geometry[1], atol=0.1)):
+            raise IngestError(f"{source.paths[key].name}: its grid differs from {source.paths['t1'].name}'s")
+        geometry, shape = geometry or found, data.shape
+        images[name] = _slices(data, found[3])
+    labels, affine = _nifti(source.paths["seg"])
+    if labels.shape != shape:
+        raise IngestError(f"{source.paths['seg'].name}: shape {labels.shape}, images {shape}")
+    return Study(images, _slices(labels, geometry[3]), *geometry[:3])
+
+
+def load_msd(source: CaseSource) -> Study:
+    data, affine = _nifti(source.paths["image"])
+    if data.ndim != 4 or data.shape[3] != len(source.paths["modalities"]):
+        raise IngestError(f"{source.paths['image'].name}: shape {data.shape}; expected 4D with "
+                          f"{len(source.paths['modalities'])} modalities (dataset.json)")
+    spacing, origin, orientation, flipped = geometry_from_affine(affine, data.shape)
+    images = {name: _slices(data[..., index], flipped) for index, name in enumerate(source.paths["modalities"])}
+    labels, _ = _nifti(source.paths["label"])
+    if labels.shape != data.shape[:3]:
+        raise IngestError(f"{source.paths['label'].name}: shape {labels.shape}, images {data.shape[:3]}")
+    return Study(images, _slices(labels, flipped), spacing, origin, orientation)
+
+
+def load_lgg(source: CaseSource) -> Study:
+    from PIL import Image
+
+    planes, masks = [], []
+    for image_path, mask_path in source.paths["slices"]:
+        try:
+            rgb = np.asarray(Image.open(image_path))
+            mask = np.asarray(Image.open(mask_path))
+        except Exception as err:
+            raise IngestError(f"{image_path.name}: not a readable TIFF slice ({type(err).__name__})") from None
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or mask.shape[:2] != rgb.shape[:2]:
+            raise IngestError(f"{image_path.name}: shape {rgb.shape} with mask {mask.shape}; expected an RGB slice "
+                              "and a mask of its size")
+        planes.append(rgb)
+        masks.append(mask if mask.ndim == 2 else mask[..., 0])
+    stack = np.stack(planes)
+    images = {name: np.ascontiguousarray(stack[..., index]) for index, name in enumerate(LGG_SEQUENCES)}
+    spacing = source.paths["spacing"]
+    return Study(images, (np.stack(masks) > 0).astype(np.uint8), spacing, (0.0, 0.0, 0.0),
+                 (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+
+
+LOADERS = {"brats": load_brats, "msd": load_msd, "lgg": load_lgg}
+
+
+def _stored(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Integer pixels DICOM can hold, with the rescale that gives the values back."""
+    if np.issubdtype(volume.dtype, np.integer) and volume.min() >= 0 and volume.max() <= 65535:
+        return volume.astype(np.uint16), 1.0, 0.0
+    if np.issubdtype(volume.dtype, np.integer) and volume.min() >= -32768 and volume.max() <= 32767:
+        return volume.astype(np.int16), 1.0, 0.0
+    low, high = float(np.min(volume)), float(np.max(volume))
+    slope = (high - low) / 65535.0 or 1.0
+    return np.round((volume - low) / slope).astype(np.uint16), slope, low
+
+
+def encode_study(case_id: str, study: Study, segment_names: dict) -> dict[str, bytes]:
+    """``{relative path: DICOM bytes}``: one MR series per sequence and a DICOM SEG of the labels
+    (segment ``n`` = the ``n``-th label value of ``segment_names``, ascending)."""
+    common = dict(spacing=study.spacing, origin=study.origin, orientation=study.orientation,
+                  patient_id=case_id, patient_name=f"{case_id}^")
+    first = writer.SeriesSpec(**common)
+    files, sources = {}, None
+    for number, (name, volume) in enumerate(study.images.items(), start=1):
+        pixels, slope, intercept = _stored(np.asarray(volume))
+        spec = writer.SeriesSpec(**common, study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid,
+                                 series_description=name, rescale_slope=slope, rescale_intercept=intercept)
+        datasets = writer.slice_datasets(pixels, spec)
+        for dataset in datasets:
+            dataset.SeriesNumber = number
+        sources = sources or datasets
+        for index, dataset in enumerate(datasets, start=1):
+            files[f"{case_id}/{name}/IM_{index:04d}.dcm"] = writer.encode(dataset, "explicit-le")
+    labels = np.asarray(study.labels)
+    values = sorted(segment_names)
+    unknown = sorted(set(np.unique(labels).tolist()) - {0, *values})
+    if unknown:
+        raise IngestError(f"case {case_id}: label value(s) {unknown} are not among the dataset's labels {values}")
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=segment_names[value],
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number, value in enumerate(values, start=1)]
+    planes = np.stack([labels == value for value in values], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=planes, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=len(study.images) + 1,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="brainseg ingest",
+        manufacturer_model_name="brainseg", software_versions="1", device_serial_number="0")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    files[f"{case_id}/mask/seg.dcm"] = buffer.getvalue()
+    return files
+
+
+def _case_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def discover(src: Path, kind: str | None = None,
+             spacing: tuple = (1.0, 1.0, 1.0)) -> tuple[str, list[CaseSource], dict, dict]:
+    """The format, the cases, the label names ``{value: name}`` and the sequences of ``src``.
+
+    Raises:
+        IngestError: no case of the format (or of any format) under ``src``.
+    """
+    if not src.is_dir():
+        raise IngestError(f"{src} is not a folder")
+    if kind is None:
+        if (src / "dataset.json").exists():
+            kind = "msd"
+        elif any(src.glob("*/*_seg.nii*")):
+            kind = "brats"
+        elif any(src.glob("*/*_mask.tif")):
+            kind = "lgg"
+        else:
+            raise IngestError(f"{src} holds no dataset.json (msd), */*_seg.nii.gz (brats) or */*_mask.tif (lgg); "
+                              "pass --format")
+    if kind == "msd":
+        try:
+            meta = json.loads((src / "dataset.json").read_text())
+            modalities = [NAME.sub("_", str(meta["modality"][key]).lower()).strip("_")
+                          for key in sorted(meta["modality"], key=int)]
+            labels = {int(key): NAME.sub("_", str(name).lower()).strip("_") for key, name in meta["labels"].items()
+                      if int(key) != 0}
+            entries = meta["training"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise IngestError(f"{src / 'dataset.json'}: not a Decathlon dataset.json ({type(err).__name__}: {err})") \
+                from None
+        cases = [CaseSource(_case_id(Path(entry["image"]).name.split(".")[0]), kind,
+                            {"image": src / entry["image"], "label": src / entry["label"], "modalities": modalities})
+                 for entry in entries]
+        return kind, cases, labels, {name: name for name in modalities}
+    if kind == "brats":
+        cases = []
+        for seg in sorted(src.glob("*/*_seg.nii*")):
+            case = seg.name.split("_seg.nii")[0]
+            suffix = seg.name[len(case) + len("_seg"):]
+            paths = {"seg": seg, **{key: seg.parent / f"{case}_{key}{suffix}" for key in BRATS_SEQUENCES}}
+            missing = [path.name for path in paths.values() if not path.exists()]
+            if missing:
+                raise IngestError(f"case {case}: {', '.join(missing)} missing beside {seg.name}")
+            cases.append(CaseSource(_case_id(case), kind, paths))
+        return kind, cases, dict(BRATS_LABELS), dict(BRATS_SEQUENCES)
+    if kind == "lgg":
+        cases = []
+        for folder in sorted(path for path in src.iterdir() if path.is_dir()):
+            masks = sorted(folder.glob("*_mask.tif"), key=lambda p: int(re.findall(r"_(\d+)_mask", p.name)[0]))
+            slices = [(mask.with_name(mask.name.replace("_mask.tif", ".tif")), mask) for mask in masks]
+            if slices:
+                cases.append(CaseSource(_case_id(folder.name), kind, {"slices": slices, "spacing": spacing}))
+        return kind, cases, {1: "tumour"}, {name: name for name in LGG_SEQUENCES}
+    raise IngestError(f"--format {kind!r}: expected one of {', '.join(FORMATS)}")
+
+
+def _convert(source: CaseSource, labels: dict, out: str) -> tuple[str, int, str]:
+    """``(case ID, bytes written, error)``; an error leaves the case out, never the batch."""
+    try:
+        study = LOADERS[source.format](source)
+        return source.case_id, write_files(encode_study(source.case_id, study, labels), out), ""
+    except (IngestError, s3.S3Error, OSError) as err:
+        return source.case_id, 0, str(err)
+
+
+def ingest(src: Path, out: str, kind: str | None = None, jobs: int = 4, spacing: tuple = (1.0, 1.0, 1.0)) -> dict:
+    """Convert every case under ``src`` and write it under ``out``; returns a report."""
+    kind, cases, labels, sequences = discover(src, kind, spacing)
+    if not cases:
+        raise IngestError(f"no {kind} case under {src}")
+    started = time.perf_counter()
+    written, failed = 0, {}
+    progress = Progress(len(cases), phase="ingest", unit="case", log_seconds=30.0)
+    with progress, ProcessPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(_convert, source, labels, out) for source in cases]
+        for number, future in enumerate(futures, start=1):
+            case_id, size, error = future.result()
+            written += size
+            if error:
+                failed[case_id] = error
+                logger.warning("case %s left out: %s", case_id, error)
+            progress.update(number)
+    segment_of: dict[str, list[int]] = {}
+    for number, value in enumerate(sorted(labels), start=1):
+        segment_of.setdefault(labels[value], []).append(number)
+    return {"format": kind, "cases": len(cases) - len(failed), "failed": failed, "bytes": written,
+            "seconds": round(time.perf_counter() - started, 1), "sequences": ",".join(sequences.values()),
+            "labels": ",".join(f"{name}={'+'.join(map(str, numbers))}" for name, numbers in segment_of.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, help="the dataset's folder")
+    parser.add_argument("out", help="s3://bucket/prefix/ or a local folder")
+    parser.add_argument("--format", choices=FORMATS, help="default: detected from SRC")
+    parser.add_argument("--jobs", type=int, default=4, help="cases converted at once (processes)")
+    parser.add_argument("--spacing", default="1,1,1", help="lgg: slice thickness and pixel spacing dz,dy,dx in mm")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines quote the source objects' UIDs
+    try:
+        spacing = tuple(float(v) for v in args.spacing.split(","))
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--spacing {args.spacing!r}: expected three positive numbers like 1,1,1")
+    try:
+        if args.out.startswith("s3://"):
+            s3.parse_uri(args.out)
+        report = ingest(args.src, args.out, args.format, args.jobs, spacing)
+    except (IngestError, ValueError, s3.S3Error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for case_id, error in report["failed"].items():
+        print(f"left out {case_id}: {error}", file=sys.stderr)
+    print(f"wrote {report['cases']} {report['format']} case(s), {report['bytes'] / 1e6:.1f} MB, to {args.out} in "
+          f"{report['seconds']} s; train with --sequences {report['sequences']} --labels {report['labels']}")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
