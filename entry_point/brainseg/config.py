@@ -59,7 +59,8 @@ class StreamConfig:
         mix_slabs: patches of this many consecutive slabs are interleaved, so a batch mixes
             cases; the first batch waits for this many slabs (1: each slab's patches in a row).
         normalization: ``"zscore"`` (body mean and std) or ``"minmax"`` (0.5-99.5 percentile to [0, 1]).
-        augment: random flips, in-plane 90-degree rotations, intensity scale/shift and noise.
+        augment: mirroring, 90-degree in-plane turns, rotation, scaling, elastic deformation, and per
+            channel bias field, gamma, blur, lower resolution, scale/shift and noise (:mod:`brainseg.data.augment`).
         memory_budget_bytes: hard bound on slabs and patches held by the pipeline, shared by all
             DataLoader workers of one process group.
         read_ahead: slabs fetched ahead of the consumer per worker (the budget may lower it).
@@ -213,7 +214,8 @@ class Hyperparameters:
     mix_slabs: int = _field(StreamConfig.mix_slabs, "consecutive slabs whose patches are interleaved")
     normalization: str = _field(StreamConfig.normalization, "zscore (body mean and std) or minmax (0.5-99.5 "
                                                             "percentile to [0, 1])")
-    augment: bool = _field(StreamConfig.augment, "random flips, 90-degree rotations, intensity scale/shift, noise")
+    augment: bool = _field(StreamConfig.augment, "mirroring, rotation, scaling, elastic deformation, bias field, "
+                                                 "gamma, blur, lower resolution, intensity scale/shift, noise")
     memory_budget_mb: int = _field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
                                                                             "by the DataLoader workers")
     read_ahead: int = _field(StreamConfig.read_ahead, "slabs fetched ahead of the consumer per worker")

@@ -21,9 +21,10 @@ import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
 from brainseg.config import StreamConfig
+from brainseg.data.augment import augment
 from brainseg.data.catalog import Case
 from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
-from brainseg.data.transforms import augment, normalize, pad_to
+from brainseg.data.transforms import normalize, pad_to
 from brainseg.dicom import PixelDataError
 
 logger = logging.getLogger(__name__)
