@@ -168,6 +168,8 @@ class Hyperparameters:
                                      "several values; * any non-zero value)")
     regions: str = _field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
                               "wt=ncr+ed+et,tc=ncr+et,et=et or brats (empty: softmax over the classes)")
+    target_spacing: str = _field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
+                                           "median spacing), native (no resampling) or three numbers")
     # Model
     task: str = _field("segmentation", "segmentation, or autoencoder: masked-image reconstruction pretraining "
                                        "on images without masks")
@@ -251,6 +253,7 @@ class Hyperparameters:
             check_run_name(self.run_name)
         self._check_sequences()
         parse_scheme(self.labels, self.regions)
+        parse_target_spacing(self.target_spacing)
         self._check_locations()
         self._check_memory_budget()
 
@@ -258,6 +261,11 @@ class Hyperparameters:
     def sequence_names(self) -> tuple[str, ...]:
         """The sequence folders in channel order."""
         return tuple(name.strip() for name in self.sequences.split(","))
+
+    @property
+    def target_spacing_mm(self) -> tuple | str:
+        """``"median"``, ``"native"`` or ``(dz, dy, dx)`` in mm."""
+        return parse_target_spacing(self.target_spacing)
 
     def _check_sequences(self) -> None:
         names = self.sequence_names
@@ -306,6 +314,25 @@ class Hyperparameters:
 
     def replace(self, **changes) -> Hyperparameters:
         return replace(self, **changes)
+
+
+def parse_target_spacing(text: str) -> tuple | str:
+    """``--target-spacing``: ``"median"``, ``"native"`` or ``(dz, dy, dx)`` in mm.
+
+    Raises:
+        ValueError: anything else.
+    """
+    lowered = str(text).strip().lower()
+    if lowered in ("median", "native"):
+        return lowered
+    try:
+        values = tuple(float(v) for v in lowered.strip("[]").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"target_spacing {text!r}: expected median, native or three positive spacings in mm like "
+                         "1,1,1")
+    return values
 
 
 def budget_message(budget_mb: int, workers: int, needed_bytes: int) -> str:

@@ -20,9 +20,10 @@ import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from brainseg.config import StreamConfig
+from brainseg.config import FLOAT_BYTES, StreamConfig
 from brainseg.data.augment import augment
 from brainseg.data.catalog import Case
+from brainseg.data.resample import Grid, grid_of
 from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
 from brainseg.data.transforms import normalize, pad_to
 from brainseg.dicom import PixelDataError
@@ -33,11 +34,14 @@ REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be d
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
-    """Upper bound of the memory one task of ``case`` holds: every channel's and the mask's slab raw
-    and decoded, plus its patches."""
+    """Upper bound of the memory one task of ``case`` holds: every channel's and the mask's native
+    slab raw and decoded, their resampled copies on the target grid, plus its patches."""
+    grid = grid_of(case)
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
     image_bytes = max(series.bytes_per_voxel for series in case.images if series is not None)
-    return config.task_bytes(slab_shape(case.image.shape, config), image_bytes, mask_bytes, case.channels)
+    slab = slab_shape(grid.shape, config)
+    resampled = 0 if grid.identity else int(np.prod(slab)) * (case.channels + 1) * FLOAT_BYTES
+    return config.task_bytes(grid.native_slab_shape(slab), image_bytes, mask_bytes, case.channels) + resampled
 
 
 def _read_or_zeros(series, region: tuple) -> np.ndarray:
@@ -48,12 +52,19 @@ def _read_or_zeros(series, region: tuple) -> np.ndarray:
     return series.read_region(*region)
 
 
-def read_case_region(case: Case, region: tuple, submit=None) -> tuple[list, object]:
+def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None = None) -> tuple[list, object]:
     """Every channel's and the mask's voxels of ``region``: lists of futures when ``submit`` (an
-    executor's) is given, so the sequences are read concurrently, else of arrays."""
+    executor's) is given, so the sequences are read concurrently, else of arrays. With a ``grid``,
+    ``region`` is on its target grid: the native region covering it is read and resampled."""
+    native = grid.native_region(region) if grid is not None else region
+
+    def read(series, labels: bool) -> np.ndarray:
+        data = _read_or_zeros(series, native)
+        return grid.to_target(data, native, region, labels) if grid is not None else data
+
     if submit is None:
-        return [_read_or_zeros(series, region) for series in case.images], _read_or_zeros(case.mask, region)
-    return [submit(_read_or_zeros, series, region) for series in case.images], submit(_read_or_zeros, case.mask, region)
+        return [read(series, False) for series in case.images], read(case.mask, True)
+    return [submit(read, series, False) for series in case.images], submit(read, case.mask, True)
 
 
 class PatchStream(IterableDataset):
@@ -91,8 +102,10 @@ class PatchStream(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self._unreadable: set[str] = set()  # cases warned about, per worker
-        self._shapes = [case.image.shape for case in self.cases]
-        self._foregrounds = [case.summary.foreground_points for case in self.cases]
+        self._grids = [grid_of(case) for case in self.cases]
+        self._shapes = [grid.shape for grid in self._grids]
+        self._foregrounds = [grid.points_to_target(case.summary.foreground_points)
+                             for grid, case in zip(self._grids, self.cases)]
         self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
         if self.task_cost_bytes > config.memory_budget_bytes:
             raise ValueError(self._budget_message(1, config.memory_budget_bytes))
@@ -117,7 +130,8 @@ class PatchStream(IterableDataset):
             self._warn_unreadable(self.cases[plan.case_index].case_id, failure)
             plan = self.plan(plan.task, attempt)
             try:
-                return (plan, *read_case_region(self.cases[plan.case_index], plan.region))
+                return (plan, *read_case_region(self.cases[plan.case_index], plan.region,
+                                                grid=self._grids[plan.case_index]))
             except PixelDataError as err:
                 failure = err
         raise PixelDataError(f"task {plan.task}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
@@ -164,7 +178,8 @@ class PatchStream(IterableDataset):
             def read_ahead(limit: int) -> None:
                 while len(pending) < limit:
                     plan = self.plan(next(tasks))
-                    pending.append((plan, *read_case_region(self.cases[plan.case_index], plan.region, pool.submit)))
+                    pending.append((plan, *read_case_region(self.cases[plan.case_index], plan.region, pool.submit,
+                                                            self._grids[plan.case_index])))
 
             # The first group is fetched alone: read-ahead submitted with it would share the
             # range pool and delay the first batch.

@@ -3,12 +3,14 @@ the three splits, checked against what the run needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
+from brainseg.data.resample import grid_of, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
 from brainseg.labels import parse_scheme
 from brainseg.run import distributed
@@ -56,8 +58,25 @@ def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], lis
         train = train[:hp.max_train_cases]
     if hp.max_val_cases:
         val = val[:hp.max_val_cases]
-    if not any(all(p <= s for p, s in zip(hp.patch_size, case.image.shape)) for case in train):
-        largest = max((case.image.shape for case in train), key=lambda shape: int(np.prod(shape)))
+    spacing = target_spacing(hp, train)
+    train, val, test = ([dataclasses.replace(case, target_spacing=spacing) for case in split]
+                        for split in (train, val, test))
+    shapes = [grid_of(case).shape for case in train]
+    if not any(all(p <= s for p, s in zip(hp.patch_size, shape)) for shape in shapes):
+        largest = max(shapes, key=lambda shape: int(np.prod(shape)))
         raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
-                            f"{largest}); lower --patch-size to fit inside the volumes")
+                            f"{largest} at the target spacing); lower --patch-size to fit inside the volumes")
     return train, val, test
+
+
+def target_spacing(hp: Hyperparameters, train: list[Case]) -> tuple:
+    """The spacing the network sees: the training cases' median (per axis), the value given, or ``()``
+    (native). Logged with how many cases it resamples."""
+    chosen = hp.target_spacing_mm
+    if chosen == "native":
+        return ()
+    spacing = median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen
+    moved = sum(not grid_of(dataclasses.replace(case, target_spacing=spacing)).identity for case in train)
+    logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled", "x".join(f"{v:.3g}" for v in spacing),
+                hp.target_spacing, moved, len(train))
+    return spacing

@@ -1,6 +1,6 @@
-"""Whole-volume evaluation: read each case's sequences through the region reader, sliding-window
-inference, per-case overlap and HD95 per structure (segmentation) or reconstruction error
-(autoencoder).
+"""Whole-volume evaluation: read each case's sequences through the region reader, resample them to
+the run's target spacing, sliding-window inference, the output mapped back to the native grid,
+per-case overlap and HD95 per structure (segmentation) or reconstruction error (autoencoder).
 
 The next case's volumes are read while the current one is inferred. Under torch.distributed each
 rank evaluates its share of the cases and every rank receives all results.
@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case
+from brainseg.data.resample import grid_of
 from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
@@ -128,9 +129,16 @@ def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | Non
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
                   crops: bool) -> CaseResult:
+    """Infer on the case's target grid; a segmentation is scored on the native grid (its output
+    interpolated back), a reconstruction on the grid it was made on."""
     task = task_of(hp)
-    output = infer(model, task.model_input(image, case_seed(case.case_id)), hp, device)
-    scores = task.score(image, mask, output, case.image.spacing)
+    grid = grid_of(case)
+    target = grid.volume_to_target(image)
+    output = infer(model, task.model_input(target, case_seed(case.case_id)), hp, device)
+    if task.needs_masks:
+        scores = task.score(image, mask, grid.volume_to_native(output), case.image.spacing)
+    else:
+        scores = task.score(target, mask, output, grid.target_spacing)
     prediction = scores.pop("prediction", None)
     crop = (tumour_crop(image[0], mask > 0, prediction, case.image.spacing)
             if crops and prediction is not None else None)
