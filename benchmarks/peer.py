@@ -1,6 +1,6 @@
 """Peer comparison: our streamed pipeline vs the one a MONAI user would write, on the same data.
 
-    python benchmarks/peer.py [--cases 24] [--shape 48,96,96] [--epochs 10] [--steps 50]
+    python benchmarks/peer.py [--cases 24] [--shape 48,96,96] [--epochs 10] [--steps 50] [--thickness 1]
                               [--out benchmarks/results/peer.json]
 
 One embedded S3 holds multi-sequence synthetic studies (t1c, t1, t2, flair; BraTS labels 1/2/4;
@@ -14,6 +14,9 @@ validation epoch:
          DICOM loaders need ITK), then CacheDataset with ConvertToMultiChannelBasedOnBratsClassesd,
          NormalizeIntensityd (channel-wise, non-zero), RandCropByPosNegLabeld (1:1, 4 samples),
          RandFlipd on each axis, RandScaleIntensityd, RandShiftIntensityd, as MONAI's BraTS tutorial.
+
+With ``--thickness 1,2,3`` cases differ in slice thickness: ours trains at the median spacing
+(``--target-spacing``), the MONAI pipeline on the native grids as loaded (no Spacingd).
 
 Both best models are then scored by the same code on the test split: sliding-window inference
 (Gaussian, overlap 0.25), Dice and HD95 per region (MONAI's metrics), and per-lesion detection
@@ -55,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from brainseg.config import Hyperparameters  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
+from brainseg.data.resample import Grid, median_spacing  # noqa: E402
 from brainseg.data.stream import read_case_region  # noqa: E402
 from brainseg.data.transforms import normalize  # noqa: E402
 from brainseg.io import s3  # noqa: E402
@@ -176,14 +180,18 @@ def _lesions(truth_wt: np.ndarray, label: np.ndarray):
         yield voxels, "enhancing" if (label[voxels] == 4).any() else "non-enhancing"
 
 
-def score_cases(model, volumes, hp: Hyperparameters, pipeline: str) -> list[dict]:
+def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tuple = ()) -> list[dict]:
+    """Test figures per case; with ``spacing`` the case is inferred on that grid (ours' target
+    spacing) and the output mapped back to the native grid."""
     model.eval()
     scores = []
     with torch.no_grad():
         for volume in volumes:
-            image = torch.from_numpy(_normalised(volume, pipeline, hp))[None]
-            logits = sliding_window_inference(image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model,
-                                              overlap=0.25, mode="gaussian")[0]
+            case = volume["case"]
+            grid = Grid(case.image.shape, case.image.spacing, spacing or case.image.spacing)
+            image = torch.from_numpy(grid.volume_to_target(_normalised(volume, pipeline, hp)))[None]
+            logits = grid.volume_to_native(sliding_window_inference(
+                image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")[0])
             predicted = (logits > 0).numpy()
             label = volume["label"][0]
             truth = np.stack([np.isin(label, [1, 2, 4]), np.isin(label, [1, 4]), label == 4])
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="48,96,96")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--thickness", default="1", help="slice thickness factors drawn per case (1: every case "
+                        "at the same spacing, where both pipelines see the same grid)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer.json")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         s3.reset_client()
         s3.client().create_bucket(Bucket=BUCKET)
         dataset = f"s3://{BUCKET}/brats/"
-        write_dataset(args.cases, dataset, SynthSpec(shape=shape, sequences=SEQUENCES), jobs=2)
+        thicknesses = tuple(int(v) for v in args.thickness.split(","))
+        write_dataset(args.cases, dataset, SynthSpec(shape=shape, sequences=SEQUENCES, thicknesses=thicknesses), jobs=2)
         ours = train_ours(dataset, args.epochs, args.steps, model_dir)
         print(f"# ours trained in {ours['wall_seconds']} s", flush=True)
         catalog = build_catalog(dataset, sequences=SEQUENCES, seed=hp.seed)
@@ -248,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (("ours", ours), ("monai", monai)):
             model = build_model(NetworkSpec.of(hp, len(REGIONS)))
             model.load_state_dict(run["weights"])
-            per_case = score_cases(model, test, hp, name)
+            spacing = median_spacing(v["case"].image.spacing for v in train) if name == "ours" else ()
+            per_case = score_cases(model, test, hp, name, spacing)
             results[name] = {"wall_seconds": run["wall_seconds"], **summarise(per_case), "per_case": per_case}
-    report = {"cases": args.cases, "shape": shape, "split": {name: len(catalog.split(name))
+    report = {"cases": args.cases, "shape": shape, "thickness": args.thickness, "split": {name: len(catalog.split(name))
                                                              for name in ("train", "val", "test")},
               "epochs": args.epochs, "steps_per_epoch": args.steps, "settings": hp.to_dict(),
               "cpu_count": os.cpu_count(), "platform": platform.platform(), "results": results}
