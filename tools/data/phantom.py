@@ -29,6 +29,30 @@ def _radius(shape: tuple[int, int, int], centre, axes) -> np.ndarray:
     return np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grids, centre, axes)))
 
 
+def _blob(shape, centre, head_axes, rng, brain, sizes: tuple, reach: float):
+    """A tumour inside the brain: an ellipsoid of random size (a fraction in ``sizes`` of the head),
+    place (its centre within ``reach`` of the head's radius) and shape, its radius perturbed by
+    low-order harmonics of direction. Returns the tumour, the normalised radius and the perturbed
+    boundary (``radius < wobble`` is the tumour), for drawing rims and oedema."""
+    size = rng.uniform(*sizes)
+    axes = head_axes * size * rng.uniform(0.7, 1.3, 3)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    where = centre + direction * head_axes * rng.uniform(0.0, reach - size)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    delta = [(g - c) / a for g, c, a in zip(grids, where, axes)]
+    radius = np.sqrt(delta[0] ** 2 + delta[1] ** 2 + delta[2] ** 2)
+    wobble = 1.0
+    for _ in range(3):
+        weights = rng.normal(0, 0.12, 3)
+        wobble = wobble + np.sin(sum(w * d * rng.uniform(2, 5) for w, d in zip(weights, delta))) * 0.15
+    tumour = (radius < wobble) & brain
+    if not tumour.any():  # a tiny tumour can vanish after intersecting with the brain
+        index = tuple(np.clip(np.round(where).astype(int), 0, np.asarray(shape) - 1))
+        tumour[index] = True
+    return tumour, radius, wobble
+
+
 def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
                  noise: float = 0.04) -> Phantom:
     """One synthetic head of ``shape`` ``(D, H, W)`` voxels.
@@ -55,23 +79,7 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
         offset = np.asarray([0.0, 0.0, side * 0.12]) * head_axes
         image[_radius(shape, centre + offset, ventricle_axes) < 1.0] = CSF
 
-    # Tumour: an ellipsoid whose radius is perturbed by low-order harmonics of direction.
-    size = rng.uniform(0.10, 0.32)
-    tumour_axes = head_axes * size * rng.uniform(0.7, 1.3, 3)
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    tumour_centre = centre + direction * head_axes * rng.uniform(0.0, 0.82 - size)
-    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    delta = [(g - c) / a for g, c, a in zip(grids, tumour_centre, tumour_axes)]
-    radius = np.sqrt(delta[0] ** 2 + delta[1] ** 2 + delta[2] ** 2)
-    wobble = 1.0
-    for _ in range(3):
-        weights = rng.normal(0, 0.12, 3)
-        wobble = wobble + np.sin(sum(w * d * rng.uniform(2, 5) for w, d in zip(weights, delta)))  * 0.15
-    tumour = (radius < wobble) & brain
-    if not tumour.any():  # a tiny tumour can vanish after intersecting with the brain
-        index = tuple(np.clip(np.round(tumour_centre).astype(int), 0, np.asarray(shape) - 1))
-        tumour[index] = True
+    tumour, radius, wobble = _blob(shape, centre, head_axes, rng, brain, (0.10, 0.32), 0.82)
     image[tumour] = ENHANCING
     image[tumour & (radius < 0.55 * wobble)] = NECROSIS
     oedema = (radius < 1.5 * wobble) & ~tumour & white
@@ -122,22 +130,7 @@ class Study:
 def _lesion(shape, centre, head_axes, rng, brain):
     """One lesion's core, enhancing rim and oedema (boolean volumes) of a random kind and size."""
     kind = rng.choice([k for k, _ in LESION_KINDS], p=[p for _, p in LESION_KINDS])
-    size = rng.uniform(0.1, 0.3)
-    axes = head_axes * size * rng.uniform(0.7, 1.3, 3)
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    where = centre + direction * head_axes * rng.uniform(0.0, 0.8 - size)
-    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    delta = [(g - c) / a for g, c, a in zip(grids, where, axes)]
-    radius = np.sqrt(delta[0] ** 2 + delta[1] ** 2 + delta[2] ** 2)
-    wobble = 1.0
-    for _ in range(3):
-        weights = rng.normal(0, 0.12, 3)
-        wobble = wobble + np.sin(sum(w * d * rng.uniform(2, 5) for w, d in zip(weights, delta))) * 0.15
-    tumour = (radius < wobble) & brain
-    if not tumour.any():
-        index = tuple(np.clip(np.round(where).astype(int), 0, np.asarray(shape) - 1))
-        tumour[index] = True
+    tumour, radius, wobble = _blob(shape, centre, head_axes, rng, brain, (0.1, 0.3), 0.8)
     if kind == "rim":
         core = tumour & (radius < rng.uniform(0.45, 0.7) * wobble)
         enhancing = tumour & ~core
