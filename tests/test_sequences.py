@@ -75,6 +75,14 @@ def test_a_case_holds_every_sequence_on_one_grid_and_is_excluded_with_the_reason
                                                        "(ncr=1, ed=2)") for case_id in with_et)
 
 
+def test_sequence_folders_read_without_naming_them_say_which_flag_to_pass(bucket):
+    root = f"s3://{bucket}/brats"
+    _put_study(root, "a", 7, sequences=("t1c", "flair"))
+    (exclusion,) = build_catalog(root, split_fractions=(1.0, 0.0, 0.0)).exclusions
+    assert exclusion.reason == ("no image/ folder, but the case holds flair/, t1c/: name its sequence folders with "
+                                "--sequences (e.g. --sequences flair,t1c)")
+
+
 def test_a_missing_sequence_is_zero_filled_when_asked_and_the_patch_channel_is_zero(bucket):
     root = f"s3://{bucket}/brats"
     volumes = _put_study(root, "no-t2", 5, skip=("t2",))

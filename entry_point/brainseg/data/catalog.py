@@ -131,9 +131,10 @@ def _nfc(name: str) -> str:
 
 
 def _group_objects(prefix: str, listing: list[s3.ObjectInfo], folders: tuple):
-    """``{case_id: {folder: [...]}}`` for the sequence and mask ``folders``, the manifest object, and
-    the number of ignored keys."""
+    """``{case_id: {folder: [...]}}`` for the sequence and mask ``folders``, the manifest object, the
+    number of ignored keys, and ``{case_id: other folder names}``."""
     cases: dict[str, dict[str, list[s3.ObjectInfo]]] = {}
+    others: dict[str, set[str]] = {}
     manifest, ignored = None, 0
     for info in listing:
         relative = info.key[len(prefix):]
@@ -146,10 +147,12 @@ def _group_objects(prefix: str, listing: list[s3.ObjectInfo], folders: tuple):
             cases.setdefault(parts[0], {folder: [] for folder in folders})[parts[1]].append(info)
         elif len(parts) >= 2:
             cases.setdefault(parts[0], {folder: [] for folder in folders})
+            if len(parts) >= 3:
+                others.setdefault(parts[0], set()).add(parts[1])
             ignored += 1
         else:
             ignored += 1
-    return cases, manifest, ignored
+    return cases, manifest, ignored, others
 
 
 def _objects_fingerprint(objects, extra: bytes = b"") -> str:
@@ -213,7 +216,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         manifest_bytes = None
     sequences = tuple(sequences)
     folders = sequences + ("mask",)
-    grouped, manifest_info, ignored = _group_objects(prefix, listing, folders)
+    grouped, manifest_info, ignored, other_folders = _group_objects(prefix, listing, folders)
     if manifest_info is not None:
         manifest_bytes = s3.get_object(bucket, manifest_info.key)
     if not any(series for parts in grouped.values() for series in parts.values()):
@@ -255,7 +258,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in folders
                                  for obj in parts[folder] if obj.stray)
         try:
-            series[case_id] = _assemble_case(bucket, sequences, parts, zero_fill, require_masks)
+            series[case_id] = _assemble_case(bucket, sequences, parts, zero_fill, require_masks,
+                                             sorted(other_folders.get(case_id, ())))
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
             reasons[case_id] = str(err)
@@ -342,8 +346,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     return catalog
 
 
-def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool,
-                   require_masks: bool) -> tuple[dict[str, Series | None], Series | SegmentationMask | None]:
+def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
+                   other_folders: list[str]) -> tuple[dict[str, Series | None], Series | SegmentationMask | None]:
     """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
 
     Raises:
@@ -351,6 +355,10 @@ def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool,
             or lies on another grid than the first sequence present.
     """
     absent = [name for name in sequences if not parts[name]]
+    if len(absent) == len(sequences) and other_folders:
+        folders = ", ".join(f"{name}/" for name in other_folders)
+        raise QualityError(f"no {'/, '.join(sequences)}/ folder, but the case holds {folders}: name its sequence "
+                           f"folders with --sequences (e.g. --sequences {','.join(other_folders)})")
     if absent and len(sequences) > 1 and len(absent) < len(sequences) and not zero_fill:
         have = ", ".join(name for name in sequences if name not in absent)
         raise QualityError(f"missing sequence(s) {', '.join(absent)}: no objects under {absent[0]}/ (the case has "
