@@ -90,6 +90,27 @@ def test_brats_cases_round_trip_voxel_for_voxel_with_their_geometry(bucket, tmp_
         np.testing.assert_array_equal(case.mask.read_volume(), _resampled_by_geometry(case.image, volumes["seg"], affine))
 
 
+def test_a_sequence_on_another_grid_is_refused_or_resampled_onto_the_reference(bucket, tmp_path):
+    volumes = _brats(tmp_path, "fine-t2", False, np.random.default_rng(4))
+    fine = _affine()
+    fine[:3, :3] /= 2  # T2 at half the voxel size; its voxel 2i lies on the T1's voxel i
+    t2 = np.random.default_rng(5).integers(0, 3000, tuple(2 * n - 1 for n in SHAPE)).astype(np.int16)
+    nibabel.save(nibabel.Nifti1Image(t2, fine), tmp_path / "fine-t2" / "fine-t2_t2.nii.gz")
+    refused = ingest(tmp_path, f"s3://{bucket}/refused/", jobs=1)
+    assert refused["cases"] == 0 and refused["failed"]["fine-t2"] == (
+        "fine-t2_t2.nii.gz: its grid (shape (39, 35, 11)) differs from fine-t2_t1.nii.gz's (shape (20, 18, 6)); pass "
+        "--resample-to t1 to resample it onto that grid")
+    out = f"s3://{bucket}/resampled/"
+    assert ingest(tmp_path, out, jobs=1, resample_to="t1")["cases"] == 1
+    (case,) = build_catalog(out, sequences=("t1", "t1c", "t2", "flair"), split_fractions=(1.0, 0.0, 0.0)).cases
+    on_t1_grid = t2[::2, ::2, ::2]
+    np.testing.assert_array_equal(case.images[2].read_volume(), _resampled_by_geometry(case.image, on_t1_grid, _affine()))
+    np.testing.assert_array_equal(case.images[0].read_volume(),
+                                  _resampled_by_geometry(case.image, volumes["t1"], _affine()))
+    with pytest.raises(IngestError, match="--resample-to 'pd'"):
+        ingest(tmp_path, out, resample_to="pd")
+
+
 def test_a_decathlon_dataset_keeps_its_modalities_and_label_names(bucket, tmp_path):
     rng = np.random.default_rng(1)
     (tmp_path / "imagesTr").mkdir()

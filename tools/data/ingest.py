@@ -1,11 +1,14 @@
 """Convert public brain-tumour datasets to the brainseg DICOM layout, written in parallel.
 
     brainseg-ingest SRC s3://bucket/dataset/ [--format brats|msd|lgg] [--jobs 4] [--spacing 1,1,1]
+                    [--resample-to t1c]
 
 Formats (detected from SRC when ``--format`` is not given):
 
   brats  one folder per case holding ``<case>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair`` and
-         ``_seg`` (labels 1 necrotic core, 2 oedema, 4 enhancing; 3 in BraTS 2023).
+         ``_seg`` (labels 1 necrotic core, 2 oedema, 4 enhancing; 3 in BraTS 2023). Files on
+         another grid than the T1's are refused, or with ``--resample-to SEQUENCE`` resampled onto
+         that sequence's grid by patient position (trilinear; labels nearest).
   msd    the Medical Segmentation Decathlon layout: ``dataset.json``, ``imagesTr/<case>.nii.gz``
          (4D: one volume per modality, named in dataset.json) and ``labelsTr/<case>.nii.gz``.
   lgg    2D slice folders (the LGG segmentation set): per case ``<case>_<n>.tif`` (RGB: pre-contrast,
@@ -113,20 +116,52 @@ def _slices(data: np.ndarray, flipped: bool) -> np.ndarray:
     return volume[::-1] if flipped else volume
 
 
+def _normaliser(shape: tuple) -> np.ndarray:
+    """4x4 map from voxel indices ``(i, j, k)`` to torch's normalised ``(x, y, z)`` = ``(k, j, i)``
+    in [-1, 1] (``align_corners=True``)."""
+    matrix = np.zeros((4, 4))
+    for row, axis in enumerate((2, 1, 0)):
+        matrix[row, axis] = 2.0 / max(shape[axis] - 1, 1)
+        matrix[row, 3] = -1.0 if shape[axis] > 1 else 0.0
+    matrix[3, 3] = 1.0
+    return matrix
+
+
+def resample_onto(data: np.ndarray, affine: np.ndarray, reference_affine: np.ndarray, reference_shape: tuple,
+                  labels: bool = False) -> np.ndarray:
+    """``data`` (voxels on ``affine``) sampled at every voxel of the reference grid by patient position:
+    trilinear for images, nearest for labels, zero outside the source volume."""
+    import torch
+    import torch.nn.functional as F
+
+    to_source = np.linalg.inv(affine) @ reference_affine  # reference voxel -> source voxel
+    theta = _normaliser(data.shape) @ to_source @ np.linalg.inv(_normaliser(reference_shape))
+    grid = F.affine_grid(torch.from_numpy(theta[:3]).float()[None], [1, 1, *reference_shape], align_corners=True)
+    volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+    out = F.grid_sample(volume, grid, mode="nearest" if labels else "bilinear", padding_mode="zeros",
+                        align_corners=True)[0, 0].numpy()
+    return np.round(out).astype(data.dtype) if np.issubdtype(data.dtype, np.integer) else out.astype(data.dtype)
+
+
 def load_brats(source: CaseSource) -> Study:
-    images, geometry, shape = {}, None, None
-    for key, name in BRATS_SEQUENCES.items():
-        data, affine = _nifti(source.paths[key])
-        found = geometry_from_affine(affine, data.shape)
-        if geometry is not None and (data.shape != shape or not np.allclose(found[0], geometry[0], rtol=1e-3)
-                                     or not np.allclose(found[1], geometry[1], atol=0.1)):
-            raise IngestError(f"{source.paths[key].name}: its grid differs from {source.paths['t1'].name}'s")
-        geometry, shape = geometry or found, data.shape
-        images[name] = _slices(data, found[3])
-    labels, affine = _nifti(source.paths["seg"])
-    if labels.shape != shape:
-        raise IngestError(f"{source.paths['seg'].name}: shape {labels.shape}, images {shape}")
-    return Study(images, _slices(labels, geometry[3]), *geometry[:3])
+    """A BraTS case; every file must lie on the reference sequence's grid, or (``resample_to``) is
+    resampled onto it."""
+    by_name = {name: key for key, name in BRATS_SEQUENCES.items()}
+    reference = by_name.get(source.paths.get("resample_to") or "t1", "t1")
+    loaded = {key: _nifti(source.paths[key]) for key in (*BRATS_SEQUENCES, "seg")}
+    reference_data, reference_affine = loaded[reference]
+    volumes = {}
+    for key, (data, affine) in loaded.items():
+        if data.shape != reference_data.shape or not np.allclose(affine, reference_affine, atol=1e-3):
+            if not source.paths.get("resample_to"):
+                raise IngestError(f"{source.paths[key].name}: its grid (shape {data.shape}) differs from "
+                                  f"{source.paths[reference].name}'s (shape {reference_data.shape}); pass "
+                                  f"--resample-to {BRATS_SEQUENCES[reference]} to resample it onto that grid")
+            data = resample_onto(data, affine, reference_affine, reference_data.shape, labels=key == "seg")
+        volumes[key] = data
+    spacing, origin, orientation, flipped = geometry_from_affine(reference_affine, reference_data.shape)
+    images = {BRATS_SEQUENCES[key]: _slices(volumes[key], flipped) for key in BRATS_SEQUENCES}
+    return Study(images, _slices(volumes["seg"], flipped), spacing, origin, orientation)
 
 
 def load_msd(source: CaseSource) -> Study:
@@ -221,8 +256,8 @@ def _case_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def discover(src: Path, kind: str | None = None,
-             spacing: tuple = (1.0, 1.0, 1.0)) -> tuple[str, list[CaseSource], dict, dict]:
+def discover(src: Path, kind: str | None = None, spacing: tuple = (1.0, 1.0, 1.0),
+             resample_to: str = "") -> tuple[str, list[CaseSource], dict, dict]:
     """The format, the cases, the label names ``{value: name}`` and the sequences of ``src``.
 
     Raises:
@@ -262,6 +297,7 @@ def discover(src: Path, kind: str | None = None,
             suffix = seg.name[len(case) + len("_seg"):]
             paths = {"seg": seg, **{key: seg.parent / f"{case}_{key}{suffix}" for key in BRATS_SEQUENCES}}
             missing = [path.name for path in paths.values() if not path.exists()]
+            paths["resample_to"] = resample_to
             if missing:
                 raise IngestError(f"case {case}: {', '.join(missing)} missing beside {seg.name}")
             cases.append(CaseSource(_case_id(case), kind, paths))
@@ -286,9 +322,17 @@ def _convert(source: CaseSource, labels: dict, out: str) -> tuple[str, int, str]
         return source.case_id, 0, str(err)
 
 
-def ingest(src: Path, out: str, kind: str | None = None, jobs: int = 4, spacing: tuple = (1.0, 1.0, 1.0)) -> dict:
-    """Convert every case under ``src`` and write it under ``out``; returns a report."""
-    kind, cases, labels, sequences = discover(src, kind, spacing)
+def ingest(src: Path, out: str, kind: str | None = None, jobs: int = 4, spacing: tuple = (1.0, 1.0, 1.0),
+           resample_to: str = "") -> dict:
+    """Convert every case under ``src`` and write it under ``out``; returns a report.
+
+    Raises:
+        IngestError: no case of the format, or ``resample_to`` names no sequence of it.
+    """
+    if resample_to and resample_to not in BRATS_SEQUENCES.values():
+        raise IngestError(f"--resample-to {resample_to!r}: expected one of {', '.join(BRATS_SEQUENCES.values())} "
+                          "(BraTS cases; the Decathlon and LGG layouts share one grid by construction)")
+    kind, cases, labels, sequences = discover(src, kind, spacing, resample_to)
     if not cases:
         raise IngestError(f"no {kind} case under {src}")
     started = time.perf_counter()
@@ -318,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, help="default: detected from SRC")
     parser.add_argument("--jobs", type=int, default=4, help="cases converted at once (processes)")
     parser.add_argument("--spacing", default="1,1,1", help="lgg: slice thickness and pixel spacing dz,dy,dx in mm")
+    parser.add_argument("--resample-to", default="", help="brats: resample every sequence and the labels onto this "
+                        "sequence's grid (t1, t1c, t2 or flair) when they differ; without it such a case is left out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines quote the source objects' UIDs
@@ -330,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.startswith("s3://"):
             s3.parse_uri(args.out)
-        report = ingest(args.src, args.out, args.format, args.jobs, spacing)
+        report = ingest(args.src, args.out, args.format, args.jobs, spacing, args.resample_to)
     except (IngestError, ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
