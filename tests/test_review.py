@@ -158,6 +158,21 @@ def test_report_has_curves_tables_and_overlays(runs, tmp_path, capsys):
     assert [case for case, _ in shown] == [row["case_id"] for row in sorted(rows, key=lambda r: float(r["dice"]))]
 
 
+def test_a_multi_region_run_shows_each_region_per_case(runs, tmp_path):
+    regions = f"{runs}/regions"
+    s3.put_bytes(f"{regions}/run.json", json.dumps({"status": "finished", "started": 1.9e9}).encode())
+    s3.put_bytes(f"{regions}/metrics/metrics.jsonl", json.dumps({"epoch": 1, "val_dice": 0.5}).encode() + b"\n")
+    s3.put_bytes(f"{regions}/summary.json", json.dumps({"best_val_dice": 0.5, "test_dice_mean": 0.45,
+                                                        "structures": ["wt", "tc", "et"]}).encode())
+    s3.put_bytes(f"{regions}/metrics/test_per_case.csv",
+                 b"case_id,dice,iou,dice_wt,hd95_wt,dice_tc,hd95_tc,dice_et,hd95_et\n"
+                 b"case_009,0.45,0.3,0.91,2.5,0.33,7.1,0.11,40.2\n")
+    assert review.main([regions, "--report", str(tmp_path)]) == 0
+    table = (tmp_path / "index.html").read_text().split("<h2>regions: test cases, worst first</h2>")[1]
+    assert "<th>Dice wt</th><th>HD95 wt mm</th><th>Dice tc</th>" in table
+    assert "<td>0.91</td><td>2.5</td><td>0.33</td><td>7.1</td><td>0.11</td><td>40.2</td>" in table
+
+
 def test_bad_uris_are_clear(runs, capsys):
     assert review.main(["/tmp/runs"]) == 2
     assert "expected an S3 URI" in capsys.readouterr().err

@@ -47,9 +47,11 @@ th { background: #eee; } td.name { text-align: left; }
 {% for figure in curves %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
 {% for run in runs %}
 <h2>{{ run.name }}: test cases, worst first</h2>
-{% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th></tr>
+{% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th>
+{% for name in run.structures %}<th>Dice {{ name }}</th><th>HD95 {{ name }} mm</th>{% endfor %}</tr>
 {% for row in run.cases_worst_first() %}<tr><td class="name">{{ row.case_id }}</td><td>{{ row.dice }}</td><td>{{ row.iou }}</td>
-<td>{{ row.truth_ml }}</td><td>{{ row.predicted_ml }}</td></tr>{% endfor %}</table>
+<td>{{ row.truth_ml }}</td><td>{{ row.predicted_ml }}</td>
+{% for name in run.structures %}<td>{{ row.get("dice_" ~ name, "–") }}</td><td>{{ row.get("hd95_" ~ name, "–") }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% else %}<p class="problem">no test evaluation</p>{% endif %}
 {% for figure in overlays.get(run.name, []) %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
 {% endfor %}

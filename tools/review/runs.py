@@ -174,6 +174,12 @@ class ReviewedRun:
     def test_dice(self) -> float | None:
         return (self.summary or {}).get("test_dice_mean")
 
+    @property
+    def structures(self) -> list[str]:
+        """The scored structures when there are several (their per-case columns exist)."""
+        names = (self.summary or {}).get("structures") or []
+        return list(names) if len(names) > 1 else []
+
     def cases_worst_first(self) -> list[dict]:
         """Test cases by Dice, lowest first (a NaN Dice counts as worst)."""
         def key(row):
