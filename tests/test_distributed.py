@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from brainseg.io import s3
+from brainseg.run import distributed
 from tests.conftest import console_script
 from tools.data.synth import SynthSpec, write_dataset
 
@@ -79,3 +80,10 @@ def test_the_readme_demo_command(tmp_path):
     [run] = list((tmp_path / "demo-output").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_dice_mean"] > 0.5, summary  # chance is ~0.01
+
+
+@pytest.mark.parametrize("cores, local, workers, threads", [(2, 1, 2, 1), (16, 1, 2, 14), (16, 4, 2, 2), (4, 1, 0, 4)])
+def test_cpu_training_leaves_the_dataloader_workers_their_cores(monkeypatch, cores, local, workers, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert distributed.cpu_threads(workers) == threads

@@ -91,3 +91,12 @@ def gather(value) -> list:
 def teardown() -> None:
     if active():
         dist.destroy_process_group()
+
+
+def cpu_threads(num_workers: int) -> int:
+    """Intra-op threads for training on the CPU: the cores this process may use (its share when
+    torchrun starts several per host) less one per DataLoader worker. OpenMP threads spinning on
+    cores the workers need slow every step (2.0 vs 3.4 patches/s on 2 cores with 2 workers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // local - num_workers)

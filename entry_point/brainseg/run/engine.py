@@ -135,6 +135,10 @@ class Trainer:
         s3.check_bucket(hp.data_uri)
         self.catalog = load_catalog(hp)
         self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
+        if self.device.type == "cpu":
+            torch.set_num_threads(distributed.cpu_threads(hp.num_workers))
+            logger.info("training on the CPU: %d intra-op thread(s) beside %d DataLoader worker(s)",
+                        torch.get_num_threads(), hp.num_workers)
         workers = max(1, hp.num_workers)
         needed = max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases)
         if needed > hp.memory_budget_mb * 2**20 // workers:
