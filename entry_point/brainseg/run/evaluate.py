@@ -158,6 +158,9 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
     results = []
     was_training = model.training
     model.eval()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # the DataLoader workers wait meanwhile: inference may use every core
+        torch.set_num_threads(distributed.cpu_threads(0))
     progress = Progress(len(mine), phase=phase, unit="case", log_seconds=EVAL_LOG_SECONDS, enabled=rank == 0)
     try:
         with progress, ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
@@ -177,6 +180,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
                 progress.update(number + 1)
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads)
     results = [result for part in distributed.gather(results) for result in part]
     return sorted(results, key=lambda result: result.case_id)
 
