@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/review.py
 	$(PY) benchmarks/reliability.py
+	$(PY) benchmarks/peer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results

@@ -71,7 +71,8 @@ def test_process_mode_two_instances_under_torchrun(bucket, tmp_path):
 
 
 def test_the_readme_demo_command(tmp_path):
-    """`brainseg-launch` with no arguments: embedded S3, synthetic data, a short run that learns."""
+    """`brainseg-launch` with no arguments: embedded S3, synthetic four-sequence studies, a short run
+    that learns the three regions (chance is about 0.01; measured: whole tumour 0.95, mean 0.52)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
     result = subprocess.run([console_script("brainseg-launch")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -79,7 +80,8 @@ def test_the_readme_demo_command(tmp_path):
     assert result.returncode == 0, out[-4000:]
     [run] = list((tmp_path / "demo-output").iterdir())
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["test_dice_mean"] > 0.5, summary  # chance is ~0.01
+    assert summary["structures"] == ["wt", "tc", "et"], summary
+    assert summary["test_dice_wt"] > 0.8 and summary["test_dice_mean"] > 0.35, summary
 
 
 @pytest.mark.parametrize("cores, local, workers, threads", [(2, 1, 2, 1), (16, 1, 2, 14), (16, 4, 2, 2), (4, 1, 0, 4)])
