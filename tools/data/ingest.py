@@ -28,6 +28,7 @@ import argparse
 import io
 import json
 import logging
+import multiprocessing
 import re
 import sys
 import time
@@ -338,7 +339,8 @@ def ingest(src: Path, out: str, kind: str | None = None, jobs: int = 4, spacing:
     started = time.perf_counter()
     written, failed = 0, {}
     progress = Progress(len(cases), phase="ingest", unit="case", log_seconds=30.0)
-    with progress, ProcessPoolExecutor(max(1, jobs)) as pool:
+    # Spawned, not forked: a fork of a process whose threads hold locks (an S3 pool, logging) can hang.
+    with progress, ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_convert, source, labels, out) for source in cases]
         for number, future in enumerate(futures, start=1):
             case_id, size, error = future.result()
