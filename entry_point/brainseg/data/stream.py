@@ -52,10 +52,12 @@ def _read_or_zeros(series, region: tuple) -> np.ndarray:
     return series.read_region(*region)
 
 
-def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None = None) -> tuple[list, object]:
+def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None = None,
+                     with_mask: bool = True) -> tuple[list, object]:
     """Every channel's and the mask's voxels of ``region``: lists of futures when ``submit`` (an
     executor's) is given, so the sequences are read concurrently, else of arrays. With a ``grid``,
-    ``region`` is on its target grid: the native region covering it is read and resampled."""
+    ``region`` is on its target grid: the native region covering it is read and resampled. Without
+    ``with_mask`` the mask is not read (``None``)."""
     native = grid.native_region(region) if grid is not None else region
 
     def read(series, labels: bool) -> np.ndarray:
@@ -63,8 +65,9 @@ def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None =
         return grid.to_target(data, native, region, labels) if grid is not None else data
 
     if submit is None:
-        return [read(series, False) for series in case.images], read(case.mask, True)
-    return [submit(read, series, False) for series in case.images], submit(read, case.mask, True)
+        return [read(series, False) for series in case.images], read(case.mask, True) if with_mask else None
+    return ([submit(read, series, False) for series in case.images],
+            submit(read, case.mask, True) if with_mask else None)
 
 
 class PatchStream(IterableDataset):

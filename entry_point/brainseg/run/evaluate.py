@@ -121,10 +121,11 @@ def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spa
 def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
     """The case's normalised channels ``(C, D, H, W)`` and its mask's label values (when scored)."""
     depth, rows, columns = case.image.shape
-    images, mask = read_case_region(case, (0, depth, 0, rows, 0, columns))
+    scored = case.mask is not None and task_of(hp).needs_masks
+    images, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=scored)
     image = np.stack([normalize(channel, hp.normalization, stats)
                       for channel, stats in zip(images, case.summary.intensities)])
-    return image, mask.astype(np.uint8) if case.mask is not None and task_of(hp).needs_masks else None
+    return image, mask.astype(np.uint8) if scored else None
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
