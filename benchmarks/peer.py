@@ -92,7 +92,7 @@ def train_ours(dataset: str, epochs: int, steps: int, model_dir: str) -> dict:
     if child.returncode != 0:
         raise RuntimeError(f"our run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
     return {"wall_seconds": round(time.perf_counter() - started, 1),
-            "weights": torch.load(Path(model_dir) / "model.pt", weights_only=True)}
+            "weights": torch.load(Path(model_dir) / "model.pt", weights_only=True)["state_dict"]}
 
 
 def _volumes(cases) -> list[dict]:

@@ -193,7 +193,7 @@ def test_a_multi_sequence_multi_region_model_trains_and_reports_each_region(buck
     assert rows and {"dice_wt", "dice_tc", "dice_et", "hd95_et", "truth_ml_wt"} <= set(rows[0])
     epoch = json.loads(s3.read_uri(f"{output}/regions/metrics/metrics.jsonl").splitlines()[0])
     assert {"val_dice_wt", "val_dice_tc", "val_dice_et"} <= set(epoch)
-    weights = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    weights = torch.load(tmp_path / "model" / "model.pt", weights_only=True)["state_dict"]
     first = next(value for name, value in weights.items() if value.dim() == 5)
     last = [value for name, value in weights.items() if value.dim() == 5][-1]
     assert first.shape[1] == 2 and 3 in (last.shape[0], last.shape[1])  # two sequences in, three regions out

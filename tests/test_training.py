@@ -70,7 +70,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     keys = [key for key in keys if key not in predictions]
     checkpoints = [f"checkpoints/step-000000{step}.{ext}" for step in (30, 60, 90) for ext in ("json", "pt")]
     assert keys == ["checkpoints/latest.json", *checkpoints, "metrics/metrics.jsonl", "metrics/test_per_case.csv",
-                    "model/model.pt", "owner.json", "run.json", "summary.json"]
+                    "model/model.json", "model/model.pt", "owner.json", "run.json", "summary.json"]
     assert _read_json(f"{output}/e2e/owner.json")["released"] is True
 
     lines = [json.loads(line) for line in s3.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
@@ -96,10 +96,18 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert re.fullmatch(r"[0-9a-f]{12}", summary["code_version"]) and summary["test_cases"] == 3
     assert _read_json(f"{run}/run.json")["status"] == "finished"
 
-    weights = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
+    saved = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
     model = build_model(NetworkSpec(channels=(8, 16, 32), res_units=1))
-    model.load_state_dict(weights)
-    assert (tmp_path / "model" / "model.pt").is_file()
+    model.load_state_dict(saved["state_dict"])
+    description = saved["description"]
+    assert description["network"]["channels"] == [8, 16, 32] and description["sequences"] == ["image"]
+    assert description["best_epoch"] == summary["best_epoch"] and description["run_name"] == "e2e"
+    assert description["patch_size"] == [32, 32, 32] and description["labels"] == "tumour=*"
+    assert _read_json(f"{run}/model/model.json") == description
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.pt", "model.json", "hyperparameters.json",
+                                                                 "code"}
+    assert (tmp_path / "model" / "code" / "inference.py").is_file()
+    assert (tmp_path / "model" / "code" / "brainseg" / "inference" / "predictor.py").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "e2e").iterdir()) == [
         "latest.json", *(name.removeprefix("checkpoints/") for name in checkpoints)]
 

@@ -344,7 +344,7 @@ def budget_message(budget_mb: int, workers: int, needed_bytes: int) -> str:
             "or --num-workers")
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("true", "1", "yes"):
         return True
@@ -364,7 +364,7 @@ def _parse_ints(text: str) -> tuple:
 
 def _converter(default):
     if isinstance(default, bool):
-        return _parse_bool
+        return parse_bool
     if isinstance(default, tuple):
         return _parse_ints
     return type(default)
@@ -393,14 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _did_you_mean(name: str) -> str:
-    names = [f.name for f in fields(Hyperparameters)]
+def _did_you_mean(name: str, names=None) -> str:
+    names = names or [f.name for f in fields(Hyperparameters)]
     close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
     return f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
 
 
-def _sagemaker_arguments(unknown: list[str]) -> list[str]:
-    """``unknown`` when it holds only SageMaker's own arguments (with their values).
+def sagemaker_arguments(unknown: list[str], script: str = "train.py", names=None) -> list[str]:
+    """``unknown`` when it holds only SageMaker's own arguments (with their values); ``names`` are
+    the script's flags (default the hyperparameters), to suggest the closest.
 
     Raises:
         ValueError: any other argument, named, with the closest flag when there is one.
@@ -411,7 +412,7 @@ def _sagemaker_arguments(unknown: list[str]) -> list[str]:
         name, has_value, _ = token.removeprefix("--").partition("=")
         if not token.startswith("--") or name not in SAGEMAKER_ARGUMENTS:
             what = f"unknown flag {token.split('=')[0]}" if token.startswith("--") else f"unexpected argument {token!r}"
-            raise ValueError(f"{what}{_did_you_mean(name) if token.startswith('--') else ''} (train.py --help "
+            raise ValueError(f"{what}{_did_you_mean(name, names) if token.startswith('--') else ''} ({script} --help "
                              "lists every flag)")
         position += 1 if has_value or position + 1 >= len(unknown) or unknown[position + 1].startswith("--") else 2
     return unknown
@@ -426,7 +427,7 @@ def parse_hyperparameters(argv: list[str]) -> tuple[Hyperparameters, list[str]]:
         ValueError: an unknown flag (with the closest known one), or a value out of range.
     """
     namespace, unknown = build_parser().parse_known_args(argv)
-    ignored = _sagemaker_arguments(unknown)
+    ignored = sagemaker_arguments(unknown)
     return Hyperparameters(**vars(namespace)), ignored
 
 

@@ -73,11 +73,12 @@ class LabelScheme:
             table[0, structure.of(values)] = index
         return table
 
-    def predicted(self, output: np.ndarray) -> list[np.ndarray]:
-        """Each structure's predicted voxels from the network's logits ``(C, D, H, W)``: a region where
-        its sigmoid passes 0.5 (logit above 0), a class where it wins the softmax."""
+    def predicted(self, output: np.ndarray, probabilities: bool = False) -> list[np.ndarray]:
+        """Each structure's predicted voxels from the network's logits ``(C, D, H, W)`` (or, with
+        ``probabilities``, its sigmoid/softmax output): a region where its sigmoid passes 0.5, a
+        class where it wins the softmax."""
         if self.regions:
-            return [channel > 0 for channel in output]
+            return [channel > (0.5 if probabilities else 0.0) for channel in output]
         winner = output.argmax(0)
         return [winner == index for index in range(1, len(self.classes) + 1)]
 

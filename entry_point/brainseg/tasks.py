@@ -16,7 +16,7 @@ from brainseg.config import Hyperparameters
 from brainseg.data.pretext import drop_blocks
 from brainseg.labels import LabelScheme, parse_scheme
 from brainseg.model.losses import build_loss
-from brainseg.run.metrics import Overlap, hausdorff95
+from brainseg.run.metrics import score_structures
 
 PRETEXT_STREAM = 11  # the third key of the per-step generator that blanks training blocks
 
@@ -81,14 +81,8 @@ class Segmentation(Task):
 
     def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
         predicted = self.scheme.predicted(output.numpy())
-        overlaps, distances = {}, {}
-        for structure, prediction in zip(self.scheme.structures, predicted):
-            truth = structure.of(mask)
-            overlaps[structure.name] = Overlap.of(prediction, truth)
-            distances[structure.name] = hausdorff95(prediction, truth, spacing)
-        everything = np.logical_or.reduce(predicted)
-        return {"overlaps": overlaps, "hd95": distances, "prediction": everything,
-                "tumour": Overlap.of(everything, np.logical_or.reduce([s.of(mask) for s in self.scheme.structures]))}
+        return {**score_structures(self.scheme.structures, predicted, mask, spacing),
+                "prediction": np.logical_or.reduce(predicted)}
 
     def structure_fields(self, prefix: str, scores: dict) -> dict:
         """``{<prefix>dice_<name>: ...}`` per structure, when there are several."""

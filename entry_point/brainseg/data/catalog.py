@@ -258,7 +258,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in folders
                                  for obj in parts[folder] if obj.stray)
         try:
-            series[case_id] = _assemble_case(bucket, sequences, parts, zero_fill, require_masks,
+            series[case_id] = assemble_case(bucket, sequences, parts, zero_fill, require_masks,
                                              sorted(other_folders.get(case_id, ())))
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
@@ -346,7 +346,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     return catalog
 
 
-def _assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
+def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
                    other_folders: list[str]) -> tuple[dict[str, Series | None], Series | SegmentationMask | None]:
     """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
 

@@ -8,7 +8,8 @@ one per frame. Compressed frames are fetched whole (located by the offset table)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +57,8 @@ class Series:
         spacing: ``(dz, dy, dx)`` in mm.
         origin: patient position (mm) of the first voxel of plane 0.
         orientation: row and column direction cosines (six floats).
+        fetch: reads ``[(bucket, key, start, stop, etag), ...]`` ranges, in order; default
+            :func:`brainseg.io.s3.get_ranges` (files held in memory have their own).
     """
 
     bucket: str
@@ -67,6 +70,10 @@ class Series:
     spacing: tuple
     origin: tuple
     orientation: tuple
+    fetch: Callable[[list], list] | None = field(default=None, compare=False, repr=False)
+
+    def _get(self, requests: list) -> list[bytes]:
+        return (self.fetch or s3.get_ranges)(requests)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -128,7 +135,7 @@ class Series:
             requests.append((self.bucket, self.keys[obj], header.pixel_offset, self.sizes[obj], self.etags[obj]))
             fills.append((obj, None, pieces))
 
-        for body, (obj, request_start, pieces) in zip(s3.get_ranges(requests), fills):
+        for body, (obj, request_start, pieces) in zip(self._get(requests), fills):
             try:
                 self._fill(out, memoryview(body), obj, request_start, pieces, y0, y1, x0, x1)
             except PixelDataError as err:
@@ -157,3 +164,9 @@ class Series:
         """The whole series as a ``(D, H, W)`` float32 array."""
         depth, rows, columns = self.shape
         return self.read_region(0, depth, 0, rows, 0, columns)
+
+    def read_headers(self) -> list[bytes]:
+        """Each object's bytes before its pixel data (one ranged GET per object, concurrently): what
+        a DICOM SEG needs to reference the series."""
+        return self._get([(self.bucket, key, 0, header.pixel_offset, etag)
+                              for key, header, etag in zip(self.keys, self.headers, self.etags)])

@@ -27,7 +27,8 @@ class RunLayout:
     CHECKPOINTS = "checkpoints/"  # training states and their records (brainseg.run.checkpoint)
     METRICS = "metrics/metrics.jsonl"  # one JSON line per epoch
     TEST_CASES = "metrics/test_per_case.csv"  # final test evaluation, one row per case
-    MODEL = "model/model.pt"  # best weights
+    MODEL = "model/model.pt"  # best weights and their description (brainseg.model.artifact)
+    MODEL_DESCRIPTION = "model/model.json"  # the description alone, readable without torch
     ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's best weights
     SUMMARY = "summary.json"  # headline results
 
@@ -46,7 +47,7 @@ UPLOAD_BACKOFF_S = 2.0
 
 
 class RunStore:
-    """The artifacts of one run in S3.
+    """The artifacts of one run in S3 (``run_name`` empty: directly under ``output_uri``).
 
     Args:
         before_write: called before every upload; raises to stop writes (a run owned by
@@ -55,7 +56,7 @@ class RunStore:
 
     def __init__(self, output_uri: str, run_name: str, before_write: Callable[[], None] | None = None):
         self.run_name = run_name
-        self.uri = f"{output_uri.rstrip('/')}/{run_name}/"
+        self.uri = "/".join(part for part in (output_uri.rstrip("/"), run_name) if part) + "/"
         self.before_write = before_write
 
     def url(self, relative: str) -> str:

@@ -32,6 +32,9 @@ from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.io import s3
+from brainseg.model.artifact import artifact_bytes, write_model_dir
+from brainseg.model.description import ModelDescription
+from brainseg.model.inferer import autocast
 from brainseg.model.networks import (
     NetworkSpec,
     build_model,
@@ -46,7 +49,7 @@ from brainseg.run.artifacts import RunLayout, RunStore
 from brainseg.run.cases import load_catalog, select_cases
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
-from brainseg.run.evaluate import aggregate, autocast, evaluate
+from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.run.metric_lines import EPOCH, TEST
 from brainseg.run.ownership import RunLock
 from brainseg.run.progress import Progress
@@ -384,10 +387,22 @@ class Trainer:
                 logger.info("early stop: no improvement for %d validations; best epoch %d", state.stale,
                             state.best_epoch)
 
+    def description(self) -> ModelDescription:
+        """What the best weights need to be run on new studies (written beside them)."""
+        hp = self.hp
+        return ModelDescription(
+            network=dataclasses.asdict(NetworkSpec.of(hp, self.task.out_channels)), task=hp.task,
+            sequences=hp.sequence_names, labels=hp.labels, regions=hp.regions,
+            target_spacing=self.train_cases[0].target_spacing, normalization=hp.normalization,
+            patch_size=hp.patch_size, sw_overlap=hp.sw_overlap, missing_sequences=hp.missing_sequences,
+            run_name=self.run_name, code_version=code_version(), dataset_fingerprint=self.catalog.fingerprint,
+            best_epoch=self.state.best_epoch,
+            best_validation=self.state.best_metric if math.isfinite(self.state.best_metric) else None)
+
     def save_best(self) -> None:
-        buffer = io.BytesIO()
-        torch.save(self.best_weights, buffer)
-        self.store.put(RunLayout.MODEL, buffer.getvalue())
+        description = self.description()
+        self.store.put(RunLayout.MODEL, artifact_bytes(description, self.best_weights))
+        self.store.put_json(RunLayout.MODEL_DESCRIPTION, description.to_dict())
         if self.task.transfers_encoder:
             buffer = io.BytesIO()
             torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
@@ -425,8 +440,7 @@ class Trainer:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
             model_dir = Path(self.env.model_dir)
-            model_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(self.best_weights, model_dir / "model.pt")
+            write_model_dir(model_dir, self.description(), self.best_weights, CODE_ROOT)
             (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
             logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
                                            "best_epoch": self.state.best_epoch}))

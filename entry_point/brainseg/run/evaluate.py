@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case
@@ -24,6 +23,7 @@ from brainseg.data.resample import grid_of
 from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
+from brainseg.model.inferer import sliding_window
 from brainseg.run import distributed
 from brainseg.run.metrics import Overlap, tumour_centre
 from brainseg.run.progress import Progress
@@ -85,19 +85,9 @@ def case_seed(case_id: str) -> int:
     return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast when asked for, else a no-op context."""
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
-
-
 def infer(model: torch.nn.Module, image: np.ndarray, hp: Hyperparameters, device: torch.device) -> torch.Tensor:
     """Sliding-window output ``(C, D, H, W)`` float32 on the CPU for a normalised volume ``(C_in, D, H, W)``."""
-    volume = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
-    with torch.no_grad(), autocast(device, hp.precision):
-        output = sliding_window_inference(volume, roi_size=hp.patch_size, sw_batch_size=hp.sw_batch_size,
-                                          predictor=model, overlap=hp.sw_overlap, mode="gaussian")
-    return output[0].float().cpu()
+    return sliding_window(model, image, hp.patch_size, hp.sw_overlap, hp.sw_batch_size, hp.precision, device)
 
 
 CROP_SHAPE = (32, 64, 64)  # at most 256 KiB of float16 image per case, plus two uint8 labels

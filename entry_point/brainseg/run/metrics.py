@@ -70,3 +70,16 @@ def hausdorff95(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> fl
         distance = compute_hausdorff_distance(as_tensor(prediction), as_tensor(truth), include_background=True,
                                               percentile=95, spacing=[float(v) for v in spacing])
     return float(distance.item())
+
+
+def score_structures(structures, predicted: list[np.ndarray], mask: np.ndarray, spacing: tuple) -> dict:
+    """``{"overlaps": {name: Overlap}, "hd95": {name: mm}, "tumour": Overlap}`` of each structure's
+    predicted voxels against the mask's (``structures``: :class:`brainseg.labels.Structure`)."""
+    overlaps, distances = {}, {}
+    for structure, prediction in zip(structures, predicted):
+        truth = structure.of(mask)
+        overlaps[structure.name] = Overlap.of(prediction, truth)
+        distances[structure.name] = hausdorff95(prediction, truth, spacing)
+    everything = np.logical_or.reduce(predicted)
+    return {"overlaps": overlaps, "hd95": distances,
+            "tumour": Overlap.of(everything, np.logical_or.reduce([structure.of(mask) for structure in structures]))}

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import io
-import pickle
 import random
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 
 from brainseg.config import Hyperparameters
 from brainseg.io import s3
+from brainseg.model.artifact import load_tensors
 from brainseg.run.errors import TrainingError
 
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
@@ -51,24 +50,6 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def load_tensors(data: bytes, what: str):
-    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a file someone
-    else could write (a checkpoint, init weights) cannot run code when it is read.
-
-    Raises:
-        ValueError: not a torch file, or it holds other objects; the message names ``what``.
-    """
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
-                      "not a torch file")
-        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
-                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
-
-
 def load_checkpoint(data: bytes) -> dict:
     """A checkpoint's training state, checked for the format and keys this code writes."""
     checkpoint = load_tensors(data, "the checkpoint")
@@ -82,7 +63,8 @@ def load_checkpoint(data: bytes) -> dict:
 
 
 def read_weights(location: str) -> dict:
-    """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file or a bare state dict."""
+    """A state dict from ``s3://…`` or a path: a checkpoint, an encoder file, a model file or a bare
+    state dict."""
     try:
         if location.startswith("s3://"):
             data = s3.read_uri(location)
@@ -95,7 +77,7 @@ def read_weights(location: str) -> dict:
         raise TrainingError(f"init_weights {location}: cannot be read: {err}") from err
     except ValueError as err:
         raise TrainingError(str(err)) from err
-    for key in ("model", "encoder"):
+    for key in ("model", "encoder", "state_dict"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             return payload[key]
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):

@@ -1,0 +1,244 @@
+"""The prediction job: every case under a data prefix (this shard's share) through the region reader,
+the ensemble and back to S3 as DICOM SEG and volumes (layout in :mod:`brainseg.inference.options`).
+
+The next case's channels and source headers are read while the current one is inferred. A case
+that cannot be read, predicted or written is reported with the reason and skipped; the batch goes
+on. A case's ``volumes.csv`` is written after its SEG, and ``complete.json`` after every shard's
+rows, so a partial output never looks complete; a rerun skips the cases already complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from brainseg.data.catalog import Case, build_catalog
+from brainseg.data.resample import Grid
+from brainseg.data.stream import read_case_region
+from brainseg.dicom.seg import Algorithm, encode_segmentation
+from brainseg.environment import Environment
+from brainseg.inference.options import PredictionLayout, PredictOptions, parse_shard
+from brainseg.inference.predictor import Prediction, Predictor
+from brainseg.io import s3
+from brainseg.model.artifact import load_model
+from brainseg.model.description import ModelDescription
+from brainseg.run.artifacts import RunStore
+from brainseg.run.metrics import score_structures
+from brainseg.run.progress import Progress
+
+logger = logging.getLogger(__name__)
+LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often
+FLOAT_BYTES = 4
+
+
+class PredictionError(ValueError):
+    """A job that cannot start: bad data prefix, models or options (nothing predicted)."""
+
+
+@dataclass
+class LoadedCase:
+    channels: list  # raw (modality units) (D, H, W) per sequence
+    mask: np.ndarray | None
+    headers: list  # the first sequence's object headers, for the SEG
+
+
+def case_memory_bytes(case: Case, predictor: Predictor) -> int:
+    """An upper estimate of what predicting ``case`` holds: its raw and normalised channels, the
+    mask, each model's resampled input and output, and the averaged probabilities."""
+    native = int(np.prod(case.image.shape))
+    channels, outputs = case.channels, predictor.scheme.out_channels
+    largest = max(int(np.prod(Grid(case.image.shape, case.image.spacing,
+                                   m.description.target_spacing or case.image.spacing).shape))
+                  for m in predictor.models)
+    return FLOAT_BYTES * (native * (2 * channels + 3 * outputs + 1) + largest * (channels + 2 * outputs))
+
+
+def algorithm_of(description: ModelDescription) -> Algorithm:
+    """How a SEG names the model that made it: the network, the run and the code version."""
+    return Algorithm(f"brainseg {description.network.get('name', 'network')}",
+                     f"{description.run_name or 'model'} {description.code_version}".strip()[:64])
+
+
+def segment(predictor: Predictor, case: Case, channels: list, headers: list, algorithm: Algorithm
+            ) -> tuple[Prediction, bytes]:
+    """The case's prediction and its DICOM SEG on the first sequence (whose objects' headers are
+    ``headers``)."""
+    prediction = predictor.predict(channels, case.summary.intensities, case.image.spacing)
+    return prediction, encode_segmentation(headers, case.image.planes, prediction.masks,
+                                           list(predictor.scheme.names), algorithm)
+
+
+def volume_row(case: Case, prediction: Prediction, names: tuple, mask: np.ndarray | None, structures,
+               seconds: float) -> dict:
+    """A case's line of ``volumes.csv``: predicted voxels and ml per structure, and Dice, IoU, HD95
+    (mm) and the mask's ml when there is a mask."""
+    voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
+    row = {"case_id": case.case_id, "status": "predicted", "shape": "x".join(map(str, case.image.shape)),
+           "spacing_mm": "x".join(f"{v:g}" for v in case.image.spacing), "voxel_ml": voxel_ml}
+    for name, predicted in zip(names, prediction.masks):
+        voxels = int(predicted.sum())
+        row[f"voxels_{name}"] = voxels
+        row[f"predicted_ml_{name}"] = round(voxels * voxel_ml, 6)
+    if mask is not None:
+        scores = score_structures(structures, prediction.masks, mask, case.image.spacing)
+        for name in names:
+            overlap = scores["overlaps"][name]
+            row.update({f"truth_ml_{name}": round(overlap.truth * voxel_ml, 6), f"dice_{name}": round(overlap.dice, 6),
+                        f"iou_{name}": round(overlap.iou, 6), f"hd95_{name}": round(scores["hd95"][name], 3)})
+    row["seconds"] = round(seconds, 3)
+    return row
+
+
+def _csv_rows(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+class PredictionJob:
+    """One shard of a prediction job; :meth:`run` returns the number of cases per status."""
+
+    def __init__(self, options: PredictOptions, env: Environment, device: torch.device):
+        self.options = options
+        self.device = device
+        self.shard = parse_shard(options.shard) if options.shard else (
+            env.hosts.index(env.current_host) if env.current_host in env.hosts else 0, len(env.hosts) or 1)
+        self.store = RunStore(options.output_uri, "")
+
+    def setup(self) -> None:
+        options = self.options
+        s3.check_bucket(options.output_uri)
+        s3.check_bucket(options.data_uri)
+        try:
+            models = [load_model(location, self.device) for location in options.model]
+            self.predictor = Predictor(models, self.device, mirror=options.mirror, sw_batch_size=options.sw_batch_size,
+                                       overlap=None if options.sw_overlap < 0 else options.sw_overlap,
+                                       precision=options.precision)
+        except ValueError as err:
+            raise PredictionError(str(err)) from err
+        if options.precision == "fp16" and self.device.type != "cuda":
+            raise PredictionError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        description = self.predictor.description
+        self.names = description.scheme.names
+        self.algorithm = algorithm_of(models[0].description)
+        index, count = self.shard
+        if index == 0:  # a rerun's earlier results stop looking complete before anything else is written
+            for relative in (PredictionLayout.COMPLETE, PredictionLayout.MERGED):
+                s3.delete(self.store.url(relative))
+            self.store.put_json(PredictionLayout.SETTINGS, {
+                "options": options.to_dict(), "shards": count, "started": time.time(),
+                "models": [{"source": m.source, **m.description.to_dict()} for m in models]})
+        s3.delete(self.store.url(PredictionLayout.shard(index, count)))
+        try:
+            self.catalog = build_catalog(options.data_uri, index_uri=options.index_uri or None, require_masks=False,
+                                         exclude_empty_masks=False, max_header_bytes=options.max_header_mb * 2**20,
+                                         sequences=description.sequences,
+                                         zero_fill=description.missing_sequences == "zero")
+        except ValueError as err:
+            raise PredictionError(str(err)) from err
+
+    def work(self) -> list:
+        """This shard's cases and exclusions, by case ID."""
+        everything = sorted([*self.catalog.cases, *self.catalog.exclusions], key=lambda item: item.case_id)
+        if self.options.cases:
+            known = {item.case_id for item in everything}
+            unknown = sorted(set(self.options.cases) - known)
+            if unknown:
+                raise PredictionError(f"cases {', '.join(unknown)}: no such case folder under {self.options.data_uri}")
+            everything = [item for item in everything if item.case_id in self.options.cases]
+        index, count = self.shard
+        return everything[index::count]
+
+    def load(self, case: Case) -> LoadedCase:
+        depth, rows, columns = case.image.shape
+        channels, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=case.mask is not None)
+        return LoadedCase(channels, mask, case.image.read_headers())
+
+    def predict(self, case: Case, loaded: LoadedCase, started: float) -> dict:
+        prediction, segmentation = segment(self.predictor, case, loaded.channels, loaded.headers, self.algorithm)
+        self.store.put(PredictionLayout.segmentation(case.case_id), segmentation, "application/dicom")
+        row = volume_row(case, prediction, self.names, loaded.mask, self.predictor.scheme.structures,
+                         time.perf_counter() - started)
+        self.store.put_csv(PredictionLayout.volumes(case.case_id), [row])
+        return row
+
+    def _finished_before(self, case_id: str) -> dict | None:
+        if self.options.overwrite:
+            return None
+        data = s3.read_uri(self.store.url(PredictionLayout.volumes(case_id)))
+        rows = _csv_rows(data) if data else []
+        return rows[0] if rows else None
+
+    def run(self) -> dict:
+        """Predict this shard's cases; ``{status: cases}``.
+
+        Raises:
+            PredictionError: the job cannot start.
+            s3.S3Error: the output cannot be written (after retries).
+        """
+        self.setup()
+        work = self.work()
+        cases = [item for item in work if isinstance(item, Case)]
+        rows = [{"case_id": item.case_id, "status": "excluded", "reason": item.reason}
+                for item in work if not isinstance(item, Case)]
+        for row in rows:
+            logger.warning("case %s not predicted: %s", row["case_id"], row["reason"])
+        earlier = {case.case_id: row for case in cases if (row := self._finished_before(case.case_id))}
+        if earlier:
+            logger.info("%d case(s) already complete under %s (kept; --overwrite true predicts them again)",
+                        len(earlier), self.options.output_uri)
+        rows += [{**row, "status": "predicted"} for row in earlier.values()]
+        todo = [case for case in cases if case.case_id not in earlier]
+        budget = self.options.memory_budget_mb * 2**20
+        progress = Progress(len(todo), phase="predict", unit="case", log_seconds=LOG_SECONDS)
+        with progress, ThreadPoolExecutor(1, thread_name_prefix="case-read") as reader:
+            def submit(number: int):
+                if number >= len(todo):
+                    return None
+                needed = case_memory_bytes(todo[number], self.predictor)
+                if needed > budget:
+                    return f"needs about {needed / 2**20:.0f} MiB, more than --memory-budget-mb {budget // 2**20}"
+                return reader.submit(self.load, todo[number])
+
+            upcoming = submit(0)
+            for number, case in enumerate(todo):
+                started = time.perf_counter()
+                loading, upcoming = upcoming, submit(number + 1)
+                try:
+                    if isinstance(loading, str):
+                        raise ValueError(loading)
+                    rows.append(self.predict(case, loading.result(), started))
+                except Exception as err:  # one bad case never ends the batch; the reason is kept
+                    reason = f"{type(err).__name__}: {err}"[:500]
+                    logger.warning("case %s skipped: %s", case.case_id, reason)
+                    rows.append({"case_id": case.case_id, "status": "skipped", "reason": reason})
+                progress.update(number + 1)
+        rows.sort(key=lambda row: row["case_id"])
+        self.finish(rows)
+        counts = dict(Counter(row["status"] for row in rows))
+        logger.info("shard %d/%d: %s; outputs under %s", *self.shard,
+                    ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "no cases",
+                    self.options.output_uri)
+        return counts
+
+    def finish(self, rows: list[dict]) -> None:
+        """Write this shard's rows; the shard that finds every shard's rows merges them and marks
+        the output complete (last)."""
+        index, count = self.shard
+        self.store.put_csv(PredictionLayout.shard(index, count), rows)
+        shards = [s3.read_uri(self.store.url(PredictionLayout.shard(k, count))) for k in range(count)]
+        if any(data is None for data in shards):
+            logger.info("shard %d/%d done; the last shard to finish writes %s", index, count, PredictionLayout.COMPLETE)
+            return
+        merged = sorted((row for data in shards for row in _csv_rows(data)), key=lambda row: row["case_id"])
+        self.store.put_csv(PredictionLayout.MERGED, merged)
+        counts = Counter(row["status"] for row in merged)
+        self.store.put_json(PredictionLayout.COMPLETE, {"cases": len(merged), **counts, "shards": count,
+                                                        "finished": time.time()})
+

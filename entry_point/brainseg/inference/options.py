@@ -1,0 +1,151 @@
+"""Configuration of a prediction job and the layout of what it writes: free of torch, so the
+launcher checks the flags and the review tools read the outputs on a laptop.
+
+Under ``<output_uri>/``::
+
+    prediction.json            the job's settings and models (written first)
+    <case>/segmentation.dcm    DICOM SEG on the case's first sequence
+    <case>/volumes.csv         predicted volumes (ml) per structure, Dice/IoU/HD95 when a mask exists;
+                               written after the SEG: a case is complete when it exists
+    shards/<k>-of-<n>.csv      every case of shard k: predicted, skipped (with the reason) or excluded
+    predictions.csv            all shards' rows, once every shard finished
+    complete.json              counts; written last, by the shard that finds every shard done
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field, fields
+
+from brainseg.config import PRECISIONS, RUN_NAME, inside, parse_bool, sagemaker_arguments
+
+SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+class PredictionLayout:
+    """Every path of a prediction output, relative to ``<output_uri>/``."""
+
+    SETTINGS = "prediction.json"
+    MERGED = "predictions.csv"
+    COMPLETE = "complete.json"
+    SHARDS = "shards/"
+
+    @staticmethod
+    def segmentation(case_id: str) -> str:
+        return f"{case_id}/segmentation.dcm"
+
+    @staticmethod
+    def volumes(case_id: str) -> str:
+        return f"{case_id}/volumes.csv"
+
+    @staticmethod
+    def shard(index: int, count: int) -> str:
+        return f"shards/{index}-of-{count}.csv"
+
+
+def _field(default, help_text: str, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything a prediction job is configured by; every field is a ``--flag`` of ``predict.py``."""
+
+    model: tuple = _field((), "s3://…/<run>/, a model.tar.gz or a model.pt (s3:// or a path); several, "
+                              "comma-separated or repeated, are an ensemble (probabilities averaged) (required)")
+    data_uri: str = _field("", "s3:// prefix holding one folder per case, with the sequence folders the model "
+                               "was trained on; a mask/ folder, when present, is scored (required)")
+    output_uri: str = _field("", "s3:// prefix the predictions are written under (required)")
+    index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
+    cases: tuple = _field((), "predict only these case IDs (comma-separated; default every case)")
+    mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
+    sw_batch_size: int = _field(2, "windows per forward pass")
+    sw_overlap: float = _field(-1.0, "sliding-window overlap in [0, 1) (default: each model's own)")
+    precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 on a GPU only)")
+    memory_budget_mb: int = _field(8192, "MiB one case may hold while it is predicted; a larger case is skipped "
+                                         "with the reason")
+    overwrite: bool = _field(False, "predict cases whose outputs are already complete again (default: skip them, "
+                                    "so a rerun continues an interrupted job)")
+    shard: str = _field("", "k/n: predict the k-th (0-based) of n interleaved shards of the cases (default: this "
+                            "host's place among a SageMaker job's hosts, else 0/1)")
+    max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
+
+    def __post_init__(self) -> None:
+        models = tuple(part.strip() for item in self.model for part in str(item).split(",") if part.strip())
+        object.__setattr__(self, "model", models)
+        object.__setattr__(self, "cases", tuple(c.strip() for c in self.cases if c.strip()))
+        if not models:
+            raise ValueError("model: expected at least one model location (--model s3://bucket/runs/<run>/)")
+        for name in ("data_uri", "output_uri"):
+            value = getattr(self, name)
+            if not value.startswith("s3://"):
+                raise ValueError(f"{name} {value!r}: expected an s3:// URI")
+        if inside(self.output_uri, self.data_uri):
+            raise ValueError(f"output_uri {self.output_uri} is inside data_uri {self.data_uri}: predictions would be "
+                             "read as cases; write them elsewhere")
+        if self.index_uri and not self.index_uri.startswith("s3://"):
+            raise ValueError(f"index_uri {self.index_uri!r}: expected an s3:// URI")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.sw_batch_size < 1 or self.max_header_mb < 1:
+            raise ValueError(f"sw_batch_size {self.sw_batch_size}, max_header_mb {self.max_header_mb}: expected at "
+                             "least 1")
+        if self.sw_overlap != -1.0 and not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"sw_overlap {self.sw_overlap}: expected a value in [0, 1), or -1 for each model's own")
+        if self.memory_budget_mb < 64:
+            raise ValueError(f"memory_budget_mb {self.memory_budget_mb}: expected at least 64")
+        for case_id in self.cases:
+            if not RUN_NAME.fullmatch(case_id):
+                raise ValueError(f"cases: {case_id!r} is not a case folder name")
+        if self.shard:
+            parse_shard(self.shard)
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` as ``(k, n)``.
+
+    Raises:
+        ValueError: not two integers with ``0 <= k < n``.
+    """
+    match = SHARD.fullmatch(text.strip())
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"shard {text!r}: expected k/n with 0 <= k < n, e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Segment the cases under --data-uri with trained brainseg model(s) and write "
+                                        "DICOM SEG and volumes under --output-uri.")
+    for spec in fields(PredictOptions):
+        name, default = spec.name, spec.default
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        required = name in ("model", "data_uri", "output_uri")
+        if isinstance(default, tuple):
+            parser.add_argument(*flags, dest=name, action="append", default=[], required=required,
+                                help=spec.metadata["help"])
+            continue
+        convert = parse_bool if isinstance(default, bool) else type(default)
+        shown = "" if required or default == "" else f" (default: {default})"
+        parser.add_argument(*flags, dest=name, type=convert, default=default, required=required,
+                            help=spec.metadata["help"] + shown)
+    return parser
+
+
+def parse_options(argv: list[str]) -> PredictOptions:
+    """Options from command-line arguments (SageMaker passes ``--snake_case value`` pairs).
+
+    Raises:
+        SystemExit: a required flag is missing or a value cannot be parsed (argparse's message).
+        ValueError: a value out of range.
+    """
+    namespace, unknown = build_parser().parse_known_args(argv)
+    sagemaker_arguments(unknown, "predict.py", [f.name for f in fields(PredictOptions)])
+    values = vars(namespace)
+    values["cases"] = tuple(part for item in values["cases"] for part in item.split(","))
+    values["model"] = tuple(values["model"])
+    return PredictOptions(**values)

@@ -1,0 +1,97 @@
+"""From a case's channels to each structure's predicted voxels on its native grid.
+
+For every model of the ensemble: the channels normalised as that model was trained, resampled to
+its target spacing, inferred by sliding window with Gaussian blending (optionally also on the 7
+mirrored copies, flipped back: test-time augmentation), turned into probabilities (softmax or
+sigmoid), interpolated back onto the native grid. The models' probabilities are averaged there and
+thresholded by the label scheme.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from brainseg.data.resample import Grid
+from brainseg.data.summary import Intensity
+from brainseg.data.transforms import normalize
+from brainseg.model.artifact import LoadedModel, ModelError
+from brainseg.model.description import ModelDescription
+from brainseg.model.inferer import sliding_window
+
+MIRROR_FLIPS = tuple(axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count))
+
+
+def compatible(descriptions: list[ModelDescription], sources: list[str]) -> ModelDescription:
+    """The ensemble's shared description: every model segments, from the same sequences into the
+    same structures (their grids, networks and normalisations may differ).
+
+    Raises:
+        ModelError: naming the first model that differs and how.
+    """
+    first = descriptions[0]
+    for description, source in zip(descriptions, sources):
+        if description.task != "segmentation":
+            raise ModelError(f"model {source} is a {description.task} model; only a segmentation model predicts")
+        for name in ("sequences", "labels", "regions"):
+            if getattr(description, name) != getattr(first, name):
+                raise ModelError(f"model {source}: {name} {getattr(description, name)!r} differ from "
+                                 f"{getattr(first, name)!r} of model {sources[0]}; an ensemble needs models of "
+                                 "the same sequences and structures")
+    return first
+
+
+@dataclass
+class Prediction:
+    """Each structure's predicted voxels ``(D, H, W)`` (booleans) and probability, on the native grid."""
+
+    masks: list
+    probabilities: np.ndarray
+
+
+class Predictor:
+    """An ensemble of one or more models run on whole cases.
+
+    Args:
+        models: loaded models of :func:`compatible` descriptions.
+        device: where the networks run.
+        mirror: average over the 8 mirrorings of every axis (8 times the compute).
+        sw_batch_size: windows per forward pass.
+        overlap: sliding-window overlap; ``None``: each model's own (its training's).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
+    """
+
+    def __init__(self, models: list[LoadedModel], device: torch.device, mirror: bool = False,
+                 sw_batch_size: int = 2, overlap: float | None = None, precision: str = "fp32"):
+        if not models:
+            raise ModelError("no model given")
+        self.models = models
+        self.description = compatible([m.description for m in models], [m.source for m in models])
+        self.scheme = self.description.scheme
+        self.device = device
+        self.flips = MIRROR_FLIPS if mirror else ((),)
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.precision = precision
+
+    def predict(self, channels: list[np.ndarray], intensities: tuple[Intensity, ...], spacing: tuple) -> Prediction:
+        """The structures of one case from its raw channels (modality units, ``(D, H, W)`` each, in
+        the models' sequence order), each channel's intensity statistics and the voxel spacing."""
+        shape = channels[0].shape
+        total = None
+        for loaded in self.models:
+            description = loaded.description
+            image = np.stack([normalize(channel, description.normalization, stats)
+                              for channel, stats in zip(channels, intensities)])
+            grid = Grid(shape, tuple(spacing), description.target_spacing or tuple(spacing))
+            output = sliding_window(loaded.network, grid.volume_to_target(image), description.patch_size,
+                                    description.sw_overlap if self.overlap is None else self.overlap,
+                                    self.sw_batch_size, self.precision, self.device, self.flips)
+            probabilities = torch.sigmoid(output) if self.scheme.sigmoid else torch.softmax(output, 0)
+            native = grid.volume_to_native(probabilities).numpy()
+            total = native if total is None else total + native
+        probabilities = total / len(self.models)
+        return Prediction(self.scheme.predicted(probabilities, probabilities=True), probabilities)

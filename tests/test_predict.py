@@ -1,0 +1,266 @@
+"""Prediction against the moto S3 server: a model trained for a few steps segments new synthetic
+studies; the DICOM SEG it writes reads back with highdicom onto the source slices; volumes, scores,
+ensembles, test-time mirroring, skipped cases, reruns and the hosting handler."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import inference
+import predict
+import train
+from brainseg.data.catalog import build_catalog
+from brainseg.data.stream import read_case_region
+from brainseg.inference.options import parse_options
+from brainseg.inference.predictor import Predictor
+from brainseg.io import s3
+from brainseg.model.artifact import ModelError, load_model, read_artifact
+from brainseg.model.description import ModelDescription
+from tools.data.synth import SynthSpec, encode_case, write_dataset
+
+SEQUENCES = "t1c,flair"
+NEW = SynthSpec(shape=(20, 40, 44), sequences=("t1c", "flair"), thicknesses=(1, 2), seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server, tmp_path_factory):
+    """A two-sequence, three-region model trained for a few steps: its run URI and model folder."""
+    bucket = f"predict-{os.getpid()}"
+    s3.client().create_bucket(Bucket=bucket)
+    write_dataset(8, f"s3://{bucket}/train/", SynthSpec(shape=(24, 48, 48), sequences=("t1c", "flair"),
+                                                         thicknesses=(1, 2)))
+    model_dir = tmp_path_factory.mktemp("model")
+    saved = os.environ.get("SM_MODEL_DIR")
+    os.environ["SM_MODEL_DIR"] = str(model_dir)
+    try:
+        assert train.main(["--data-uri", f"s3://{bucket}/train/", "--output-uri", f"s3://{bucket}/runs",
+                           "--run-name", "r", "--sequences", SEQUENCES, "--labels", "ncr=1,ed=2,et=4",
+                           "--regions", "brats", "--channels", "8,16", "--patch-size", "8,32,32", "--batch-size", "2",
+                           "--num-workers", "0", "--epochs", "1", "--steps-per-epoch", "4", "--res-units", "1",
+                           "--memory-budget-mb", "64", "--warmup-steps", "1"]) == 0
+    finally:
+        os.environ["SM_MODEL_DIR"] = saved
+    write_dataset(3, f"s3://{bucket}/new/", NEW)
+    return {"bucket": bucket, "run": f"s3://{bucket}/runs/r/", "model_dir": model_dir, "data": f"s3://{bucket}/new/"}
+
+
+def _rows(uri: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(s3.read_uri(uri).decode())))
+
+
+def _source(bucket: str, case_id: str) -> dict:
+    """The case's t1c slices as pydicom datasets, by SOP instance UID."""
+    datasets = [pydicom.dcmread(io.BytesIO(s3.get_object(bucket, info.key)))
+                for info in s3.list_objects(bucket, f"new/{case_id}/t1c/")]
+    return {dataset.SOPInstanceUID: dataset for dataset in datasets}
+
+
+def _seg_planes(seg, source: dict, shape: tuple) -> np.ndarray:
+    """The SEG's frames placed on the source slices they reference: ``(segments, D, H, W)``, z in
+    the order of the slices' positions along the normal. Checks each frame's position and orientation."""
+    normal = np.cross(*np.reshape(next(iter(source.values())).ImageOrientationPatient, (2, 3)))
+    order = sorted(source, key=lambda uid: float(np.dot(normal, source[uid].ImagePositionPatient)))
+    z_of = {uid: z for z, uid in enumerate(order)}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == pytest.approx(
+        [float(v) for v in source[order[0]].ImageOrientationPatient])
+    volume = np.zeros((len(seg.SegmentSequence), *shape), dtype=bool)
+    pixels = seg.pixel_array if seg.NumberOfFrames > 1 else seg.pixel_array[None]
+    for frame, group in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx([float(v) for v in source[uid].ImagePositionPatient])
+        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        volume[segment - 1, z_of[uid]] = frame > 0
+    return volume
+
+
+def test_predictions_are_dicom_seg_on_the_source_slices_with_volumes_and_scores(trained):
+    bucket, output = trained["bucket"], f"s3://{trained['bucket']}/pred/"
+    assert predict.main(["--model", trained["run"], "--data-uri", trained["data"], "--output-uri", output]) == 0
+    complete = json.loads(s3.read_uri(output + "complete.json"))
+    assert complete["cases"] == complete["predicted"] == 3
+    rows = _rows(output + "predictions.csv")
+    assert [row["case_id"] for row in rows] == ["case_0000", "case_0001", "case_0002"]
+
+    model = load_model(trained["run"], torch.device("cpu"))
+    predictor = Predictor([model], torch.device("cpu"))
+    catalog = build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair"))
+    for case, row in zip(catalog.cases, rows):
+        seg = hd.seg.segread(io.BytesIO(s3.read_uri(f"{output}{case.case_id}/segmentation.dcm")))
+        source = _source(bucket, case.case_id)
+        first = next(iter(source.values()))
+        assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+        assert [segment.SegmentLabel for segment in seg.SegmentSequence] == ["wt", "tc", "et"]
+
+        depth, rows_, columns = case.image.shape
+        channels, mask = read_case_region(case, (0, depth, 0, rows_, 0, columns))
+        expected = predictor.predict(channels, case.summary.intensities, case.image.spacing).masks
+        placed = _seg_planes(seg, source, case.image.shape)
+        voxel_ml = float(np.prod(case.image.spacing)) / 1000
+        for index, name in enumerate(("wt", "tc", "et")):
+            assert np.array_equal(placed[index], expected[index]), name  # voxel for voxel on the source slices
+            assert int(row[f"voxels_{name}"]) == int(expected[index].sum())
+            assert float(row[f"predicted_ml_{name}"]) == pytest.approx(int(expected[index].sum()) * voxel_ml, abs=1e-6)
+            assert 0.0 <= float(row[f"dice_{name}"]) <= 1.0 and float(row[f"hd95_{name}"]) >= 0.0
+        assert float(row["spacing_mm"].split("x")[0]) in (1.5, 3.0)
+        assert _rows(f"{output}{case.case_id}/volumes.csv")[0] == row
+    assert {float(row["spacing_mm"].split("x")[0]) for row in rows} == {1.5, 3.0}  # both thicknesses were drawn
+
+
+def test_an_ensemble_from_archive_and_run_with_mirroring_runs_and_reruns_skip_complete_cases(trained, tmp_path):
+    bucket = trained["bucket"]
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(trained["model_dir"].rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(trained["model_dir"])), recursive=False)
+    s3.put_bytes(f"s3://{bucket}/packaged/model.tar.gz", archive.read_bytes())
+    output = f"s3://{bucket}/ensemble/"
+    models = f"s3://{bucket}/packaged/model.tar.gz,{trained['run']}"
+    flags = ["--model", models, "--data-uri", trained["data"], "--output-uri", output, "--mirror", "true",
+             "--cases", "case_0001"]
+    assert predict.main(flags) == 0
+    settings = json.loads(s3.read_uri(output + "prediction.json"))
+    assert [model["source"] for model in settings["models"]] == [
+        f"s3://{bucket}/packaged/model.tar.gz!model.pt", f"{trained['run']}model/model.pt"]
+    first = s3.read_uri(output + "case_0001/segmentation.dcm")
+    assert predict.main(flags) == 0  # complete cases are kept, not predicted again
+    assert s3.read_uri(output + "case_0001/segmentation.dcm") == first
+    assert json.loads(s3.read_uri(output + "complete.json"))["predicted"] == 1
+    assert predict.main([*flags, "--overwrite", "true"]) == 0
+    assert s3.read_uri(output + "case_0001/segmentation.dcm") != first  # a new SEG (new UIDs)
+
+
+def test_ensembles_average_probabilities_and_mirroring_makes_predictions_flip_equivariant(trained):
+    loaded = load_model(trained["run"], torch.device("cpu"))
+    other = load_model(trained["run"], torch.device("cpu"))
+    torch.manual_seed(3)
+    for parameter in other.network.parameters():
+        parameter.data.add_(0.3 * torch.randn_like(parameter))
+    rng = np.random.default_rng(0)
+    channels = [rng.normal(100, 20, (8, 32, 32)).astype(np.float32) for _ in range(2)]
+    stats = build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair")).cases[0].summary.intensities
+    spacing = (1.5, 1.0, 1.0)  # the model's own grid: no resampling
+    single = [Predictor([m], torch.device("cpu")).predict(channels, stats, spacing).probabilities for m in (loaded, other)]
+    both = Predictor([loaded, other], torch.device("cpu")).predict(channels, stats, spacing).probabilities
+    assert not np.allclose(single[0], single[1])
+    assert np.allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+
+    flipped = [channel[:, ::-1, :].copy() for channel in channels]
+    plain, mirrored = (Predictor([loaded], torch.device("cpu"), mirror=mirror) for mirror in (False, True))
+    assert not np.allclose(plain.predict(flipped, stats, spacing).probabilities,
+                           plain.predict(channels, stats, spacing).probabilities[:, :, ::-1], atol=1e-5)
+    assert np.allclose(mirrored.predict(flipped, stats, spacing).probabilities,
+                       mirrored.predict(channels, stats, spacing).probabilities[:, :, ::-1], atol=1e-5)
+
+
+def test_a_bad_case_is_skipped_with_the_reason_and_the_batch_finishes(trained):
+    bucket = trained["bucket"]
+    data = f"s3://{bucket}/mixed/"
+    write_dataset(2, data, NEW)
+    write_dataset(1, data, SynthSpec(shape=(64, 128, 128), sequences=("t1c", "flair"), seed=9), first=2)  # large
+    write_dataset(1, data, NEW, first=3)
+    for info in list(s3.list_objects(bucket, "mixed/case_0003/flair/")):
+        s3.delete(f"s3://{bucket}/{info.key}")
+    output = f"s3://{bucket}/mixed-pred/"
+    assert predict.main(["--model", trained["run"], "--data-uri", data, "--output-uri", output,
+                         "--memory-budget-mb", "64"]) == 1
+    rows = {row["case_id"]: row for row in _rows(output + "predictions.csv")}
+    assert rows["case_0000"]["status"] == rows["case_0001"]["status"] == "predicted"
+    assert rows["case_0002"]["status"] == "skipped" and "--memory-budget-mb 64" in rows["case_0002"]["reason"]
+    assert rows["case_0003"]["status"] == "excluded" and "missing sequence(s) flair" in rows["case_0003"]["reason"]
+    assert s3.read_uri(output + "case_0002/volumes.csv") is None and s3.read_uri(output + "case_0002/segmentation.dcm") is None
+    assert json.loads(s3.read_uri(output + "complete.json")) | {"finished": 0} == {
+        "cases": 4, "predicted": 2, "skipped": 1, "excluded": 1, "shards": 1, "finished": 0}
+
+
+def test_shards_split_the_cases_and_the_last_one_marks_the_output_complete(trained):
+    output = f"s3://{trained['bucket']}/sharded/"
+    common = ["--model", trained["run"], "--data-uri", trained["data"], "--output-uri", output]
+    assert predict.main([*common, "--shard", "1/2"]) == 0
+    assert s3.read_uri(output + "shards/1-of-2.csv") is not None
+    assert s3.read_uri(output + "complete.json") is None  # shard 0 has not run: not complete
+    assert [row["case_id"] for row in _rows(output + "shards/1-of-2.csv")] == ["case_0001"]
+    assert predict.main([*common, "--shard", "0/2"]) == 0
+    assert [row["case_id"] for row in _rows(output + "predictions.csv")] == ["case_0000", "case_0001", "case_0002"]
+    assert json.loads(s3.read_uri(output + "complete.json"))["predicted"] == 3
+
+
+def test_the_hosting_handler_round_trips_a_case_by_bytes_and_by_location(trained):
+    code = trained["model_dir"] / "code"
+    assert (code / "inference.py").read_bytes() == open(inference.__file__, "rb").read()
+    assert (code / "brainseg" / "inference" / "job.py").is_file() and (code / "requirements.txt").is_file()
+    predictor = inference.model_fn(str(trained["model_dir"]))
+    files = {path.split("/", 1)[1]: data for path, data in encode_case(1, NEW).items()
+             if path.split("/")[1] in ("t1c", "flair")}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    result = inference.predict_fn(inference.input_fn(buffer.getvalue(), "application/zip"), predictor)
+    body, content_type = inference.output_fn(result, "application/dicom")
+    assert content_type == "application/dicom"
+    seg = hd.seg.segread(io.BytesIO(body))
+    assert [segment.SegmentLabel for segment in seg.SegmentSequence] == ["wt", "tc", "et"]
+    volumes, kind = inference.output_fn(result, "application/json")
+    assert kind == "application/json" and set(json.loads(volumes)) >= {"predicted_ml_wt", "voxels_et"}
+
+    by_location = inference.predict_fn(inference.input_fn(
+        json.dumps({"case_uri": f"{trained['data']}case_0001/"}), "application/json"), predictor)
+    assert by_location["volumes"] == result["volumes"]  # the same case, the same prediction
+    with pytest.raises(inference.RequestError, match="expected application/json"):
+        inference.input_fn(b"x", "text/plain")
+    with pytest.raises(inference.RequestError, match="cannot be read"):
+        inference.input_fn(b"not a zip", "application/zip")
+
+
+def test_models_are_self_describing_and_anything_else_is_refused_with_the_reason(trained, tmp_path):
+    description, state, source = read_artifact(trained["run"])
+    assert description.sequences == ("t1c", "flair") and description.regions == "brats"
+    assert description.target_spacing and description.network["in_channels"] == 2 and source.endswith("model/model.pt")
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    with pytest.raises(ModelError, match="bare state dict"):
+        read_artifact(str(bare))
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"state_dict": state, "description": ModelError("x")}, hostile)
+    with pytest.raises(ModelError, match="weights_only=True"):
+        read_artifact(str(hostile))
+    newer = tmp_path / "newer.pt"
+    data = description.to_dict() | {"version": 99}
+    torch.save({"description": data, "state_dict": state}, newer)
+    with pytest.raises(ModelError, match="version 99"):
+        read_artifact(str(newer))
+    with pytest.raises(ModelError, match="no such object"):
+        read_artifact(f"s3://{trained['bucket']}/runs/missing/")
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz"):
+        pass
+    with pytest.raises(ModelError, match="no top-level model.pt"):
+        read_artifact(str(empty))
+    assert ModelDescription.from_dict(description.to_dict(), "x") == description
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/d/out/", "--model", "m"], "inside data_uri"),
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--shard", "2/2"], "0 <= k < n"),
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--mirorr", "true"],
+     "did you mean --mirror"),
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--sw-overlap", "1.5"], "sw_overlap"),
+])
+def test_bad_options_are_refused_naming_the_value(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(argv)
+    assert predict.main(argv) == 2
