@@ -296,7 +296,48 @@ def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
 def test_help_describes_every_launcher_flag():
     parser = launch._parser()
     [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"train", "iam-policy"}
+    assert set(commands.choices) == {"train", "predict", "iam-policy"}
     for name, subparser in commands.choices.items():
         for action in subparser._actions:
             assert action.help and len(action.help) > 10, (name, action.dest)
+
+
+def test_predict_in_process_mode_splits_the_cases_between_hosts(process_run, dataset, bucket, capsys):
+    output = f"s3://{bucket}/predictions/"
+    code = launch.main(["predict", "--mode", "process", "--instance-count", "2", "--model",
+                        f"{process_run['output']}/proc-1/", "--data-uri", dataset, "--output-uri", output,
+                        "--hp", "sw_batch_size=4"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    assert f"predictions: {output}" in printed and "8 predicted" in printed
+    shards = {k: s3.read_uri(f"{output}shards/{k}-of-2.csv").decode().splitlines()[1:] for k in (0, 1)}
+    assert len(shards[0]) == len(shards[1]) == 4  # algo-1 and algo-2 took four cases each
+    assert "algo-1 | " in printed and "algo-2 | " in printed
+    assert json.loads(s3.read_uri(output + "complete.json"))["predicted"] == 8
+
+
+def test_a_predict_job_request_runs_predict_py_with_its_options(bucket, capsys):
+    code = launch.main(["predict", "--mode", "aws", "--role", ROLE, "--model", "s3://m/runs/a/", "--model",
+                        "s3://m/runs/b/model.tar.gz", "--data-uri", "s3://d/new/", "--output-uri",
+                        f"s3://{bucket}/pred/", "--instance-count", "3", "--hp", "mirror=true", "--dry-run"])
+    assert code == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["HyperParameters"] == {"mirror": "true", "model": "s3://m/runs/a/,s3://m/runs/b/model.tar.gz",
+                                          "data_uri": "s3://d/new/", "output_uri": f"s3://{bucket}/pred/"}
+    assert request["ResourceConfig"]["InstanceCount"] == 3 and "CheckpointConfig" not in request
+    spec = build_spec({"mode": "aws", "script": "predict.py", "role": ROLE, "data_uri": "s3://d/new/",
+                       "output_uri": f"s3://{bucket}/pred/", "instance_count": 3}, {"model": "s3://m/runs/a/"})
+    trainer = sagemaker_job.build_trainer(spec, boto3.Session(region_name="us-east-1"))
+    assert trainer.source_code.entry_script == "predict.py" and trainer.distributed is None  # no torchrun
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hp", "mirorr=true"], "unknown predict option mirorr; did you mean mirror?"),
+    (["--hp", "shard=3/2"], "shard '3/2'"),
+    (["--hp", "data_uri=s3://x/"], "use --data-uri"),
+])
+def test_bad_predict_options_are_refused_before_anything_is_submitted(argv, message, bucket, capsys):
+    base = ["predict", "--mode", "aws", "--role", ROLE, "--model", "s3://m/r/", "--data-uri", "s3://d/new/",
+            "--output-uri", f"s3://{bucket}/pred/", "--dry-run"]
+    assert launch.main(base + argv) == 2
+    assert message in capsys.readouterr().err

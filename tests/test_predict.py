@@ -28,6 +28,8 @@ from brainseg.io import s3
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
 from tools.data.synth import SynthSpec, encode_case, write_dataset
+from tools.review import cli as review
+from tools.review.predictions import load_prediction, seg_overlay
 
 SEQUENCES = "t1c,flair"
 NEW = SynthSpec(shape=(20, 40, 44), sequences=("t1c", "flair"), thicknesses=(1, 2), seed=7)
@@ -264,3 +266,27 @@ def test_bad_options_are_refused_naming_the_value(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_options(argv)
     assert predict.main(argv) == 2
+
+
+def test_review_reads_a_prediction_output_and_places_its_seg_with_the_training_seg_reader(trained, tmp_path, capsys):
+    output = f"s3://{trained['bucket']}/reviewed/"
+    assert predict.main(["--model", trained["run"], "--data-uri", trained["data"], "--output-uri", output,
+                         "--cases", "case_0000,case_0002"]) == 0
+    assert review.main([output, "--report", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "complete: 2 predicted" in printed and "case_0002" in printed and "wt ml" in printed
+    assert (tmp_path / "predictions.html").is_file() and len(list(tmp_path.glob("seg_*.png"))) == 2
+
+    prediction = load_prediction(output)
+    case = next(c for c in build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair")).cases
+                if c.case_id == "case_0002")
+    depth, rows, columns = case.image.shape
+    channels, _ = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=False)
+    masks = Predictor([load_model(trained["run"], torch.device("cpu"))], torch.device("cpu")).predict(
+        channels, case.summary.intensities, case.image.spacing).masks
+    expected = np.max([number * mask for number, mask in enumerate(masks, start=1)], axis=0)
+    assert np.array_equal(seg_overlay(prediction, "case_0002")["prediction"], expected)
+
+    s3.delete(output + "complete.json")
+    assert "incomplete: no complete.json" in load_prediction(output).status_text()
+    assert len(load_prediction(output).rows) == 2  # read from each case's volumes.csv

@@ -3,6 +3,7 @@
     brainseg-launch                                   # the demo: process mode, embedded S3, synthetic data
     brainseg-launch [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
     brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
+    brainseg-launch predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
     brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
 
 Modes:
@@ -11,6 +12,10 @@ Modes:
            under torchrun. No Docker, no AWS.
   local    SageMaker local mode (SDK v3 ModelTrainer, Mode.LOCAL_CONTAINER) with the image from docker/.
   aws      a real training job (ModelTrainer). --dry-run prints the CreateTrainingJob request instead.
+
+`predict` runs predict.py the same three ways, as a training-style job on the same image (SDK v3's
+ModelTrainer: the path local mode already exercises, and several instances split the cases by
+host); --hp sets predict.py's options (mirror, sw_batch_size, memory_budget_mb, ...).
 
 Without --data-uri, process and local modes start an embedded S3 (moto), write a synthetic dataset
 into it, train briefly and print where the artifacts are. Settings may come from --config job.yaml
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
@@ -30,6 +37,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
 from tools.launch import iam
@@ -49,44 +57,24 @@ DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (rela
 DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
 
 
-COMMANDS = ("train", "iam-policy")
+COMMANDS = ("train", "predict", "iam-policy")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainseg-launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,iam-policy}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,predict,iam-policy}")
     train = commands.add_parser("train", help="launch a training job (the default command: `brainseg-launch "
                                 "--mode ...` means `brainseg-launch train --mode ...`)",
                                 description="Launch a training job (without --data-uri: the demo).")
-    add = train.add_argument
-    add("--mode", choices=("process", "local", "aws"), help="where the job runs (default: process)")
-    add("--config", help="YAML job file: launcher settings at the top level, train.py's under `hyperparameters:`")
-    add("--hp", action="append", default=[], metavar="KEY=VALUE",
-        help="a train.py hyperparameter, e.g. lr=3e-4 or patch_size=[96,96,96] (repeatable)")
-    add("--data-uri", help="s3:// prefix holding the cases (without it: the demo's embedded S3 and synthetic data)")
-    add("--output-uri", help="s3:// prefix the runs are written under (<output-uri>/<job name>/)")
-    add("--job-name", help="base job name (SageMaker appends a timestamp); also the run's name prefix")
-    add("--image-uri", help="training image (the one built from docker/); aws default: prebuilt PyTorch image")
-    add("--role", help="aws: the job's IAM role ARN (see `brainseg-launch iam-policy`)")
-    add("--region", help="aws: region (default: the AWS configuration's)")
-    add("--instance-type", help="e.g. ml.g5.xlarge (aws default), local in local and process modes")
-    add("--instance-count", type=int, help="instances (process mode: simulated hosts), default 1")
-    add("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
-    add("--volume-size-gb", type=int, help="aws: the instance's EBS volume")
-    add("--spot", action="store_true", default=None, help="managed spot training (checkpoints sync to S3)")
-    add("--max-run-s", type=int, help="stop the job after this many seconds")
-    add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
-    add("--volume-kms-key", help="aws: KMS key for the instance's volume")
-    add("--output-kms-key", help="aws: KMS key for the job's output")
-    add("--subnets", help="comma-separated subnet IDs (the job runs in your VPC)")
-    add("--security-group-ids", help="comma-separated security group IDs (with --subnets)")
-    add("--network-isolation", action="store_true", default=None, help="aws: no network access but S3 via the job")
-    add("--inter-container-encryption", action="store_true", default=None,
-        help="aws: encrypt traffic between instances")
-    add("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job (repeatable)")
-    add("--wait", action="store_true", default=None, help="aws: wait and stream the job's logs")
-    add("--dry-run", action="store_true", default=None, help="aws: print the CreateTrainingJob request only")
+    _add_job_flags(train, "train.py")
+    train.add_argument("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
+    predict = commands.add_parser("predict", help="launch a prediction job: DICOM SEG for every case of a prefix",
+                                  description="Launch predict.py on SageMaker, in local mode or as local processes; "
+                                              "several instances split the cases.")
+    _add_job_flags(predict, "predict.py")
+    predict.add_argument("--model", action="append", required=True,
+                         help="s3://…/<run>/, s3://…/model.tar.gz or s3://…/model.pt (repeat for an ensemble)")
 
     policy = commands.add_parser(
         "iam-policy", help="print the IAM documents a job's role and its caller need",
@@ -106,6 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
+    """The flags every job takes, whichever its script."""
+    add = command.add_argument
+    add("--mode", choices=("process", "local", "aws"), help="where the job runs (default: process)")
+    add("--config", help=f"YAML job file: launcher settings at the top level, {script}'s under `hyperparameters:`")
+    add("--hp", action="append", default=[], metavar="KEY=VALUE",
+        help=f"a {script} flag, e.g. lr=3e-4, patch_size=[96,96,96] or mirror=true (repeatable)")
+    add("--data-uri", help="s3:// prefix holding the cases" + (" (without it: the demo's embedded S3 and synthetic "
+                                                                "data)" if script == "train.py" else ""))
+    add("--output-uri", help="s3:// prefix the job writes under" + (" (<output-uri>/<job name>/)"
+                                                                     if script == "train.py" else ""))
+    add("--job-name", help="base job name (SageMaker appends a timestamp); also a training run's name prefix")
+    add("--image-uri", help="the image built from docker/; aws default: prebuilt PyTorch image")
+    add("--role", help="aws: the job's IAM role ARN (see `brainseg-launch iam-policy`)")
+    add("--region", help="aws: region (default: the AWS configuration's)")
+    add("--instance-type", help="e.g. ml.g5.xlarge (aws default), local in local and process modes")
+    add("--instance-count", type=int, help="instances (process mode: simulated hosts), default 1")
+    add("--volume-size-gb", type=int, help="aws: the instance's EBS volume")
+    add("--spot", action="store_true", default=None, help="managed spot capacity")
+    add("--max-run-s", type=int, help="stop the job after this many seconds")
+    add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
+    add("--volume-kms-key", help="aws: KMS key for the instance's volume")
+    add("--output-kms-key", help="aws: KMS key for the job's output")
+    add("--subnets", help="comma-separated subnet IDs (the job runs in your VPC)")
+    add("--security-group-ids", help="comma-separated security group IDs (with --subnets)")
+    add("--network-isolation", action="store_true", default=None, help="aws: no network access but S3 via the job")
+    add("--inter-container-encryption", action="store_true", default=None,
+        help="aws: encrypt traffic between instances")
+    add("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job (repeatable)")
+    add("--wait", action="store_true", default=None, help="aws: wait and stream the job's logs")
+    add("--dry-run", action="store_true", default=None, help="aws: print the CreateTrainingJob request only")
+
+
 def policies(args: argparse.Namespace) -> dict:
     """The three policy documents of ``brainseg-launch iam-policy``; ValueError for bad input."""
     account = iam.role_account(args.role)
@@ -121,13 +142,17 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Config file, then flags, then --hp overrides; checked (raises ValueError with the reason)."""
     settings = load_config(args.config)
     for name, value in vars(args).items():
-        if name in ("command", "config", "hp", "tag") or value is None:
+        if name in ("command", "config", "hp", "tag", "model") or value is None:
             continue
         settings[name] = value
     if args.tag:
         settings["tags"] = {**settings.get("tags", {}), **parse_overrides(args.tag)}
     settings.setdefault("mode", "process")
-    return build_spec(settings, parse_overrides(args.hp))
+    overrides = parse_overrides(args.hp)
+    if args.command == "predict":
+        settings["script"] = "predict.py"
+        overrides["model"] = ",".join(args.model)
+    return build_spec(settings, overrides)
 
 
 def _boto_session(region: str | None):
@@ -206,12 +231,30 @@ def report(output_uri: str, job_name: str) -> None:
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
+def report_predictions(output_uri: str) -> None:
+    """What a prediction job wrote: the counts of complete.json and the cases not predicted."""
+    output = output_uri.rstrip("/") + "/"
+    print(f"predictions: {output}")
+    complete = s3.read_uri(output + PredictionLayout.COMPLETE)
+    if complete is None:
+        print(f"  no {PredictionLayout.COMPLETE} (the job did not finish every shard; see the log)")
+        return
+    counts = json.loads(complete)
+    print("  " + ", ".join(f"{counts[name]} {name}" for name in ("predicted", "skipped", "excluded") if name in counts))
+    rows = csv.DictReader(io.StringIO(s3.read_uri(output + PredictionLayout.MERGED).decode()))
+    for row in rows:
+        if row["status"] != "predicted":
+            print(f"  {row['case_id']} {row['status']}: {row.get('reason', '')}")
+
+
 def launch(spec: JobSpec) -> int:
     from tools.launch import process_job, sagemaker_job
 
     with contextlib.ExitStack() as stack:
         container_env = {}
         demo = not spec.data_uri
+        if demo and not spec.training:
+            raise ValueError("predict needs --data-uri and --output-uri")
         if demo:
             if spec.mode == "aws":
                 raise ValueError("aws mode needs --data-uri")
@@ -223,6 +266,9 @@ def launch(spec: JobSpec) -> int:
             root = Path(tempfile.mkdtemp(prefix=f"{job_name}-"))
             logger.info("process mode: job %s, container directories under %s", job_name, root)
             code = process_job.run(spec, job_name, root)
+            if not spec.training:
+                report_predictions(spec.output_uri)
+                return code
             report(spec.output_uri, job_name)
             if demo:
                 print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
@@ -235,9 +281,16 @@ def launch(spec: JobSpec) -> int:
         local_root = tempfile.mkdtemp(prefix="brainseg-local-") if spec.mode == "local" else None
         job_name = sagemaker_job.submit(spec, session, container_env, local_root)
         if spec.mode == "aws":
-            print(f"submitted training job {job_name}; artifacts will be under {spec.output_uri.rstrip('/')}/{job_name}/")
-            if spec.wait:
+            where = spec.output_uri if not spec.training else f"{spec.output_uri.rstrip('/')}/{job_name}/"
+            print(f"submitted training job {job_name} ({spec.script}); artifacts will be under {where}")
+            if spec.wait and spec.training:
                 report(spec.output_uri, job_name)
+            elif spec.wait:
+                report_predictions(spec.output_uri)
+            return 0
+        if not spec.training:
+            print(f"local mode job finished; container files under {local_root}")
+            report_predictions(spec.output_uri)
             return 0
         job_name = latest_run(spec.output_uri, spec.base_job_name())
         if job_name is None:

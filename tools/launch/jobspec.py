@@ -1,4 +1,5 @@
-"""What a training job is, independent of where it runs: the launcher's settings, checked.
+"""What a job is, independent of where it runs: the launcher's settings, checked. A job runs
+train.py (training) or predict.py (prediction: a batch job on the same image and contract).
 
 No torch and no SageMaker SDK here: ``brainseg-launch`` (:mod:`tools.launch.cli`) builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
@@ -18,9 +19,11 @@ from pathlib import Path
 import yaml
 
 from brainseg.config import validate_overrides
+from brainseg.inference.options import validate_predict_overrides
 from brainseg.io import s3
 
 MODES = ("process", "local", "aws")
+SCRIPTS = ("train.py", "predict.py")
 # The SageMaker source dir: train.py and the brainseg package, nothing else (tools stay out of the job).
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "entry_point"
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"  # aws mode; local mode runs on "local"
@@ -29,9 +32,11 @@ JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A training job. ``hyperparameters`` are the overrides passed to train.py (validated)."""
+    """A job. ``hyperparameters`` are the overrides passed to its script (validated): train.py's
+    hyperparameters, or predict.py's options."""
 
     mode: str = "process"
+    script: str = "train.py"
     data_uri: str = ""
     output_uri: str = ""
     hyperparameters: dict = field(default_factory=dict)
@@ -83,15 +88,29 @@ class JobSpec:
             raise ValueError("network_isolation cuts the container off from S3, and train.py reads its data "
                              "and writes its artifacts over S3 itself; use VPC subnets with an S3 gateway "
                              "endpoint instead")
-        for reserved, flag in (("data_uri", "--data-uri"), ("output_uri", "--output-uri"), ("run_name", "--job-name")):
-            if reserved in self.hyperparameters:
-                raise ValueError(f"hyperparameter {reserved} is set by the launcher; use {flag}")
+        if self.script not in SCRIPTS:
+            raise ValueError(f"script {self.script!r}: expected one of {', '.join(SCRIPTS)}")
+        reserved = (("data_uri", "--data-uri"), ("output_uri", "--output-uri"), ("run_name", "--job-name"))
+        for name, flag in reserved[:None if self.training else 2]:
+            if name in self.hyperparameters:
+                raise ValueError(f"hyperparameter {name} is set by the launcher; use {flag}")
+        locations = {"data_uri": self.data_uri or "s3://placeholder-data/",
+                     "output_uri": self.output_uri or "s3://placeholder-output/"}
         # The real URIs when known, so a dataset/output overlap is refused before anything is submitted.
-        checked = validate_overrides({**self.hyperparameters, "data_uri": self.data_uri or "s3://placeholder-data/",
-                                      "output_uri": self.output_uri or "s3://placeholder-output/"})
-        # Canonical values ("32,32,32" -> [32, 32, 32], "false" -> False), as train.py will read them.
-        object.__setattr__(self, "hyperparameters", {name: _plain(getattr(checked, name))
-                                                     for name in self.hyperparameters})
+        if self.training:
+            checked = validate_overrides({**self.hyperparameters, **locations})
+            # Canonical values ("32,32,32" -> [32, 32, 32], "false" -> False), as train.py will read them.
+            canonical = {name: _plain(getattr(checked, name)) for name in self.hyperparameters}
+        else:
+            checked = validate_predict_overrides({**self.hyperparameters, **locations})
+            # Lists as predict.py reads them: comma-separated text.
+            canonical = {name: ",".join(value) if isinstance(value := getattr(checked, name), tuple) else value
+                         for name in self.hyperparameters}
+        object.__setattr__(self, "hyperparameters", canonical)
+
+    @property
+    def training(self) -> bool:
+        return self.script == "train.py"
 
     @property
     def max_wait(self) -> int:
@@ -106,7 +125,7 @@ class JobSpec:
 
     def training_hyperparameters(self) -> dict:
         """The hyperparameters the job is given: the overrides plus the data and output URIs.
-        The run is named after the job (train.py reads ``TRAINING_JOB_NAME``)."""
+        A training run is named after the job (train.py reads ``TRAINING_JOB_NAME``)."""
         return {**self.hyperparameters, "data_uri": self.data_uri, "output_uri": self.output_uri}
 
 

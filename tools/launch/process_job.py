@@ -65,6 +65,8 @@ def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, p
 def host_command(spec: JobSpec, host_rank: int, port: int) -> list[str]:
     args = sagemaker_cli_args(spec.training_hyperparameters())
     processes = max(1, spec.processes_per_host)
+    if not spec.training:  # one prediction process per host; the hosts split the cases
+        return [sys.executable, spec.script, *args]
     if spec.instance_count == 1 and processes == 1:
         return [sys.executable, "train.py", *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec.instance_count}",

@@ -98,7 +98,7 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     stopping = sdk.StoppingCondition(max_runtime_in_seconds=spec.max_run_s,
                                         max_wait_time_in_seconds=spec.max_wait if spec.spot else None)
     distributed = None
-    if spec.instance_count > 1 or spec.processes_per_host > 1:
+    if spec.training and (spec.instance_count > 1 or spec.processes_per_host > 1):
         distributed = sdk.Torchrun(process_count_per_node=spec.processes_per_host or None)
     trainer = sdk.ModelTrainer(
         training_mode=sdk.Mode.LOCAL_CONTAINER if local else sdk.Mode.SAGEMAKER_TRAINING_JOB,
@@ -106,7 +106,7 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
         role=spec.role or None,
         base_job_name=spec.base_job_name(),
         training_image=image,
-        source_code=sdk.SourceCode(source_dir=str(ENTRY_POINT), entry_script="train.py",
+        source_code=sdk.SourceCode(source_dir=str(ENTRY_POINT), entry_script=spec.script,
                                       requirements=requirements,
                                       ignore_patterns=[".env", ".git", "__pycache__", ".pytest_cache"]),
         compute=compute,
@@ -122,7 +122,7 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     )
     trainer = trainer.with_metric_definitions([sdk.MetricDefinition(name=d["Name"], regex=d["Regex"])
                                                for d in METRIC_DEFINITIONS])
-    if not local:
+    if not local and spec.training:
         # SageMaker syncs /opt/ml/checkpoints with <output>/<base name>/<job>/checkpoints (the SDK's
         # per-job default under our default bucket and prefix) across spot interruptions; train.py
         # also writes its own under <output>/<job>/checkpoints/ and resumes from the newer.

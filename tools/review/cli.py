@@ -1,11 +1,13 @@
-"""Review what training runs wrote to S3.
+"""Review what training runs and prediction jobs wrote to S3.
 
     brainseg-review s3://bucket/runs/                      # list the runs under an output URI
     brainseg-review s3://bucket/runs/r1 [s3://…/r2 ...]    # summarise and compare runs
     brainseg-review s3://bucket/runs/r1 s3://…/r2 --report DIR   # + DIR/index.html with PNG figures
     brainseg-review s3://bucket/runs/r1 --follow                 # print epochs as a running job writes them
+    brainseg-review s3://bucket/predictions/ [--report DIR]      # a prediction output: cases, volumes, SEG overlays
 
-A URI holding a run.json is a run; any other prefix is listed. Missing or partial artifacts (a run
+A URI holding a run.json is a run, one holding a prediction.json a prediction output (predict.py);
+any other prefix is listed. Missing or partial artifacts (a run
 still going, or cut short) are reported, not fatal. Following a run fetches only what its
 metrics.jsonl gained since the last look. Nothing is written to S3.
 """
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 from brainseg.io import s3
+from tools.review.predictions import is_prediction_output, load_prediction, write_prediction_report
+from tools.review.predictions import text_summary as prediction_summary
 from tools.review.runs import ReviewedRun, list_runs, load_run
 
 
@@ -82,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for uri in args.uris:
             s3.parse_uri(uri)
+            if is_prediction_output(uri):
+                prediction = load_prediction(uri)
+                print(prediction_summary(prediction))
+                if args.report:
+                    print(f"report: {write_prediction_report(prediction, args.report)}")
+                continue
             run = load_run(uri)
             if run.found:
                 runs.append(run)
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not runs:
+        return 0
     print(text_summary(runs))
     if args.report:
         path = write_report(runs, args.report)

@@ -15,6 +15,7 @@ Under ``<output_uri>/``::
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 
@@ -148,4 +149,30 @@ def parse_options(argv: list[str]) -> PredictOptions:
     values = vars(namespace)
     values["cases"] = tuple(part for item in values["cases"] for part in item.split(","))
     values["model"] = tuple(values["model"])
+    return PredictOptions(**values)
+
+
+def validate_predict_overrides(overrides: dict) -> PredictOptions:
+    """Check ``{field: value or text}`` against the fields (for launchers); returns the options.
+
+    Raises:
+        ValueError: an unknown field, or a value that cannot be parsed or is out of range.
+    """
+    known = {f.name: f.default for f in fields(PredictOptions)}
+    values = {}
+    for name, value in overrides.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+            raise ValueError(f"unknown predict option {name}{f'; did you mean {close[0]}?' if close else ''} "
+                             f"(known: {', '.join(known)})")
+        default = known[name]
+        try:
+            if isinstance(default, tuple):
+                values[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            elif isinstance(default, bool):
+                values[name] = parse_bool(value) if isinstance(value, str) else bool(value)
+            else:
+                values[name] = type(default)(value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            raise ValueError(f"predict option {name}={value!r}: {err}") from None
     return PredictOptions(**values)

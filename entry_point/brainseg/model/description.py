@@ -6,6 +6,7 @@ a model's ``model.json`` on a laptop.
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from brainseg.labels import LabelScheme, parse_scheme
@@ -57,8 +58,8 @@ class ModelDescription:
         return parse_scheme(self.labels, self.regions)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION,
-                **{name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}}
+        """Plain JSON values (tuples as lists), as ``model.json`` holds them."""
+        return json.loads(json.dumps({"format": FORMAT, "version": VERSION, **asdict(self)}))
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> ModelDescription:
