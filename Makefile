@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/review.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/peer.py
+	$(PY) benchmarks/predict.py --cases 2 --mirror
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results

@@ -59,3 +59,50 @@ def test_local_mode_job_reads_the_embedded_s3_and_writes_artifacts(tmp_path):
     assert (run / "model" / "model.pt").stat().st_size > 0
     assert f"artifacts: s3://brainseg-demo/runs/{run.name}/" in out
     assert _local_containers() == before, "local mode left containers behind"
+
+
+def test_local_mode_prediction_job_writes_seg_through_the_image(tmp_path):
+    """predict.py in the training image (highdicom installed there), against an S3 on this machine
+    that the launcher points the container at."""
+    problem = _docker_problem()
+    if problem:
+        pytest.skip(f"local mode: {problem}")
+    from dataclasses import asdict
+
+    from brainseg.io import s3
+    from brainseg.model.artifact import artifact_bytes
+    from brainseg.model.description import ModelDescription
+    from brainseg.model.networks import NetworkSpec, build_model
+    from tools.data.synth import SynthSpec, write_dataset
+    from tools.testing.s3server import EmbeddedS3
+
+    with EmbeddedS3(host="0.0.0.0") as server:
+        saved = {name: os.environ.get(name) for name in server.environment()}
+        os.environ.update(server.environment())
+        s3.reset_client()
+        try:
+            s3.client().create_bucket(Bucket="local-predict")
+            write_dataset(2, "s3://local-predict/data/", SynthSpec(shape=(16, 32, 32)))
+            network = NetworkSpec(channels=(8, 16), res_units=1)
+            description = ModelDescription(network=asdict(network), task="segmentation", sequences=("image",),
+                                           labels="tumour=*", regions="", target_spacing=(), normalization="zscore",
+                                           patch_size=(16, 32, 32), sw_overlap=0.25)
+            s3.put_bytes("s3://local-predict/model/model.pt", artifact_bytes(description, build_model(network).state_dict()))
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+            env["AWS_DEFAULT_REGION"] = "us-east-1"
+            result = subprocess.run(
+                [console_script("brainseg-launch"), "predict", "--mode", "local", "--image-uri", IMAGE, "--model",
+                 "s3://local-predict/model/model.pt", "--data-uri", "s3://local-predict/data/", "--output-uri",
+                 "s3://local-predict/out/"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+            out = result.stdout + result.stderr
+            assert result.returncode == 0, out[-5000:]
+            assert "running as brainseg, not root" in out and "2 predicted" in out
+            assert json.loads(s3.read_uri("s3://local-predict/out/complete.json"))["predicted"] == 2
+            assert s3.read_uri("s3://local-predict/out/case_0001/segmentation.dcm")[128:132] == b"DICM"
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            s3.reset_client()

@@ -36,6 +36,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
@@ -247,6 +248,18 @@ def report_predictions(output_uri: str) -> None:
             print(f"  {row['case_id']} {row['status']}: {row.get('reason', '')}")
 
 
+def local_endpoint_environment() -> dict:
+    """For local mode: an S3 endpoint this machine uses (``AWS_ENDPOINT_URL``: MinIO, brainseg-s3server)
+    as the container reaches it (the Docker host's address for 127.0.0.1 or localhost)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return {}
+    parsed = urlsplit(endpoint)
+    if parsed.hostname in ("127.0.0.1", "localhost"):
+        endpoint = parsed._replace(netloc=f"{DOCKER_HOST_ADDRESS}:{parsed.port or 80}").geturl()
+    return {"AWS_ENDPOINT_URL": endpoint}
+
+
 def launch(spec: JobSpec) -> int:
     from tools.launch import process_job, sagemaker_job
 
@@ -259,6 +272,8 @@ def launch(spec: JobSpec) -> int:
             if spec.mode == "aws":
                 raise ValueError("aws mode needs --data-uri")
             spec, container_env = _start_demo(spec, stack)
+        elif spec.mode == "local":
+            container_env = local_endpoint_environment()
         if not spec.output_uri:
             raise ValueError("--output-uri is required with --data-uri (s3://bucket/prefix/ for the runs)")
         if spec.mode == "process":
