@@ -22,6 +22,8 @@ import predict
 import train
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import read_case_region
+from brainseg.dicom import HeaderError, writer
+from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.inference.options import parse_options
 from brainseg.inference.predictor import Predictor
 from brainseg.io import s3
@@ -290,3 +292,14 @@ def test_review_reads_a_prediction_output_and_places_its_seg_with_the_training_s
     s3.delete(output + "complete.json")
     assert "incomplete: no complete.json" in load_prediction(output).status_text()
     assert len(load_prediction(output).rows) == 2  # read from each case's volumes.csv
+
+
+def test_a_source_series_highdicom_refuses_is_reported_without_its_header_values():
+    volume = np.arange(3 * 8 * 8, dtype=np.uint16).reshape(3, 8, 8)
+    datasets = writer.slice_datasets(volume, writer.SeriesSpec(patient_name="Secret^Name", patient_id="MRN123"))
+    for dataset in datasets:
+        del dataset.StudyInstanceUID
+    with pytest.raises(HeaderError, match="cannot be referenced by a DICOM SEG") as refused:
+        encode_segmentation([writer.encode(d) for d in datasets], tuple((z, 0) for z in range(3)),
+                            [np.ones((3, 8, 8), bool)], ["wt"], Algorithm("brainseg unet", "test"))
+    assert "Secret" not in str(refused.value) and "MRN123" not in str(refused.value)

@@ -74,8 +74,8 @@ def encode_segmentation(headers: list[bytes], planes: tuple, masks: list[np.ndar
     ``planes[z] = (object, frame)``.
 
     Raises:
-        HeaderError: a source header cannot be read, or the series cannot be referenced.
-        ValueError: highdicom refuses the source (the message names what is missing).
+        HeaderError: a source header cannot be read, the series cannot be referenced, or highdicom
+            refuses it (its own message is not passed on: it may quote header values).
     """
     sources, frame_planes = _frame_order(planes, len(headers))
     datasets = [_dataset(headers[obj], obj) for obj in sources]
@@ -91,13 +91,18 @@ def encode_segmentation(headers: list[bytes], planes: tuple, masks: list[np.ndar
         for number, name in enumerate(names, start=1)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # they quote header values (a patient's name)
-        segmentation = hd.seg.Segmentation(
-            source_images=datasets, pixel_array=stacked, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="brainseg",
-            manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
-            device_serial_number="none", series_description="brainseg tumour segmentation",
-            omit_empty_frames=True)
+        try:
+            segmentation = hd.seg.Segmentation(
+                source_images=datasets, pixel_array=stacked, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
+                sop_instance_uid=hd.UID(), instance_number=1, manufacturer="brainseg",
+                manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
+                device_serial_number="none", series_description="brainseg tumour segmentation",
+                omit_empty_frames=True)
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            raise HeaderError(f"the source series cannot be referenced by a DICOM SEG: highdicom refused it "
+                              f"({type(err).__name__}; an attribute a SEG copies or checks is missing or "
+                              "inconsistent across the slices)") from None
         buffer = io.BytesIO()
         segmentation.save_as(buffer)
     return buffer.getvalue()
