@@ -104,7 +104,7 @@ def predict_fn(request: CaseRequest, predictor: Predictor) -> dict:
                 for series in case.images]
     prediction, segmentation = segment(predictor, case, channels, case.image.read_headers(),
                                        algorithm_of(predictor.models[0].description))
-    row = volume_row(case, prediction, predictor.scheme.names, None, predictor.scheme.structures, 0.0)
+    row = volume_row(case, prediction, predictor.scheme.structures, None, 0.0)
     return {"segmentation": segmentation, "volumes": {k: v for k, v in row.items() if k not in ("case_id", "seconds")}}
 
 

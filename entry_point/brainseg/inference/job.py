@@ -76,10 +76,11 @@ def segment(predictor: Predictor, case: Case, channels: list, headers: list, alg
                                            list(predictor.scheme.names), algorithm)
 
 
-def volume_row(case: Case, prediction: Prediction, names: tuple, mask: np.ndarray | None, structures,
+def volume_row(case: Case, prediction: Prediction, structures: tuple, mask: np.ndarray | None,
                seconds: float) -> dict:
-    """A case's line of ``volumes.csv``: predicted voxels and ml per structure, and Dice, IoU, HD95
-    (mm) and the mask's ml when there is a mask."""
+    """A case's line of ``volumes.csv``: predicted voxels and ml per structure (:class:`brainseg.labels.Structure`),
+    and Dice, IoU, HD95 (mm) and the mask's ml when there is a mask."""
+    names = [structure.name for structure in structures]
     voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
     row = {"case_id": case.case_id, "status": "predicted", "shape": "x".join(map(str, case.image.shape)),
            "spacing_mm": "x".join(f"{v:g}" for v in case.image.spacing), "voxel_ml": voxel_ml}
@@ -125,7 +126,6 @@ class PredictionJob:
         if options.precision == "fp16" and self.device.type != "cuda":
             raise PredictionError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         description = self.predictor.description
-        self.names = description.scheme.names
         self.algorithm = algorithm_of(models[0].description)
         index, count = self.shard
         if index == 0:  # a rerun's earlier results stop looking complete before anything else is written
@@ -163,7 +163,7 @@ class PredictionJob:
     def predict(self, case: Case, loaded: LoadedCase, started: float) -> dict:
         prediction, segmentation = segment(self.predictor, case, loaded.channels, loaded.headers, self.algorithm)
         self.store.put(PredictionLayout.segmentation(case.case_id), segmentation, "application/dicom")
-        row = volume_row(case, prediction, self.names, loaded.mask, self.predictor.scheme.structures,
+        row = volume_row(case, prediction, self.predictor.scheme.structures, loaded.mask,
                          time.perf_counter() - started)
         self.store.put_csv(PredictionLayout.volumes(case.case_id), [row])
         return row
@@ -189,11 +189,12 @@ class PredictionJob:
                 for item in work if not isinstance(item, Case)]
         for row in rows:
             logger.warning("case %s not predicted: %s", row["case_id"], row["reason"])
-        earlier = {case.case_id: row for case in cases if (row := self._finished_before(case.case_id))}
+        found = s3.executor().map(self._finished_before, [case.case_id for case in cases])  # concurrently
+        earlier = {case.case_id: row for case, row in zip(cases, found) if row}
         if earlier:
             logger.info("%d case(s) already complete under %s (kept; --overwrite true predicts them again)",
                         len(earlier), self.options.output_uri)
-        rows += [{**row, "status": "predicted"} for row in earlier.values()]
+        rows += earlier.values()
         todo = [case for case in cases if case.case_id not in earlier]
         budget = self.options.memory_budget_mb * 2**20
         progress = Progress(len(todo), phase="predict", unit="case", log_seconds=LOG_SECONDS)

@@ -19,7 +19,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import PRECISIONS, RUN_NAME, inside, parse_bool, sagemaker_arguments
+from brainseg.config import PRECISIONS, inside, parse_bool, sagemaker_arguments
 
 SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -96,9 +96,6 @@ class PredictOptions:
             raise ValueError(f"sw_overlap {self.sw_overlap}: expected a value in [0, 1), or -1 for each model's own")
         if self.memory_budget_mb < 64:
             raise ValueError(f"memory_budget_mb {self.memory_budget_mb}: expected at least 64")
-        for case_id in self.cases:
-            if not RUN_NAME.fullmatch(case_id):
-                raise ValueError(f"cases: {case_id!r} is not a case folder name")
         if self.shard:
             parse_shard(self.shard)
 
