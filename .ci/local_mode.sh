@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local-mode tier: a Docker engine, a base image made with debootstrap (no registry), the
-# training image built offline from a wheelhouse, then one real SageMaker local-mode job
+# training image built offline from a wheelhouse, then two real SageMaker local-mode jobs, training and prediction
 # (tests/test_local_mode.py). When the engine cannot be had, one SKIPPED line says why and the
 # tier passes without pretending to have run.
 set -uo pipefail
