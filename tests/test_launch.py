@@ -12,6 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+import predict
 import train
 from brainseg.config import parse_hyperparameters
 from brainseg.io import s3
@@ -290,6 +291,25 @@ def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
     assert not allowed(policy, *request("GetObject", {"Bucket": dataset.split("/")[2], "Key": "ds/x.dcm"},
                                         "999999999999"))
     assert not allowed(policy, *request("DeleteObject", {"Bucket": bucket, "Key": "runs/brainseg-iam/run.json"},
+                                        "123456789012"))
+
+
+def test_a_prediction_job_makes_only_calls_its_printed_policy_allows(process_run, dataset, bucket):
+    output = f"s3://{bucket}/predicted/"
+    model = f"{process_run['output']}/proc-1/"
+    policy = launch.policies(launch._parser().parse_args(
+        ["iam-policy", "--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--model", model]))["role_permissions"]
+    with S3Calls(s3.client()) as recorded:
+        assert predict.main(["--model", model, "--data-uri", dataset, "--output-uri", output, "--cases", "case_0000"]) == 0
+    operations = {operation for operation, _ in recorded.calls}
+    assert {"ListObjectsV2", "GetObject", "PutObject", "DeleteObject"} <= operations
+    refused = [(operation, params.get("Key", params.get("Prefix"))) for operation, params in recorded.calls
+               if not allowed(policy, *request(operation, params, "123456789012"))]
+    assert refused == []
+    assert not allowed(policy, *request("DeleteObject", {"Bucket": bucket, "Key": "predicted/case_0000/volumes.csv"},
+                                        "123456789012"))
+    model_bucket, model_prefix = s3.parse_uri(model)
+    assert not allowed(policy, *request("GetObject", {"Bucket": model_bucket, "Key": f"{model_prefix}checkpoints/x.pt"},
                                         "123456789012"))
 
 

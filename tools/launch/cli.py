@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
     add("--vpc", action="store_true", help="the job runs in VPC subnets")
     add("--init-weights", default="", help="an s3:// weights file the job starts from")
+    add("--model", action="append", default=[], help="a prediction job: a model it reads (run folder, model.pt or "
+                                                     "model.tar.gz; repeatable)")
     add("--region", default="*", help="the region of the jobs (default: any)")
     return parser
 
@@ -133,7 +135,8 @@ def policies(args: argparse.Namespace) -> dict:
     account = iam.role_account(args.role)
     return {
         "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
-                                            tuple(args.kms_key), args.vpc, args.init_weights, args.region),
+                                            tuple(args.kms_key), args.vpc, args.init_weights, args.region,
+                                            tuple(args.model)),
         "role_trust": iam.trust_policy(account, args.region),
         "caller_permissions": iam.caller_policy(args.role, args.output_uri, args.job_name, args.region),
     }

@@ -4,7 +4,8 @@ Three documents (``brainseg-launch iam-policy``):
 
 * the job role's permissions: list and read the dataset; write only its header index and identity
   key (``.brainseg/`` or ``--index-uri``); read and write the output prefix, delete only checkpoints
-  of this job's runs (pruning); every S3 statement pinned to the buckets' account
+  of this job's runs (pruning); for a prediction job (``--model``), read the models and delete only
+  the prediction output's completion markers; every S3 statement pinned to the buckets' account
   (``s3:ResourceAccount``), KMS keys usable only through S3 and SageMaker's EBS volumes; ECR,
   CloudWatch logs and metrics; VPC network interfaces when asked for;
 * the role's trust policy: only SageMaker training jobs of this account may assume it;
@@ -50,8 +51,11 @@ def role_account(role_arn: str) -> str:
 
 
 def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "brainseg", index_uri: str = "",
-                kms_keys: tuple = (), vpc: bool = False, init_weights_uri: str = "", region: str = "*") -> dict:
-    """The training job role's permissions (see the module docstring).
+                kms_keys: tuple = (), vpc: bool = False, init_weights_uri: str = "", region: str = "*",
+                models: tuple = ()) -> dict:
+    """The job role's permissions (see the module docstring). ``models`` (run folders, model.pt or
+    model.tar.gz URIs) make it a prediction job's role: it reads them and may replace the
+    prediction output's markers (``complete.json``, ``predictions.csv``, ``shards/``).
 
     Raises:
         ValueError: the dataset and the output overlap.
@@ -88,6 +92,19 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
     if init_weights_uri.startswith("s3://"):
         bucket, key = s3.parse_uri(init_weights_uri)
         statements.append(_statement("ReadInitWeights", "s3:GetObject", f"arn:aws:s3:::{bucket}/{key}", owned))
+    model_objects = []
+    for uri in models:
+        bucket, key = s3.parse_uri(uri)
+        if key.endswith((".pt", ".tar.gz", ".tgz")):
+            model_objects.append(f"arn:aws:s3:::{bucket}/{key}")
+        else:
+            folder = key.rstrip("/") + "/" if key else ""
+            model_objects += [f"arn:aws:s3:::{bucket}/{folder}model/model.pt", f"arn:aws:s3:::{bucket}/{folder}model.pt"]
+    if model_objects:
+        statements.append(_statement("ReadModels", "s3:GetObject", model_objects, owned))
+        statements.append(_statement("ReplacePredictionMarkers", "s3:DeleteObject",
+                                     [f"arn:aws:s3:::{out_bucket}/{out_prefix}{name}"
+                                      for name in ("complete.json", "predictions.csv", "shards/*")], owned))
     if kms_keys:
         services = [f"s3.{region}.amazonaws.com", f"ec2.{region}.amazonaws.com"]
         statements.append(_statement("UseKmsKeysThroughS3AndVolumes",
