@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
@@ -43,6 +41,7 @@ from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
 from tools.launch import iam
 from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrides
+from tools.review.predictions import is_prediction_output, load_prediction
 
 logger = logging.getLogger("launch")
 DEMO_BUCKET = "brainseg-demo"
@@ -236,17 +235,14 @@ def report(output_uri: str, job_name: str) -> None:
 
 
 def report_predictions(output_uri: str) -> None:
-    """What a prediction job wrote: the counts of complete.json and the cases not predicted."""
-    output = output_uri.rstrip("/") + "/"
-    print(f"predictions: {output}")
-    complete = s3.read_uri(output + PredictionLayout.COMPLETE)
-    if complete is None:
-        print(f"  no {PredictionLayout.COMPLETE} (the job did not finish every shard; see the log)")
+    """What a prediction job wrote: complete or not, its counts, and the cases not predicted."""
+    print(f"predictions: {output_uri.rstrip('/')}/")
+    if not is_prediction_output(output_uri):
+        print(f"  nothing written (no {PredictionLayout.SETTINGS}: the job stopped before starting; see the log)")
         return
-    counts = json.loads(complete)
-    print("  " + ", ".join(f"{counts[name]} {name}" for name in ("predicted", "skipped", "excluded") if name in counts))
-    rows = csv.DictReader(io.StringIO(s3.read_uri(output + PredictionLayout.MERGED).decode()))
-    for row in rows:
+    prediction = load_prediction(output_uri)
+    print(f"  {prediction.status_text()}")
+    for row in prediction.rows:
         if row["status"] != "predicted":
             print(f"  {row['case_id']} {row['status']}: {row.get('reason', '')}")
 

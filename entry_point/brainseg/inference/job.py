@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from brainseg.config import FLOAT_BYTES
 from brainseg.data.catalog import Case, build_catalog
 from brainseg.data.resample import Grid
 from brainseg.data.stream import read_case_region
@@ -36,7 +37,6 @@ from brainseg.run.progress import Progress
 
 logger = logging.getLogger(__name__)
 LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often
-FLOAT_BYTES = 4
 
 
 class PredictionError(ValueError):
@@ -116,6 +116,8 @@ class PredictionJob:
         options = self.options
         s3.check_bucket(options.output_uri)
         s3.check_bucket(options.data_uri)
+        if options.precision == "fp16" and self.device.type != "cuda":
+            raise PredictionError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         try:
             models = [load_model(location, self.device) for location in options.model]
             self.predictor = Predictor(models, self.device, mirror=options.mirror, sw_batch_size=options.sw_batch_size,
@@ -123,8 +125,6 @@ class PredictionJob:
                                        precision=options.precision)
         except ValueError as err:
             raise PredictionError(str(err)) from err
-        if options.precision == "fp16" and self.device.type != "cuda":
-            raise PredictionError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         description = self.predictor.description
         self.algorithm = algorithm_of(models[0].description)
         index, count = self.shard

@@ -30,7 +30,6 @@ class PredictionLayout:
     SETTINGS = "prediction.json"
     MERGED = "predictions.csv"
     COMPLETE = "complete.json"
-    SHARDS = "shards/"
 
     @staticmethod
     def segmentation(case_id: str) -> str:
@@ -45,8 +44,8 @@ class PredictionLayout:
         return f"shards/{index}-of-{count}.csv"
 
 
-def _field(default, help_text: str, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
+def _field(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
@@ -73,9 +72,10 @@ class PredictOptions:
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
 
     def __post_init__(self) -> None:
-        models = tuple(part.strip() for item in self.model for part in str(item).split(",") if part.strip())
-        object.__setattr__(self, "model", models)
-        object.__setattr__(self, "cases", tuple(c.strip() for c in self.cases if c.strip()))
+        for name in ("model", "cases"):  # comma-separated, repeated, or both
+            parts = (part.strip() for item in getattr(self, name) for part in str(item).split(","))
+            object.__setattr__(self, name, tuple(part for part in parts if part))
+        models = self.model
         if not models:
             raise ValueError("model: expected at least one model location (--model s3://bucket/runs/<run>/)")
         for name in ("data_uri", "output_uri"):
@@ -143,10 +143,7 @@ def parse_options(argv: list[str]) -> PredictOptions:
     """
     namespace, unknown = build_parser().parse_known_args(argv)
     sagemaker_arguments(unknown, "predict.py", [f.name for f in fields(PredictOptions)])
-    values = vars(namespace)
-    values["cases"] = tuple(part for item in values["cases"] for part in item.split(","))
-    values["model"] = tuple(values["model"])
-    return PredictOptions(**values)
+    return PredictOptions(**vars(namespace))
 
 
 def validate_predict_overrides(overrides: dict) -> PredictOptions:
@@ -165,7 +162,7 @@ def validate_predict_overrides(overrides: dict) -> PredictOptions:
         default = known[name]
         try:
             if isinstance(default, tuple):
-                values[name] = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+                values[name] = (value,) if isinstance(value, str) else tuple(value)
             elif isinstance(default, bool):
                 values[name] = parse_bool(value) if isinstance(value, str) else bool(value)
             else:
