@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ignored:
         logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        logger.info("under torchrun: %s process(es) on this host, %s in all", os.environ["LOCAL_WORLD_SIZE"],
+                    os.environ.get("WORLD_SIZE", "1"))
     from brainseg.run.engine import Trainer  # torch only once the flags are valid
     from brainseg.run.errors import Interrupted, TrainingError
 

@@ -7,6 +7,8 @@ import argparse
 import io
 import json
 import re
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -62,6 +64,20 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
     summary = json.loads(s3.read_uri(f"{process_run['output']}/proc-1/summary.json"))
     assert summary["run_name"] == "proc-1" and summary["hyperparameters"]["patch_size"] == [32, 32, 32]
     assert "ignoring arguments" not in process_run["log"]
+    assert "under torchrun: 1 process(es) on this host, 1 in all" in process_run["log"]  # one host, no GPU
+
+
+def test_process_mode_job_names_match_the_sdks_and_leave_no_folders(dataset, tmp_path, monkeypatch, capsys):
+    from sagemaker.train.utils import _get_unique_name
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = build_spec({"mode": "process", "job_name": "names"}, {})
+    assert re.fullmatch(r"names-\d{14}", spec.unique_job_name())
+    assert len(spec.unique_job_name()) == len(_get_unique_name("names"))
+    output = f"s3://{dataset.split('/')[2]}/named/"
+    assert launch.main(["--mode", "process", "--data-uri", dataset, "--output-uri", output, "--job-name", "names",
+                        *[arg for pair in TINY for arg in ("--hp", pair)], "--hp", "epochs=1"]) == 0
+    assert re.search(r"artifacts: s3://\S+/named/names-\d{14}/", capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []  # the container directories are gone
 
 
 def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
@@ -160,14 +176,15 @@ def test_aws_mode_request_against_moto(bucket, process_run):
     assert sources <= landed, sorted(sources - landed)
     assert "code/requirements.txt" in landed
     distributed = json.loads(s3.get_object(bucket, code_prefix + "sm_drivers/distributed.json"))
-    assert "torchrun" in json.dumps(distributed).lower() or "process_count_per_node" in distributed
+    assert distributed["process_count_per_node"] is None  # the driver's default: SM_NUM_GPUS per instance
+    assert b"torchrun_driver.py" in s3.get_object(bucket, code_prefix + "sm_drivers/sm_train.sh")
     job = session.client("sagemaker").describe_training_job(TrainingJobName=job_name)
     assert job["RoleArn"] == ROLE
 
 
 def test_prebuilt_image_gets_the_requirements_file(bucket):
     spec = build_spec({"mode": "aws", "data_uri": "s3://d/ds/", "output_uri": f"s3://{bucket}/r/", "role": ROLE}, {})
-    request = sagemaker_job.dry_run_request(spec, boto3.Session(region_name="eu-west-1"))
+    request = sagemaker_job.dry_run_request(replace(spec, region="eu-west-1"))
     assert request["AlgorithmSpecification"]["TrainingImage"].startswith(
         "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:")
 
@@ -182,6 +199,80 @@ def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):
     assert list(s3.list_objects(bucket, "")) == []
     after = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
     assert len(after) == len(jobs)
+
+
+@pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])
+def test_one_multi_gpu_instance_trains_under_torchrun(bucket, processes, expected):
+    """ml.g5.12xlarge has four GPUs: one instance still gets SageMaker's torchrun driver, which starts
+    one process per GPU (SM_NUM_GPUS) unless a count is given."""
+    spec = build_spec({"mode": "aws", "data_uri": "s3://data-bucket/ds/", "output_uri": f"s3://{bucket}/runs/",
+                       "role": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1",
+                       "instance_type": "ml.g5.12xlarge", "processes_per_host": processes}, {})
+    session = boto3.Session(region_name="us-east-1")
+    requests = _capture(session)
+    job_name = sagemaker_job.submit(spec, session)
+    assert requests[0]["ResourceConfig"]["InstanceCount"] == 1
+    code_prefix = f"runs/brainseg/{job_name}/input/sm_drivers/"
+    assert json.loads(s3.get_object(bucket, code_prefix + "distributed.json"))["process_count_per_node"] == expected
+    script = s3.get_object(bucket, code_prefix + "sm_train.sh").decode()
+    assert "distributed_drivers/torchrun_driver.py" in script and "basic_script_driver" not in script
+
+
+def test_warm_pool_and_retries_reach_the_request(bucket):
+    spec = build_spec({"mode": "aws", "data_uri": "s3://d/ds/", "output_uri": f"s3://{bucket}/runs/", "role": ROLE,
+                       "keep_alive_s": 1800, "max_retries": 3}, {})
+    request = sagemaker_job.dry_run_request(spec)
+    assert request["ResourceConfig"]["KeepAlivePeriodInSeconds"] == 1800
+    assert request["RetryStrategy"] == {"MaximumRetryAttempts": 3}
+
+
+OFFLINE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+           "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No credentials anywhere and every AWS endpoint a closed port."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_REGION", "SAGEMAKER_VALIDATE_ROLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_dry_run_works_offline_and_keeps_the_users_sagemaker_config(offline, tmp_path, monkeypatch, capsys):
+    """No credentials, no network, no bucket: the request is still printed, with the user's own
+    SageMaker defaults (tags, KMS key, subnets) applied where no flag says otherwise."""
+    config = tmp_path / "sagemaker.yaml"
+    config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  TrainingJob:\n    Tags:\n      - Key: team\n"
+                      "        Value: neuro\n      - Key: project\n        Value: theirs\n"
+                      "    OutputDataConfig:\n      KmsKeyId: arn:aws:kms:us-east-1:123456789012:key/theirs\n"
+                      "    VpcConfig:\n      Subnets: [subnet-a]\n      SecurityGroupIds: [sg-a]\n")
+    monkeypatch.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(config))
+    assert launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", "s3://scans/ds/", "--output-uri",
+                        "s3://no-such-bucket-anywhere/runs/", "--tag", "project=ours", "--dry-run"]) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["OutputDataConfig"]["KmsKeyId"] == "arn:aws:kms:us-east-1:123456789012:key/theirs"
+    assert {(t["Key"], t["Value"]) for t in request["Tags"]} == {("team", "neuro"), ("project", "ours")}
+    assert request["VpcConfig"] == {"Subnets": ["subnet-a"], "SecurityGroupIds": ["sg-a"]}
+    assert request["AlgorithmSpecification"]["TrainingImage"].startswith("763104351884.dkr.ecr.us-east-1.")
+    assert sagemaker_job.sagemaker_config()["SageMaker"]["PythonSDK"]["Modules"]["TelemetryOptOut"] is True
+    config.write_text(config.read_text() + "  PythonSDK:\n    Modules:\n      TelemetryOptOut: false\n")
+    assert sagemaker_job.sagemaker_config()["SageMaker"]["PythonSDK"]["Modules"]["TelemetryOptOut"] is False
+
+
+def test_a_real_submit_without_credentials_or_bucket_is_one_line(offline, monkeypatch, capsys, s3_server):
+    argv = ["--mode", "aws", "--role", ROLE, "--region", "us-east-1", "--data-uri", "s3://scans/ds/",
+            "--output-uri", "s3://no-such-bucket-anywhere/runs/"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no AWS credentials found") and err.count("\n") == 1, err
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "error: output bucket no-such-bucket-anywhere does not exist (create it, or pass another " \
+                  "--output-uri)\n", err
 
 
 def test_config_file_and_overrides(tmp_path, bucket, capsys):
@@ -210,6 +301,14 @@ def test_config_file_and_overrides(tmp_path, bucket, capsys):
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
       "--network-isolation"], "network_isolation cuts the container off from S3"),
     (["--mode", "process", "--dry-run"], "--dry-run prints a CreateTrainingJob request, so it needs --mode aws"),
+    (["--mode", "aws", "--role", "brainseg-training", "--data-uri", "s3://d/x/", "--output-uri", "s3://o/"],
+     "role 'brainseg-training': expected an IAM role ARN like arn:aws:iam::123456789012:role/brainseg"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--spot",
+      "--keep-alive-s", "600"], "SageMaker has no warm pools for spot jobs"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
+      "--keep-alive-s", "7200"], "keep_alive_s 7200: expected 0 to 3600 seconds"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
+      "--max-retries", "31"], "max_retries 31: expected 0 to 30"),
 ])
 def test_bad_input_is_refused_before_anything_is_submitted(argv, message, capsys):
     before = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]

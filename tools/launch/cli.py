@@ -117,6 +117,10 @@ def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
     add("--spot", action="store_true", default=None, help="managed spot capacity")
     add("--max-run-s", type=int, help="stop the job after this many seconds")
     add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
+    add("--keep-alive-s", type=int, help="aws: keep the instances warm this long after the job (a warm pool, up to "
+                                         "3600 s; the next job with the same settings starts in seconds)")
+    add("--max-retries", type=int, help="aws: restart the job after an internal SageMaker error up to N times "
+                                        "(it resumes from its checkpoint)")
     add("--volume-kms-key", help="aws: KMS key for the instance's volume")
     add("--output-kms-key", help="aws: KMS key for the job's output")
     add("--subnets", help="comma-separated subnet IDs (the job runs in your VPC)")
@@ -126,7 +130,8 @@ def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
         help="aws: encrypt traffic between instances")
     add("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job (repeatable)")
     add("--wait", action="store_true", default=None, help="aws: wait and stream the job's logs")
-    add("--dry-run", action="store_true", default=None, help="aws: print the CreateTrainingJob request only")
+    add("--dry-run", action="store_true", default=None,
+        help="aws: print the CreateTrainingJob request only (offline: no credentials or bucket needed)")
 
 
 def policies(args: argparse.Namespace) -> dict:
@@ -151,11 +156,26 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     if args.tag:
         settings["tags"] = {**settings.get("tags", {}), **parse_overrides(args.tag)}
     settings.setdefault("mode", "process")
+    if settings["mode"] != "process":
+        settings = with_sagemaker_defaults(settings)
     overrides = parse_overrides(args.hp)
     if args.command == "predict":
         settings["script"] = "predict.py"
         overrides["model"] = ",".join(args.model)
     return build_spec(settings, overrides)
+
+
+def with_sagemaker_defaults(settings: dict) -> dict:
+    """``settings`` completed from the user's SageMaker config (its TrainingJob defaults: role, VPC,
+    KMS keys, tags, environment) where neither a flag nor the job file set them; tags and variables
+    are merged, ours winning."""
+    from tools.launch.sagemaker_job import config_settings, sagemaker_config
+
+    defaults = config_settings(sagemaker_config())
+    merged = {**defaults, **settings}
+    for name in ("tags", "environment"):
+        merged[name] = {**defaults.get(name, {}), **settings.get(name, {})}
+    return merged
 
 
 def _boto_session(region: str | None):
@@ -277,8 +297,8 @@ def launch(spec: JobSpec) -> int:
             raise ValueError("--output-uri is required with --data-uri (s3://bucket/prefix/ for the runs)")
         if spec.mode == "process":
             job_name = spec.unique_job_name()
-            root = Path(tempfile.mkdtemp(prefix=f"{job_name}-"))
-            logger.info("process mode: job %s, container directories under %s", job_name, root)
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{job_name}-")))
+            logger.info("process mode: job %s, container directories under %s (removed at the end)", job_name, root)
             code = process_job.run(spec, job_name, root)
             if not spec.training:
                 report_predictions(spec.output_uri)
@@ -287,11 +307,11 @@ def launch(spec: JobSpec) -> int:
             if demo:
                 print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
             return code
-        session = _boto_session(spec.region or None)
         if spec.dry_run:
-            request = sagemaker_job.dry_run_request(spec, session)
+            request = sagemaker_job.dry_run_request(spec)
             print(json.dumps(request, indent=1, sort_keys=True, default=str))
             return 0
+        session = _boto_session(spec.region or None)
         local_root = tempfile.mkdtemp(prefix="brainseg-local-") if spec.mode == "local" else None
         job_name = sagemaker_job.submit(spec, session, container_env, local_root)
         if spec.mode == "aws":

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -21,6 +21,7 @@ import yaml
 from brainseg.config import validate_overrides
 from brainseg.inference.options import validate_predict_overrides
 from brainseg.io import s3
+from tools.launch.iam import role_account
 
 MODES = ("process", "local", "aws")
 SCRIPTS = ("train.py", "predict.py")
@@ -28,6 +29,8 @@ SCRIPTS = ("train.py", "predict.py")
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "entry_point"
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"  # aws mode; local mode runs on "local"
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+MAX_KEEP_ALIVE_S = 3600  # SageMaker's limit for a warm pool's keep-alive period
+MAX_RETRIES = 30  # SageMaker's limit for RetryStrategy.MaximumRetryAttempts
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class JobSpec:
     instance_type: str = ""
     instance_count: int = 1
     processes_per_host: int = 0  # 0: one per GPU (SageMaker's default), 1 on CPU
+    keep_alive_s: int = 0  # aws: keep the instances warm this long after the job (a warm pool)
+    max_retries: int = 0  # aws: restart the job on an internal SageMaker error up to this many times
     volume_size_gb: int = 100
     spot: bool = False
     max_run_s: int = 24 * 3600
@@ -58,6 +63,7 @@ class JobSpec:
     network_isolation: bool = False
     inter_container_encryption: bool = False
     tags: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)  # the container's variables (aws and local modes)
     wait: bool = False
     dry_run: bool = False
 
@@ -75,6 +81,8 @@ class JobSpec:
             if not self.role:
                 raise ValueError("aws mode needs --role: the ARN of the IAM role the training job runs as "
                                  "(`brainseg-launch iam-policy ...` prints the policy it needs)")
+        if self.role:
+            role_account(self.role)
         if self.dry_run and self.mode != "aws":
             raise ValueError("--dry-run prints a CreateTrainingJob request, so it needs --mode aws")
         if self.instance_count < 1:
@@ -82,6 +90,15 @@ class JobSpec:
         if self.spot and self.max_wait_s and self.max_wait_s < self.max_run_s:
             raise ValueError(f"max_wait_s {self.max_wait_s} is below max_run_s {self.max_run_s}; spot jobs need "
                              "max wait >= max run")
+        if not 0 <= self.keep_alive_s <= MAX_KEEP_ALIVE_S:
+            raise ValueError(f"keep_alive_s {self.keep_alive_s}: expected 0 to {MAX_KEEP_ALIVE_S} seconds")
+        if self.keep_alive_s and (self.mode != "aws" or self.spot):
+            raise ValueError("keep_alive_s keeps a warm pool of SageMaker instances: it needs --mode aws and "
+                             "on-demand capacity (SageMaker has no warm pools for spot jobs)")
+        if not 0 <= self.max_retries <= MAX_RETRIES:
+            raise ValueError(f"max_retries {self.max_retries}: expected 0 to {MAX_RETRIES}")
+        if self.processes_per_host < 0:
+            raise ValueError(f"processes_per_host {self.processes_per_host}: expected 0 (one per GPU) or more")
         if self.job_name and not JOB_NAME.fullmatch(self.job_name):
             raise ValueError(f"job_name {self.job_name!r}: expected 1-63 letters, digits and hyphens")
         if self.network_isolation and self.mode == "aws":
@@ -120,13 +137,19 @@ class JobSpec:
         return self.job_name or "brainseg"
 
     def unique_job_name(self) -> str:
-        """A job name for runners that name jobs themselves (process mode), like SageMaker's."""
-        return f"{self.base_job_name()}-{time.strftime('%Y-%m-%d-%H-%M-%S', time.gmtime())}"
+        """A job name for runners that name jobs themselves (process mode), in the form SDK v3's
+        ModelTrainer gives aws and local jobs: ``<base>-YYYYMMDDHHMMSS`` (local time)."""
+        return unique_name(self.base_job_name())
 
     def training_hyperparameters(self) -> dict:
         """The hyperparameters the job is given: the overrides plus the data and output URIs.
         A training run is named after the job (train.py reads ``TRAINING_JOB_NAME``)."""
         return {**self.hyperparameters, "data_uri": self.data_uri, "output_uri": self.output_uri}
+
+
+def unique_name(base: str) -> str:
+    """``<base>-YYYYMMDDHHMMSS``, at most 63 characters, as SDK v3 names training jobs."""
+    return f"{base.replace('_', '-')}-{datetime.now():%Y%m%d%H%M%S}"[:63]
 
 
 def _plain(value):

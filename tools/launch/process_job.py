@@ -3,15 +3,17 @@
 Each simulated instance ("host" ``algo-1``, ``algo-2``, ...) gets an ``/opt/ml``-style tree in a
 temporary directory and the variables SageMaker sets (``SM_MODEL_DIR``, ``SM_HOSTS``,
 ``SM_CURRENT_HOST``, ``SM_HPS``, ``SM_TRAINING_ENV``, ``TRAINING_JOB_NAME``, ...), and receives
-the hyperparameters as SageMaker's drivers pass them (``--key value``, JSON for non-strings). Several
-instances or processes per host run under torchrun with SageMaker's torchrun flags
-(``--nnodes``, ``--node_rank``, master address and port), so the script sees what it sees on SageMaker.
+the hyperparameters as SageMaker's drivers pass them (``--key value``, JSON for non-strings).
+Training always runs under torchrun, as the launcher asks SageMaker to: one process per GPU
+(``SM_NUM_GPUS``, from ``nvidia-smi``; one on CPU) unless ``processes_per_host`` is set, with
+SageMaker's torchrun flags (``--nnodes``, ``--node_rank``, master address and port).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +27,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def gpu_count() -> int:
+    """This machine's NVIDIA GPUs (``nvidia-smi -L``), 0 without the tool or a driver."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+
+
+def processes_per_host(spec: JobSpec) -> int:
+    """What SageMaker's torchrun driver starts per instance: the given count, else one per GPU, else 1."""
+    return spec.processes_per_host or gpu_count() or 1
 
 
 def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, port: int) -> dict:
@@ -54,7 +69,7 @@ def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, p
         "SM_CURRENT_HOST_RANK": str(host_rank),
         "SM_MASTER_ADDR": "127.0.0.1",
         "SM_MASTER_PORT": str(port),
-        "SM_NUM_GPUS": "0",
+        "SM_NUM_GPUS": str(gpu_count()),
         "SM_NUM_CPUS": str(os.cpu_count() or 1),
         "SM_HPS": json.dumps(hyperparameters),
         "SM_TRAINING_ENV": json.dumps(training_env),
@@ -64,13 +79,10 @@ def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, p
 
 def host_command(spec: JobSpec, host_rank: int, port: int) -> list[str]:
     args = sagemaker_cli_args(spec.training_hyperparameters())
-    processes = max(1, spec.processes_per_host)
     if not spec.training:  # one prediction process per host; the hosts split the cases
         return [sys.executable, spec.script, *args]
-    if spec.instance_count == 1 and processes == 1:
-        return [sys.executable, "train.py", *args]
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec.instance_count}",
-            f"--nproc_per_node={processes}", "--master_addr=127.0.0.1", f"--master_port={port}",
+            f"--nproc_per_node={processes_per_host(spec)}", "--master_addr=127.0.0.1", f"--master_port={port}",
             f"--node_rank={host_rank}", "train.py", *args]
 
 

@@ -3,26 +3,33 @@
 ``aws`` submits a real CreateTrainingJob; ``local`` runs the same job in SageMaker local mode
 (``Mode.LOCAL_CONTAINER``) with a locally built image. The dataset is never a channel: train.py
 reads it from ``data_uri`` by ranged GETs, so only the source code travels as a channel.
-``dry_run_request`` builds the exact CreateTrainingJob request with every AWS call that would
-change something (source upload, job creation) answered locally, and returns it.
+``dry_run_request`` builds the exact CreateTrainingJob request offline: the SDK runs against a
+session whose every AWS call is answered here (no credentials, network or bucket needed), and the
+request is caught before it would be sent.
+
+The SDK reads the user's SageMaker config (admin and user files, as it always does: their defaults
+for VPC, KMS keys, tags, role) and we add only ``TelemetryOptOut: true`` where they did not set it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
+import botocore.exceptions
 from botocore.awsrequest import AWSResponse
 
 from brainseg.run.metric_lines import METRIC_DEFINITIONS
+from tools.launch.iam import role_account
 from tools.launch.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
 PREBUILT_PYTORCH = {"framework": "pytorch", "version": "2.10.0", "py_version": "py313"}
-TELEMETRY_OFF = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+DRY_RUN_REGION = "us-east-1"  # a dry run without a configured region
 
 
 class LaunchError(RuntimeError):
@@ -36,13 +43,8 @@ class _DryRun(Exception):
 
 
 def _sdk():
-    """Import the SDK with telemetry off (it would call out to AWS on every train())."""
-    if "SAGEMAKER_USER_CONFIG_OVERRIDE" not in os.environ:
-        config = Path(tempfile.gettempdir()) / "brainseg-sagemaker-config.yaml"
-        config.write_text(TELEMETRY_OFF)
-        os.environ["SAGEMAKER_USER_CONFIG_OVERRIDE"] = str(config)
     from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.shapes import MetricDefinition, Tag
+    from sagemaker.core.shapes import MetricDefinition, RetryStrategy, Tag
     from sagemaker.core.training.configs import (
         CheckpointConfig,
         Compute,
@@ -57,7 +59,42 @@ def _sdk():
     return SimpleNamespace(Session=Session, CheckpointConfig=CheckpointConfig, Compute=Compute, Networking=Networking,
                            OutputDataConfig=OutputDataConfig, SourceCode=SourceCode,
                            StoppingCondition=StoppingCondition, MetricDefinition=MetricDefinition, Tag=Tag,
-                           ModelTrainer=ModelTrainer, Torchrun=Torchrun, Mode=Mode)
+                           RetryStrategy=RetryStrategy, ModelTrainer=ModelTrainer, Torchrun=Torchrun, Mode=Mode)
+
+
+def sagemaker_config() -> dict:
+    """The user's SageMaker config as the SDK loads it (admin file, then user file, their override
+    variables honoured), with telemetry off unless they set ``TelemetryOptOut`` themselves (the SDK
+    would otherwise call out to AWS on every job it starts)."""
+    from sagemaker.core.config.config import load_sagemaker_config
+    try:
+        config = load_sagemaker_config()
+    except (ValueError, OSError) as err:
+        raise LaunchError(f"the SageMaker config file cannot be used: {err}") from None
+    modules = config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})
+    modules.setdefault("TelemetryOptOut", True)
+    config.setdefault("SchemaVersion", "1.0")
+    return config
+
+
+def config_settings(config: dict) -> dict:
+    """The job settings the user's SageMaker config gives under ``SageMaker.TrainingJob`` (role,
+    VPC, KMS keys, tags, environment, inter-container encryption), as :class:`JobSpec` fields. SDK v3's
+    ModelTrainer reads few of these itself, so the launcher applies them where no flag says otherwise."""
+    job = config.get("SageMaker", {}).get("TrainingJob", {})
+    vpc = job.get("VpcConfig", {})
+    settings = {
+        "role": job.get("RoleArn"),
+        "subnets": tuple(vpc.get("Subnets", ())),
+        "security_group_ids": tuple(vpc.get("SecurityGroupIds", ())),
+        "output_kms_key": job.get("OutputDataConfig", {}).get("KmsKeyId"),
+        "volume_kms_key": job.get("ResourceConfig", {}).get("VolumeKmsKeyId"),
+        "inter_container_encryption": job.get("EnableInterContainerTrafficEncryption"),
+        "network_isolation": job.get("EnableNetworkIsolation"),
+        "tags": {tag["Key"]: tag["Value"] for tag in job.get("Tags", ())},
+        "environment": dict(job.get("Environment", {})),
+    }
+    return {name: value for name, value in settings.items() if value not in (None, (), {})}
 
 
 def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
@@ -82,13 +119,14 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     region = boto_session.region_name
     out_bucket, _, out_prefix = spec.output_uri[len("s3://"):].partition("/")
     session = sdk.Session(boto_session=boto_session, default_bucket=out_bucket,
-                             default_bucket_prefix=out_prefix.strip("/") or None)
+                          default_bucket_prefix=out_prefix.strip("/") or None, sagemaker_config=sagemaker_config())
     image, requirements = training_image(spec, region)
     local = spec.mode == "local"
     compute = sdk.Compute(
         instance_type="local" if local else (spec.instance_type or DEFAULT_INSTANCE_TYPE),
         instance_count=spec.instance_count, volume_size_in_gb=spec.volume_size_gb,
-        volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None)
+        volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None,
+        keep_alive_period_in_seconds=spec.keep_alive_s or None)
     networking = None
     if spec.subnets or spec.security_group_ids or spec.network_isolation or spec.inter_container_encryption:
         networking = sdk.Networking(subnets=list(spec.subnets) or None,
@@ -97,9 +135,9 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
                                        enable_inter_container_traffic_encryption=spec.inter_container_encryption or None)
     stopping = sdk.StoppingCondition(max_runtime_in_seconds=spec.max_run_s,
                                         max_wait_time_in_seconds=spec.max_wait if spec.spot else None)
-    distributed = None
-    if spec.training and (spec.instance_count > 1 or spec.processes_per_host > 1):
-        distributed = sdk.Torchrun(process_count_per_node=spec.processes_per_host or None)
+    # Training always runs under SageMaker's torchrun driver: one process per GPU of every instance
+    # (SM_NUM_GPUS; one on CPU instances) unless --processes-per-host says otherwise.
+    distributed = sdk.Torchrun(process_count_per_node=spec.processes_per_host or None) if spec.training else None
     trainer = sdk.ModelTrainer(
         training_mode=sdk.Mode.LOCAL_CONTAINER if local else sdk.Mode.SAGEMAKER_TRAINING_JOB,
         sagemaker_session=session,
@@ -116,12 +154,14 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
         output_data_config=sdk.OutputDataConfig(s3_output_path=spec.output_uri.rstrip("/") + "/",
                                                    kms_key_id=spec.output_kms_key or None),
         hyperparameters=spec.training_hyperparameters(),
-        environment=dict(environment or {}),
+        environment={**spec.environment, **(environment or {})},
         tags=[sdk.Tag(key=k, value=str(v)) for k, v in spec.tags.items()] or None,
         **({"local_container_root": local_root} if local_root else {}),
     )
     trainer = trainer.with_metric_definitions([sdk.MetricDefinition(name=d["Name"], regex=d["Regex"])
                                                for d in METRIC_DEFINITIONS])
+    if spec.max_retries:
+        trainer = trainer.with_retry_strategy(sdk.RetryStrategy(maximum_retry_attempts=spec.max_retries))
     if not local and spec.training:
         # SageMaker syncs /opt/ml/checkpoints with <output>/<base name>/<job>/checkpoints (the SDK's
         # per-job default under our default bucket and prefix) across spot interruptions; train.py
@@ -130,24 +170,75 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     return trainer
 
 
-def _fake_ok(**_) -> tuple:
-    return AWSResponse("https://dry-run.invalid", 200, {}, None), {"ETag": '"dry-run"'}
+def offline_session(spec: JobSpec) -> boto3.Session:
+    """A boto3 session that never reaches AWS: placeholder credentials, and every call answered
+    here with what the SDK needs to go on (the output bucket exists, uploads succeed). The request
+    that would start the job is raised as :class:`_DryRun`."""
+    region = spec.region or boto3.Session().region_name or DRY_RUN_REGION
+    session = boto3.Session(region_name=region, aws_access_key_id="dry-run", aws_secret_access_key="dry-run")
+    bucket = spec.output_uri[len("s3://"):].partition("/")[0]
+    account = role_account(spec.role)
+    answers = {
+        "ListBuckets": {"Buckets": [{"Name": bucket, "CreationDate": datetime.datetime.now(datetime.UTC)}]},
+        "GetCallerIdentity": {"Account": account, "Arn": spec.role, "UserId": "dry-run"},
+        "CreateMultipartUpload": {"UploadId": "dry-run"},
+    }
 
+    def answer(model, **_):
+        return AWSResponse("https://dry-run.invalid", 200, {}, None), {"ETag": '"dry-run"', **answers.get(model.name, {})}
 
-def dry_run_request(spec: JobSpec, boto_session: boto3.Session) -> dict:
-    """The CreateTrainingJob request ``spec`` would send; nothing is uploaded or submitted."""
     def capture(params, **_):
         raise _DryRun(params)
-    for operation in ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload",
-                      "HeadBucket", "CreateBucket"):
-        boto_session.events.register(f"before-call.s3.{operation}", _fake_ok)
-    boto_session.events.register("before-parameter-build.sagemaker.CreateTrainingJob", capture)
-    trainer = build_trainer(spec, boto_session)
+    for operation in ("CreateTrainingJob", "CreateHyperParameterTuningJob"):
+        session.events.register(f"before-parameter-build.sagemaker.{operation}", capture)
+    session.events.register("before-call", answer)
+    return session
+
+
+@contextlib.contextmanager
+def _no_role_validation():
+    """The SDK checks the role against IAM before submitting; a dry run is offline."""
+    saved = os.environ.get("SAGEMAKER_VALIDATE_ROLE")
+    os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
     try:
-        trainer.train(wait=False, logs=False)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SAGEMAKER_VALIDATE_ROLE")
+        else:
+            os.environ["SAGEMAKER_VALIDATE_ROLE"] = saved
+
+
+def dry_run_request(spec: JobSpec) -> dict:
+    """The CreateTrainingJob request ``spec`` would send, built offline; nothing is uploaded or submitted."""
+    try:
+        with _no_role_validation():
+            build_trainer(spec, offline_session(spec)).train(wait=False, logs=False)
     except _DryRun as captured:
         return captured.request
     raise LaunchError("the SDK returned without calling CreateTrainingJob")
+
+
+def check_account(session: boto3.Session, output_uri: str) -> None:
+    """One clear line instead of a traceback when a real submit cannot work: no credentials, or an
+    output bucket that does not exist or cannot be reached with them."""
+    if session.get_credentials() is None:
+        raise LaunchError("no AWS credentials found (environment, ~/.aws, SSO or instance role); configure them, "
+                          "or use --dry-run to print the request offline")
+    bucket = output_uri[len("s3://"):].partition("/")[0]
+    try:
+        session.client("s3").head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise LaunchError(f"output bucket {bucket} does not exist (create it, or pass another --output-uri)") from None
+        if code in ("403", "AccessDenied"):
+            raise LaunchError(f"output bucket {bucket}: access denied with these credentials") from None
+        raise LaunchError(f"output bucket {bucket}: {code or err}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise LaunchError("no AWS credentials found; configure them, or use --dry-run") from None
+    except botocore.exceptions.BotoCoreError as err:
+        raise LaunchError(f"cannot reach S3 to check output bucket {bucket}: {err}") from None
 
 
 def submit(spec: JobSpec, boto_session: boto3.Session, environment: dict | None = None,
@@ -155,6 +246,7 @@ def submit(spec: JobSpec, boto_session: boto3.Session, environment: dict | None 
     """Submit (aws: returns the job name) or run to the end (local: the SDK names the job itself
     and does not return the name; the run is found under the output URI)."""
     if spec.mode == "aws":
+        check_account(boto_session, spec.output_uri)
         created = {}  # the job name, read from the CreateTrainingJob request as it is sent
         boto_session.events.register("before-parameter-build.sagemaker.CreateTrainingJob",
                                      lambda params, **_: created.update(name=params["TrainingJobName"]))
