@@ -5,6 +5,8 @@
     brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
     brainseg-launch predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
     brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
+    brainseg-launch status|logs|stop|attach JOB       # a SageMaker job after submission
+    brainseg-launch jobs [--name-contains brainseg]   # the recent jobs and their status
 
 Modes:
   process  train.py in subprocesses with SageMaker's container contract (SM_* variables, /opt/ml-style
@@ -57,13 +59,14 @@ DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (rela
 DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
 
 
-COMMANDS = ("train", "predict", "iam-policy")
+COMMANDS = ("train", "predict", "iam-policy", "status", "logs", "stop", "attach", "jobs")
+LIFECYCLE = ("status", "logs", "stop", "attach", "jobs")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainseg-launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{train,predict,iam-policy}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     train = commands.add_parser("train", help="launch a training job (the default command: `brainseg-launch "
                                 "--mode ...` means `brainseg-launch train --mode ...`)",
                                 description="Launch a training job (without --data-uri: the demo).")
@@ -93,6 +96,24 @@ def _parser() -> argparse.ArgumentParser:
     add("--model", action="append", default=[], help="a prediction job: a model it reads (run folder, model.pt or "
                                                      "model.tar.gz; repeatable)")
     add("--region", default="*", help="the region of the jobs (default: any)")
+
+    for name, text in (("status", "a SageMaker job's status, times, instances, warm pool, run and final metrics"),
+                       ("logs", "a SageMaker job's CloudWatch log, every instance's, in time order"),
+                       ("stop", "stop a SageMaker job (train.py checkpoints on the way out)"),
+                       ("attach", "print a SageMaker job's log and status until it ends (exit 0 if it completed)")):
+        command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        command.add_argument("job", help="the training job's name")
+        command.add_argument("--region", help="its region (default: the AWS configuration's)")
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="print JSON")
+        if name == "attach":
+            command.add_argument("--interval", type=float, default=15.0, help="seconds between polls (15)")
+    jobs = commands.add_parser("jobs", help="the recent SageMaker training jobs and their status",
+                               description="The recent SageMaker training jobs, newest first.")
+    jobs.add_argument("--name-contains", default="brainseg", help="only jobs whose name contains this "
+                                                                 "(default brainseg; '' for all)")
+    jobs.add_argument("--max", type=int, default=20, help="how many (20)")
+    jobs.add_argument("--region", help="the region (default: the AWS configuration's)")
     return parser
 
 
@@ -337,6 +358,47 @@ def launch(spec: JobSpec) -> int:
         return 0
 
 
+def lifecycle_command(args: argparse.Namespace) -> int:
+    """status, logs, stop, attach and jobs: 0 done (attach: the job completed), 1 the job failed or
+    stopped (attach), 2 no such job or no access."""
+    import botocore.exceptions
+
+    from tools.launch import lifecycle
+    try:
+        session = _boto_session(args.region)
+        if session.get_credentials() is None:
+            raise ValueError("no AWS credentials found (environment, ~/.aws, SSO or instance role)")
+        if args.command == "jobs":
+            for job in lifecycle.recent_jobs(session, args.name_contains, args.max):
+                print(f"{job['job']:63} {job['status']:11} {job['created']}")
+            return 0
+        if args.command == "status":
+            info = lifecycle.describe(lifecycle.get_job(args.job, session))
+            print(json.dumps(info, indent=1) if args.json else lifecycle.status_text(info))
+        elif args.command == "logs":
+            lifecycle.get_job(args.job, session)
+            lines = lifecycle.LogReader(args.job, session).new_lines()
+            print("\n".join(lines) if lines else f"{args.job}: no log lines yet")
+        elif args.command == "stop":
+            before = lifecycle.stop(args.job, session)
+            print(f"{args.job} already ended: {before}" if before in lifecycle.TERMINAL
+                  else f"stopping {args.job} (was {before}); it checkpoints and ends as Stopped")
+        else:
+            final = lifecycle.attach(args.job, session, args.interval, out=lambda line: print(line, flush=True))
+            return 0 if final == "Completed" else 1
+        return 0
+    except (ValueError, lifecycle.JobNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except botocore.exceptions.ClientError as err:
+        print(f"error: {err.response.get('Error', {}).get('Code', '')}: "
+              f"{err.response.get('Error', {}).get('Message', err)}", file=sys.stderr)
+        return 2
+    except botocore.exceptions.BotoCoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -353,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps(documents, indent=1))
         return 0
+    if args.command in LIFECYCLE:
+        return lifecycle_command(args)
     from tools.launch.sagemaker_job import LaunchError
     try:
         spec = spec_from_args(args)

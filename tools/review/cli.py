@@ -9,7 +9,9 @@
 A URI holding a run.json is a run, one holding a prediction.json a prediction output (predict.py);
 any other prefix is listed. Missing or partial artifacts (a run
 still going, or cut short) are reported, not fatal. Following a run fetches only what its
-metrics.jsonl gained since the last look. Nothing is written to S3.
+metrics.jsonl gained since the last look. With AWS credentials, SageMaker is asked for each run's
+job status (a run whose job failed or was stopped before it could say so shows as such; runs of
+process or local mode are no SageMaker jobs and keep their own). Nothing is written to S3.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from brainseg.io import s3
 from tools.review.predictions import is_prediction_output, load_prediction, write_prediction_report
 from tools.review.predictions import text_summary as prediction_summary
-from tools.review.runs import ReviewedRun, list_runs, load_run
+from tools.review.runs import ReviewedRun, ask_sagemaker, list_runs, load_run
 
 
 def epoch_text(run: ReviewedRun, line: dict) -> str:
@@ -39,16 +41,17 @@ def epoch_text(run: ReviewedRun, line: dict) -> str:
     return "  ".join(parts)
 
 
-def follow(runs: list[ReviewedRun], interval: float, report_dir: Path | None) -> None:
-    """Poll the runs that are still running until none is, printing each new epoch and status
-    change; the report, if any, is rewritten after every poll that found something new."""
+def follow(runs: list[ReviewedRun], interval: float, report_dir: Path | None, ask_status: bool = True) -> None:
+    """Poll the runs that are still running until none is (run.json, and SageMaker's job status
+    when ``ask_status``), printing each new epoch and status change; the report, if any, is
+    rewritten after every poll that found something new."""
     from tools.review.report import write_report
 
     for run in runs:
         for line in run.metrics:
             print(epoch_text(run, line))
     announced = None
-    while active := [run for run in runs if run.status == "running"]:
+    while active := [run for run in runs if run.running]:
         names = ", ".join(run.name for run in active)
         if names != announced:
             print(f"following {names} every {interval:g} s (Ctrl-C stops)", flush=True)
@@ -62,10 +65,12 @@ def follow(runs: list[ReviewedRun], interval: float, report_dir: Path | None) ->
                 print(f"{run.name}: metrics.jsonl was rewritten (resumed from a checkpoint?); read again")
             for line in added:
                 print(epoch_text(run, line), flush=True)
-            if run.status != "running":
-                print(f"{run.name}: {run.status}", flush=True)
-            changed = changed or bool(added) or run.status != "running"
-        if changed and report_dir and any(run.status == "running" for run in runs):
+            if ask_status:
+                ask_sagemaker([run])
+            if not run.running:
+                print(f"{run.name}: {run.status_text}", flush=True)
+            changed = changed or bool(added) or not run.running
+        if changed and report_dir and any(run.running for run in runs):
             write_report(runs, report_dir)  # the final one is written by main
 
 
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow", action="store_true",
                         help="keep polling running runs, printing each epoch as it lands, until none is running")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --follow (30)")
+    parser.add_argument("--no-job-status", action="store_true",
+                        help="do not ask SageMaker for the runs' job status (asked when AWS credentials are set)")
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error(f"--interval must be a positive number of seconds, got {args.interval:g}")
@@ -101,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no runs under {uri} (no <run>/run.json)", file=sys.stderr)
                 return 2
             runs.extend(listed)
+        if not args.no_job_status:
+            ask_sagemaker(runs)
         if args.follow:
             try:
-                follow(runs, args.interval, args.report)
+                follow(runs, args.interval, args.report, not args.no_job_status)
             except KeyboardInterrupt:
                 print("stopped following")
     except (ValueError, s3.S3Error) as err:

@@ -37,7 +37,7 @@ th { background: #eee; } td.name { text-align: left; }
 {% if differing %}<tr><th colspan="8"></th><th colspan="{{ differing|length }}">hyperparameters that differ</th></tr>{% endif %}
 <tr><th>run</th><th>started</th><th>status</th><th>last write</th><th>epochs done</th><th>best val Dice</th><th>test Dice mean</th><th>test Dice median</th>
 {% for name in differing %}<th>{{ name }}</th>{% endfor %}</tr>
-{% for run in runs %}<tr><td class="name">{{ run.name }}</td><td>{{ run.started_text }}</td><td>{{ run.status }}</td>
+{% for run in runs %}<tr><td class="name">{{ run.name }}</td><td>{{ run.started_text }}</td><td>{{ run.status_text }}</td>
 <td>{{ run.updated_text }}</td><td>{{ run.metrics|length }}</td><td>{{ fmt(run.best_val_dice) }}</td><td>{{ fmt(run.test_dice) }}</td>
 <td>{{ fmt((run.summary or {}).get("test_dice_median")) }}</td>
 {% for name in differing %}<td>{{ run.hyperparameters.get(name) }}</td>{% endfor %}</tr>
@@ -80,7 +80,7 @@ def text_summary(runs: list[ReviewedRun]) -> str:
     lines = [f"{'run':34} {'started':20} {'status':12} {'last write':12} {'epochs':>6} {'best val Dice':>13} "
              f"{'test Dice':>9}"]
     for run in runs:
-        lines.append(f"{run.name:34} {run.started_text:20} {run.status:12} {run.updated_ago(now):12} "
+        lines.append(f"{run.name:34} {run.started_text:20} {run.status_text:12} {run.updated_ago(now):12} "
                      f"{len(run.metrics):6d} "
                      f"{_fmt(run.best_val_dice):>13} {_fmt(run.test_dice):>9}")
     if len(runs) > 1:

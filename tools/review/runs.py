@@ -143,6 +143,21 @@ class ReviewedRun:
     per_case: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     tail: MetricsTail | None = None
+    job_status: str | None = None  # the SageMaker training job's own status, when it could be asked
+    job_reason: str = ""
+
+    @property
+    def running(self) -> bool:
+        """Still writing: run.json says running and SageMaker, if asked, does not say the job ended."""
+        return self.status == "running" and self.job_status in (None, "InProgress")
+
+    @property
+    def status_text(self) -> str:
+        """The run's status, or the job's when SageMaker says it ended while run.json still says running
+        (killed, out of memory, stopped before it could write)."""
+        if self.status == "running" and self.job_status not in (None, "InProgress"):
+            return f"job {self.job_status}"
+        return self.status
 
     @property
     def metrics(self) -> list[dict]:
@@ -150,7 +165,8 @@ class ReviewedRun:
 
     @property
     def problems(self) -> list[str]:
-        return self.notes + (self.tail.problems if self.tail else [])
+        job = [f"SageMaker job {self.job_status}: {self.job_reason}"] if self.job_reason else []
+        return job + self.notes + (self.tail.problems if self.tail else [])
 
     @property
     def started_text(self) -> str:
@@ -290,6 +306,29 @@ def list_runs(output_uri: str) -> list[ReviewedRun]:
     folders, _ = s3.list_folders(bucket, prefix)
     runs = s3.executor().map(load_run, [f"s3://{bucket}/{folder}" for folder in folders])
     return sorted((run for run in runs if run.found), key=lambda run: (run.started or 0, run.name))
+
+
+def ask_sagemaker(runs: list[ReviewedRun], session=None) -> None:
+    """Each run's SageMaker job status (runs are named after their jobs), when this machine has AWS
+    credentials and a region; runs that are no SageMaker job (process or local mode) keep none, and
+    a denied or unreachable SageMaker leaves every run as it was."""
+    import boto3
+    import botocore.exceptions
+
+    from tools.launch.lifecycle import JobNotFound, get_job
+    session = session or boto3.Session()
+    if not runs or session.region_name is None or session.get_credentials() is None:
+        return
+    for run in runs:
+        try:
+            job = get_job(run.name, session)
+        except JobNotFound:
+            continue
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            return
+        run.job_status = job.training_job_status
+        reason = job.failure_reason
+        run.job_reason = reason if isinstance(reason, str) and run.job_status == "Failed" else ""
 
 
 def differing_hyperparameters(runs: list[ReviewedRun]) -> list[str]:
