@@ -2,6 +2,7 @@
 
     python entry_point/train.py --data-uri s3://bucket/dataset/ --output-uri s3://bucket/runs/ [--flag value ...]
     torchrun --nproc-per-node 2 entry_point/train.py ...          (one process per GPU)
+    python entry_point/train.py ... --task lr_find                 (a learning-rate range test: lr_find.json)
 
 Every flag is a field of ``brainseg.config.Hyperparameters`` (``--help`` lists them). Exit
 status: 0 finished, 2 bad configuration or data, or a run another job writes (nothing trained),
@@ -41,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ.get("WORLD_SIZE", "1"))
     from brainseg.run.engine import Trainer  # torch only once the flags are valid
     from brainseg.run.errors import Interrupted, TrainingError
+    from brainseg.run.lr_find import LRFinder
 
     env = read_environment()
     user = drop_privileges(env)
     if user:
         logger.info("running as %s, not root", user)
     try:
-        Trainer(hp, env).execute()
+        (LRFinder if hp.task == "lr_find" else Trainer)(hp, env).execute()
     except Interrupted as err:
         logger.warning("%s", err)
         return 4

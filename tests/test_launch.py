@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 import predict
@@ -24,6 +25,8 @@ from tests.policy import S3Calls, allowed, request
 from tools.launch import cli as launch
 from tools.launch import process_job, sagemaker_job
 from tools.launch.jobspec import build_spec, parse_overrides, sagemaker_cli_args
+from tools.review import cli as review
+from tools.review.runs import list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
@@ -75,9 +78,35 @@ def test_process_mode_job_names_match_the_sdks_and_leave_no_folders(dataset, tmp
     assert len(spec.unique_job_name()) == len(_get_unique_name("names"))
     output = f"s3://{dataset.split('/')[2]}/named/"
     assert launch.main(["--mode", "process", "--data-uri", dataset, "--output-uri", output, "--job-name", "names",
-                        *[arg for pair in TINY for arg in ("--hp", pair)], "--hp", "epochs=1"]) == 0
+                        *_hp_args(TINY), "--hp", "epochs=1"]) == 0
     assert re.search(r"artifacts: s3://\S+/named/names-\d{14}/", capsys.readouterr().out)
     assert list(tmp_path.iterdir()) == []  # the container directories are gone
+
+
+def _hp_args(pairs: list[str]) -> list[str]:
+    return [arg for pair in pairs for arg in ("--hp", pair)]
+
+
+def test_process_mode_runs_an_lr_range_test_and_the_review_plots_it(dataset, tmp_path, capsys):
+    output = f"s3://{dataset.split('/')[2]}/lr-find/"
+    assert launch.main(["--mode", "process", "--data-uri", dataset, "--output-uri", output, "--job-name", "lrf",
+                        *_hp_args(TINY), *_hp_args(["task=lr_find", "lr_find_steps=16", "lr_find_max=10",
+                                                    "log_every=4"])]) == 0
+    printed = capsys.readouterr().out
+    assert "suggested_lr:" in printed
+    [run] = list_runs(output)
+    curve = run.lr_find
+    assert run.status == "finished" and not run.problems and not run.per_case
+    assert len(curve["lrs"]) == len(curve["losses"]) == curve["steps"] <= 16
+    assert curve["lrs"][0] == pytest.approx(1e-7) and np.allclose(np.diff(np.log(curve["lrs"])),
+                                                                   np.log(10 / 1e-7) / 15)
+    assert curve["lrs"][0] <= curve["suggested_lr"] <= curve["lrs"][-1]
+    assert s3.read_uri(run.uri + "model/model.pt") is None and s3.read_uri(run.uri + "checkpoints/") is None
+    assert review.main([run.uri, "--report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert f"{run.name}: learning-rate range test: suggested lr {curve['suggested_lr']:.2e}" in text
+    assert (tmp_path / "lr_find.png").stat().st_size > 10_000
+    assert "Learning-rate range tests" in (tmp_path / "index.html").read_text()
 
 
 def test_metric_definitions_match_the_scripts_real_log_lines(process_run):

@@ -107,7 +107,7 @@ class StreamConfig:
             raise ValueError(f"memory_budget_bytes {self.memory_budget_bytes}: expected at least 16 MiB")
 
 
-TASKS = ("segmentation", "autoencoder")
+TASKS = ("segmentation", "autoencoder", "lr_find")
 MODELS = ("unet", "attention_unet", "segresnet", "dynunet")
 ACTIVATIONS = ("relu", "prelu")
 NORMS = ("instance", "batch")
@@ -171,8 +171,9 @@ class Hyperparameters:
     target_spacing: str = _field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
                                            "median spacing), native (no resampling) or three numbers")
     # Model
-    task: str = _field("segmentation", "segmentation, or autoencoder: masked-image reconstruction pretraining "
-                                       "on images without masks")
+    task: str = _field("segmentation", "segmentation; autoencoder: masked-image reconstruction pretraining on "
+                                       "images without masks; lr_find: a learning-rate range test of the "
+                                       "segmentation run these flags describe (lr_find.json, no model)")
     model: str = _field("unet", "the MONAI network")
     channels: tuple = _field((16, 32, 64, 128, 256), "feature channels per level; each level halves the resolution")
     res_units: int = _field(2, "residual units per level (U-Nets)")
@@ -190,6 +191,9 @@ class Hyperparameters:
     grad_clip: float = _field(12.0, "clip the gradient norm to this (0: off)")
     precision: str = _field("fp32", "bf16 or fp16 autocast (fp16 with a gradient scaler, GPU only)")
     compile: bool = _field(False, "torch.compile the network")
+    lr_find_steps: int = _field(100, "lr_find: optimiser steps of the sweep (it stops early once the loss diverges)")
+    lr_find_min: float = _field(1e-7, "lr_find: the first learning rate")
+    lr_find_max: float = _field(1.0, "lr_find: the last learning rate (the sweep is exponential)")
     epochs: int = _field(50, "epochs of steps_per_epoch optimiser steps")
     steps_per_epoch: int = _field(250, "optimiser steps per epoch (patch sampling has no natural epoch)")
     batch_size: int = _field(2, "patches per step and rank")
@@ -237,6 +241,11 @@ class Hyperparameters:
             raise ValueError(f"channels {self.channels}: expected at least two positive widths, e.g. 16,32,64")
         positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints",
                     "max_header_mb")
+        if self.lr_find_steps < 10:
+            raise ValueError(f"lr_find_steps {self.lr_find_steps}: expected at least 10 (a curve to read a slope from)")
+        if not 0 < self.lr_find_min < self.lr_find_max:
+            raise ValueError(f"lr_find_min {self.lr_find_min} and lr_find_max {self.lr_find_max}: expected "
+                             "0 < min < max")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")

@@ -268,11 +268,11 @@ def report(output_uri: str, job_name: str) -> None:
     summary = json.loads(summary)
     structures = [f"test_{figure}_{name}" for name in summary.get("structures", []) if len(summary["structures"]) > 1
                   for figure in ("dice", "hd95")]
-    for key in ("best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
+    for key in ("suggested_lr", "min_loss_lr", "best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
                 "test_hd95_mean", *structures, "best_val_loss", "test_loss", "test_cases", "seconds"):
         if summary.get(key) is not None:
             value = summary[key]
-            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+            print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
 
 
 def report_predictions(output_uri: str) -> None:

@@ -2,7 +2,8 @@
 
 Figures: train loss and validation Dice per epoch (all runs on one plot each), learning rate,
 throughput and data-wait fraction; per run, the test cases sorted worst first and, for its worst and
-best case, image/mask/prediction overlays on three orthogonal slices through the tumour.
+best case, image/mask/prediction overlays on three orthogonal slices through the tumour; for
+learning-rate range tests (task lr_find), loss against learning rate with the suggestions marked.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ th { background: #eee; } td.name { text-align: left; }
 {% for name in differing %}<td>{{ run.hyperparameters.get(name) }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% for run in runs %}{% for problem in run.problems %}<p class="problem">{{ run.name }}: {{ problem }}</p>{% endfor %}{% endfor %}
+{% if lr_find %}<h2>Learning-rate range tests</h2>
+<table><tr><th>run</th><th>suggested lr (steepest descent)</th><th>loss minimum lr / 10</th><th>steps</th><th>diverged</th></tr>
+{% for run in runs if run.lr_find %}<tr><td class="name">{{ run.name }}</td><td>{{ "%.2e" % run.lr_find.suggested_lr }}</td>
+<td>{{ "%.2e" % run.lr_find.min_loss_lr }}</td><td>{{ run.lr_find.steps }}</td><td>{{ run.lr_find.diverged }}</td></tr>{% endfor %}</table>
+<p><img src="{{ lr_find.file }}" alt="{{ lr_find.alt }}"></p>{% endif %}
 <h2>Learning curves</h2>
 {% for figure in curves %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
-{% for run in runs %}
+{% for run in runs if not run.lr_find %}
 <h2>{{ run.name }}: test cases, worst first</h2>
 {% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th>
 {% for name in run.structures %}<th>Dice {{ name }}</th><th>HD95 {{ name }} mm</th>{% endfor %}</tr>
@@ -87,6 +93,11 @@ def text_summary(runs: list[ReviewedRun]) -> str:
         lines.append("hyperparameters that differ (in run order):" + ("" if differing else " none"))
         lines += [f"  {name}: {' | '.join(str(run.hyperparameters.get(name)) for run in runs)}" for name in differing]
     for run in runs:
+        if run.lr_find:
+            lines.append(f"{run.name}: learning-rate range test: suggested lr {run.lr_find['suggested_lr']:.2e} "
+                         f"(steepest descent of the smoothed loss), loss minimum lr / 10 = "
+                         f"{run.lr_find['min_loss_lr']:.2e}, {run.lr_find['steps']} steps"
+                         + (", diverged" if run.lr_find.get("diverged") else ""))
         if run.error:
             lines.append(f"{run.name}: failed: {run.error}")
         for problem in run.problems:
@@ -136,6 +147,27 @@ def curve_figures(runs: list[ReviewedRun], out: Path) -> list[dict]:
     return figures
 
 
+def lr_find_figure(runs: list[ReviewedRun], out: Path) -> dict | None:
+    """Loss against learning rate (log scale) of every range test, smoothed over the raw points,
+    each suggestion marked."""
+    tests = [run for run in runs if run.lr_find]
+    if not tests:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in tests:
+        curve = run.lr_find
+        line, = axis.plot(curve["lrs"], curve["smoothed"], label=plain_text(run.name))
+        axis.plot(curve["lrs"], curve["losses"], color=line.get_color(), alpha=0.25, linewidth=0.8)
+        axis.axvline(curve["suggested_lr"], color=line.get_color(), linestyle="--", linewidth=1)
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss (smoothed; raw faint)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save(figure, out / "lr_find.png")
+    return {"file": "lr_find.png", "alt": "training loss against learning rate, suggested rates dashed"}
+
+
 def overlay_figure(crop: dict, title: str, path: Path) -> None:
     """Axial, coronal and sagittal slices through the tumour centre: image in grey, true tumour
     outlined in green, prediction filled in red."""
@@ -181,6 +213,7 @@ def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     curves = curve_figures(runs, out)
     overlays = overlay_figures(runs, out)
     page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
+                           lr_find=lr_find_figure(runs, out),
                            overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)
     path = out / "index.html"
     path.write_text(page)

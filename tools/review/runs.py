@@ -143,6 +143,7 @@ class ReviewedRun:
     per_case: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     tail: MetricsTail | None = None
+    lr_find: dict | None = None  # a learning-rate range test's lr_find.json (task lr_find)
     job_status: str | None = None  # the SageMaker training job's own status, when it could be asked
     job_reason: str = ""
 
@@ -255,17 +256,22 @@ class ReviewedRun:
         self.hyperparameters = hyperparameters if isinstance(hyperparameters, dict) else {}
         if hyperparameters is not None and not isinstance(hyperparameters, dict):
             self.notes.append(f"{RunLayout.STATUS}: hyperparameters should be a JSON object, found {type(hyperparameters).__name__}")
-        if self.tail is None:
-            self.tail = MetricsTail(self.uri + RunLayout.METRICS)
-        try:
-            added = self.tail.poll()
-        except s3.S3Error as err:
-            self.notes.append(f"{RunLayout.METRICS}: unreadable ({err})")
-            added = []
-        self.updated = max((t for t in (status_modified, self.tail.modified) if t is not None), default=None)
+        added = []
+        if self.hyperparameters.get("task") != "lr_find":  # a range test writes no epochs
+            if self.tail is None:
+                self.tail = MetricsTail(self.uri + RunLayout.METRICS)
+            try:
+                added = self.tail.poll()
+            except s3.S3Error as err:
+                self.notes.append(f"{RunLayout.METRICS}: unreadable ({err})")
+        written = (status_modified, self.tail.modified if self.tail else None)
+        self.updated = max((t for t in written if t is not None), default=None)
         if self.status in ("finished", "unknown"):
             self.summary, _ = self._read_json(RunLayout.SUMMARY)
-            self.per_case = self._read_per_case()
+            if (self.summary or {}).get("task") == "lr_find":
+                self.lr_find, _ = self._read_json(RunLayout.LR_FIND)
+            else:
+                self.per_case = self._read_per_case()
         if self.summary and not self.hyperparameters and isinstance(self.summary.get("hyperparameters"), dict):
             self.hyperparameters = self.summary["hyperparameters"]
         return added
