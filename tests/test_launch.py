@@ -114,7 +114,7 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
     epoch lines (the progress lines share lr, patches_per_s and data_wait_fraction)."""
     log = process_run["log"]
     assert log.count("progress phase=train step=") == 6
-    expected = {"train:loss", "validation:dice", "validation:iou", "train:lr", "train:patches_per_s",
+    expected = {"train:loss", "validation:dice", "validation:iou", "validation:best_dice", "train:lr", "train:patches_per_s",
                 "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou", "test:hd95"}
     found = {}
     for definition in METRIC_DEFINITIONS:
@@ -126,6 +126,7 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
     lines = [json.loads(line) for line in s3.read_uri(f"{process_run['output']}/proc-1/metrics/metrics.jsonl")
              .splitlines()]
     for metric, field, tolerance in (("validation:dice", "val_dice", 1e-4), ("validation:iou", "val_iou", 1e-4),
+                                     ("validation:best_dice", "best_val_dice", 1e-4),
                                      ("train:loss", "train_loss", 1e-4), ("train:lr", "lr", 1e-3),
                                      ("train:patches_per_s", "patches_per_s", 0.01),
                                      ("train:data_wait_fraction", "data_wait_fraction", 1e-3)):
@@ -195,7 +196,7 @@ def test_aws_mode_request_against_moto(bucket, process_run):
     assert {"Key": "project", "Value": "brainseg"} in request["Tags"]
     assert request["RoleArn"] == ROLE
     for definition in request["AlgorithmSpecification"]["MetricDefinitions"]:
-        if definition["Name"] not in ("validation:loss", "test:loss"):
+        if definition["Name"] not in ("validation:loss", "validation:best_loss", "test:loss"):
             assert re.search(definition["Regex"], process_run["log"]), definition
 
     code_prefix = f"runs/brainseg/{job_name}/input/"

@@ -23,7 +23,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SAGEMAKER_ARGUMENTS = frozenset({
     "sagemaker_program", "sagemaker_submit_directory", "sagemaker_recipe_local_path", "_tuning_objective_metric",
     "sagemaker_container_log_level", "sagemaker_job_name", "sagemaker_region", "sagemaker_estimator_class_name",
-    "sagemaker_estimator_module"})
+    "sagemaker_estimator_module", "sagemaker_torch_distributed_enabled"})
 
 
 def check_run_name(name: str, what: str = "run_name") -> None:

@@ -53,6 +53,10 @@ class Task:
         """The summary's headline figures from the best validation figure and the test scores."""
         raise NotImplementedError
 
+    def best_field(self, best: float) -> dict:
+        """The running best validation figure as the epoch line publishes it (a tuning objective)."""
+        raise NotImplementedError
+
     def test_values(self, scores: dict) -> dict:
         return {name: scores.get(name.removeprefix("test_"), math.nan) for name in self.test_fields}
 
@@ -95,6 +99,9 @@ class Segmentation(Task):
         return ({"val_dice": scores["dice"], "val_iou": scores["iou"], "val_dice_global": scores["dice_global"],
                  **self.structure_fields("val_", scores)}, scores["dice"])
 
+    def best_field(self, best: float) -> dict:
+        return {"best_val_dice": best}
+
     def summary(self, best: float, scores: dict) -> dict:
         return {"best_val_dice": best, "test_dice_mean": scores.get("dice"),
                 "test_dice_median": scores.get("dice_median"), "test_iou_mean": scores.get("iou"),
@@ -134,6 +141,9 @@ class Autoencoder(Task):
 
     def validation(self, scores: dict) -> tuple[dict, float]:
         return {"val_loss": scores["loss"]}, -scores["loss"]
+
+    def best_field(self, best: float) -> dict:
+        return {"best_val_loss": -best}
 
     def summary(self, best: float, scores: dict) -> dict:
         return {"best_val_loss": -best, "test_loss": scores.get("loss")}

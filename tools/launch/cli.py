@@ -4,6 +4,7 @@
     brainseg-launch [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
     brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
     brainseg-launch predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
+    brainseg-launch tune --mode process|aws --data-uri … --output-uri … --range lr=1e-4:1e-2:log [--strategy Random]
     brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
     brainseg-launch status|logs|stop|attach JOB       # a SageMaker job after submission
     brainseg-launch jobs [--name-contains brainseg]   # the recent jobs and their status
@@ -43,6 +44,7 @@ from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
 from tools.launch import iam
 from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrides
+from tools.launch.tuning import STRATEGIES, TuningLayout, TuningSpec, load_tuning, parse_range, tuning_job_name
 from tools.review.predictions import is_prediction_output, load_prediction
 
 logger = logging.getLogger("launch")
@@ -59,8 +61,10 @@ DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (rela
 DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
 
 
-COMMANDS = ("train", "predict", "iam-policy", "status", "logs", "stop", "attach", "jobs")
+COMMANDS = ("train", "predict", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
 LIFECYCLE = ("status", "logs", "stop", "attach", "jobs")
+TUNING_FLAGS = ("tuning", "range", "strategy", "objective", "objective_type", "max_jobs", "max_parallel_jobs",
+                "early_stopping", "random_seed", "min_epochs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +82,29 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_flags(predict, "predict.py")
     predict.add_argument("--model", action="append", required=True,
                          help="s3://…/<run>/, s3://…/model.tar.gz or s3://…/model.pt (repeat for an ensemble)")
+
+    tune = commands.add_parser(
+        "tune", help="a hyperparameter tuning job: SageMaker's tuner (aws) or a Random/Grid search (process)",
+        description="Search train.py's hyperparameters: --mode aws creates a SageMaker hyperparameter tuning job "
+                    "(Bayesian, Random, Hyperband, Grid); --mode process runs a Random or Grid search here. "
+                    "Ranges come from --tuning FILE (ranges: {lr: {min: 1e-4, max: 1e-2, scaling: log}, "
+                    "loss: [dice_ce, dice]}) and --range flags, which win.")
+    _add_job_flags(tune, "train.py")
+    add = tune.add_argument
+    add("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
+    add("--tuning", help="YAML: strategy, objective, objective_type, max_jobs, max_parallel_jobs, early_stopping, "
+                         "random_seed, min_epochs, ranges")
+    add("--range", action="append", default=[], metavar="NAME=MIN:MAX[:SCALING] | NAME=[A, B]",
+        help="a tuned hyperparameter, e.g. lr=1e-4:1e-2:log, batch_size=2:8 or 'loss=[dice_ce, dice]' (repeatable)")
+    add("--strategy", choices=STRATEGIES, help="search strategy (default Bayesian)")
+    add("--objective", help="the metric to optimise (default validation:best_dice, the running best validation "
+                            "Dice: its last value is the run's best)")
+    add("--objective-type", choices=("Maximize", "Minimize"), help="default: the objective's own")
+    add("--max-jobs", type=int, help="training jobs in all (default 10; Grid: every combination)")
+    add("--max-parallel-jobs", type=int, help="training jobs at once (default 1)")
+    add("--early-stopping", choices=("Off", "Auto"), help="SageMaker stops unpromising jobs (Auto; not with Hyperband)")
+    add("--random-seed", type=int, help="seeds the search (process mode: the draws)")
+    add("--min-epochs", type=int, help="Hyperband: epochs every job gets before it may be stopped (default 1)")
 
     policy = commands.add_parser(
         "iam-policy", help="print the IAM documents a job's role and its caller need",
@@ -171,7 +198,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Config file, then flags, then --hp overrides; checked (raises ValueError with the reason)."""
     settings = load_config(args.config)
     for name, value in vars(args).items():
-        if name in ("command", "config", "hp", "tag", "model") or value is None:
+        if name in ("command", "config", "hp", "tag", "model", *TUNING_FLAGS) or value is None:
             continue
         settings[name] = value
     if args.tag:
@@ -300,6 +327,65 @@ def local_endpoint_environment() -> dict:
     return {"AWS_ENDPOINT_URL": endpoint}
 
 
+def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
+    """The --tuning file, then the flags; a --range replaces the file's range of that name."""
+    settings = load_tuning(args.tuning)
+    for name in TUNING_FLAGS[2:]:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    ranges = {r.name: r for r in settings.get("ranges", ())}
+    ranges.update({r.name: r for r in map(parse_range, args.range)})
+    return TuningSpec(**{**settings, "ranges": tuple(ranges.values())})
+
+
+def tuning_text(manifest: dict) -> str:
+    """A finished process-mode search: each job's tuned values and objective, best first."""
+    from tools.launch.tuning import TuningResult
+    objective = manifest["objective"]
+    lines = [f"tuning job {manifest['tuning_job']} ({manifest['strategy']}, {objective['type']} {objective['metric']})"]
+    best = TuningResult(manifest).best
+    for job in manifest["jobs"]:
+        value = job.get("objective")
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+        values = " ".join(f"{name}={job['hyperparameters'][name]:.4g}" if isinstance(job["hyperparameters"][name], float)
+                          else f"{name}={job['hyperparameters'][name]}" for name in manifest["ranges"])
+        lines.append(f"  {job['job']}: {job.get('status')} {objective['metric']}={shown} {values}"
+                     + ("  <- best" if job is best else ""))
+    return "\n".join(lines)
+
+
+def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
+    """tune: 0 submitted (aws) or every job finished (process), 1 a process-mode job failed."""
+    from tools.launch import sagemaker_job
+    from tools.launch import tuning as search
+
+    if not spec.data_uri or not spec.output_uri:
+        raise ValueError("tune needs --data-uri and --output-uri")
+    if spec.mode == "local":
+        raise ValueError("SageMaker local mode has no tuning jobs; use --mode process (Random or Grid) or --mode aws")
+    if spec.keep_alive_s:
+        raise ValueError("keep_alive_s: SageMaker's tuner does not give its training jobs a warm pool")
+    tuning.check(spec)
+    name = tuning_job_name(tuning.name or spec.base_job_name())
+    if spec.mode == "process":
+        tuning.sample()  # refuses Bayesian and Hyperband before anything runs
+        with tempfile.TemporaryDirectory(prefix=f"{name}-") as root:
+            result = search.search(spec, tuning, name, Path(root))
+        print(tuning_text(result.manifest))
+        print(f"review: brainseg-review {spec.output_uri.rstrip('/')}/{name}/")
+        return 0 if all(code == 0 for code in result.codes) else 1
+    if spec.dry_run:
+        print(json.dumps(sagemaker_job.dry_run_tuning_request(spec, tuning, name), indent=1, sort_keys=True,
+                         default=str))
+        return 0
+    sagemaker_job.submit_tuning(spec, tuning, name, _boto_session(spec.region or None))
+    s3.put_bytes(TuningLayout.uri(spec.output_uri, name),
+                 json.dumps(tuning.manifest(name, spec, "aws"), indent=1, default=str).encode())
+    print(f"submitted tuning job {name}: up to {tuning.jobs} training jobs, {tuning.max_parallel_jobs} at a time; "
+          f"review: brainseg-review {spec.output_uri.rstrip('/')}/{name}/")
+    return 0
+
+
 def launch(spec: JobSpec) -> int:
     from tools.launch import process_job, sagemaker_job
 
@@ -420,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     from tools.launch.sagemaker_job import LaunchError
     try:
         spec = spec_from_args(args)
+        if args.command == "tune":
+            return launch_tuning(spec, tuning_from_args(args))
         return launch(spec)
     except (ValueError, LaunchError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
+import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +33,7 @@ from tools.launch.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
 PREBUILT_PYTORCH = {"framework": "pytorch", "version": "2.10.0", "py_version": "py313"}
 DRY_RUN_REGION = "us-east-1"  # a dry run without a configured region
+IGNORED = {".env", ".git", "__pycache__", ".pytest_cache"}  # never shipped with the code
 
 
 class LaunchError(RuntimeError):
@@ -113,8 +117,9 @@ def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
 
 
 def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict | None = None,
-                  local_root: str | None = None):
-    """The ``ModelTrainer`` for ``spec`` (``aws`` or ``local``)."""
+                  local_root: str | None = None, source_dir: str | None = None):
+    """The ``ModelTrainer`` for ``spec`` (``aws`` or ``local``); ``source_dir`` an s3:// tar.gz of
+    entry_point/ instead of the folder itself."""
     sdk = _sdk()
     region = boto_session.region_name
     out_bucket, _, out_prefix = spec.output_uri[len("s3://"):].partition("/")
@@ -144,9 +149,9 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
         role=spec.role or None,
         base_job_name=spec.base_job_name(),
         training_image=image,
-        source_code=sdk.SourceCode(source_dir=str(ENTRY_POINT), entry_script=spec.script,
+        source_code=sdk.SourceCode(source_dir=source_dir or str(ENTRY_POINT), entry_script=spec.script,
                                       requirements=requirements,
-                                      ignore_patterns=[".env", ".git", "__pycache__", ".pytest_cache"]),
+                                      ignore_patterns=sorted(IGNORED)),
         compute=compute,
         networking=networking,
         stopping_condition=stopping,
@@ -217,6 +222,84 @@ def dry_run_request(spec: JobSpec) -> dict:
     except _DryRun as captured:
         return captured.request
     raise LaunchError("the SDK returned without calling CreateTrainingJob")
+
+
+def upload_source(uri: str, boto_session: boto3.Session) -> None:
+    """entry_point/ as a tar.gz at ``uri`` (what a tuning job's containers unpack as their code)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(ENTRY_POINT.rglob("*")):
+            if path.is_file() and not set(path.relative_to(ENTRY_POINT).parts) & IGNORED:
+                archive.add(path, arcname=path.relative_to(ENTRY_POINT).as_posix())
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    boto_session.client("s3").put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+
+
+def build_tuner(spec: JobSpec, tuning, name: str, boto_session: boto3.Session):
+    """SageMaker's ``HyperparameterTuner`` for ``tuning`` over the training job ``spec`` describes.
+
+    The code goes up as one tar.gz under the tuning job's folder of the output prefix (the SDK
+    would put it at the bucket's root, outside what the job role may read), and the job definition
+    gets what the SDK leaves out of it: the volume's KMS key, inter-container encryption and the
+    checkpoint location."""
+    from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
+    from sagemaker.core.shapes import HyperbandStrategyConfig, HyperParameterTuningJobStrategyConfig
+    from sagemaker.train.tuner import HyperparameterTuner
+
+    from brainseg.config import Hyperparameters
+    folder = f"{spec.output_uri.rstrip('/')}/{name}/"
+    source = folder + "input/sourcedir.tar.gz"
+    upload_source(source, boto_session)
+    trainer = build_trainer(spec, boto_session, source_dir=source)
+    # The tuning API has no container entrypoint: the prebuilt PyTorch image's own launcher runs
+    # train.py, and this asks it for torchrun (one process per GPU), as the driver does elsewhere.
+    trainer.hyperparameters["sagemaker_torch_distributed_enabled"] = "true"
+
+    def complete(params, **_):
+        definition = params["TrainingJobDefinition"]
+        if spec.volume_kms_key:
+            definition["ResourceConfig"]["VolumeKmsKeyId"] = spec.volume_kms_key
+        if spec.inter_container_encryption:
+            definition["EnableInterContainerTrafficEncryption"] = True
+        definition.setdefault("CheckpointConfig", {}).update(S3Uri=folder + "checkpoints",
+                                                             LocalPath="/opt/ml/checkpoints")
+    boto_session.events.register_first("before-parameter-build.sagemaker.CreateHyperParameterTuningJob", complete)
+    ranges = {}
+    for r in tuning.ranges:
+        if r.kind == "categorical":
+            ranges[r.name] = CategoricalParameter([v if isinstance(v, str) else json.dumps(v) for v in r.values])
+        elif r.kind == "integer":
+            ranges[r.name] = IntegerParameter(int(r.low), int(r.high), scaling_type=r.scaling)
+        else:
+            ranges[r.name] = ContinuousParameter(r.low, r.high, scaling_type=r.scaling)
+    metric, objective_type = tuning.objective_for(spec.hyperparameters.get("task", Hyperparameters.task))
+    strategy_config = None
+    if tuning.strategy == "Hyperband":
+        epochs = int(spec.hyperparameters.get("epochs", Hyperparameters.epochs))
+        strategy_config = HyperParameterTuningJobStrategyConfig(hyperband_strategy_config=HyperbandStrategyConfig(
+            min_resource=min(tuning.min_epochs, epochs), max_resource=epochs))
+    return HyperparameterTuner(
+        model_trainer=trainer, objective_metric_name=metric, objective_type=objective_type,
+        hyperparameter_ranges=ranges, metric_definitions=METRIC_DEFINITIONS, strategy=tuning.strategy,
+        strategy_config=strategy_config, max_jobs=tuning.jobs, max_parallel_jobs=tuning.max_parallel_jobs,
+        early_stopping_type=tuning.early_stopping, random_seed=tuning.random_seed or None,
+        base_tuning_job_name=name)
+
+
+def dry_run_tuning_request(spec: JobSpec, tuning, name: str) -> dict:
+    """The CreateHyperParameterTuningJob request, built offline like :func:`dry_run_request`."""
+    try:
+        with _no_role_validation():
+            build_tuner(spec, tuning, name, offline_session(spec)).tune(job_name=name, wait=False)
+    except _DryRun as captured:
+        return captured.request
+    raise LaunchError("the SDK returned without calling CreateHyperParameterTuningJob")
+
+
+def submit_tuning(spec: JobSpec, tuning, name: str, boto_session: boto3.Session) -> None:
+    """Create the tuning job ``name`` (its training jobs start on SageMaker's side)."""
+    check_account(boto_session, spec.output_uri)
+    build_tuner(spec, tuning, name, boto_session).tune(job_name=name, wait=False)
 
 
 def check_account(session: boto3.Session, output_uri: str) -> None:

@@ -5,9 +5,10 @@
     brainseg-review s3://bucket/runs/r1 s3://…/r2 --report DIR   # + DIR/index.html with PNG figures
     brainseg-review s3://bucket/runs/r1 --follow                 # print epochs as a running job writes them
     brainseg-review s3://bucket/predictions/ [--report DIR]      # a prediction output: cases, volumes, SEG overlays
+    brainseg-review s3://bucket/runs/<tuning job>/ [--report DIR]  # a tuning job's runs, best first, tuned values
 
-A URI holding a run.json is a run, one holding a prediction.json a prediction output (predict.py);
-any other prefix is listed. Missing or partial artifacts (a run
+A URI holding a run.json is a run, one holding a prediction.json a prediction output (predict.py),
+one holding a tuning.json a tuning job (brainseg-launch tune); any other prefix is listed. Missing or partial artifacts (a run
 still going, or cut short) are reported, not fatal. Following a run fetches only what its
 metrics.jsonl gained since the last look. With AWS credentials, SageMaker is asked for each run's
 job status (a run whose job failed or was stopped before it could say so shows as such; runs of
@@ -26,6 +27,8 @@ from brainseg.io import s3
 from tools.review.predictions import is_prediction_output, load_prediction, write_prediction_report
 from tools.review.predictions import text_summary as prediction_summary
 from tools.review.runs import ReviewedRun, ask_sagemaker, list_runs, load_run
+from tools.review.tuning import is_tuning_output, load_tuning
+from tools.review.tuning import text_summary as tuning_summary
 
 
 def epoch_text(run: ReviewedRun, line: dict) -> str:
@@ -90,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     from tools.review.report import text_summary, write_report
 
     try:
-        runs = []
+        runs, tunings = [], []
         for uri in args.uris:
             s3.parse_uri(uri)
+            if is_tuning_output(uri):
+                tunings.append(load_tuning(uri))
+                runs.extend(tunings[-1].runs)
+                continue
             if is_prediction_output(uri):
                 prediction = load_prediction(uri)
                 print(prediction_summary(prediction))
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.extend(listed)
         if not args.no_job_status:
             ask_sagemaker(runs)
+        for tuning in tunings:
+            print(tuning_summary(tuning))
         if args.follow:
             try:
                 follow(runs, args.interval, args.report, not args.no_job_status)
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not runs:
         return 0
-    print(text_summary(runs))
+    if len(tunings) < len(args.uris):
+        print(text_summary(runs))
     if args.report:
         path = write_report(runs, args.report)
         print(f"report: {path}")

@@ -305,11 +305,11 @@ def load_run(uri: str) -> ReviewedRun:
     return run
 
 
-def list_runs(output_uri: str) -> list[ReviewedRun]:
-    """The runs directly under ``output_uri`` (folders with a ``run.json``), oldest first, read
-    concurrently."""
+def list_runs(output_uri: str, name_prefix: str = "") -> list[ReviewedRun]:
+    """The runs directly under ``output_uri`` (folders with a ``run.json``) whose names start with
+    ``name_prefix``, oldest first, read concurrently."""
     bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
-    folders, _ = s3.list_folders(bucket, prefix)
+    folders, _ = s3.list_folders(bucket, prefix + name_prefix)
     runs = s3.executor().map(load_run, [f"s3://{bucket}/{folder}" for folder in folders])
     return sorted((run for run in runs if run.found), key=lambda run: (run.started or 0, run.name))
 

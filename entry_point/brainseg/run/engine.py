@@ -377,6 +377,7 @@ class Trainer:
             state.stale += 1
             if hp.patience and state.stale >= hp.patience:
                 state.stopped_early = True
+        line.update(self.task.best_field(state.best_metric))
         state.history.append(line)
         state.epoch_loss = state.epoch_wait = state.epoch_seconds = 0.0
         state.epoch_steps = 0

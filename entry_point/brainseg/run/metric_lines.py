@@ -38,10 +38,12 @@ class LineKind:
 EPOCH = LineKind(
     "epoch_metrics",
     (("epoch", "d"), ("step", "d"), ("train_loss", ".4f"), ("val_dice", ".4f"), ("val_iou", ".4f"),
-     ("val_dice_global", ".4f"), ("val_loss", ".5f"), ("lr", ".3g"), ("patches_per_s", ".2f"),
-     ("data_wait_fraction", ".3f"), ("seconds", ".1f"), ("val_seconds", ".1f")),
+     ("val_dice_global", ".4f"), ("val_loss", ".5f"), ("best_val_dice", ".4f"), ("best_val_loss", ".5f"),
+     ("lr", ".3g"), ("patches_per_s", ".2f"), ("data_wait_fraction", ".3f"), ("seconds", ".1f"),
+     ("val_seconds", ".1f")),
     (("train_loss", "train:loss"), ("val_dice", "validation:dice"), ("val_iou", "validation:iou"),
-     ("val_loss", "validation:loss"), ("lr", "train:lr"), ("patches_per_s", "train:patches_per_s"),
+     ("val_loss", "validation:loss"), ("best_val_dice", "validation:best_dice"),
+     ("best_val_loss", "validation:best_loss"), ("lr", "train:lr"), ("patches_per_s", "train:patches_per_s"),
      ("data_wait_fraction", "train:data_wait_fraction")))
 TEST = LineKind(
     "test_metrics",
