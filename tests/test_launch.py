@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",
         "num_workers=0", "max_val_cases=1", "log_every=1"]
 ROLE = "arn:aws:iam::123456789012:role/brainseg-training"
+MLFLOW = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/brainseg"
 
 
 @pytest.fixture(autouse=True)
@@ -365,8 +366,11 @@ def _policies(capsys, *extra) -> dict:
 
 
 def test_iam_policies_are_scoped_to_the_prefixes_and_the_account(capsys):
-    documents = _policies(capsys, "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc", "--region", "eu-west-1")
+    documents = _policies(capsys, "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc", "--region", "eu-west-1",
+                          "--mlflow-server", MLFLOW)
     by_sid = {statement["Sid"]: statement for statement in documents["role_permissions"]["Statement"]}
+    assert by_sid["LogToMlflow"] == {"Sid": "LogToMlflow", "Effect": "Allow", "Action": "sagemaker-mlflow:*",
+                                     "Resource": [MLFLOW]}
     assert by_sid["ReadDataset"]["Resource"] == "arn:aws:s3:::scans/brain/*"
     assert by_sid["ReadDataset"]["Action"] == "s3:GetObject"
     assert by_sid["ReadDataset"]["Condition"] == {"StringEquals": {"s3:ResourceAccount": "123456789012"}}
@@ -384,6 +388,9 @@ def test_iam_policies_are_scoped_to_the_prefixes_and_the_account(capsys):
     assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
     assert trust["Condition"]["ArnLike"]["aws:SourceArn"] == "arn:aws:sagemaker:eu-west-1:123456789012:training-job/*"
     caller = {statement["Sid"]: statement for statement in documents["caller_permissions"]["Statement"]}
+    assert caller["RunTuningJobs"]["Resource"] == \
+        "arn:aws:sagemaker:eu-west-1:123456789012:hyper-parameter-tuning-job/brainseg*"
+    assert "sagemaker:StopTrainingJob" in caller["RunTrainingJobs"]["Action"]
     assert caller["PassTheJobRoleToSageMakerOnly"]["Resource"] == ROLE
     assert caller["PassTheJobRoleToSageMakerOnly"]["Condition"]["StringEquals"]["iam:PassedToService"] == \
         "sagemaker.amazonaws.com"

@@ -117,6 +117,7 @@ SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
+MLFLOW_URIS = ("arn:aws", "http://", "https://")
 SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
@@ -127,7 +128,8 @@ CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NO
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
-                               "save_predictions", "allow_dataset_change"})
+                               "save_predictions", "allow_dataset_change", "mlflow_tracking_uri",
+                               "mlflow_experiment"})
 
 
 def _field(default, help_text: str):
@@ -209,6 +211,10 @@ class Hyperparameters:
     checkpoint_steps: int = _field(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
     keep_checkpoints: int = _field(3, "newest checkpoints kept")
     log_every: int = _field(50, "a progress line every N steps when the output is not a terminal")
+    # Experiment tracking (S3 holds everything either way)
+    mlflow_tracking_uri: str = _field("", "also log parameters, epochs and the summary to MLflow: a SageMaker MLflow "
+                                          "tracking server ARN or an http(s) URL (empty: off)")
+    mlflow_experiment: str = _field("brainseg", "the MLflow experiment of the run")
     # Transfer
     init_weights: str = _field("", "s3:// URI or path of weights to start from (matching layers are loaded)")
     freeze_encoder: bool = _field(False, "train only the decoder")
@@ -241,6 +247,11 @@ class Hyperparameters:
             raise ValueError(f"channels {self.channels}: expected at least two positive widths, e.g. 16,32,64")
         positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints",
                     "max_header_mb")
+        if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(MLFLOW_URIS):
+            raise ValueError(f"mlflow_tracking_uri {self.mlflow_tracking_uri!r}: expected a SageMaker MLflow tracking "
+                             "server ARN (arn:aws:sagemaker:…:mlflow-tracking-server/…) or an http(s):// URL")
+        if not self.mlflow_experiment.strip():
+            raise ValueError("mlflow_experiment: expected a name")
         if self.lr_find_steps < 10:
             raise ValueError(f"lr_find_steps {self.lr_find_steps}: expected at least 10 (a curve to read a slope from)")
         if not 0 < self.lr_find_min < self.lr_find_max:

@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--init-weights", default="", help="an s3:// weights file the job starts from")
     add("--model", action="append", default=[], help="a prediction job: a model it reads (run folder, model.pt or "
                                                      "model.tar.gz; repeatable)")
+    add("--mlflow-server", action="append", default=[], help="a SageMaker MLflow tracking server ARN the runs "
+                                                               "log to (--hp mlflow_tracking_uri=…; repeatable)")
     add("--region", default="*", help="the region of the jobs (default: any)")
 
     for name, text in (("status", "a SageMaker job's status, times, instances, warm pool, run and final metrics"),
@@ -188,7 +190,7 @@ def policies(args: argparse.Namespace) -> dict:
     return {
         "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
                                             tuple(args.kms_key), args.vpc, args.init_weights, args.region,
-                                            tuple(args.model)),
+                                            tuple(args.model), tuple(args.mlflow_server)),
         "role_trust": iam.trust_policy(account, args.region),
         "caller_permissions": iam.caller_policy(args.role, args.output_uri, args.job_name, args.region),
     }

@@ -23,6 +23,7 @@ import re
 from brainseg.config import inside
 from brainseg.io import s3
 
+MLFLOW_SERVER_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:mlflow-tracking-server/[\w-]+")
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]+")
 
 
@@ -52,10 +53,11 @@ def role_account(role_arn: str) -> str:
 
 def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "brainseg", index_uri: str = "",
                 kms_keys: tuple = (), vpc: bool = False, init_weights_uri: str = "", region: str = "*",
-                models: tuple = ()) -> dict:
+                models: tuple = (), mlflow_servers: tuple = ()) -> dict:
     """The job role's permissions (see the module docstring). ``models`` (run folders, model.pt or
     model.tar.gz URIs) make it a prediction job's role: it reads them and may replace the
     prediction output's markers (``complete.json``, ``predictions.csv``, ``shards/``).
+    ``mlflow_servers``: SageMaker MLflow tracking servers (ARNs) the runs log to.
 
     Raises:
         ValueError: the dataset and the output overlap.
@@ -105,6 +107,12 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
         statements.append(_statement("ReplacePredictionMarkers", "s3:DeleteObject",
                                      [f"arn:aws:s3:::{out_bucket}/{out_prefix}{name}"
                                       for name in ("complete.json", "predictions.csv", "shards/*")], owned))
+    for arn in mlflow_servers:
+        if not MLFLOW_SERVER_ARN.fullmatch(arn):
+            raise ValueError(f"mlflow server {arn!r}: expected a tracking server ARN like "
+                             "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/brainseg")
+    if mlflow_servers:
+        statements.append(_statement("LogToMlflow", "sagemaker-mlflow:*", sorted(set(mlflow_servers))))
     if kms_keys:
         services = [f"s3.{region}.amazonaws.com", f"ec2.{region}.amazonaws.com"]
         statements.append(_statement("UseKmsKeysThroughS3AndVolumes",
@@ -138,6 +146,11 @@ def caller_policy(role_arn: str, output_uri: str, job_name: str = "brainseg", re
         _statement("RunTrainingJobs", ["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
                                        "sagemaker:StopTrainingJob", "sagemaker:AddTags"],
                    f"arn:aws:sagemaker:{region}:{account}:training-job/{job_name}*"),
+        _statement("RunTuningJobs", ["sagemaker:CreateHyperParameterTuningJob",
+                                     "sagemaker:DescribeHyperParameterTuningJob",
+                                     "sagemaker:StopHyperParameterTuningJob",
+                                     "sagemaker:ListTrainingJobsForHyperParameterTuningJob", "sagemaker:AddTags"],
+                   f"arn:aws:sagemaker:{region}:{account}:hyper-parameter-tuning-job/{job_name}*"),
         _statement("ListJobs", "sagemaker:ListTrainingJobs", "*"),
         _statement("UploadSourceAndReviewRuns", ["s3:GetObject", "s3:PutObject"],
                    f"arn:aws:s3:::{out_bucket}/{out_prefix}*"),

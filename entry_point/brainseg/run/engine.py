@@ -61,6 +61,7 @@ from brainseg.run.state import (
     restore_rng_states,
     rng_states,
 )
+from brainseg.run.tracking import Tracker
 from brainseg.tasks import task_of
 
 logger = logging.getLogger("brainseg.train")
@@ -123,6 +124,7 @@ class Trainer:
         self.lock = RunLock(hp.output_uri, self.run_name, env.job_name) if self.main else None
         self.store = RunStore(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
         self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
+        self.tracker = Tracker(hp.mlflow_tracking_uri if self.main else "", hp.mlflow_experiment)
         self.state = LoopState()
         self.interrupted = False
         self.output_ready = False
@@ -384,6 +386,7 @@ class Trainer:
         if self.main:
             self.store.put_metrics(state.history)
             logger.info("%s", EPOCH.format(line, "best" if improved else ""))
+            self.tracker.epoch(line)
             if state.stopped_early:
                 logger.info("early stop: no improvement for %d validations; best epoch %d", state.stale,
                             state.best_epoch)
@@ -440,6 +443,7 @@ class Trainer:
                 if result.crop is not None:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
+            self.tracker.summary(summary)
             model_dir = Path(self.env.model_dir)
             write_model_dir(model_dir, self.description(), self.best_weights, CODE_ROOT)
             (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
@@ -459,6 +463,7 @@ class Trainer:
         try:
             self.build()
             self.write_status("running", epoch=self.state.epoch, step=self.state.step)
+            self.tracker.start(self.run_name, self.hp.to_dict())
             self.train()
             if self.interrupted:
                 status = "interrupted"
@@ -477,6 +482,7 @@ class Trainer:
                     logger.warning("could not record the failure in %srun.json", self.store.uri)
             raise
         finally:
+            self.tracker.end({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
             if self.lock is not None:
                 self.lock.release(status)
             signal.signal(signal.SIGTERM, previous)
