@@ -213,11 +213,27 @@ def test_aws_mode_request_against_moto(bucket, process_run):
     assert job["RoleArn"] == ROLE
 
 
-def test_prebuilt_image_gets_the_requirements_file(bucket):
+def test_prebuilt_image_gets_the_requirements_file(bucket, caplog):
+    """The SDK knows no prebuilt image of the pinned torch: the newest it knows, and a warning that
+    names both versions and the way to the pinned ones."""
+    from sagemaker.core.image_uris import config_for_framework
+    versions = config_for_framework("pytorch")["training"]["versions"]
+    newest = max(versions, key=lambda v: tuple(map(int, v.split("."))))
     spec = build_spec({"mode": "aws", "data_uri": "s3://d/ds/", "output_uri": f"s3://{bucket}/r/", "role": ROLE}, {})
     request = sagemaker_job.dry_run_request(replace(spec, region="eu-west-1"))
-    assert request["AlgorithmSpecification"]["TrainingImage"].startswith(
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:")
+    py_version = versions[newest]["py_versions"][-1]
+    assert request["AlgorithmSpecification"]["TrainingImage"] == \
+        f"763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:{newest}-gpu-{py_version}"
+    assert sagemaker_job.PINNED_TORCH not in versions
+    assert f"runs torch {newest} instead of the pinned {sagemaker_job.PINNED_TORCH}" in caplog.text
+    assert "VARIANT=cuda bash docker/build.sh" in caplog.text
+
+
+def test_the_pinned_torch_is_one_version_everywhere():
+    pin = f"torch=={sagemaker_job.PINNED_TORCH}"
+    assert pin in (ROOT / "requirements.txt").read_text().splitlines()
+    assert f"ARG TORCH_SPEC={pin}" in (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"TORCH_SPEC=${{TORCH_SPEC:-{pin}}}" in (ROOT / "docker" / "build.sh").read_text()
 
 
 def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import io
 import json
+import logging
 import os
 import subprocess
 import tarfile
@@ -31,7 +32,8 @@ from brainseg.run.metric_lines import METRIC_DEFINITIONS
 from tools.launch.iam import role_account
 from tools.launch.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
-PREBUILT_PYTORCH = {"framework": "pytorch", "version": "2.10.0", "py_version": "py313"}
+PINNED_TORCH = "2.13.0"  # requirements.txt's pin, and the image's (docker/build.sh)
+logger = logging.getLogger("launch")
 DRY_RUN_REGION = "us-east-1"  # a dry run without a configured region
 IGNORED = {".env", ".git", "__pycache__", ".pytest_cache"}  # never shipped with the code
 
@@ -101,6 +103,24 @@ def config_settings(config: dict) -> dict:
     return {name: value for name, value in settings.items() if value not in (None, (), {})}
 
 
+def prebuilt_pytorch() -> tuple[str, str]:
+    """``(version, py_version)`` of SageMaker's prebuilt PyTorch training image for the pinned torch
+    (:data:`PINNED_TORCH`): that release when the SDK knows one, else the newest it knows, with a
+    warning that the job will not run the pinned version."""
+    from sagemaker.core.image_uris import config_for_framework
+    versions = config_for_framework("pytorch")["training"]["versions"]
+    minor = ".".join(PINNED_TORCH.split(".")[:2])
+    matching = [v for v in versions if v == PINNED_TORCH or ".".join(v.split(".")[:2]) == minor]
+    newest = max(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
+    version = matching[-1] if matching else newest
+    if not matching:
+        logger.warning("SageMaker has no prebuilt PyTorch %s training image (newest known: %s): the job runs torch %s "
+                       "instead of the pinned %s; for the pinned versions build the CUDA image "
+                       "(VARIANT=cuda bash docker/build.sh), push it to ECR and pass --image-uri", PINNED_TORCH, newest,
+                       newest, PINNED_TORCH)
+    return version, versions[version]["py_versions"][-1]
+
+
 def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
     """``(image URI, requirements file)``: the given image as is, or the prebuilt PyTorch training
     image plus ``entry_point/requirements.txt`` installed at start-up."""
@@ -110,8 +130,8 @@ def training_image(spec: JobSpec, region: str) -> tuple[str, str | None]:
         raise LaunchError("local mode needs --image-uri: the tag of the image built by docker/build.sh "
                           "(e.g. brainseg-train:latest)")
     from sagemaker.core import image_uris
-    image = image_uris.retrieve(PREBUILT_PYTORCH["framework"], region=region, version=PREBUILT_PYTORCH["version"],
-                                py_version=PREBUILT_PYTORCH["py_version"],
+    version, py_version = prebuilt_pytorch()
+    image = image_uris.retrieve("pytorch", region=region, version=version, py_version=py_version,
                                 instance_type=spec.instance_type or DEFAULT_INSTANCE_TYPE, image_scope="training")
     return image, "requirements.txt"
 
