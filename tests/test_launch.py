@@ -71,6 +71,7 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
     assert "under torchrun: 1 process(es) on this host, 1 in all" in process_run["log"]  # one host, no GPU
 
 
+@pytest.mark.slow
 def test_process_mode_job_names_match_the_sdks_and_leave_no_folders(dataset, tmp_path, monkeypatch, capsys):
     from sagemaker.train.utils import _get_unique_name
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -468,7 +469,7 @@ def test_a_prediction_job_makes_only_calls_its_printed_policy_allows(process_run
 def test_help_describes_every_launcher_flag():
     parser = launch._parser()
     [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"train", "predict", "iam-policy"}
+    assert set(commands.choices) == set(launch.COMMANDS)
     for name, subparser in commands.choices.items():
         for action in subparser._actions:
             assert action.help and len(action.help) > 10, (name, action.dest)

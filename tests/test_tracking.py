@@ -1,6 +1,6 @@
-"""Experiment tracking: a run logs its parameters, epochs and summary to a real MLflow tracking
-server over HTTP (started here), continues the same MLflow run when it resumes, and trains on when
-the server cannot be reached."""
+"""Experiment tracking (the slow tier): a run logs its parameters, epochs and summary to a real
+MLflow tracking server over HTTP (started here), continues the same MLflow run when it resumes, and
+trains on when the server cannot be reached."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from brainseg.io import s3
 from brainseg.run.tracking import Tracker
 from tests.conftest import synthetic_dataset
 from tools.testing.s3server import free_port
+
+pytestmark = pytest.mark.slow  # an MLflow server to start and three short trainings
 
 SMALL = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--batch-size", "2", "--num-workers", "0",
          "--warmup-steps", "2", "--memory-budget-mb", "64", "--res-units", "1", "--log-every", "1000",

@@ -188,6 +188,7 @@ def test_local_mode_and_warm_pools_are_refused_for_tuning(bucket, capsys):
     assert "strategy Bayesian needs SageMaker's tuner" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_process_mode_random_search_end_to_end_and_its_review(tmp_path, capsys):
     dataset = synthetic_dataset("tune-data", 6)
     output = f"s3://{dataset.split('/')[2]}/tuning/"

@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("job", help="the training job's name")
         command.add_argument("--region", help="its region (default: the AWS configuration's)")
         if name == "status":
-            command.add_argument("--json", action="store_true", help="print JSON")
+            command.add_argument("--json", action="store_true", help="print the status as one JSON object")
         if name == "attach":
             command.add_argument("--interval", type=float, default=15.0, help="seconds between polls (15)")
     jobs = commands.add_parser("jobs", help="the recent SageMaker training jobs and their status",
