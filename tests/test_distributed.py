@@ -16,6 +16,8 @@ from brainseg.io import s3
 from brainseg.run import distributed
 from tests.conftest import console_script
 from tools.data.synth import SynthSpec, write_dataset
+from tools.launch import process_job
+from tools.launch.jobspec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,9 +63,12 @@ def test_process_mode_two_instances_under_torchrun(bucket, tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "algo-1 | " in out  # algo-2's rank logs warnings only
-    hosts = Path(out.split("container directories under ")[1].split()[0])
-    for host in ("algo-1", "algo-2"):
-        config = json.loads((hosts / host / "opt/ml/input/config/resourceconfig.json").read_text())
+    assert not Path(out.split("container directories under ")[1].split()[0]).exists()  # removed at the end
+    spec = build_spec({"mode": "process", "instance_count": 2, "data_uri": dataset, "output_uri": f"s3://{bucket}/r/"},
+                      {})
+    for rank, host in enumerate(("algo-1", "algo-2")):
+        process_job.host_environment(spec, "two-hosts-1", tmp_path, rank, 29400)
+        config = json.loads((tmp_path / host / "opt/ml/input/config/resourceconfig.json").read_text())
         assert config == {"current_host": host, "hosts": ["algo-1", "algo-2"]}
     job = out.split("artifacts: ")[1].split()[0]
     run = json.loads(s3.read_uri(job + "run.json"))

@@ -109,10 +109,10 @@ def prebuilt_pytorch() -> tuple[str, str]:
     warning that the job will not run the pinned version."""
     from sagemaker.core.image_uris import config_for_framework
     versions = config_for_framework("pytorch")["training"]["versions"]
-    minor = ".".join(PINNED_TORCH.split(".")[:2])
-    matching = [v for v in versions if v == PINNED_TORCH or ".".join(v.split(".")[:2]) == minor]
-    newest = max(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
-    version = matching[-1] if matching else newest
+    release = lambda version: tuple(int(part) for part in version.split("."))
+    matching = [v for v in versions if release(v)[:2] == release(PINNED_TORCH)[:2]]
+    newest = max(versions, key=release)
+    version = max(matching, key=release) if matching else newest
     if not matching:
         logger.warning("SageMaker has no prebuilt PyTorch %s training image (newest known: %s): the job runs torch %s "
                        "instead of the pinned %s; for the pinned versions build the CUDA image "
