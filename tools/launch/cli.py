@@ -368,7 +368,7 @@ def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
     if spec.keep_alive_s:
         raise ValueError("keep_alive_s: SageMaker's tuner does not give its training jobs a warm pool")
     tuning.check(spec)
-    name = tuning_job_name(tuning.name or spec.base_job_name())
+    name = tuning_job_name(spec.base_job_name())
     if spec.mode == "process":
         tuning.sample()  # refuses Bayesian and Hyperband before anything runs
         with tempfile.TemporaryDirectory(prefix=f"{name}-") as root:

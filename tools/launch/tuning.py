@@ -168,7 +168,6 @@ class TuningSpec:
     early_stopping: str = "Off"
     random_seed: int = 0
     min_epochs: int = 1  # Hyperband: epochs every job is given before it may be stopped
-    name: str = ""  # the tuning job's base name (default: the job's)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -264,7 +263,7 @@ def load_tuning(path: str | None) -> dict:
         raise ValueError(f"--tuning {path}: cannot be read: {err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"--tuning {path}: not valid YAML: {err}") from None
-    known = {f for f in TuningSpec.__dataclass_fields__ if f != "name"}
+    known = set(TuningSpec.__dataclass_fields__)
     if not isinstance(data, dict) or set(data) - known:
         raise ValueError(f"--tuning {path}: expected a mapping of {', '.join(sorted(known))}")
     ranges = data.get("ranges") or {}
