@@ -97,6 +97,7 @@ def test_random_search_draws_within_the_ranges_reproducibly():
                                 parse_range("loss=[dice_ce, dice]")), strategy="Random", max_jobs=400, random_seed=7)
     draws = tuning.sample()
     assert draws == tuning.sample() and len(draws) == 400
+    assert tuning.sample(8) != draws
     lrs = [d["lr"] for d in draws]
     assert all(1e-5 <= lr <= 1e-1 for lr in lrs)
     # Auto over four decades is log-uniform: about a quarter of the draws in each decade
@@ -200,6 +201,9 @@ def test_process_mode_random_search_end_to_end_and_its_review(tmp_path, capsys):
     name = out.split("review: brainseg-review ")[1].split()[0].rstrip("/").rsplit("/", 1)[1]
     manifest = json.loads(s3.read_uri(f"{output}{name}/tuning.json"))
     jobs = manifest["jobs"]
+    assert manifest["random_seed"] == 3
+    tuning = TuningSpec(ranges=(parse_range("lr=1e-3:3e-2:log"),), strategy="Random", max_jobs=2, random_seed=3)
+    assert [job["hyperparameters"] for job in jobs] == tuning.sample()  # the recorded seed replays the draws
     assert [job["status"] for job in jobs] == ["completed", "completed"]
     assert len({job["hyperparameters"]["lr"] for job in jobs}) == 2
     for job in jobs:

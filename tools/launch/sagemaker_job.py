@@ -317,9 +317,10 @@ def dry_run_tuning_request(spec: JobSpec, tuning, name: str) -> dict:
 
 
 def submit_tuning(spec: JobSpec, tuning, name: str, boto_session: boto3.Session) -> None:
-    """Create the tuning job ``name`` (its training jobs start on SageMaker's side)."""
+    """Create the tuning job ``name`` (its training jobs start on SageMaker's side); with
+    ``spec.wait``, wait until it ends."""
     check_account(boto_session, spec.output_uri)
-    build_tuner(spec, tuning, name, boto_session).tune(job_name=name, wait=False)
+    build_tuner(spec, tuning, name, boto_session).tune(job_name=name, wait=spec.wait)
 
 
 def check_account(session: boto3.Session, output_uri: str) -> None:

@@ -166,7 +166,7 @@ class TuningSpec:
     max_jobs: int = 0  # 0: 10, or every combination for Grid
     max_parallel_jobs: int = 1
     early_stopping: str = "Off"
-    random_seed: int = 0
+    random_seed: int = 0  # 0: a fresh seed each search (process mode records the one it drew)
     min_epochs: int = 1  # Hyperband: epochs every job is given before it may be stopped
 
     def __post_init__(self) -> None:
@@ -232,16 +232,16 @@ class TuningSpec:
         if task == "lr_find":
             raise ValueError("task lr_find has no validation figure to tune for")
 
-    def sample(self) -> list[dict]:
+    def sample(self, seed: int | None = None) -> list[dict]:
         """The jobs' tuned values, for the strategies process mode runs: Random draws ``jobs``
-        settings (seeded), Grid walks every combination in order."""
+        settings from ``seed`` (default ``random_seed``), Grid walks every combination in order."""
         if self.strategy not in PROCESS_STRATEGIES:
             raise ValueError(f"strategy {self.strategy} needs SageMaker's tuner (--mode aws); process mode runs "
                              f"{' or '.join(PROCESS_STRATEGIES)}")
         if self.strategy == "Grid":
             grid = itertools.product(*(r.values for r in self.ranges))
             return [dict(zip((r.name for r in self.ranges), values)) for values in itertools.islice(grid, self.jobs)]
-        rng = random.Random(self.random_seed)
+        rng = random.Random(self.random_seed if seed is None else seed)
         return [{r.name: r.sample(rng) for r in self.ranges} for _ in range(self.jobs)]
 
     def manifest(self, name: str, spec: JobSpec, mode: str) -> dict:
@@ -337,7 +337,9 @@ def search(spec: JobSpec, tuning: TuningSpec, name: str, root: Path, sink=None) 
     sink = sink or sys.stdout
     manifest = tuning.manifest(name, spec, "process")
     metric_field = objective_field(manifest["objective"]["metric"])
-    planned = [(training_job_name(name, index, values), values) for index, values in enumerate(tuning.sample(), 1)]
+    manifest["random_seed"] = tuning.random_seed or random.SystemRandom().randrange(1, 2**31)
+    planned = [(training_job_name(name, index, values), values)
+               for index, values in enumerate(tuning.sample(manifest["random_seed"]), 1)]
     manifest["jobs"] = [{"job": job, "hyperparameters": values, "status": "pending"} for job, values in planned]
     where = TuningLayout.uri(spec.output_uri, name)
     lock = threading.Lock()
