@@ -49,6 +49,7 @@ def test_local_mode_job_reads_the_embedded_s3_and_writes_artifacts(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-5000:]
     assert "running as brainseg, not root" in out  # the image drops root before reading data
+    assert "under torchrun: 1 process(es) on this host, 1 in all" in out  # SageMaker's torchrun driver, no GPU
     run_dirs = list((tmp_path / "demo-output").iterdir())
     assert len(run_dirs) == 1 and run_dirs[0].name.startswith("brainseg-")
     run = run_dirs[0]
