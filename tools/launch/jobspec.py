@@ -184,18 +184,24 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def read_yaml(path: str, flag: str) -> dict:
+    """The mapping in the YAML file ``path`` given with ``flag``; ValueError saying what is wrong."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot be read: {err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{flag} {path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | None) -> dict:
     """A YAML job file: launcher settings at the top level, train.py's under ``hyperparameters``."""
     if not path:
         return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ValueError(f"--config {path}: cannot be read: {err}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"--config {path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = read_yaml(path, "--config")
     known = {f.name for f in fields(JobSpec)}
     unknown = sorted(set(data) - known)
     if unknown:

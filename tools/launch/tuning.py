@@ -33,7 +33,7 @@ from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
 from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS
 from tools.launch import process_job
-from tools.launch.jobspec import JobSpec
+from tools.launch.jobspec import JobSpec, read_yaml
 
 STRATEGIES = ("Bayesian", "Random", "Hyperband", "Grid")
 PROCESS_STRATEGIES = ("Random", "Grid")
@@ -257,15 +257,11 @@ def load_tuning(path: str | None) -> dict:
     """The ``--tuning`` YAML file as :class:`TuningSpec` settings (``ranges:`` a mapping)."""
     if not path:
         return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ValueError(f"--tuning {path}: cannot be read: {err}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"--tuning {path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "--tuning")
     known = set(TuningSpec.__dataclass_fields__)
-    if not isinstance(data, dict) or set(data) - known:
-        raise ValueError(f"--tuning {path}: expected a mapping of {', '.join(sorted(known))}")
+    if set(data) - known:
+        raise ValueError(f"--tuning {path}: unknown setting(s) {', '.join(sorted(set(data) - known))}; known: "
+                         f"{', '.join(sorted(known))}")
     ranges = data.get("ranges") or {}
     if not isinstance(ranges, dict):
         raise ValueError(f"--tuning {path}: ranges: expected a mapping of hyperparameter to range")
