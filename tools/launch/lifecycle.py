@@ -29,7 +29,8 @@ def _not_found(err: botocore.exceptions.ClientError) -> bool:
         "not found" in message or "could not find" in message)
 
 
-def _unassigned(value):
+def assigned(value):
+    """``value``, or ``None`` where the SDK left a field ``Unassigned``."""
     from sagemaker.core.utils.utils import Unassigned
     return None if isinstance(value, Unassigned) else value
 
@@ -48,25 +49,25 @@ def get_job(name: str, session: boto3.Session):
 def describe(job) -> dict:
     """What ``brainseg-launch status`` prints: the job's state, where it runs and writes, and its
     final metrics, as plain values."""
-    resources = _unassigned(job.resource_config)
-    hyperparameters = _unassigned(job.hyper_parameters) or {}
+    resources = assigned(job.resource_config)
+    hyperparameters = assigned(job.hyper_parameters) or {}
     output_uri = hyperparameters.get("output_uri", "")
     script = hyperparameters.get("sagemaker_program", "")
     info = {
         "job": job.training_job_name,
         "status": job.training_job_status,
-        "secondary_status": _unassigned(job.secondary_status),
-        "failure_reason": _unassigned(job.failure_reason),
-        "created": _iso(_unassigned(job.creation_time)),
-        "started": _iso(_unassigned(job.training_start_time)),
-        "ended": _iso(_unassigned(job.training_end_time)),
-        "billable_seconds": _unassigned(job.billable_time_in_seconds),
-        "instance_type": _unassigned(resources.instance_type) if resources else None,
-        "instance_count": _unassigned(resources.instance_count) if resources else None,
-        "warm_pool": _unassigned(getattr(_unassigned(job.warm_pool_status), "status", None)),
+        "secondary_status": assigned(job.secondary_status),
+        "failure_reason": assigned(job.failure_reason),
+        "created": _iso(assigned(job.creation_time)),
+        "started": _iso(assigned(job.training_start_time)),
+        "ended": _iso(assigned(job.training_end_time)),
+        "billable_seconds": assigned(job.billable_time_in_seconds),
+        "instance_type": assigned(resources.instance_type) if resources else None,
+        "instance_count": assigned(resources.instance_count) if resources else None,
+        "warm_pool": assigned(getattr(assigned(job.warm_pool_status), "status", None)),
         "run": f"{output_uri.rstrip('/')}/{job.training_job_name}/" if output_uri and script != "predict.py"
         else output_uri or None,
-        "final_metrics": {m.metric_name: m.value for m in _unassigned(job.final_metric_data_list) or []},
+        "final_metrics": {m.metric_name: m.value for m in assigned(job.final_metric_data_list) or []},
     }
     return {key: value for key, value in info.items() if value not in (None, {}, "")}
 
@@ -92,9 +93,9 @@ def recent_jobs(session: boto3.Session, name_contains: str = "", limit: int = 20
     from sagemaker.core.resources import TrainingJob
     listed = TrainingJob.get_all(session=session, region=session.region_name, sort_by="CreationTime",
                                  sort_order="Descending", **({"name_contains": name_contains} if name_contains else {}))
-    jobs = sorted(itertools.islice(listed, limit), key=lambda job: _unassigned(job.creation_time), reverse=True)
+    jobs = sorted(itertools.islice(listed, limit), key=lambda job: assigned(job.creation_time), reverse=True)
     return [{"job": job.training_job_name, "status": job.training_job_status,
-             "created": _iso(_unassigned(job.creation_time))} for job in jobs]
+             "created": _iso(assigned(job.creation_time))} for job in jobs]
 
 
 def stop(name: str, session: boto3.Session) -> str:
@@ -159,12 +160,12 @@ def attach(name: str, session: boto3.Session, interval: float = 15.0, out=print)
         for line in reader.new_lines():
             out(line)
         status = job.training_job_status
-        secondary = _unassigned(job.secondary_status)
+        secondary = assigned(job.secondary_status)
         if (status, secondary) != last:
             out(f"{name}: {status}" + (f" ({secondary})" if secondary and secondary != status else ""))
             last = (status, secondary)
         if status in TERMINAL:
-            reason = _unassigned(job.failure_reason)
+            reason = assigned(job.failure_reason)
             if reason:
                 out(f"{name}: {reason}")
             return status

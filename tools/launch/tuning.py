@@ -318,13 +318,16 @@ class _Tagged:
         self.sink.flush()
 
 
-def _objective(output_uri: str, job: str, metric_field: str) -> float | None:
-    """The last value of the objective's field in the run's epoch lines (what SageMaker would read
-    last from its log), or ``None`` when the run wrote none."""
-    data = s3.read_uri(f"{output_uri.rstrip('/')}/{job}/{RunLayout.METRICS}")
-    values = [line.get(metric_field) for line in map(json.loads, data.splitlines() if data else [])]
-    values = [value for value in values if isinstance(value, (int, float))]
+def last_value(lines: list[dict], metric_field: str) -> float | None:
+    """The last value of ``metric_field`` in a run's epoch lines (what SageMaker would read last
+    from its log), or ``None`` when none holds it."""
+    values = [line[metric_field] for line in lines if isinstance(line.get(metric_field), (int, float))]
     return values[-1] if values else None
+
+
+def _objective(output_uri: str, job: str, metric_field: str) -> float | None:
+    data = s3.read_uri(f"{output_uri.rstrip('/')}/{job}/{RunLayout.METRICS}")
+    return last_value([json.loads(line) for line in data.splitlines()] if data else [], metric_field)
 
 
 def search(spec: JobSpec, tuning: TuningSpec, name: str, root: Path, sink=None) -> TuningResult:

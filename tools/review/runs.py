@@ -321,7 +321,7 @@ def ask_sagemaker(runs: list[ReviewedRun], session=None) -> None:
     import boto3
     import botocore.exceptions
 
-    from tools.launch.lifecycle import JobNotFound, get_job
+    from tools.launch.lifecycle import JobNotFound, assigned, get_job
     session = session or boto3.Session()
     if not runs or session.region_name is None or session.get_credentials() is None:
         return
@@ -333,8 +333,7 @@ def ask_sagemaker(runs: list[ReviewedRun], session=None) -> None:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
             return
         run.job_status = job.training_job_status
-        reason = job.failure_reason
-        run.job_reason = reason if isinstance(reason, str) and run.job_status == "Failed" else ""
+        run.job_reason = (assigned(job.failure_reason) or "") if run.job_status == "Failed" else ""
 
 
 def differing_hyperparameters(runs: list[ReviewedRun]) -> list[str]:

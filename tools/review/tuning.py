@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from brainseg.io import s3
-from tools.launch.tuning import TuningLayout, objective_field
+from tools.launch.tuning import TuningLayout, last_value, objective_field
 from tools.review.runs import ReviewedRun, list_runs
 
 
@@ -36,9 +36,7 @@ class ReviewedTuning:
 
     def objective(self, run: ReviewedRun) -> float | None:
         """The last value of the objective's field in the run's epoch lines."""
-        field = objective_field(self.manifest["objective"]["metric"])
-        values = [line[field] for line in run.metrics if isinstance(line.get(field), (int, float))]
-        return values[-1] if values else None
+        return last_value(run.metrics, objective_field(self.manifest["objective"]["metric"]))
 
     def ranked(self) -> list[ReviewedRun]:
         """The runs best first by the objective; runs without a value last."""
