@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-slow test-local-mode test-browser image bench clean
 
-$(VENV)/.installed: requirements.txt entry_point/requirements.txt tools/requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt entry_point/requirements.txt infra/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

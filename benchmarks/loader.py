@@ -43,8 +43,8 @@ from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.sampling import plan_slab  # noqa: E402
 from brainseg.data.stream import PatchStream  # noqa: E402
 from brainseg.io import s3  # noqa: E402
-from tools.data.synth import SynthSpec, encode_case, write_files  # noqa: E402
-from tools.testing.s3server import EmbeddedS3  # noqa: E402
+from infra.data.synth import SynthSpec, encode_case, write_files  # noqa: E402
+from infra.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench"
 BATCH = 2

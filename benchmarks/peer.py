@@ -64,9 +64,9 @@ from brainseg.data.transforms import normalize  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
 from brainseg.model.optim import build_optimizer, build_scheduler  # noqa: E402
-from brainseg.run.metrics import Overlap  # noqa: E402
-from tools.data.synth import SynthSpec, write_dataset  # noqa: E402
-from tools.testing.s3server import EmbeddedS3  # noqa: E402
+from brainseg.overlap import Overlap  # noqa: E402
+from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
+from infra.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-peer"
 SEQUENCES = ("t1c", "t1", "t2", "flair")

@@ -32,8 +32,8 @@ from brainseg.io import s3
 from brainseg.model.artifact import artifact_bytes
 from brainseg.model.description import ModelDescription
 from brainseg.model.networks import NetworkSpec, build_model
-from tools.data.synth import SynthSpec, write_dataset
-from tools.testing.s3server import EmbeddedS3
+from infra.data.synth import SynthSpec, write_dataset
+from infra.s3server import EmbeddedS3
 
 BUCKET = "bench-predict"
 SEQUENCES = ("t1c", "t1", "t2", "flair")

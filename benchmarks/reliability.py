@@ -6,9 +6,9 @@
 Each part counts what was tried, what survived (the right bytes, the right weights, a clear
 refusal) and what was lost (an exception that escaped, wrong numbers, a traceback, data changed):
 
-* fuzz: seeded 1-4 byte mutations of real headers (``tools.testing.fuzz``), parsed in memory; then whole
+* fuzz: seeded 1-4 byte mutations of real headers (``tests.support.fuzz``), parsed in memory; then whole
   cases with one mutated slice each, indexed from the embedded S3 by ``build_catalog``.
-* faults: every fault the embedded S3 injects (``tools.testing.faults``) on ``--probability`` of the
+* faults: every fault the embedded S3 injects (``tests.support.faults``) on ``--probability`` of the
   requests, against ranged, whole and streamed reads, plain and conditional writes; seconds
   against the same work without faults.
 * training: the same short ``train.py`` run clean and through a flaky network (4% of GETs and PUTs
@@ -33,14 +33,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.support: the fault-injecting S3 and the header fuzzer
 
 import train  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from brainseg.run import ownership  # noqa: E402
-from tools.data.synth import SynthSpec, write_dataset  # noqa: E402
-from tools.testing.fuzz import fuzz_headers, write_fuzzed_cases  # noqa: E402
-from tools.testing.s3server import EmbeddedS3  # noqa: E402
+from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
+from tests.support.faults import FaultyS3  # noqa: E402
+from tests.support.fuzz import fuzz_headers, write_fuzzed_cases  # noqa: E402
 
 BUCKET = "bench-reliability"
 OUTPUT_BUCKET = "bench-reliability-runs"  # bad inputs write (or refuse to write) here, outside the data bucket
@@ -127,7 +128,7 @@ def _run(work: list) -> dict:
             "retries": s3.stats()["retries"], "errors": errors[:3]}
 
 
-def faults(server: EmbeddedS3, reads: int, probability: float) -> dict:
+def faults(server: FaultyS3, reads: int, probability: float) -> dict:
     rng = np.random.default_rng(0)
     results = {"get": {"clean": _run(_read_work(rng, reads))}, "put": {"clean": _run(_write_work(rng, reads // 3,
                                                                                                    "clean"))}}
@@ -150,7 +151,7 @@ def _weights(output: str, run: str) -> dict:
     return torch.load(io.BytesIO(data), weights_only=True)["model"]
 
 
-def training(server: EmbeddedS3) -> dict:
+def training(server: FaultyS3) -> dict:
     dataset = f"s3://{BUCKET}/train/"
     write_dataset(10, dataset, SynthSpec(shape=(32, 64, 64)))
     output = f"s3://{BUCKET}/runs"
@@ -219,7 +220,7 @@ def _bad_inputs(dataset: str, output: str, scratch: Path) -> list[tuple[str, lis
     ]
 
 
-def bad_input(server: EmbeddedS3, scratch: Path) -> dict:
+def bad_input(server: FaultyS3, scratch: Path) -> dict:
     dataset = f"s3://{BUCKET}/train/"
     output = f"s3://{OUTPUT_BUCKET}/runs"
     s3.client().create_bucket(Bucket=OUTPUT_BUCKET)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probability", type=float, default=0.2, help="share of requests given each fault")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliability.json")
     args = parser.parse_args(argv)
-    with EmbeddedS3() as server, tempfile.TemporaryDirectory() as scratch:
+    with FaultyS3() as server, tempfile.TemporaryDirectory() as scratch:
         os.environ.update(server.environment())
         os.environ["SM_MODEL_DIR"] = str(Path(scratch) / "model")
         s3.reset_client()

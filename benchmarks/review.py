@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from brainseg.io import s3  # noqa: E402
 from brainseg.run.artifacts import RunStore  # noqa: E402
-from tools.review.report import write_report  # noqa: E402
-from tools.review.runs import MetricsTail, list_runs  # noqa: E402
-from tools.testing.s3server import EmbeddedS3  # noqa: E402
+from infra.review.report import write_report  # noqa: E402
+from infra.review.runs import MetricsTail, list_runs  # noqa: E402
+from infra.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-review"
 CROP = (32, 64, 64)

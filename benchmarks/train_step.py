@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from brainseg.io import s3  # noqa: E402
-from tools.data.synth import SynthSpec, write_dataset  # noqa: E402
-from tools.testing.s3server import EmbeddedS3  # noqa: E402
+from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
+from infra.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-train"
 MODEL = ["--channels", "8,16,32,64", "--patch-size", "32,64,64", "--res-units", "2", "--batch-size", "2",

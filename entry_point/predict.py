@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_options(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
-        logger.error("bad option: %s", err)
+        print(f"predict.py: error: {err}", file=sys.stderr)
         return 2
     import torch  # only once the flags are valid
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hp, ignored = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
-        logger.error("bad hyperparameter: %s", err)
+        print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     if ignored:
         logger.info("ignoring SageMaker's own arguments: %s", " ".join(ignored))

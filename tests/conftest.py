@@ -13,8 +13,8 @@ import pytest
 
 from brainseg.dicom import writer
 from brainseg.io import s3
-from tools.data.phantom import make_phantom
-from tools.testing.s3server import EmbeddedS3
+from infra.data.phantom import make_phantom
+from tests.support.faults import FaultyS3
 
 _bucket_numbers = itertools.count()
 
@@ -22,7 +22,7 @@ _bucket_numbers = itertools.count()
 @pytest.fixture(scope="session", autouse=True)
 def s3_server():
     """One moto server for the session; every test talks to it through AWS_ENDPOINT_URL."""
-    with EmbeddedS3() as server:
+    with FaultyS3() as server:
         saved = {name: os.environ.get(name) for name in server.environment()}
         os.environ.update(server.environment())
         yield server
@@ -35,7 +35,7 @@ def s3_server():
 
 @pytest.fixture
 def faults(s3_server):
-    """The session server's fault rules (tools.testing.faults), cleared after the test."""
+    """The session server's fault rules (tests.support.faults), cleared after the test."""
     with s3_server.faults as rules:
         yield rules
 
@@ -114,7 +114,7 @@ def put_case(root: str, case_id: str, image: np.ndarray, mask: np.ndarray, *,
 
 def synthetic_dataset(name: str, cases: int, shape=(32, 64, 64)) -> str:
     """A new bucket ``<name>-<pid>`` holding ``cases`` synthetic cases under ``ds/``; returns the URI."""
-    from tools.data.synth import SynthSpec, write_dataset
+    from infra.data.synth import SynthSpec, write_dataset
 
     bucket = f"{name}-{os.getpid()}"
     s3.client().create_bucket(Bucket=bucket)

@@ -14,10 +14,10 @@ import torch
 
 from brainseg.io import s3
 from brainseg.run import distributed
+from infra.data.synth import SynthSpec, write_dataset
+from infra.launcher import process_job
+from infra.launcher.jobspec import build_spec
 from tests.conftest import console_script
-from tools.data.synth import SynthSpec, write_dataset
-from tools.launch import process_job
-from tools.launch.jobspec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

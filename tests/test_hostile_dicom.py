@@ -26,7 +26,7 @@ from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model
 from brainseg.run.evaluate import aggregate, evaluate
 from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom
-from tools.testing.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
+from tests.support.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from brainseg.config import Hyperparameters, build_parser, parse_hyperparameters, validate_overrides
+import train
+from brainseg.config import FLAG_GROUPS, Hyperparameters, build_parser, parse_hyperparameters, validate_overrides
 from brainseg.environment import read_environment
 
 REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
@@ -33,7 +35,10 @@ def test_only_sagemakers_own_arguments_are_tolerated():
 @pytest.mark.parametrize("argv, message", [
     (["--lrr", "0.1"], r"unknown flag --lrr; did you mean --lr\?"),
     (["--epoch", "3"], r"unknown flag --epoch; did you mean --epochs\?"),  # no silent abbreviations
-    (["--learning_rate=0.1"], r"unknown flag --learning_rate \(train.py --help"),
+    (["--learning_rate=0.1"], r"unknown flag --learning_rate; did you mean --lr\? \(train.py --help"),
+    (["--learning-rate", "0.1"], r"unknown flag --learning-rate; did you mean --lr\?"),
+    (["--max_epochs", "3"], r"unknown flag --max_epochs; did you mean --epochs\?"),
+    (["--roi-size", "64,64,64"], r"unknown flag --roi-size; did you mean --patch-size\?"),
     (["stray"], r"unexpected argument 'stray'"),
 ])
 def test_unknown_flags_stop_with_the_closest_one(argv, message):
@@ -75,6 +80,39 @@ def test_unparseable_values_and_missing_uris_stop_argparse(capsys):
     with pytest.raises(SystemExit):
         parse_hyperparameters(["--output-uri", "s3://out/"])
     assert "--data-uri" in capsys.readouterr().err
+
+
+def test_help_groups_every_flag_once_and_shows_booleans_as_true_or_false():
+    groups = [name for names in FLAG_GROUPS.values() for name in names]
+    assert sorted(groups) == sorted(f.name for f in fields(Hyperparameters))
+    text = build_parser().format_help()
+    titles = [title for title in FLAG_GROUPS if f"\n{title}:\n" in text]
+    assert titles == list(FLAG_GROUPS) == ["data", "sequences and labels", "model", "optimisation", "patches",
+                                           "evaluation", "checkpoints and tracking", "advanced"]
+    assert text.index("\ndata:\n") < text.index("  --data-uri URI") < text.index("\nmodel:\n") < text.index("  --channels")
+    assert "--data_uri" not in text and "--patch_size" not in text and text.count("--patch-size D,H,W") == 1
+    assert "--augment true|false" in text and "(default: true)" in text and "--snake_case" in text
+
+
+def test_snake_case_flags_are_accepted_as_sagemaker_passes_them():
+    hp, _ = parse_hyperparameters(["--data_uri", "s3://in/ds/", "--output_uri", "s3://out/", "--patch_size", "32,32,32",
+                                   "--steps-per-epoch", "7"])
+    assert hp.data_uri == "s3://in/ds/" and hp.patch_size == (32, 32, 32) and hp.steps_per_epoch == 7
+
+
+def test_train_py_reports_a_bad_flag_on_stderr_in_one_line(capsys):
+    assert train.main(REQUIRED + ["--learning-rate", "0.1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("train.py: error: unknown flag --learning-rate; did you mean --lr? (train.py --help lists "
+                            "every flag)\n")
+    assert "learning-rate" not in captured.out
+
+
+def test_patch_sizes_the_network_cannot_halve_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"patch_size \(100, 100, 100\): with 5 levels .* multiple of 16; change "
+                                         "patch_size or channels"):
+        validate_overrides({"patch_size": "100,100,100"})
+    assert validate_overrides({"patch_size": "100,100,100", "channels": "8,16,32"}).patch_size == (100, 100, 100)
 
 
 def test_uris_must_be_s3():
@@ -147,9 +185,10 @@ def test_environment_falls_back_outside_sagemaker():
 
 def test_help_describes_every_flag():
     parser = build_parser()
-    documented = {action.dest: action.help for action in parser._actions if action.dest != "help"}
-    assert set(documented) == {spec.name for spec in fields(Hyperparameters)}
+    shown = [action for action in parser._actions if action.dest != "help" and action.help != argparse.SUPPRESS]
+    documented = {action.dest: action.help for action in shown}
+    assert set(documented) == {spec.name for spec in fields(Hyperparameters)} and len(shown) == len(documented)
     for name, text in documented.items():
         assert text and len(text.split("(default")[0].strip()) > 10, (name, text)
-    assert "one of unet|attention_unet|segresnet|dynunet" in documented["model"]
+    assert {action.dest: action.metavar for action in shown}["model"] == "unet|attention_unet|segresnet|dynunet"
     assert "(default: 96,96,96)" in documented["patch_size"]

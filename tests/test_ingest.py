@@ -16,8 +16,8 @@ from PIL import Image
 
 from brainseg.data.catalog import build_catalog
 from brainseg.labels import parse_scheme
+from infra.data.ingest import IngestError, geometry_from_affine, ingest
 from tests.conftest import console_script
-from tools.data.ingest import IngestError, geometry_from_affine, ingest
 
 SHAPE = (20, 18, 6)  # NIfTI (I, J, K): DICOM slices of 18 rows by 20 columns, 6 slices
 
@@ -181,6 +181,6 @@ def test_unknown_layouts_and_sheared_affines_are_refused(tmp_path):
     sheared[0, 2] = 1.0
     with pytest.raises(IngestError, match="sheared"):
         geometry_from_affine(sheared, SHAPE)
-    result = subprocess.run([sys.executable, "-m", "tools.data.ingest", str(tmp_path / "missing"), "s3://b-x/y/"],
+    result = subprocess.run([sys.executable, "-m", "infra.data.ingest", str(tmp_path / "missing"), "s3://b-x/y/"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "is not a folder" in result.stderr

@@ -20,13 +20,13 @@ import train
 from brainseg.config import parse_hyperparameters
 from brainseg.io import s3
 from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
+from infra.launcher import cli as launch
+from infra.launcher import process_job, sagemaker_job
+from infra.launcher.jobspec import build_spec, parse_overrides, sagemaker_cli_args
+from infra.review import cli as review
+from infra.review.runs import list_runs
 from tests.conftest import synthetic_dataset
 from tests.policy import S3Calls, allowed, request
-from tools.launch import cli as launch
-from tools.launch import process_job, sagemaker_job
-from tools.launch.jobspec import build_spec, parse_overrides, sagemaker_cli_args
-from tools.review import cli as review
-from tools.review.runs import list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=2", "steps_per_epoch=3",

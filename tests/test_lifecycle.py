@@ -11,10 +11,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from brainseg.io import s3
-from tools.launch import cli as launch
-from tools.launch import lifecycle
-from tools.review import cli as review
-from tools.review.runs import ask_sagemaker, load_run
+from infra.launcher import cli as launch
+from infra.launcher import lifecycle
+from infra.review import cli as review
+from infra.review.runs import ask_sagemaker, load_run
 
 ROLE = "arn:aws:iam::123456789012:role/brainseg-training"
 GROUP = "/aws/sagemaker/TrainingJobs"

@@ -74,8 +74,8 @@ def test_local_mode_prediction_job_writes_seg_through_the_image(tmp_path):
     from brainseg.model.artifact import artifact_bytes
     from brainseg.model.description import ModelDescription
     from brainseg.model.networks import NetworkSpec, build_model
-    from tools.data.synth import SynthSpec, write_dataset
-    from tools.testing.s3server import EmbeddedS3
+    from infra.data.synth import SynthSpec, write_dataset
+    from infra.s3server import EmbeddedS3
 
     with EmbeddedS3(host="0.0.0.0") as server:
         saved = {name: os.environ.get(name) for name in server.environment()}

@@ -7,19 +7,18 @@ import pytest
 import torch
 from monai.metrics import DiceMetric, compute_iou
 
-from brainseg.config import Hyperparameters
+from brainseg.config import Hyperparameters, check_patch_size
 from brainseg.model.losses import build_loss
 from brainseg.model.networks import (
     NetworkSpec,
     build_model,
-    check_patch_size,
     encoder_state,
     freeze_encoder,
     is_encoder_parameter,
     load_matching,
 )
 from brainseg.model.optim import build_optimizer, build_scheduler
-from brainseg.run.metrics import Overlap, tumour_centre
+from brainseg.overlap import Overlap, tumour_centre
 from brainseg.tasks import task_of
 
 SMALL = dict(channels=(4, 8, 16), res_units=1)
@@ -52,6 +51,8 @@ def test_activation_and_dropout_reach_the_network():
 def test_patch_size_must_divide_by_the_downsampling():
     with pytest.raises(ValueError, match=r"every size must be a multiple of 4"):
         check_patch_size((16, 18, 16), (4, 8, 16))
+    with pytest.raises(ValueError, match=r"patch_size \(100, 100, 100\): with 5 levels .* multiple of 16"):
+        Hyperparameters(patch_size=(100, 100, 100))
 
 
 def test_segresnet_needs_doubling_channels():

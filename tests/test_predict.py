@@ -29,9 +29,9 @@ from brainseg.inference.predictor import Predictor
 from brainseg.io import s3
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
-from tools.data.synth import SynthSpec, encode_case, write_dataset
-from tools.review import cli as review
-from tools.review.predictions import load_prediction, seg_overlay
+from infra.data.synth import SynthSpec, encode_case, write_dataset
+from infra.review import cli as review
+from infra.review.predictions import load_prediction, seg_overlay
 
 SEQUENCES = "t1c,flair"
 NEW = SynthSpec(shape=(20, 40, 44), sequences=("t1c", "flair"), thicknesses=(1, 2), seed=7)

@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 
-from brainseg.run.progress import Progress
+from brainseg.run.progress import Progress, duration_text
 
 VALUES = {"epoch": 1, "loss": 0.5, "lr": 1e-3, "patches_per_s": 12.0, "data_wait_fraction": 0.1}
 
@@ -24,8 +24,20 @@ def test_plain_lines_when_not_a_terminal(caplog):
         for step in range(1, 11):
             progress.update(step, **VALUES)
     assert [r.getMessage() for r in caplog.records][0] == ("progress phase=train step=4/10 epoch=1 loss=0.5000 "
-                                                          "lr=0.001 patches_per_s=12.0 data_wait_fraction=0.10")
+                                                          "lr=0.001 patches_per_s=12.0 data_wait_fraction=0.10 eta=0s")
     assert [r.getMessage().split()[2] for r in caplog.records] == ["step=4/10", "step=8/10", "step=10/10"]
+
+
+def test_the_eta_is_the_remaining_units_at_the_rate_so_far(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="brainseg.train")
+    clock = iter([1000.0, 1000.0 + 4 * 30.0, 1000.0 + 8 * 30.0])  # 30 s per step after a resume at step 2
+    monkeypatch.setattr("brainseg.run.progress.time.monotonic", lambda: next(clock))
+    with Progress(total=200, initial=2, log_every=2, stream=io.StringIO()) as progress:
+        progress.update(6, **VALUES)
+        progress.update(10, **VALUES)
+    assert [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records] == ["eta=1h37m", "eta=1h35m"]
+    assert [duration_text(s) for s in (0.4, 59.6, 61, 3599, 3600, 7322)] == ["0s", "1m00s", "1m01s", "59m59s",
+                                                                         "1h00m", "2h02m"]
 
 
 def test_a_bar_in_a_terminal(caplog):
@@ -64,7 +76,7 @@ def test_evaluation_logs_at_most_every_log_seconds_without_a_terminal(caplog):
     with Progress(total=3, phase="test", unit="case", log_seconds=1e-9, stream=io.StringIO()) as progress:
         for case in range(1, 4):
             progress.update(case)
-    assert [r.getMessage() for r in caplog.records] == [f"progress phase=test case={n}/3" for n in (1, 2, 3)]
+    assert [r.getMessage() for r in caplog.records] == [f"progress phase=test case={n}/3 eta=0s" for n in (1, 2, 3)]
     caplog.clear()
     with Progress(total=3, phase="val", unit="case", log_seconds=3600, stream=io.StringIO()) as progress:
         for case in range(1, 4):

@@ -18,7 +18,7 @@ from brainseg.data.resample import Grid, median_spacing
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.io import s3
 from brainseg.run.cases import select_cases
-from tools.data.synth import SynthSpec, write_dataset
+from infra.data.synth import SynthSpec, write_dataset
 
 THICK = Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0))
 

@@ -18,10 +18,10 @@ import pytest
 
 import train
 from brainseg.io import s3
+from infra.review import cli as review
+from infra.review.report import overlay_figure
+from infra.review.runs import MetricsTail, list_runs, load_run
 from tests.conftest import synthetic_dataset
-from tools.review import cli as review
-from tools.review.report import overlay_figure
-from tools.review.runs import MetricsTail, list_runs, load_run
 
 TINY = ["--channels", "8,16,32", "--patch-size", "32,32,32", "--res-units", "1", "--epochs", "2",
         "--steps-per-epoch", "3", "--num-workers", "0", "--warmup-steps", "2", "--log-every", "1000"]

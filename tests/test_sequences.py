@@ -21,9 +21,9 @@ from brainseg.io import s3
 from brainseg.labels import parse_scheme
 from brainseg.run.metrics import hausdorff95
 from brainseg.tasks import task_of
+from infra.data.phantom import ET, NCR, make_study
+from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import put_series
-from tools.data.phantom import ET, NCR, make_study
-from tools.data.synth import SynthSpec, write_dataset
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 LABELS = "ncr=1,ed=2,et=4"

@@ -16,8 +16,8 @@ import pytest
 import train
 from brainseg.io import s3
 from brainseg.run.tracking import Tracker
+from infra.s3server import free_port
 from tests.conftest import synthetic_dataset
-from tools.testing.s3server import free_port
 
 pytestmark = pytest.mark.slow  # an MLflow server to start and three short trainings
 

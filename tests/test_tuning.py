@@ -17,12 +17,12 @@ import boto3
 import pytest
 
 from brainseg.io import s3
+from infra.launcher import cli as launch
+from infra.launcher import sagemaker_job
+from infra.launcher.jobspec import build_spec
+from infra.launcher.tuning import Range, TuningSpec, parse_range, training_job_name, tuning_job_name
+from infra.review import cli as review
 from tests.conftest import synthetic_dataset
-from tools.launch import cli as launch
-from tools.launch import sagemaker_job
-from tools.launch.jobspec import build_spec
-from tools.launch.tuning import Range, TuningSpec, parse_range, training_job_name, tuning_job_name
-from tools.review import cli as review
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/brainseg-training"

@@ -176,17 +176,17 @@ class Hyperparameters:
     task: str = _field("segmentation", "segmentation; autoencoder: masked-image reconstruction pretraining on "
                                        "images without masks; lr_find: a learning-rate range test of the "
                                        "segmentation run these flags describe (lr_find.json, no model)")
-    model: str = _field("unet", "the MONAI network")
+    model: str = _field("unet", "the MONAI network: U-Net (residual units), Attention U-Net, SegResNet or DynUNet")
     channels: tuple = _field((16, 32, 64, 128, 256), "feature channels per level; each level halves the resolution")
     res_units: int = _field(2, "residual units per level (U-Nets)")
-    activation: str = _field("prelu", "activation function")
-    norm: str = _field("instance", "normalisation layers")
+    activation: str = _field("prelu", "activation function of the U-Nets")
+    norm: str = _field("instance", "normalisation layers (instance norm suits batch 2)")
     dropout: float = _field(0.0, "dropout probability")
     # Optimisation
-    loss: str = _field("dice_ce", "segmentation loss")
-    optimizer: str = _field("adamw", "optimiser")
+    loss: str = _field("dice_ce", "segmentation loss: Dice + cross-entropy, Dice, or Focal Tversky")
+    optimizer: str = _field("adamw", "optimiser (SGD: Nesterov with --momentum)")
     lr: float = _field(1e-3, "peak learning rate (reached after the warm-up)")
-    weight_decay: float = _field(1e-5, "weight decay")
+    weight_decay: float = _field(1e-5, "weight decay (decoupled for AdamW)")
     momentum: float = _field(0.99, "SGD momentum (Nesterov)")
     schedule: str = _field("cosine", "learning-rate schedule after the warm-up")
     warmup_steps: int = _field(50, "linear warm-up steps")
@@ -245,6 +245,7 @@ class Hyperparameters:
                 raise ValueError(f"{name} {value!r}: expected an s3:// URI")
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise ValueError(f"channels {self.channels}: expected at least two positive widths, e.g. 16,32,64")
+        check_patch_size(self.patch_size, self.channels)
         positive = ("epochs", "steps_per_epoch", "batch_size", "sw_batch_size", "log_every", "keep_checkpoints",
                     "max_header_mb")
         if self.mlflow_tracking_uri and not self.mlflow_tracking_uri.startswith(MLFLOW_URIS):
@@ -395,27 +396,131 @@ def field_converters() -> dict:
     return {f.name: _converter(f.default) for f in fields(Hyperparameters)}
 
 
+# train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
+FLAG_GROUPS = {
+    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "target_spacing"),
+    "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
+    "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "init_weights",
+              "freeze_encoder"),
+    "optimisation": ("loss", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_steps", "grad_clip",
+                     "epochs", "steps_per_epoch", "batch_size", "patience", "precision", "compile", "lr_find_steps",
+                     "lr_find_min", "lr_find_max"),
+    "patches": ("patch_size", "foreground_fraction", "normalization", "augment", "num_workers"),
+    "evaluation": ("sw_overlap", "sw_batch_size", "save_predictions"),
+    "checkpoints and tracking": ("checkpoint_steps", "keep_checkpoints", "log_every", "mlflow_tracking_uri",
+                                 "mlflow_experiment"),
+    "advanced": ("seed", "deterministic", "memory_budget_mb", "patches_per_slab", "slab_margin", "mix_slabs",
+                 "read_ahead", "data_source", "index_uri", "trust_index", "refresh_index", "allow_dataset_change",
+                 "max_header_mb"),
+}
+SAGEMAKER_HELP = ("On SageMaker the hyperparameters arrive as --snake_case flags (accepted as well as --kebab-case); "
+                  "SM_MODEL_DIR, SM_OUTPUT_DATA_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS are read from the "
+                  "environment, with local fallbacks elsewhere. SageMaker's own arguments (sagemaker_program, ...) "
+                  "are ignored.")
+# Names other tools use for a flag (nnU-Net, MONAI, Lightning, Hugging Face), for a did-you-mean.
+ECOSYSTEM_NAMES = {
+    "learning_rate": "lr", "initial_lr": "lr", "max_lr": "lr", "num_epochs": "epochs", "max_epochs": "epochs",
+    "n_epochs": "epochs", "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "batch": "batch_size", "wd": "weight_decay", "scheduler": "schedule", "lr_scheduler": "schedule",
+    "lr_schedule": "schedule", "optim": "optimizer", "optimiser": "optimizer", "workers": "num_workers",
+    "num_dataloader_workers": "num_workers", "roi_size": "patch_size", "spatial_size": "patch_size",
+    "crop_size": "patch_size", "amp": "precision", "mixed_precision": "precision", "fp16": "precision",
+    "bf16": "precision", "clip_grad_norm": "grad_clip", "gradient_clip_val": "grad_clip", "max_grad_norm": "grad_clip",
+    "early_stopping_patience": "patience", "network": "model", "arch": "model", "architecture": "model",
+    "modalities": "sequences", "features": "channels", "filters": "channels", "overlap": "sw_overlap",
+    "pretrained": "init_weights", "pretrained_weights": "init_weights", "checkpoint_every": "checkpoint_steps",
+    "iterations_per_epoch": "steps_per_epoch", "num_iterations_per_epoch": "steps_per_epoch",
+    "warmup": "warmup_steps", "seed_everything": "seed", "dataset_uri": "data_uri", "train_uri": "data_uri",
+    "output_path": "output_uri", "oversample_foreground_percent": "foreground_fraction",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, naming ``--help``, and exit 2. Flags
+    added by :func:`add_flag` with ``required=True`` are required in either spelling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.required_flags: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        missing = [name for name in self.required_flags if getattr(namespace, name) in ("", [], None)]
+        if missing:
+            self.error("the following arguments are required: " + ", ".join(
+                f"--{name.replace('_', '-')}" for name in missing))
+        return namespace, unknown
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+
+def metavar(name: str, default) -> str:
+    """How a flag's value is shown in ``--help``."""
+    if isinstance(default, bool):
+        return "true|false"
+    if name in CHOICES:
+        return "|".join(CHOICES[name])
+    if isinstance(default, tuple):
+        return ",".join(("D", "H", "W")[:len(default)]) if len(default) in (2, 3) and "size" in name else "N,N,..."
+    if isinstance(default, int):
+        return "N"
+    if isinstance(default, float):
+        return "X"
+    return "URI" if name.endswith("_uri") else "TEXT"
+
+
+def add_flag(parser: OneLineParser, name: str, help_text: str, required: bool = False, group=None,
+             **options) -> None:
+    """``--kebab-case`` shown in ``--help`` (under ``group`` when given), and ``--snake_case`` (as
+    SageMaker passes it) accepted silently for the same field."""
+    if required:
+        parser.required_flags.append(name)
+        help_text += "" if "(required)" in help_text else " (required)"
+    target = group or parser
+    target.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_text, **options)
+    if "_" in name:
+        target.add_argument(f"--{name}", dest=name, help=argparse.SUPPRESS,
+                            **{key: value for key, value in options.items() if key != "metavar"})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """``--kebab-case`` flags (``--snake_case`` accepted too, as SageMaker passes them)."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    """train.py's flags, grouped as :data:`FLAG_GROUPS`."""
+    parser = OneLineParser(
+        prog="train.py", allow_abbrev=False, epilog=SAGEMAKER_HELP,
+        usage="train.py --data-uri s3://BUCKET/DATASET/ --output-uri s3://BUCKET/RUNS/ [--FLAG VALUE ...]",
         description="Train a 3D U-Net on DICOM MRI streamed from S3 by byte ranges. Every flag is a field "
                     "of brainseg.config.Hyperparameters.")
     converters = field_converters()
-    for spec in fields(Hyperparameters):
-        name, default = spec.name, spec.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        choices = f"; one of {'|'.join(CHOICES[name])}" if name in CHOICES else ""
-        required = name in ("data_uri", "output_uri")
-        parser.add_argument(*flags, dest=name, type=converters[name], default=default, required=required,
-                            help=spec.metadata["help"] + choices + ("" if required or default == "" else f" (default: {shown})"))
+    specs = {spec.name: spec for spec in fields(Hyperparameters)}
+    for title, names in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            default = specs[name].default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default).lower() \
+                if isinstance(default, bool) else default
+            required = name in ("data_uri", "output_uri")
+            add_flag(parser, name, specs[name].metadata["help"] + ("" if required or default == "" else
+                                                                  f" (default: {shown})"),
+                     required, group, type=converters[name], default=default, metavar=metavar(name, default))
     return parser
 
 
+def check_patch_size(patch_size: tuple, channels: tuple) -> None:
+    """Every level halves the patch; refuse a patch size that does not divide."""
+    factor = 2 ** (len(channels) - 1)
+    if any(size % factor for size in patch_size):
+        raise ValueError(f"patch_size {tuple(patch_size)}: with {len(channels)} levels (channels {tuple(channels)}) "
+                         f"every size must be a multiple of {factor}; change patch_size or channels")
+
+
 def _did_you_mean(name: str, names=None) -> str:
+    """``; did you mean --x?`` for the flag closest to ``name`` (or the one other tools call ``name``)."""
     names = names or [f.name for f in fields(Hyperparameters)]
-    close = difflib.get_close_matches(name.replace("-", "_"), names, n=1, cutoff=0.6)
+    name = name.replace("-", "_")
+    if ECOSYSTEM_NAMES.get(name) in names:
+        return f"; did you mean --{ECOSYSTEM_NAMES[name].replace('_', '-')}?"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     return f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
 
 

@@ -85,8 +85,9 @@ class Segmentation(Task):
 
     def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
         predicted = self.scheme.predicted(output.numpy())
+        truth = [structure.of(mask) for structure in self.scheme.structures]
         return {**score_structures(self.scheme.structures, predicted, mask, spacing),
-                "prediction": np.logical_or.reduce(predicted)}
+                "prediction": structure_map(predicted), "truth": structure_map(truth)}
 
     def structure_fields(self, prefix: str, scores: dict) -> dict:
         """``{<prefix>dice_<name>: ...}`` per structure, when there are several."""
@@ -147,6 +148,15 @@ class Autoencoder(Task):
 
     def summary(self, best: float, scores: dict) -> dict:
         return {"best_val_loss": -best, "test_loss": scores.get("loss")}
+
+
+def structure_map(masks: list[np.ndarray]) -> np.ndarray:
+    """One uint8 volume from per-structure masks: voxel value k (1-based) for the last structure in
+    scheme order that covers it (the innermost of nested regions: ET over TC over WT), 0 for none."""
+    labelled = np.zeros(masks[0].shape, dtype=np.uint8)
+    for number, mask in enumerate(masks, start=1):
+        labelled[mask] = number
+    return labelled
 
 
 def task_of(hp: Hyperparameters) -> Task:

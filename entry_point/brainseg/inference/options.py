@@ -19,7 +19,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import PRECISIONS, inside, parse_bool, sagemaker_arguments
+from brainseg.config import PRECISIONS, OneLineParser, add_flag, inside, metavar, parse_bool, sagemaker_arguments
 
 SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -116,21 +116,24 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False, description="Segment the cases under --data-uri with trained brainseg model(s) and write "
-                                        "DICOM SEG and volumes under --output-uri.")
+    parser = OneLineParser(
+        prog="predict.py", allow_abbrev=False,
+        usage="predict.py --model s3://…/<run>/ --data-uri s3://BUCKET/STUDIES/ --output-uri s3://BUCKET/OUT/ "
+              "[--FLAG VALUE ...]",
+        description="Segment the cases under --data-uri with trained brainseg model(s) and write DICOM SEG and "
+                    "volumes under --output-uri.")
     for spec in fields(PredictOptions):
         name, default = spec.name, spec.default
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         required = name in ("model", "data_uri", "output_uri")
         if isinstance(default, tuple):
-            parser.add_argument(*flags, dest=name, action="append", default=[], required=required,
-                                help=spec.metadata["help"])
+            add_flag(parser, name, spec.metadata["help"], action="append", default=[], required=required,
+                     metavar="URI" if name == "model" else "TEXT")
             continue
         convert = parse_bool if isinstance(default, bool) else type(default)
-        shown = "" if required or default == "" else f" (default: {default})"
-        parser.add_argument(*flags, dest=name, type=convert, default=default, required=required,
-                            help=spec.metadata["help"] + shown)
+        shown = "" if required or default == "" or "(default" in spec.metadata["help"] else \
+            f" (default: {str(default).lower() if isinstance(default, bool) else default})"
+        add_flag(parser, name, spec.metadata["help"] + shown, type=convert, default=default, required=required,
+                 metavar=metavar(name, default))
     return parser
 
 

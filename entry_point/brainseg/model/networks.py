@@ -2,7 +2,8 @@
 
 Every network maps ``(N, 1, D, H, W)`` images to ``(N, C, D, H, W)`` logits: two classes
 (background, tumour) for segmentation, one channel (the reconstructed image) for the autoencoder.
-Each level of ``channels`` halves the resolution, so patch sizes must divide by ``2**(levels-1)``.
+Each level of ``channels`` halves the resolution, so patch sizes must divide by ``2**(levels-1)``
+(:func:`brainseg.config.check_patch_size`, which every Hyperparameters applies).
 """
 
 from __future__ import annotations
@@ -42,14 +43,6 @@ class NetworkSpec:
         task's ``out_channels``."""
         return cls(name=hp.model, channels=tuple(hp.channels), res_units=hp.res_units, activation=hp.activation,
                    norm=hp.norm, dropout=hp.dropout, in_channels=len(hp.sequence_names), out_channels=out_channels)
-
-
-def check_patch_size(patch_size: tuple, channels: tuple) -> None:
-    """Every level halves the patch; refuse a patch size that does not divide."""
-    factor = 2 ** (len(channels) - 1)
-    if any(size % factor for size in patch_size):
-        raise ValueError(f"patch_size {tuple(patch_size)}: with {len(channels)} levels (channels {tuple(channels)}) "
-                         f"every size must be a multiple of {factor}; change patch_size or channels")
 
 
 def build_model(spec: NetworkSpec) -> torch.nn.Module:

@@ -38,7 +38,6 @@ from brainseg.model.inferer import autocast
 from brainseg.model.networks import (
     NetworkSpec,
     build_model,
-    check_patch_size,
     encoder_state,
     freeze_encoder,
     load_matching,
@@ -149,7 +148,6 @@ class Trainer:
         if needed > hp.memory_budget_mb * 2**20 // workers:
             raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
         try:
-            check_patch_size(hp.patch_size, hp.channels)
             self.model = build_model(NetworkSpec.of(hp, self.task.out_channels)).to(self.device)
         except ValueError as err:
             raise TrainingError(str(err)) from err

@@ -24,8 +24,8 @@ from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
+from brainseg.overlap import Overlap, tumour_centre
 from brainseg.run import distributed
-from brainseg.run.metrics import Overlap, tumour_centre
 from brainseg.run.progress import Progress
 from brainseg.tasks import task_of
 
@@ -94,16 +94,17 @@ CROP_SHAPE = (32, 64, 64)  # at most 256 KiB of float16 image per case, plus two
 
 
 def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spacing: tuple) -> dict:
-    """A bounded box of image (the first sequence), mask and prediction (every structure, as one)
-    centred on the tumour (truth, else prediction).
+    """A bounded box of the image ``(C, D, H, W)`` (every sequence), mask and prediction ``(D, H, W)``
+    centred on the tumour (truth, else prediction). Mask and prediction are structure maps
+    (:func:`brainseg.tasks.structure_map`: value k for the k-th structure of the run's ``structures``).
 
     ``origin`` is the box's ``(z, y, x)`` in the volume, ``spacing`` its voxel size in mm; the
     image is float16 (normalised values).
     """
     centre = tumour_centre(mask, prediction)
-    start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, CROP_SHAPE, image.shape)]
+    start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, CROP_SHAPE, mask.shape)]
     box = tuple(slice(a, a + s) for a, s in zip(start, CROP_SHAPE))
-    return {"image": image[box].astype(np.float16), "mask": mask[box].astype(np.uint8),
+    return {"image": image[(slice(None), *box)].astype(np.float16), "mask": mask[box].astype(np.uint8),
             "prediction": prediction[box].astype(np.uint8), "origin": np.asarray(start, dtype=np.int32),
             "spacing": np.asarray(spacing, dtype=np.float32)}
 
@@ -130,8 +131,8 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
         scores = task.score(image, mask, grid.volume_to_native(output), case.image.spacing)
     else:
         scores = task.score(target, mask, output, grid.target_spacing)
-    prediction = scores.pop("prediction", None)
-    crop = (tumour_crop(image[0], mask > 0, prediction, case.image.spacing)
+    prediction, truth = scores.pop("prediction", None), scores.pop("truth", None)
+    crop = (tumour_crop(image, truth, prediction, case.image.spacing)
             if crops and prediction is not None else None)
     return CaseResult(case.case_id, case.image.shape, time.perf_counter() - started, crop=crop,
                       voxel_ml=float(np.prod(case.image.spacing)) / 1000.0, **scores)

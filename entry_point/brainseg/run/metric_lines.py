@@ -54,6 +54,6 @@ TEST = LineKind(
 PROGRESS = LineKind(
     "progress",
     (("phase", ""), ("step", ""), ("case", ""), ("epoch", "d"), ("loss", ".4f"), ("lr", ".3g"), ("patches_per_s", ".1f"),
-     ("data_wait_fraction", ".2f")))
+     ("data_wait_fraction", ".2f"), ("eta", "")))
 
 METRIC_DEFINITIONS = EPOCH.definitions() + TEST.definitions()

@@ -21,11 +21,23 @@ from brainseg.run.metric_lines import PROGRESS
 logger = logging.getLogger("brainseg.train")
 
 
+def duration_text(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 class Progress:
     """``total`` units (``step`` or ``case``) of one phase (``train``, ``val`` or ``test``).
 
     Without a terminal a ``progress`` line is logged every ``log_every`` units (training steps)
-    or, with ``log_seconds``, at most that often (evaluation: short phases log nothing).
+    or, with ``log_seconds``, at most that often (evaluation: short phases log nothing), with the
+    time the phase's remaining units take at its rate so far (``eta``; for training this includes
+    the validations, which run inside the phase).
     """
 
     def __init__(self, total: int, initial: int = 0, *, phase: str = "train", unit: str = "step",
@@ -34,7 +46,8 @@ class Progress:
         self.total, self.phase, self.unit = total, phase, unit
         self.log_every, self.log_seconds = log_every, log_seconds
         self.enabled = enabled
-        self.last_line = time.monotonic()
+        self.last_line = self.started = time.monotonic()
+        self.initial = initial
         self.redirect = contextlib.ExitStack()
         self.bar = None
         if enabled and stream.isatty():
@@ -56,7 +69,10 @@ class Progress:
             (self.log_seconds and now - self.last_line >= self.log_seconds)
         if due:
             self.last_line = now
-            logger.info("%s", PROGRESS.format({**values, "phase": self.phase, self.unit: f"{done}/{self.total}"}))
+            values = {**values, "phase": self.phase, self.unit: f"{done}/{self.total}"}
+            if done > self.initial:
+                values["eta"] = duration_text((now - self.started) / (done - self.initial) * (self.total - done))
+            logger.info("%s", PROGRESS.format(values))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 from brainseg.io import s3
-from tools.review.predictions import is_prediction_output, load_prediction, write_prediction_report
-from tools.review.predictions import text_summary as prediction_summary
-from tools.review.runs import ReviewedRun, ask_sagemaker, list_runs, load_run
-from tools.review.tuning import is_tuning_output, load_tuning
-from tools.review.tuning import text_summary as tuning_summary
+from infra.review import source
+from infra.review.predictions import is_prediction_output, load_prediction, write_prediction_report
+from infra.review.predictions import text_summary as prediction_summary
+from infra.review.runs import ReviewedRun, ask_sagemaker, list_runs, load_run
+from infra.review.tuning import is_tuning_output, load_tuning
+from infra.review.tuning import text_summary as tuning_summary
 
 
 def epoch_text(run: ReviewedRun, line: dict) -> str:
@@ -48,7 +49,7 @@ def follow(runs: list[ReviewedRun], interval: float, report_dir: Path | None, as
     """Poll the runs that are still running until none is (run.json, and SageMaker's job status
     when ``ask_status``), printing each new epoch and status change; the report, if any, is
     rewritten after every poll that found something new."""
-    from tools.review.report import write_report
+    from infra.review.report import write_report
 
     for run in runs:
         for line in run.metrics:
@@ -90,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.interval <= 0:
         parser.error(f"--interval must be a positive number of seconds, got {args.interval:g}")
     logging.basicConfig(level=logging.WARNING)
-    from tools.review.report import text_summary, write_report
+    from infra.review.report import text_summary, write_report
 
     try:
         runs, tunings = [], []
         for uri in args.uris:
-            s3.parse_uri(uri)
+            source.check(uri)
             if is_tuning_output(uri):
                 tunings.append(load_tuning(uri))
                 runs.extend(tunings[-1].runs)

@@ -1,4 +1,4 @@
-"""Reading what training runs wrote to S3, tolerant of runs still going or cut short.
+"""Reading what training runs wrote to S3 (or a local copy), tolerant of runs still going or cut short.
 
 A run is a folder ``<output-uri>/<run>/`` holding ``run.json`` (see ``brainseg.run.artifacts``). Every
 artifact is read on its own; one that is missing or malformed becomes a line in ``ReviewedRun.problems``,
@@ -25,6 +25,7 @@ import numpy as np
 
 from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
+from infra.review import source
 
 CROP_ARRAYS = ("image", "mask", "prediction")
 
@@ -60,7 +61,7 @@ class MetricsTail:
         Raises:
             s3.S3Error: the object could not be read.
         """
-        tail = s3.read_from(self.uri, self.offset - len(self._seen))
+        tail = source.read_from(self.uri, self.offset - len(self._seen))
         if tail is None:
             self._reset()
             self.missing = True
@@ -206,7 +207,7 @@ class ReviewedRun:
 
     def _fetch(self, relative: str, missing: str = "missing") -> s3.Tail | None:
         try:
-            tail = s3.read_from(self.uri + relative)
+            tail = source.read_from(self.uri + relative)
         except s3.S3Error as err:
             self.notes.append(f"{relative}: unreadable ({err})")
             return None
@@ -288,16 +289,19 @@ class ReviewedRun:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             self.notes.append(f"{relative}: not a readable .npz ({type(err).__name__}: {err})")
             return None
-        shapes = {name: crop[name].shape for name in CROP_ARRAYS if name in crop}
-        if len(shapes) < len(CROP_ARRAYS) or len(set(shapes.values())) != 1 or len(crop["image"].shape) != 3:
-            self.notes.append(f"{relative}: expected 3-D arrays {', '.join(CROP_ARRAYS)} of one shape, "
-                              f"found {shapes}")
+        shapes = {name: crop[name].shape[-3:] for name in CROP_ARRAYS if name in crop}
+        dimensions = {name: crop[name].ndim for name in CROP_ARRAYS if name in crop}
+        if (len(shapes) < len(CROP_ARRAYS) or len(set(shapes.values())) != 1 or dimensions["mask"] != 3
+                or dimensions["prediction"] != 3 or dimensions["image"] not in (3, 4)):
+            self.notes.append(f"{relative}: expected an image (C, D, H, W) or (D, H, W) with a mask and a "
+                              f"prediction (D, H, W) of the same size, found "
+                              f"{ {name: crop[name].shape for name in CROP_ARRAYS if name in crop} }")
             return None
         return crop
 
 
 def load_run(uri: str) -> ReviewedRun:
-    """Every artifact of the run at ``uri`` (``s3://…/<run>/``) that can be read; ``found`` is
+    """Every artifact of the run at ``uri`` (``s3://…/<run>/`` or a local folder) that can be read; ``found`` is
     false when there is no ``run.json`` there."""
     uri = uri.rstrip("/") + "/"
     run = ReviewedRun(name=uri.rstrip("/").rsplit("/", 1)[-1], uri=uri)
@@ -308,9 +312,8 @@ def load_run(uri: str) -> ReviewedRun:
 def list_runs(output_uri: str, name_prefix: str = "") -> list[ReviewedRun]:
     """The runs directly under ``output_uri`` (folders with a ``run.json``) whose names start with
     ``name_prefix``, oldest first, read concurrently."""
-    bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
-    folders, _ = s3.list_folders(bucket, prefix + name_prefix)
-    runs = s3.executor().map(load_run, [f"s3://{bucket}/{folder}" for folder in folders])
+    folders = source.list_folders(output_uri.rstrip("/") + "/" + name_prefix)
+    runs = s3.executor().map(load_run, folders)
     return sorted((run for run in runs if run.found), key=lambda run: (run.started or 0, run.name))
 
 
@@ -321,7 +324,7 @@ def ask_sagemaker(runs: list[ReviewedRun], session=None) -> None:
     import boto3
     import botocore.exceptions
 
-    from tools.launch.lifecycle import JobNotFound, assigned, get_job
+    from infra.launcher.lifecycle import JobNotFound, assigned, get_job
     session = session or boto3.Session()
     if not runs or session.region_name is None or session.get_credentials() is None:
         return

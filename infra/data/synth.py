@@ -25,7 +25,7 @@ import numpy as np
 
 from brainseg.dicom import writer
 from brainseg.io import s3
-from tools.data.phantom import SEQUENCES, make_phantom, make_study
+from infra.data.phantom import SEQUENCES, make_phantom, make_study
 
 logger = logging.getLogger("synth")
 UPLOAD_THREADS = 16

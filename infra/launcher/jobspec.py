@@ -1,11 +1,11 @@
 """What a job is, independent of where it runs: the launcher's settings, checked. A job runs
 train.py (training) or predict.py (prediction: a batch job on the same image and contract).
 
-No torch and no SageMaker SDK here: ``brainseg-launch`` (:mod:`tools.launch.cli`) builds a :class:`JobSpec` from its flags and an
+No torch and no SageMaker SDK here: ``brainseg-launch`` (:mod:`infra.launcher.cli`) builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
 ``process_job`` for ``process``). Also here: the hyperparameters as SageMaker passes them on the
 command line (the metric definitions are in :mod:`brainseg.run.metric_lines`, the IAM policies in
-:mod:`tools.launch.iam`).
+:mod:`infra.launcher.iam`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import yaml
 from brainseg.config import validate_overrides
 from brainseg.inference.options import validate_predict_overrides
 from brainseg.io import s3
-from tools.launch.iam import role_account
+from infra.launcher.iam import role_account
 
 MODES = ("process", "local", "aws")
 SCRIPTS = ("train.py", "predict.py")
-# The SageMaker source dir: train.py and the brainseg package, nothing else (tools stay out of the job).
+# The SageMaker source dir: train.py and the brainseg package, nothing else (infra stays out of the job).
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "entry_point"
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"  # aws mode; local mode runs on "local"
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")

@@ -29,8 +29,8 @@ import botocore.exceptions
 from botocore.awsrequest import AWSResponse
 
 from brainseg.run.metric_lines import METRIC_DEFINITIONS
-from tools.launch.iam import role_account
-from tools.launch.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
+from infra.launcher.iam import role_account
+from infra.launcher.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
 PINNED_TORCH = "2.13.0"  # requirements.txt's pin, and the image's (docker/build.sh)
 logger = logging.getLogger("launch")

@@ -22,9 +22,9 @@ from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import PatchStream
 from brainseg.io import s3
-from tools.data.profile import format_profile, profile_catalog
-from tools.data.synth import SynthSpec, write_dataset
-from tools.testing.s3server import EmbeddedS3
+from infra.data.profile import format_profile, profile_catalog
+from infra.data.synth import SynthSpec, write_dataset
+from infra.s3server import EmbeddedS3
 
 logger = logging.getLogger("stream_demo")
 

@@ -12,13 +12,13 @@ import json
 import math
 from dataclasses import dataclass
 
-from brainseg.io import s3
-from tools.launch.tuning import TuningLayout, last_value, objective_field
-from tools.review.runs import ReviewedRun, list_runs
+from infra.launcher.tuning import TuningLayout, last_value, objective_field
+from infra.review import source
+from infra.review.runs import ReviewedRun, list_runs
 
 
 def is_tuning_output(uri: str) -> bool:
-    return s3.read_uri(f"{uri.rstrip('/')}/{TuningLayout.MANIFEST}") is not None
+    return source.read(f"{uri.rstrip('/')}/{TuningLayout.MANIFEST}") is not None
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ReviewedTuning:
 
 def load_tuning(uri: str) -> ReviewedTuning:
     """The tuning job recorded at ``uri`` and its runs."""
-    data = s3.read_uri(f"{uri.rstrip('/')}/{TuningLayout.MANIFEST}")
+    data = source.read(f"{uri.rstrip('/')}/{TuningLayout.MANIFEST}")
     try:
         manifest = json.loads(data)
         name, output_uri = manifest["tuning_job"], manifest["output_uri"]

@@ -1,10 +1,10 @@
-"""An embedded S3 for tests, benchmarks and local runs: a moto server in its own process.
+"""An embedded S3 for a first try, the demo, tests and benchmarks: a moto server in its own process.
 
 It is real HTTP on a real port, so ranged GETs, retries and forked DataLoader workers behave as
-they do against S3. ``--latency-ms`` delays every request, to model S3's per-request latency, and
-faults (throttling, resets, short bodies; :mod:`tools.testing.faults`) can be switched on while it runs.
+they do against S3. ``--latency-ms`` delays every request, to model S3's per-request latency. The
+tests wrap it in a fault injector (``tests/support/faults.py``) through ``serve(wrap=...)``.
 
-    brainseg-s3server --port 9000 --latency-ms 20
+    brainseg-s3server --port 9000 --latency-ms 20     # prints the variables to export, serves until Ctrl-C
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import urllib.request
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-from tools.testing.faults import FaultInjector, Faults
-
 START_TIMEOUT_S = 30.0
 
 
@@ -35,13 +33,14 @@ def _latency_middleware(app, latency_s: float):
     return delayed
 
 
-def serve(host: str, port: int, latency_ms: float, seed: int = 0) -> None:
-    """Serve S3 on ``host:port`` until killed."""
+def serve(host: str, port: int, latency_ms: float, wrap=None) -> None:
+    """Serve S3 on ``host:port`` until killed; ``wrap`` (a WSGI middleware) goes around moto."""
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)  # no line per request, none per injected reset
     app = DomainDispatcherApplication(create_backend_app)
     if latency_ms > 0:
         app = _latency_middleware(app, latency_ms / 1000.0)
-    app = FaultInjector(app, seed)
+    if wrap is not None:
+        app = wrap(app)
     server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
     server.serve_forever()
 
@@ -59,11 +58,12 @@ class EmbeddedS3:
         endpoint_url: ``http://127.0.0.1:PORT`` for clients on this machine.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0, seed: int = 0):
+    SERVER_MODULE = "infra.s3server"  # the module whose main() serves (``python -m``)
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0):
         self.host = host
         self.port = port or free_port(host)
         self.latency_ms = latency_ms
-        self.seed = seed
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
         self._log = None
@@ -73,15 +73,9 @@ class EmbeddedS3:
         return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "embedded",
                 "AWS_SECRET_ACCESS_KEY": "embedded", "AWS_DEFAULT_REGION": "us-east-1"}
 
-    @property
-    def faults(self) -> Faults:
-        """The server's fault rules (see :mod:`tools.testing.faults`)."""
-        return Faults(self.endpoint_url)
-
     def start(self) -> EmbeddedS3:
-        command = [sys.executable, "-m", "tools.testing.s3server", "--host", self.host,
-                   "--port", str(self.port), "--latency-ms", str(self.latency_ms),
-                   "--seed", str(self.seed)]
+        command = [sys.executable, "-m", self.SERVER_MODULE, "--host", self.host,
+                   "--port", str(self.port), "--latency-ms", str(self.latency_ms), *self.server_flags()]
         # A file, not a pipe: a pipe nobody drains fills up and blocks the server.
         self._log = tempfile.TemporaryFile()
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log)
@@ -97,6 +91,10 @@ class EmbeddedS3:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"embedded S3 did not answer on {self.endpoint_url} within {START_TIMEOUT_S} s")
+
+    def server_flags(self) -> list[str]:
+        """Extra flags of the server module (none here)."""
+        return []
 
     def _read_log(self) -> str:
         self._log.seek(0)
@@ -121,14 +119,30 @@ class EmbeddedS3:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
+def server_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The server's flags (a wrapping server module adds its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for local-mode containers)")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay added to every request")
-    parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults (tools.testing.faults)")
-    args = parser.parse_args(argv)
-    serve(args.host, args.port, args.latency_ms, args.seed)
+    return parser
+
+
+def environment_text(port: int) -> str:
+    """What a user exports to reach the server on ``port`` from this machine."""
+    return "\n".join(f"export {name}={value}" for name, value in EmbeddedS3(port=port).environment().items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = server_parser().parse_args(argv)
+    print(f"embedded S3 (moto, in memory: everything is lost when it stops) on http://{args.host}:{args.port}\n"
+          f"in another shell:\n{environment_text(args.port)}\n"
+          f"then e.g. brainseg-upload ./my-cases s3://my-bucket/dataset/ (it creates the bucket); Ctrl-C stops",
+          flush=True)
+    try:
+        serve(args.host, args.port, args.latency_ms)
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from brainseg.data.catalog import build_catalog
 from brainseg.io import s3
 from brainseg.labels import parse_scheme
-from tools.data.profile import format_profile, profile_catalog
+from infra.data.profile import format_profile, profile_catalog
 
 
 def main(argv: list[str] | None = None) -> int:

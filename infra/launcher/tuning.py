@@ -3,7 +3,7 @@ process-mode search that runs one on this machine. No torch, no SageMaker SDK he
 
 ``brainseg-launch tune`` builds a :class:`TuningSpec` from a YAML file (``--tuning``) and flags
 (``--range lr=1e-4:1e-2:log``, ``--range 'loss=[dice_ce, dice]'``); ``aws`` hands it to SageMaker's
-``HyperparameterTuner`` (:mod:`tools.launch.sagemaker_job`), ``process`` samples the jobs itself
+``HyperparameterTuner`` (:mod:`infra.launcher.sagemaker_job`), ``process`` samples the jobs itself
 (Random or Grid; Bayesian and Hyperband need SageMaker's tuner) and runs them as process-mode jobs.
 
 Both write ``<output_uri>/<tuning job>/tuning.json`` (:class:`TuningLayout`): the strategy, objective
@@ -32,8 +32,8 @@ from brainseg.config import Hyperparameters, validate_overrides
 from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
 from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS
-from tools.launch import process_job
-from tools.launch.jobspec import JobSpec, read_yaml
+from infra.launcher import process_job
+from infra.launcher.jobspec import JobSpec, read_yaml
 
 STRATEGIES = ("Bayesian", "Random", "Hyperband", "Grid")
 PROCESS_STRATEGIES = ("Random", "Grid")

@@ -1,13 +1,15 @@
 """Launch a brainseg training job: on SageMaker, in SageMaker local mode, or as local processes.
 
-    brainseg-launch                                   # the demo: process mode, embedded S3, synthetic data
-    brainseg-launch [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
-    brainseg-launch --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
-    brainseg-launch predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
-    brainseg-launch tune --mode process|aws --data-uri … --output-uri … --range lr=1e-4:1e-2:log [--strategy Random]
-    brainseg-launch iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
-    brainseg-launch status|logs|stop|attach JOB       # a SageMaker job after submission
-    brainseg-launch jobs [--name-contains brainseg]   # the recent jobs and their status
+    python infra/launch.py                  # the demo: process mode, embedded S3, synthetic data, a report
+    python infra/launch.py [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
+    python infra/launch.py --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
+    python infra/launch.py predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
+    python infra/launch.py tune --mode process|aws --data-uri … --output-uri … --range lr=1e-4:1e-2:log [--strategy Random]
+    python infra/launch.py iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
+    python infra/launch.py status|logs|stop|attach JOB       # a SageMaker job after submission
+    python infra/launch.py jobs [--name-contains brainseg]   # the recent jobs and their status
+
+`brainseg-launch` is the same program. --mode defaults to process.
 
 Modes:
   process  train.py in subprocesses with SageMaker's container contract (SM_* variables, /opt/ml-style
@@ -42,10 +44,10 @@ from urllib.parse import urlsplit
 from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
 from brainseg.run.artifacts import RunLayout
-from tools.launch import iam
-from tools.launch.jobspec import JobSpec, build_spec, load_config, parse_overrides
-from tools.launch.tuning import STRATEGIES, TuningLayout, TuningSpec, load_tuning, parse_range, tuning_job_name
-from tools.review.predictions import is_prediction_output, load_prediction
+from infra.launcher import iam
+from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
+from infra.launcher.tuning import STRATEGIES, TuningLayout, TuningSpec, load_tuning, parse_range, tuning_job_name
+from infra.review.predictions import is_prediction_output, load_prediction
 
 logger = logging.getLogger("launch")
 DEMO_BUCKET = "brainseg-demo"
@@ -67,8 +69,14 @@ TUNING_FLAGS = ("tuning", "range", "strategy", "objective", "objective_type", "m
                 "early_stopping", "random_seed", "min_epochs")
 
 
+def _program_name() -> str:
+    """How the user started the launcher: ``python infra/launch.py`` or ``brainseg-launch``."""
+    started = Path(sys.argv[0]).name
+    return "python infra/launch.py" if started == "launch.py" else "brainseg-launch"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brainseg-launch", description=__doc__,
+    parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     train = commands.add_parser("train", help="launch a training job (the default command: `brainseg-launch "
@@ -219,7 +227,7 @@ def with_sagemaker_defaults(settings: dict) -> dict:
     """``settings`` completed from the user's SageMaker config (its TrainingJob defaults: role, VPC,
     KMS keys, tags, environment) where neither a flag nor the job file set them; tags and variables
     are merged, ours winning."""
-    from tools.launch.sagemaker_job import config_settings, sagemaker_config
+    from infra.launcher.sagemaker_job import config_settings, sagemaker_config
 
     defaults = config_settings(sagemaker_config())
     merged = {**defaults, **settings}
@@ -238,8 +246,8 @@ def _boto_session(region: str | None):
 
 def _start_demo(spec: JobSpec, stack):
     """An embedded S3 with a synthetic dataset; returns the spec pointed at it and the container endpoint."""
-    from tools.data.synth import SynthSpec, write_dataset
-    from tools.testing.s3server import EmbeddedS3
+    from infra.data.synth import SynthSpec, write_dataset
+    from infra.s3server import EmbeddedS3
 
     local = spec.mode == "local"
     server = stack.enter_context(EmbeddedS3(host="0.0.0.0" if local else "127.0.0.1"))
@@ -285,6 +293,18 @@ def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(s3.get_object(bucket, info.key))
     return target
+
+
+def save_demo(output_uri: str, job_name: str) -> None:
+    """The demo's run copied to ``demo-output/<run>/`` before the embedded S3 stops, and its review
+    report written beside it."""
+    from infra.review.report import write_report
+    from infra.review.runs import load_run
+
+    folder = save_locally(output_uri, job_name, DEMO_OUTPUT)
+    print(f"  copied to {folder}/ (the embedded S3 stops now)")
+    page = write_report([load_run(str(folder))], folder / "report")
+    print(f"  report: open {page.resolve()} in a browser (brainseg-review {folder} prints the same in text)")
 
 
 def report(output_uri: str, job_name: str) -> None:
@@ -342,7 +362,7 @@ def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
 
 def tuning_text(manifest: dict) -> str:
     """A finished process-mode search: each job's tuned values and objective, best first."""
-    from tools.launch.tuning import TuningResult
+    from infra.launcher.tuning import TuningResult
     objective = manifest["objective"]
     lines = [f"tuning job {manifest['tuning_job']} ({manifest['strategy']}, {objective['type']} {objective['metric']})"]
     best = TuningResult(manifest).best
@@ -358,8 +378,8 @@ def tuning_text(manifest: dict) -> str:
 
 def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
     """tune: 0 submitted (aws) or every job finished (process), 1 a process-mode job failed."""
-    from tools.launch import sagemaker_job
-    from tools.launch import tuning as search
+    from infra.launcher import sagemaker_job
+    from infra.launcher import tuning as search
 
     if not spec.data_uri or not spec.output_uri:
         raise ValueError("tune needs --data-uri and --output-uri")
@@ -389,7 +409,7 @@ def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
 
 
 def launch(spec: JobSpec) -> int:
-    from tools.launch import process_job, sagemaker_job
+    from infra.launcher import process_job, sagemaker_job
 
     with contextlib.ExitStack() as stack:
         container_env = {}
@@ -414,7 +434,7 @@ def launch(spec: JobSpec) -> int:
                 return code
             report(spec.output_uri, job_name)
             if demo:
-                print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
+                save_demo(spec.output_uri, job_name)
             return code
         if spec.dry_run:
             request = sagemaker_job.dry_run_request(spec)
@@ -442,7 +462,7 @@ def launch(spec: JobSpec) -> int:
         print(f"local mode job finished; container files under {local_root}")
         report(spec.output_uri, job_name)
         if demo:
-            print(f"  copied to {save_locally(spec.output_uri, job_name, DEMO_OUTPUT)} (the embedded S3 stops now)")
+            save_demo(spec.output_uri, job_name)
         return 0
 
 
@@ -451,7 +471,7 @@ def lifecycle_command(args: argparse.Namespace) -> int:
     stopped (attach), 2 no such job or no access."""
     import botocore.exceptions
 
-    from tools.launch import lifecycle
+    from infra.launcher import lifecycle
     try:
         session = _boto_session(args.region)
         if session.get_credentials() is None:
@@ -505,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in LIFECYCLE:
         return lifecycle_command(args)
-    from tools.launch.sagemaker_job import LaunchError
+    from infra.launcher.sagemaker_job import LaunchError
     try:
         spec = spec_from_args(args)
         if args.command == "tune":

@@ -17,7 +17,7 @@ from brainseg.data.index import parse_object
 from brainseg.dicom import parse_header, writer
 from brainseg.dicom.pixels import native_dtype
 from brainseg.io import s3
-from tools.data.phantom import make_phantom
+from infra.data.phantom import make_phantom
 
 PHI = {"PatientName": "Doe^Jane", "PatientID": "MRN12345", "AccessionNumber": "ACC998877",
        "PatientBirthDate": "19700101", "InstitutionName": "St Elsewhere"}

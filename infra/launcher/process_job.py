@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tools.launch.jobspec import ENTRY_POINT, JobSpec, sagemaker_cli_args
+from infra.launcher.jobspec import ENTRY_POINT, JobSpec, sagemaker_cli_args
 
 
 def _free_port() -> int:

@@ -43,7 +43,7 @@ from pydicom.sr.codedict import codes
 from brainseg.dicom import writer
 from brainseg.io import s3
 from brainseg.run.progress import Progress
-from tools.data.synth import write_files
+from infra.data.synth import write_files
 
 logger = logging.getLogger("ingest")
 FORMATS = ("brats", "msd", "lgg")

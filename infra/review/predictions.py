@@ -22,6 +22,7 @@ from brainseg.data.quality import assemble_series
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
+from infra.review import source
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _csv(data: bytes | None) -> list[dict]:
 
 
 def is_prediction_output(uri: str) -> bool:
-    return s3.read_uri(uri.rstrip("/") + "/" + PredictionLayout.SETTINGS) is not None
+    return source.read(uri.rstrip("/") + "/" + PredictionLayout.SETTINGS) is not None
 
 
 def load_prediction(uri: str) -> ReviewedPrediction:
@@ -71,16 +72,14 @@ def load_prediction(uri: str) -> ReviewedPrediction:
         ValueError: ``uri`` holds no ``prediction.json``.
     """
     uri = uri.rstrip("/") + "/"
-    settings = s3.read_uri(uri + PredictionLayout.SETTINGS)
+    settings = source.read(uri + PredictionLayout.SETTINGS)
     if settings is None:
         raise ValueError(f"{uri} is not a prediction output (no {PredictionLayout.SETTINGS})")
-    complete = s3.read_uri(uri + PredictionLayout.COMPLETE)
-    rows = _csv(s3.read_uri(uri + PredictionLayout.MERGED)) if complete else []
+    complete = source.read(uri + PredictionLayout.COMPLETE)
+    rows = _csv(source.read(uri + PredictionLayout.MERGED)) if complete else []
     if not complete:
-        bucket, prefix = s3.parse_uri(uri)
-        folders, _ = s3.list_folders(bucket, prefix)
-        for folder in folders:
-            rows += _csv(s3.read_uri(f"s3://{bucket}/{folder}volumes.csv"))
+        for folder in source.list_folders(uri):
+            rows += _csv(source.read(f"{folder}volumes.csv"))
     return ReviewedPrediction(uri, json.loads(settings), json.loads(complete) if complete else None, rows)
 
 
@@ -105,7 +104,7 @@ def text_summary(prediction: ReviewedPrediction) -> str:
 
 
 def seg_overlay(prediction: ReviewedPrediction, case_id: str) -> dict:
-    """``{"image", "mask", "prediction", "spacing"}`` of a case for :func:`tools.review.report.overlay_figure`:
+    """``{"image", "mask", "prediction", "spacing"}`` of a case for :func:`infra.review.report.overlay_figure`:
     the source series and its SEG, both read by brainseg's own readers (the SEG placed on the source
     planes by patient position, as training reads a SEG mask), no truth. ``prediction`` holds the
     highest segment number covering each voxel.
@@ -126,20 +125,20 @@ def seg_overlay(prediction: ReviewedPrediction, case_id: str) -> dict:
 
 def write_prediction_report(prediction: ReviewedPrediction, out: Path, cases: int = 6) -> Path:
     """``out/predictions.html``: the case table and overlays of up to ``cases`` predicted cases
-    (the largest predicted volumes first)."""
+    (the largest predicted volumes first; overlays need the output in S3, beside its source series)."""
     from jinja2 import Template
 
-    from tools.review.report import overlay_figure
+    from infra.review.report import overlay_figure
 
     out.mkdir(parents=True, exist_ok=True)
     names = prediction.structures
     predicted = [row for row in prediction.rows if row["status"] == "predicted"]
     largest = sorted(predicted, key=lambda row: -sum(float(row.get(f"predicted_ml_{n}") or 0) for n in names))
     figures = []
-    for row in largest[:cases]:
+    for row in largest[:cases] if not source.is_local(prediction.uri) else ():
         file = f"seg_{row['case_id']}.png"
-        overlay_figure(seg_overlay(prediction, row["case_id"]),
-                       f"{row['case_id']}: DICOM SEG ({', '.join(names)}) in red on {prediction.sequence}", out / file)
+        overlay_figure(seg_overlay(prediction, row["case_id"]), f"{row['case_id']}: DICOM SEG on {prediction.sequence}",
+                       out / file, tuple(names), (prediction.sequence,))
         figures.append({"file": file, "alt": f"SEG of case {row['case_id']}"})
     page = Template(PAGE, autoescape=True).render(p=prediction, names=names, figures=figures)
     path = out / "predictions.html"

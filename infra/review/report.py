@@ -1,9 +1,11 @@
 """A run comparison as plain text and as an HTML report with PNG figures (matplotlib, Jinja2).
 
-Figures: train loss and validation Dice per epoch (all runs on one plot each), learning rate,
-throughput and data-wait fraction; per run, the test cases sorted worst first and, for its worst and
-best case, image/mask/prediction overlays on three orthogonal slices through the tumour; for
-learning-rate range tests (task lr_find), loss against learning rate with the suggestions marked.
+Figures: train loss and validation Dice per epoch (all runs on one plot each), validation Dice of
+each structure (WT/TC/ET), learning rate, throughput and data-wait fraction; per run, the test cases
+sorted worst first, predicted against true volume per structure and overlays on three orthogonal
+slices through the tumour of every sequence (structures coloured; the worst and best case and the
+worst of each structure); for learning-rate range tests (task lr_find), loss against learning rate
+with the suggestions marked.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from jinja2 import Template
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from brainseg.run.metrics import tumour_centre
-from tools.review.runs import ReviewedRun, differing_hyperparameters
+from brainseg.overlap import tumour_centre
+from infra.review.runs import ReviewedRun, differing_hyperparameters
 
 DPI = 100
 TEMPLATE = Template("""<!doctype html>
@@ -168,50 +172,162 @@ def lr_find_figure(runs: list[ReviewedRun], out: Path) -> dict | None:
     return {"file": "lr_find.png", "alt": "training loss against learning rate, suggested rates dashed"}
 
 
-def overlay_figure(crop: dict, title: str, path: Path) -> None:
-    """Axial, coronal and sagittal slices through the tumour centre: image in grey, true tumour
-    outlined in green, prediction filled in red."""
-    image, mask, prediction = (crop[name].astype(np.float32) for name in ("image", "mask", "prediction"))
+STRUCTURE_COLOURS = ("#2ca02c", "#ffbf00", "#d62728", "#1f77b4", "#9467bd", "#17becf", "#e377c2", "#8c564b")
+
+
+def _colour(number: int) -> str:
+    """The colour of the ``number``-th structure (1-based), the same in every figure."""
+    return STRUCTURE_COLOURS[(number - 1) % len(STRUCTURE_COLOURS)]
+
+
+def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), sequences: tuple = ()) -> None:
+    """Axial, coronal and sagittal slices through the tumour centre, one row per sequence: the
+    image in grey, each true structure outlined and each predicted one filled in its own colour.
+
+    ``crop`` holds ``image`` ``(C, D, H, W)`` or ``(D, H, W)`` and ``mask``/``prediction`` structure
+    maps ``(D, H, W)`` (value k = the k-th of ``structures``; 0 = none).
+    """
+    images = crop["image"].astype(np.float32)
+    images = images[None] if images.ndim == 3 else images
+    mask, prediction = crop["mask"].astype(np.int16), crop["prediction"].astype(np.int16)
     centre = tumour_centre(mask, prediction)
     dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
     views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
              ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
              ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.8))
-    low, high = np.percentile(image, [1, 99])
-    for axis, (name, index, aspect) in zip(axes, views):
-        axis.imshow(image[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
-        axis.imshow(np.ma.masked_equal(prediction[index], 0), cmap="autumn", alpha=0.45, interpolation="nearest",
-                    aspect=aspect)
-        if mask[index].any():
-            axis.contour(mask[index], levels=[0.5], colors="lime", linewidths=1.0)
-        axis.set_title(name, fontsize=9)
-        axis.axis("off")
-    figure.suptitle(plain_text(title), fontsize=10)
+    count = int(max(mask.max(), prediction.max(), len(structures), 1))
+    names = [structures[k] if k < len(structures) else f"structure {k + 1}" for k in range(count)]
+    fill = ListedColormap([_colour(k) for k in range(1, count + 1)])
+    figure, axes = plt.subplots(len(images), 3, figsize=(11, 3.6 * len(images) + 0.6), squeeze=False)
+    for row, image in enumerate(images):
+        low, high = np.percentile(image, [1, 99])
+        for axis, (view, index, aspect) in zip(axes[row], views):
+            axis.imshow(image[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+            axis.imshow(np.ma.masked_equal(prediction[index], 0), cmap=fill, vmin=0.5, vmax=count + 0.5, alpha=0.45,
+                        interpolation="nearest", aspect=aspect)
+            for number in range(1, count + 1):
+                if (mask[index] >= number).any():  # nested regions: a structure covers its inner ones
+                    axis.contour(mask[index] >= number, levels=[0.5], colors=_colour(number), linewidths=1.0)
+            sequence = sequences[row] if row < len(sequences) else f"channel {row}"
+            axis.set_title(f"{plain_text(sequence)} {view}", fontsize=9)
+            axis.axis("off")
+    handles = [Patch(color=_colour(k + 1), label=plain_text(name)) for k, name in enumerate(names)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.suptitle(plain_text(title) + "\noutline = truth, fill = prediction", fontsize=10)
     _save(figure, path)
+
+
+def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
+    """The cases to draw: the worst and best by mean Dice and, with several structures, the worst by
+    each structure's Dice; each case once, with every reason it was picked."""
+    ordered = run.cases_worst_first()
+    if not ordered:
+        return []
+    picks = {ordered[0]["case_id"]: ["worst mean Dice"]}
+    rows = {row["case_id"]: row for row in ordered}
+    if len(ordered) > 1:
+        picks.setdefault(ordered[-1]["case_id"], []).append("best mean Dice")
+    for name in run.structures:
+        scored = [row for row in ordered if _is_float(row.get(f"dice_{name}"))]
+        if scored:
+            worst = min(scored, key=lambda row: (_nan_low(row[f"dice_{name}"]), row["case_id"]))
+            picks.setdefault(worst["case_id"], []).append(f"worst {name} Dice")
+    return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()]
+
+
+def _is_float(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _nan_low(text) -> float:
+    value = float(text)
+    return -1.0 if np.isnan(value) else value
 
 
 def overlay_figures(runs: list[ReviewedRun], out: Path) -> dict:
     overlays = {}
     for run in runs:
-        ordered = run.cases_worst_first()
-        picks = [("worst", ordered[0]), ("best", ordered[-1])] if ordered else []
-        for label, row in picks[:1] if len(ordered) == 1 else picks:
+        structures = tuple((run.summary or {}).get("structures") or ())
+        sequences = tuple(str(run.hyperparameters.get("sequences") or "image").split(","))
+        for number, (reason, row) in enumerate(_overlay_picks(run)):
             crop = run.load_crop(row["case_id"])
             if crop is None:
                 continue
-            file = f"overlay_{run.name}_{label}.png"
-            overlay_figure(crop, f"{run.name}: {label} test case {row['case_id']} (Dice {float(row['dice']):.3f}); "
-                                 "green outline = tumour, red = prediction", out / file)
-            overlays.setdefault(run.name, []).append({"file": file, "alt": f"{label} case {row['case_id']}"})
+            scores = " ".join(f"{name} {float(row[f'dice_{name}']):.3f}" for name in run.structures
+                              if _is_float(row.get(f"dice_{name}")))
+            file = f"overlay_{run.name}_{number}.png"
+            overlay_figure(crop, f"{run.name}: test case {row['case_id']} ({reason}): Dice {float(row['dice']):.3f}"
+                                 + (f" ({scores})" if scores else ""), out / file, structures, sequences)
+            overlays.setdefault(run.name, []).append({"file": file, "alt": f"{reason}: case {row['case_id']}"})
     return overlays
+
+
+def structure_curve_figure(runs: list[ReviewedRun], out: Path) -> dict | None:
+    """Validation Dice of each structure per epoch (one panel per structure, a line per run)."""
+    names = list(dict.fromkeys(name for run in runs for name in run.structures))
+    if not names:
+        return None
+    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False, sharey=True)
+    for axis, name in zip(axes[0], names):
+        for run in runs:
+            points = [(line["epoch"], line[f"val_dice_{name}"]) for line in run.metrics
+                      if isinstance(line.get(f"val_dice_{name}"), (int, float))]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=plain_text(run.name))
+        axis.set_title(f"validation Dice: {plain_text(name)}", fontsize=9)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
+    _save(figure, out / "structure_curves.png")
+    return {"file": "structure_curves.png", "alt": "validation Dice per structure per epoch"}
+
+
+def volume_figure(run: ReviewedRun, out: Path) -> dict | None:
+    """Predicted against true volume (ml) of each test case, one panel per structure (or the tumour
+    as one), with the line of perfect agreement."""
+    if not run.per_case:
+        return None
+    panels = [(name, f"truth_ml_{name}", f"predicted_ml_{name}") for name in run.structures] or \
+             [("tumour", "truth_ml", "predicted_ml")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for number, (axis, (name, truth, predicted)) in enumerate(zip(axes[0], panels), start=1):
+        points = [(float(row[truth]), float(row[predicted])) for row in run.per_case
+                  if _is_float(row.get(truth)) and _is_float(row.get(predicted))]
+        if points:
+            axis.scatter(*zip(*points), s=14, color=_colour(number))
+        top = max([1.0, *(value for point in points for value in point)]) * 1.05
+        axis.plot([0, top], [0, top], color="#888", linewidth=0.8, linestyle="--")
+        axis.set_xlim(0, top)
+        axis.set_ylim(0, top)
+        axis.set_aspect("equal")
+        axis.set_title(plain_text(name), fontsize=9)
+        axis.set_xlabel("true volume (ml)")
+        axis.set_ylabel("predicted volume (ml)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{plain_text(run.name)}: predicted vs true volume per test case", fontsize=10)
+    file = f"volumes_{run.name}.png"
+    _save(figure, out / file)
+    return {"file": file, "alt": f"predicted against true volume of {run.name}'s test cases"}
 
 
 def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     """``out/index.html`` and its PNG figures; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     curves = curve_figures(runs, out)
+    structure_curves = structure_curve_figure(runs, out)
+    curves = curves[:1] + ([structure_curves] if structure_curves else []) + curves[1:]
     overlays = overlay_figures(runs, out)
+    for run in runs:
+        volumes = volume_figure(run, out)
+        if volumes:
+            overlays[run.name] = [volumes, *overlays.get(run.name, [])]
     page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
                            lr_find=lr_find_figure(runs, out),
                            overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)

@@ -37,6 +37,8 @@ import urllib.request
 import zlib
 from dataclasses import asdict, dataclass
 
+from infra.s3server import EmbeddedS3, serve, server_parser
+
 CONTROL_PATH = "/_faults"
 FAULTS = ("slowdown", "error500", "reset", "lost-reply", "cut", "short", "short-checksum", "latency")
 ERROR_BODIES = {
@@ -214,3 +216,33 @@ class Faults:
 
     def __exit__(self, *exc) -> None:
         self.clear()
+
+
+class FaultyS3(EmbeddedS3):
+    """The embedded S3 with a :class:`FaultInjector` in front of moto (``python -m tests.support.faults``);
+    ``faults`` sets its rules while it runs."""
+
+    SERVER_MODULE = "tests.support.faults"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0, seed: int = 0):
+        super().__init__(host, port, latency_ms)
+        self.seed = seed
+
+    def server_flags(self) -> list[str]:
+        return ["--seed", str(self.seed)]
+
+    @property
+    def faults(self) -> Faults:
+        """The server's fault rules."""
+        return Faults(self.endpoint_url)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = server_parser(__doc__)
+    parser.add_argument("--seed", type=int, default=0, help="seed of probabilistic faults")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.latency_ms, wrap=lambda app: FaultInjector(app, args.seed))
+
+
+if __name__ == "__main__":
+    main()
