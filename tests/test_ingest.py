@@ -58,17 +58,39 @@ def _resampled_by_geometry(series, data: np.ndarray, affine: np.ndarray) -> np.n
     return data[index[:, 0], index[:, 1], index[:, 2]].reshape(series.shape)
 
 
-def _brats(root: Path, case: str, flipped: bool, rng) -> dict:
+def _brats(root: Path, case: str, flipped: bool, rng, names=("t1", "t1ce", "t2", "flair"), separator="_") -> dict:
+    """A BraTS case folder; the volumes by the old names (t1, t1ce, t2, flair, seg) whatever ``names`` the files get."""
     folder = root / case
     folder.mkdir(parents=True)
     volumes = {}
-    for name in ("t1", "t1ce", "t2", "flair"):
+    for name, file_name in zip(("t1", "t1ce", "t2", "flair"), names):
         data = rng.integers(0, 3000, SHAPE).astype(np.int16)
-        nibabel.save(nibabel.Nifti1Image(data, _affine(flipped)), folder / f"{case}_{name}.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(data, _affine(flipped)), folder / f"{case}{separator}{file_name}.nii.gz")
         volumes[name] = data
     volumes["seg"] = _labels(rng)
-    nibabel.save(nibabel.Nifti1Image(volumes["seg"], _affine(flipped)), folder / f"{case}_seg.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volumes["seg"], _affine(flipped)), folder / f"{case}{separator}seg.nii.gz")
     return volumes
+
+
+def test_brats_2023_names_are_recognised_and_a_folder_without_either_naming_is_named(bucket, tmp_path):
+    rng = np.random.default_rng(8)
+    volumes = _brats(tmp_path, "BraTS-GLI-00000-000", False, rng, ("t1n", "t1c", "t2w", "t2f"), "-")
+    report = ingest(tmp_path, f"s3://{bucket}/brats2023/", jobs=1)
+    assert report["format"] == "brats" and report["cases"] == 1 and not report["failed"]
+    assert report["sequences"] == "t1,t1c,t2,flair" and report["labels"] == "ncr=1,ed=2,et=3+4"
+    [case] = build_catalog(f"s3://{bucket}/brats2023/", sequences=("t1", "t1c", "t2", "flair"),
+                           split_fractions=(1.0, 0.0, 0.0), labels=parse_scheme(report["labels"])).cases
+    assert case.case_id == "BraTS-GLI-00000-000"
+    for series, name in zip(case.images, ("t1", "t1ce", "t2", "flair")):
+        np.testing.assert_array_equal(series.read_volume(), _resampled_by_geometry(series, volumes[name], _affine()))
+    (tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2w.nii.gz").unlink()
+    with pytest.raises(IngestError, match=r"BraTS-GLI-00000-000-t2w.nii.gz missing beside BraTS-GLI-00000-000-seg"
+                                          r".nii.gz \(expected BraTS 2012-2021 .* or BraTS 2023\+ "):
+        ingest(tmp_path, f"s3://{bucket}/broken/", jobs=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IngestError, match=r"no BraTS case found; expected BraTS 2012-2021 <case>/<case>_seg.nii.gz"):
+        ingest(empty, f"s3://{bucket}/none/", kind="brats")
 
 
 def test_brats_cases_round_trip_voxel_for_voxel_with_their_geometry(bucket, tmp_path):

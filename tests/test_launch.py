@@ -7,6 +7,8 @@ import argparse
 import io
 import json
 import re
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from brainseg.io import s3
 from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from infra.launcher import cli as launch
 from infra.launcher import process_job, sagemaker_job
-from infra.launcher.jobspec import build_spec, parse_overrides, sagemaker_cli_args
+from infra.launcher.jobspec import build_spec, distribution_text, parse_overrides, sagemaker_cli_args
 from infra.review import cli as review
 from infra.review.runs import list_runs
 from tests.conftest import synthetic_dataset
@@ -242,11 +244,42 @@ def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):
     code = launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/ds/", "--output-uri",
                         f"s3://{bucket}/runs/", "--hp", "epochs=4", "--spot", "--dry-run"])
     assert code == 0
-    request = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    request = json.loads(captured.out)
     assert request["HyperParameters"]["epochs"] == "4" and request["EnableManagedSpotTraining"] is True
+    assert "instances:    1 x ml.g5.xlarge (1 GPU(s) each), spot" in captured.err
+    assert "distribution: torchrun, 1 process(es) per host (one per GPU), 1 in all" in captured.err
+    assert re.search(r"image: +\S+pytorch-training:2\.10\.0-gpu-py\d+ \(SageMaker's prebuilt PyTorch training image: "
+                     r"torch 2\.10\.0, not the pinned 2\.13\.0", captured.err), captured.err
     assert list(s3.list_objects(bucket, "")) == []
     after = boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]
     assert len(after) == len(jobs)
+
+
+@pytest.mark.parametrize("instance_type, processes, count, expected", [
+    ("ml.g5.12xlarge", 0, 2, "torchrun, 4 process(es) per host (one per GPU), 8 in all"),
+    ("ml.p4d.24xlarge", 2, 1, "torchrun, 2 process(es) per host (--processes-per-host), 2 in all"),
+    ("ml.m5.xlarge", 0, 3, "torchrun, 1 process(es) per host (a CPU instance), 3 in all"),
+])
+def test_the_dry_run_says_how_the_processes_are_laid_out(instance_type, processes, count, expected):
+    spec = build_spec({"mode": "aws", "data_uri": "s3://d/x/", "output_uri": "s3://o/", "role": ROLE,
+                       "instance_type": instance_type, "instance_count": count, "processes_per_host": processes,
+                       "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1"}, {})
+    assert distribution_text(spec, instance_type) == expected
+    text = sagemaker_job.image_text(spec.image_uri)
+    assert text.endswith("(your image: torch as docker/build.sh installed it, pinned 2.13.0)")
+
+
+def test_infra_launch_py_runs_from_any_folder(tmp_path):
+    """The design card's command: `python infra/launch.py`, from the checkout or from elsewhere."""
+    for cwd in (ROOT, tmp_path):
+        result = subprocess.run([sys.executable, str(ROOT / "infra" / "launch.py"), "--help"], cwd=cwd,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: python infra/launch.py") and "iam-policy" in result.stdout
+    refused = subprocess.run([sys.executable, "infra/launch.py", "--mode", "aws", "--data-uri", "s3://d/x/"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: aws mode needs")
 
 
 @pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])
@@ -349,6 +382,11 @@ def test_config_file_and_overrides(tmp_path, bucket, capsys):
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/",
       "--network-isolation"], "network_isolation cuts the container off from S3"),
     (["--mode", "process", "--dry-run"], "--dry-run prints a CreateTrainingJob request, so it needs --mode aws"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp",
+      "patch_size=100,100,100"], "patch_size (100, 100, 100): with 5 levels (channels (16, 32, 64, 128, 256)) every "
+                                 "size must be a multiple of 16; change patch_size or channels"),
+    (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--hp",
+      "learning_rate=0.01"], "unknown hyperparameter learning_rate; did you mean --lr?"),
     (["--mode", "aws", "--role", "brainseg-training", "--data-uri", "s3://d/x/", "--output-uri", "s3://o/"],
      "role 'brainseg-training': expected an IAM role ARN like arn:aws:iam::123456789012:role/brainseg"),
     (["--mode", "aws", "--role", ROLE, "--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--spot",

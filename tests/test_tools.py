@@ -52,6 +52,41 @@ def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
     assert "Synthetic^" not in result.stdout + result.stderr + profile_path.read_text()
 
 
+def test_upload_creates_the_local_bucket_sends_large_files_in_parts_and_skips_what_is_there(tmp_path, bucket):
+    folder = tmp_path / "cases"
+    (folder / "case_a" / "t1c").mkdir(parents=True)
+    big = os.urandom(20 * 2**20)  # above s3transfer's 8 MiB multipart threshold
+    (folder / "case_a" / "t1c" / "big.dcm").write_bytes(big)
+    (folder / "case_a" / "t1c" / "small.dcm").write_bytes(b"small")
+    new_bucket = f"{bucket}-made-by-upload"
+    result = run("brainseg-upload", str(folder), f"s3://{new_bucket}/dataset/")
+    assert result.returncode == 0, result.stderr
+    assert "uploaded 2 file(s), 21.0 MB" in result.stderr and "0 already there" in result.stderr
+    assert s3.read_uri(f"s3://{new_bucket}/dataset/case_a/t1c/big.dcm") == big
+    etag = next(info.etag for info in s3.list_objects(new_bucket, "dataset/") if info.key.endswith("big.dcm"))
+    assert etag.endswith("-3")  # a multipart upload of three 8 MiB parts
+    (folder / "case_a" / "t1c" / "small.dcm").write_bytes(b"changed")
+    again = run("brainseg-upload", str(folder), f"s3://{new_bucket}/dataset/")
+    assert again.returncode == 0 and "uploaded 1 file(s)" in again.stderr and "1 already there" in again.stderr
+    assert s3.read_uri(f"s3://{new_bucket}/dataset/case_a/t1c/small.dcm") == b"changed"
+
+
+def test_the_embedded_s3_prints_what_to_export(tmp_path):
+    from infra.s3server import free_port
+
+    port = free_port()
+    server = subprocess.Popen([console_script("brainseg-s3server"), "--port", str(port)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        banner = [server.stdout.readline() for _ in range(7)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert banner[0].startswith("embedded S3 (moto, in memory") and f"http://127.0.0.1:{port}" in banner[0]
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n" in banner
+    assert "export AWS_DEFAULT_REGION=us-east-1\n" in banner and "brainseg-upload" in banner[-1]
+
+
 def test_synth_multiframe_compressed_straight_to_s3(bucket):
     uri = f"s3://{bucket}/mf/"
     result = run("brainseg-synth", "--cases", "2", "--out", uri, "--shape", "12,40,40",

@@ -6,7 +6,8 @@
 Formats (detected from SRC when ``--format`` is not given):
 
   brats  one folder per case holding ``<case>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair`` and
-         ``_seg`` (labels 1 necrotic core, 2 oedema, 4 enhancing; 3 in BraTS 2023). Files on
+         ``_seg`` (BraTS 2012-2021), or ``<case>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f`` and ``-seg``
+         (BraTS 2023 onwards); labels 1 necrotic core, 2 oedema, 4 enhancing (3 from 2023). Files on
          another grid than the T1's are refused, or with ``--resample-to SEQUENCE`` resampled onto
          that sequence's grid by patient position (trilinear; labels nearest).
   msd    the Medical Segmentation Decathlon layout: ``dataset.json``, ``imagesTr/<case>.nii.gz``
@@ -17,9 +18,10 @@ Formats (detected from SRC when ``--format`` is not given):
 
 Each case becomes ``<case>/<sequence>/IM_*.dcm`` (one MR series per sequence, geometry from the
 NIfTI affine, converted from RAS to DICOM's LPS) and ``<case>/mask/seg.dcm``, a DICOM SEG written
-with highdicom whose segment numbers 1, 2, ... are the dataset's label values in ascending order
-(BraTS 1, 2, 4 become segments 1, 2, 3). The end of the run prints the ``--sequences`` and
-``--labels`` to train with. Float images are stored as 16-bit integers with a rescale slope.
+with highdicom whose segment numbers 1, 2, ... are the label values present in the dataset's label
+table, in ascending order: BraTS's table has 1, 2, 3 and 4 (3 from 2023, 4 before), so its segments
+are 1 (necrotic core), 2 (oedema), 3 and 4 (both enhancing tumour) and the labels to train with are
+``ncr=1,ed=2,et=3+4``. The end of the run prints the ``--sequences`` and ``--labels`` to train with. Float images are stored as 16-bit integers with a rescale slope.
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ from infra.data.synth import write_files
 
 logger = logging.getLogger("ingest")
 FORMATS = ("brats", "msd", "lgg")
-BRATS_SEQUENCES = {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair"}
+# BraTS file namings: (separator, {file suffix: sequence}). 2012-2021: <case>_t1ce.nii.gz ... <case>_seg.nii.gz;
+# 2023 onwards: BraTS-GLI-00000-000-t1c.nii.gz, -t1n, -t2w, -t2f, -seg.
+BRATS_NAMINGS = (("_", {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "flair"}),
+                 ("-", {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair"}))
+BRATS_SEQUENCES = BRATS_NAMINGS[0][1]
+BRATS_EXPECTED = ("BraTS 2012-2021 <case>/<case>_seg.nii.gz beside _t1, _t1ce, _t2, _flair; or BraTS 2023+ "
+                  "<case>/<case>-seg.nii.gz beside -t1n, -t1c, -t2w, -t2f")
 BRATS_LABELS = {1: "ncr", 2: "ed", 3: "et", 4: "et"}
 LGG_SEQUENCES = ("t1", "flair", "t1c")  # the RGB channels: pre-contrast, FLAIR, post-contrast
 NAME = re.compile(r"[^a-z0-9_]+")
@@ -145,11 +153,12 @@ def resample_onto(data: np.ndarray, affine: np.ndarray, reference_affine: np.nda
 
 
 def load_brats(source: CaseSource) -> Study:
-    """A BraTS case; every file must lie on the reference sequence's grid, or (``resample_to``) is
-    resampled onto it."""
-    by_name = {name: key for key, name in BRATS_SEQUENCES.items()}
-    reference = by_name.get(source.paths.get("resample_to") or "t1", "t1")
-    loaded = {key: _nifti(source.paths[key]) for key in (*BRATS_SEQUENCES, "seg")}
+    """A BraTS case (either naming); every file must lie on the reference sequence's grid, or
+    (``resample_to``) is resampled onto it."""
+    sequences = source.paths["sequences"]  # {file suffix: sequence}
+    by_name = {name: key for key, name in sequences.items()}
+    reference = by_name.get(source.paths.get("resample_to") or "t1", by_name["t1"])
+    loaded = {key: _nifti(source.paths[key]) for key in (*sequences, "seg")}
     reference_data, reference_affine = loaded[reference]
     volumes = {}
     for key, (data, affine) in loaded.items():
@@ -157,11 +166,11 @@ def load_brats(source: CaseSource) -> Study:
             if not source.paths.get("resample_to"):
                 raise IngestError(f"{source.paths[key].name}: its grid (shape {data.shape}) differs from "
                                   f"{source.paths[reference].name}'s (shape {reference_data.shape}); pass "
-                                  f"--resample-to {BRATS_SEQUENCES[reference]} to resample it onto that grid")
+                                  f"--resample-to {sequences[reference]} to resample it onto that grid")
             data = resample_onto(data, affine, reference_affine, reference_data.shape, labels=key == "seg")
         volumes[key] = data
     spacing, origin, orientation, flipped = geometry_from_affine(reference_affine, reference_data.shape)
-    images = {BRATS_SEQUENCES[key]: _slices(volumes[key], flipped) for key in BRATS_SEQUENCES}
+    images = {sequences[key]: _slices(volumes[key], flipped) for key in sequences}
     return Study(images, _slices(volumes["seg"], flipped), spacing, origin, orientation)
 
 
@@ -269,13 +278,13 @@ def discover(src: Path, kind: str | None = None, spacing: tuple = (1.0, 1.0, 1.0
     if kind is None:
         if (src / "dataset.json").exists():
             kind = "msd"
-        elif any(src.glob("*/*_seg.nii*")):
+        elif any(src.glob("*/*_seg.nii*")) or any(src.glob("*/*-seg.nii*")):
             kind = "brats"
         elif any(src.glob("*/*_mask.tif")):
             kind = "lgg"
         else:
-            raise IngestError(f"{src} holds no dataset.json (msd), */*_seg.nii.gz (brats) or */*_mask.tif (lgg); "
-                              "pass --format")
+            raise IngestError(f"{src} holds no dataset.json (msd), */*_seg.nii.gz or */*-seg.nii.gz (brats) or "
+                              "*/*_mask.tif (lgg); pass --format")
     if kind == "msd":
         try:
             meta = json.loads((src / "dataset.json").read_text())
@@ -293,15 +302,19 @@ def discover(src: Path, kind: str | None = None, spacing: tuple = (1.0, 1.0, 1.0
         return kind, cases, labels, {name: name for name in modalities}
     if kind == "brats":
         cases = []
-        for seg in sorted(src.glob("*/*_seg.nii*")):
-            case = seg.name.split("_seg.nii")[0]
-            suffix = seg.name[len(case) + len("_seg"):]
-            paths = {"seg": seg, **{key: seg.parent / f"{case}_{key}{suffix}" for key in BRATS_SEQUENCES}}
-            missing = [path.name for path in paths.values() if not path.exists()]
-            paths["resample_to"] = resample_to
-            if missing:
-                raise IngestError(f"case {case}: {', '.join(missing)} missing beside {seg.name}")
-            cases.append(CaseSource(_case_id(case), kind, paths))
+        for separator, sequences in BRATS_NAMINGS:
+            for seg in sorted(src.glob(f"*/*{separator}seg.nii*")):
+                case = seg.name.split(f"{separator}seg.nii")[0]
+                suffix = seg.name[len(case) + len(f"{separator}seg"):]
+                paths = {"seg": seg, **{key: seg.parent / f"{case}{separator}{key}{suffix}" for key in sequences}}
+                missing = [path.name for path in paths.values() if not path.exists()]
+                if missing:
+                    raise IngestError(f"case {case}: {', '.join(missing)} missing beside {seg.name} (expected "
+                                      f"{BRATS_EXPECTED})")
+                cases.append(CaseSource(_case_id(case), kind, {**paths, "sequences": sequences,
+                                                               "resample_to": resample_to}))
+        if not cases:
+            raise IngestError(f"{src}: no BraTS case found; expected {BRATS_EXPECTED}")
         return kind, cases, dict(BRATS_LABELS), dict(BRATS_SEQUENCES)
     if kind == "lgg":
         cases = []

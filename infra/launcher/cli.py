@@ -159,8 +159,10 @@ def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
     add = command.add_argument
     add("--mode", choices=("process", "local", "aws"), help="where the job runs (default: process)")
     add("--config", help=f"YAML job file: launcher settings at the top level, {script}'s under `hyperparameters:`")
+    example = "lr=3e-4, patch_size=[96,96,96] or augment=false" if script == "train.py" else \
+        "mirror=true or sw_batch_size=4"
     add("--hp", action="append", default=[], metavar="KEY=VALUE",
-        help=f"a {script} flag, e.g. lr=3e-4, patch_size=[96,96,96] or mirror=true (repeatable)")
+        help=f"a {script} flag without its dashes, e.g. {example} (repeatable; {script} --help lists them)")
     add("--data-uri", help="s3:// prefix holding the cases" + (" (without it: the demo's embedded S3 and synthetic "
                                                                 "data)" if script == "train.py" else ""))
     add("--output-uri", help="s3:// prefix the job writes under" + (" (<output-uri>/<job name>/)"
@@ -183,7 +185,9 @@ def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
     add("--output-kms-key", help="aws: KMS key for the job's output")
     add("--subnets", help="comma-separated subnet IDs (the job runs in your VPC)")
     add("--security-group-ids", help="comma-separated security group IDs (with --subnets)")
-    add("--network-isolation", action="store_true", default=None, help="aws: no network access but S3 via the job")
+    add("--network-isolation", action="store_true", default=None,
+        help="refused in aws mode: an isolated container cannot reach S3, and the job streams its data and writes "
+             "its run over S3 itself; use --subnets with an S3 gateway endpoint instead")
     add("--inter-container-encryption", action="store_true", default=None,
         help="aws: encrypt traffic between instances")
     add("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job (repeatable)")
@@ -438,6 +442,7 @@ def launch(spec: JobSpec) -> int:
             return code
         if spec.dry_run:
             request = sagemaker_job.dry_run_request(spec)
+            print(sagemaker_job.dry_run_text(spec, request), file=sys.stderr)
             print(json.dumps(request, indent=1, sort_keys=True, default=str))
             return 0
         session = _boto_session(spec.region or None)

@@ -6,8 +6,8 @@ in-plane turns of square patches, and with probability ``SPATIAL_PROBABILITY`` e
 smoothly interpolated), applied as one resampling. Intensity, per channel (each sequence varies on
 its own): a smooth multiplicative bias field, gamma, Gaussian blur, a lower-resolution
 acquisition (down- then up-sampled), scale and shift, and Gaussian noise. The patch depends only
-on the generator, so a stream stays deterministic and resumable; torch does the resampling (no
-scipy in the training image).
+on the generator, so a stream stays deterministic and resumable; torch does the resampling (one
+grid sample for all spatial changes, labels by nearest neighbour).
 """
 
 from __future__ import annotations

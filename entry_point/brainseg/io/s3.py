@@ -390,6 +390,38 @@ def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stre
     return response["ETag"].strip('"')
 
 
+def upload_file(path, uri: str) -> None:
+    """Upload a local file with s3transfer: one PUT for a small file, a parallel multipart upload
+    (8 MiB parts) for a large one, retried by botocore.
+
+    Raises:
+        S3Error: the upload failed.
+    """
+    bucket, key = parse_uri(uri)
+    try:
+        client().upload_file(str(path), bucket, key)
+    except (*_BOTO_ERRORS, boto3.exceptions.S3UploadFailedError) as err:
+        raise _wrap(err, "PUT", bucket, key) from err
+    _count(put_requests=1)
+
+
+def create_bucket(bucket: str) -> None:
+    """Create ``bucket`` (in the client's region) unless it exists already.
+
+    Raises:
+        S3Error: the bucket could not be created.
+    """
+    region = client().meta.region_name
+    settings = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    try:
+        client().create_bucket(Bucket=bucket, **settings)
+    except botocore.exceptions.ClientError as err:
+        if _error_code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise _wrap(err, "CREATE BUCKET", bucket, "") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise _wrap(err, "CREATE BUCKET", bucket, "") from err
+
+
 def open_write(uri: str, mode: str = "wb"):
     """A streaming writer (multipart upload) for a large artifact at ``uri``."""
     parse_uri(uri)
