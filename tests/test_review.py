@@ -9,8 +9,10 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -137,7 +139,8 @@ def test_damaged_artifacts_are_reported_and_the_rest_reviewed(runs, tmp_path, ca
     assert "damaged: worst test cases: case_001 (Dice 0.310), case_003 (Dice 0.900)" in out
     page = (tmp_path / "index.html").read_text()
     assert "damaged: predictions/case_001.npz: not a readable .npz (BadZipFile" in page
-    assert "damaged: predictions/case_003.npz: expected 3-D arrays image, mask, prediction of one shape" in page
+    assert "damaged: predictions/case_003.npz: expected an image (C, D, H, W) or (D, H, W) with a mask and a " \
+           "prediction (D, H, W) of the same size" in page
     assert "overlay_damaged" not in page and "curves.png" in page
 
 
@@ -147,7 +150,8 @@ def test_report_has_curves_tables_and_overlays(runs, tmp_path, capsys):
     page = (tmp_path / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
     assert {"curves.png", "learning_rate.png", "throughput.png"} <= set(images)
-    assert {f"overlay_{run}_{which}.png" for run in ("fast", "slow") for which in ("worst", "best")} <= set(images)
+    assert {f"overlay_{run}_{number}.png" for run in ("fast", "slow") for number in (0, 1)} <= set(images)
+    assert {"volumes_fast.png", "volumes_slow.png"} <= set(images)
     for image in images:
         assert matplotlib.image.imread(tmp_path / image).shape[0] > 100  # a real PNG with pixels
     assert "broken: summary.json: missing" not in page  # a failed run has no summary to miss
@@ -173,9 +177,69 @@ def test_a_multi_region_run_shows_each_region_per_case(runs, tmp_path):
     assert "<td>0.91</td><td>2.5</td><td>0.33</td><td>7.1</td><td>0.11</td><td>40.2</td>" in table
 
 
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError("the review imported " + name)
+sys.meta_path.insert(0, Block())
+from infra.review import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _regions_run(folder: Path) -> None:
+    """A finished three-region run of four sequences, written as files (what the demo copies out)."""
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "predictions").mkdir()
+    (folder / "run.json").write_text(json.dumps({"status": "finished", "started": 1.9e9,
+                                                 "hyperparameters": {"sequences": "t1c,t1,t2,flair"}}))
+    lines = [{"epoch": epoch, "train_loss": 1 / epoch, "val_dice": 0.2 * epoch, "val_dice_wt": 0.3 * epoch,
+              "val_dice_tc": 0.2 * epoch, "val_dice_et": 0.1 * epoch} for epoch in (1, 2, 3)]
+    (folder / "metrics" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "summary.json").write_text(json.dumps({"best_val_dice": 0.6, "test_dice_mean": 0.5,
+                                                     "structures": ["wt", "tc", "et"]}))
+    rows = [("case_1", 0.8, 0.9, 0.8, 0.7), ("case_2", 0.5, 0.95, 0.1, 0.45), ("case_3", 0.3, 0.4, 0.3, 0.2)]
+    header = "case_id,dice,truth_ml,predicted_ml," + ",".join(
+        f"dice_{n},truth_ml_{n},predicted_ml_{n}" for n in ("wt", "tc", "et"))
+    (folder / "metrics" / "test_per_case.csv").write_text(header + "\n" + "".join(
+        f"{case},{dice},10,9," + ",".join(f"{value},{10 - k},{(10 - k) * value}" for k, value in enumerate(scores)) + "\n"
+        for case, dice, *scores in rows))
+    rng = np.random.default_rng(0)
+    for case, *_ in rows:
+        truth = np.zeros((8, 16, 16), np.uint8)
+        truth[2:6, 4:12, 4:12] = 1
+        truth[3:5, 6:10, 6:10] = 2
+        truth[4, 7:9, 7:9] = 3
+        np.savez_compressed(folder / "predictions" / f"{case}.npz", image=rng.normal(size=(4, 8, 16, 16)).astype(np.float16),
+                            mask=truth, prediction=np.roll(truth, 1, axis=2), spacing=np.ones(3, np.float32))
+
+
+def test_a_local_run_folder_is_reviewed_without_torch_with_structure_curves_overlays_and_volumes(tmp_path):
+    run = tmp_path / "demo-output" / "brainseg-20261203"
+    _regions_run(run)
+    result = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(run), "--report", str(tmp_path / "report"),
+                             "--no-job-status"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "brainseg-20261203" in result.stdout and "worst test cases: case_3 (Dice 0.300)" in result.stdout
+    page = (tmp_path / "report" / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)" alt="([^"]+)"', page)
+    files = [file for file, _ in images]
+    assert files[:2] == ["curves.png", "structure_curves.png"] and "volumes_brainseg-20261203.png" in files
+    picked = [alt for file, alt in images if file.startswith("overlay_")]
+    assert picked == ["worst mean Dice, worst wt Dice, worst et Dice: case case_3", "best mean Dice: case case_1",
+                      "worst tc Dice: case case_2"]  # case_3's et (0.2) is worse than case_2's 0.45
+    overlay = matplotlib.image.imread(tmp_path / "report" / files[files.index("overlay_brainseg-20261203_0.png")])
+    assert overlay.shape[0] > 4 * overlay.shape[1] / 3  # four rows of three views: one row per sequence
+    for file in files:
+        assert matplotlib.image.imread(tmp_path / "report" / file).shape[0] > 100
+
+
 def test_bad_uris_are_clear(runs, capsys):
-    assert review.main(["/tmp/runs"]) == 2
-    assert "expected an S3 URI" in capsys.readouterr().err
+    assert review.main(["/no/such/runs"]) == 2
+    assert "/no/such/runs: not an s3:// URI and no such local folder" in capsys.readouterr().err
     assert review.main([f"{runs}/not-a-run/"]) == 2
     assert "no runs under" in capsys.readouterr().err
     assert list_runs(f"{runs}/not-a-run/") == []
