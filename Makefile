@@ -1,4 +1,4 @@
-# Two entry points, each setting up from scratch: `make demo` and `make test`.
+# Two entry points, each setting up from scratch: `make demo` (python infra/launch.py: the demo job and its report) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt entry_point/requirements.txt infra/requirem
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/brainseg-launch
+	$(PY) infra/launch.py
 
 test: setup
 	$(VENV)/bin/ruff check .

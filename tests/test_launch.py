@@ -420,6 +420,13 @@ def _policies(capsys, *extra) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_iam_policy_prints_one_document_for_the_aws_cli(capsys):
+    documents = _policies(capsys)
+    for name in ("role_trust", "role_permissions", "caller_permissions"):
+        assert _policies(capsys, "--document", name) == documents[name]
+    assert documents["role_trust"]["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+
+
 def test_iam_policies_are_scoped_to_the_prefixes_and_the_account(capsys):
     documents = _policies(capsys, "--kms-key", "arn:aws:kms:eu-west-1:1:key/k", "--vpc", "--region", "eu-west-1",
                           "--mlflow-server", MLFLOW)

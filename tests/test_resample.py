@@ -66,7 +66,7 @@ def test_the_output_maps_back_onto_the_native_grid():
 def test_cases_of_different_thickness_stream_patches_in_millimetres(bucket):
     data = f"s3://{bucket}/thick/"
     write_dataset(10, data, SynthSpec(shape=(24, 48, 48), sequences=("t1c", "flair"), thicknesses=(1, 2, 3)))
-    hp = Hyperparameters(data_uri=data, sequences="t1c,flair", patch_size=(8, 16, 16))
+    hp = Hyperparameters(data_uri=data, sequences="t1c,flair", patch_size=(8, 16, 16), channels=(8, 16, 32))
     catalog = build_catalog(data, sequences=hp.sequence_names)
     depths = {case.image.shape[0] for case in catalog.cases}
     assert len(depths) > 1  # the thickness varies

@@ -270,7 +270,8 @@ def test_the_code_version_is_what_was_loaded_when_first_asked(tmp_path, monkeypa
 def test_bad_configuration_stops_before_training(dataset, bucket, capsys, extra, code, message):
     output = f"s3://{bucket}/runs"
     assert train.main(_args(dataset, output, "bad", *extra)) == code
-    assert re.search(message, capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert re.search(message, captured.out + captured.err)  # flag errors on stderr, the job's on its log
     assert s3.read_uri(f"{output}/bad/checkpoints/latest.json") is None
 
 
@@ -331,7 +332,8 @@ def test_init_weights_that_would_run_code_are_refused(dataset, bucket, tmp_path,
 def test_bad_flags_stop_before_anything_is_read(bucket, capsys, extra, message):
     s3.reset_stats()
     assert train.main(_args("s3://no-bucket-needed/ds/", f"s3://{bucket}/runs", "r", *extra)) == 2
-    assert re.search(message, capsys.readouterr().out) and s3.stats()["get_requests"] == 0
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err) and captured.err.count("\n") == 1 and s3.stats()["get_requests"] == 0
 
 
 def test_a_run_folder_holding_the_data_is_refused(bucket, capsys):

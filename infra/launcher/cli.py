@@ -65,6 +65,7 @@ DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the d
 
 COMMANDS = ("train", "predict", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
 LIFECYCLE = ("status", "logs", "stop", "attach", "jobs")
+POLICY_DOCUMENTS = ("role_permissions", "role_trust", "caller_permissions")
 TUNING_FLAGS = ("tuning", "range", "strategy", "objective", "objective_type", "max_jobs", "max_parallel_jobs",
                 "early_stopping", "random_seed", "min_epochs")
 
@@ -133,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--mlflow-server", action="append", default=[], help="a SageMaker MLflow tracking server ARN the runs "
                                                                "log to (--hp mlflow_tracking_uri=…; repeatable)")
     add("--region", default="*", help="the region of the jobs (default: any)")
+    add("--document", choices=POLICY_DOCUMENTS, help="print only this document, as aws iam create-role "
+                                                     "--assume-role-policy-document / put-role-policy take it")
 
     for name, text in (("status", "a SageMaker job's status, times, instances, warm pool, run and final metrics"),
                        ("logs", "a SageMaker job's CloudWatch log, every instance's, in time order"),
@@ -316,7 +319,11 @@ def report(output_uri: str, job_name: str) -> None:
     summary = s3.read_uri(run + RunLayout.SUMMARY)
     print(f"artifacts: {run}")
     if summary is None:
-        print("  no summary.json (the run did not finish; see run.json)")
+        status = json.loads(s3.read_uri(run + RunLayout.STATUS) or b"{}")
+        if status.get("error"):
+            print(f"  the run {status.get('status', 'failed')}: {status['error']}")
+        else:
+            print(f"  no summary.json (the run did not finish; its run.json says {status.get('status', 'nothing')})")
         return
     summary = json.loads(summary)
     structures = [f"test_{figure}_{name}" for name in summary.get("structures", []) if len(summary["structures"]) > 1
@@ -526,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(json.dumps(documents, indent=1))
+        print(json.dumps(documents[args.document] if args.document else documents, indent=1))
         return 0
     if args.command in LIFECYCLE:
         return lifecycle_command(args)
