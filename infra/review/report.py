@@ -198,7 +198,8 @@ def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), s
     count = int(max(mask.max(), prediction.max(), len(structures), 1))
     names = [structures[k] if k < len(structures) else f"structure {k + 1}" for k in range(count)]
     fill = ListedColormap([_colour(k) for k in range(1, count + 1)])
-    figure, axes = plt.subplots(len(images), 3, figsize=(11, 3.6 * len(images) + 0.6), squeeze=False)
+    figure, axes = plt.subplots(len(images), 3, figsize=(11, 3.4 * len(images) + 0.8), squeeze=False,
+                                layout="compressed")
     for row, image in enumerate(images):
         low, high = np.percentile(image, [1, 99])
         for axis, (view, index, aspect) in zip(axes[row], views):
@@ -212,7 +213,7 @@ def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), s
             axis.set_title(f"{plain_text(sequence)} {view}", fontsize=9)
             axis.axis("off")
     handles = [Patch(color=_colour(k + 1), label=plain_text(name)) for k, name in enumerate(names)]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     figure.suptitle(plain_text(title) + "\noutline = truth, fill = prediction", fontsize=10)
     _save(figure, path)
 
