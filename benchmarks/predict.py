@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from brainseg.environment import read_environment
-from brainseg.inference.job import PredictionJob
-from brainseg.inference.options import PredictOptions
 from brainseg.io import s3
 from brainseg.model.artifact import artifact_bytes
 from brainseg.model.description import ModelDescription
 from brainseg.model.networks import NetworkSpec, build_model
+from brainseg.prediction.job import PredictionJob
+from brainseg.prediction.options import PredictOptions
 from infra.data.synth import SynthSpec, write_dataset
 from infra.s3server import EmbeddedS3
 

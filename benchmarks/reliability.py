@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.support: the fault-injecting S3 and the header fuzzer
 
-import train  # noqa: E402
+from brainseg.commands import train  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from brainseg.run import ownership  # noqa: E402

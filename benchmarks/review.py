@@ -4,7 +4,7 @@
                                 [--out benchmarks/results/review.json]
 
 One embedded S3 (moto, its own process, ``--latency-ms`` added to every request) holds ``--runs``
-finished runs written through ``brainseg.run.artifacts.RunStore`` as the training job writes them
+finished runs written through ``brainseg.layout.Store`` as the training job writes them
 (run.json, an ``--epochs``-line metrics.jsonl, summary, per-case CSV of ``--cases`` rows, one
 32×64×64 prediction crop per case). Measured: listing and reading every run under the prefix;
 following one run while it grows an epoch at a time, incremental polls (``MetricsTail``) against
@@ -27,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from brainseg.io import s3  # noqa: E402
-from brainseg.run.artifacts import RunStore  # noqa: E402
+from brainseg.io.store import Store  # noqa: E402
+from brainseg.layout import RunLayout  # noqa: E402
 from infra.review.report import write_report  # noqa: E402
 from infra.review.runs import MetricsTail, list_runs  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
@@ -54,10 +55,10 @@ def crop(rng: np.random.Generator) -> dict:
 
 
 def write_run(output: str, name: str, epochs: int, cases: int, rng: np.random.Generator) -> None:
-    store = RunStore(output, name)
+    store = Store(output, name)
     store.put_json("run.json", {"status": "finished", "started": 1.8e9 + rng.random() * 1e5,
                                 "hyperparameters": {"lr": float(rng.choice([1e-3, 3e-3])), "epochs": epochs}})
-    store.put_metrics([epoch_line(epoch, rng) for epoch in range(1, epochs + 1)])
+    store.put_jsonl(RunLayout.METRICS, [epoch_line(epoch, rng) for epoch in range(1, epochs + 1)])
     rows = [{"case_id": f"case_{i:04d}", "dice": round(float(rng.random()), 4), "iou": 0.5, "truth_ml": 10.0,
              "predicted_ml": 9.0} for i in range(cases)]
     store.put_csv("metrics/test_per_case.csv", rows)
@@ -78,13 +79,13 @@ def timed(function):
 
 def follow(output: str, epochs: int, rng: np.random.Generator) -> dict:
     """A run growing one epoch per write, polled after each write incrementally and whole."""
-    store = RunStore(output, "growing")
+    store = Store(output, "growing")
     uri = store.url("metrics/metrics.jsonl")
     tail = MetricsTail(uri)
     history, incremental, whole = [], {"seconds": 0.0, "bytes": 0}, {"seconds": 0.0, "bytes": 0}
     for epoch in range(1, epochs + 1):
         history.append(epoch_line(epoch, rng))
-        store.put_metrics(history)
+        store.put_jsonl(RunLayout.METRICS, history)
         added, cost = timed(tail.poll)
         assert [line["epoch"] for line in added] == [epoch], added
         incremental["seconds"] += cost["seconds"]

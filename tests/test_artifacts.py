@@ -7,7 +7,7 @@ import json
 import pytest
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunStore
+from brainseg.io.store import Store
 from brainseg.run.checkpoint import CheckpointStore
 
 
@@ -29,7 +29,7 @@ def _fail_puts(key_part: str, times: int, status: int = 500, code: str = "Intern
 
 
 def test_a_failed_upload_is_retried(bucket):
-    store = CheckpointStore(RunStore(f"s3://{bucket}/runs", "r4"))
+    store = CheckpointStore(Store(f"s3://{bucket}/runs", "r4"))
     hook, state = _fail_puts("step-00000002.pt", times=9)  # more than botocore's own 8 attempts
     s3.client().meta.events.register_first("before-send.s3.PutObject", hook)
     try:
@@ -40,8 +40,8 @@ def test_a_failed_upload_is_retried(bucket):
 
 
 def test_a_failed_upload_never_moves_the_pointer(bucket, monkeypatch):
-    monkeypatch.setattr("brainseg.run.artifacts.UPLOAD_BACKOFF_S", 0.0)
-    store = CheckpointStore(RunStore(f"s3://{bucket}/runs", "r5"))
+    monkeypatch.setattr("brainseg.io.store.UPLOAD_BACKOFF_S", 0.0)
+    store = CheckpointStore(Store(f"s3://{bucket}/runs", "r5"))
     store.save(b"first", 1, 1, keep=3)
     hook, _ = _fail_puts("step-00000002.pt", times=10**6, status=403, code="AccessDenied")
     s3.client().meta.events.register_first("before-send.s3.PutObject", hook)

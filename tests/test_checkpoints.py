@@ -10,12 +10,12 @@ import logging
 import pytest
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunStore
+from brainseg.io.store import Store
 from brainseg.run.checkpoint import CheckpointError, CheckpointStore
 
 
 def _store(bucket: str, run: str, local=None) -> CheckpointStore:
-    return CheckpointStore(RunStore(f"s3://{bucket}/runs", run), str(local) if local else None)
+    return CheckpointStore(Store(f"s3://{bucket}/runs", run), str(local) if local else None)
 
 
 def _listing(store: CheckpointStore) -> list[str]:

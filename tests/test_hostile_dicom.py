@@ -25,6 +25,7 @@ from brainseg.dicom import HeaderError, parse_header, writer
 from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model
 from brainseg.run.evaluate import aggregate, evaluate
+from brainseg.tasks import task_of
 from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom
 from tests.support.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
 
@@ -222,7 +223,8 @@ def test_a_slab_that_cannot_be_decoded_is_replaced_the_same_way_every_time(damag
 def test_a_case_that_cannot_be_decoded_is_left_out_of_the_evaluation(damaged_frame_catalog, caplog):
     hp = Hyperparameters(channels=(4, 8), patch_size=(4, 16, 16), res_units=1)
     with caplog.at_level(logging.WARNING, logger="brainseg.run.evaluate"):
-        results = evaluate(build_model(NetworkSpec.of(hp, 2)), damaged_frame_catalog.cases, hp, torch.device("cpu"))
+        results = evaluate(build_model(NetworkSpec.of(hp, 2)), damaged_frame_catalog.cases, hp, task_of(hp),
+                           torch.device("cpu"))
     assert [result.row().get("error", "") != "" for result in results] == [False, True, False]
     assert aggregate(results)["cases"] == 2 and aggregate(results)["unreadable"] == 1
     assert "case case_1 left out of the evaluation" in caplog.text

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-import train
-from brainseg.config import FLAG_GROUPS, Hyperparameters, build_parser, parse_hyperparameters, validate_overrides
+from brainseg.commands import train
+from brainseg.config import (
+    FLAG_GROUPS,
+    STREAM_FLAGS,
+    Hyperparameters,
+    StreamConfig,
+    build_parser,
+    check_budget,
+    parse_hyperparameters,
+    validate_overrides,
+)
 from brainseg.environment import read_environment
 
 REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
@@ -128,6 +137,15 @@ def test_overrides_are_validated_for_launchers():
         validate_overrides({"epochs": "many"})
 
 
+def test_the_stream_settings_are_declared_once():
+    stream = {spec.name: spec for spec in fields(StreamConfig)}
+    flags = {spec.name: spec for spec in fields(Hyperparameters)}
+    assert set(stream) == {*STREAM_FLAGS, "memory_budget_bytes", "seed"}
+    for name in STREAM_FLAGS:
+        assert flags[name].default == stream[name].default and flags[name].metadata == stream[name].metadata, name
+    assert Hyperparameters().stream_config() == StreamConfig()
+
+
 def test_stream_config_carries_the_stream_fields():
     hp = Hyperparameters(patch_size=(32, 48, 64), memory_budget_mb=64, mix_slabs=3, seed=9)
     config = hp.stream_config()
@@ -151,11 +169,14 @@ def _hp_attributes() -> set[str]:
 
 
 def _stream_config_attributes() -> set[str]:
-    """The fields ``Hyperparameters.stream_config`` hands to the patch stream."""
+    """The fields ``Hyperparameters.stream_config`` hands to the patch stream: those it reads as
+    ``self.<name>`` and, when it hands them over by name, every one of :data:`STREAM_FLAGS`."""
     tree = ast.parse((ENTRY_POINT / "brainseg" / "config.py").read_text())
     method = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "stream_config")
-    return {node.attr for node in ast.walk(method)
+    read = {node.attr for node in ast.walk(method)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    by_name = any(isinstance(node, ast.Name) and node.id == "STREAM_FLAGS" for node in ast.walk(method))
+    return read | (set(STREAM_FLAGS) if by_name else set())
 
 
 DERIVED = {"sequence_names": "sequences"}  # properties of Hyperparameters and the field each one reads
@@ -174,13 +195,11 @@ def test_environment_reads_sagemaker_variables(tmp_path):
                             "SM_CHECKPOINT_DIR": str(tmp_path)})
     assert env.model_dir == "/opt/ml/model" and env.hosts == ("algo-1", "algo-2") and env.current_host == "algo-2"
     assert env.num_gpus == 4 and env.job_name == "brainseg-2026" and env.checkpoint_dir == str(tmp_path)
-    assert env.on_sagemaker
 
 
 def test_environment_falls_back_outside_sagemaker():
     env = read_environment({})
     assert env.model_dir == "model" and env.job_name is None and env.hosts == ("localhost",)
-    assert not env.on_sagemaker
 
 
 def test_help_describes_every_flag():
@@ -192,3 +211,23 @@ def test_help_describes_every_flag():
         assert text and len(text.split("(default")[0].strip()) > 10, (name, text)
     assert {action.dest: action.metavar for action in shown}["model"] == "unet|attention_unet|segresnet|dynunet"
     assert "(default: 96,96,96)" in documented["patch_size"]
+
+
+@pytest.mark.parametrize("budget_mb, workers, needed_mb, slabs", [(64, 4, 10, 1), (64, 2, 10, 3), (64, 0, 16, 4)])
+def test_the_budget_is_divided_among_the_workers_in_one_place(budget_mb, workers, needed_mb, slabs):
+    assert check_budget(budget_mb * 2**20, workers, needed_mb * 2**20) == slabs
+
+
+def test_a_budget_too_small_names_the_flag_and_the_least_that_fits():
+    with pytest.raises(ValueError, match=r"^--memory-budget-mb 64 gives each of 8 DataLoader worker\(s\) 8 MiB, but one "
+                                         r"slab needs 10 MiB; raise --memory-budget-mb to at least 80, or lower"):
+        check_budget(64 * 2**20, 8, 10 * 2**20)
+
+
+def test_the_label_scheme_is_parsed_once_per_run_and_shared():
+    from brainseg.tasks import task_of
+
+    hp = Hyperparameters(labels="ncr=1,ed=2,et=4", regions="brats")
+    assert hp.label_scheme is hp.label_scheme and task_of(hp).scheme is hp.label_scheme
+    assert hp.label_scheme.names == ("wt", "tc", "et")
+    assert hp == Hyperparameters(labels="ncr=1,ed=2,et=4", regions="brats")  # the cache is no field

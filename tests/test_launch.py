@@ -17,11 +17,10 @@ import boto3
 import numpy as np
 import pytest
 
-import predict
-import train
+from brainseg.commands import predict, train
 from brainseg.config import parse_hyperparameters
 from brainseg.io import s3
-from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
+from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from infra.launcher import cli as launch
 from infra.launcher import process_job, sagemaker_job
 from infra.launcher.jobspec import build_spec, distribution_text, parse_overrides, sagemaker_cli_args

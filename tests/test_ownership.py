@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-import train
+from brainseg.commands import train
 from brainseg.io import s3
+from brainseg.io.store import Store
 from brainseg.run import ownership
-from brainseg.run.artifacts import RunStore
 from brainseg.run.ownership import RunLock, RunTaken
 
 
@@ -81,7 +81,7 @@ def test_a_claim_that_stops_changing_is_taken_over_when_stale(bucket, caplog, mo
 def test_an_owner_notices_a_take_over_and_stops_writing(bucket):
     lock = RunLock(f"s3://{bucket}/runs", "r5", "job-a")
     lock.acquire()
-    store = RunStore(f"s3://{bucket}/runs", "r5", before_write=lock.check)
+    store = Store(f"s3://{bucket}/runs", "r5", before_write=lock.check)
     store.put_json("run.json", {"status": "running"})
     _claim(bucket, "r5", token="y", job="job-b", host="h", pid=1, machine="m", heartbeat=time.time())
     deadline = time.monotonic() + 5
@@ -98,7 +98,7 @@ def test_train_refuses_a_run_another_job_writes_and_leaves_it_alone(bucket, caps
     output = f"s3://{bucket}/runs"
     owner = RunLock(output, "shared", "job-a")
     owner.acquire()
-    RunStore(output, "shared").put_json("run.json", {"status": "running", "hyperparameters": {"lr": 0.001}})
+    Store(output, "shared").put_json("run.json", {"status": "running", "hyperparameters": {"lr": 0.001}})
     try:
         code = train.main(["--data-uri", f"s3://{bucket}/data/", "--output-uri", output, "--run-name", "shared",
                            "--lr", "0.1"])

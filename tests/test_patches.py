@@ -148,7 +148,8 @@ def test_zscore_patch_is_the_normalised_region(cases):
 
 
 def test_budget_too_small_for_one_slab(cases):
-    with pytest.raises(ValueError, match=r"memory budget .* cannot hold one slab of \d+ MiB; raise memory_budget_bytes"):
+    with pytest.raises(ValueError, match=r"--memory-budget-mb 16 gives each of 1 DataLoader worker\(s\) 16 MiB, but one "
+                                         r"slab needs \d+ MiB; raise --memory-budget-mb to at least \d+"):
         PatchStream(cases, StreamConfig(patch_size=(96, 96, 96), memory_budget_bytes=16 * 2**20))
 
 

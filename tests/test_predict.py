@@ -10,6 +10,7 @@ import json
 import os
 import tarfile
 import zipfile
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -17,24 +18,25 @@ import pydicom
 import pytest
 import torch
 
-import inference
-import predict
-import train
+from brainseg.commands import predict, train
+from brainseg.commands import serving as inference
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import read_case_region
 from brainseg.dicom import HeaderError, writer
 from brainseg.dicom.seg import Algorithm, encode_segmentation
-from brainseg.inference.options import parse_options
-from brainseg.inference.predictor import Predictor
 from brainseg.io import s3
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
+from brainseg.prediction.options import parse_options
+from brainseg.prediction.predictor import Predictor
 from infra.data.synth import SynthSpec, encode_case, write_dataset
 from infra.review import cli as review
 from infra.review.predictions import load_prediction, seg_overlay
 
 SEQUENCES = "t1c,flair"
 NEW = SynthSpec(shape=(20, 40, 44), sequences=("t1c", "flair"), thicknesses=(1, 2), seed=7)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +206,8 @@ def test_shards_split_the_cases_and_the_last_one_marks_the_output_complete(train
 
 def test_the_hosting_handler_round_trips_a_case_by_bytes_and_by_location(trained):
     code = trained["model_dir"] / "code"
-    assert (code / "inference.py").read_bytes() == open(inference.__file__, "rb").read()
-    assert (code / "brainseg" / "inference" / "job.py").is_file() and (code / "requirements.txt").is_file()
+    assert (code / "inference.py").read_bytes() == (ROOT / "entry_point" / "inference.py").read_bytes()
+    assert (code / "brainseg" / "prediction" / "job.py").is_file() and (code / "requirements.txt").is_file()
     predictor = inference.model_fn(str(trained["model_dir"]))
     files = {path.split("/", 1)[1]: data for path, data in encode_case(1, NEW).items()
              if path.split("/")[1] in ("t1c", "flair")}

@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 
-from brainseg.run.progress import Progress, duration_text
+from brainseg.progress import Progress, duration_text
 
 VALUES = {"epoch": 1, "loss": 0.5, "lr": 1e-3, "patches_per_s": 12.0, "data_wait_fraction": 0.1}
 
@@ -31,7 +31,7 @@ def test_plain_lines_when_not_a_terminal(caplog):
 def test_the_eta_is_the_remaining_units_at_the_rate_so_far(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="brainseg.train")
     clock = iter([1000.0, 1000.0 + 4 * 30.0, 1000.0 + 8 * 30.0])  # 30 s per step after a resume at step 2
-    monkeypatch.setattr("brainseg.run.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("brainseg.progress.time.monotonic", lambda: next(clock))
     with Progress(total=200, initial=2, log_every=2, stream=io.StringIO()) as progress:
         progress.update(6, **VALUES)
         progress.update(10, **VALUES)

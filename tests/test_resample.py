@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from brainseg.commands import train
 from brainseg.config import Hyperparameters, StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.resample import Grid, median_spacing

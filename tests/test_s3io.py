@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import threading
 
+import botocore.exceptions
 import pytest
 
 from brainseg.io import s3
@@ -175,3 +176,24 @@ def test_fanning_out_over_more_cases_than_threads_does_not_deadlock(bucket, monk
     assert [case.image.read_volume().shape for case in loaded] == [(4, 16, 16)] * 3
     monkeypatch.undo()
     s3.reset_client()
+
+
+def test_the_one_retry_loop_retries_what_it_is_told_and_names_the_last_failure(monkeypatch):
+    monkeypatch.setattr(s3, "RETRY_BACKOFF_S", 0.0)
+    failures, noted = [botocore.exceptions.ConnectionClosedError(endpoint_url="http://s3"), s3._ShortBody("short")], []
+
+    def flaky():
+        if failures:
+            raise failures.pop(0)
+        return "bytes"
+
+    before = s3.stats()["retries"]
+    assert s3.retrying(flaky, lambda n, err: "unused", note=lambda attempt, err: noted.append(attempt)) == "bytes"
+    assert noted == [1, 2] and s3.stats()["retries"] == before + 2
+    with pytest.raises(s3.S3Error, match=r"^gave up after 3: S3Error: put failed$"):
+        s3.retrying(lambda: (_ for _ in ()).throw(s3.S3Error("put failed")),
+                    lambda n, err: f"gave up after {n}: {type(err).__name__}: {err}", attempts=3, retry_on=(s3.S3Error,))
+    calls = []
+    with pytest.raises(KeyError):  # not a retried kind: raised at once
+        s3.retrying(lambda: calls.append(1) or {}["missing"], lambda n, err: "unused")
+    assert calls == [1]

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from brainseg.commands import train
 from brainseg.config import Hyperparameters, StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import writer
 from brainseg.io import s3
 from brainseg.labels import parse_scheme
-from brainseg.run.metrics import hausdorff95
+from brainseg.metrics import hausdorff95
 from brainseg.tasks import task_of
 from infra.data.phantom import ET, NCR, make_study
 from infra.data.synth import SynthSpec, write_dataset

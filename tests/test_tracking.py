@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-import train
+from brainseg.commands import train
 from brainseg.io import s3
 from brainseg.run.tracking import Tracker
 from infra.s3server import free_port

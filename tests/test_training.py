@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from brainseg.commands import train
 from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model, is_encoder_parameter
 from infra.data.synth import SynthSpec, write_dataset
@@ -107,7 +107,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.pt", "model.json", "hyperparameters.json",
                                                                  "code"}
     assert (tmp_path / "model" / "code" / "inference.py").is_file()
-    assert (tmp_path / "model" / "code" / "brainseg" / "inference" / "predictor.py").is_file()
+    assert (tmp_path / "model" / "code" / "brainseg" / "prediction" / "predictor.py").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "e2e").iterdir()) == [
         "latest.json", *(name.removeprefix("checkpoints/") for name in checkpoints)]
 

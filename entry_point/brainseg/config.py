@@ -1,17 +1,21 @@
-"""Configuration of the data pipeline: frozen, checked on construction, free of torch.
+"""A run's configuration: the patch stream's settings (:class:`StreamConfig`) and every
+hyperparameter of train.py (:class:`Hyperparameters`, each field a flag with its help text and
+group), frozen and checked on construction; the flag builder train.py and predict.py share; the
+checks across fields (patch size against the network's levels, the memory budget, locations).
 
-The launcher imports this module on a laptop without torch; keep it that way.
+Free of torch: the launcher imports this module on a laptop to check a job before submitting it.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
-from brainseg.labels import parse_scheme
+from brainseg.labels import LabelScheme, parse_scheme
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
@@ -46,37 +50,31 @@ def inside(uri: str, prefix: str) -> bool:
     return _prefix(uri).startswith(_prefix(prefix))
 
 
+def _field(default, help_text: str):
+    """A field with its ``--help`` text."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    """How patches are sampled, fetched, normalised and augmented.
+    """How patches are sampled, fetched, normalised and augmented; each field's help text says what
+    it does (train.py's flags of the same names take their defaults and help from here). A patch
+    depends only on ``seed`` and its task index; ``memory_budget_bytes`` bounds what every
+    DataLoader worker of one process group holds together."""
 
-    Attributes:
-        patch_size: ``(D, H, W)`` voxels of each patch; clamped to, and padded for, small volumes.
-        foreground_fraction: share of patches centred on a tumour voxel (nnU-Net uses 1/3).
-        patches_per_slab: patches cut from each fetched slab, to amortise its requests.
-        slab_margin: extra ``(D, H)`` voxels fetched around a patch, room for the slab's patches
-            to differ (the full width is fetched anyway: rows are contiguous in DICOM).
-        mix_slabs: patches of this many consecutive slabs are interleaved, so a batch mixes
-            cases; the first batch waits for this many slabs (1: each slab's patches in a row).
-        normalization: ``"zscore"`` (body mean and std) or ``"minmax"`` (0.5-99.5 percentile to [0, 1]).
-        augment: mirroring, 90-degree in-plane turns, rotation, scaling, elastic deformation, and per
-            channel bias field, gamma, blur, lower resolution, scale/shift and noise (:mod:`brainseg.data.augment`).
-        memory_budget_bytes: hard bound on slabs and patches held by the pipeline, shared by all
-            DataLoader workers of one process group.
-        read_ahead: slabs fetched ahead of the consumer per worker (the budget may lower it).
-        seed: seed of every random choice; a patch depends only on the seed and its task index.
-    """
-
-    patch_size: tuple = (96, 96, 96)
-    foreground_fraction: float = 1.0 / 3.0
-    patches_per_slab: int = 4
-    slab_margin: tuple = (16, 16)
-    mix_slabs: int = 2
-    normalization: str = "zscore"
-    augment: bool = True
-    memory_budget_bytes: int = 1024 * MiB
-    read_ahead: int = 4
-    seed: int = 0
+    patch_size: tuple = _field((96, 96, 96), "(D, H, W) voxels of each patch; clamped to, and padded for, small "
+                                             "volumes")
+    foreground_fraction: float = _field(1.0 / 3.0, "share of patches centred on a tumour voxel (nnU-Net uses 1/3)")
+    patches_per_slab: int = _field(4, "patches cut from each fetched slab, to amortise its requests")
+    slab_margin: tuple = _field((16, 16), "extra (D, H) voxels fetched around a patch, room for the slab's patches "
+                                          "to differ (the full width is fetched: rows are contiguous in DICOM)")
+    mix_slabs: int = _field(2, "consecutive slabs whose patches are interleaved, so a batch mixes cases")
+    normalization: str = _field("zscore", "zscore (body mean and std) or minmax (0.5-99.5 percentile to [0, 1])")
+    augment: bool = _field(True, "mirroring, rotation, scaling, elastic deformation, bias field, gamma, blur, lower "
+                                 "resolution, intensity scale/shift, noise (brainseg.data.augment)")
+    memory_budget_bytes: int = _field(1024 * MiB, "bytes the patch pipeline may hold, shared by the DataLoader workers")
+    read_ahead: int = _field(4, "slabs fetched ahead of the consumer per worker (the budget may lower it)")
+    seed: int = _field(0, "seed of every random choice")
 
     def task_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int, channels: int = 1) -> int:
         """Upper bound of the memory one task holds: a ``slab`` ``(D, H, W)`` of each of ``channels``
@@ -107,6 +105,15 @@ class StreamConfig:
             raise ValueError(f"memory_budget_bytes {self.memory_budget_bytes}: expected at least 16 MiB")
 
 
+def _stream_field(name: str):
+    """A Hyperparameters field that is the StreamConfig field ``name``: its default and help text."""
+    spec = next(spec for spec in fields(StreamConfig) if spec.name == name)
+    return _field(spec.default, spec.metadata["help"])
+
+
+# The StreamConfig fields train.py takes as they are (the budget is in MiB there, the seed seeds more).
+STREAM_FLAGS = ("patch_size", "foreground_fraction", "patches_per_slab", "slab_margin", "mix_slabs", "normalization",
+                "augment", "read_ahead")
 TASKS = ("segmentation", "autoencoder", "lr_find")
 MODELS = ("unet", "attention_unet", "segresnet", "dynunet")
 ACTIVATIONS = ("relu", "prelu")
@@ -130,11 +137,6 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_st
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
                                "save_predictions", "allow_dataset_change", "mlflow_tracking_uri",
                                "mlflow_experiment"})
-
-
-def _field(default, help_text: str):
-    """A field with its ``--help`` text."""
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
@@ -219,18 +221,16 @@ class Hyperparameters:
     init_weights: str = _field("", "s3:// URI or path of weights to start from (matching layers are loaded)")
     freeze_encoder: bool = _field(False, "train only the decoder")
     # The patch stream (StreamConfig)
-    patch_size: tuple = _field(StreamConfig.patch_size, "(D, H, W) voxels of each patch")
-    foreground_fraction: float = _field(StreamConfig.foreground_fraction, "share of patches centred on a tumour voxel")
-    patches_per_slab: int = _field(StreamConfig.patches_per_slab, "patches cut from each fetched slab")
-    slab_margin: tuple = _field(StreamConfig.slab_margin, "extra (D, H) voxels fetched around a patch")
-    mix_slabs: int = _field(StreamConfig.mix_slabs, "consecutive slabs whose patches are interleaved")
-    normalization: str = _field(StreamConfig.normalization, "zscore (body mean and std) or minmax (0.5-99.5 "
-                                                            "percentile to [0, 1])")
-    augment: bool = _field(StreamConfig.augment, "mirroring, rotation, scaling, elastic deformation, bias field, "
-                                                 "gamma, blur, lower resolution, intensity scale/shift, noise")
+    patch_size: tuple = _stream_field("patch_size")
+    foreground_fraction: float = _stream_field("foreground_fraction")
+    patches_per_slab: int = _stream_field("patches_per_slab")
+    slab_margin: tuple = _stream_field("slab_margin")
+    mix_slabs: int = _stream_field("mix_slabs")
+    normalization: str = _stream_field("normalization")
+    augment: bool = _stream_field("augment")
     memory_budget_mb: int = _field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
                                                                             "by the DataLoader workers")
-    read_ahead: int = _field(StreamConfig.read_ahead, "slabs fetched ahead of the consumer per worker")
+    read_ahead: int = _stream_field("read_ahead")
     seed: int = _field(StreamConfig.seed, "seeds the split, the initial weights, dropout and every patch")
 
     def __post_init__(self) -> None:
@@ -273,10 +273,15 @@ class Hyperparameters:
         if self.run_name:
             check_run_name(self.run_name)
         self._check_sequences()
-        parse_scheme(self.labels, self.regions)
+        _ = self.label_scheme  # parsed (and checked) once, here
         parse_target_spacing(self.target_spacing)
         self._check_locations()
         self._check_memory_budget()
+
+    @functools.cached_property
+    def label_scheme(self) -> LabelScheme:
+        """The run's classes and regions (``--labels``, ``--regions``), parsed once per run."""
+        return parse_scheme(self.labels, self.regions)
 
     @property
     def sequence_names(self) -> tuple[str, ...]:
@@ -311,11 +316,8 @@ class Hyperparameters:
         """The smallest slab a patch needs (the volume at least as large as the patch) must fit in
         one DataLoader worker's share of the budget; the exact check needs the volumes' shapes."""
         config = self.stream_config()  # the stream settings check themselves
-        workers = max(1, self.num_workers)
         slab = (self.patch_size[0] + self.slab_margin[0], self.patch_size[1] + self.slab_margin[1], self.patch_size[2])
-        needed = config.task_bytes(slab, 1, 1, len(self.sequence_names))
-        if needed > config.memory_budget_bytes // workers:
-            raise ValueError(budget_message(self.memory_budget_mb, workers, needed))
+        check_budget(config.memory_budget_bytes, self.num_workers, config.task_bytes(slab, 1, 1, len(self.sequence_names)))
 
     def run_uri(self, run_name: str) -> str:
         """``<output_uri>/<run_name>/``."""
@@ -323,18 +325,12 @@ class Hyperparameters:
 
     def stream_config(self) -> StreamConfig:
         """The patch-stream settings of this run."""
-        return StreamConfig(
-            patch_size=self.patch_size, foreground_fraction=self.foreground_fraction,
-            patches_per_slab=self.patches_per_slab, slab_margin=self.slab_margin, mix_slabs=self.mix_slabs,
-            normalization=self.normalization, augment=self.augment,
-            memory_budget_bytes=self.memory_budget_mb * MiB, read_ahead=self.read_ahead, seed=self.seed)
+        return StreamConfig(**{name: getattr(self, name) for name in STREAM_FLAGS},
+                            memory_budget_bytes=self.memory_budget_mb * MiB, seed=self.seed)
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v
                 for f in fields(self) for v in [getattr(self, f.name)]}
-
-    def replace(self, **changes) -> Hyperparameters:
-        return replace(self, **changes)
 
 
 def parse_target_spacing(text: str) -> tuple | str:
@@ -356,13 +352,22 @@ def parse_target_spacing(text: str) -> tuple | str:
     return values
 
 
-def budget_message(budget_mb: int, workers: int, needed_bytes: int) -> str:
-    """Why the memory budget is too small, naming the flag to raise and by how much."""
-    least = -(-needed_bytes * workers // MiB)
-    return (f"--memory-budget-mb {budget_mb} gives each of {workers} DataLoader worker(s) "
-            f"{budget_mb / workers:.0f} MiB, but one slab needs {needed_bytes / MiB:.0f} MiB; raise "
-            f"--memory-budget-mb to at least {least}, or lower --patch-size, --slab-margin, --patches-per-slab "
-            "or --num-workers")
+def check_budget(budget_bytes: int, workers: int, needed_bytes: int) -> int:
+    """How many slabs of ``needed_bytes`` one of ``workers`` DataLoader workers may hold within its
+    share of the memory budget: the one place the budget is divided and its refusal worded.
+
+    Raises:
+        ValueError: not even one slab fits, naming the flag to raise and by how much.
+    """
+    workers = max(1, workers)
+    fits = budget_bytes // workers // max(1, needed_bytes)
+    if fits < 1:
+        least = -(-needed_bytes * workers // MiB)
+        raise ValueError(f"--memory-budget-mb {budget_bytes / MiB:.0f} gives each of {workers} DataLoader worker(s) "
+                         f"{budget_bytes / workers / MiB:.0f} MiB, but one slab needs {needed_bytes / MiB:.0f} MiB; "
+                         f"raise --memory-budget-mb to at least {least}, or lower --patch-size, --slab-margin, "
+                         "--patches-per-slab or --num-workers")
+    return int(fits)
 
 
 def parse_bool(text: str) -> bool:

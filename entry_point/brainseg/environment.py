@@ -38,10 +38,6 @@ class Environment:
     current_host: str
     num_gpus: int | None
 
-    @property
-    def on_sagemaker(self) -> bool:
-        return self.job_name is not None
-
 
 def read_environment(environ=None) -> Environment:
     """The contract from ``environ`` (default ``os.environ``)."""

@@ -14,9 +14,9 @@ import torch
 
 from brainseg.config import Hyperparameters
 from brainseg.data.pretext import drop_blocks
-from brainseg.labels import LabelScheme, parse_scheme
+from brainseg.labels import LabelScheme
+from brainseg.metrics import score_structures
 from brainseg.model.losses import build_loss
-from brainseg.run.metrics import score_structures
 
 PRETEXT_STREAM = 11  # the third key of the per-step generator that blanks training blocks
 
@@ -163,4 +163,4 @@ def task_of(hp: Hyperparameters) -> Task:
     """The run's task, built from its hyperparameters (labels and regions, sequences)."""
     if hp.task == "autoencoder":
         return Autoencoder(len(hp.sequence_names))
-    return Segmentation(parse_scheme(hp.labels, hp.regions))
+    return Segmentation(hp.label_scheme)

@@ -44,7 +44,7 @@ from pydicom.sr.codedict import codes
 
 from brainseg.dicom import writer
 from brainseg.io import s3
-from brainseg.run.progress import Progress
+from brainseg.progress import Progress
 from infra.data.synth import write_files
 
 logger = logging.getLogger("ingest")

@@ -41,12 +41,11 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
-from brainseg.run.artifacts import RunLayout
+from brainseg.layout import PredictionLayout, RunLayout, TuningLayout
 from infra.launcher import iam
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
-from infra.launcher.tuning import STRATEGIES, TuningLayout, TuningSpec, load_tuning, parse_range, tuning_job_name
+from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_range, tuning_job_name
 from infra.review.predictions import is_prediction_output, load_prediction
 
 logger = logging.getLogger("launch")

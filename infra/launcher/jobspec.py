@@ -4,7 +4,7 @@ train.py (training) or predict.py (prediction: a batch job on the same image and
 No torch and no SageMaker SDK here: ``brainseg-launch`` (:mod:`infra.launcher.cli`) builds a :class:`JobSpec` from its flags and an
 optional YAML file, then hands it to one of the runners (``sagemaker_job`` for ``aws``/``local``,
 ``process_job`` for ``process``). Also here: the hyperparameters as SageMaker passes them on the
-command line (the metric definitions are in :mod:`brainseg.run.metric_lines`, the IAM policies in
+command line (the metric definitions are in :mod:`brainseg.metric_lines`, the IAM policies in
 :mod:`infra.launcher.iam`).
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from brainseg.config import validate_overrides
-from brainseg.inference.options import validate_predict_overrides
 from brainseg.io import s3
+from brainseg.prediction.options import validate_predict_overrides
 from infra.launcher.iam import role_account
 
 MODES = ("process", "local", "aws")

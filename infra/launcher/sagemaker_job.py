@@ -29,7 +29,7 @@ import boto3
 import botocore.exceptions
 from botocore.awsrequest import AWSResponse
 
-from brainseg.run.metric_lines import METRIC_DEFINITIONS
+from brainseg.metric_lines import METRIC_DEFINITIONS
 from infra.launcher.iam import role_account
 from infra.launcher.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec, distribution_text, gpus_per_instance
 

@@ -30,8 +30,8 @@ import yaml
 
 from brainseg.config import Hyperparameters, validate_overrides
 from brainseg.io import s3
-from brainseg.run.artifacts import RunLayout
-from brainseg.run.metric_lines import EPOCH, METRIC_DEFINITIONS
+from brainseg.layout import RunLayout, TuningLayout
+from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS
 from infra.launcher import process_job
 from infra.launcher.jobspec import JobSpec, read_yaml
 
@@ -45,16 +45,6 @@ MAX_NAME = 32  # SageMaker's limit for a tuning job's name
 # the run's best, which is what a tuning job should compare (the last val_dice is not the best).
 OBJECTIVES = {"segmentation": ("validation:best_dice", "Maximize"), "autoencoder": ("validation:best_loss", "Minimize")}
 RESERVED = ("data_uri", "output_uri", "run_name")
-
-
-class TuningLayout:
-    """Where a tuning job's record lives: ``<output_uri>/<tuning job>/tuning.json``."""
-
-    MANIFEST = "tuning.json"
-
-    @staticmethod
-    def uri(output_uri: str, name: str) -> str:
-        return f"{output_uri.rstrip('/')}/{name}/{TuningLayout.MANIFEST}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Review what a prediction job wrote (layout in :mod:`brainseg.inference.options`): whether it is
+"""Review what a prediction job wrote (layout in :mod:`brainseg.prediction.options`): whether it is
 complete, every case's status and predicted volumes (and scores where masks existed), and overlays
 of a case's DICOM SEG on its source images.
 
@@ -20,8 +20,8 @@ import numpy as np
 from brainseg.data.index import read_header
 from brainseg.data.quality import assemble_series
 from brainseg.data.segmentation import SegmentationMask
-from brainseg.inference.options import PredictionLayout
 from brainseg.io import s3
+from brainseg.layout import PredictionLayout
 from infra.review import source
 
 

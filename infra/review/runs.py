@@ -1,6 +1,6 @@
 """Reading what training runs wrote to S3 (or a local copy), tolerant of runs still going or cut short.
 
-A run is a folder ``<output-uri>/<run>/`` holding ``run.json`` (see ``brainseg.run.artifacts``). Every
+A run is a folder ``<output-uri>/<run>/`` holding ``run.json`` (see ``brainseg.layout``). Every
 artifact is read on its own; one that is missing or malformed becomes a line in ``ReviewedRun.problems``,
 never an exception, so a half-written or failed run can still be reviewed.
 
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunLayout
+from brainseg.layout import RunLayout
 from infra.review import source
 
 CROP_ARRAYS = ("image", "mask", "prediction")

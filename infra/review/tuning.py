@@ -12,7 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from infra.launcher.tuning import TuningLayout, last_value, objective_field
+from brainseg.layout import TuningLayout
+from infra.launcher.tuning import last_value, objective_field
 from infra.review import source
 from infra.review.runs import ReviewedRun, list_runs
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from brainseg.config import FLOAT_BYTES, StreamConfig
+from brainseg.config import FLOAT_BYTES, StreamConfig, check_budget
 from brainseg.data.augment import augment
 from brainseg.data.catalog import Case
 from brainseg.data.resample import Grid, grid_of
@@ -110,14 +110,7 @@ class PatchStream(IterableDataset):
         self._foregrounds = [grid.points_to_target(case.summary.foreground_points)
                              for grid, case in zip(self._grids, self.cases)]
         self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
-        if self.task_cost_bytes > config.memory_budget_bytes:
-            raise ValueError(self._budget_message(1, config.memory_budget_bytes))
-
-    def _budget_message(self, workers: int, budget: int) -> str:
-        return (f"memory budget {budget / 2**20:.0f} MiB per worker ({workers} worker(s) share "
-                f"{self.config.memory_budget_bytes / 2**20:.0f} MiB) cannot hold one slab of "
-                f"{self.task_cost_bytes / 2**20:.0f} MiB; raise memory_budget_bytes or lower "
-                "patch_size, slab_margin or patches_per_slab")
+        check_budget(config.memory_budget_bytes, 1, self.task_cost_bytes)
 
     def plan(self, task: int, attempt: int = 0) -> SlabPlan:
         return plan_slab(task, self._shapes, self._foregrounds, self.config, attempt)
@@ -161,11 +154,8 @@ class PatchStream(IterableDataset):
 
     def capacity(self, workers: int) -> int:
         """Slabs one worker may hold at once (being cut plus read ahead), within its budget share."""
-        budget = self.config.memory_budget_bytes // workers
-        fits = budget // self.task_cost_bytes
-        if fits < 1:
-            raise ValueError(self._budget_message(workers, budget))
-        return int(min(self.config.read_ahead + self.config.mix_slabs, fits))
+        fits = check_budget(self.config.memory_budget_bytes, workers, self.task_cost_bytes)
+        return min(self.config.read_ahead + self.config.mix_slabs, fits)
 
     def __iter__(self) -> Iterator[dict]:
         shard, shards, workers, skip = self.shard()

@@ -13,9 +13,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import boto3
 import botocore.config
@@ -23,6 +24,7 @@ import botocore.exceptions
 import smart_open
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_CONCURRENCY = int(os.environ.get("BRAINSEG_S3_CONCURRENCY", "32"))  # ranged GETs in flight per process
 BOTO_MAX_ATTEMPTS = 8  # botocore "adaptive" retries of throttling and 5xx
@@ -178,8 +180,34 @@ class _ShortBody(Exception):
     """A response body ended before the bytes its Content-Range announced."""
 
 
-def _backoff(attempt: int) -> None:
-    time.sleep(RETRY_BACKOFF_S * 2**attempt * _jitter.uniform(0.5, 1.0))
+def _backoff(attempt: int, base_s: float | None = None) -> None:
+    base_s = RETRY_BACKOFF_S if base_s is None else base_s
+    time.sleep(base_s * 2**attempt * _jitter.uniform(0.5, 1.0))
+
+
+def retrying(operation: Callable[[], T], failure: Callable[[int, Exception], str], *, attempts: int = 0,
+             retry_on: tuple = (), backoff_s: float | None = None, note: Callable[[int, Exception], None] | None = None
+             ) -> T:
+    """The one retry loop of this package: ``operation()`` until it returns, again after each
+    exception in ``retry_on`` (default: transient network failures and short bodies), counted in
+    :func:`stats` and after a jittered exponential backoff (``backoff_s`` doubling, default
+    :data:`RETRY_BACKOFF_S`). ``note(attempt, error)`` hears of each failure that is retried.
+
+    Raises:
+        S3Error: ``failure(attempts, last error)`` once ``attempts`` (default :data:`READ_ATTEMPTS`) failed.
+    """
+    attempts, retry_on = attempts or READ_ATTEMPTS, retry_on or (*_TRANSIENT, _ShortBody)
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except retry_on as err:
+            _count(retries=1)
+            if attempt + 1 == attempts:
+                raise S3Error(failure(attempts, err)) from err
+            if note is not None:
+                note(attempt + 1, err)
+            _backoff(attempt, backoff_s)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _total_size(response: dict, start: int, received: int) -> int:
@@ -234,29 +262,23 @@ def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: 
     failures and on bodies shorter than the range S3 says it sent; ``None`` when the object does
     not exist."""
     span = f"bytes {start}-{'' if stop is None else stop - 1}"
-    last_error: Exception | None = None
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            response = _open(bucket, key, start, stop, etag)
-            if response is None:
-                return None
-            data = response["Body"].read() if response["Body"] is not None else b""
-        except _TRANSIENT as err:
-            last_error = err
-        else:
-            _count(bytes_received=len(data))
-            size = _total_size(response, start, len(data))
-            if stop is not None and size < stop:
-                raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
-            expected = max(0, (size if stop is None else stop) - start)
-            if len(data) == expected:
-                return Tail(data, size, response["LastModified"].timestamp(), response["ETag"].strip('"'))
-            last_error = _ShortBody(f"short body: got {len(data)} of {expected} bytes")
-        _count(retries=1)
-        if attempt + 1 < READ_ATTEMPTS:
-            _backoff(attempt)
-    raise S3Error(f"GET {span} of s3://{bucket}/{key} failed after {READ_ATTEMPTS} attempts: "
-                  f"{type(last_error).__name__}: {last_error}") from last_error
+
+    def attempt() -> Tail | None:
+        response = _open(bucket, key, start, stop, etag)
+        if response is None:
+            return None
+        data = response["Body"].read() if response["Body"] is not None else b""
+        _count(bytes_received=len(data))
+        size = _total_size(response, start, len(data))
+        if stop is not None and size < stop:
+            raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
+        expected = max(0, (size if stop is None else stop) - start)
+        if len(data) != expected:
+            raise _ShortBody(f"short body: got {len(data)} of {expected} bytes")
+        return Tail(data, size, response["LastModified"].timestamp(), response["ETag"].strip('"'))
+
+    return retrying(attempt, lambda attempts, err: f"GET {span} of s3://{bucket}/{key} failed after {attempts} "
+                                                    f"attempts: {type(err).__name__}: {err}")
 
 
 def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = None) -> bytes:
@@ -479,19 +501,9 @@ def read_lines(uri: str) -> Iterator[bytes] | None:
 
 def _open_retried(bucket: str, key: str, start: int, etag: str | None) -> dict | None:
     """:func:`_open` from ``start`` to the end, retrying transient failures of the request itself."""
-    last_error: Exception | None = None
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            response = _open(bucket, key, start, None, etag, streaming=True)
-        except _TRANSIENT as err:
-            last_error = err
-            _count(retries=1)
-            if attempt + 1 < READ_ATTEMPTS:
-                _backoff(attempt)
-            continue
-        return response
-    raise S3Error(f"GET s3://{bucket}/{key} from byte {start} failed after {READ_ATTEMPTS} attempts: "
-                  f"{type(last_error).__name__}: {last_error}") from last_error
+    return retrying(lambda: _open(bucket, key, start, None, etag, streaming=True),
+                    lambda attempts, err: f"GET s3://{bucket}/{key} from byte {start} failed after {attempts} "
+                                          f"attempts: {type(err).__name__}: {err}", retry_on=_TRANSIENT)
 
 
 def write_lines(uri: str, lines: Iterable[str]) -> None:

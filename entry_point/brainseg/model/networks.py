@@ -1,7 +1,8 @@
 """One factory for the MONAI 3D networks a run can train, and which of their layers form the encoder.
 
-Every network maps ``(N, 1, D, H, W)`` images to ``(N, C, D, H, W)`` logits: two classes
-(background, tumour) for segmentation, one channel (the reconstructed image) for the autoencoder.
+Every network maps ``(N, S, D, H, W)`` images (one channel per sequence) to ``(N, C, D, H, W)``
+outputs, ``C`` set by the task: background plus one channel per class (softmax), one channel per
+region (sigmoid, e.g. WT/TC/ET), or one per sequence (the autoencoder's reconstruction).
 Each level of ``channels`` halves the resolution, so patch sizes must divide by ``2**(levels-1)``
 (:func:`brainseg.config.check_patch_size`, which every Hyperparameters applies).
 """

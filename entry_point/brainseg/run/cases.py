@@ -12,7 +12,6 @@ from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.resample import grid_of, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
-from brainseg.labels import parse_scheme
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 from brainseg.tasks import task_of
@@ -29,7 +28,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
                                  max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
                                  zero_fill=hp.missing_sequences == "zero",
-                                 labels=parse_scheme(hp.labels, hp.regions))
+                                 labels=hp.label_scheme)
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunLayout, RunStore
+from brainseg.io.store import Store
+from brainseg.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ class _Candidate:
 class CheckpointStore:
     """The checkpoints of one run in S3 and in its local mirror (if any)."""
 
-    def __init__(self, store: RunStore, local_dir: str | None = None):
+    def __init__(self, store: Store, local_dir: str | None = None):
         self.store = store
-        self.local = Path(local_dir) / store.run_name if local_dir else None
+        self.local = Path(local_dir) / store.name if local_dir else None
 
     def save(self, data: bytes, step: int, epoch: int, keep: int) -> str:
         """Store a checkpoint, then its record and the pointer; prune all but the newest ``keep``.

@@ -25,13 +25,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, budget_message, check_run_name, inside
+from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, MiB, check_budget, check_run_name, inside
 from brainseg.data.memory import load_in_memory
 from brainseg.data.splits import SPLITS
 from brainseg.data.stream import PatchStream, slab_cost_bytes
 from brainseg.dicom import PixelDataError
 from brainseg.environment import Environment
 from brainseg.io import s3
+from brainseg.io.store import Store
+from brainseg.layout import RunLayout
+from brainseg.metric_lines import EPOCH, TEST
 from brainseg.model.artifact import artifact_bytes, write_model_dir
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import autocast
@@ -43,15 +46,13 @@ from brainseg.model.networks import (
     load_matching,
 )
 from brainseg.model.optim import build_optimizer, build_scheduler
+from brainseg.progress import Progress
 from brainseg.run import distributed
-from brainseg.run.artifacts import RunLayout, RunStore
 from brainseg.run.cases import load_catalog, select_cases
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
-from brainseg.run.metric_lines import EPOCH, TEST
 from brainseg.run.ownership import RunLock
-from brainseg.run.progress import Progress
 from brainseg.run.state import (
     CHECKPOINT_FORMAT,
     configure_determinism,
@@ -121,7 +122,7 @@ class Trainer:
         configure_determinism(hp)
         self.run_name = resolve_run_name(hp, env)
         self.lock = RunLock(hp.output_uri, self.run_name, env.job_name) if self.main else None
-        self.store = RunStore(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
+        self.store = Store(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
         self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
         self.tracker = Tracker(hp.mlflow_tracking_uri if self.main else "", hp.mlflow_experiment)
         self.state = LoopState()
@@ -143,10 +144,11 @@ class Trainer:
             torch.set_num_threads(distributed.cpu_threads(hp.num_workers))
             logger.info("training on the CPU: %d intra-op thread(s) beside %d DataLoader worker(s)",
                         torch.get_num_threads(), hp.num_workers)
-        workers = max(1, hp.num_workers)
-        needed = max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases)
-        if needed > hp.memory_budget_mb * 2**20 // workers:
-            raise TrainingError(budget_message(hp.memory_budget_mb, workers, needed))
+        try:
+            check_budget(hp.memory_budget_mb * MiB, hp.num_workers,
+                         max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases))
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
         try:
             self.model = build_model(NetworkSpec.of(hp, self.task.out_channels)).to(self.device)
         except ValueError as err:
@@ -359,7 +361,7 @@ class Trainer:
             "seconds": seconds,
         }
         started = time.perf_counter()
-        results = aggregate(evaluate(self.model, self.val_cases, hp, self.device, phase="val"))
+        results = aggregate(evaluate(self.model, self.val_cases, hp, self.task, self.device, phase="val"))
         if not results.get("cases"):
             raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
                                 "above); exclude the damaged cases or list others as 'val' in manifest.csv")
@@ -382,7 +384,7 @@ class Trainer:
         state.epoch_loss = state.epoch_wait = state.epoch_seconds = 0.0
         state.epoch_steps = 0
         if self.main:
-            self.store.put_metrics(state.history)
+            self.store.put_jsonl(RunLayout.METRICS, state.history)
             logger.info("%s", EPOCH.format(line, "best" if improved else ""))
             self.tracker.epoch(line)
             if state.stopped_early:
@@ -415,7 +417,8 @@ class Trainer:
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
-        results = (evaluate(self.model, self.test_cases, hp, self.device, crops=hp.save_predictions, phase="test")
+        results = (evaluate(self.model, self.test_cases, hp, self.task, self.device, crops=hp.save_predictions,
+                            phase="test")
                    if self.test_cases else [])
         scores = aggregate(results)
         summary = {

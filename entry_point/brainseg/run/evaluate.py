@@ -25,9 +25,9 @@ from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
 from brainseg.overlap import Overlap, tumour_centre
+from brainseg.progress import Progress
 from brainseg.run import distributed
-from brainseg.run.progress import Progress
-from brainseg.tasks import task_of
+from brainseg.tasks import Task
 
 logger = logging.getLogger(__name__)
 EVAL_LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often while evaluating
@@ -109,21 +109,20 @@ def tumour_crop(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray, spa
             "spacing": np.asarray(spacing, dtype=np.float32)}
 
 
-def _load(case: Case, hp: Hyperparameters) -> tuple[np.ndarray, np.ndarray | None]:
+def _load(case: Case, hp: Hyperparameters, task: Task) -> tuple[np.ndarray, np.ndarray | None]:
     """The case's normalised channels ``(C, D, H, W)`` and its mask's label values (when scored)."""
     depth, rows, columns = case.image.shape
-    scored = case.mask is not None and task_of(hp).needs_masks
+    scored = case.mask is not None and task.needs_masks
     images, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=scored)
     image = np.stack([normalize(channel, hp.normalization, stats)
                       for channel, stats in zip(images, case.summary.intensities)])
     return image, mask.astype(np.uint8) if scored else None
 
 
-def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, device, started: float,
-                  crops: bool) -> CaseResult:
+def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, task: Task, device,
+                  started: float, crops: bool) -> CaseResult:
     """Infer on the case's target grid; a segmentation is scored on the native grid (its output
     interpolated back), a reconstruction on the grid it was made on."""
-    task = task_of(hp)
     grid = grid_of(case)
     target = grid.volume_to_target(image)
     output = infer(model, task.model_input(target, case_seed(case.case_id)), hp, device)
@@ -138,7 +137,7 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
                       voxel_ml=float(np.prod(case.image.spacing)) / 1000.0, **scores)
 
 
-def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, device: torch.device,
+def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, task: Task, device: torch.device,
              crops: bool = False, phase: str = "val") -> list[CaseResult]:
     """Evaluate ``cases`` (this rank's share when distributed); results of all ranks, by case ID.
 
@@ -156,10 +155,10 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
     progress = Progress(len(mine), phase=phase, unit="case", log_seconds=EVAL_LOG_SECONDS, enabled=rank == 0)
     try:
         with progress, ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
-            upcoming = reader.submit(_load, mine[0], hp) if mine else None
+            upcoming = reader.submit(_load, mine[0], hp, task) if mine else None
             for number, case in enumerate(mine):
                 started = time.perf_counter()
-                loading, upcoming = upcoming, (reader.submit(_load, mine[number + 1], hp)
+                loading, upcoming = upcoming, (reader.submit(_load, mine[number + 1], hp, task)
                                                if number + 1 < len(mine) else None)
                 try:
                     image, mask = loading.result()
@@ -168,7 +167,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, dev
                                    case.case_id, err)
                     results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
                 else:
-                    results.append(_evaluate_one(model, case, image, mask, hp, device, started, crops))
+                    results.append(_evaluate_one(model, case, image, mask, hp, task, device, started, crops))
                 progress.update(number + 1)
     finally:
         model.train(was_training)

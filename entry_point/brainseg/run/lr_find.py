@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
+from brainseg.layout import RunLayout
 from brainseg.run import distributed
-from brainseg.run.artifacts import RunLayout
 from brainseg.run.engine import Trainer
 from brainseg.run.errors import TrainingError
 

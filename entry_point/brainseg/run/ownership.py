@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainseg.io import s3
-from brainseg.run.artifacts import RunLayout
+from brainseg.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 

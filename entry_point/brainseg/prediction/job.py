@@ -1,5 +1,5 @@
 """The prediction job: every case under a data prefix (this shard's share) through the region reader,
-the ensemble and back to S3 as DICOM SEG and volumes (layout in :mod:`brainseg.inference.options`).
+the ensemble and back to S3 as DICOM SEG and volumes (layout in :mod:`brainseg.prediction.options`).
 
 The next case's channels and source headers are read while the current one is inferred. A case
 that cannot be read, predicted or written is reported with the reason and skipped; the batch goes
@@ -26,14 +26,15 @@ from brainseg.data.resample import Grid
 from brainseg.data.stream import read_case_region
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
-from brainseg.inference.options import PredictionLayout, PredictOptions, parse_shard
-from brainseg.inference.predictor import Prediction, Predictor
 from brainseg.io import s3
+from brainseg.io.store import Store
+from brainseg.layout import PredictionLayout
+from brainseg.metrics import score_structures
 from brainseg.model.artifact import load_model
 from brainseg.model.description import ModelDescription
-from brainseg.run.artifacts import RunStore
-from brainseg.run.metrics import score_structures
-from brainseg.run.progress import Progress
+from brainseg.prediction.options import PredictOptions, parse_shard
+from brainseg.prediction.predictor import Prediction, Predictor
+from brainseg.progress import Progress
 
 logger = logging.getLogger(__name__)
 LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often
@@ -110,7 +111,7 @@ class PredictionJob:
         self.device = device
         self.shard = parse_shard(options.shard) if options.shard else (
             env.hosts.index(env.current_host) if env.current_host in env.hosts else 0, len(env.hosts) or 1)
-        self.store = RunStore(options.output_uri, "")
+        self.store = Store(options.output_uri, "")
 
     def setup(self) -> None:
         options = self.options

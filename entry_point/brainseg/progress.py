@@ -16,7 +16,7 @@ import time
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from brainseg.run.metric_lines import PROGRESS
+from brainseg.metric_lines import PROGRESS
 
 logger = logging.getLogger("brainseg.train")
 

@@ -24,26 +24,6 @@ from brainseg.config import PRECISIONS, OneLineParser, add_flag, inside, metavar
 SHARD = re.compile(r"(\d+)/(\d+)")
 
 
-class PredictionLayout:
-    """Every path of a prediction output, relative to ``<output_uri>/``."""
-
-    SETTINGS = "prediction.json"
-    MERGED = "predictions.csv"
-    COMPLETE = "complete.json"
-
-    @staticmethod
-    def segmentation(case_id: str) -> str:
-        return f"{case_id}/segmentation.dcm"
-
-    @staticmethod
-    def volumes(case_id: str) -> str:
-        return f"{case_id}/volumes.csv"
-
-    @staticmethod
-    def shard(index: int, count: int) -> str:
-        return f"shards/{index}-of-{count}.csv"
-
-
 def _field(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
