@@ -18,22 +18,22 @@ PACKAGE = ROOT / "entry_point" / "brainseg"
 ALLOWED = {
     "io": set(), "dicom": set(), "labels": set(), "layout": set(), "overlap": set(), "metric_lines": set(),
     "environment": set(), "__init__": set(),
-    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"},
+    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"}, "flags": {"config", "labels"},
     "data": {"config", "dicom", "io", "labels"},
     "model": {"config", "io", "labels"},
     "tasks": {"config", "data", "labels", "metrics", "model"},
     "run": {"config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
             "overlap", "progress", "tasks"},
-    "prediction": {"config", "data", "dicom", "environment", "io", "labels", "layout", "metrics", "model", "overlap",
+    "prediction": {"flags", "config", "data", "dicom", "environment", "io", "labels", "layout", "metrics", "model", "overlap",
                   "progress", "tasks"},
-    "commands": {"config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
+    "commands": {"flags", "config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
                  "overlap", "prediction", "progress", "run", "tasks"},
 }
 # Third-party libraries and the only modules that may import them.
 OWNERS = {"boto3": ("brainseg/io/s3.py",), "botocore": ("brainseg/io/s3.py",), "smart_open": ("brainseg/io/s3.py",),
           "pydicom": ("brainseg/dicom/",), "highdicom": ("brainseg/dicom/",)}
 # Modules the launcher and the review import on a laptop without torch.
-TORCH_FREE = ("brainseg.config", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",
+TORCH_FREE = ("brainseg.config", "brainseg.flags", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",
               "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options",
               "brainseg.io.store", "infra.launcher.cli", "infra.launcher.jobspec", "infra.review.cli",
               "infra.review.report")

@@ -203,3 +203,42 @@ def test_manifest_names_match_in_any_unicode_normal_form(bucket):
     put(root + "/manifest.csv", "case_id,split\nAm\u00e9lie,train\nZo\u00eb,val\n".encode())
     catalog = build_catalog(root + "/")
     assert [case.split for case in catalog.cases] == ["train", "val"] and not catalog.exclusions
+
+
+def test_the_catalog_steps_run_alone(bucket):
+    """build_catalog's named steps, one at a time, on four cases: one a copy of another patient's
+    folder, one left out of the manifest."""
+    from brainseg.data.catalog import (
+        assemble_cases,
+        check_cases,
+        exclude_duplicates,
+        index_objects,
+        patient_groups,
+        split_cases,
+        summarise_cases,
+    )
+    from brainseg.data.index import HeaderIndex
+    from brainseg.data.listing import list_cases
+
+    uri = _dataset(bucket, 3)
+    for info in s3.list_objects(bucket, "data/case_01/"):
+        s3.put_bytes(f"s3://{bucket}/{info.key.replace('case_01', 'case_09')}", s3.get_object(bucket, info.key))
+    s3.put_bytes(uri + "manifest.csv", b"case_id,split\ncase_00,train\ncase_01,val\ncase_09,test\n")
+    empty = HeaderIndex("key", {}, {})
+
+    listed = list_cases(uri, ("image",), empty)
+    assert sorted(listed.grouped) == ["case_00", "case_01", "case_02", "case_09"] and listed.manifest is not None
+    indexed = index_objects(listed, empty, b"k" * 32, 2**20)
+    assert indexed.read == len(listed.objects) == len(indexed.objects)
+    assembled = assemble_cases(listed, indexed.objects, zero_fill=False, require_masks=True)
+    assert sorted(assembled.series) == ["case_00", "case_01", "case_02", "case_09"] and not assembled.reasons
+    summaries, summarised, unreadable = summarise_cases(listed, assembled, empty)
+    assert summarised == 4 and not unreadable and all(summary.tumour_voxels for _, summary in summaries.values())
+    assert check_cases(assembled, summaries, {}, None, exclude_empty_masks=True) == {}
+    duplicates = exclude_duplicates(assembled, {})
+    assert duplicates == {"case_09": "image objects duplicate those of case case_01 (copied or mislabelled patient "
+                                     "folder)"}
+    groups = patient_groups(assembled)
+    assert groups["case_09"] == groups["case_01"] != groups["case_00"]
+    splits, unlisted = split_cases(listed, assembled, groups, duplicates, seed=0, split_fractions=(0.5, 0.2, 0.3))
+    assert splits == {"case_00": "train", "case_01": "val"} and unlisted == {"case_02": "not listed in manifest.csv"}

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 
 from brainseg.commands import train
-from brainseg.config import (
-    FLAG_GROUPS,
-    STREAM_FLAGS,
-    Hyperparameters,
-    StreamConfig,
-    build_parser,
-    check_budget,
-    parse_hyperparameters,
-    validate_overrides,
-)
+from brainseg.config import STREAM_FLAGS, Hyperparameters, StreamConfig, check_budget
 from brainseg.environment import read_environment
+from brainseg.flags import FLAG_GROUPS, build_parser, parse_hyperparameters, validate_overrides
 
 REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "entry_point"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from brainseg.commands import predict, train
-from brainseg.config import parse_hyperparameters
+from brainseg.flags import parse_hyperparameters
 from brainseg.io import s3
 from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from infra.launcher import cli as launch

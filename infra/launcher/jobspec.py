@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from brainseg.config import validate_overrides
+from brainseg.flags import validate_overrides
 from brainseg.io import s3
 from brainseg.prediction.options import validate_predict_overrides
 from infra.launcher.iam import role_account

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from brainseg.config import Hyperparameters, validate_overrides
+from brainseg.config import Hyperparameters
+from brainseg.flags import validate_overrides
 from brainseg.io import s3
 from brainseg.layout import RunLayout, TuningLayout
 from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS

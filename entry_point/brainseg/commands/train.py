@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from brainseg.config import parse_hyperparameters
 from brainseg.environment import drop_privileges, read_environment
+from brainseg.flags import parse_hyperparameters
 from brainseg.io import s3
 from brainseg.run.checkpoint import CheckpointError
 from brainseg.run.ownership import RunTaken

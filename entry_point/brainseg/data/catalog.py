@@ -26,18 +26,24 @@ from brainseg.data.index import (
     read_header,
     save_index,
 )
-from brainseg.data.quality import IndexedObject, QualityError, assemble_series, check_grid
+from brainseg.data.listing import MANIFEST_NAME, Listing, check_index_location, index_uri_for, list_cases
+from brainseg.data.quality import (
+    IndexedObject,
+    QualityError,
+    assemble_series,
+    check_grid,
+    cross_case_duplicates,
+    label_problem,
+)
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
 from brainseg.data.summary import CaseSummary, summarise_case
 from brainseg.io import s3
-from brainseg.labels import MAX_LABEL, LabelScheme
+from brainseg.labels import LabelScheme
 
 logger = logging.getLogger(__name__)
 
-INDEX_DIR = ".brainseg"
-MANIFEST_NAME = "manifest.csv"
 CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
 IMAGE_ONLY = ("image",)  # the single-sequence layout: <case>/image/ and <case>/mask/
 
@@ -95,64 +101,8 @@ class Catalog:
         return [case for case in self.cases if case.split == name]
 
 
-def _index_uri_for(uri: str) -> str:
-    return uri.rstrip("/") + f"/{INDEX_DIR}/index.jsonl"
-
-
-def check_index_location(uri: str, index_uri: str) -> None:
-    """Inside the dataset an index may live only under ``<data>/.brainseg/``, never in a case folder.
-
-    Raises:
-        ValueError: ``index_uri`` lies elsewhere inside the data prefix.
-    """
-    if index_uri.startswith(uri) and not index_uri.startswith(uri + INDEX_DIR + "/"):
-        raise ValueError(f"index_uri {index_uri} is inside the dataset {uri} but not under its {INDEX_DIR}/ "
-                         f"folder; it would be listed as data (or overwrite it). Use {_index_uri_for(uri)} "
-                         "or a location outside the dataset")
-
-
-def _layout_hint(uri: str, listing: list[s3.ObjectInfo], prefix: str, folders: tuple) -> str:
-    """Why no object sits in ``<case>/<sequence>/`` or ``<case>/mask/``, when the layout says so."""
-    parts = [info.key[len(prefix):].split("/") for info in listing]
-    deeper = sorted({p[0] for p in parts if len(p) >= 4 and p[2] in folders})
-    if deeper:
-        return (f"; cases seem to be one level down, under {uri}{deeper[0]}/ (pass that as the data URI)")
-    if any(len(p) >= 2 and p[0] in folders for p in parts):
-        parent = uri.rstrip("/").rsplit("/", 1)[0] + "/"
-        return f"; {uri} looks like a single case folder (it holds {'/ or '.join(folders)}/): pass its parent {parent}"
-    found = sorted({p[1] for p in parts if len(p) >= 3 and p[0] != INDEX_DIR} - set(folders))
-    if found:
-        return f"; the case folders hold {', '.join(found[:6])}/: name the sequences with --sequences"
-    return ""
-
-
 def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
-
-
-def _group_objects(prefix: str, listing: list[s3.ObjectInfo], folders: tuple):
-    """``{case_id: {folder: [...]}}`` for the sequence and mask ``folders``, the manifest object, the
-    number of ignored keys, and ``{case_id: other folder names}``."""
-    cases: dict[str, dict[str, list[s3.ObjectInfo]]] = {}
-    others: dict[str, set[str]] = {}
-    manifest, ignored = None, 0
-    for info in listing:
-        relative = info.key[len(prefix):]
-        parts = relative.split("/")
-        if relative == MANIFEST_NAME:
-            manifest = info
-        elif parts[0] == INDEX_DIR or relative.endswith("/"):
-            continue
-        elif len(parts) >= 3 and parts[1] in folders:
-            cases.setdefault(parts[0], {folder: [] for folder in folders})[parts[1]].append(info)
-        elif len(parts) >= 2:
-            cases.setdefault(parts[0], {folder: [] for folder in folders})
-            if len(parts) >= 3:
-                others.setdefault(parts[0], set()).add(parts[1])
-            ignored += 1
-        else:
-            ignored += 1
-    return cases, manifest, ignored, others
 
 
 def _objects_fingerprint(objects, extra: bytes = b"") -> str:
@@ -168,10 +118,11 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   refresh_index: bool = False, trust_index: bool = False,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None) -> Catalog:
-    """Index, check, summarise and split every case under ``uri``.
+    """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
+    assemble, summarise, check, exclude, split, save (each below, testable alone).
 
     Args:
-        uri: the dataset prefix ``s3://bucket/prefix/`` (layout in the README).
+        uri: the dataset prefix ``s3://bucket/prefix/`` (layout in docs/input-contract.md).
         index_uri: where the header index JSON lives (default ``<uri>/.brainseg/index.jsonl``);
             it is reused when present and rewritten when anything changed.
         seed: seed of the patient-level split (ignored when ``manifest.csv`` exists).
@@ -198,142 +149,192 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             case folder or holds something other than an index.
         s3.S3Error: the bucket cannot be listed.
     """
-    bucket, prefix = s3.parse_uri(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    uri = f"s3://{bucket}/{prefix}"
-    index_uri = index_uri or _index_uri_for(uri)
-    check_index_location(uri, index_uri)
     started = time.perf_counter()
+    bucket, prefix = s3.parse_uri(uri)
+    uri = f"s3://{bucket}/{prefix.rstrip('/') + '/' if prefix else ''}"
+    index_uri = index_uri or index_uri_for(uri)
+    check_index_location(uri, index_uri)
     key = identity_key(index_uri)
     index = load_index(index_uri, key_id(key), refresh=refresh_index)
-    manifest_uri = uri + MANIFEST_NAME
-    if trust_index and index.objects:
-        listing = [s3.ObjectInfo(obj.key, obj.size, obj.etag) for obj in index.objects.values()]
-        manifest_bytes = s3.read_uri(manifest_uri)
-        logger.info("using the saved index %s (%d objects) without listing %s", index_uri, len(listing), uri)
-    else:
-        listing = s3.list_tree(bucket, prefix)
-        manifest_bytes = None
     sequences = tuple(sequences)
-    folders = sequences + ("mask",)
-    grouped, manifest_info, ignored, other_folders = _group_objects(prefix, listing, folders)
-    if manifest_info is not None:
-        manifest_bytes = s3.get_object(bucket, manifest_info.key)
-    if not any(series for parts in grouped.values() for series in parts.values()):
-        raise ValueError(f"no case folders under {uri}: expected <case_id>/{{{','.join(sequences)}}}/*.dcm and "
-                         f"<case_id>/mask/*.dcm ({len(listing)} objects listed)"
-                         f"{_layout_hint(uri, listing, prefix, folders)}")
-    if ignored:
-        logger.info("ignored %d object(s) outside <case>/{%s}/", ignored, ",".join(folders))
+    listed = list_cases(uri, sequences, index, index_uri if trust_index else None)
+    indexed = index_objects(listed, index, key, max_header_bytes)
+    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks)
+    summaries, summarised, unreadable = summarise_cases(listed, assembled, index)
+    reasons = {**assembled.reasons, **unreadable}
+    reasons.update(check_cases(assembled, summaries, reasons, labels, exclude_empty_masks and require_masks))
+    reasons.update(exclude_duplicates(assembled, reasons))
+    groups = patient_groups(assembled)
+    splits, unlisted = split_cases(listed, assembled, groups, reasons, seed, split_fractions)
+    reasons.update(unlisted)
+    cases = tuple(Case(case_id, splits[case_id], tuple(assembled.series[case_id][0].values()),
+                       assembled.series[case_id][1], summaries[case_id][1], groups[case_id],
+                       assembled.skipped[case_id], assembled.missing[case_id]) for case_id in sorted(splits))
+    exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped[case_id]) for case_id in sorted(reasons))
+    if indexed.read or summarised or indexed.objects.keys() != index.objects.keys():
+        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries))
+    stats = {"objects": len(listed.objects), "headers_read": indexed.read,
+             "headers_reused": len(indexed.objects) - indexed.read, "header_seconds": round(indexed.seconds, 3),
+             "headers_per_s": round(indexed.read / indexed.seconds, 1) if indexed.read and indexed.seconds > 0
+             else None, "cases_summarised": summarised, "seconds": round(time.perf_counter() - started, 3)}
+    # What training reads: the case objects and the manifest.
+    catalog = Catalog(uri=uri, cases=cases, exclusions=exclusions,
+                      fingerprint=_objects_fingerprint(listed.objects, listed.manifest or b"")[:16], index_stats=stats,
+                      manifest=listed.manifest is not None)
+    log_catalog(catalog, len(listed.grouped), assembled.skipped)
+    return catalog
 
-    case_objects = [info for parts in grouped.values() for series in parts.values() for info in series]
+
+@dataclass(frozen=True)
+class Indexed:
+    """Every case object's header (``objects`` by key), how many were read and how long it took."""
+
+    objects: dict
+    read: int
+    seconds: float
+
+
+def index_objects(listed: Listing, index: HeaderIndex, key: bytes, max_header_bytes: int) -> Indexed:
+    """Step 2, index: each object's header, from the saved index when its ETag and size still
+    match, else read by a bounded ranged GET (stray names are recorded, not read)."""
     objects: dict[str, IndexedObject] = {}
     to_read = []
-    for info in case_objects:
+    for info in listed.objects:
         saved = index.objects.get(info.key)
         if saved is not None and saved.etag == info.etag and saved.size == info.size:
             objects[info.key] = saved
         else:
             to_read.append(info)
-    read_started = time.perf_counter()
 
     def read(info: s3.ObjectInfo) -> IndexedObject:
         stray = is_stray_name(info.key)
         if stray:
             return IndexedObject(info.key, info.size, info.etag, None, stray, stray=True)
-        return read_header(bucket, info, key, max_header_bytes)
+        return read_header(listed.bucket, info, key, max_header_bytes)
 
+    started = time.perf_counter()
     for indexed in s3.executor().map(read, to_read):
         objects[indexed.key] = indexed
-    read_seconds = time.perf_counter() - read_started
+    return Indexed(objects, len(to_read), time.perf_counter() - started)
 
-    # Each pass looks only at the cases no earlier pass excluded; the first reason stands.
-    reasons: dict[str, str] = {}
-    skipped: dict[str, tuple] = {}
-    series: dict[str, tuple[dict[str, Series | None], Series | None]] = {}
-    missing: dict[str, tuple] = {}
-    for case_id in sorted(grouped):
-        parts = {folder: [objects[info.key] for info in sorted(grouped[case_id][folder], key=lambda o: o.key)]
-                 for folder in folders}
-        skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in folders
+
+@dataclass(frozen=True)
+class Assembled:
+    """Each case's checked series ``{case_id: ({sequence: Series | None}, mask)}``, its skipped
+    non-image objects and zero-filled sequences, and the reasons of those that failed (first pass)."""
+
+    series: dict
+    skipped: dict
+    missing: dict
+    reasons: dict
+
+
+def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_masks: bool) -> Assembled:
+    """Step 3, assemble: every case's sequences and mask as checked series on one grid
+    (:func:`assemble_case`); a case that fails is given its reason."""
+    series, skipped, missing, reasons = {}, {}, {}, {}
+    for case_id in sorted(listed.grouped):
+        parts = {folder: [objects[info.key] for info in sorted(listed.grouped[case_id][folder], key=lambda o: o.key)]
+                 for folder in listed.folders}
+        skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in listed.folders
                                  for obj in parts[folder] if obj.stray)
         try:
-            series[case_id] = assemble_case(bucket, sequences, parts, zero_fill, require_masks,
-                                             sorted(other_folders.get(case_id, ())))
+            series[case_id] = assemble_case(listed.bucket, listed.sequences, parts, zero_fill, require_masks,
+                                            sorted(listed.other_folders.get(case_id, ())))
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
             reasons[case_id] = str(err)
+    return Assembled(series, skipped, missing, reasons)
 
+
+def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex) -> tuple[dict, int, dict]:
+    """Step 4, summarise: ``({case_id: (fingerprint, CaseSummary)}, cases summarised now,
+    {case_id: reason} of those whose pixels cannot be read)``; saved summaries of unchanged cases
+    are reused, the others read concurrently."""
     summaries: dict[str, tuple[str, CaseSummary]] = {}
+    unreadable: dict[str, str] = {}
     pending = []
-    for case_id in series:
-        if case_id in reasons:
+    for case_id in assembled.series:
+        if case_id in assembled.reasons:
             continue
-        case_fingerprint = _objects_fingerprint([info for folder in folders for info in grouped[case_id][folder]],
-                                                ",".join(sequences).encode())
+        fingerprint = _objects_fingerprint([info for folder in listed.folders for info in listed.grouped[case_id][folder]],
+                                           ",".join(listed.sequences).encode())
         saved = index.cases.get(case_id)
-        if saved is not None and saved[0] == case_fingerprint:
+        if saved is not None and saved[0] == fingerprint:
             summaries[case_id] = saved
         else:
-            pending.append((case_id, case_fingerprint))
+            pending.append((case_id, fingerprint))
     with ThreadPoolExecutor(CASE_WORKERS, thread_name_prefix="case-summary") as pool:
-        futures = [(case_id, case_fingerprint, pool.submit(summarise_case, case_id, *series[case_id]))
-                   for case_id, case_fingerprint in pending]
-        for case_id, case_fingerprint, future in futures:
+        futures = [(case_id, fingerprint, pool.submit(summarise_case, case_id, *assembled.series[case_id]))
+                   for case_id, fingerprint in pending]
+        for case_id, fingerprint, future in futures:
             try:
-                summaries[case_id] = (case_fingerprint, future.result())
+                summaries[case_id] = (fingerprint, future.result())
             except (s3.S3Error, ValueError) as err:
-                reasons[case_id] = f"pixel data unreadable: {err}"
-    for case_id in series:
-        if case_id not in reasons and exclude_empty_masks and require_masks \
-                and summaries[case_id][1].tumour_voxels == 0:
-            reasons[case_id] = "mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False"
-        elif case_id not in reasons and labels is not None and summaries[case_id][1].label_counts:
-            reason = _label_problem(summaries[case_id][1], labels)
-            if reason:
-                reasons[case_id] = reason
-    present = {case_id: [item for item in images.values() if item is not None] for case_id, (images, _) in series.items()}
-    reasons.update(_cross_case_duplicates(present, reasons))
+                unreadable[case_id] = f"pixel data unreadable: {err}"
+    return summaries, len(pending), unreadable
 
-    groups = {case_id: min(hashes) if (hashes := {h.patient_hash for item in items for h in item.headers
-                                                  if h.patient_hash}) else ""
-              for case_id, items in present.items()}
-    if manifest_bytes is not None:
-        manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, manifest_bytes).items()}
-        unknown = sorted(set(manifest) - {_nfc(case_id) for case_id in grouped})
-        if unknown:
-            logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), uri,
-                           ", ".join(unknown[:5]))
-        for case_id in series:
-            if case_id not in reasons and _nfc(case_id) not in manifest:
-                reasons[case_id] = "not listed in manifest.csv"
-        splits = {case_id: manifest[_nfc(case_id)] for case_id in series if case_id not in reasons}
-    else:
-        splits = assign_splits({case_id: groups[case_id] for case_id in series if case_id not in reasons}, seed,
-                               split_fractions)
-    cases = tuple(Case(case_id, splits[case_id], tuple(series[case_id][0].values()), series[case_id][1],
-                       summaries[case_id][1], groups[case_id], skipped[case_id], missing[case_id])
-                  for case_id in sorted(splits))
-    exclusions = tuple(Exclusion(case_id, reasons[case_id], skipped[case_id]) for case_id in sorted(reasons))
 
-    if to_read or pending or objects.keys() != index.objects.keys():
-        save_index(index_uri, HeaderIndex(index.key_id, objects, summaries))
-    # What training reads: the case objects and the manifest.
-    fingerprint = _objects_fingerprint(case_objects, manifest_bytes or b"")[:16]
-    stats = {
-        "objects": len(case_objects),
-        "headers_read": len(to_read),
-        "headers_reused": len(objects) - len(to_read),
-        "header_seconds": round(read_seconds, 3),
-        "headers_per_s": round(len(to_read) / read_seconds, 1) if to_read and read_seconds > 0 else None,
-        "cases_summarised": len(pending),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    catalog = Catalog(uri=uri, cases=cases, exclusions=exclusions, fingerprint=fingerprint, index_stats=stats,
-                      manifest=manifest_bytes is not None)
-    for exclusion in exclusions:
+def check_cases(assembled: Assembled, summaries: dict, reasons: dict, labels: LabelScheme | None,
+                exclude_empty_masks: bool) -> dict[str, str]:
+    """Step 5, check: ``{case_id: reason}`` for the cases not excluded yet whose mask is empty (with
+    ``exclude_empty_masks``) or holds a label value ``labels`` does not cover."""
+    failed = {}
+    for case_id in assembled.series:
+        if case_id in reasons:
+            continue
+        summary = summaries[case_id][1]
+        if exclude_empty_masks and summary.tumour_voxels == 0:
+            failed[case_id] = "mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False"
+        elif labels is not None and summary.label_counts and (reason := label_problem(summary, labels)):
+            failed[case_id] = reason
+    return failed
+
+
+def exclude_duplicates(assembled: Assembled, reasons: dict) -> dict[str, str]:
+    """Step 6, exclude: ``{case_id: reason}`` for the cases whose image objects repeat an earlier
+    case's (:func:`_cross_case_duplicates`), among those not excluded yet."""
+    return cross_case_duplicates(_present_images(assembled), reasons)
+
+
+def _present_images(assembled: Assembled) -> dict[str, list[Series]]:
+    return {case_id: [item for item in images.values() if item is not None]
+            for case_id, (images, _) in assembled.series.items()}
+
+
+def patient_groups(assembled: Assembled) -> dict[str, str]:
+    """``{case_id: patient group}``: the smallest PatientID hash of its images ("" when none), so the
+    cases of one patient land in one split."""
+    return {case_id: min(hashes) if (hashes := {h.patient_hash for item in items for h in item.headers
+                                                if h.patient_hash}) else ""
+            for case_id, items in _present_images(assembled).items()}
+
+
+def split_cases(listed: Listing, assembled: Assembled, groups: dict, reasons: dict, seed: int,
+                split_fractions) -> tuple[dict[str, str], dict[str, str]]:
+    """Step 7, split: ``({case_id: split}, {case_id: reason})``: the usable cases' splits from
+    ``manifest.csv`` when the dataset has one (a case it does not list is excluded with that
+    reason), else from a seeded patient-level shuffle."""
+    if listed.manifest is None:
+        return assign_splits({case_id: groups[case_id] for case_id in assembled.series if case_id not in reasons},
+                             seed, split_fractions), {}
+    manifest_uri = listed.uri + MANIFEST_NAME
+    manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, listed.manifest).items()}
+    unknown = sorted(set(manifest) - {_nfc(case_id) for case_id in listed.grouped})
+    if unknown:
+        logger.warning("manifest.csv lists %d case(s) not found under %s: %s", len(unknown), listed.uri,
+                       ", ".join(unknown[:5]))
+    unlisted = {case_id: "not listed in manifest.csv" for case_id in assembled.series
+                if case_id not in reasons and _nfc(case_id) not in manifest}
+    return ({case_id: manifest[_nfc(case_id)] for case_id in assembled.series
+             if case_id not in reasons and case_id not in unlisted}, unlisted)
+
+
+def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
+    """The exclusions, zero-filled sequences, skipped objects and the counts, by case ID only."""
+    for exclusion in catalog.exclusions:
         logger.warning("case %s excluded: %s", exclusion.case_id, exclusion.reason)
-    for case in cases:
+    for case in catalog.cases:
         if case.missing:
             logger.warning("case %s: sequence(s) %s missing, zero-filled", case.case_id, ", ".join(case.missing))
     for case_id, items in sorted(skipped.items()):
@@ -341,9 +342,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             logger.warning("case %s: skipped %d non-image object(s): %s", case_id, len(items),
                            "; ".join(items[:3]) + (" ..." if len(items) > 3 else ""))
     logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
-                uri, len(grouped), len(cases), len(catalog.split("train")), len(catalog.split("val")),
-                len(catalog.split("test")), len(exclusions), stats)
-    return catalog
+                catalog.uri, folders, len(catalog.cases), len(catalog.split("train")), len(catalog.split("val")),
+                len(catalog.split("test")), len(catalog.exclusions), catalog.index_stats)
 
 
 def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
@@ -382,34 +382,3 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
         mask = assemble_series(bucket, "mask", parts["mask"])
         check_grid(reference, mask, "mask", reference_name)
     return images, mask
-
-
-def _label_problem(summary: CaseSummary, labels: LabelScheme) -> str:
-    """Why a mask's label values do not fit the classes ("" when they do)."""
-    values = [value for value, _ in summary.label_counts]
-    if max(values) > MAX_LABEL:
-        return f"mask holds label value {max(values)}; label values must lie in 0..{MAX_LABEL}"
-    unknown = labels.unknown_values(values)
-    if unknown:
-        classes = ", ".join(f"{c.name}={'+'.join(map(str, sorted(c.values)))}" for c in labels.classes)
-        return (f"mask holds label value(s) {', '.join(map(str, unknown))} that no class of --labels covers "
-                f"({classes}); add them to a class or relabel the mask")
-    return ""
-
-
-def _cross_case_duplicates(images: dict[str, list[Series]], reasons: dict[str, str]) -> dict[str, str]:
-    """Cases whose image objects repeat an earlier case's (same content or same SOP instance), by case
-    ID order; ``{case_id: reason}`` for those not already excluded."""
-    seen: dict[str, str] = {}
-    duplicates = {}
-    for case_id in sorted(images):
-        marks = {f"etag:{etag}" for image in images[case_id] for etag in image.etags}
-        marks |= {f"sop:{header.instance_hash}" for image in images[case_id] for header in image.headers
-                  if header.instance_hash}
-        first = sorted({seen[mark] for mark in marks if mark in seen})
-        if first and case_id not in reasons:
-            duplicates[case_id] = (f"image objects duplicate those of case {first[0]} (copied or "
-                                   "mislabelled patient folder)")
-        for mark in marks:
-            seen.setdefault(mark, case_id)
-    return duplicates

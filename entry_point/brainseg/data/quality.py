@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg.data.series import Series
+from brainseg.data.summary import CaseSummary
 from brainseg.dicom import ObjectHeader
+from brainseg.labels import MAX_LABEL, LabelScheme
 
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
 DUPLICATE_FRACTION = 0.01  # slices closer than 1% of the spacing are the same position
@@ -169,3 +171,34 @@ def check_grid(reference: Series, other: Series, what: str = "mask", against: st
     offset = float(np.linalg.norm(np.subtract(reference.origin, other.origin)))
     if offset > ALIGNMENT_FRACTION * min(reference.spacing):
         raise QualityError(f"{differs}: {what} origin is {offset:.2f} mm from the {against} origin")
+
+
+def label_problem(summary: CaseSummary, labels: LabelScheme) -> str:
+    """Why a mask's label values do not fit the classes ("" when they do)."""
+    values = [value for value, _ in summary.label_counts]
+    if max(values) > MAX_LABEL:
+        return f"mask holds label value {max(values)}; label values must lie in 0..{MAX_LABEL}"
+    unknown = labels.unknown_values(values)
+    if unknown:
+        classes = ", ".join(f"{c.name}={'+'.join(map(str, sorted(c.values)))}" for c in labels.classes)
+        return (f"mask holds label value(s) {', '.join(map(str, unknown))} that no class of --labels covers "
+                f"({classes}); add them to a class or relabel the mask")
+    return ""
+
+
+def cross_case_duplicates(images: dict[str, list[Series]], reasons: dict[str, str]) -> dict[str, str]:
+    """Cases whose image objects repeat an earlier case's (same content or same SOP instance), by case
+    ID order; ``{case_id: reason}`` for those not already excluded."""
+    seen: dict[str, str] = {}
+    duplicates = {}
+    for case_id in sorted(images):
+        marks = {f"etag:{etag}" for image in images[case_id] for etag in image.etags}
+        marks |= {f"sop:{header.instance_hash}" for image in images[case_id] for header in image.headers
+                  if header.instance_hash}
+        first = sorted({seen[mark] for mark in marks if mark in seen})
+        if first and case_id not in reasons:
+            duplicates[case_id] = (f"image objects duplicate those of case {first[0]} (copied or "
+                                   "mislabelled patient folder)")
+        for mark in marks:
+            seen.setdefault(mark, case_id)
+    return duplicates

@@ -19,7 +19,8 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import PRECISIONS, OneLineParser, add_flag, inside, metavar, parse_bool, sagemaker_arguments
+from brainseg.config import PRECISIONS, inside
+from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 
 SHARD = re.compile(r"(\d+)/(\d+)")
 
