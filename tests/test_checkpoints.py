@@ -4,13 +4,16 @@ falling back to an older checkpoint when the newest cannot be trusted."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 
 import pytest
+import torch
 
 from brainseg.io import s3
 from brainseg.io.store import Store
+from brainseg.run import state
 from brainseg.run.checkpoint import CheckpointError, CheckpointStore
 
 
@@ -123,3 +126,15 @@ def test_reading_a_checkpoint_survives_dropped_connections(bucket, faults):
     faults.set({"fault": "cut", "method": "GET", "key": "/checkpoints/", "times": 3})
     data, record = store.newest(_as_is)
     assert len(data) == 100_000 and faults.injected() == 3
+
+
+def test_a_checkpoint_holds_exactly_the_keys_the_reader_requires():
+    data = state.checkpoint_bytes(hyperparameters={}, model={}, optimizer={}, scheduler={}, scaler={}, best_model={},
+                                  state={}, rng=[], sampler={}, dataset_fingerprint="f", splits={"train": ["a"]},
+                                  code_version="c")
+    checkpoint = state.load_checkpoint(data)
+    assert checkpoint.keys() == state.CHECKPOINT_KEYS and checkpoint["splits"] == {"train": ["a"]}
+    with pytest.raises(ValueError, match="checkpoint lacks splits"):
+        buffer = io.BytesIO()
+        torch.save({key: value for key, value in checkpoint.items() if key != "splits"}, buffer)
+        state.load_checkpoint(buffer.getvalue())

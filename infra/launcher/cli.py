@@ -37,29 +37,18 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from brainseg.io import s3
-from brainseg.layout import PredictionLayout, RunLayout, TuningLayout
+from brainseg.layout import TuningLayout
 from infra.launcher import iam
+from infra.launcher.demo import DOCKER_HOST_ADDRESS, save_demo, start_demo
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
+from infra.launcher.results import latest_run, report, report_predictions, tuning_text
 from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_range, tuning_job_name
-from infra.review.predictions import is_prediction_output, load_prediction
 
 logger = logging.getLogger("launch")
-DEMO_BUCKET = "brainseg-demo"
-DEMO_CASES, DEMO_SHAPE = 24, (48, 96, 96)
-DEMO_SEQUENCES = ("t1c", "t1", "t2", "flair")
-# Four co-registered sequences, BraTS labels, trained as the three overlapping BraTS regions. Small
-# enough for a 2-core CPU in a few minutes.
-DEMO_HYPERPARAMETERS = {"sequences": ",".join(DEMO_SEQUENCES), "labels": "ncr=1,ed=2,et=4", "regions": "brats",
-                        "channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 6,
-                        "steps_per_epoch": 40, "lr": 0.003, "warmup_steps": 20, "foreground_fraction": 0.5,
-                        "batch_size": 2, "num_workers": 2, "log_every": 20}
-DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (relative to the working directory)
-DOCKER_HOST_ADDRESS = "172.17.0.1"  # the host as seen from a container on the default bridge
 
 
 COMMANDS = ("train", "predict", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
@@ -250,103 +239,6 @@ def _boto_session(region: str | None):
     return session
 
 
-def _start_demo(spec: JobSpec, stack):
-    """An embedded S3 with a synthetic dataset; returns the spec pointed at it and the container endpoint."""
-    from infra.data.synth import SynthSpec, write_dataset
-    from infra.s3server import EmbeddedS3
-
-    local = spec.mode == "local"
-    server = stack.enter_context(EmbeddedS3(host="0.0.0.0" if local else "127.0.0.1"))
-    os.environ.update(server.environment())
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    s3.reset_client()
-    s3.client().create_bucket(Bucket=DEMO_BUCKET)
-    data_uri = f"s3://{DEMO_BUCKET}/dataset/"
-    logger.info("embedded S3 at %s; writing %d synthetic cases of %s to %s", server.endpoint_url, DEMO_CASES,
-                "x".join(map(str, DEMO_SHAPE)), data_uri)
-    write_dataset(DEMO_CASES, data_uri, SynthSpec(shape=DEMO_SHAPE, sequences=DEMO_SEQUENCES), jobs=2)
-    hyperparameters = {**DEMO_HYPERPARAMETERS, **spec.hyperparameters}
-    demo = replace(spec, data_uri=data_uri, output_uri=spec.output_uri or f"s3://{DEMO_BUCKET}/runs/",
-                   hyperparameters=hyperparameters)
-    container_env = {"AWS_ENDPOINT_URL": f"http://{DOCKER_HOST_ADDRESS}:{server.port}"} if local else {}
-    return demo, container_env
-
-
-def latest_run(output_uri: str, base: str) -> str | None:
-    """The newest run under ``output_uri`` whose name starts with ``base`` (by its run.json start time)."""
-    bucket, prefix = s3.parse_uri(output_uri.rstrip("/") + "/")
-    folders, _ = s3.list_folders(bucket, prefix)
-    best = None
-    for folder in folders:
-        name = folder[len(prefix):].rstrip("/")
-        data = s3.read_uri(f"s3://{bucket}/{folder}{RunLayout.STATUS}") if name.startswith(base) else None
-        if data is not None:
-            started = json.loads(data).get("started", 0)
-            if best is None or started > best[0]:
-                best = (started, name)
-    return best[1] if best else None
-
-
-def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
-    """Copy a run's artifacts (all but checkpoints) out of the embedded S3 before it stops."""
-    bucket, prefix = s3.parse_uri(f"{output_uri.rstrip('/')}/{job_name}/")
-    target = folder / job_name
-    for info in s3.list_objects(bucket, prefix):
-        relative = info.key[len(prefix):]
-        if relative.startswith(RunLayout.CHECKPOINTS):
-            continue
-        path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(s3.get_object(bucket, info.key))
-    return target
-
-
-def save_demo(output_uri: str, job_name: str) -> None:
-    """The demo's run copied to ``demo-output/<run>/`` before the embedded S3 stops, and its review
-    report written beside it."""
-    from infra.review.report import write_report
-    from infra.review.runs import load_run
-
-    folder = save_locally(output_uri, job_name, DEMO_OUTPUT)
-    print(f"  copied to {folder}/ (the embedded S3 stops now)")
-    page = write_report([load_run(str(folder))], folder / "report")
-    print(f"  report: open {page.resolve()} in a browser (brainseg-review {folder} prints the same in text)")
-
-
-def report(output_uri: str, job_name: str) -> None:
-    run = f"{output_uri.rstrip('/')}/{job_name}/"
-    summary = s3.read_uri(run + RunLayout.SUMMARY)
-    print(f"artifacts: {run}")
-    if summary is None:
-        status = json.loads(s3.read_uri(run + RunLayout.STATUS) or b"{}")
-        if status.get("error"):
-            print(f"  the run {status.get('status', 'failed')}: {status['error']}")
-        else:
-            print(f"  no summary.json (the run did not finish; its run.json says {status.get('status', 'nothing')})")
-        return
-    summary = json.loads(summary)
-    structures = [f"test_{figure}_{name}" for name in summary.get("structures", []) if len(summary["structures"]) > 1
-                  for figure in ("dice", "hd95")]
-    for key in ("suggested_lr", "min_loss_lr", "best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
-                "test_hd95_mean", *structures, "best_val_loss", "test_loss", "test_cases", "seconds"):
-        if summary.get(key) is not None:
-            value = summary[key]
-            print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
-
-
-def report_predictions(output_uri: str) -> None:
-    """What a prediction job wrote: complete or not, its counts, and the cases not predicted."""
-    print(f"predictions: {output_uri.rstrip('/')}/")
-    if not is_prediction_output(output_uri):
-        print(f"  nothing written (no {PredictionLayout.SETTINGS}: the job stopped before starting; see the log)")
-        return
-    prediction = load_prediction(output_uri)
-    print(f"  {prediction.status_text()}")
-    for row in prediction.rows:
-        if row["status"] != "predicted":
-            print(f"  {row['case_id']} {row['status']}: {row.get('reason', '')}")
-
-
 def local_endpoint_environment() -> dict:
     """For local mode: an S3 endpoint this machine uses (``AWS_ENDPOINT_URL``: MinIO, brainseg-s3server)
     as the container reaches it (the Docker host's address for 127.0.0.1 or localhost)."""
@@ -368,22 +260,6 @@ def tuning_from_args(args: argparse.Namespace) -> TuningSpec:
     ranges = {r.name: r for r in settings.get("ranges", ())}
     ranges.update({r.name: r for r in map(parse_range, args.range)})
     return TuningSpec(**{**settings, "ranges": tuple(ranges.values())})
-
-
-def tuning_text(manifest: dict) -> str:
-    """A finished process-mode search: each job's tuned values and objective, best first."""
-    from infra.launcher.tuning import TuningResult
-    objective = manifest["objective"]
-    lines = [f"tuning job {manifest['tuning_job']} ({manifest['strategy']}, {objective['type']} {objective['metric']})"]
-    best = TuningResult(manifest).best
-    for job in manifest["jobs"]:
-        value = job.get("objective")
-        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "–"
-        values = " ".join(f"{name}={job['hyperparameters'][name]:.4g}" if isinstance(job["hyperparameters"][name], float)
-                          else f"{name}={job['hyperparameters'][name]}" for name in manifest["ranges"])
-        lines.append(f"  {job['job']}: {job.get('status')} {objective['metric']}={shown} {values}"
-                     + ("  <- best" if job is best else ""))
-    return "\n".join(lines)
 
 
 def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
@@ -429,7 +305,7 @@ def launch(spec: JobSpec) -> int:
         if demo:
             if spec.mode == "aws":
                 raise ValueError("aws mode needs --data-uri")
-            spec, container_env = _start_demo(spec, stack)
+            spec, container_env = start_demo(spec, stack)
         elif spec.mode == "local":
             container_env = local_endpoint_environment()
         if not spec.output_uri:

@@ -54,7 +54,7 @@ from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.run.ownership import RunLock
 from brainseg.run.state import (
-    CHECKPOINT_FORMAT,
+    checkpoint_bytes,
     configure_determinism,
     load_checkpoint,
     read_weights,
@@ -259,29 +259,18 @@ class Trainer:
                           persistent_workers=hp.num_workers > 0, prefetch_factor=2 if hp.num_workers else None)
 
     # ----------------------------------------------------------------- checkpoints
-    def checkpoint_bytes(self) -> bytes:
-        gathered = distributed.gather(rng_states())
-        buffer = io.BytesIO()
-        torch.save({
-            "format": CHECKPOINT_FORMAT,
-            "hyperparameters": self.hp.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "best_model": self.best_weights,
-            "state": dataclasses.asdict(self.state),
-            "rng": gathered,
-            "sampler": {"start_batch": self.state.step, "batch_size": self.hp.batch_size,
-                        "num_workers": self.hp.num_workers, "world_size": self.world},
-            "dataset_fingerprint": self.catalog.fingerprint,
-            "splits": self.splits(),
-            "code_version": code_version(),
-        }, buffer)
-        return buffer.getvalue()
+    def checkpoint(self) -> bytes:
+        """This rank's part of a checkpoint (the RNG gather is a collective: every rank takes part)."""
+        return checkpoint_bytes(
+            hyperparameters=self.hp.to_dict(), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), best_model=self.best_weights,
+            state=dataclasses.asdict(self.state), rng=distributed.gather(rng_states()),
+            sampler={"start_batch": self.state.step, "batch_size": self.hp.batch_size,
+                     "num_workers": self.hp.num_workers, "world_size": self.world},
+            dataset_fingerprint=self.catalog.fingerprint, splits=self.splits(), code_version=code_version())
 
     def save_checkpoint(self) -> None:
-        data = self.checkpoint_bytes()  # a collective: every rank takes part
+        data = self.checkpoint()  # a collective: every rank takes part
         if self.main:
             name = self.checkpoints.save(data, self.state.step, self.state.epoch, self.hp.keep_checkpoints)
             logger.info("checkpoint %s (%.1f MiB) at epoch %d step %d", name, len(data) / 2**20,

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import inspect
+import io
 import random
 from pathlib import Path
 
@@ -17,8 +19,22 @@ from brainseg.model.artifact import load_tensors
 from brainseg.run.errors import TrainingError
 
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
-CHECKPOINT_KEYS = frozenset({"format", "hyperparameters", "model", "optimizer", "scheduler", "scaler", "best_model",
-                             "state", "rng", "sampler", "dataset_fingerprint", "code_version"})
+
+
+def checkpoint_bytes(*, hyperparameters: dict, model: dict, optimizer: dict, scheduler: dict, scaler: dict,
+                     best_model: dict, state: dict, rng: list, sampler: dict, dataset_fingerprint: str, splits: dict,
+                     code_version: str) -> bytes:
+    """A checkpoint: these keys and ``format``, nothing else (:data:`CHECKPOINT_KEYS` is this list).
+    ``rng`` holds every rank's :func:`rng_states`; ``sampler`` where the patch stream resumes."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "hyperparameters": hyperparameters, "model": model,
+                "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "best_model": best_model,
+                "state": state, "rng": rng, "sampler": sampler, "dataset_fingerprint": dataset_fingerprint,
+                "splits": splits, "code_version": code_version}, buffer)
+    return buffer.getvalue()
+
+
+CHECKPOINT_KEYS = frozenset({"format", *inspect.signature(checkpoint_bytes).parameters})
 
 
 def configure_determinism(hp: Hyperparameters) -> None:
