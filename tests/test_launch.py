@@ -23,7 +23,8 @@ from brainseg.io import s3
 from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from infra.launcher import cli as launch
 from infra.launcher import process_job, sagemaker_job
-from infra.launcher.jobspec import build_spec, distribution_text, parse_overrides, sagemaker_cli_args
+from infra.launcher.jobspec import build_spec, parse_overrides, sagemaker_cli_args
+from infra.launcher.plan import distribution_text, image_text
 from infra.review import cli as review
 from infra.review.runs import list_runs
 from tests.conftest import synthetic_dataset
@@ -265,7 +266,7 @@ def test_the_dry_run_says_how_the_processes_are_laid_out(instance_type, processe
                        "instance_type": instance_type, "instance_count": count, "processes_per_host": processes,
                        "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1"}, {})
     assert distribution_text(spec, instance_type) == expected
-    text = sagemaker_job.image_text(spec.image_uri)
+    text = image_text(spec.image_uri)
     assert text.endswith("(your image: torch as docker/build.sh installed it, pinned 2.13.0)")
 
 

@@ -42,9 +42,11 @@ from urllib.parse import urlsplit
 
 from brainseg.io import s3
 from brainseg.layout import TuningLayout
-from infra.launcher import iam
+from infra.launcher import iam, lifecycle
 from infra.launcher.demo import DOCKER_HOST_ADDRESS, save_demo, start_demo
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
+from infra.launcher.lifecycle import boto_session
+from infra.launcher.plan import dry_run_text
 from infra.launcher.results import latest_run, report, report_predictions, tuning_text
 from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_range, tuning_job_name
 
@@ -231,14 +233,6 @@ def with_sagemaker_defaults(settings: dict) -> dict:
     return merged
 
 
-def _boto_session(region: str | None):
-    import boto3
-    session = boto3.Session(region_name=region) if region else boto3.Session()
-    if not session.region_name:
-        raise ValueError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
-    return session
-
-
 def local_endpoint_environment() -> dict:
     """For local mode: an S3 endpoint this machine uses (``AWS_ENDPOINT_URL``: MinIO, brainseg-s3server)
     as the container reaches it (the Docker host's address for 127.0.0.1 or localhost)."""
@@ -286,7 +280,7 @@ def launch_tuning(spec: JobSpec, tuning: TuningSpec) -> int:
         print(json.dumps(sagemaker_job.dry_run_tuning_request(spec, tuning, name), indent=1, sort_keys=True,
                          default=str))
         return 0
-    sagemaker_job.submit_tuning(spec, tuning, name, _boto_session(spec.region or None))
+    sagemaker_job.submit_tuning(spec, tuning, name, boto_session(spec.region or None))
     s3.put_bytes(TuningLayout.uri(spec.output_uri, name),
                  json.dumps(tuning.manifest(name, spec, "aws"), indent=1, default=str).encode())
     print(f"submitted tuning job {name}: up to {tuning.jobs} training jobs, {tuning.max_parallel_jobs} at a time; "
@@ -324,10 +318,10 @@ def launch(spec: JobSpec) -> int:
             return code
         if spec.dry_run:
             request = sagemaker_job.dry_run_request(spec)
-            print(sagemaker_job.dry_run_text(spec, request), file=sys.stderr)
+            print(dry_run_text(spec, request), file=sys.stderr)
             print(json.dumps(request, indent=1, sort_keys=True, default=str))
             return 0
-        session = _boto_session(spec.region or None)
+        session = boto_session(spec.region or None)
         local_root = tempfile.mkdtemp(prefix="brainseg-local-") if spec.mode == "local" else None
         job_name = sagemaker_job.submit(spec, session, container_env, local_root)
         if spec.mode == "aws":
@@ -353,47 +347,6 @@ def launch(spec: JobSpec) -> int:
         return 0
 
 
-def lifecycle_command(args: argparse.Namespace) -> int:
-    """status, logs, stop, attach and jobs: 0 done (attach: the job completed), 1 the job failed or
-    stopped (attach), 2 no such job or no access."""
-    import botocore.exceptions
-
-    from infra.launcher import lifecycle
-    try:
-        session = _boto_session(args.region)
-        if session.get_credentials() is None:
-            raise ValueError("no AWS credentials found (environment, ~/.aws, SSO or instance role)")
-        if args.command == "jobs":
-            for job in lifecycle.recent_jobs(session, args.name_contains, args.max):
-                print(f"{job['job']:63} {job['status']:11} {job['created']}")
-            return 0
-        if args.command == "status":
-            info = lifecycle.describe(lifecycle.get_job(args.job, session))
-            print(json.dumps(info, indent=1) if args.json else lifecycle.status_text(info))
-        elif args.command == "logs":
-            lifecycle.get_job(args.job, session)
-            lines = lifecycle.LogReader(args.job, session).new_lines()
-            print("\n".join(lines) if lines else f"{args.job}: no log lines yet")
-        elif args.command == "stop":
-            before = lifecycle.stop(args.job, session)
-            print(f"{args.job} already ended: {before}" if before in lifecycle.TERMINAL
-                  else f"stopping {args.job} (was {before}); it checkpoints and ends as Stopped")
-        else:
-            final = lifecycle.attach(args.job, session, args.interval, out=lambda line: print(line, flush=True))
-            return 0 if final == "Completed" else 1
-        return 0
-    except (ValueError, lifecycle.JobNotFound) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except botocore.exceptions.ClientError as err:
-        print(f"error: {err.response.get('Error', {}).get('Code', '')}: "
-              f"{err.response.get('Error', {}).get('Message', err)}", file=sys.stderr)
-        return 2
-    except botocore.exceptions.BotoCoreError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -411,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(documents[args.document] if args.document else documents, indent=1))
         return 0
     if args.command in LIFECYCLE:
-        return lifecycle_command(args)
+        return lifecycle.command(args)
     from infra.launcher.sagemaker_job import LaunchError
     try:
         spec = spec_from_args(args)

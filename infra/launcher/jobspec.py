@@ -147,45 +147,6 @@ class JobSpec:
         return {**self.hyperparameters, "data_uri": self.data_uri, "output_uri": self.output_uri}
 
 
-# GPUs per instance of the SageMaker families users train on; None for a type not known here.
-_GPU_FAMILIES = {"g4dn": {"12xlarge": 4, "metal": 8}, "g5": {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8},
-                 "g6": {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8}, "g6e": {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8},
-                 "p3": {"2xlarge": 1, "8xlarge": 4, "16xlarge": 8}, "p3dn": {}, "p4d": {}, "p4de": {}, "p5": {},
-                 "p5e": {}, "p5en": {}}
-_EIGHT_GPU_FAMILIES = ("p3dn", "p4d", "p4de", "p5", "p5e", "p5en")
-_CPU_FAMILIES = ("m5", "m6i", "m7i", "c5", "c6i", "c7i", "r5", "t3")
-
-
-def gpus_per_instance(instance_type: str) -> int | None:
-    """How many GPUs one ``ml.<family>.<size>`` instance has (0 for CPU instances), ``None`` if unknown."""
-    parts = instance_type.split(".")
-    if len(parts) != 3 or parts[0] != "ml":
-        return None
-    family, size = parts[1], parts[2]
-    if family in _CPU_FAMILIES:
-        return 0
-    if family in _EIGHT_GPU_FAMILIES:
-        return 8
-    if family in _GPU_FAMILIES:
-        return _GPU_FAMILIES[family].get(size, 1 if family.startswith("g") else None)
-    return None
-
-
-def distribution_text(spec: JobSpec, instance_type: str) -> str:
-    """How the job's processes are laid out: ``torchrun, 4 processes per host (one per GPU), 8 in all``."""
-    if not spec.training:
-        return f"predict.py once per instance, the cases split between {spec.instance_count} instance(s)"
-    gpus = gpus_per_instance(instance_type)
-    if spec.processes_per_host:
-        per_host, why = spec.processes_per_host, "--processes-per-host"
-    elif gpus is None:
-        return (f"torchrun, one process per GPU of {instance_type} (SM_NUM_GPUS; a GPU count this launcher does "
-                f"not know), on {spec.instance_count} instance(s)")
-    else:
-        per_host, why = max(gpus, 1), "one per GPU" if gpus else "a CPU instance"
-    return f"torchrun, {per_host} process(es) per host ({why}), {per_host * spec.instance_count} in all"
-
-
 def unique_name(base: str) -> str:
     """``<base>-YYYYMMDDHHMMSS``, at most 63 characters, as SDK v3 names training jobs."""
     return f"{base.replace('_', '-')}-{datetime.now():%Y%m%d%H%M%S}"[:63]

@@ -8,6 +8,8 @@ SDK v3's ``TrainingJob`` resource describes, lists and stops jobs; the logs are 
 from __future__ import annotations
 
 import itertools
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -170,3 +172,49 @@ def attach(name: str, session: boto3.Session, interval: float = 15.0, out=print)
                 out(f"{name}: {reason}")
             return status
         time.sleep(interval)
+
+
+def boto_session(region: str | None) -> boto3.Session:
+    """A boto3 session in ``region`` (default: the AWS configuration's); ValueError when there is none."""
+    session = boto3.Session(region_name=region) if region else boto3.Session()
+    if not session.region_name:
+        raise ValueError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    return session
+
+
+def command(args) -> int:
+    """status, logs, stop, attach and jobs: 0 done (attach: the job completed), 1 the job failed or
+    stopped (attach), 2 no such job or no access."""
+    try:
+        session = boto_session(args.region)
+        if session.get_credentials() is None:
+            raise ValueError("no AWS credentials found (environment, ~/.aws, SSO or instance role)")
+        if args.command == "jobs":
+            for job in recent_jobs(session, args.name_contains, args.max):
+                print(f"{job['job']:63} {job['status']:11} {job['created']}")
+            return 0
+        if args.command == "status":
+            info = describe(get_job(args.job, session))
+            print(json.dumps(info, indent=1) if args.json else status_text(info))
+        elif args.command == "logs":
+            get_job(args.job, session)
+            lines = LogReader(args.job, session).new_lines()
+            print("\n".join(lines) if lines else f"{args.job}: no log lines yet")
+        elif args.command == "stop":
+            before = stop(args.job, session)
+            print(f"{args.job} already ended: {before}" if before in TERMINAL
+                  else f"stopping {args.job} (was {before}); it checkpoints and ends as Stopped")
+        else:
+            final = attach(args.job, session, args.interval, out=lambda line: print(line, flush=True))
+            return 0 if final == "Completed" else 1
+        return 0
+    except (ValueError, JobNotFound) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except botocore.exceptions.ClientError as err:
+        print(f"error: {err.response.get('Error', {}).get('Code', '')}: "
+              f"{err.response.get('Error', {}).get('Message', err)}", file=sys.stderr)
+        return 2
+    except botocore.exceptions.BotoCoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

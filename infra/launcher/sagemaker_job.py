@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from botocore.awsrequest import AWSResponse
 
 from brainseg.metric_lines import METRIC_DEFINITIONS
 from infra.launcher.iam import role_account
-from infra.launcher.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec, distribution_text, gpus_per_instance
+from infra.launcher.jobspec import DEFAULT_INSTANCE_TYPE, ENTRY_POINT, JobSpec
 
 PINNED_TORCH = "2.13.0"  # requirements.txt's pin, and the image's (docker/build.sh)
 logger = logging.getLogger("launch")
@@ -243,36 +242,6 @@ def dry_run_request(spec: JobSpec) -> dict:
     except _DryRun as captured:
         return captured.request
     raise LaunchError("the SDK returned without calling CreateTrainingJob")
-
-
-def image_text(image: str) -> str:
-    """What runs in ``image``: the prebuilt PyTorch image's torch release, or the user's own build."""
-    prebuilt = re.search(r"pytorch-training:(\d+\.\d+(?:\.\d+)?)-(cpu|gpu)-(py\d+)", image)
-    if prebuilt:
-        version, device, python = prebuilt.groups()
-        pinned = "" if version.split(".")[:2] == PINNED_TORCH.split(".")[:2] else f", not the pinned {PINNED_TORCH}"
-        return (f"{image} (SageMaker's prebuilt PyTorch training image: torch {version}{pinned}, {device}, "
-                f"{python}; entry_point/requirements.txt is installed at start-up)")
-    return f"{image} (your image: torch as docker/build.sh installed it, pinned {PINNED_TORCH})"
-
-
-def dry_run_text(spec: JobSpec, request: dict) -> str:
-    """The dry run's summary for people: where and how the job would run."""
-    resources = request.get("ResourceConfig", {})
-    instance_type = resources.get("InstanceType", spec.instance_type or DEFAULT_INSTANCE_TYPE)
-    gpus = gpus_per_instance(instance_type)
-    capacity = "spot" if request.get("EnableManagedSpotTraining") else "on-demand"
-    return "\n".join([
-        f"dry run: nothing was submitted; the CreateTrainingJob request of {spec.script} follows on stdout",
-        f"  image:        {image_text(request.get('AlgorithmSpecification', {}).get('TrainingImage', '?'))}",
-        f"  instances:    {resources.get('InstanceCount', spec.instance_count)} x {instance_type} "
-        f"({'? GPUs' if gpus is None else f'{gpus} GPU(s)'} each), {capacity}, "
-        f"{resources.get('VolumeSizeInGB', spec.volume_size_gb)} GB volume",
-        f"  distribution: {distribution_text(spec, instance_type)}",
-        f"  data:         {spec.data_uri} (read by ranged GETs, nothing copied first)",
-        f"  output:       {spec.output_uri.rstrip('/')}/<job name>/" if spec.training else
-        f"  output:       {spec.output_uri}",
-    ])
 
 
 def upload_source(uri: str, boto_session: boto3.Session) -> None:
