@@ -105,4 +105,4 @@ def test_an_unreachable_server_costs_a_warning_not_the_run(dataset, bucket, monk
 def test_a_tracking_uri_must_be_a_server(capsys):
     assert train.main(["--data-uri", "s3://d/x/", "--output-uri", "s3://o/", "--mlflow-tracking-uri",
                        "./mlruns"]) == 2
-    assert "mlflow_tracking_uri './mlruns': expected a SageMaker MLflow tracking server ARN" in capsys.readouterr().out
+    assert "mlflow_tracking_uri './mlruns': expected a SageMaker MLflow tracking server ARN" in capsys.readouterr().err
