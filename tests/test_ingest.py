@@ -5,6 +5,7 @@ voxel, geometry included."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,10 +84,12 @@ def test_brats_2023_names_are_recognised_and_a_folder_without_either_naming_is_n
     assert case.case_id == "BraTS-GLI-00000-000"
     for series, name in zip(case.images, ("t1", "t1ce", "t2", "flair")):
         np.testing.assert_array_equal(series.read_volume(), _resampled_by_geometry(series, volumes[name], _affine()))
+    _brats(tmp_path, "BraTS-GLI-00001-000", False, rng, ("t1n", "t1c", "t2w", "t2f"), "-")
     (tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2w.nii.gz").unlink()
-    with pytest.raises(IngestError, match=r"BraTS-GLI-00000-000-t2w.nii.gz missing beside BraTS-GLI-00000-000-seg"
-                                          r".nii.gz \(expected BraTS 2012-2021 .* or BraTS 2023\+ "):
-        ingest(tmp_path, f"s3://{bucket}/broken/", jobs=1)
+    partial = ingest(tmp_path, f"s3://{bucket}/broken/", jobs=1)  # the case is left out, not the run
+    assert partial["cases"] == 1 and list(partial["failed"]) == ["BraTS-GLI-00000-000"]
+    assert re.match(r"BraTS-GLI-00000-000-t2w.nii.gz missing beside BraTS-GLI-00000-000-seg.nii.gz \(expected BraTS "
+                    r"2012-2021 .* or BraTS 2023\+ ", partial["failed"]["BraTS-GLI-00000-000"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(IngestError, match=r"no BraTS case found; expected BraTS 2012-2021 <case>/<case>_seg.nii.gz"):

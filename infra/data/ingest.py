@@ -95,6 +95,8 @@ def _nifti(path: Path):
 def load_brats(source: CaseSource) -> Study:
     """A BraTS case (either naming); every file must lie on the reference sequence's grid, or
     (``resample_to``) is resampled onto it."""
+    if source.paths["problem"]:  # a file missing: this case is left out, the others are converted
+        raise IngestError(source.paths["problem"])
     sequences = source.paths["sequences"]  # {file suffix: sequence}
     by_name = {name: key for key, name in sequences.items()}
     reference = by_name.get(source.paths.get("resample_to") or "t1", by_name["t1"])
@@ -248,11 +250,10 @@ def discover(src: Path, kind: str | None = None, spacing: tuple = (1.0, 1.0, 1.0
                 suffix = seg.name[len(case) + len(f"{separator}seg"):]
                 paths = {"seg": seg, **{key: seg.parent / f"{case}{separator}{key}{suffix}" for key in sequences}}
                 missing = [path.name for path in paths.values() if not path.exists()]
-                if missing:
-                    raise IngestError(f"case {case}: {', '.join(missing)} missing beside {seg.name} (expected "
-                                      f"{BRATS_EXPECTED})")
+                problem = f"{', '.join(missing)} missing beside {seg.name} (expected {BRATS_EXPECTED})" if missing \
+                    else ""
                 cases.append(CaseSource(_case_id(case), kind, {**paths, "sequences": sequences,
-                                                               "resample_to": resample_to}))
+                                                               "resample_to": resample_to, "problem": problem}))
         if not cases:
             raise IngestError(f"{src}: no BraTS case found; expected {BRATS_EXPECTED}")
         return kind, cases, dict(BRATS_LABELS), dict(BRATS_SEQUENCES)
