@@ -138,3 +138,23 @@ def test_a_checkpoint_holds_exactly_the_keys_the_reader_requires():
         buffer = io.BytesIO()
         torch.save({key: value for key, value in checkpoint.items() if key != "splits"}, buffer)
         state.load_checkpoint(buffer.getvalue())
+
+
+def test_resuming_is_refused_for_other_hyperparameters_or_data_naming_what_changed():
+    from brainseg.config import Hyperparameters
+    from brainseg.run.errors import TrainingError
+    from brainseg.run.resume import check_same_dataset, check_same_hyperparameters
+
+    hp = Hyperparameters(lr=3e-4, epochs=10)
+    saved = {"hyperparameters": Hyperparameters(lr=1e-3, epochs=5).to_dict(), "dataset_fingerprint": "old",
+             "splits": {"train": ["a", "b"], "val": ["c"], "test": []}}
+    with pytest.raises(TrainingError, match=r"from different hyperparameters \(lr: 0.001 -> 0.0003\); use the same"):
+        check_same_hyperparameters(saved, hp, "r1", "step-00000005.pt")  # epochs may change, lr may not
+    check_same_hyperparameters({**saved, "hyperparameters": Hyperparameters(lr=3e-4, epochs=5).to_dict()}, hp, "r1",
+                               "step-00000005.pt")
+    now = {"train": ["a", "b", "d"], "val": [], "test": []}
+    with pytest.raises(TrainingError, match=r"changed since checkpoint step-5 \(fingerprint old -> new: train \+1 \(d\); "
+                                            r"val -1 \(c\)\); resume on the same data"):
+        check_same_dataset(saved, "new", now, hp, "r1", "step-5")
+    check_same_dataset(saved, "new", now, Hyperparameters(allow_dataset_change=True), "r1", "step-5")  # a warning
+    check_same_dataset(saved, "old", now, hp, "r1", "step-5")  # same fingerprint: nothing to check

@@ -247,7 +247,7 @@ def test_resuming_on_a_changed_dataset_is_refused_unless_allowed(bucket, capsys)
 
 
 def test_the_code_version_is_what_was_loaded_when_first_asked(tmp_path, monkeypatch):
-    import brainseg.run.engine as training
+    import brainseg.run.state as training
 
     source = tmp_path / "module.py"
     source.write_text("VALUE = 1\n")

@@ -7,11 +7,16 @@ import dataclasses
 import logging
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
+from brainseg.data.memory import load_in_memory
 from brainseg.data.resample import grid_of, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
+from brainseg.data.stream import PatchStream
+from brainseg.dicom import PixelDataError
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 from brainseg.tasks import task_of
@@ -79,3 +84,20 @@ def target_spacing(hp: Hyperparameters, train: list[Case]) -> tuple:
     logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled", "x".join(f"{v:.3g}" for v in spacing),
                 hp.target_spacing, moved, len(train))
     return spacing
+
+
+def patch_loader(hp: Hyperparameters, train_cases: list[Case], start_batch: int, rank: int, world: int,
+                 device: torch.device) -> DataLoader:
+    """The training batches: the patch stream of ``train_cases`` from batch ``start_batch`` (a resumed
+    run continues the uninterrupted run's sequence), in DataLoader workers."""
+    try:
+        cases = load_in_memory(train_cases) if hp.data_source == "memory" else train_cases
+    except PixelDataError as err:
+        raise TrainingError(f"--data-source memory needs every training volume whole: {err}") from err
+    stream = PatchStream(cases, hp.stream_config(), start_batch=start_batch, batch_size=hp.batch_size,
+                         rank=rank, world_size=world)
+    # Its own generator: creating the iterator must not draw from the global RNG, or a
+    # resumed run's dropout masks would drift from an uninterrupted run's.
+    return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(hp.seed),
+                      persistent_workers=hp.num_workers > 0, prefetch_factor=2 if hp.num_workers else None)

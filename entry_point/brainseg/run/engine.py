@@ -11,25 +11,20 @@ state, every RNG state and the patch-stream position, so a resumed run continues
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import io
 import json
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg.config import RESUMABLE_CHANGES, Hyperparameters, MiB, check_budget, check_run_name, inside
-from brainseg.data.memory import load_in_memory
+from brainseg.config import Hyperparameters, MiB, check_budget
 from brainseg.data.splits import SPLITS
-from brainseg.data.stream import PatchStream, slab_cost_bytes
-from brainseg.dicom import PixelDataError
+from brainseg.data.stream import slab_cost_bytes
 from brainseg.environment import Environment
 from brainseg.io import s3
 from brainseg.io.store import Store
@@ -48,13 +43,17 @@ from brainseg.model.networks import (
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.progress import Progress
 from brainseg.run import distributed
-from brainseg.run.cases import load_catalog, select_cases
+from brainseg.run.cases import load_catalog, patch_loader, select_cases
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
-from brainseg.run.ownership import RunLock
+from brainseg.run.ownership import RunLock, resolve_run_name
+from brainseg.run.resume import check_same_dataset, check_same_hyperparameters
 from brainseg.run.state import (
+    CODE_ROOT,
+    LoopState,
     checkpoint_bytes,
+    code_version,
     configure_determinism,
     load_checkpoint,
     read_weights,
@@ -65,47 +64,6 @@ from brainseg.run.tracking import Tracker
 from brainseg.tasks import task_of
 
 logger = logging.getLogger("brainseg.train")
-CODE_ROOT = Path(__file__).resolve().parents[2]  # entry_point/: train.py and brainseg/
-
-
-@dataclass
-class LoopState:
-    """The loop's counters and early-stopping state (saved in every checkpoint)."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed optimiser steps
-    best_metric: float = -math.inf  # val Dice, or minus the val loss for the autoencoder
-    best_epoch: int = 0
-    stale: int = 0  # validations since the best one
-    stopped_early: bool = False
-    history: list = field(default_factory=list)  # the metrics lines so far
-    epoch_loss: float = 0.0  # sums over the current epoch's finished steps
-    epoch_steps: int = 0
-    epoch_wait: float = 0.0
-    epoch_seconds: float = 0.0
-
-
-@functools.cache
-def code_version() -> str:
-    """SHA-256 (first 12 hex digits) of the entry point's Python sources as they were when first
-    asked (what this process runs), with or without git."""
-    digest = hashlib.sha256()
-    for path in sorted(CODE_ROOT.rglob("*.py")):
-        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def resolve_run_name(hp: Hyperparameters, env: Environment) -> str:
-    """``hp.run_name``, else the SageMaker job name, else a UTC timestamp (rank 0's, on every rank)."""
-    name = hp.run_name or env.job_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    try:
-        check_run_name(name, "run_name" if hp.run_name else "TRAINING_JOB_NAME")
-        if inside(hp.data_uri, hp.run_uri(name)):
-            raise ValueError(f"data_uri {hp.data_uri} is inside the run folder {hp.run_uri(name)}; pick another "
-                             "run name or output_uri")
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
-    return distributed.broadcast(name)
 
 
 class Trainer:
@@ -190,16 +148,9 @@ class Trainer:
             logger.info("run %s: new run, artifacts under %s", self.run_name, self.store.uri)
             return
         checkpoint, pointer = found
-        saved = checkpoint["hyperparameters"]
-        current = self.hp.to_dict()
-        differing = sorted(name for name in current if name not in RESUMABLE_CHANGES
-                           and saved.get(name) != current[name])
-        if differing:
-            changes = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differing)
-            raise TrainingError(f"run {self.run_name} has a checkpoint ({pointer['checkpoint']}) from different "
-                                f"hyperparameters ({changes}); use the same values to resume, or another "
-                                "--run-name to start a new run")
-        self.check_dataset(checkpoint, pointer["checkpoint"])
+        check_same_hyperparameters(checkpoint, self.hp, self.run_name, pointer["checkpoint"])
+        check_same_dataset(checkpoint, self.catalog.fingerprint, self.splits(), self.hp, self.run_name,
+                           pointer["checkpoint"])
         sampler = checkpoint["sampler"]
         if (sampler["num_workers"], sampler["world_size"]) != (self.hp.num_workers, self.world):
             logger.warning("resuming with %d workers x %d ranks instead of %d x %d: training continues, but "
@@ -219,44 +170,8 @@ class Trainer:
         """The case IDs of each split of the catalog (what a checkpoint records)."""
         return {name: [case.case_id for case in self.catalog.split(name)] for name in SPLITS}
 
-    def check_dataset(self, checkpoint: dict, name: str) -> None:
-        """Resume only on the data the checkpoint was trained on, unless ``allow_dataset_change``.
-
-        Raises:
-            TrainingError: the dataset's objects or splits changed; the message says how.
-        """
-        saved = checkpoint["dataset_fingerprint"]
-        if saved == self.catalog.fingerprint:
-            return
-        before, now = checkpoint.get("splits", {}), self.splits()
-        changes = []
-        for split in SPLITS:
-            for sign, ids in (("+", set(now[split]) - set(before.get(split, []))),
-                              ("-", set(before.get(split, [])) - set(now[split]))):
-                if ids:
-                    shown = ", ".join(sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
-                    changes.append(f"{split} {sign}{len(ids)} ({shown})")
-        what = "; ".join(changes) if changes else "same cases in every split, but objects or the manifest changed"
-        message = (f"run {self.run_name}: the dataset under {self.hp.data_uri} changed since checkpoint {name} "
-                   f"(fingerprint {saved} -> {self.catalog.fingerprint}: {what})")
-        if not self.hp.allow_dataset_change:
-            raise TrainingError(f"{message}; resume on the same data, pass --allow-dataset-change true to continue "
-                                "on the new data, or use another --run-name to start a new run")
-        logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
-
     def loader(self) -> DataLoader:
-        hp = self.hp
-        try:
-            cases = load_in_memory(self.train_cases) if hp.data_source == "memory" else self.train_cases
-        except PixelDataError as err:
-            raise TrainingError(f"--data-source memory needs every training volume whole: {err}") from err
-        stream = PatchStream(cases, hp.stream_config(), start_batch=self.state.step, batch_size=hp.batch_size,
-                             rank=self.rank, world_size=self.world)
-        # Its own generator: creating the iterator must not draw from the global RNG, or a
-        # resumed run's dropout masks would drift from an uninterrupted run's.
-        return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(hp.seed),
-                          persistent_workers=hp.num_workers > 0, prefetch_factor=2 if hp.num_workers else None)
+        return patch_loader(self.hp, self.train_cases, self.state.step, self.rank, self.world, self.device)
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint(self) -> bytes:

@@ -25,8 +25,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainseg.config import Hyperparameters, check_run_name, inside
+from brainseg.environment import Environment
 from brainseg.io import s3
 from brainseg.layout import RunLayout
+from brainseg.run import distributed
+from brainseg.run.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +207,16 @@ class RunLock:
             logger.warning("run %s: could not release its claim (%s); the next job takes it over once it is "
                            "stale (%.0f s)", self.run_name, err, STALE_AFTER_S)
         self.etag = None
+
+
+def resolve_run_name(hp: Hyperparameters, env: Environment) -> str:
+    """``hp.run_name``, else the SageMaker job name, else a UTC timestamp (rank 0's, on every rank)."""
+    name = hp.run_name or env.job_name or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        check_run_name(name, "run_name" if hp.run_name else "TRAINING_JOB_NAME")
+        if inside(hp.data_uri, hp.run_uri(name)):
+            raise ValueError(f"data_uri {hp.data_uri} is inside the run folder {hp.run_uri(name)}; pick another "
+                             "run name or output_uri")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    return distributed.broadcast(name)

@@ -1,13 +1,18 @@
-"""The training state a checkpoint holds, as tensors and plain values only: what
-``torch.load(weights_only=True)`` reads, so a file someone else could write (a checkpoint,
-``--init-weights``) cannot run code. Also the global RNGs: seeded, saved and restored.
+"""The training state a checkpoint holds (:func:`checkpoint_bytes`, the loop's :class:`LoopState`),
+as tensors and plain values only: what ``torch.load(weights_only=True)`` reads, so a file someone
+else could write (a checkpoint, ``--init-weights``) cannot run code. Also the global RNGs (seeded,
+saved and restored) and the code version a run records.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import io
+import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ from brainseg.io import s3
 from brainseg.model.artifact import load_tensors
 from brainseg.run.errors import TrainingError
 
+CODE_ROOT = Path(__file__).resolve().parents[2]  # entry_point/: train.py and brainseg/
 CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
 
 
@@ -99,3 +105,30 @@ def read_weights(location: str) -> dict:
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return payload
     raise TrainingError(f"init_weights {location}: expected a state dict, a checkpoint or an encoder file")
+
+
+@dataclass
+class LoopState:
+    """The loop's counters and early-stopping state (saved in every checkpoint)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimiser steps
+    best_metric: float = -math.inf  # val Dice, or minus the val loss for the autoencoder
+    best_epoch: int = 0
+    stale: int = 0  # validations since the best one
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # the metrics lines so far
+    epoch_loss: float = 0.0  # sums over the current epoch's finished steps
+    epoch_steps: int = 0
+    epoch_wait: float = 0.0
+    epoch_seconds: float = 0.0
+
+
+@functools.cache
+def code_version() -> str:
+    """SHA-256 (first 12 hex digits) of the entry point's Python sources as they were when first
+    asked (what this process runs), with or without git."""
+    digest = hashlib.sha256()
+    for path in sorted(CODE_ROOT.rglob("*.py")):
+        digest.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,54 @@
+"""Whether a run may continue from its checkpoint: the same hyperparameters (but those allowed to
+change) and the same data, or the differences named in the refusal."""
+
+from __future__ import annotations
+
+import logging
+
+from brainseg.config import RESUMABLE_CHANGES, Hyperparameters
+from brainseg.data.splits import SPLITS
+from brainseg.run.errors import TrainingError
+
+logger = logging.getLogger("brainseg.train")
+
+
+def check_same_hyperparameters(checkpoint: dict, hp: Hyperparameters, run_name: str, name: str) -> None:
+    """Refuse a checkpoint from other hyperparameters (:data:`RESUMABLE_CHANGES` may differ).
+
+    Raises:
+        TrainingError: naming each differing field with both values.
+    """
+    saved, current = checkpoint["hyperparameters"], hp.to_dict()
+    differing = sorted(field for field in current if field not in RESUMABLE_CHANGES
+                       and saved.get(field) != current[field])
+    if differing:
+        changes = ", ".join(f"{field}: {saved.get(field)!r} -> {current[field]!r}" for field in differing)
+        raise TrainingError(f"run {run_name} has a checkpoint ({name}) from different hyperparameters ({changes}); "
+                            "use the same values to resume, or another --run-name to start a new run")
+
+
+def check_same_dataset(checkpoint: dict, fingerprint: str, splits: dict, hp: Hyperparameters, run_name: str,
+                       name: str) -> None:
+    """Resume only on the data the checkpoint was trained on, unless ``allow_dataset_change``.
+
+    Raises:
+        TrainingError: the dataset's objects or splits changed; the message says how.
+    """
+    saved = checkpoint["dataset_fingerprint"]
+    if saved == fingerprint:
+        return
+    before, now = checkpoint.get("splits", {}), splits
+    changes = []
+    for split in SPLITS:
+        for sign, ids in (("+", set(now[split]) - set(before.get(split, []))),
+                          ("-", set(before.get(split, [])) - set(now[split]))):
+            if ids:
+                shown = ", ".join(sorted(ids)[:3]) + (", ..." if len(ids) > 3 else "")
+                changes.append(f"{split} {sign}{len(ids)} ({shown})")
+    what = "; ".join(changes) if changes else "same cases in every split, but objects or the manifest changed"
+    message = (f"run {run_name}: the dataset under {hp.data_uri} changed since checkpoint {name} "
+               f"(fingerprint {saved} -> {fingerprint}: {what})")
+    if not hp.allow_dataset_change:
+        raise TrainingError(f"{message}; resume on the same data, pass --allow-dataset-change true to continue "
+                            "on the new data, or use another --run-name to start a new run")
+    logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
