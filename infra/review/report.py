@@ -24,7 +24,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from brainseg.overlap import tumour_centre
-from infra.review.runs import ReviewedRun, differing_hyperparameters
+from infra.review.runs import ReviewedRun, differing_hyperparameters, is_number
 
 DPI = 100
 TEMPLATE = Template("""<!doctype html>
@@ -229,19 +229,11 @@ def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
     if len(ordered) > 1:
         picks.setdefault(ordered[-1]["case_id"], []).append("best mean Dice")
     for name in run.structures:
-        scored = [row for row in ordered if _is_float(row.get(f"dice_{name}"))]
+        scored = [row for row in ordered if is_number(row.get(f"dice_{name}"))]
         if scored:
             worst = min(scored, key=lambda row: (_nan_low(row[f"dice_{name}"]), row["case_id"]))
             picks.setdefault(worst["case_id"], []).append(f"worst {name} Dice")
     return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()]
-
-
-def _is_float(text) -> bool:
-    try:
-        float(text)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _nan_low(text) -> float:
@@ -259,7 +251,7 @@ def overlay_figures(runs: list[ReviewedRun], out: Path) -> dict:
             if crop is None:
                 continue
             scores = " ".join(f"{name} {float(row[f'dice_{name}']):.3f}" for name in run.structures
-                              if _is_float(row.get(f"dice_{name}")))
+                              if is_number(row.get(f"dice_{name}")))
             file = f"overlay_{run.name}_{number}.png"
             overlay_figure(crop, f"{run.name}: test case {row['case_id']} ({reason}): Dice {float(row['dice']):.3f}"
                                  + (f" ({scores})" if scores else ""), out / file, structures, sequences)
@@ -300,7 +292,7 @@ def volume_figure(run: ReviewedRun, out: Path) -> dict | None:
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for number, (axis, (name, truth, predicted)) in enumerate(zip(axes[0], panels), start=1):
         points = [(float(row[truth]), float(row[predicted])) for row in run.per_case
-                  if _is_float(row.get(truth)) and _is_float(row.get(predicted))]
+                  if is_number(row.get(truth)) and is_number(row.get(predicted))]
         if points:
             axis.scatter(*zip(*points), s=14, color=_colour(number))
         top = max([1.0, *(value for point in points for value in point)]) * 1.05

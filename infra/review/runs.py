@@ -104,7 +104,8 @@ class MetricsTail:
         return notes
 
 
-def _is_number(text) -> bool:
+def is_number(text) -> bool:
+    """Whether a CSV cell reads as a number (NaN included)."""
     try:
         float(text)
     except (TypeError, ValueError):
@@ -236,7 +237,7 @@ class ReviewedRun:
             return []
         rows = []
         for number, row in enumerate(csv.DictReader(io.StringIO(tail.data.decode(errors="replace"))), start=2):
-            if not row.get("case_id") or not _is_number(row.get("dice")):
+            if not row.get("case_id") or not is_number(row.get("dice")):
                 self.notes.append(f"{relative}: line {number} has no case_id or no numeric dice; skipped")
                 continue
             rows.append(row)
