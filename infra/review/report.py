@@ -24,7 +24,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from brainseg.overlap import tumour_centre
-from infra.review.runs import ReviewedRun, differing_hyperparameters, is_number
+from infra.review.runs import ReviewedRun, dice_rank, differing_hyperparameters, is_number
 
 DPI = 100
 TEMPLATE = Template("""<!doctype html>
@@ -231,14 +231,9 @@ def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
     for name in run.structures:
         scored = [row for row in ordered if is_number(row.get(f"dice_{name}"))]
         if scored:
-            worst = min(scored, key=lambda row: (_nan_low(row[f"dice_{name}"]), row["case_id"]))
+            worst = min(scored, key=lambda row: (dice_rank(row[f"dice_{name}"]), row["case_id"]))
             picks.setdefault(worst["case_id"], []).append(f"worst {name} Dice")
     return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()]
-
-
-def _nan_low(text) -> float:
-    value = float(text)
-    return -1.0 if np.isnan(value) else value
 
 
 def overlay_figures(runs: list[ReviewedRun], out: Path) -> dict:

@@ -104,6 +104,12 @@ class MetricsTail:
         return notes
 
 
+def dice_rank(text) -> float:
+    """A Dice cell as a sort key, a NaN (nothing scored) below every real value."""
+    dice = float(text)
+    return -1.0 if math.isnan(dice) else dice
+
+
 def is_number(text) -> bool:
     """Whether a CSV cell reads as a number (NaN included)."""
     try:
@@ -201,10 +207,7 @@ class ReviewedRun:
 
     def cases_worst_first(self) -> list[dict]:
         """Test cases by Dice, lowest first (a NaN Dice counts as worst)."""
-        def key(row):
-            dice = float(row["dice"])
-            return (-1.0 if math.isnan(dice) else dice, row["case_id"])
-        return sorted(self.per_case, key=key)
+        return sorted(self.per_case, key=lambda row: (dice_rank(row["dice"]), row["case_id"]))
 
     def _fetch(self, relative: str, missing: str = "missing") -> s3.Tail | None:
         try:
