@@ -42,7 +42,7 @@ from brainseg.config import StreamConfig  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.sampling import plan_slab  # noqa: E402
 from brainseg.data.stream import PatchStream  # noqa: E402
-from brainseg.io import s3  # noqa: E402
+from brainseg.io import s3, s3_client  # noqa: E402
 from infra.data.synth import SynthSpec, encode_case, write_files  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             for uri in uris.values():
                 _delete_prefix(uri)
     report = {"latency_ms": args.latency_ms, "shape": shape, "patch": args.patch, "sequences": sequences, "batch": BATCH,
-              "read_ahead": READ_AHEAD, "s3_concurrency": s3.MAX_CONCURRENCY, "cpu_count": os.cpu_count(),
+              "read_ahead": READ_AHEAD, "s3_concurrency": s3_client.MAX_CONCURRENCY, "cpu_count": os.cpu_count(),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

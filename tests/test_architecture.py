@@ -30,7 +30,7 @@ ALLOWED = {
                  "overlap", "prediction", "progress", "run", "tasks"},
 }
 # Third-party libraries and the only modules that may import them.
-OWNERS = {"boto3": ("brainseg/io/s3.py",), "botocore": ("brainseg/io/s3.py",), "smart_open": ("brainseg/io/s3.py",),
+OWNERS = {"boto3": ("brainseg/io/s3",), "botocore": ("brainseg/io/s3",), "smart_open": ("brainseg/io/s3",),
           "pydicom": ("brainseg/dicom/",), "highdicom": ("brainseg/dicom/",)}
 # Modules the launcher and the review import on a laptop without torch.
 TORCH_FREE = ("brainseg.config", "brainseg.flags", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",

@@ -8,7 +8,7 @@ import threading
 import botocore.exceptions
 import pytest
 
-from brainseg.io import s3
+from brainseg.io import s3, s3_client
 
 
 def test_counters_follow_requests_and_bytes(bucket):
@@ -71,7 +71,7 @@ def test_a_stream_never_splices_a_rewritten_object(bucket, faults):
 
 
 def test_a_fault_that_never_clears_fails_with_the_object_named(bucket, faults, monkeypatch):
-    monkeypatch.setattr(s3, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(s3_client, "RETRY_BACKOFF_S", 0.0)
     s3.put_bytes(f"s3://{bucket}/blob", b"x" * 1000)
     faults.set({"fault": "short", "method": "GET", "key": "/blob$"})
     with pytest.raises(s3.S3Error, match=rf"s3://{bucket}/blob failed after 6 attempts: _ShortBody"):
@@ -166,7 +166,7 @@ def test_fanning_out_over_more_cases_than_threads_does_not_deadlock(bucket, monk
         phantom = small_phantom(number, shape=(4, 16, 16))
         put_case(f"s3://{bucket}/ds", f"case-{number}", phantom.image, phantom.mask)
     cases = build_catalog(f"s3://{bucket}/ds/").cases
-    monkeypatch.setattr(s3, "MAX_CONCURRENCY", 2)
+    monkeypatch.setattr(s3_client, "MAX_CONCURRENCY", 2)
     s3.reset_client()
     loaded = []
     worker = threading.Thread(target=lambda: loaded.extend(load_in_memory(cases)), daemon=True)
@@ -179,8 +179,8 @@ def test_fanning_out_over_more_cases_than_threads_does_not_deadlock(bucket, monk
 
 
 def test_the_one_retry_loop_retries_what_it_is_told_and_names_the_last_failure(monkeypatch):
-    monkeypatch.setattr(s3, "RETRY_BACKOFF_S", 0.0)
-    failures, noted = [botocore.exceptions.ConnectionClosedError(endpoint_url="http://s3"), s3._ShortBody("short")], []
+    monkeypatch.setattr(s3_client, "RETRY_BACKOFF_S", 0.0)
+    failures, noted = [botocore.exceptions.ConnectionClosedError(endpoint_url="http://s3"), s3_client._ShortBody("short")], []
 
     def flaky():
         if failures:

@@ -1,2 +1,3 @@
-"""S3: ``s3`` (the only boto3/smart-open user: one client per process, the retried read core,
-conditional writes, uploads, counters) and ``store`` (artifacts under one prefix, uploaded with retries)."""
+"""S3: ``s3`` (the operations callers import: retried ranged reads, line streams, listings, and the
+writes of ``s3_writes``) on ``s3_client`` (the per-process client and pools, counters, errors, the one
+retry loop); ``store`` (artifacts under one prefix, uploaded with retries)."""
