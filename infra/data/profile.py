@@ -8,7 +8,7 @@ import numpy as np
 
 from brainseg.data.catalog import Catalog
 from brainseg.data.splits import SPLITS
-from brainseg.dicom.header import NATIVE_SYNTAXES
+from brainseg.dicom.pixel_location import NATIVE_SYNTAXES
 
 SYNTAX_NAMES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",

@@ -1,7 +1,8 @@
 """DICOM: the only package that imports pydicom.
 
-``header`` parses an object's header from the first bytes of the object and locates its pixel
-data; ``pixels`` turns fetched pixel bytes into arrays; ``writer`` encodes volumes as DICOM.
+``header`` parses an object's header from the first bytes of the object (``elements``: checked
+element reads; ``pixel_location``: where the pixel data and its frames lie; ``errors``); ``pixels``
+turns fetched pixel bytes into arrays; ``seg`` reads DICOM SEG; ``writer`` encodes volumes as DICOM.
 
 Importing the package silences pydicom's own warnings and log lines: they quote header values
 (a damaged UID, a name), and header values may identify a patient. What went wrong is reported

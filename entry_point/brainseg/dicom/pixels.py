@@ -12,7 +12,8 @@ import numpy as np
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 
-from brainseg.dicom.header import ITEM_TAG, ObjectHeader
+from brainseg.dicom.header import ObjectHeader
+from brainseg.dicom.pixel_location import ITEM_TAG
 
 SEQUENCE_DELIMITER_TAG = (0xFFFE, 0xE0DD)
 

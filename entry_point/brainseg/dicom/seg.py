@@ -17,7 +17,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from brainseg.dicom.header import HeaderError
+from brainseg.dicom.errors import HeaderError
 
 CATEGORY = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
 NEOPLASM = hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
