@@ -17,7 +17,7 @@ from brainseg.data.catalog import build_catalog
 from brainseg.data.resample import Grid, median_spacing
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.io import s3
-from brainseg.run.cases import select_cases
+from brainseg.run.cases import resolve_target_spacing, select_cases
 from infra.data.synth import SynthSpec, write_dataset
 
 THICK = Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0))
@@ -71,15 +71,16 @@ def test_cases_of_different_thickness_stream_patches_in_millimetres(bucket):
     depths = {case.image.shape[0] for case in catalog.cases}
     assert len(depths) > 1  # the thickness varies
     train_cases, val_cases, _ = select_cases(hp, catalog)
-    spacing = train_cases[0].target_spacing
+    target = resolve_target_spacing(hp, train_cases)
+    spacing = target.spacing
     assert spacing == median_spacing(case.image.spacing for case in train_cases)
     case = next(c for c in train_cases if c.image.spacing[0] != spacing[0])
-    stream = PatchStream([case], StreamConfig(patch_size=(8, 16, 16), augment=False, memory_budget_bytes=2**26))
+    stream = PatchStream([case], StreamConfig(patch_size=(8, 16, 16), augment=False, memory_budget_bytes=2**26),
+                         target=target)
     for sample, _ in zip(stream, range(3)):
         assert sample["image"].shape == (2, 8, 16, 16)
-    from brainseg.data.resample import grid_of
-
-    grid = grid_of(case)
+    grid = target.grid_of(case)
+    assert not grid.identity
     region = (0, grid.shape[0], 0, grid.shape[1], 0, grid.shape[2])
     images, mask = read_case_region(case, region, grid=grid)
     assert images[0].shape == grid.shape and set(np.unique(mask)) <= {0, 1, 2, 4}

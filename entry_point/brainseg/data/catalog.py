@@ -62,7 +62,6 @@ class Case:
     patient_group: str = ""
     skipped: tuple = ()
     missing: tuple = ()
-    target_spacing: tuple = ()  # (dz, dy, dx) mm the network sees the case at; () native
 
     @property
     def image(self) -> Series:

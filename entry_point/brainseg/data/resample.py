@@ -116,9 +116,23 @@ class Grid:
                              align_corners=False)[0]
 
 
-def grid_of(case) -> Grid:
-    """The grid of a catalog case: its first sequence's, at the case's ``target_spacing`` (or native)."""
-    return Grid(case.image.shape, case.image.spacing, case.target_spacing or case.image.spacing)
+@dataclass(frozen=True)
+class TargetSpacing:
+    """The spacing a run's network works at, resolved once per run (training) or read from the model
+    (prediction) and passed beside the cases: ``(dz, dy, dx)`` mm, or ``()`` for each case's own."""
+
+    spacing: tuple = ()
+
+    def grid(self, shape: tuple, spacing: tuple) -> Grid:
+        """The grid of a volume of ``shape`` voxels of ``spacing`` mm."""
+        return Grid(tuple(shape), tuple(spacing), tuple(self.spacing) or tuple(spacing))
+
+    def grid_of(self, case) -> Grid:
+        """The grid of a catalog case: its first sequence's."""
+        return self.grid(case.image.shape, case.image.spacing)
+
+
+NATIVE = TargetSpacing()
 
 
 def median_spacing(spacings) -> tuple:

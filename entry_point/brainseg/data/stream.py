@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from brainseg.config import FLOAT_BYTES, StreamConfig, check_budget
 from brainseg.data.augment import augment
 from brainseg.data.catalog import Case
-from brainseg.data.resample import Grid, grid_of
+from brainseg.data.resample import NATIVE, Grid, TargetSpacing
 from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
 from brainseg.data.transforms import normalize, pad_to
 from brainseg.dicom import PixelDataError
@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
 
 
-def slab_cost_bytes(case: Case, config: StreamConfig) -> int:
+def slab_cost_bytes(case: Case, config: StreamConfig, target: TargetSpacing = NATIVE) -> int:
     """Upper bound of the memory one task of ``case`` holds: every channel's and the mask's native
-    slab raw and decoded, their resampled copies on the target grid, plus its patches."""
-    grid = grid_of(case)
+    slab raw and decoded, their resampled copies on the ``target`` grid, plus its patches."""
+    grid = target.grid_of(case)
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
     image_bytes = max(series.bytes_per_voxel for series in case.images if series is not None)
     slab = slab_shape(grid.shape, config)
@@ -87,10 +87,11 @@ class PatchStream(IterableDataset):
             loader's round-robin picks up where the interrupted one stopped).
         rank, world_size: this process's place among the training processes (the caller reads
             it from torch.distributed; one process by default).
+        target: the spacing patches are cut at (the run's; each case's own by default).
     """
 
     def __init__(self, cases: list[Case], config: StreamConfig, start_batch: int = 0, batch_size: int = 1,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, target: TargetSpacing = NATIVE):
         super().__init__()
         if not cases:
             raise ValueError("no usable training cases: every case was excluded or the split is empty; "
@@ -105,11 +106,11 @@ class PatchStream(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self._unreadable: set[str] = set()  # cases warned about, per worker
-        self._grids = [grid_of(case) for case in self.cases]
+        self._grids = [target.grid_of(case) for case in self.cases]
         self._shapes = [grid.shape for grid in self._grids]
         self._foregrounds = [grid.points_to_target(case.summary.foreground_points)
                              for grid, case in zip(self._grids, self.cases)]
-        self.task_cost_bytes = max(slab_cost_bytes(case, config) for case in self.cases)
+        self.task_cost_bytes = max(slab_cost_bytes(case, config, target) for case in self.cases)
         check_budget(config.memory_budget_bytes, 1, self.task_cost_bytes)
 
     def plan(self, task: int, attempt: int = 0) -> SlabPlan:

@@ -22,7 +22,7 @@ import torch
 
 from brainseg.config import FLOAT_BYTES
 from brainseg.data.catalog import Case, build_catalog
-from brainseg.data.resample import Grid
+from brainseg.data.resample import TargetSpacing
 from brainseg.data.stream import read_case_region
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
@@ -56,8 +56,7 @@ def case_memory_bytes(case: Case, predictor: Predictor) -> int:
     mask, each model's resampled input and output, and the averaged probabilities."""
     native = int(np.prod(case.image.shape))
     channels, outputs = case.channels, predictor.scheme.out_channels
-    largest = max(int(np.prod(Grid(case.image.shape, case.image.spacing,
-                                   m.description.target_spacing or case.image.spacing).shape))
+    largest = max(int(np.prod(TargetSpacing(m.description.target_spacing).grid_of(case).shape))
                   for m in predictor.models)
     return FLOAT_BYTES * (native * (2 * channels + 3 * outputs + 1) + largest * (channels + 2 * outputs))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from brainseg.data.resample import Grid
+from brainseg.data.resample import TargetSpacing
 from brainseg.data.summary import Intensity
 from brainseg.data.transforms import normalize
 from brainseg.model.artifact import LoadedModel, ModelError
@@ -86,7 +86,7 @@ class Predictor:
             description = loaded.description
             image = np.stack([normalize(channel, description.normalization, stats)
                               for channel, stats in zip(channels, intensities)])
-            grid = Grid(shape, tuple(spacing), description.target_spacing or tuple(spacing))
+            grid = TargetSpacing(description.target_spacing).grid(shape, spacing)
             output = sliding_window(loaded.network, grid.volume_to_target(image), description.patch_size,
                                     description.sw_overlap if self.overlap is None else self.overlap,
                                     self.sw_batch_size, self.precision, self.device, self.flips)

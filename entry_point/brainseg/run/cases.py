@@ -3,7 +3,6 @@ the three splits, checked against what the run needs."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.memory import load_in_memory
-from brainseg.data.resample import grid_of, median_spacing
+from brainseg.data.resample import NATIVE, TargetSpacing, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import PixelDataError
@@ -42,7 +41,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
 
 
 def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
-    """Train, validation and test cases, checked against the patch size."""
+    """Train, validation and test cases (``--max-train-cases`` and ``--max-val-cases`` applied)."""
     train, val, test = (catalog.split(name) for name in SPLITS)
     usable = len(catalog.cases)
     if not usable:
@@ -62,32 +61,33 @@ def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], lis
         train = train[:hp.max_train_cases]
     if hp.max_val_cases:
         val = val[:hp.max_val_cases]
-    spacing = target_spacing(hp, train)
-    train, val, test = ([dataclasses.replace(case, target_spacing=spacing) for case in split]
-                        for split in (train, val, test))
-    shapes = [grid_of(case).shape for case in train]
+    return train, val, test
+
+
+def resolve_target_spacing(hp: Hyperparameters, train: list[Case]) -> TargetSpacing:
+    """The spacing the network sees: the training cases' median (per axis), the value given, or each
+    case's own (``native``). Logged with how many cases it resamples."""
+    chosen = hp.target_spacing_mm
+    if chosen == "native":
+        return NATIVE
+    target = TargetSpacing(median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen)
+    moved = sum(not target.grid_of(case).identity for case in train)
+    logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled",
+                "x".join(f"{v:.3g}" for v in target.spacing), hp.target_spacing, moved, len(train))
+    return target
+
+
+def check_patch_fits(hp: Hyperparameters, train: list[Case], target: TargetSpacing) -> None:
+    """Some training volume, at the target spacing, must hold a whole patch."""
+    shapes = [target.grid_of(case).shape for case in train]
     if not any(all(p <= s for p, s in zip(hp.patch_size, shape)) for shape in shapes):
         largest = max(shapes, key=lambda shape: int(np.prod(shape)))
         raise TrainingError(f"patch_size {hp.patch_size} is larger than every training volume (largest "
                             f"{largest} at the target spacing); lower --patch-size to fit inside the volumes")
-    return train, val, test
 
 
-def target_spacing(hp: Hyperparameters, train: list[Case]) -> tuple:
-    """The spacing the network sees: the training cases' median (per axis), the value given, or ``()``
-    (native). Logged with how many cases it resamples."""
-    chosen = hp.target_spacing_mm
-    if chosen == "native":
-        return ()
-    spacing = median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen
-    moved = sum(not grid_of(dataclasses.replace(case, target_spacing=spacing)).identity for case in train)
-    logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled", "x".join(f"{v:.3g}" for v in spacing),
-                hp.target_spacing, moved, len(train))
-    return spacing
-
-
-def patch_loader(hp: Hyperparameters, train_cases: list[Case], start_batch: int, rank: int, world: int,
-                 device: torch.device) -> DataLoader:
+def patch_loader(hp: Hyperparameters, train_cases: list[Case], target: TargetSpacing, start_batch: int, rank: int,
+                 world: int, device: torch.device) -> DataLoader:
     """The training batches: the patch stream of ``train_cases`` from batch ``start_batch`` (a resumed
     run continues the uninterrupted run's sequence), in DataLoader workers."""
     try:
@@ -95,7 +95,7 @@ def patch_loader(hp: Hyperparameters, train_cases: list[Case], start_batch: int,
     except PixelDataError as err:
         raise TrainingError(f"--data-source memory needs every training volume whole: {err}") from err
     stream = PatchStream(cases, hp.stream_config(), start_batch=start_batch, batch_size=hp.batch_size,
-                         rank=rank, world_size=world)
+                         rank=rank, world_size=world, target=target)
     # Its own generator: creating the iterator must not draw from the global RNG, or a
     # resumed run's dropout masks would drift from an uninterrupted run's.
     return DataLoader(stream, batch_size=hp.batch_size, num_workers=hp.num_workers,

@@ -33,22 +33,17 @@ from brainseg.metric_lines import EPOCH, TEST
 from brainseg.model.artifact import artifact_bytes, write_model_dir
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import autocast
-from brainseg.model.networks import (
-    NetworkSpec,
-    build_model,
-    encoder_state,
-    freeze_encoder,
-    load_matching,
-)
+from brainseg.model.networks import NetworkSpec, encoder_state
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.progress import Progress
 from brainseg.run import distributed
-from brainseg.run.cases import load_catalog, patch_loader, select_cases
+from brainseg.run.cases import check_patch_fits, load_catalog, patch_loader, resolve_target_spacing, select_cases
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.resume import check_same_dataset, check_same_hyperparameters
+from brainseg.run.starting_model import starting_model
 from brainseg.run.state import (
     CODE_ROOT,
     LoopState,
@@ -56,7 +51,6 @@ from brainseg.run.state import (
     code_version,
     configure_determinism,
     load_checkpoint,
-    read_weights,
     restore_rng_states,
     rng_states,
 )
@@ -67,12 +61,27 @@ logger = logging.getLogger("brainseg.train")
 
 
 class Trainer:
-    """A training run; ``execute()`` trains, evaluates and returns the summary (``None`` on ranks > 0)."""
+    """A training run; ``execute()`` trains, evaluates and returns the summary (``None`` on ranks > 0).
+
+    Constructing one does no I/O; :meth:`connect` joins the process group and opens the run's
+    storage, :meth:`build` reads the data set and makes the model, :meth:`train` is the loop.
+    """
 
     def __init__(self, hp: Hyperparameters, env: Environment):
         self.hp = hp
         self.task = task_of(hp)
         self.env = env
+        self.state = LoopState()
+        self.lock: RunLock | None = None
+        self.tracker = Tracker("", hp.mlflow_experiment)  # inert until connect()
+        self.interrupted = False
+        self.output_ready = False
+        self.started = time.time()
+
+    # ----------------------------------------------------------------- setup
+    def connect(self) -> None:
+        """Join the process group, name the run and open its storage (nothing is written yet)."""
+        hp, env = self.hp, self.env
         self.rank, self.world, self.device = distributed.setup()
         self.main = self.rank == 0
         if hp.precision == "fp16" and self.device.type != "cuda":
@@ -83,13 +92,10 @@ class Trainer:
         self.store = Store(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
         self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
         self.tracker = Tracker(hp.mlflow_tracking_uri if self.main else "", hp.mlflow_experiment)
-        self.state = LoopState()
-        self.interrupted = False
-        self.output_ready = False
-        self.started = time.time()
 
-    # ----------------------------------------------------------------- setup
     def build(self) -> None:
+        """Take the run's lock, read the catalog, choose the cases and grid, make the model and
+        optimiser, and resume from the newest checkpoint if there is one."""
         hp = self.hp
         s3.check_bucket(hp.output_uri)
         if self.lock is not None:
@@ -98,32 +104,18 @@ class Trainer:
         s3.check_bucket(hp.data_uri)
         self.catalog = load_catalog(hp)
         self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
+        self.target_spacing = resolve_target_spacing(hp, self.train_cases)
+        check_patch_fits(hp, self.train_cases, self.target_spacing)
         if self.device.type == "cpu":
             torch.set_num_threads(distributed.cpu_threads(hp.num_workers))
             logger.info("training on the CPU: %d intra-op thread(s) beside %d DataLoader worker(s)",
                         torch.get_num_threads(), hp.num_workers)
         try:
             check_budget(hp.memory_budget_mb * MiB, hp.num_workers,
-                         max(slab_cost_bytes(case, hp.stream_config()) for case in self.train_cases))
+                         max(slab_cost_bytes(case, hp.stream_config(), self.target_spacing) for case in self.train_cases))
         except ValueError as err:
             raise TrainingError(str(err)) from err
-        try:
-            self.model = build_model(NetworkSpec.of(hp, self.task.out_channels)).to(self.device)
-        except ValueError as err:
-            raise TrainingError(str(err)) from err
-        if hp.init_weights:
-            report = load_matching(self.model, read_weights(hp.init_weights))
-            if not report["loaded"]:
-                raise TrainingError(f"init_weights {hp.init_weights}: no layer matches model {hp.model} with "
-                                    f"channels {hp.channels} ({len(report['unexpected'])} unexpected, "
-                                    f"{len(report['shape_mismatch'])} of another shape)")
-            logger.info("init_weights %s: loaded %d tensors; not matched: %d of another shape %s, %d unknown to "
-                        "this model, %d of the model left as initialised", hp.init_weights, len(report["loaded"]),
-                        len(report["shape_mismatch"]), report["shape_mismatch"][:3], len(report["unexpected"]),
-                        len(report["missing"]))
-        if hp.freeze_encoder:
-            frozen, trainable = freeze_encoder(self.model, hp.model)
-            logger.info("encoder frozen: %d parameter tensors frozen, %d trainable", frozen, trainable)
+        self.model = starting_model(hp, self.task.out_channels, self.device)
         self.total_steps = hp.epochs * hp.steps_per_epoch
         if hp.warmup_steps >= self.total_steps and hp.schedule != "onecycle":
             logger.warning("warmup_steps %d is not shorter than the run (%d steps): the learning rate never reaches "
@@ -171,7 +163,8 @@ class Trainer:
         return {name: [case.case_id for case in self.catalog.split(name)] for name in SPLITS}
 
     def loader(self) -> DataLoader:
-        return patch_loader(self.hp, self.train_cases, self.state.step, self.rank, self.world, self.device)
+        return patch_loader(self.hp, self.train_cases, self.target_spacing, self.state.step, self.rank, self.world,
+                            self.device)
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint(self) -> bytes:
@@ -218,30 +211,15 @@ class Trainer:
         return float(loss.detach())
 
     def train(self) -> None:
+        """Epochs of ``steps_per_epoch`` steps, each ended by a validation and a checkpoint, until the
+        last epoch, an early stop or SIGTERM (which saves a checkpoint where it stopped)."""
         hp, state = self.hp, self.state
         batches = iter(self.loader())
         progress = Progress(self.total_steps, state.step, log_every=hp.log_every, enabled=self.main)
         try:
             while state.epoch < hp.epochs and not state.stopped_early and not self.interrupted:
                 while state.epoch_steps < hp.steps_per_epoch and not self.interrupted:
-                    started = time.perf_counter()
-                    batch = next(batches)
-                    waited = time.perf_counter() - started
-                    loss = self.train_step(batch)
-                    if not math.isfinite(loss):
-                        raise TrainingError(f"training loss is {loss} at step {state.step + 1}; lower --lr "
-                                            "or enable --grad-clip")
-                    state.step += 1
-                    state.epoch_steps += 1
-                    state.epoch_loss += loss
-                    state.epoch_wait += waited
-                    state.epoch_seconds += time.perf_counter() - started
-                    if self.world > 1:  # every rank stops at the same step
-                        self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
-                    rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
-                    progress.update(state.step, epoch=state.epoch + 1, loss=loss, lr=self.scheduler.get_last_lr()[0],
-                                    patches_per_s=rate,
-                                    data_wait_fraction=state.epoch_wait / max(state.epoch_seconds, 1e-9))
+                    self.timed_step(batches, progress)
                     if hp.checkpoint_steps and state.step % hp.checkpoint_steps == 0 \
                             and state.epoch_steps < hp.steps_per_epoch:
                         self.save_checkpoint()
@@ -254,6 +232,26 @@ class Trainer:
         if self.interrupted:
             self.save_checkpoint()
 
+    def timed_step(self, batches, progress: Progress) -> None:
+        """Wait for the next batch, take one step, and count the step, its loss and its times."""
+        hp, state = self.hp, self.state
+        started = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - started
+        loss = self.train_step(batch)
+        if not math.isfinite(loss):
+            raise TrainingError(f"training loss is {loss} at step {state.step + 1}; lower --lr or enable --grad-clip")
+        state.step += 1
+        state.epoch_steps += 1
+        state.epoch_loss += loss
+        state.epoch_wait += waited
+        state.epoch_seconds += time.perf_counter() - started
+        if self.world > 1:  # every rank stops at the same step
+            self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
+        rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
+        progress.update(state.step, epoch=state.epoch + 1, loss=loss, lr=self.scheduler.get_last_lr()[0],
+                        patches_per_s=rate, data_wait_fraction=state.epoch_wait / max(state.epoch_seconds, 1e-9))
+
     def end_epoch(self) -> None:
         hp, state = self.hp, self.state
         seconds = distributed.mean(state.epoch_seconds, self.device)
@@ -265,7 +263,8 @@ class Trainer:
             "seconds": seconds,
         }
         started = time.perf_counter()
-        results = aggregate(evaluate(self.model, self.val_cases, hp, self.task, self.device, phase="val"))
+        results = aggregate(evaluate(self.model, self.val_cases, hp, self.task, self.device, self.target_spacing,
+                                     phase="val"))
         if not results.get("cases"):
             raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
                                 "above); exclude the damaged cases or list others as 'val' in manifest.csv")
@@ -301,7 +300,7 @@ class Trainer:
         return ModelDescription(
             network=dataclasses.asdict(NetworkSpec.of(hp, self.task.out_channels)), task=hp.task,
             sequences=hp.sequence_names, labels=hp.labels, regions=hp.regions,
-            target_spacing=self.train_cases[0].target_spacing, normalization=hp.normalization,
+            target_spacing=self.target_spacing.spacing, normalization=hp.normalization,
             patch_size=hp.patch_size, sw_overlap=hp.sw_overlap, missing_sequences=hp.missing_sequences,
             run_name=self.run_name, code_version=code_version(), dataset_fingerprint=self.catalog.fingerprint,
             best_epoch=self.state.best_epoch,
@@ -321,8 +320,8 @@ class Trainer:
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
-        results = (evaluate(self.model, self.test_cases, hp, self.task, self.device, crops=hp.save_predictions,
-                            phase="test")
+        results = (evaluate(self.model, self.test_cases, hp, self.task, self.device, self.target_spacing,
+                            crops=hp.save_predictions, phase="test")
                    if self.test_cases else [])
         scores = aggregate(results)
         summary = {
@@ -366,6 +365,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         status = "failed"
         try:
+            self.connect()
             self.build()
             self.write_status("running", epoch=self.state.epoch, step=self.state.step)
             self.tracker.start(self.run_name, self.hp.to_dict())

@@ -19,7 +19,7 @@ import torch
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case
-from brainseg.data.resample import grid_of
+from brainseg.data.resample import NATIVE, TargetSpacing
 from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
@@ -120,10 +120,10 @@ def _load(case: Case, hp: Hyperparameters, task: Task) -> tuple[np.ndarray, np.n
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, task: Task, device,
-                  started: float, crops: bool) -> CaseResult:
+                  target_spacing: TargetSpacing, started: float, crops: bool) -> CaseResult:
     """Infer on the case's target grid; a segmentation is scored on the native grid (its output
     interpolated back), a reconstruction on the grid it was made on."""
-    grid = grid_of(case)
+    grid = target_spacing.grid_of(case)
     target = grid.volume_to_target(image)
     output = infer(model, task.model_input(target, case_seed(case.case_id)), hp, device)
     if task.needs_masks:
@@ -138,8 +138,9 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, task: Task, device: torch.device,
-             crops: bool = False, phase: str = "val") -> list[CaseResult]:
-    """Evaluate ``cases`` (this rank's share when distributed); results of all ranks, by case ID.
+             target_spacing: TargetSpacing = NATIVE, crops: bool = False, phase: str = "val") -> list[CaseResult]:
+    """Evaluate ``cases`` (this rank's share when distributed) on the ``target_spacing`` grid; results
+    of all ranks, by case ID.
 
     With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`. Rank 0 shows
     its progress as ``phase`` (a bar in a terminal, a line every 30 s otherwise).
@@ -167,7 +168,8 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, tas
                                    case.case_id, err)
                     results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
                 else:
-                    results.append(_evaluate_one(model, case, image, mask, hp, task, device, started, crops))
+                    results.append(_evaluate_one(model, case, image, mask, hp, task, device, target_spacing, started,
+                                                 crops))
                 progress.update(number + 1)
     finally:
         model.train(was_training)

@@ -96,6 +96,7 @@ class LRFinder(Trainer):
         """Build the run, sweep, write ``lr_find.json`` (rank 0) and return it."""
         status = "failed"
         try:
+            self.connect()
             self.build()  # each step sets its rate itself, so the run's schedule has no say
             self.write_status("running", epoch=0, step=0)
             result = self.sweep()
