@@ -70,7 +70,7 @@ def _plans(catalog, patch_size, count):
     config = StreamConfig(patch_size=patch_size, patches_per_slab=1, slab_margin=(0, 0))
     shapes = [c.image.shape for c in cases]
     points = [c.summary.foreground_points for c in cases]
-    return cases, [plan_slab(task, shapes, points, config) for task in range(count)]
+    return cases, [plan_slab(slab_number, shapes, points, config) for slab_number in range(count)]
 
 
 def _crop(planes: dict, plan) -> np.ndarray:

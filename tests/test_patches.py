@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
-from brainseg.data.sampling import is_foreground_task, plan_slab
+from brainseg.data.sampling import is_foreground_slab, plan_slab
 from brainseg.data.stream import PatchStream
 from brainseg.io import s3
 from tests.conftest import put_case, small_phantom
@@ -25,18 +25,18 @@ def cases():
     return catalog.split("train")
 
 
-@pytest.mark.parametrize("fraction, tasks, expected", [(1 / 3, 300, 100), (0.0, 50, 0), (1.0, 50, 50), (0.25, 40, 10)])
-def test_foreground_share_is_exact(fraction, tasks, expected):
-    assert sum(is_foreground_task(t, fraction) for t in range(tasks)) == expected
+@pytest.mark.parametrize("fraction, slabs, expected", [(1 / 3, 300, 100), (0.0, 50, 0), (1.0, 50, 50), (0.25, 40, 10)])
+def test_foreground_share_is_exact(fraction, slabs, expected):
+    assert sum(is_foreground_slab(t, fraction) for t in range(slabs)) == expected
 
 
 def test_plans_are_deterministic_and_inside_the_volume():
     shapes = [(30, 64, 50), (10, 20, 20)]
     points = [((15, 30, 25), (16, 31, 26)), ()]
     config = StreamConfig(patch_size=(16, 32, 32), slab_margin=(4, 8), patches_per_slab=3)
-    for task in range(60):
-        plan = plan_slab(task, shapes, points, config)
-        assert plan == plan_slab(task, shapes, points, config)
+    for slab_number in range(60):
+        plan = plan_slab(slab_number, shapes, points, config)
+        assert plan == plan_slab(slab_number, shapes, points, config)
         shape = shapes[plan.case_index]
         z0, z1, y0, y1, x0, x1 = plan.region
         assert 0 <= z0 < z1 <= shape[0] and 0 <= y0 < y1 <= shape[1] and (x0, x1) == (0, shape[2])
@@ -78,7 +78,7 @@ def test_same_seed_same_patches(cases):
     first = _take(PatchStream(cases, StreamConfig(**SMALL, seed=3)), 8)
     second = _take(PatchStream(cases, StreamConfig(**SMALL, seed=3)), 8)
     for a, b in zip(first, second):
-        assert a["task"] == b["task"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a["slab"] == b["slab"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     third = _take(PatchStream(cases, StreamConfig(**SMALL, seed=4)), 8)
     assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, third))
 
@@ -90,7 +90,7 @@ def test_resume_continues_the_batch_sequence(cases, workers, start):
     whole = _batches(PatchStream(cases, config, batch_size=3), start + 4, 3, workers)
     resumed = _batches(PatchStream(cases, config, start_batch=start, batch_size=3), 4, 3, workers)
     for a, b in zip(whole[start:], resumed):
-        assert a["task"].tolist() == b["task"].tolist()
+        assert a["slab"].tolist() == b["slab"].tolist()
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
@@ -98,19 +98,19 @@ def test_resume_continues_the_batch_sequence(cases, workers, start):
                                            (3, [0, 1, 2, 0, 1, 2])])
 def test_patches_of_consecutive_slabs_are_interleaved(cases, mix, expected):
     samples = _take(PatchStream(cases, StreamConfig(**SMALL, patches_per_slab=3, mix_slabs=mix)), 6)
-    assert [s["task"] for s in samples] == expected
+    assert [s["slab"] for s in samples] == expected
 
 
 def test_workers_and_ranks_see_disjoint_shards(cases):
     config = StreamConfig(**SMALL, patches_per_slab=2)
-    tasks = {}
+    slabs = {}
     for rank in range(2):
         stream = PatchStream(cases, config, rank=rank, world_size=2)
         samples = _take(stream, 16, workers=2)
-        tasks[rank] = [s["task"] for s in samples]
-    seen = [set(t) for t in tasks.values()]
+        slabs[rank] = [s["slab"] for s in samples]
+    seen = [set(t) for t in slabs.values()]
     assert not seen[0] & seen[1]
-    assert all(t % 4 in (0, 1) for t in tasks[0]) and all(t % 4 in (2, 3) for t in tasks[1])
+    assert all(t % 4 in (0, 1) for t in slabs[0]) and all(t % 4 in (2, 3) for t in slabs[1])
     assert seen[0] | seen[1] == set(range(16))
 
 

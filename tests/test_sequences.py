@@ -113,10 +113,10 @@ def test_each_channel_is_its_sequence_normalised_with_its_own_statistics(bucket)
         np.testing.assert_array_equal(sample["label"][0].numpy(), volumes["mask"][window])
         labelled += int(sample["label"].max() > 0)
     assert labelled >= 3  # foreground tasks land on labels; their raw values (1, 2, 4) reach the task
-    assert stream.task_cost_bytes > PatchStream(catalog.cases, StreamConfig(
-        patch_size=(8, 16, 16), memory_budget_bytes=2**26)).task_cost_bytes / 2  # the budget counts every channel
-    one = StreamConfig(patch_size=(8, 16, 16)).task_bytes((12, 40, 36), 2, 2, channels=1)
-    four = StreamConfig(patch_size=(8, 16, 16)).task_bytes((12, 40, 36), 2, 2, channels=4)
+    assert stream.slab_cost > PatchStream(catalog.cases, StreamConfig(
+        patch_size=(8, 16, 16), memory_budget_bytes=2**26)).slab_cost / 2  # the budget counts every channel
+    one = StreamConfig(patch_size=(8, 16, 16)).slab_bytes((12, 40, 36), 2, 2, channels=1)
+    four = StreamConfig(patch_size=(8, 16, 16)).slab_bytes((12, 40, 36), 2, 2, channels=4)
     assert four > 3 * one * 0.8
 
 

@@ -49,7 +49,7 @@ def _field(default, help_text: str):
 class StreamConfig:
     """How patches are sampled, fetched, normalised and augmented; each field's help text says what
     it does (train.py's flags of the same names take their defaults and help from here). A patch
-    depends only on ``seed`` and its task index; ``memory_budget_bytes`` bounds what every
+    depends only on ``seed`` and its slab number; ``memory_budget_bytes`` bounds what every
     DataLoader worker of one process group holds together."""
 
     patch_size: tuple = _field((96, 96, 96), "(D, H, W) voxels of each patch; clamped to, and padded for, small "
@@ -66,8 +66,8 @@ class StreamConfig:
     read_ahead: int = _field(4, "slabs fetched ahead of the consumer per worker (the budget may lower it)")
     seed: int = _field(0, "seed of every random choice")
 
-    def task_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int, channels: int = 1) -> int:
-        """Upper bound of the memory one task holds: a ``slab`` ``(D, H, W)`` of each of ``channels``
+    def slab_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int, channels: int = 1) -> int:
+        """Upper bound of the memory one slab read holds: a ``slab`` ``(D, H, W)`` of each of ``channels``
         sequences and of the mask, raw and decoded, plus the patches cut from it."""
         slab_voxels = slab[0] * slab[1] * slab[2]
         patch_voxels = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
@@ -307,7 +307,7 @@ class Hyperparameters:
         one DataLoader worker's share of the budget; the exact check needs the volumes' shapes."""
         config = self.stream_config()  # the stream settings check themselves
         slab = (self.patch_size[0] + self.slab_margin[0], self.patch_size[1] + self.slab_margin[1], self.patch_size[2])
-        check_budget(config.memory_budget_bytes, self.num_workers, config.task_bytes(slab, 1, 1, len(self.sequence_names)))
+        check_budget(config.memory_budget_bytes, self.num_workers, config.slab_bytes(slab, 1, 1, len(self.sequence_names)))
 
     def run_uri(self, run_name: str) -> str:
         """``<output_uri>/<run_name>/``."""

@@ -2,7 +2,7 @@
 
 ``load_in_memory`` downloads each case's image and mask once and gives back cases whose series
 answer ``read_region`` from RAM with the same values as the S3 region reader, so the same patch
-stream (same tasks, same patches) runs with no request latency.
+stream (same slabs, same patches) runs with no request latency.
 """
 
 from __future__ import annotations

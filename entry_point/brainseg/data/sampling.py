@@ -1,10 +1,10 @@
-"""Where patches come from: a pure function from (seed, task index) to a slab and its patches.
+"""Where patches come from: a pure function from (seed, slab number) to a slab and its patches.
 
-A *task* is one slab read: a region of one case, full width, a little deeper and taller than a
-patch, from which ``patches_per_slab`` patches are cut. Tasks are numbered 0, 1, 2, ...; shards
+A *slab* is one read: a region of one case, full width, a little deeper and taller than a
+patch, from which ``patches_per_slab`` patches are cut. Slabs are numbered 0, 1, 2, ...; shards
 (DataLoader workers and distributed ranks) take disjoint residues of that sequence, so no work is
-duplicated and a run resumes from a task index alone. Foreground tasks centre their patches on
-tumour voxels recorded in the index; exactly ``foreground_fraction`` of tasks are foreground.
+duplicated and a run resumes from a slab number alone. Foreground slabs centre their patches on
+tumour voxels recorded in the index; exactly ``foreground_fraction`` of slabs are foreground.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from brainseg.config import StreamConfig
 
 @dataclass(frozen=True)
 class SlabPlan:
-    """One task: read ``region`` of case ``case_index``, cut patches at ``origins``.
+    """Slab ``number``: read ``region`` of case ``case_index``, cut patches at ``origins``.
 
     ``region`` is ``(z0, z1, y0, y1, x0, x1)``; origins are absolute ``(z, y, x)`` and each patch
     spans ``patch_extent`` voxels inside the region.
     """
 
-    task: int
+    number: int
     case_index: int
     region: tuple
     origins: tuple
@@ -46,45 +46,45 @@ def slab_shape(shape: tuple, config: StreamConfig) -> tuple:
             shape[2])
 
 
-def is_foreground_task(task: int, fraction: float) -> bool:
-    """Exactly ``fraction`` of any run of consecutive tasks are foreground (no randomness)."""
-    return math.floor((task + 1) * fraction + 1e-9) > math.floor(task * fraction + 1e-9)
+def is_foreground_slab(slab_number: int, fraction: float) -> bool:
+    """Exactly ``fraction`` of any run of consecutive slabs are foreground (no randomness)."""
+    return math.floor((slab_number + 1) * fraction + 1e-9) > math.floor(slab_number * fraction + 1e-9)
 
 
-def case_for_task(task: int, num_cases: int, seed: int) -> int:
-    """Cases are visited in a fresh seeded permutation every ``num_cases`` tasks."""
-    permutation = np.random.default_rng([seed, task // num_cases, 7]).permutation(num_cases)
-    return int(permutation[task % num_cases])
+def case_for_slab(slab_number: int, num_cases: int, seed: int) -> int:
+    """Cases are visited in a fresh seeded permutation every ``num_cases`` slabs."""
+    permutation = np.random.default_rng([seed, slab_number // num_cases, 7]).permutation(num_cases)
+    return int(permutation[slab_number % num_cases])
 
 
 def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(int(value), high))
 
 
-def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: StreamConfig,
+def plan_slab(slab_number: int, shapes: list[tuple], foregrounds: list[tuple], config: StreamConfig,
               attempt: int = 0) -> SlabPlan:
-    """The slab and patch origins of ``task``.
+    """The slab and patch origins of ``slab_number``.
 
     Args:
-        task: task index (>= 0).
+        slab_number: the slab's place in the run's sequence (>= 0).
         shapes: ``(D, H, W)`` of each case.
         foregrounds: tumour voxel coordinates ``((z, y, x), ...)`` of each case (may be empty).
         config: patch size, margins, patches per slab, foreground fraction and seed.
-        attempt: 0 for the task's own plan; 1, 2, ... for the replacements drawn, in this fixed
+        attempt: 0 for the slab's own plan; 1, 2, ... for the replacements drawn, in this fixed
             order, when the slab of an earlier attempt could not be decoded (a damaged frame), so a
-            task's patches still depend only on the seed, the task and the data.
+            slab's patches still depend only on the seed, its number and the data.
     """
     if attempt:
-        case_index = int(np.random.default_rng([config.seed, task, attempt, 13]).integers(len(shapes)))
-        rng = np.random.default_rng([config.seed, task, attempt])
+        case_index = int(np.random.default_rng([config.seed, slab_number, attempt, 13]).integers(len(shapes)))
+        rng = np.random.default_rng([config.seed, slab_number, attempt])
     else:
-        case_index = case_for_task(task, len(shapes), config.seed)
-        rng = np.random.default_rng([config.seed, task])
+        case_index = case_for_slab(slab_number, len(shapes), config.seed)
+        rng = np.random.default_rng([config.seed, slab_number])
     shape = tuple(shapes[case_index])
     extent = patch_extent(shape, config.patch_size)
     slab = slab_shape(shape, config)
     points = np.asarray(foregrounds[case_index], dtype=np.int64).reshape(-1, 3)
-    foreground = is_foreground_task(task, config.foreground_fraction) and len(points) > 0
+    foreground = is_foreground_slab(slab_number, config.foreground_fraction) and len(points) > 0
 
     if foreground:
         centre = points[rng.integers(len(points))]
@@ -106,4 +106,4 @@ def plan_slab(task: int, shapes: list[tuple], foregrounds: list[tuple], config: 
         else:
             origin = [int(rng.integers(region[2 * a], region[2 * a + 1] - extent[a] + 1)) for a in range(3)]
         origins.append(tuple(int(v) for v in origin))
-    return SlabPlan(task, case_index, region, tuple(origins), extent, foreground)
+    return SlabPlan(slab_number, case_index, region, tuple(origins), extent, foreground)

@@ -1,9 +1,9 @@
 """The patch stream: a torch ``IterableDataset`` of 3D patches read from S3 by byte ranges.
 
-Each shard (one DataLoader worker of one distributed rank) walks its residue of the task
-sequence (see :mod:`brainseg.data.sampling`). A small thread pool reads the slabs of the next tasks
+Each shard (one DataLoader worker of one distributed rank) walks its residue of the slab
+sequence (see :mod:`brainseg.data.sampling`). A small thread pool reads the next slabs
 while the consumer cuts, normalises and augments patches from the current ones; how many slabs
-may be in flight follows from the memory budget. Patches of ``mix_slabs`` consecutive tasks are
+may be in flight follows from the memory budget. Patches of ``mix_slabs`` consecutive slabs are
 interleaved, so a batch mixes cases.
 """
 
@@ -34,14 +34,14 @@ REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be d
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig, target: TargetSpacing = NATIVE) -> int:
-    """Upper bound of the memory one task of ``case`` holds: every channel's and the mask's native
+    """Upper bound of the memory one slab of ``case`` holds: every channel's and the mask's native
     slab raw and decoded, their resampled copies on the ``target`` grid, plus its patches."""
     grid = target.grid_of(case)
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
     image_bytes = max(series.bytes_per_voxel for series in case.images if series is not None)
     slab = slab_shape(grid.shape, config)
     resampled = 0 if grid.identity else int(np.prod(slab)) * (case.channels + 1) * FLOAT_BYTES
-    return config.task_bytes(grid.native_slab_shape(slab), image_bytes, mask_bytes, case.channels) + resampled
+    return config.slab_bytes(grid.native_slab_shape(slab), image_bytes, mask_bytes, case.channels) + resampled
 
 
 def _read_or_zeros(series, region: tuple) -> np.ndarray:
@@ -71,11 +71,11 @@ def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None =
 
 
 class PatchStream(IterableDataset):
-    """Endless stream of ``{"image", "label", "case_id", "task", "origin"}`` samples.
+    """Endless stream of ``{"image", "label", "case_id", "slab", "origin"}`` samples.
 
     ``image`` is float32 ``(C, D, H, W)``, one channel per sequence, each normalised with its own
     statistics; ``label`` is uint8 ``(1, D, H, W)``, the mask's label values (all 0 for a case
-    without a mask; the task maps them to its targets); ``origin`` is the patch's ``(z, y, x)`` in
+    without a mask; the objective maps them to its targets); ``origin`` is the patch's ``(z, y, x)`` in
     the volume before augmentation.
 
     Args:
@@ -110,34 +110,34 @@ class PatchStream(IterableDataset):
         self._shapes = [grid.shape for grid in self._grids]
         self._foregrounds = [grid.points_to_target(case.summary.foreground_points)
                              for grid, case in zip(self._grids, self.cases)]
-        self.task_cost_bytes = max(slab_cost_bytes(case, config, target) for case in self.cases)
-        check_budget(config.memory_budget_bytes, 1, self.task_cost_bytes)
+        self.slab_cost = max(slab_cost_bytes(case, config, target) for case in self.cases)
+        check_budget(config.memory_budget_bytes, 1, self.slab_cost)
 
-    def plan(self, task: int, attempt: int = 0) -> SlabPlan:
-        return plan_slab(task, self._shapes, self._foregrounds, self.config, attempt)
+    def plan(self, slab_number: int, attempt: int = 0) -> SlabPlan:
+        return plan_slab(slab_number, self._shapes, self._foregrounds, self.config, attempt)
 
     def _settle(self, plan: SlabPlan, images: list[Future], mask: Future) -> tuple[SlabPlan, list, np.ndarray]:
         """The slab of ``plan``, or, when its pixels cannot be decoded (a damaged compressed frame
-        the index could not see), the task's next replacement plan in a fixed order."""
+        the index could not see), the slab's next replacement plan in a fixed order."""
         try:
             return plan, [image.result() for image in images], mask.result()
         except PixelDataError as err:
             failure = err
         for attempt in range(1, REPLACEMENT_ATTEMPTS + 1):
             self._warn_unreadable(self.cases[plan.case_index].case_id, failure)
-            plan = self.plan(plan.task, attempt)
+            plan = self.plan(plan.number, attempt)
             try:
                 return (plan, *read_case_region(self.cases[plan.case_index], plan.region,
                                                 grid=self._grids[plan.case_index]))
             except PixelDataError as err:
                 failure = err
-        raise PixelDataError(f"task {plan.task}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
+        raise PixelDataError(f"slab {plan.number}: {REPLACEMENT_ATTEMPTS + 1} slabs in a row cannot be decoded; last: "
                              f"{failure}")
 
     def _warn_unreadable(self, case_id: str, err: Exception) -> None:
         if case_id not in self._unreadable:
             self._unreadable.add(case_id)
-            logger.warning("case %s: a slab cannot be decoded (%s); its tasks take replacement slabs", case_id, err)
+            logger.warning("case %s: a slab cannot be decoded (%s); its slabs are replaced by others", case_id, err)
 
     def shard(self) -> tuple[int, int, int, int]:
         """``(shard index, shard count, workers in this process group, samples to skip)``.
@@ -155,7 +155,7 @@ class PatchStream(IterableDataset):
 
     def capacity(self, workers: int) -> int:
         """Slabs one worker may hold at once (being cut plus read ahead), within its budget share."""
-        fits = check_budget(self.config.memory_budget_bytes, workers, self.task_cost_bytes)
+        fits = check_budget(self.config.memory_budget_bytes, workers, self.slab_cost)
         return min(self.config.read_ahead + self.config.mix_slabs, fits)
 
     def __iter__(self) -> Iterator[dict]:
@@ -164,14 +164,14 @@ class PatchStream(IterableDataset):
         group = min(self.config.mix_slabs, capacity)
         group_patches = group * self.config.patches_per_slab
         first_group, skip = divmod(skip, group_patches)
-        tasks = iter(range(shard + first_group * group * shards, 2**62, shards))
+        slabs = iter(range(shard + first_group * group * shards, 2**62, shards))
         channels = max(case.channels for case in self.cases)
         with ThreadPoolExecutor((channels + 1) * capacity, thread_name_prefix="slab") as pool:
             pending: deque[tuple[SlabPlan, list[Future], Future]] = deque()
 
             def read_ahead(limit: int) -> None:
                 while len(pending) < limit:
-                    plan = self.plan(next(tasks))
+                    plan = self.plan(next(slabs))
                     pending.append((plan, *read_case_region(self.cases[plan.case_index], plan.region, pool.submit,
                                                             self._grids[plan.case_index])))
 
@@ -205,14 +205,14 @@ class PatchStream(IterableDataset):
             patch_image = pad_to(image[(slice(None), *window)], (len(images), *self.config.patch_size))
             patch_label = pad_to(label[window], self.config.patch_size)
             if self.config.augment:
-                rng = np.random.default_rng([self.config.seed, plan.task, number, 1])
+                rng = np.random.default_rng([self.config.seed, plan.number, number, 1])
                 patch_image, patch_label = augment(patch_image, patch_label, rng,
                                                    minmax=self.config.normalization == "minmax")
             out.append({
                 "image": torch.from_numpy(np.ascontiguousarray(patch_image)),
                 "label": torch.from_numpy(np.ascontiguousarray(patch_label)[None]),
                 "case_id": case.case_id,
-                "task": plan.task,
+                "slab": plan.number,
                 "origin": torch.tensor(origin, dtype=torch.int64),
             })
         return out

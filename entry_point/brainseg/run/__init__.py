@@ -1,3 +1,3 @@
-"""A training run: the ``engine`` (Trainer and its fit loop), the run's cases and splits, checkpoints
-and their state, one writer per run (``ownership``), evaluation, distributed helpers, the LR range
-test, and MLflow tracking."""
+"""A training run: the ``engine`` (Trainer and its fit loop), the run's cases, splits and target
+spacing (``cases``), its ``starting_model``, checkpoints and their state, one writer per run
+(``ownership``), evaluation, distributed helpers, the LR range test, and MLflow tracking."""
