@@ -40,6 +40,13 @@ def faults(s3_server):
         yield rules
 
 
+@pytest.fixture(autouse=True)
+def local_cache_dir(tmp_path, monkeypatch):
+    """Each test's runs cache fetched bytes in a folder of their own (BRAINSEG_CACHE_DIR), so a test
+    that injects S3 faults never reads around them from bytes an earlier test cached."""
+    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(tmp_path / "brainseg-cache"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sagemaker_dirs(tmp_path_factory):
     """Model and output folders of in-process training runs go to a temporary folder, never into

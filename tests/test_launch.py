@@ -119,7 +119,8 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
     log = process_run["log"]
     assert log.count("progress phase=train step=") == 6
     expected = {"train:loss", "validation:dice", "validation:iou", "validation:best_dice", "train:lr", "train:patches_per_s",
-                "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou", "test:hd95"}
+                "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou", "test:hd95",
+                "train:gets_per_patch", "train:request_cost_usd"}
     found = {}
     for definition in METRIC_DEFINITIONS:
         values = [float(m.group(1)) for m in re.finditer(definition["Regex"], log)]
@@ -133,7 +134,9 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
                                      ("validation:best_dice", "best_val_dice", 1e-4),
                                      ("train:loss", "train_loss", 1e-4), ("train:lr", "lr", 1e-3),
                                      ("train:patches_per_s", "patches_per_s", 0.01),
-                                     ("train:data_wait_fraction", "data_wait_fraction", 1e-3)):
+                                     ("train:data_wait_fraction", "data_wait_fraction", 1e-3),
+                                     ("train:gets_per_patch", "gets_per_patch", 0.01),
+                                     ("train:request_cost_usd", "request_cost_usd", 1e-4)):
         assert found[metric] == pytest.approx([line[field] for line in lines], rel=tolerance, abs=tolerance), metric
 
 

@@ -154,6 +154,12 @@ class Hyperparameters:
     data_source: str = _field("stream", "stream: patches by ranged GETs; memory: download each training volume "
                                         "first (the reference)")
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
+    cache_gb: float = _field(20.0, "GB of fetched bytes kept on this host's disk (least recently used out, shared by "
+                                   "the workers): from the second epoch a case costs no GETs; 0: off")
+    cache_dir: str = _field("", "the cache's folder (default: $BRAINSEG_CACHE_DIR, else the instance's ML storage "
+                                "volume on SageMaker, else a temporary folder)")
+    get_price_per_1000: float = _field(0.0004, "USD per 1,000 GET requests, for the request-cost estimate "
+                                               "(default: S3 Standard in us-east-1, list price)")
     sequences: str = _field("image", "the sequence folders of a case, in channel order, e.g. t1c,t1,t2,flair "
                                      "(<case>/<sequence>/*.dcm); image: the single image/ folder")
     missing_sequences: str = _field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
@@ -252,7 +258,8 @@ class Hyperparameters:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")
         non_negative = ("max_train_cases", "max_val_cases", "res_units", "warmup_steps", "grad_clip",
-                        "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum")
+                        "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum", "cache_gb",
+                        "get_price_per_1000")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected >= 0")

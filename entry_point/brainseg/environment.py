@@ -28,6 +28,9 @@ class Environment:
         job_name: the training job name (``TRAINING_JOB_NAME`` or ``SM_TRAINING_ENV``), if any.
         hosts, current_host: the instances of the job (``SM_HOSTS``, ``SM_CURRENT_HOST``).
         num_gpus: GPUs on this instance (``SM_NUM_GPUS``), ``None`` outside SageMaker.
+        cache_dir: where fetched bytes are cached on this host: ``BRAINSEG_CACHE_DIR``, else the
+            instance's ML storage volume (``SM_INPUT_DIR``/data/brainseg-cache) inside SageMaker,
+            else ``None`` (a temporary folder).
     """
 
     model_dir: str
@@ -37,6 +40,7 @@ class Environment:
     hosts: tuple
     current_host: str
     num_gpus: int | None
+    cache_dir: str | None = None
 
 
 def read_environment(environ=None) -> Environment:
@@ -55,6 +59,8 @@ def read_environment(environ=None) -> Environment:
         hosts=hosts,
         current_host=environ.get("SM_CURRENT_HOST", hosts[0]),
         num_gpus=int(environ["SM_NUM_GPUS"]) if environ.get("SM_NUM_GPUS") else None,
+        cache_dir=environ.get("BRAINSEG_CACHE_DIR") or (str(Path(environ["SM_INPUT_DIR"]) / "data" / "brainseg-cache")
+                                                        if environ.get("SM_INPUT_DIR") else None),
     )
 
 

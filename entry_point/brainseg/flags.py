@@ -55,7 +55,8 @@ def field_converters() -> dict:
 
 # train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
 FLAG_GROUPS = {
-    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "target_spacing"),
+    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "target_spacing", "cache_gb",
+             "cache_dir"),
     "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "init_weights",
               "freeze_encoder"),
@@ -68,7 +69,7 @@ FLAG_GROUPS = {
                                  "mlflow_experiment"),
     "advanced": ("seed", "deterministic", "memory_budget_mb", "patches_per_slab", "slab_margin", "mix_slabs",
                  "read_ahead", "data_source", "index_uri", "trust_index", "refresh_index", "allow_dataset_change",
-                 "max_header_mb"),
+                 "max_header_mb", "get_price_per_1000"),
 }
 SAGEMAKER_HELP = ("On SageMaker the hyperparameters arrive as --snake_case flags (accepted as well as --kebab-case); "
                   "SM_MODEL_DIR, SM_OUTPUT_DATA_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS are read from the "

@@ -18,7 +18,7 @@ import numpy as np
 from brainseg.data.quality import ALIGNMENT_FRACTION, ORIENTATION_TOLERANCE, IndexedObject, QualityError
 from brainseg.data.series import Series, coalesce
 from brainseg.dicom import ObjectHeader
-from brainseg.io import s3
+from brainseg.io import cache
 
 SPACING_TOLERANCE = 1e-3  # relative, SEG pixel spacing vs the image's
 
@@ -105,7 +105,7 @@ class SegmentationMask:
         requests = [(self.bucket, self.key, start, stop, self.etag) for start, stop, _ in merged]
         count = (y1 - y0) * header.columns
         painted = []
-        for body, (start, _, members) in zip(s3.get_ranges(requests), merged):
+        for body, (start, _, members) in zip(cache.get_ranges(requests), merged):
             view = np.frombuffer(body, dtype=np.uint8)
             for member in members:
                 piece_start, piece_stop, z, segment, bit = pieces[member]

@@ -15,7 +15,7 @@ import numpy as np
 
 from brainseg.dicom import PixelDataError, decode_frame, decode_native_rows, item_fragments
 from brainseg.dicom.pixels import split_frames
-from brainseg.io import s3
+from brainseg.io import cache
 
 COALESCE_GAP_BYTES = 256 * 1024  # 256 KiB: re-reading this costs less than another request's latency
 MAX_RANGE_BYTES = 8 * 1024 * 1024  # 8 MiB: keeps each GET retryable and several in flight
@@ -58,7 +58,7 @@ class Series:
         origin: patient position (mm) of the first voxel of plane 0.
         orientation: row and column direction cosines (six floats).
         fetch: reads ``[(bucket, key, start, stop, etag), ...]`` ranges, in order; default
-            :func:`brainseg.io.s3.get_ranges` (files held in memory have their own).
+            :func:`brainseg.io.cache.get_ranges` (files held in memory have their own).
     """
 
     bucket: str
@@ -73,7 +73,7 @@ class Series:
     fetch: Callable[[list], list] | None = field(default=None, compare=False, repr=False)
 
     def _get(self, requests: list) -> list[bytes]:
-        return (self.fetch or s3.get_ranges)(requests)
+        return (self.fetch or cache.get_ranges)(requests)
 
     @property
     def shape(self) -> tuple[int, int, int]:

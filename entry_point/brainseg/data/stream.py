@@ -27,6 +27,7 @@ from brainseg.data.resample import NATIVE, Grid, TargetSpacing
 from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
 from brainseg.data.transforms import normalize, pad_to
 from brainseg.dicom import PixelDataError
+from brainseg.io.cache import io_counters
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +72,13 @@ def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None =
 
 
 class PatchStream(IterableDataset):
-    """Endless stream of ``{"image", "label", "case_id", "slab", "origin"}`` samples.
+    """Endless stream of ``{"image", "label", "case_id", "slab", "origin", "io"}`` samples.
 
     ``image`` is float32 ``(C, D, H, W)``, one channel per sequence, each normalised with its own
     statistics; ``label`` is uint8 ``(1, D, H, W)``, the mask's label values (all 0 for a case
     without a mask; the objective maps them to its targets); ``origin`` is the patch's ``(z, y, x)`` in
-    the volume before augmentation.
+    the volume before augmentation; ``io`` the reads (:data:`~brainseg.io.cache.IO_FIELDS`) this
+    worker made since its previous sample, so a batch's sum over samples counts the workers' reads.
 
     Args:
         cases: usable cases, e.g. ``catalog.split("train")``.
@@ -166,6 +168,7 @@ class PatchStream(IterableDataset):
         first_group, skip = divmod(skip, group_patches)
         slabs = iter(range(shard + first_group * group * shards, 2**62, shards))
         channels = max(case.channels for case in self.cases)
+        counted = io_counters()
         with ThreadPoolExecutor((channels + 1) * capacity, thread_name_prefix="slab") as pool:
             pending: deque[tuple[SlabPlan, list[Future], Future]] = deque()
 
@@ -190,8 +193,10 @@ class PatchStream(IterableDataset):
                     for patches in samples:
                         if skip:
                             skip -= 1
-                        else:
-                            yield patches[index]
+                        else:  # the reads since the last sample this worker gave (their sum is exact)
+                            now = io_counters()
+                            yield {**patches[index], "io": torch.tensor([b - a for a, b in zip(counted, now)])}
+                            counted = now
 
     def _patches(self, plan: SlabPlan, images: list[np.ndarray], mask: np.ndarray) -> list[dict]:
         case = self.cases[plan.case_index]

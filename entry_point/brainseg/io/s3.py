@@ -110,10 +110,11 @@ def _open(bucket: str, key: str, start: int, stop: int | None, etag: str | None,
         raise _wrap(err, f"GET {span} of", bucket, key) from err
 
 
-def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: str | None = None) -> Tail | None:
-    """Bytes ``[start, stop)`` (to the end when ``stop`` is None) in one GET, retried on transient
-    failures and on bodies shorter than the range S3 says it sent; ``None`` when the object does
-    not exist."""
+def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: str | None = None,
+          to_end: bool = False) -> Tail | None:
+    """Bytes ``[start, stop)`` (to the end when ``stop`` is None, or when ``to_end`` and the object
+    ends first) in one GET, retried on transient failures and on bodies shorter than the range S3
+    says it sent; ``None`` when the object does not exist."""
     span = f"bytes {start}-{'' if stop is None else stop - 1}"
 
     def attempt() -> Tail | None:
@@ -123,9 +124,9 @@ def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: 
         data = response["Body"].read() if response["Body"] is not None else b""
         _count(bytes_received=len(data))
         size = _total_size(response, start, len(data))
-        if stop is not None and size < stop:
+        if stop is not None and size < stop and not (to_end and start < size):
             raise S3Error(f"s3://{bucket}/{key} is {size} bytes; cannot read bytes {start}-{stop - 1}")
-        expected = max(0, (size if stop is None else stop) - start)
+        expected = max(0, (size if stop is None else min(stop, size)) - start)
         if len(data) != expected:
             raise _ShortBody(f"short body: got {len(data)} of {expected} bytes")
         return Tail(data, size, response["LastModified"].timestamp(), response["ETag"].strip('"'))
@@ -134,33 +135,40 @@ def _read(bucket: str, key: str, start: int = 0, stop: int | None = None, etag: 
                                                     f"attempts: {type(err).__name__}: {err}")
 
 
-def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = None) -> bytes:
+def get_range(bucket: str, key: str, start: int, stop: int, etag: str | None = None, to_end: bool = False) -> bytes:
     """Bytes ``[start, stop)`` of an object, retried until the body has the expected length.
 
     Args:
         etag: when given, S3 serves the range only if the object still has this ETag
             (``If-Match``), so bytes located by an older index are never mixed with new content.
+        to_end: an object that ends before ``stop`` (but after ``start``) gives its bytes up to
+            its end instead of an error (whole blocks for a cache).
 
     Raises:
         S3Error: the request failed after retries, the object is missing, changed since
-            ``etag`` was recorded, or shorter than ``stop``.
+            ``etag`` was recorded, or shorter than ``stop`` (without ``to_end``).
     """
     if not 0 <= start < stop:
         raise ValueError(f"byte range [{start}, {stop}) of s3://{bucket}/{key} is empty or negative")
-    tail = _read(bucket, key, start, stop, etag)
+    tail = _read(bucket, key, start, stop, etag, to_end)
     if tail is None:
         raise S3Error(f"GET bytes {start}-{stop - 1} of s3://{bucket}/{key} failed: NoSuchKey (the object is "
                       "gone; it was listed or indexed earlier)")
     return tail.data
 
 
-def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
-    """Fetch many ``(bucket, key, start, stop[, etag])`` ranges concurrently, in request order."""
+def get_ranges(requests: Sequence[tuple], to_end: bool = False) -> list[bytes]:
+    """Fetch many ``(bucket, key, start, stop[, etag])`` ranges concurrently, in request order
+    (``to_end`` as in :func:`get_range`)."""
     if len(requests) == 1:
-        return [get_range(*requests[0])]
+        return [get_range(*_padded(requests[0]), to_end=to_end)]
     _ensure_process_state()
-    futures = [_process["leaf_pool"].submit(get_range, *request) for request in requests]
+    futures = [_process["leaf_pool"].submit(get_range, *_padded(request), to_end=to_end) for request in requests]
     return [future.result() for future in futures]
+
+
+def _padded(request: tuple) -> tuple:
+    return request if len(request) == 5 else (*request, None)
 
 
 def get_object(bucket: str, key: str) -> bytes:

@@ -26,7 +26,7 @@ from brainseg.config import Hyperparameters, MiB, check_budget
 from brainseg.data.splits import SPLITS
 from brainseg.data.stream import slab_cost_bytes
 from brainseg.environment import Environment
-from brainseg.io import s3
+from brainseg.io import cache, s3
 from brainseg.io.store import Store
 from brainseg.layout import RunLayout
 from brainseg.metric_lines import EPOCH, TEST
@@ -42,6 +42,7 @@ from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.run.ownership import RunLock, resolve_run_name
+from brainseg.run.requests import request_fields, request_totals
 from brainseg.run.resume import check_same_dataset, check_same_hyperparameters
 from brainseg.run.starting_model import starting_model
 from brainseg.run.state import (
@@ -92,6 +93,7 @@ class Trainer:
         self.store = Store(hp.output_uri, self.run_name, before_write=self.lock.check if self.lock else None)
         self.checkpoints = CheckpointStore(self.store, env.checkpoint_dir)
         self.tracker = Tracker(hp.mlflow_tracking_uri if self.main else "", hp.mlflow_experiment)
+        cache.configure(hp.cache_dir or env.cache_dir, hp.cache_gb)
 
     def build(self) -> None:
         """Take the run's lock, read the catalog, choose the cases and grid, make the model and
@@ -246,6 +248,7 @@ class Trainer:
         state.epoch_loss += loss
         state.epoch_wait += waited
         state.epoch_seconds += time.perf_counter() - started
+        state.epoch_io = [total + int(value) for total, value in zip(state.epoch_io, batch["io"].sum(0))]
         if self.world > 1:  # every rank stops at the same step
             self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
         rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
@@ -262,7 +265,7 @@ class Trainer:
             "data_wait_fraction": distributed.mean(state.epoch_wait / state.epoch_seconds, self.device),
             "seconds": seconds,
         }
-        started = time.perf_counter()
+        started, reads = time.perf_counter(), cache.io_counters()
         results = aggregate(evaluate(self.model, self.val_cases, hp, self.task, self.device, self.target_spacing,
                                      phase="val"))
         if not results.get("cases"):
@@ -271,6 +274,9 @@ class Trainer:
         fields, metric = self.task.validation(results)
         line.update(fields)
         line["val_seconds"] = time.perf_counter() - started
+        validation_reads = [after - before for before, after in zip(reads, cache.io_counters())]
+        line.update(request_fields(state.epoch_io, validation_reads, state.epoch_steps * hp.batch_size,
+                                   hp.get_price_per_1000, self.device))
         state.epoch += 1
         improved = metric > state.best_metric
         if improved:
@@ -286,6 +292,7 @@ class Trainer:
         state.history.append(line)
         state.epoch_loss = state.epoch_wait = state.epoch_seconds = 0.0
         state.epoch_steps = 0
+        state.epoch_io = [0] * len(cache.IO_FIELDS)
         if self.main:
             self.store.put_jsonl(RunLayout.METRICS, state.history)
             logger.info("%s", EPOCH.format(line, "best" if improved else ""))
@@ -341,6 +348,7 @@ class Trainer:
             "seconds": time.time() - self.started,
         }
         summary.update(self.task.summary(self.state.best_metric, scores))
+        summary["s3_requests"] = request_totals(self.state.history)
         if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:
@@ -390,6 +398,7 @@ class Trainer:
             self.tracker.end({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
             if self.lock is not None:
                 self.lock.release(status)
+            cache.disable()
             signal.signal(signal.SIGTERM, previous)
             distributed.teardown()
 

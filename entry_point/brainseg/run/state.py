@@ -20,6 +20,7 @@ import torch
 
 from brainseg.config import Hyperparameters
 from brainseg.io import s3
+from brainseg.io.cache import IO_FIELDS
 from brainseg.model.artifact import load_tensors
 from brainseg.run.errors import TrainingError
 
@@ -122,6 +123,7 @@ class LoopState:
     epoch_steps: int = 0
     epoch_wait: float = 0.0
     epoch_seconds: float = 0.0
+    epoch_io: list = field(default_factory=lambda: [0] * len(IO_FIELDS))  # the training reads (IO_FIELDS)
 
 
 @functools.cache
