@@ -391,3 +391,15 @@ def test_training_through_a_flaky_network_computes_the_same_weights(dataset, buc
     assert injected > 20, injected
     for part in ("model", "best_model"):
         assert all(torch.equal(clean[part][name], flaky[part][name]) for name in clean[part]), part
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine's torch sees a GPU")
+def test_a_cpu_image_on_a_gpu_instance_is_warned_about_loudly(bucket, capsys, monkeypatch):
+    monkeypatch.setenv("SM_NUM_GPUS", "4")
+    assert train.main(_args(f"s3://{bucket}/r1/ds/", f"s3://{bucket}", "r1")) == 2  # stops at once, after the warning
+    out = capsys.readouterr().out
+    assert re.search(r"WARNING brainseg.train: SM_NUM_GPUS=4 but torch \S+ sees no CUDA device: a CPU image", out)
+    assert out.count("!" * 100) == 2
+    monkeypatch.setenv("SM_NUM_GPUS", "0")
+    assert train.main(_args(f"s3://{bucket}/r1/ds/", f"s3://{bucket}", "r1")) == 2
+    assert "sees no CUDA" not in capsys.readouterr().out

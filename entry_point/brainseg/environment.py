@@ -87,3 +87,15 @@ def drop_privileges(env: Environment, user: str | None = None) -> str | None:
     os.setuid(account.pw_uid)
     os.environ["HOME"] = account.pw_dir
     return user
+
+
+def cpu_image_warning(env: Environment, cuda_available: bool, torch_version: str) -> str:
+    """What to say when the instance has GPUs (``SM_NUM_GPUS`` > 0) that torch cannot see: a CPU
+    image, or a CPU build of torch, on a GPU instance; "" otherwise."""
+    if not env.num_gpus or cuda_available:
+        return ""
+    return (f"SM_NUM_GPUS={env.num_gpus} but torch {torch_version} sees no CUDA device: a CPU image (or a CPU build "
+            "of torch) on a GPU instance. Training runs on the CPU, many times slower, at the GPU instance's price. "
+            "Build and push the CUDA image (VARIANT=cuda bash docker/build.sh) and pass it as --image-uri, or stop "
+            "this job")
+

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from brainseg.environment import drop_privileges, read_environment
+from brainseg.environment import cpu_image_warning, drop_privileges, read_environment
 from brainseg.flags import parse_hyperparameters
 from brainseg.io import s3
 from brainseg.run.checkpoint import CheckpointError
@@ -40,11 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     if "LOCAL_WORLD_SIZE" in os.environ:
         logger.info("under torchrun: %s process(es) on this host, %s in all", os.environ["LOCAL_WORLD_SIZE"],
                     os.environ.get("WORLD_SIZE", "1"))
-    from brainseg.run.engine import Trainer  # torch only once the flags are valid
+    import torch  # only once the flags are valid
+
+    from brainseg.run.engine import Trainer
     from brainseg.run.errors import Interrupted, TrainingError
     from brainseg.run.lr_find import LRFinder
 
     env = read_environment()
+    warning = cpu_image_warning(env, torch.cuda.is_available(), torch.__version__)
+    if warning:
+        for line in ("!" * 100, warning, "!" * 100):
+            logger.warning("%s", line)
     user = drop_privileges(env)
     if user:
         logger.info("running as %s, not root", user)
