@@ -35,6 +35,7 @@ image:
 
 bench: setup
 	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/gpu_feed.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/review.py
 	$(PY) benchmarks/reliability.py

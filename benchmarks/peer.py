@@ -88,7 +88,9 @@ def train_ours(dataset: str, epochs: int, steps: int, model_dir: str) -> dict:
                f"s3://{BUCKET}/runs", "--run-name", "ours", "--epochs", str(epochs), "--steps-per-epoch", str(steps),
                *flags]
     started = time.perf_counter()
-    child = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, SM_MODEL_DIR=model_dir))
+    cache = Path(model_dir) / "cache"  # empty: the run's reads start cold, as on a fresh instance
+    child = subprocess.run(command, capture_output=True, text=True,
+                           env=dict(os.environ, SM_MODEL_DIR=model_dir, BRAINSEG_CACHE_DIR=str(cache)))
     if child.returncode != 0:
         raise RuntimeError(f"our run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
     return {"wall_seconds": round(time.perf_counter() - started, 1),

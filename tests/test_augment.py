@@ -1,12 +1,21 @@
 """Augmentation: deterministic per generator, labels moved with the image and kept to their values,
-intensity changes per channel."""
+intensity changes per channel; a batch augmented on its device equals each patch augmented alone."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from brainseg.data import augment as aug
+
+
+def _augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One patch, drawn from ``rng`` as a worker does and applied as the trainer does (a batch of one)."""
+    draws = aug.draw(rng, image.shape[0], image.shape[2] == image.shape[3])
+    out, labels = aug.augment_batch(torch.from_numpy(image)[None], torch.from_numpy(label)[None, None],
+                                    torch.from_numpy(draws)[None])
+    return out[0].numpy(), labels[0, 0].numpy()
 
 
 def _blob_patch():
@@ -21,7 +30,7 @@ def _blob_patch():
 
 def test_a_patch_depends_only_on_its_generator():
     image, label = _blob_patch()
-    outputs = [aug.augment(image, label, np.random.default_rng([7, task])) for task in (1, 2, 1)]
+    outputs = [_augment(image, label, np.random.default_rng([7, seed])) for seed in (1, 2, 1)]
     assert np.array_equal(outputs[0][0], outputs[2][0]) and np.array_equal(outputs[0][1], outputs[2][1])
     assert not np.array_equal(outputs[0][0], outputs[1][0])
     for augmented, labels in outputs:
@@ -36,7 +45,7 @@ def test_rotation_scaling_and_elastic_move_the_label_with_the_image(monkeypatch,
                  "NOISE_PROBABILITY"):
         monkeypatch.setattr(aug, name, 0.0)
     image, label = _blob_patch()
-    augmented, labels = aug.augment(image, label, np.random.default_rng(seed))
+    augmented, labels = _augment(image, label, np.random.default_rng(seed))
     assert not np.array_equal(labels, label)  # it did move
     bright, inside = augmented[0] > 5.0 * augmented[0].max() / 10.0, labels > 0
     dice = 2 * np.count_nonzero(bright & inside) / (np.count_nonzero(bright) + np.count_nonzero(inside))
@@ -51,7 +60,44 @@ def test_intensity_changes_are_drawn_per_channel(monkeypatch):
     same = np.random.default_rng(0).normal(size=(1, 16, 32, 32)).astype(np.float32)
     image = np.concatenate([same, same])
     label = np.zeros((16, 32, 32), dtype=np.uint8)
-    augmented, labels = aug.augment(image, label, np.random.default_rng(3))
+    augmented, labels = _augment(image, label, np.random.default_rng(3))
     assert not np.allclose(augmented[0], augmented[1])  # the two copies of one channel now differ
     assert augmented[0].std() < same.std()  # blurred (and resampled at a lower resolution)
     assert not labels.any()
+
+
+def _batch(size: int, seeds, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    monkeypatch.setattr(aug, "SPATIAL_PROBABILITY", 0.5)  # a batch that mixes moved and unmoved patches
+    monkeypatch.setattr(aug, "NOISE_PROBABILITY", 0.5)
+    images, labels = [], []
+    for index in range(size):
+        image, label = _blob_patch()
+        images.append(np.roll(image, index, axis=-1))
+        labels.append(np.roll(label, index, axis=-1))
+    draws = np.stack([aug.draw(np.random.default_rng([5, seed]), 2, True) for seed in seeds])
+    assert draws[:, :3].any(axis=1).any() and not draws[:, :3].any(axis=1).all()
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))[:, None], torch.from_numpy(draws)
+
+
+def test_a_batch_augmented_together_equals_each_patch_augmented_alone(monkeypatch):
+    images, labels, draws = _batch(6, range(6), monkeypatch)
+    together, together_labels = aug.augment_batch(images, labels, draws)
+    for b in range(6):
+        alone, alone_label = aug.augment_batch(images[b:b + 1], labels[b:b + 1], draws[b:b + 1])
+        assert torch.allclose(together[b], alone[0], atol=1e-5)
+        assert torch.equal(together_labels[b], alone_label[0])
+    again, again_labels = aug.augment_batch(images, labels, draws)
+    assert torch.equal(again, together) and torch.equal(again_labels, together_labels)  # deterministic
+    assert together.dtype == torch.float32 and together_labels.dtype == labels.dtype
+    assert draws.shape[1] == aug.draws_length(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here; the CPU path is checked above")
+def test_a_batch_augmented_on_the_gpu_matches_the_cpu(monkeypatch):
+    images, labels, draws = _batch(4, (0, 1, 2, 3), monkeypatch)
+    draws[:, -3] = 0  # noise comes from the device's own generator
+    cpu, cpu_labels = aug.augment_batch(images, labels, draws)
+    gpu, gpu_labels = aug.augment_batch(images.cuda(), labels.cuda(), draws)
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-3)
+    assert (gpu_labels.cpu() != cpu_labels).float().mean() < 1e-3  # nearest-neighbour ties may round apart
+

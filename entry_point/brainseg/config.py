@@ -126,7 +126,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_st
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
                                "save_predictions", "allow_dataset_change", "mlflow_tracking_uri",
-                               "mlflow_experiment"})
+                               "mlflow_experiment", "cache_gb", "cache_dir", "get_price_per_1000"})
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class Task:
         raise NotImplementedError
 
     def inputs_and_target(self, batch: dict, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's input and the loss's target for one training batch (CPU tensors)."""
+        """The network's input and the loss's target for one training batch (on the batch's device)."""
         raise NotImplementedError
 
     def model_input(self, image: np.ndarray, case_seed: int) -> np.ndarray:
@@ -80,7 +80,8 @@ class Segmentation(Task):
     def inputs_and_target(self, batch: dict, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The target of label values ``(N, 1, D, H, W)``: class indices ``(N, 1, ...)`` (softmax) or
         one 0/1 channel per region ``(N, R, ...)`` (sigmoid, float)."""
-        target = self.table[:, batch["label"][:, 0].long()].transpose(0, 1)
+        label = batch["label"]
+        target = self.table.to(label.device)[:, label[:, 0].long()].transpose(0, 1)
         return batch["image"], target.float() if self.scheme.sigmoid else target
 
     def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
@@ -132,7 +133,7 @@ class Autoencoder(Task):
     def inputs_and_target(self, batch: dict, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = batch["image"]
         rng = np.random.default_rng([seed, step, PRETEXT_STREAM])
-        return torch.from_numpy(drop_blocks(image.numpy(), rng)), image
+        return torch.from_numpy(drop_blocks(image.cpu().numpy(), rng)).to(image.device), image
 
     def model_input(self, image: np.ndarray, case_seed: int) -> np.ndarray:
         return drop_blocks(image, np.random.default_rng(case_seed))

@@ -1,13 +1,18 @@
-"""Data augmentation of patches: what real scans vary in, drawn from one seeded generator per patch.
+"""Data augmentation of patches: what real scans vary in, drawn per patch, applied on the batch.
+
+Two halves, so the DataLoader workers only read and cut while the training device does the
+arithmetic. :func:`draw` (in the worker) takes every random number a patch's augmentation needs
+from the patch's own seeded generator and packs them into a vector that travels with the patch;
+:func:`augment_batch` (on the model's device: a GPU on a GPU instance, else the CPU) applies each
+patch's draws to a batch. The patch depends only on its generator, so a stream stays deterministic
+and a resumed run continues exactly; a patch augmented in a batch equals it augmented alone.
 
 Spatial (image and label alike; labels by nearest neighbour): mirroring on each axis, 90-degree
 in-plane turns of square patches, and with probability ``SPATIAL_PROBABILITY`` each a rotation
 (mostly in-plane), a scaling and an elastic deformation (a coarse random displacement grid,
-smoothly interpolated), applied as one resampling. Intensity, per channel (each sequence varies on
-its own): a smooth multiplicative bias field, gamma, Gaussian blur, a lower-resolution
-acquisition (down- then up-sampled), scale and shift, and Gaussian noise. The patch depends only
-on the generator, so a stream stays deterministic and resumable; torch does the resampling (one
-grid sample for all spatial changes, labels by nearest neighbour).
+smoothly interpolated), applied as one resampling of the patches that drew any of them. Intensity,
+per channel (each sequence varies on its own): a smooth multiplicative bias field, gamma, Gaussian
+blur, a lower-resolution acquisition (down- then up-sampled), scale and shift, and Gaussian noise.
 """
 
 from __future__ import annotations
@@ -31,9 +36,41 @@ INTENSITY_SCALE = (0.9, 1.1)
 INTENSITY_SHIFT = (-0.1, 0.1)
 NOISE_PROBABILITY = 0.15
 NOISE_STD = (0.0, 0.1)  # in normalised units
+BIAS_TERMS = 9  # x, y, z, xy, xz, yz, x², y², z²
+
+# The draws vector: spatial, then mirroring and turns, then each channel's intensity, then noise.
+_ELASTIC = 3 * ELASTIC_GRID**3
+_SPATIAL = 3 + 3 + 1 + _ELASTIC  # rotate/scale/elastic flags, angles, factor, control points
+_GEOMETRY = _SPATIAL + 4  # three flips, quarter turns
+_CHANNEL = 4 + 3 + BIAS_TERMS + 2  # bias/gamma/blur/low flags, exponent/sigma/factor, coefficients, scale, shift
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
+def draws_length(channels: int) -> int:
+    """The length of a patch's draws vector with ``channels`` channels."""
+    return _GEOMETRY + channels * _CHANNEL + 3
+
+
+def draw(rng: np.random.Generator, channels: int, square: bool) -> np.ndarray:
+    """Every random number one patch's augmentation needs (float64, :func:`draws_length` long), in a
+    fixed order from ``rng``; ``square``: the patch's in-plane sides are equal (turns allowed)."""
+    spatial = [float(rng.random() < SPATIAL_PROBABILITY) for _ in range(3)]
+    angles = np.deg2rad(rng.uniform(-1, 1, 3) * ROTATION_DEGREES)
+    factor = rng.uniform(*SCALE)
+    coarse = rng.normal(0.0, ELASTIC_VOXELS, _ELASTIC)
+    flips = [float(rng.random() < 0.5) for _ in range(3)]
+    turns = float(rng.integers(4)) if square else 0.0
+    parts = [spatial, angles, [factor], coarse, flips, [turns]]
+    for _ in range(channels):
+        flags = [float(rng.random() < p) for p in (BIAS_PROBABILITY, GAMMA_PROBABILITY, BLUR_PROBABILITY,
+                                                    LOW_RES_PROBABILITY)]
+        amounts = [rng.uniform(*GAMMA), rng.uniform(*BLUR_SIGMA), rng.uniform(*LOW_RES)]
+        coefficients = rng.uniform(-BIAS_STRENGTH, BIAS_STRENGTH, BIAS_TERMS) / 3.0 if flags[0] else np.zeros(BIAS_TERMS)
+        parts += [flags, amounts, coefficients, [rng.uniform(*INTENSITY_SCALE), rng.uniform(*INTENSITY_SHIFT)]]
+    parts += [[float(rng.random() < NOISE_PROBABILITY), rng.uniform(*NOISE_STD), float(rng.integers(2**31))]]
+    return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in parts])
+
+
+def _rotation(angles) -> np.ndarray:
     """Rotation about z (the slice normal), then y, then x, in (x, y, z) voxel coordinates."""
     (cz, sz), (cy, sy), (cx, sx) = ((math.cos(a), math.sin(a)) for a in angles)
     about_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
@@ -42,98 +79,113 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return about_x @ about_y @ about_z
 
 
-def _spatial(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    rotate, scale, elastic = (rng.random() < SPATIAL_PROBABILITY for _ in range(3))
-    angles = np.deg2rad(rng.uniform(-1, 1, 3) * ROTATION_DEGREES)
-    factor = rng.uniform(*SCALE)
-    coarse = rng.normal(0.0, ELASTIC_VOXELS, (3, ELASTIC_GRID, ELASTIC_GRID, ELASTIC_GRID))
-    if not (rotate or scale or elastic):
+def _spatial(image: torch.Tensor, label: torch.Tensor, draws: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation, scaling and elastic deformation of the patches that drew any, in one resampling."""
+    moving = [b for b in range(len(draws)) if draws[b, :3].any()]
+    if not moving:
         return image, label
-    depth, height, width = image.shape[1:]
+    depth, height, width = image.shape[2:]
     half = np.array([width, height, depth]) / 2.0  # voxels per normalised unit, (x, y, z)
-    matrix = np.eye(3)
-    if rotate:
-        matrix = _rotation(angles) @ matrix
-    if scale:
-        matrix = matrix / factor
-    theta = np.zeros((1, 3, 4))
-    theta[0, :, :3] = np.diag(1.0 / half) @ matrix @ np.diag(half)  # rotate in voxels, not in the unit cube
-    grid = F.affine_grid(torch.from_numpy(theta).float(), [1, 1, depth, height, width], align_corners=False)
-    if elastic:
-        field = torch.from_numpy(coarse / half[:, None, None, None]).float()[None]
-        field = F.interpolate(field, size=(depth, height, width), mode="trilinear", align_corners=True)
-        grid = grid + field[0].permute(1, 2, 3, 0)[None]
-    moved = F.grid_sample(torch.from_numpy(np.ascontiguousarray(image))[None], grid, mode="bilinear",
-                          padding_mode="border", align_corners=False)[0].numpy()
-    labels = F.grid_sample(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None, None], grid,
-                           mode="nearest", padding_mode="zeros", align_corners=False)[0, 0].numpy()
-    return moved, labels.astype(label.dtype)
+    thetas, fields = [], []
+    for b in moving:
+        rotate, scale, elastic = draws[b, :3]
+        matrix = np.eye(3)
+        if rotate:
+            matrix = _rotation(draws[b, 3:6]) @ matrix
+        if scale:
+            matrix = matrix / draws[b, 6]
+        thetas.append(np.concatenate([np.diag(1.0 / half) @ matrix @ np.diag(half), np.zeros((3, 1))], axis=1))
+        coarse = draws[b, 7:_SPATIAL].reshape(3, ELASTIC_GRID, ELASTIC_GRID, ELASTIC_GRID)
+        fields.append(coarse / half[:, None, None, None] if elastic else np.zeros_like(coarse))
+    device = image.device
+    theta = torch.from_numpy(np.stack(thetas)).float().to(device)
+    grid = F.affine_grid(theta, [len(moving), 1, depth, height, width], align_corners=False)
+    field = F.interpolate(torch.from_numpy(np.stack(fields)).float().to(device), size=(depth, height, width),
+                          mode="trilinear", align_corners=True)
+    grid = grid + field.permute(0, 2, 3, 4, 1)
+    index = torch.tensor(moving, device=device)
+    image, label = image.clone(), label.clone()
+    image[index] = F.grid_sample(image[index], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    label[index] = F.grid_sample(label[index].float(), grid, mode="nearest", padding_mode="zeros",
+                                 align_corners=False).to(label.dtype)
+    return image, label
 
 
-def _gaussian_blur(channel: np.ndarray, sigma: float) -> np.ndarray:
+def _gaussian_blur(channel: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (edges replicated), one 1D convolution per axis."""
     radius = max(1, int(math.ceil(2 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=channel.device)
+    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).reshape(1, 1, -1)
-    volume = torch.from_numpy(np.ascontiguousarray(channel))
+    volume = channel
     for axis in range(3):
         moved = volume.movedim(axis, -1)
         shape = moved.shape
         rows = F.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
         volume = F.conv1d(rows, kernel).reshape(shape).movedim(-1, axis)
-    return volume.contiguous().numpy()
+    return volume.contiguous()
 
 
-def _low_resolution(channel: np.ndarray, factor: float) -> np.ndarray:
-    volume = torch.from_numpy(np.ascontiguousarray(channel))[None, None]
+def _low_resolution(channel: torch.Tensor, factor: float) -> torch.Tensor:
     small = [max(1, int(round(n / factor))) for n in channel.shape]
-    coarse = F.interpolate(volume, size=small, mode="trilinear", align_corners=False)
-    return F.interpolate(coarse, size=channel.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    coarse = F.interpolate(channel[None, None], size=small, mode="trilinear", align_corners=False)
+    return F.interpolate(coarse, size=tuple(channel.shape), mode="trilinear", align_corners=False)[0, 0]
 
 
-def _bias_field(shape: tuple, rng: np.random.Generator) -> np.ndarray:
-    """``exp`` of a random polynomial of degree 2 over the patch (coordinates in [-1, 1])."""
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
+def _bias_field(shape: tuple, coefficients: np.ndarray, device) -> torch.Tensor:
+    """``exp`` of a polynomial of degree 2 over the patch (coordinates in [-1, 1])."""
+    z, y, x = torch.meshgrid(*(torch.linspace(-1, 1, n, device=device) for n in shape), indexing="ij")
     terms = (x, y, z, x * y, x * z, y * z, x * x, y * y, z * z)
-    coefficients = rng.uniform(-BIAS_STRENGTH, BIAS_STRENGTH, len(terms)) / 3.0
-    return np.exp(sum(np.float32(c) * t for c, t in zip(coefficients, terms)))
+    return torch.exp(sum(float(c) * t for c, t in zip(coefficients, terms)))
 
 
-def _intensity(channel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    bias, gamma, blur, low = (rng.random() < p for p in (BIAS_PROBABILITY, GAMMA_PROBABILITY, BLUR_PROBABILITY,
-                                                         LOW_RES_PROBABILITY))
-    exponent, sigma, factor = rng.uniform(*GAMMA), rng.uniform(*BLUR_SIGMA), rng.uniform(*LOW_RES)
-    low_value, high_value = float(channel.min()), float(channel.max())
-    span = max(high_value - low_value, 1e-6)
+def _intensity(channel: torch.Tensor, draws: np.ndarray) -> torch.Tensor:
+    """One channel's bias, gamma, blur, lower resolution, scale and shift (``draws``: its row)."""
+    bias, gamma, blur, low = draws[:4]
+    exponent, sigma, factor = draws[4:7]
+    low_value, high_value = channel.min(), channel.max()
+    span = torch.clamp(high_value - low_value, min=1e-6)
     if bias:
-        channel = (channel - low_value) * _bias_field(channel.shape, rng) + low_value
+        channel = (channel - low_value) * _bias_field(tuple(channel.shape), draws[7:7 + BIAS_TERMS],
+                                                      channel.device) + low_value
     if gamma:
-        channel = np.clip((channel - low_value) / span, 0.0, None) ** np.float32(exponent) * span + low_value
+        channel = torch.clamp((channel - low_value) / span, min=0.0) ** float(exponent) * span + low_value
     if blur:
-        channel = _gaussian_blur(channel.astype(np.float32), sigma)
+        channel = _gaussian_blur(channel, float(sigma))
     if low:
-        channel = _low_resolution(channel.astype(np.float32), factor)
-    return channel.astype(np.float32)
+        channel = _low_resolution(channel, float(factor))
+    return channel * float(draws[-2]) + float(draws[-1])
 
 
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-            minmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented patch. ``image`` is ``(C, D, H, W)`` float32, ``label`` ``(D, H, W)``; with
-    ``minmax`` the image stays in [0, 1]."""
-    image, label = _spatial(image, label, rng)
-    for axis in range(3):
-        if rng.random() < 0.5:
-            image, label = np.flip(image, axis + 1), np.flip(label, axis)
-    if image.shape[2] == image.shape[3]:
-        turns = int(rng.integers(4))
-        image, label = np.rot90(image, turns, axes=(2, 3)), np.rot90(label, turns, axes=(1, 2))
-    image = np.stack([_intensity(channel, rng) for channel in image])
-    channels = (len(image), 1, 1, 1)
-    image = (image * rng.uniform(*INTENSITY_SCALE, channels).astype(np.float32)
-             + rng.uniform(*INTENSITY_SHIFT, channels).astype(np.float32))
-    if rng.random() < NOISE_PROBABILITY:
-        image = image + rng.normal(0.0, rng.uniform(*NOISE_STD), image.shape).astype(np.float32)
-    if minmax:
-        image = np.clip(image, 0.0, 1.0)
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+def augment_batch(image: torch.Tensor, label: torch.Tensor, draws: torch.Tensor,
+                  minmax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch augmented on its own device, each patch by its draws.
+
+    Args:
+        image: ``(B, C, D, H, W)`` float.
+        label: ``(B, 1, D, H, W)`` label values.
+        draws: ``(B, draws_length(C))``, each row from :func:`draw`.
+        minmax: keep the image in [0, 1] (min-max normalisation).
+    """
+    values = draws.detach().cpu().numpy().astype(np.float64)
+    image, label = _spatial(image.float(), label, values)
+    images, labels = [], []
+    for b in range(len(values)):
+        patch, patch_label = image[b], label[b]
+        axes = [axis for axis in range(3) if values[b, _SPATIAL + axis]]
+        if axes:
+            patch, patch_label = torch.flip(patch, [a + 1 for a in axes]), torch.flip(patch_label, [a + 1 for a in axes])
+        turns = int(values[b, _SPATIAL + 3])
+        if turns:
+            patch, patch_label = torch.rot90(patch, turns, (2, 3)), torch.rot90(patch_label, turns, (2, 3))
+        rows = values[b, _GEOMETRY:_GEOMETRY + patch.shape[0] * _CHANNEL].reshape(patch.shape[0], _CHANNEL)
+        patch = torch.stack([_intensity(channel, row) for channel, row in zip(patch, rows)])
+        noisy, std, seed = values[b, -3:]
+        if noisy:
+            generator = torch.Generator(device=patch.device).manual_seed(int(seed))
+            patch = patch + float(std) * torch.randn(patch.shape, generator=generator, device=patch.device)
+        if minmax:
+            patch = torch.clamp(patch, 0.0, 1.0)
+        images.append(patch)
+        labels.append(patch_label)
+    return torch.stack(images).contiguous(), torch.stack(labels).contiguous()

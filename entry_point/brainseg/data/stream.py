@@ -21,7 +21,7 @@ import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
 from brainseg.config import FLOAT_BYTES, StreamConfig, check_budget
-from brainseg.data.augment import augment
+from brainseg.data.augment import draw
 from brainseg.data.catalog import Case
 from brainseg.data.resample import NATIVE, Grid, TargetSpacing
 from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
@@ -72,12 +72,13 @@ def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None =
 
 
 class PatchStream(IterableDataset):
-    """Endless stream of ``{"image", "label", "case_id", "slab", "origin", "io"}`` samples.
+    """Endless stream of ``{"image", "label", "case_id", "slab", "origin", "io"[, "augment"]}`` samples.
 
     ``image`` is float32 ``(C, D, H, W)``, one channel per sequence, each normalised with its own
     statistics; ``label`` is uint8 ``(1, D, H, W)``, the mask's label values (all 0 for a case
     without a mask; the objective maps them to its targets); ``origin`` is the patch's ``(z, y, x)`` in
-    the volume before augmentation; ``io`` the reads (:data:`~brainseg.io.cache.IO_FIELDS`) this
+    the volume; ``augment`` (when augmenting) the patch's draws for
+    :func:`~brainseg.data.augment.augment_batch`, which the trainer applies on its device; ``io`` the reads (:data:`~brainseg.io.cache.IO_FIELDS`) this
     worker made since its previous sample, so a batch's sum over samples counts the workers' reads.
 
     Args:
@@ -209,15 +210,15 @@ class PatchStream(IterableDataset):
             window = tuple(slice(o - r, o - r + e) for o, r, e in zip(origin, (z0, y0, x0), plan.patch_extent))
             patch_image = pad_to(image[(slice(None), *window)], (len(images), *self.config.patch_size))
             patch_label = pad_to(label[window], self.config.patch_size)
-            if self.config.augment:
-                rng = np.random.default_rng([self.config.seed, plan.number, number, 1])
-                patch_image, patch_label = augment(patch_image, patch_label, rng,
-                                                   minmax=self.config.normalization == "minmax")
-            out.append({
+            sample = {
                 "image": torch.from_numpy(np.ascontiguousarray(patch_image)),
                 "label": torch.from_numpy(np.ascontiguousarray(patch_label)[None]),
                 "case_id": case.case_id,
                 "slab": plan.number,
                 "origin": torch.tensor(origin, dtype=torch.int64),
-            })
+            }
+            if self.config.augment:  # drawn here, applied to the batch on the training device
+                rng = np.random.default_rng([self.config.seed, plan.number, number, 1])
+                sample["augment"] = torch.from_numpy(draw(rng, len(images), patch_label.shape[1] == patch_label.shape[2]))
+            out.append(sample)
         return out

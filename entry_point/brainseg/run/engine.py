@@ -11,7 +11,6 @@ state, every RNG state and the patch-stream position, so a resumed run continues
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainseg.config import Hyperparameters, MiB, check_budget
+from brainseg.data.augment import augment_batch
 from brainseg.data.splits import SPLITS
 from brainseg.data.stream import slab_cost_bytes
 from brainseg.environment import Environment
@@ -33,7 +33,7 @@ from brainseg.metric_lines import EPOCH, TEST
 from brainseg.model.artifact import artifact_bytes, write_model_dir
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import autocast
-from brainseg.model.networks import NetworkSpec, encoder_state
+from brainseg.model.networks import NetworkSpec
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.progress import Progress
 from brainseg.run import distributed
@@ -43,8 +43,8 @@ from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.requests import request_fields, request_totals
-from brainseg.run.resume import check_same_dataset, check_same_hyperparameters
-from brainseg.run.starting_model import starting_model
+from brainseg.run.resume import check_same_dataset, check_same_hyperparameters, restore
+from brainseg.run.starting_model import encoder_bytes, starting_model
 from brainseg.run.state import (
     CODE_ROOT,
     LoopState,
@@ -52,7 +52,6 @@ from brainseg.run.state import (
     code_version,
     configure_determinism,
     load_checkpoint,
-    restore_rng_states,
     rng_states,
 )
 from brainseg.run.tracking import Tracker
@@ -145,18 +144,8 @@ class Trainer:
         check_same_hyperparameters(checkpoint, self.hp, self.run_name, pointer["checkpoint"])
         check_same_dataset(checkpoint, self.catalog.fingerprint, self.splits(), self.hp, self.run_name,
                            pointer["checkpoint"])
-        sampler = checkpoint["sampler"]
-        if (sampler["num_workers"], sampler["world_size"]) != (self.hp.num_workers, self.world):
-            logger.warning("resuming with %d workers x %d ranks instead of %d x %d: training continues, but "
-                           "the patch order differs from an uninterrupted run", self.hp.num_workers, self.world,
-                           sampler["num_workers"], sampler["world_size"])
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.best_weights = checkpoint["best_model"]
-        self.state = LoopState(**checkpoint["state"])
-        restore_rng_states(checkpoint["rng"][self.rank] if self.rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+        self.best_weights, self.state = restore(checkpoint, self.rank, self.world, self.hp.num_workers, self.model,
+                                                self.optimizer, self.scheduler, self.scaler)
         logger.info("run %s: resumed from %s (%s) at epoch %d, step %d", self.run_name, pointer["checkpoint"],
                     pointer["source"], self.state.epoch, self.state.step)
 
@@ -197,8 +186,10 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def train_step(self, batch: dict) -> float:
         hp = self.hp
-        inputs, target = (tensor.to(self.device, non_blocking=True)
-                          for tensor in self.task.inputs_and_target(batch, hp.seed, self.state.step))
+        image, label = (batch[name].to(self.device, non_blocking=True) for name in ("image", "label"))
+        if "augment" in batch:  # each patch's draws, applied here on the training device
+            image, label = augment_batch(image, label, batch["augment"], minmax=hp.normalization == "minmax")
+        inputs, target = self.task.inputs_and_target({"image": image, "label": label}, hp.seed, self.state.step)
         with autocast(self.device, hp.precision):
             output = self.network(inputs)
         loss = self.loss_fn(output.float(), target)
@@ -318,10 +309,7 @@ class Trainer:
         self.store.put(RunLayout.MODEL, artifact_bytes(description, self.best_weights))
         self.store.put_json(RunLayout.MODEL_DESCRIPTION, description.to_dict())
         if self.task.transfers_encoder:
-            buffer = io.BytesIO()
-            torch.save({"encoder": encoder_state(self.model, self.hp.model), "model_name": self.hp.model,
-                        "channels": list(self.hp.channels)}, buffer)
-            self.store.put(RunLayout.ENCODER, buffer.getvalue())
+            self.store.put(RunLayout.ENCODER, encoder_bytes(self.model, self.hp))
 
     # ----------------------------------------------------------------- the end
     def test(self) -> dict:

@@ -1,5 +1,5 @@
-"""Whether a run may continue from its checkpoint: the same hyperparameters (but those allowed to
-change) and the same data, or the differences named in the refusal."""
+"""Whether a run may continue from its checkpoint (the same hyperparameters, but those allowed to
+change, and the same data, or the differences named in the refusal), and restoring it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from brainseg.config import RESUMABLE_CHANGES, Hyperparameters
 from brainseg.data.splits import SPLITS
 from brainseg.run.errors import TrainingError
+from brainseg.run.state import LoopState, restore_rng_states
 
 logger = logging.getLogger("brainseg.train")
 
@@ -52,3 +53,22 @@ def check_same_dataset(checkpoint: dict, fingerprint: str, splits: dict, hp: Hyp
         raise TrainingError(f"{message}; resume on the same data, pass --allow-dataset-change true to continue "
                             "on the new data, or use another --run-name to start a new run")
     logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
+
+
+def restore(checkpoint: dict, rank: int, world: int, num_workers: int, model, optimizer, scheduler,
+            scaler) -> tuple[dict, LoopState]:
+    """Load a checkpoint's weights, optimiser, schedule, scaler and this rank's RNG states; return
+    its best weights and loop state. A different worker or rank layout is a warning: training
+    continues, in another patch order."""
+    sampler = checkpoint["sampler"]
+    if (sampler["num_workers"], sampler["world_size"]) != (num_workers, world):
+        logger.warning("resuming with %d workers x %d ranks instead of %d x %d: training continues, but "
+                       "the patch order differs from an uninterrupted run", num_workers, world,
+                       sampler["num_workers"], sampler["world_size"])
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_states(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+    return checkpoint["best_model"], LoopState(**checkpoint["state"])
+

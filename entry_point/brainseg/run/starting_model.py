@@ -1,14 +1,16 @@
 """The model a run starts from: built from the hyperparameters, optionally initialised from another
-run's weights (``--init-weights``) with its encoder frozen (``--freeze-encoder``)."""
+run's weights (``--init-weights``) with its encoder frozen (``--freeze-encoder``); and the encoder
+file a pretraining run writes for later runs to start from."""
 
 from __future__ import annotations
 
+import io
 import logging
 
 import torch
 
 from brainseg.config import Hyperparameters
-from brainseg.model.networks import NetworkSpec, build_model, freeze_encoder, load_matching
+from brainseg.model.networks import NetworkSpec, build_model, encoder_state, freeze_encoder, load_matching
 from brainseg.run.errors import TrainingError
 from brainseg.run.state import read_weights
 
@@ -39,3 +41,12 @@ def starting_model(hp: Hyperparameters, out_channels: int, device: torch.device)
         frozen, trainable = freeze_encoder(model, hp.model)
         logger.info("encoder frozen: %d parameter tensors frozen, %d trainable", frozen, trainable)
     return model
+
+
+def encoder_bytes(model: torch.nn.Module, hp: Hyperparameters) -> bytes:
+    """The encoder's weights with the architecture they fit (what ``--init-weights`` reads back)."""
+    buffer = io.BytesIO()
+    torch.save({"encoder": encoder_state(model, hp.model), "model_name": hp.model, "channels": list(hp.channels)},
+               buffer)
+    return buffer.getvalue()
+
