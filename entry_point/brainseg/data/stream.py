@@ -201,8 +201,9 @@ class PatchStream(IterableDataset):
 
     def _patches(self, plan: SlabPlan, images: list[np.ndarray], mask: np.ndarray) -> list[dict]:
         case = self.cases[plan.case_index]
-        image = np.stack([normalize(channel, self.config.normalization, stats)
-                          for channel, stats in zip(images, case.summary.intensities)])
+        image = np.empty((len(images), *images[0].shape), dtype=np.float32)
+        for index, (channel, stats) in enumerate(zip(images, case.summary.intensities)):
+            normalize(channel, self.config.normalization, stats, out=image[index])
         label = mask.astype(np.uint8)
         z0, _, y0, _, x0, _ = plan.region
         out = []

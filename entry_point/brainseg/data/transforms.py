@@ -7,14 +7,17 @@ import numpy as np
 from brainseg.data.summary import Intensity
 
 
-def normalize(image: np.ndarray, mode: str, stats: Intensity) -> np.ndarray:
+def normalize(image: np.ndarray, mode: str, stats: Intensity, out: np.ndarray | None = None) -> np.ndarray:
     """One sequence's voxels: z-score with its body mean/std, or min-max of its robust range clipped
-    to [0, 1]."""
+    to [0, 1]; written into ``out`` (float32, ``image``'s shape) when given."""
     if mode == "zscore":
-        return (image - np.float32(stats.mean)) / np.float32(stats.std)
+        out = np.subtract(image, np.float32(stats.mean), out=out, dtype=np.float32)
+        return np.divide(out, np.float32(stats.std), out=out)
     if mode == "minmax":
         span = max(stats.high - stats.low, 1e-6)
-        return np.clip((image - np.float32(stats.low)) / np.float32(span), 0.0, 1.0)
+        out = np.subtract(image, np.float32(stats.low), out=out, dtype=np.float32)
+        np.divide(out, np.float32(span), out=out)
+        return np.clip(out, 0.0, 1.0, out=out)
     raise ValueError(f"normalization {mode!r}: expected 'zscore' or 'minmax'")
 
 

@@ -8,7 +8,8 @@ object that follow each other are fetched in one ranged GET.
 Safe under concurrent workers and after a crash: a block is written to a temporary file and
 renamed into place (readers see a whole file or none), and each file carries its length and a
 CRC-32 that a reader checks before using it (a file that fails is deleted and fetched again). The
-bound is held by least-recently-used eviction: a hit touches its file's mtime, and a process that
+bound is held by least-recently-used eviction: a hit touches its file's mtime (when it is older
+than a minute), and a process that
 has written a sixteenth of the bound since its last look lists the folder and deletes the oldest
 files until the cache is back under nine tenths of the bound.
 """
@@ -22,6 +23,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ _HEADER = struct.Struct("<4sQI")  # magic, payload length, CRC-32 of the payload
 _MAGIC = b"BSC1"
 _SCAN_FRACTION = 16  # look at the folder's size after writing max_bytes / 16
 _EVICT_TO = 0.9  # evict down to this fraction of the bound
+_TOUCH_AFTER_S = 60.0  # a hit marks its file used again once it was last marked this long ago
 
 
 class RangeCache:
@@ -104,16 +107,18 @@ class RangeCache:
         try:
             with open(path, "rb") as file:
                 raw = file.read()
+                used = os.fstat(file.fileno()).st_mtime
         except OSError:
             return None
         if len(raw) >= _HEADER.size:
             magic, length, crc = _HEADER.unpack_from(raw)
             payload = raw[_HEADER.size:]
             if magic == _MAGIC and length == len(payload) and zlib.crc32(payload) == crc:
-                try:
-                    os.utime(path)  # most recently used
-                except OSError:
-                    pass  # evicted meanwhile: the bytes in hand are still good
+                if time.time() - used > _TOUCH_AFTER_S:
+                    try:
+                        os.utime(path)  # most recently used (to the minute: a touch per hit would cost more)
+                    except OSError:
+                        pass  # evicted meanwhile: the bytes in hand are still good
                 self._count(cache_bytes_read=len(payload))
                 return payload
         logger.warning("local cache: %s failed its length or checksum check; fetching it again", path.name)
