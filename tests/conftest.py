@@ -41,10 +41,10 @@ def faults(s3_server):
 
 
 @pytest.fixture(autouse=True)
-def local_cache_dir(tmp_path, monkeypatch):
+def local_cache_dir(tmp_path_factory, monkeypatch):
     """Each test's runs cache fetched bytes in a folder of their own (BRAINSEG_CACHE_DIR), so a test
     that injects S3 faults never reads around them from bytes an earlier test cached."""
-    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(tmp_path / "brainseg-cache"))
+    monkeypatch.setenv("BRAINSEG_CACHE_DIR", str(tmp_path_factory.mktemp("brainseg-cache")))
 
 
 @pytest.fixture(scope="session", autouse=True)
