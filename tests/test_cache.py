@@ -135,25 +135,27 @@ def _history(output: str, run: str) -> list[dict]:
     return [json.loads(line) for line in s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()]
 
 
-def test_a_run_reports_its_reads_and_a_second_run_on_the_host_reads_from_the_cache(tmp_path, capfd):
+def test_a_run_reports_its_reads_and_resumed_on_the_same_host_reads_from_the_cache(tmp_path, capfd):
     data = synthetic_dataset("cache-data", 6)
     output = "s3://" + data[len("s3://"):].split("/")[0] + "/cache-runs"
-    common = ["--data-uri", data, "--output-uri", output, "--channels", "8,16", "--patch-size", "16,32,32",
-              "--batch-size", "2", "--num-workers", "0", "--epochs", "2", "--steps-per-epoch", "6",
+    common = ["--data-uri", data, "--output-uri", output, "--run-name", "cached", "--channels", "8,16",
+              "--patch-size", "16,32,32", "--batch-size", "2", "--num-workers", "0", "--steps-per-epoch", "6",
               "--res-units", "1", "--log-every", "1000", "--cache-dir", str(tmp_path / "cache"), "--cache-gb", "1",
               "--get-price-per-1000", "0.5"]
-    assert train.main([*common, "--run-name", "first"]) == 0
-    assert train.main([*common, "--run-name", "second"]) == 0
-    first, again = _history(output, "first")
-    second = _history(output, "second")
-    assert first["gets_per_patch"] > 0 and first["gets"] == pytest.approx(first["gets_per_patch"] * 12 + first["val_gets"])
-    assert first["request_cost_usd"] == pytest.approx(first["gets"] * 0.5 / 1000)
-    assert again["val_gets"] == 0  # validation reads the same cases again: every block is cached
-    assert second[0]["gets"] < first["gets"] / 3 and second[0]["cache_hit_fraction"] > 0.5  # the host is warm
-    requests = json.loads(s3.read_uri(f"{output}/second/summary.json"))["s3_requests"]
-    assert requests["gets"] == sum(line["gets"] for line in second)
-    assert requests["request_cost_usd"] == pytest.approx(requests["gets"] * 0.5 / 1000)
-    assert requests["gets_per_patch_last_epoch"] == second[-1]["gets_per_patch"]
+    assert train.main([*common, "--epochs", "2"]) == 0
     assert re.search(r"epoch_metrics epoch=2 .* gets_per_patch=[0-9.]+ mib_per_patch=[0-9.]+ val_gets=\d+ gets=\d+ "
                      r"cache_hit_fraction=[0-9.]+ request_cost_usd=[0-9.]+", capfd.readouterr().out)
-    assert os.listdir(tmp_path / "cache") and cache.active() is None  # files kept, caching off after the run
+    assert cache.active() is None and os.listdir(tmp_path / "cache")  # caching off after the run, files kept
+    first, again = _history(output, "cached")
+    assert first["gets_per_patch"] > 0 and first["gets"] == pytest.approx(first["gets_per_patch"] * 12
+                                                                           + first["val_gets"])
+    assert first["request_cost_usd"] == pytest.approx(first["gets"] * 0.5 / 1000)
+    assert again["val_gets"] == 0  # validation reads the same cases again: every block is cached
+    assert train.main([*common, "--epochs", "3"]) == 0  # a new process resumes the finished run for one more epoch
+    assert "resumed from step-00000012.pt" in capfd.readouterr().out
+    resumed = _history(output, "cached")[2]
+    assert resumed["gets"] < first["gets"] / 3 and resumed["cache_hit_fraction"] > 0.5 and resumed["val_gets"] == 0
+    requests = json.loads(s3.read_uri(f"{output}/cached/summary.json"))["s3_requests"]
+    assert requests["gets"] == sum(line["gets"] for line in _history(output, "cached"))
+    assert requests["request_cost_usd"] == pytest.approx(requests["gets"] * 0.5 / 1000)
+    assert requests["gets_per_patch_last_epoch"] == resumed["gets_per_patch"]

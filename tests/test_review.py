@@ -59,6 +59,12 @@ def test_listing_shows_every_run_with_status_scores_and_differences(runs, capsys
     assert "going: metrics/metrics.jsonl: line 2 is incomplete (still being written?); skipped" in out
     assert "broken: failed: TrainingError: no usable training cases" in out
     assert "broken: metrics/metrics.jsonl: missing" in out
+    history = [json.loads(line) for line in s3.read_uri(f"{runs}/fast/metrics/metrics.jsonl").splitlines()]
+    gets = sum(line["gets"] for line in history)
+    assert re.search(rf"^fast: S3 reads: {gets:,} GETs, request fee \$[0-9.]+; GETs per training patch "
+                     rf"{history[0]['gets_per_patch']:.1f} \(epoch 1\) -> {history[1]['gets_per_patch']:.1f} \(epoch 2\); "
+                     r"local cache hits \d+% in the last epoch$", out, re.M)
+    assert "going: S3 reads" not in out  # its lines hold no reads
 
 
 def test_metrics_are_read_incrementally_as_they_grow(runs):
@@ -149,7 +155,7 @@ def test_report_has_curves_tables_and_overlays(runs, tmp_path, capsys):
     assert f"report: {tmp_path / 'index.html'}" in capsys.readouterr().out
     page = (tmp_path / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert {"curves.png", "learning_rate.png", "throughput.png"} <= set(images)
+    assert {"curves.png", "learning_rate.png", "throughput.png", "reads.png"} <= set(images)
     assert {f"overlay_{run}_{number}.png" for run in ("fast", "slow") for number in (0, 1)} <= set(images)
     assert {"volumes_fast.png", "volumes_slow.png"} <= set(images)
     for image in images:

@@ -38,7 +38,8 @@ def epoch_text(run: ReviewedRun, line: dict) -> str:
     for key, label, form in (("step", "step", "{}"), ("train_loss", "train loss", "{:.4f}"),
                              ("val_dice", "val Dice", "{:.4f}"), ("val_loss", "val loss", "{:.4f}"),
                              ("lr", "lr", "{:.2e}"), ("patches_per_s", "patches/s", "{:.1f}"),
-                             ("data_wait_fraction", "data wait", "{:.1%}")):
+                             ("data_wait_fraction", "data wait", "{:.1%}"),
+                             ("gets_per_patch", "GETs/patch", "{:.1f}"), ("request_cost_usd", "request fee", "${:.4f}")):
         value = line.get(key)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {form.format(value)}")

@@ -102,6 +102,9 @@ def text_summary(runs: list[ReviewedRun]) -> str:
                          f"(steepest descent of the smoothed loss), loss minimum lr / 10 = "
                          f"{run.lr_find['min_loss_lr']:.2e}, {run.lr_find['steps']} steps"
                          + (", diverged" if run.lr_find.get("diverged") else ""))
+        reads = reads_text(run.metrics)
+        if reads:
+            lines.append(f"{run.name}: {reads}")
         if run.error:
             lines.append(f"{run.name}: failed: {run.error}")
         for problem in run.problems:
@@ -111,6 +114,22 @@ def text_summary(runs: list[ReviewedRun]) -> str:
             lines.append(f"{run.name}: worst test cases: " + ", ".join(
                 f"{row['case_id']} (Dice {float(row['dice']):.3f})" for row in worst))
     return "\n".join(lines)
+
+
+def reads_text(metrics: list[dict]) -> str:
+    """What a run's epochs read from S3 and what the requests cost, or "" (runs from before these
+    figures)."""
+    lines = [line for line in metrics if isinstance(line.get("gets"), (int, float))]
+    if not lines:
+        return ""
+    text = (f"S3 reads: {sum(line['gets'] for line in lines):,} GETs, request fee "
+            f"${sum(line.get('request_cost_usd', 0.0) for line in lines):.4f}; GETs per training patch "
+            f"{lines[0]['gets_per_patch']:.1f} (epoch {lines[0]['epoch']})")
+    if len(lines) > 1:
+        text += f" -> {lines[-1]['gets_per_patch']:.1f} (epoch {lines[-1]['epoch']})"
+    if "cache_hit_fraction" in lines[-1]:
+        text += f"; local cache hits {lines[-1]['cache_hit_fraction']:.0%} in the last epoch"
+    return text
 
 
 def plain_text(text: str) -> str:
@@ -129,7 +148,9 @@ def curve_figures(runs: list[ReviewedRun], out: Path) -> list[dict]:
                [("train_loss", "train loss"), ("val_dice", "validation Dice")]),
               ("learning_rate.png", "learning rate per epoch", [("lr", "learning rate")]),
               ("throughput.png", "throughput and data-wait fraction per epoch",
-               [("patches_per_s", "patches/s"), ("data_wait_fraction", "data-wait fraction")])]
+               [("patches_per_s", "patches/s"), ("data_wait_fraction", "data-wait fraction")]),
+              ("reads.png", "S3 reads per epoch: GETs per training patch and the request fee",
+               [("gets_per_patch", "GETs per training patch"), ("request_cost_usd", "request fee (USD)")])]
     figures = []
     for file, alt, series in panels:
         figure, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.6), squeeze=False)

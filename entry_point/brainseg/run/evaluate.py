@@ -152,7 +152,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, tas
     model.eval()
     threads = torch.get_num_threads()
     if device.type == "cpu":  # the DataLoader workers wait meanwhile: inference may use every core
-        torch.set_num_threads(distributed.cpu_threads(0))
+        torch.set_num_threads(distributed.cpu_threads())
     progress = Progress(len(mine), phase=phase, unit="case", log_seconds=EVAL_LOG_SECONDS, enabled=rank == 0)
     try:
         with progress, ThreadPoolExecutor(1, thread_name_prefix="eval-read") as reader:
