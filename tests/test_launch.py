@@ -120,7 +120,8 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
     assert log.count("progress phase=train step=") == 6
     expected = {"train:loss", "validation:dice", "validation:iou", "validation:best_dice", "train:lr", "train:patches_per_s",
                 "train:data_wait_fraction", "test:dice", "test:dice_median", "test:iou", "test:hd95",
-                "train:gets_per_patch", "train:request_cost_usd"}
+                "train:gets_per_patch", "train:request_cost_usd", "validation:lesion_dice", "test:lesion_dice",
+                "test:lesion_hd95"}
     found = {}
     for definition in METRIC_DEFINITIONS:
         values = [float(m.group(1)) for m in re.finditer(definition["Regex"], log)]

@@ -25,6 +25,7 @@ from brainseg.data.stream import read_case_region
 from brainseg.dicom import HeaderError, writer
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.io import s3
+from brainseg.metrics import lesion_wise
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
 from brainseg.prediction.options import parse_options
@@ -121,6 +122,12 @@ def test_predictions_are_dicom_seg_on_the_source_slices_with_volumes_and_scores(
             assert int(row[f"voxels_{name}"]) == int(expected[index].sum())
             assert float(row[f"predicted_ml_{name}"]) == pytest.approx(int(expected[index].sum()) * voxel_ml, abs=1e-6)
             assert 0.0 <= float(row[f"dice_{name}"]) <= 1.0 and float(row[f"hd95_{name}"]) >= 0.0
+            truth = (mask > 0) if name == "wt" else np.isin(mask, (1, 4)) if name == "tc" else mask == 4
+            lesions = lesion_wise(expected[index], truth, case.image.spacing)  # BraTS's lesion-wise columns
+            assert float(row[f"lesion_dice_{name}"]) == pytest.approx(lesions.dice, abs=1e-6)
+            assert float(row[f"lesion_hd95_{name}"]) == pytest.approx(lesions.hd95, abs=1e-3)
+            assert (int(row[f"lesions_{name}"]), int(row[f"false_positives_{name}"])) == (lesions.lesions,
+                                                                                        lesions.false_positives)
         assert float(row["spacing_mm"].split("x")[0]) in (1.5, 3.0)
         assert _rows(f"{output}{case.case_id}/volumes.csv")[0] == row
     assert {float(row["spacing_mm"].split("x")[0]) for row in rows} == {1.5, 3.0}  # both thicknesses were drawn

@@ -65,6 +65,9 @@ def test_listing_shows_every_run_with_status_scores_and_differences(runs, capsys
                      rf"{history[0]['gets_per_patch']:.1f} \(epoch 1\) -> {history[1]['gets_per_patch']:.1f} \(epoch 2\); "
                      r"local cache hits \d+% in the last epoch$", out, re.M)
     assert "going: S3 reads" not in out  # its lines hold no reads
+    lesions = json.loads(s3.read_uri(f"{runs}/fast/summary.json"))["lesion_wise"]["tumour"]
+    assert (f"fast: lesion-wise test: tumour Dice {lesions['dice']:.3f} HD95 {lesions['hd95']:.1f} mm "
+            f"({lesions['lesions']} lesions, {lesions['false_positives']} false positives)") in out
 
 
 def test_metrics_are_read_incrementally_as_they_grow(runs):

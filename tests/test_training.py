@@ -94,6 +94,12 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert summary["best_epoch"] in (1, 2, 3) and summary["best_val_dice"] == max(line["val_dice"] for line in lines)
     assert summary["hyperparameters"]["patch_size"] == [32, 32, 32] and len(summary["dataset_fingerprint"]) == 16
     assert re.fullmatch(r"[0-9a-f]{12}", summary["code_version"]) and summary["test_cases"] == 3
+    lesions = summary["lesion_wise"]["tumour"]  # BraTS's lesion-wise figures, beside the voxel ones
+    assert 0 <= lesions["dice"] <= 1 and lesions["hd95"] >= 0 and lesions["lesions"] >= 3
+    assert lesions["false_positives"] >= 0 and summary["test_lesion_dice"] == lesions["dice"]
+    assert lesions["lesions"] == sum(int(row["lesions_tumour"]) for row in rows)
+    assert lesions["dice"] == pytest.approx(np.mean([float(row["lesion_dice_tumour"]) for row in rows]), abs=1e-5)
+    assert all("val_lesion_dice" in line and "val_lesion_hd95" in line for line in lines)
     assert _read_json(f"{run}/run.json")["status"] == "finished"
 
     saved = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)

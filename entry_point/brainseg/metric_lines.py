@@ -38,21 +38,23 @@ class LineKind:
 EPOCH = LineKind(
     "epoch_metrics",
     (("epoch", "d"), ("step", "d"), ("train_loss", ".4f"), ("val_dice", ".4f"), ("val_iou", ".4f"),
-     ("val_dice_global", ".4f"), ("val_loss", ".5f"), ("best_val_dice", ".4f"), ("best_val_loss", ".5f"),
+     ("val_dice_global", ".4f"), ("val_lesion_dice", ".4f"), ("val_lesion_hd95", ".2f"), ("val_loss", ".5f"), ("best_val_dice", ".4f"), ("best_val_loss", ".5f"),
      ("lr", ".3g"), ("patches_per_s", ".2f"), ("data_wait_fraction", ".3f"), ("seconds", ".1f"),
      ("val_seconds", ".1f"), ("gets_per_patch", ".2f"), ("mib_per_patch", ".3f"), ("val_gets", "d"), ("gets", "d"),
      ("cache_hit_fraction", ".3f"), ("request_cost_usd", ".5f")),
     (("train_loss", "train:loss"), ("val_dice", "validation:dice"), ("val_iou", "validation:iou"),
      ("val_loss", "validation:loss"), ("best_val_dice", "validation:best_dice"),
-     ("best_val_loss", "validation:best_loss"), ("lr", "train:lr"), ("patches_per_s", "train:patches_per_s"),
-     ("data_wait_fraction", "train:data_wait_fraction"), ("gets_per_patch", "train:gets_per_patch"),
+     ("best_val_loss", "validation:best_loss"), ("val_lesion_dice", "validation:lesion_dice"), ("lr", "train:lr"),
+     ("patches_per_s", "train:patches_per_s"), ("data_wait_fraction", "train:data_wait_fraction"), ("gets_per_patch", "train:gets_per_patch"),
      ("request_cost_usd", "train:request_cost_usd")))
 TEST = LineKind(
     "test_metrics",
     (("test_dice", ".4f"), ("test_dice_median", ".4f"), ("test_iou", ".4f"), ("test_hd95", ".2f"),
+     ("test_lesion_dice", ".4f"), ("test_lesion_hd95", ".2f"),
      ("test_loss", ".5f"), ("cases", "d"), ("best_epoch", "d")),
     (("test_dice", "test:dice"), ("test_dice_median", "test:dice_median"), ("test_iou", "test:iou"),
-     ("test_hd95", "test:hd95"), ("test_loss", "test:loss")))
+     ("test_hd95", "test:hd95"), ("test_loss", "test:loss"), ("test_lesion_dice", "test:lesion_dice"),
+     ("test_lesion_hd95", "test:lesion_hd95")))
 PROGRESS = LineKind(
     "progress",
     (("phase", ""), ("step", ""), ("case", ""), ("epoch", "d"), ("loss", ".4f"), ("lr", ".3g"), ("patches_per_s", ".1f"),

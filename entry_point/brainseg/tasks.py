@@ -97,9 +97,23 @@ class Segmentation(Task):
         return {f"{prefix}{figure}_{name}": scores[f"{figure}_{name}"] for name in self.scheme.names
                 for figure in ("dice", "hd95")}
 
+    def lesion_fields(self, prefix: str, scores: dict) -> dict:
+        """BraTS's lesion-wise Dice and HD95 (means over the structures), when the scores hold them."""
+        return {f"{prefix}lesion_{figure}": scores[f"lesion_{figure}"] for figure in ("dice", "hd95")
+                if f"lesion_{figure}" in scores}
+
+    def lesion_wise(self, scores: dict) -> dict:
+        """summary.json's ``lesion_wise``: per structure its Dice, HD95, scored lesions and false positives."""
+        if "lesion_dice" not in scores:
+            return {}
+        return {"lesion_wise": {name: {"dice": scores[f"lesion_dice_{name}"], "hd95": scores[f"lesion_hd95_{name}"],
+                                       "lesions": scores[f"lesions_{name}"],
+                                       "false_positives": scores[f"false_positives_{name}"]}
+                                for name in self.scheme.names}}
+
     def validation(self, scores: dict) -> tuple[dict, float]:
         return ({"val_dice": scores["dice"], "val_iou": scores["iou"], "val_dice_global": scores["dice_global"],
-                 **self.structure_fields("val_", scores)}, scores["dice"])
+                 **self.lesion_fields("val_", scores), **self.structure_fields("val_", scores)}, scores["dice"])
 
     def best_field(self, best: float) -> dict:
         return {"best_val_dice": best}
@@ -108,12 +122,14 @@ class Segmentation(Task):
         return {"best_val_dice": best, "test_dice_mean": scores.get("dice"),
                 "test_dice_median": scores.get("dice_median"), "test_iou_mean": scores.get("iou"),
                 "test_dice_global": scores.get("dice_global"), "test_hd95_mean": scores.get("hd95"),
-                "structures": list(self.scheme.names),
+                "structures": list(self.scheme.names), **self.lesion_fields("test_", scores),
+                **self.lesion_wise(scores),
                 **({name: value for name, value in self.structure_fields("test_", scores).items()}
                    if scores.get("cases") else {})}
 
     def test_values(self, scores: dict) -> dict:
-        return {**super().test_values(scores), **(self.structure_fields("test_", scores) if scores.get("cases") else {})}
+        return {**super().test_values(scores), **self.lesion_fields("test_", scores),
+                **(self.structure_fields("test_", scores) if scores.get("cases") else {})}
 
 
 class Autoencoder(Task):

@@ -102,6 +102,9 @@ def text_summary(runs: list[ReviewedRun]) -> str:
                          f"(steepest descent of the smoothed loss), loss minimum lr / 10 = "
                          f"{run.lr_find['min_loss_lr']:.2e}, {run.lr_find['steps']} steps"
                          + (", diverged" if run.lr_find.get("diverged") else ""))
+        lesions = lesion_text((run.summary or {}).get("lesion_wise"))
+        if lesions:
+            lines.append(f"{run.name}: {lesions}")
         reads = reads_text(run.metrics)
         if reads:
             lines.append(f"{run.name}: {reads}")
@@ -114,6 +117,18 @@ def text_summary(runs: list[ReviewedRun]) -> str:
             lines.append(f"{run.name}: worst test cases: " + ", ".join(
                 f"{row['case_id']} (Dice {float(row['dice']):.3f})" for row in worst))
     return "\n".join(lines)
+
+
+def lesion_text(lesion_wise) -> str:
+    """The test split's BraTS lesion-wise figures per structure, or "" (none recorded)."""
+    if not isinstance(lesion_wise, dict) or not lesion_wise:
+        return ""
+    parts = []
+    for name, figures in lesion_wise.items():
+        if isinstance(figures, dict) and all(is_number(figures.get(key)) for key in ("dice", "hd95")):
+            parts.append(f"{name} Dice {figures['dice']:.3f} HD95 {figures['hd95']:.1f} mm "
+                         f"({figures.get('lesions', '?')} lesions, {figures.get('false_positives', '?')} false positives)")
+    return "lesion-wise test: " + "; ".join(parts) if parts else ""
 
 
 def reads_text(metrics: list[dict]) -> str:

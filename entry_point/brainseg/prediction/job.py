@@ -94,6 +94,9 @@ def volume_row(case: Case, prediction: Prediction, structures: tuple, mask: np.n
             overlap = scores["overlaps"][name]
             row.update({f"truth_ml_{name}": round(overlap.truth * voxel_ml, 6), f"dice_{name}": round(overlap.dice, 6),
                         f"iou_{name}": round(overlap.iou, 6), f"hd95_{name}": round(scores["hd95"][name], 3)})
+            lesions = scores["lesion_wise"][name]
+            row.update({f"lesion_dice_{name}": round(lesions.dice, 6), f"lesion_hd95_{name}": round(lesions.hd95, 3),
+                        f"lesions_{name}": lesions.lesions, f"false_positives_{name}": lesions.false_positives})
     row["seconds"] = round(seconds, 3)
     return row
 

@@ -35,8 +35,8 @@ EVAL_LOG_SECONDS = 30.0  # without a terminal, a progress line at most this ofte
 
 @dataclass(frozen=True)
 class CaseResult:
-    """One evaluated case. ``overlaps`` and ``hd95`` (mm) per structure and ``tumour`` (all of them
-    together) for segmentation, ``mse`` for
+    """One evaluated case. ``overlaps``, ``hd95`` (mm) and ``lesion_wise`` (BraTS's) per structure and
+    ``tumour`` (all of them together) for segmentation, ``mse`` for
     the autoencoder; ``error`` when its pixels could not be decoded (then it counts in no figure)."""
 
     case_id: str
@@ -44,6 +44,7 @@ class CaseResult:
     seconds: float
     overlaps: dict | None = None
     hd95: dict | None = None
+    lesion_wise: dict | None = None  # per structure, brainseg.metrics.LesionWise
     tumour: Overlap | None = None  # every structure as one: the volumes of the row
     voxel_ml: float = 0.0
     mse: float | None = None
@@ -69,6 +70,12 @@ class CaseResult:
                        predicted_ml=round(total.predicted * self.voxel_ml, 3),
                        truth_voxels=total.truth, predicted_voxels=total.predicted,
                        intersection_voxels=total.intersection)
+            if self.lesion_wise:
+                row.update(lesion_dice=round(float(np.mean([v.dice for v in self.lesion_wise.values()])), 6),
+                           lesion_hd95=round(float(np.mean([v.hd95 for v in self.lesion_wise.values()])), 3))
+                for name, value in self.lesion_wise.items():
+                    row.update({f"lesion_dice_{name}": round(value.dice, 6), f"lesion_hd95_{name}": round(value.hd95, 3),
+                                f"lesions_{name}": value.lesions, f"false_positives_{name}": value.false_positives})
             if len(self.overlaps) > 1:
                 for name, overlap in self.overlaps.items():
                     row.update({f"dice_{name}": round(overlap.dice, 6), f"iou_{name}": round(overlap.iou, 6),
@@ -197,8 +204,16 @@ def aggregate(results: list[CaseResult]) -> dict:
                        f"iou_{name}": float(np.mean([result.overlaps[name].iou for result in results])),
                        f"hd95_{name}": float(np.mean([result.hd95[name] for result in results])),
                        f"dice_global_{name}": total.dice, f"iou_global_{name}": total.iou})
+        if results[0].lesion_wise:
+            lesions = [result.lesion_wise[name] for result in results]
+            scores.update({f"lesion_dice_{name}": float(np.mean([value.dice for value in lesions])),
+                           f"lesion_hd95_{name}": float(np.mean([value.hd95 for value in lesions])),
+                           f"lesions_{name}": sum(value.lesions for value in lesions),
+                           f"false_positives_{name}": sum(value.false_positives for value in lesions)})
     dice = [result.dice for result in results]
     mean_of = lambda figure: float(np.mean([scores[f"{figure}_{name}"] for name in names]))
+    lesion_means = ({"lesion_dice": mean_of("lesion_dice"), "lesion_hd95": mean_of("lesion_hd95")}
+                    if results[0].lesion_wise else {})
     return {"dice": float(np.mean(dice)), "dice_median": float(np.median(dice)), "iou": mean_of("iou"),
             "hd95": mean_of("hd95"), "dice_global": mean_of("dice_global"), "iou_global": mean_of("iou_global"),
-            **scores, "cases": len(results), "unreadable": unreadable}
+            **lesion_means, **scores, "cases": len(results), "unreadable": unreadable}
