@@ -168,7 +168,8 @@ def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     resumed = subprocess.run(command + _args(dataset, output, "killed", *common), env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed from step-{killed_at:08d}.pt" in resumed.stdout
+    assert f"resumed from step-{killed_at:08d}.pt" in resumed.stdout, [
+        line for line in resumed.stdout.splitlines() if re.search("resum|new run|checkpoint|owner|taken", line)]
 
     first, second = _checkpoint(output, "whole"), _checkpoint(output, "killed")
     assert first["state"]["step"] == second["state"]["step"] == 12

@@ -20,8 +20,8 @@ DEMO_SEQUENCES = ("t1c", "t1", "t2", "flair")
 # Four co-registered sequences, BraTS labels, trained as the three overlapping BraTS regions. Small
 # enough for a 2-core CPU in a few minutes.
 DEMO_HYPERPARAMETERS = {"sequences": ",".join(DEMO_SEQUENCES), "labels": "ncr=1,ed=2,et=4", "regions": "brats",
-                        "channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 6,
-                        "steps_per_epoch": 40, "lr": 0.003, "warmup_steps": 20, "foreground_fraction": 0.5,
+                        "channels": [8, 16, 32, 64], "patch_size": [32, 64, 64], "epochs": 10,
+                        "steps_per_epoch": 50, "lr": 0.003, "warmup_steps": 20, "foreground_fraction": 0.5,
                         "batch_size": 2, "num_workers": 2, "log_every": 20}
 DEMO_OUTPUT = Path("demo-output")  # where the demo's artifacts are copied (relative to the working directory)
 
