@@ -1,4 +1,5 @@
-"""The learning-rate range test's reading of a curve (the end-to-end run is in test_launch)."""
+"""The learning-rate range test: its reading of a curve, and a sweep in this process (a process-mode
+run is in test_launch)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ def test_a_curve_too_short_is_refused_with_the_remedy():
 def test_bad_sweep_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         Hyperparameters(data_uri="s3://d/x/", output_uri="s3://o/", task="lr_find", **overrides)
+
+
+def test_a_range_test_in_this_process_leaves_no_cache_behind(tmp_path):
+    """The sweep reads through the local cache like training and turns it off when it ends."""
+    import json
+
+    from brainseg.commands import train
+    from brainseg.io import cache, s3
+    from tests.conftest import synthetic_dataset
+
+    data = synthetic_dataset("lr-find-data", 6)
+    output = data.replace("/ds/", "/runs")
+    assert train.main(["--data-uri", data, "--output-uri", output, "--run-name", "sweep", "--task", "lr_find",
+                       "--lr-find-steps", "12", "--channels", "8,16", "--patch-size", "16,32,32", "--res-units", "1",
+                       "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(s3.read_uri(f"{output}/sweep/lr_find.json"))["steps"] > 0
+    assert cache.active() is None and any((tmp_path / "cache").iterdir())

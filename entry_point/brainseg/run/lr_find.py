@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from brainseg.io import cache
 from brainseg.layout import RunLayout
 from brainseg.run import distributed
 from brainseg.run.engine import Trainer
@@ -118,4 +119,5 @@ class LRFinder(Trainer):
         finally:
             if self.lock is not None:
                 self.lock.release(status)
+            cache.disable()
             distributed.teardown()
