@@ -37,6 +37,7 @@ _HEADER = struct.Struct("<4sQI")  # magic, payload length, CRC-32 of the payload
 _MAGIC = b"BSC1"
 _SCAN_FRACTION = 16  # look at the folder's size after writing max_bytes / 16
 _EVICT_TO = 0.9  # evict down to this fraction of the bound
+_COUNTERS = ("cache_hits", "cache_misses", "cache_bytes_read", "cache_bytes_written", "cache_evictions")
 _TOUCH_AFTER_S = 60.0  # a hit marks its file used again once it was last marked this long ago
 
 
@@ -49,8 +50,7 @@ class RangeCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._written_since_scan = self.max_bytes  # the first write looks at the folder
-        self._counters = {"cache_hits": 0, "cache_misses": 0, "cache_bytes_read": 0, "cache_bytes_written": 0,
-                          "cache_evictions": 0}
+        self._counters = dict.fromkeys(_COUNTERS, 0)
 
     # ------------------------------------------------------------------ reads
     def get_ranges(self, requests: Sequence[tuple]) -> list[bytes]:
@@ -130,11 +130,16 @@ class RangeCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        except OSError as err:
+            logger.warning("local cache: cannot write under %s (%s); this read is not cached", self.directory, err)
+            return
+        try:
             with os.fdopen(handle, "wb") as file:
                 file.write(_HEADER.pack(_MAGIC, len(data), zlib.crc32(data)))
                 file.write(data)
             os.replace(temporary, path)
-        except OSError as err:
+        except OSError as err:  # a full disk, say: the half-written file goes too
+            _remove(Path(temporary))
             logger.warning("local cache: cannot write under %s (%s); this read is not cached", self.directory, err)
             return
         self._count(cache_bytes_written=len(data))
@@ -146,8 +151,9 @@ class RangeCache:
         if due:
             self.evict()
 
-    def evict(self) -> None:
-        """Delete the least recently used files until the cache is under nine tenths of its bound."""
+    def _files(self) -> list[tuple[float, int, str]]:
+        """``(mtime, size, path)`` of every file in the cache now (one another process removes
+        meanwhile is left out)."""
         files = []
         for folder in _scandir(self.directory):
             if folder.is_dir():
@@ -157,6 +163,11 @@ class RangeCache:
                     except OSError:
                         continue
                     files.append((stat.st_mtime, stat.st_size, entry.path))
+        return files
+
+    def evict(self) -> None:
+        """Delete the least recently used files until the cache is under nine tenths of its bound."""
+        files = self._files()
         total = sum(size for _, size, _ in files)
         if total <= self.max_bytes:
             return
@@ -171,8 +182,7 @@ class RangeCache:
 
     def size_bytes(self) -> int:
         """The bytes the cache's files take now."""
-        return sum(entry.stat().st_size for folder in _scandir(self.directory) if folder.is_dir()
-                   for entry in _scandir(folder.path))
+        return sum(size for _, size, _ in self._files())
 
     # ------------------------------------------------------------------ counters
     def _locked(self) -> threading.Lock:
@@ -275,5 +285,4 @@ def io_counters() -> list[int]:
 def stats() -> dict:
     """This process's cache counters (zeros when no cache is configured)."""
     cache = _active["cache"]
-    return cache.stats() if cache is not None else {"cache_hits": 0, "cache_misses": 0, "cache_bytes_read": 0,
-                                                     "cache_bytes_written": 0, "cache_evictions": 0}
+    return cache.stats() if cache is not None else dict.fromkeys(_COUNTERS, 0)
