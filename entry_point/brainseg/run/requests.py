@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from brainseg.config import MiB
 from brainseg.run import distributed
-
-MiB = 2**20
 
 
 def request_fields(train_reads: list[int], validation_reads: list[int], patches: int, price_per_1000: float,
