@@ -18,16 +18,17 @@ PACKAGE = ROOT / "entry_point" / "brainseg"
 ALLOWED = {
     "io": set(), "dicom": set(), "labels": set(), "layout": set(), "overlap": set(), "metric_lines": set(),
     "environment": set(), "__init__": set(),
-    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"}, "flags": {"config", "labels"},
+    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"}, "postprocess": {"metrics"},
+    "flags": {"config", "labels"},
     "data": {"config", "dicom", "io", "labels"},
     "model": {"config", "io", "labels"},
-    "tasks": {"config", "data", "labels", "metrics", "model"},
+    "tasks": {"config", "data", "labels", "metrics", "model", "postprocess"},
     "run": {"config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
-            "overlap", "progress", "tasks"},
+            "overlap", "postprocess", "progress", "tasks"},
     "prediction": {"flags", "config", "data", "dicom", "environment", "io", "labels", "layout", "metrics", "model", "overlap",
-                  "progress", "tasks"},
+                  "postprocess", "progress", "tasks"},
     "commands": {"flags", "config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
-                 "overlap", "prediction", "progress", "run", "tasks"},
+                 "overlap", "postprocess", "prediction", "progress", "run", "tasks"},
 }
 # Third-party libraries and the only modules that may import them.
 OWNERS = {"boto3": ("brainseg/io/s3",), "botocore": ("brainseg/io/s3",), "smart_open": ("brainseg/io/s3",),

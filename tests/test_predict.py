@@ -5,6 +5,7 @@ ensembles, test-time mirroring, skipped cases, reruns and the hosting handler.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from brainseg.io import s3
 from brainseg.metrics import lesion_wise
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
+from brainseg.postprocess import Rule
 from brainseg.prediction.options import parse_options
 from brainseg.prediction.predictor import Predictor
 from infra.data.synth import SynthSpec, encode_case, write_dataset
@@ -177,6 +179,22 @@ def test_ensembles_average_probabilities_and_mirroring_makes_predictions_flip_eq
                            plain.predict(channels, stats, spacing).probabilities[:, :, ::-1], atol=1e-5)
     assert np.allclose(mirrored.predict(flipped, stats, spacing).probabilities,
                        mirrored.predict(channels, stats, spacing).probabilities[:, :, ::-1], atol=1e-5)
+
+
+def test_the_postprocessing_a_model_chose_is_applied_unless_turned_off(trained):
+    loaded = load_model(trained["run"], torch.device("cpu"))
+    chosen = {"wt": Rule(largest_only=True).to_dict(), "et": Rule(min_mm3=1e9).to_dict()}
+    pruned = dataclasses.replace(loaded, description=dataclasses.replace(loaded.description, postprocessing=chosen))
+    rng = np.random.default_rng(1)
+    channels = [rng.normal(100, 40, (8, 32, 32)).astype(np.float32) for _ in range(2)]
+    stats = build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair")).cases[0].summary.intensities
+    spacing = (1.5, 1.0, 1.0)
+    raw = Predictor([pruned], torch.device("cpu"), postprocess=False).predict(channels, stats, spacing).masks
+    assert Predictor([loaded], torch.device("cpu")).predict(channels, stats, spacing).masks[0].sum() == raw[0].sum()
+    masks = Predictor([pruned], torch.device("cpu")).predict(channels, stats, spacing).masks
+    assert raw[0].any() and raw[2].any()  # there is something to remove
+    assert np.array_equal(masks[0], Rule(largest_only=True).apply(raw[0], spacing))
+    assert np.array_equal(masks[1], raw[1]) and not masks[2].any()
 
 
 def test_a_bad_case_is_skipped_with_the_reason_and_the_batch_finishes(trained):

@@ -17,7 +17,7 @@ from brainseg.data.catalog import build_catalog
 from brainseg.data.resample import Grid, median_spacing
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.io import s3
-from brainseg.run.cases import resolve_target_spacing, select_cases
+from brainseg.run.cases import case_splits, resolve_target_spacing, select_cases
 from infra.data.synth import SynthSpec, write_dataset
 
 THICK = Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0))
@@ -70,7 +70,7 @@ def test_cases_of_different_thickness_stream_patches_in_millimetres(bucket):
     catalog = build_catalog(data, sequences=hp.sequence_names)
     depths = {case.image.shape[0] for case in catalog.cases}
     assert len(depths) > 1  # the thickness varies
-    train_cases, val_cases, _ = select_cases(hp, catalog)
+    train_cases, val_cases, _ = select_cases(hp, catalog, case_splits(hp, catalog))
     target = resolve_target_spacing(hp, train_cases)
     spacing = target.spacing
     assert spacing == median_spacing(case.image.spacing for case in train_cases)

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from brainseg.commands import train
+from brainseg.data.catalog import build_catalog
+from brainseg.data.splits import assign_folds
 from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model, is_encoder_parameter
 from infra.data.synth import SynthSpec, write_dataset
@@ -101,6 +103,12 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert lesions["dice"] == pytest.approx(np.mean([float(row["lesion_dice_tumour"]) for row in rows]), abs=1e-5)
     assert all("val_lesion_dice" in line and "val_lesion_hd95" in line for line in lines)
     assert _read_json(f"{run}/run.json")["status"] == "finished"
+    assert summary["fold"] is None and summary["folds"] is None
+    assert sorted(summary["splits"].values()) == ["test"] * 3 + ["train"] * 5 + ["val"] * 2
+    assert sorted(row["case_id"] for row in rows) == sorted(k for k, v in summary["splits"].items() if v == "test")
+    chosen = summary["postprocessing"]["tumour"]  # chosen on validation, stored with the model
+    assert chosen["val_lesion_dice_after"] >= chosen["val_lesion_dice_before"] and chosen["cases"] == 2
+    assert (chosen["description"] == "none") == (chosen["val_lesion_dice_after"] == chosen["val_lesion_dice_before"])
 
     saved = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
     model = build_model(NetworkSpec(channels=(8, 16, 32), res_units=1))
@@ -109,6 +117,7 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert description["network"]["channels"] == [8, 16, 32] and description["sequences"] == ["image"]
     assert description["best_epoch"] == summary["best_epoch"] and description["run_name"] == "e2e"
     assert description["patch_size"] == [32, 32, 32] and description["labels"] == "tumour=*"
+    assert description["postprocessing"] == ({} if chosen["description"] == "none" else {"tumour": chosen["rule"]})
     assert _read_json(f"{run}/model/model.json") == description
     assert {p.name for p in (tmp_path / "model").iterdir()} == {"model.pt", "model.json", "hyperparameters.json",
                                                                  "code"}
@@ -123,6 +132,23 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     assert float(epochs[-1].group(3)) == pytest.approx(lines[-1]["val_dice"], abs=1e-4)
     out = s3.read_uri(f"{run}/metrics/test_per_case.csv").decode() + json.dumps(summary)
     assert "SYN" not in out and "Synthetic^" not in out  # no patient IDs or names in artifacts
+
+
+def test_a_cross_validation_fold_validates_on_its_fold_and_keeps_the_test_cases(dataset, bucket, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    output = f"s3://{bucket}/runs"
+    assert train.main(_args(dataset, output, "fold1", "--epochs", "1", "--steps-per-epoch", "2", "--folds", "3",
+                            "--fold", "1")) == 0
+    summary = _read_json(f"{output}/fold1/summary.json")
+    catalog = build_catalog(dataset)
+    pool = {case.case_id: case.patient_group for case in catalog.cases if case.split != "test"}
+    folds = assign_folds(pool, 3, seed=0)
+    assert (summary["fold"], summary["folds"]) == (1, 3)
+    assert summary["splits"] == {**{case.case_id: "test" for case in catalog.split("test")},
+                                 **{case_id: "val" if fold == 1 else "train" for case_id, fold in folds.items()}}
+    assert sorted(folds.values()).count(1) == 2 and _checkpoint(output, "fold1")["splits"]["val"] == sorted(
+        case_id for case_id, fold in folds.items() if fold == 1)
 
 
 def test_streamed_and_in_memory_training_are_the_same_computation(dataset, bucket):

@@ -151,6 +151,9 @@ class Hyperparameters:
                                                "(a warning instead of a refusal)")
     max_train_cases: int = _field(0, "keep the first N training cases, the low-label regime (0: all)")
     max_val_cases: int = _field(0, "validate on the first N validation cases, to bound its cost (0: all)")
+    folds: int = _field(5, "cross-validation folds of the training and validation cases (with --fold)")
+    fold: int = _field(-1, "the fold (0-based) that validates while the others train, patient-level and seeded; "
+                           "the test cases stay held out (-1: the train/val split as the catalog has it)")
     data_source: str = _field("stream", "stream: patches by ranged GETs; memory: download each training volume "
                                         "first (the reference)")
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
@@ -263,6 +266,9 @@ class Hyperparameters:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected >= 0")
+        if self.folds < 2 or not -1 <= self.fold < self.folds:
+            raise ValueError(f"fold {self.fold} of folds {self.folds}: expected at least 2 folds and a fold from 0 "
+                             f"to {self.folds - 1} (or -1: no cross-validation)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout}: expected a value in [0, 1)")
         if not 0.0 <= self.sw_overlap < 1.0:

@@ -55,7 +55,7 @@ def field_converters() -> dict:
 
 # train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
 FLAG_GROUPS = {
-    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "target_spacing", "cache_gb",
+    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "target_spacing", "cache_gb",
              "cache_dir"),
     "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "init_weights",

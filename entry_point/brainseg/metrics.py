@@ -75,9 +75,44 @@ def _box(slices: tuple, shape: tuple, margin: int) -> tuple:
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(slices, shape))
 
 
+@dataclass(frozen=True)
+class LesionMatch:
+    """Which predicted components of one region belong to which scored true lesion: enough to
+    recompute the lesion-wise Dice for any subset of the components (what postprocessing removes)
+    without labelling the volumes again.
+
+    ``component_voxels[i]`` is the size of predicted component ``i + 1``; ``matched`` marks the
+    components that touch a lesion (a scored one or one too small to score); per scored lesion,
+    ``volumes`` its voxels and ``hits`` its ``(component, overlapping voxels)`` pairs.
+    """
+
+    voxel_mm3: float
+    component_voxels: np.ndarray
+    matched: np.ndarray
+    volumes: tuple = ()
+    hits: tuple = ()
+
+    def dice(self, keep: np.ndarray | None = None) -> float:
+        """The region's lesion-wise Dice with only the components ``keep`` marks (all: ``None``)."""
+        keep = np.ones(len(self.component_voxels), dtype=bool) if keep is None else keep
+        total = 0.0
+        for volume, hits in zip(self.volumes, self.hits):
+            kept = [(component, overlap) for component, overlap in hits if keep[component - 1]]
+            if kept:
+                found = sum(int(self.component_voxels[component - 1]) for component, _ in kept)
+                total += 2.0 * sum(overlap for _, overlap in kept) / (found + volume)
+        count = len(self.volumes) + int(np.count_nonzero(keep & ~self.matched))
+        return 1.0 if count == 0 else total / count
+
+
 def lesion_wise(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> LesionWise:
     """The lesion-wise Dice and HD95 of one region's boolean ``prediction`` against ``truth``
     (same ``(D, H, W)`` shape, voxel ``spacing`` in mm)."""
+    return lesion_scores(prediction, truth, spacing)[0]
+
+
+def lesion_scores(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> tuple[LesionWise, LesionMatch]:
+    """:func:`lesion_wise`'s figures and the :class:`LesionMatch` they came from."""
     prediction, truth = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction {prediction.shape} and truth {truth.shape} differ in shape")
@@ -88,36 +123,39 @@ def lesion_wise(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> Le
     voxel_mm3 = float(np.prod(spacing))
     boxes = ndimage.find_objects(lesions_map, lesion_count)
     component_boxes = ndimage.find_objects(predicted)
-    matched: set[int] = set()
-    scores = []
+    matched = np.zeros(len(component_boxes), dtype=bool)
+    scores, volumes, lesion_hits = [], [], []
     for number, box in enumerate(boxes, start=1):
         if box is None:
             continue
         near = _box(box, truth.shape, DILATION_ITERATIONS)
         lesion = lesions_map[near] == number
         reach = ndimage.binary_dilation(lesion, _DILATION, DILATION_ITERATIONS)
-        hits = np.unique(predicted[near][reach])
-        hits = [int(hit) for hit in hits if hit]
-        matched.update(hits)
+        hits = [int(hit) for hit in np.unique(predicted[near][reach]) if hit]
+        matched[[hit - 1 for hit in hits]] = True
         volume = int(lesion.sum())
         if volume * voxel_mm3 <= MIN_LESION_MM3:
             continue
+        volumes.append(volume)
         if not hits:
             scores.append((0.0, MISSED_HD95))
+            lesion_hits.append(())
             continue
         union = _box(_union_box([near, *(component_boxes[hit - 1] for hit in hits)]), truth.shape, 1)
-        found = np.isin(predicted[union], hits)
         mine = lesions_map[union] == number
-        overlap = int(np.count_nonzero(found & mine))
-        dice = 2.0 * overlap / (int(sizes[hits].sum()) + volume)
+        overlaps = tuple((hit, int(np.count_nonzero((predicted[union] == hit) & mine))) for hit in hits)
+        lesion_hits.append(overlaps)
+        found = np.isin(predicted[union], hits)
+        dice = 2.0 * sum(overlap for _, overlap in overlaps) / (int(sizes[hits].sum()) + volume)
         scores.append((dice, hausdorff95(found, mine, spacing)))
-    false_positives = len(component_boxes) - len(matched)
+    match = LesionMatch(voxel_mm3, sizes[1:].astype(np.int64), matched, tuple(volumes), tuple(lesion_hits))
+    false_positives = int(np.count_nonzero(~matched))
     count = len(scores) + false_positives
     if count == 0:
-        return LesionWise(1.0, 0.0, 0, 0)
+        return LesionWise(1.0, 0.0, 0, 0), match
     return LesionWise(dice=sum(dice for dice, _ in scores) / count,
                       hd95=(sum(hd for _, hd in scores) + false_positives * MISSED_HD95) / count,
-                      lesions=len(scores), false_positives=false_positives)
+                      lesions=len(scores), false_positives=false_positives), match
 
 
 def _union_box(boxes: list[tuple]) -> tuple:
@@ -127,14 +165,14 @@ def _union_box(boxes: list[tuple]) -> tuple:
 
 def score_structures(structures, predicted: list[np.ndarray], mask: np.ndarray, spacing: tuple) -> dict:
     """``{"overlaps": {name: Overlap}, "hd95": {name: mm}, "lesion_wise": {name: LesionWise},
-    "tumour": Overlap}`` of each structure's predicted voxels against the mask's (``structures``:
-    :class:`brainseg.labels.Structure`)."""
-    overlaps, distances, lesions = {}, {}, {}
+    "lesion_matches": {name: LesionMatch}, "tumour": Overlap}`` of each structure's predicted voxels
+    against the mask's (``structures``: :class:`brainseg.labels.Structure`)."""
+    overlaps, distances, lesions, matches = {}, {}, {}, {}
     for structure, prediction in zip(structures, predicted):
         truth = structure.of(mask)
         overlaps[structure.name] = Overlap.of(prediction, truth)
         distances[structure.name] = hausdorff95(prediction, truth, spacing)
-        lesions[structure.name] = lesion_wise(prediction, truth, spacing)
+        lesions[structure.name], matches[structure.name] = lesion_scores(prediction, truth, spacing)
     everything = np.logical_or.reduce(predicted)
-    return {"overlaps": overlaps, "hd95": distances, "lesion_wise": lesions,
+    return {"overlaps": overlaps, "hd95": distances, "lesion_wise": lesions, "lesion_matches": matches,
             "tumour": Overlap.of(everything, np.logical_or.reduce([structure.of(mask) for structure in structures]))}

@@ -17,6 +17,7 @@ from brainseg.data.pretext import drop_blocks
 from brainseg.labels import LabelScheme
 from brainseg.metrics import score_structures
 from brainseg.model.losses import build_loss
+from brainseg.postprocess import apply_rules
 
 PRETEXT_STREAM = 11  # the third key of the per-step generator that blanks training blocks
 
@@ -39,10 +40,11 @@ class Task:
         """The volume ``(C, D, H, W)`` the network sees when a whole case is evaluated."""
         return image
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple,
+              postprocessing: dict | None = None) -> dict:
         """A case's figures (:class:`~brainseg.run.evaluate.CaseResult` fields) from the network's
-        output ``(C, D, H, W)``; ``prediction`` (a boolean volume of everything predicted) when
-        there is one."""
+        output ``(C, D, H, W)``, after ``postprocessing`` (``{structure: Rule}``) where the task
+        has structures; ``prediction`` (a volume of everything predicted) when there is one."""
         raise NotImplementedError
 
     def validation(self, scores: dict) -> tuple[dict, float]:
@@ -84,8 +86,9 @@ class Segmentation(Task):
         target = self.table.to(label.device)[:, label[:, 0].long()].transpose(0, 1)
         return batch["image"], target.float() if self.scheme.sigmoid else target
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
-        predicted = self.scheme.predicted(output.numpy())
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple,
+              postprocessing: dict | None = None) -> dict:
+        predicted = apply_rules(postprocessing or {}, self.scheme.names, self.scheme.predicted(output.numpy()), spacing)
         truth = [structure.of(mask) for structure in self.scheme.structures]
         return {**score_structures(self.scheme.structures, predicted, mask, spacing),
                 "prediction": structure_map(predicted), "truth": structure_map(truth)}
@@ -154,7 +157,8 @@ class Autoencoder(Task):
     def model_input(self, image: np.ndarray, case_seed: int) -> np.ndarray:
         return drop_blocks(image, np.random.default_rng(case_seed))
 
-    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple) -> dict:
+    def score(self, image: np.ndarray, mask: np.ndarray | None, output: torch.Tensor, spacing: tuple,
+              postprocessing: dict | None = None) -> dict:
         return {"mse": float(np.mean((output.numpy() - image) ** 2))}
 
     def validation(self, scores: dict) -> tuple[dict, float]:

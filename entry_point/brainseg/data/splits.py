@@ -27,6 +27,40 @@ def parse_manifest(uri: str, data: bytes) -> dict[str, str]:
     return splits
 
 
+FOLD_STREAM = 7  # the second key of the fold shuffle's generator: independent of the split's
+
+
+def _patients(groups: dict[str, str]) -> dict[str, list[str]]:
+    """``{patient group: [case_id, ...]}``, ordered by each group's first case ID (not by the patient
+    hash, which depends on the dataset's identity key: the order must depend on the cases alone)."""
+    members: dict[str, list[str]] = {}
+    for case_id in sorted(groups):
+        members.setdefault(groups[case_id] or case_id, []).append(case_id)
+    return dict(sorted(members.items(), key=lambda item: item[1][0]))
+
+
+def assign_folds(groups: dict[str, str], folds: int, seed: int) -> dict[str, int]:
+    """Seeded patient-level cross-validation folds: ``{case_id: fold}`` (0-based), every patient's
+    cases in one fold, the patients dealt in shuffled order to the fold with the fewest cases.
+
+    Raises:
+        ValueError: fewer patients than folds.
+    """
+    members = _patients(groups)
+    if len(members) < folds:
+        raise ValueError(f"{len(members)} patient(s) among the {len(groups)} training and validation case(s) "
+                         f"cannot fill {folds} folds; lower --folds or add cases")
+    keys = list(members)
+    counts = np.zeros(folds, dtype=int)
+    assigned = {}
+    for position in np.random.default_rng([seed, FOLD_STREAM]).permutation(len(keys)):
+        group = members[keys[position]]
+        fold = int(np.argmin(counts))
+        counts[fold] += len(group)
+        assigned.update((case_id, fold) for case_id in group)
+    return assigned
+
+
 def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRACTIONS) -> dict[str, str]:
     """Seeded patient-level split of the usable cases: one patient's cases share a split.
 
@@ -40,12 +74,8 @@ def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRA
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions {fractions} must be three non-negative numbers summing to 1")
-    members: dict[str, list[str]] = {}
-    for case_id in sorted(groups):
-        members.setdefault(groups[case_id] or case_id, []).append(case_id)
-    # Ordered by their first case ID, not by the patient hash: the hash depends on the dataset's
-    # identity key, and the split must depend only on the cases and the seed.
-    keys = sorted(members, key=lambda group: members[group][0])
+    members = _patients(groups)
+    keys = list(members)
     order = np.random.default_rng(seed).permutation(len(keys))
     train, val = round(fractions[0] * len(groups)), round(fractions[1] * len(groups))
     targets = np.asarray([train, val, len(groups) - train - val])

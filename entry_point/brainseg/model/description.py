@@ -29,6 +29,8 @@ class ModelDescription:
         patch_size, sw_overlap: the sliding window of whole-volume inference.
         missing_sequences: ``exclude`` or ``zero`` (a missing channel read as zeros).
         run_name, code_version, dataset_fingerprint, best_epoch, best_validation: provenance.
+        postprocessing: ``{structure: {"min_mm3", "largest_only"}}`` chosen on validation
+            (:mod:`brainseg.postprocess`); a structure not named is left as predicted.
     """
 
     network: dict
@@ -46,6 +48,7 @@ class ModelDescription:
     dataset_fingerprint: str = ""
     best_epoch: int = 0
     best_validation: float | None = None
+    postprocessing: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -125,7 +125,7 @@ class PredictionJob:
             models = [load_model(location, self.device) for location in options.model]
             self.predictor = Predictor(models, self.device, mirror=options.mirror, sw_batch_size=options.sw_batch_size,
                                        overlap=None if options.sw_overlap < 0 else options.sw_overlap,
-                                       precision=options.precision)
+                                       precision=options.precision, postprocess=options.postprocess)
         except ValueError as err:
             raise PredictionError(str(err)) from err
         description = self.predictor.description

@@ -41,6 +41,8 @@ class PredictOptions:
     index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
     cases: tuple = _field((), "predict only these case IDs (comma-separated; default every case)")
     mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
+    postprocess: bool = _field(True, "apply the postprocessing the model chose on its validation cases (an "
+                                     "ensemble: the rules all its models share)")
     sw_batch_size: int = _field(2, "windows per forward pass")
     sw_overlap: float = _field(-1.0, "sliding-window overlap in [0, 1) (default: each model's own)")
     precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 on a GPU only)")

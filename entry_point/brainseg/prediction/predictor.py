@@ -4,7 +4,8 @@ For every model of the ensemble: the channels normalised as that model was train
 its target spacing, inferred by sliding window with Gaussian blending (optionally also on the 7
 mirrored copies, flipped back: test-time augmentation), turned into probabilities (softmax or
 sigmoid), interpolated back onto the native grid. The models' probabilities are averaged there and
-thresholded by the label scheme.
+thresholded by the label scheme, and each structure's postprocessing chosen on validation
+(:mod:`brainseg.postprocess`) is applied when every model of the ensemble chose the same rule.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from brainseg.data.transforms import normalize
 from brainseg.model.artifact import LoadedModel, ModelError
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import sliding_window
+from brainseg.postprocess import Rule, apply_rules, rules_of
 
 MIRROR_FLIPS = tuple(axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count))
 
@@ -62,10 +64,12 @@ class Predictor:
         sw_batch_size: windows per forward pass.
         overlap: sliding-window overlap; ``None``: each model's own (its training's).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
+        postprocess: apply the models' postprocessing (:func:`shared_rules`).
     """
 
     def __init__(self, models: list[LoadedModel], device: torch.device, mirror: bool = False,
-                 sw_batch_size: int = 2, overlap: float | None = None, precision: str = "fp32"):
+                 sw_batch_size: int = 2, overlap: float | None = None, precision: str = "fp32",
+                 postprocess: bool = True):
         if not models:
             raise ModelError("no model given")
         self.models = models
@@ -76,6 +80,7 @@ class Predictor:
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.precision = precision
+        self.rules = shared_rules(models) if postprocess else {}
 
     def predict(self, channels: list[np.ndarray], intensities: tuple[Intensity, ...], spacing: tuple) -> Prediction:
         """The structures of one case from its raw channels (modality units, ``(D, H, W)`` each, in
@@ -94,4 +99,20 @@ class Predictor:
             native = grid.volume_to_native(probabilities).numpy()
             total = native if total is None else total + native
         probabilities = total / len(self.models)
-        return Prediction(self.scheme.predicted(probabilities, probabilities=True), probabilities)
+        masks = apply_rules(self.rules, self.scheme.names, self.scheme.predicted(probabilities, probabilities=True),
+                            spacing)
+        return Prediction(masks, probabilities)
+
+
+def shared_rules(models: list[LoadedModel]) -> dict[str, Rule]:
+    """Each structure's postprocessing rule that every model of the ensemble chose (a structure
+    whose models chose differently, or nothing, is left as predicted).
+
+    Raises:
+        ModelError: a model's description holds something that is not a rule.
+    """
+    try:
+        chosen = [rules_of(loaded.description.postprocessing) for loaded in models]
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    return {name: rule for name, rule in chosen[0].items() if all(rules.get(name) == rule for rules in chosen[1:])}

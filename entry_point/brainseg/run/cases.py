@@ -13,7 +13,7 @@ from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
 from brainseg.data.memory import load_in_memory
 from brainseg.data.resample import NATIVE, TargetSpacing, median_spacing
-from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
+from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_folds
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import PixelDataError
 from brainseg.run import distributed
@@ -40,9 +40,27 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
     return catalog if catalog is not None else build()
 
 
-def select_cases(hp: Hyperparameters, catalog: Catalog) -> tuple[list[Case], list[Case], list[Case]]:
-    """Train, validation and test cases (``--max-train-cases`` and ``--max-val-cases`` applied)."""
-    train, val, test = (catalog.split(name) for name in SPLITS)
+def case_splits(hp: Hyperparameters, catalog: Catalog) -> dict[str, str]:
+    """``{case_id: split}`` of the run: the catalog's, or with ``--fold K`` its test cases held out
+    and its training and validation cases dealt into ``--folds`` patient-level folds (seeded by
+    ``--seed``), fold K validating and the others training."""
+    splits = {case.case_id: case.split for case in catalog.cases}
+    if hp.fold < 0:
+        return splits
+    pool = {case.case_id: case.patient_group for case in catalog.cases if case.split != "test"}
+    try:
+        folds = assign_folds(pool, hp.folds, hp.seed)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    splits.update((case_id, "val" if fold == hp.fold else "train") for case_id, fold in folds.items())
+    return splits
+
+
+def select_cases(hp: Hyperparameters, catalog: Catalog, splits: dict[str, str]
+                 ) -> tuple[list[Case], list[Case], list[Case]]:
+    """Train, validation and test cases by the run's ``splits`` (:func:`case_splits`), with
+    ``--max-train-cases`` and ``--max-val-cases`` applied."""
+    train, val, test = ([case for case in catalog.cases if splits[case.case_id] == name] for name in SPLITS)
     usable = len(catalog.cases)
     if not usable:
         raise TrainingError(f"no usable training cases under {hp.data_uri} ({len(catalog.exclusions)} cases, none "

@@ -11,12 +11,10 @@ state, every RNG state and the patch-stream position, so a resumed run continues
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import signal
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,23 +28,29 @@ from brainseg.io import cache, s3
 from brainseg.io.store import Store
 from brainseg.layout import RunLayout
 from brainseg.metric_lines import EPOCH, TEST
-from brainseg.model.artifact import artifact_bytes, write_model_dir
+from brainseg.model.artifact import artifact_bytes
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import autocast
-from brainseg.model.networks import NetworkSpec
 from brainseg.model.optim import build_optimizer, build_scheduler
 from brainseg.progress import Progress
 from brainseg.run import distributed
-from brainseg.run.cases import check_patch_fits, load_catalog, patch_loader, resolve_target_spacing, select_cases
+from brainseg.run.cases import (
+    case_splits,
+    check_patch_fits,
+    load_catalog,
+    patch_loader,
+    resolve_target_spacing,
+    select_cases,
+)
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
-from brainseg.run.evaluate import aggregate, evaluate
+from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate
+from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.requests import request_fields, request_totals
 from brainseg.run.resume import check_same_dataset, check_same_hyperparameters, restore
 from brainseg.run.starting_model import encoder_bytes, starting_model
 from brainseg.run.state import (
-    CODE_ROOT,
     LoopState,
     checkpoint_bytes,
     code_version,
@@ -77,6 +81,8 @@ class Trainer:
         self.interrupted = False
         self.output_ready = False
         self.started = time.time()
+        self.best_matches: list | None = None  # the best validation's lesion matches (choose postprocessing)
+        self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
 
     # ----------------------------------------------------------------- setup
     def connect(self) -> None:
@@ -104,7 +110,8 @@ class Trainer:
             self.output_ready = True
         s3.check_bucket(hp.data_uri)
         self.catalog = load_catalog(hp)
-        self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog)
+        self.case_splits = case_splits(hp, self.catalog)
+        self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog, self.case_splits)
         self.target_spacing = resolve_target_spacing(hp, self.train_cases)
         check_patch_fits(hp, self.train_cases, self.target_spacing)
         if self.device.type == "cpu":
@@ -150,8 +157,8 @@ class Trainer:
                     pointer["source"], self.state.epoch, self.state.step)
 
     def splits(self) -> dict:
-        """The case IDs of each split of the catalog (what a checkpoint records)."""
-        return {name: [case.case_id for case in self.catalog.split(name)] for name in SPLITS}
+        """The case IDs of each split of the run (what a checkpoint records)."""
+        return {name: sorted(case for case, split in self.case_splits.items() if split == name) for name in SPLITS}
 
     def loader(self) -> DataLoader:
         return patch_loader(self.hp, self.train_cases, self.target_spacing, self.state.step, self.rank, self.world,
@@ -257,8 +264,8 @@ class Trainer:
             "seconds": seconds,
         }
         started, reads = time.perf_counter(), cache.io_counters()
-        results = aggregate(evaluate(self.model, self.val_cases, hp, self.task, self.device, self.target_spacing,
-                                     phase="val"))
+        evaluated = evaluate(self.model, self.val_cases, hp, self.task, self.device, self.target_spacing, phase="val")
+        results = aggregate(evaluated)
         if not results.get("cases"):
             raise TrainingError(f"none of the {len(self.val_cases)} validation cases could be read (see the warnings "
                                 "above); exclude the damaged cases or list others as 'val' in manifest.csv")
@@ -273,6 +280,7 @@ class Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.stale = metric, state.epoch, 0
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_matches = [result.lesion_matches for result in evaluated if result.lesion_matches]
             if self.main:
                 self.save_best()
         else:
@@ -294,15 +302,8 @@ class Trainer:
 
     def description(self) -> ModelDescription:
         """What the best weights need to be run on new studies (written beside them)."""
-        hp = self.hp
-        return ModelDescription(
-            network=dataclasses.asdict(NetworkSpec.of(hp, self.task.out_channels)), task=hp.task,
-            sequences=hp.sequence_names, labels=hp.labels, regions=hp.regions,
-            target_spacing=self.target_spacing.spacing, normalization=hp.normalization,
-            patch_size=hp.patch_size, sw_overlap=hp.sw_overlap, missing_sequences=hp.missing_sequences,
-            run_name=self.run_name, code_version=code_version(), dataset_fingerprint=self.catalog.fingerprint,
-            best_epoch=self.state.best_epoch,
-            best_validation=self.state.best_metric if math.isfinite(self.state.best_metric) else None)
+        return describe(self.hp, self.task.out_channels, self.target_spacing, self.run_name, self.catalog.fingerprint,
+                        self.state, self.postprocessing)
 
     def save_best(self) -> None:
         description = self.description()
@@ -312,30 +313,34 @@ class Trainer:
             self.store.put(RunLayout.ENCODER, encoder_bytes(self.model, self.hp))
 
     # ----------------------------------------------------------------- the end
+    def choose_postprocessing(self) -> None:
+        """Each structure's postprocessing, chosen on the validation cases with the best weights."""
+        again = lambda: evaluate(self.model, self.val_cases, self.hp, self.task, self.device, self.target_spacing,
+                                 phase="val (postprocessing)")
+        self.postprocessing = choose_postprocessing(self.best_matches if self.task.needs_masks else [], again)
+        if self.main and any(not choice.rule.changes_nothing for choice in self.postprocessing.values()):
+            self.save_best()  # the model artifact carries the choice
+
     def test(self) -> dict:
         hp = self.hp
         self.model.load_state_dict(self.best_weights)
+        self.choose_postprocessing()
+        rules = {name: choice.rule for name, choice in self.postprocessing.items()}
         results = (evaluate(self.model, self.test_cases, hp, self.task, self.device, self.target_spacing,
-                            crops=hp.save_predictions, phase="test")
+                            crops=hp.save_predictions, phase="test", postprocessing=rules)
                    if self.test_cases else [])
         scores = aggregate(results)
-        summary = {
-            "run_name": self.run_name,
-            "status": "finished",
-            "best_epoch": self.state.best_epoch,
-            "epochs_run": self.state.epoch,
-            "steps": self.state.step,
-            "stopped_early": self.state.stopped_early,
-            "test_cases": len(results),
-            "unreadable_test_cases": scores.get("unreadable", 0),
-            "hyperparameters": hp.to_dict(),
-            "dataset_fingerprint": self.catalog.fingerprint,
-            "code_version": code_version(),
-            "world_size": self.world,
-            "device": self.device.type,
-            "seconds": time.time() - self.started,
-        }
+        state = self.state
+        summary = {"run_name": self.run_name, "status": "finished", "best_epoch": state.best_epoch,
+                   "epochs_run": state.epoch, "steps": state.step, "stopped_early": state.stopped_early,
+                   "test_cases": len(results), "unreadable_test_cases": scores.get("unreadable", 0),
+                   "hyperparameters": hp.to_dict(), "dataset_fingerprint": self.catalog.fingerprint,
+                   "code_version": code_version(), "world_size": self.world, "device": self.device.type,
+                   "seconds": time.time() - self.started, "fold": hp.fold if hp.fold >= 0 else None,
+                   "folds": hp.folds if hp.fold >= 0 else None, "splits": self.case_splits}
         summary.update(self.task.summary(self.state.best_metric, scores))
+        if self.postprocessing:
+            summary["postprocessing"] = {name: choice.to_dict() for name, choice in self.postprocessing.items()}
         summary["s3_requests"] = request_totals(self.state.history)
         if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
@@ -344,9 +349,7 @@ class Trainer:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
             self.tracker.summary(summary)
-            model_dir = Path(self.env.model_dir)
-            write_model_dir(model_dir, self.description(), self.best_weights, CODE_ROOT)
-            (model_dir / "hyperparameters.json").write_text(json.dumps(hp.to_dict(), indent=1))
+            write_model_output(self.env.model_dir, self.description(), self.best_weights, hp)
             logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
                                            "best_epoch": self.state.best_epoch}))
         return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
 from brainseg.overlap import Overlap, tumour_centre
+from brainseg.postprocess import Choice, choose
 from brainseg.progress import Progress
 from brainseg.run import distributed
 from brainseg.tasks import Task
@@ -45,6 +47,7 @@ class CaseResult:
     overlaps: dict | None = None
     hd95: dict | None = None
     lesion_wise: dict | None = None  # per structure, brainseg.metrics.LesionWise
+    lesion_matches: dict | None = None  # per structure, brainseg.metrics.LesionMatch (chooses postprocessing)
     tumour: Overlap | None = None  # every structure as one: the volumes of the row
     voxel_ml: float = 0.0
     mse: float | None = None
@@ -127,14 +130,15 @@ def _load(case: Case, hp: Hyperparameters, task: Task) -> tuple[np.ndarray, np.n
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, task: Task, device,
-                  target_spacing: TargetSpacing, started: float, crops: bool) -> CaseResult:
+                  target_spacing: TargetSpacing, started: float, crops: bool, postprocessing: dict | None
+                  ) -> CaseResult:
     """Infer on the case's target grid; a segmentation is scored on the native grid (its output
     interpolated back), a reconstruction on the grid it was made on."""
     grid = target_spacing.grid_of(case)
     target = grid.volume_to_target(image)
     output = infer(model, task.model_input(target, case_seed(case.case_id)), hp, device)
     if task.needs_masks:
-        scores = task.score(image, mask, grid.volume_to_native(output), case.image.spacing)
+        scores = task.score(image, mask, grid.volume_to_native(output), case.image.spacing, postprocessing)
     else:
         scores = task.score(target, mask, output, grid.target_spacing)
     prediction, truth = scores.pop("prediction", None), scores.pop("truth", None)
@@ -145,9 +149,10 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
 
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, task: Task, device: torch.device,
-             target_spacing: TargetSpacing = NATIVE, crops: bool = False, phase: str = "val") -> list[CaseResult]:
+             target_spacing: TargetSpacing = NATIVE, crops: bool = False, phase: str = "val",
+             postprocessing: dict | None = None) -> list[CaseResult]:
     """Evaluate ``cases`` (this rank's share when distributed) on the ``target_spacing`` grid; results
-    of all ranks, by case ID.
+    of all ranks, by case ID. Segmentations are scored after ``postprocessing`` (``{structure: Rule}``).
 
     With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`. Rank 0 shows
     its progress as ``phase`` (a bar in a terminal, a line every 30 s otherwise).
@@ -176,13 +181,26 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, tas
                     results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
                 else:
                     results.append(_evaluate_one(model, case, image, mask, hp, task, device, target_spacing, started,
-                                                 crops))
+                                                 crops, postprocessing))
                 progress.update(number + 1)
     finally:
         model.train(was_training)
         torch.set_num_threads(threads)
     results = [result for part in distributed.gather(results) for result in part]
     return sorted(results, key=lambda result: result.case_id)
+
+
+def choose_postprocessing(matches: list | None, validate: Callable[[], list[CaseResult]]) -> dict[str, Choice]:
+    """Each structure's :class:`~brainseg.postprocess.Choice` from the best validation's lesion
+    matches (``None``: not at hand, e.g. after a resume past the best epoch; then ``validate()``
+    evaluates the validation cases again), logged."""
+    if matches is None:
+        matches = [result.lesion_matches for result in validate() if result.lesion_matches]
+    choices = choose(matches)
+    for name, choice in choices.items():
+        logger.info("postprocessing %s: %s (validation lesion-wise Dice %.4f -> %.4f, %d cases)", name,
+                    choice.rule.describe(), choice.before, choice.after, choice.cases)
+    return choices
 
 
 def aggregate(results: list[CaseResult]) -> dict:
