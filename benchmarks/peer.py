@@ -1,7 +1,7 @@
 """Peer comparison: our streamed pipeline vs the one a MONAI user would write, on the same data.
 
     python benchmarks/peer.py [--cases 24] [--shape 48,96,96] [--epochs 10] [--steps 50] [--thickness 1]
-                              [--out benchmarks/results/peer.json]
+                              [--seed 0] [--out benchmarks/results/peer.json]
 
 One embedded S3 holds multi-sequence synthetic studies (t1c, t1, t2, flair; BraTS labels 1/2/4;
 one to three lesions per case, rim-enhancing, non-enhancing or solid). Both pipelines train the
@@ -19,10 +19,13 @@ With ``--thickness 1,2,3`` cases differ in slice thickness: ours trains at the m
 (``--target-spacing``), the MONAI pipeline on the native grids as loaded (no Spacingd).
 
 Both best models are then scored by the same code on the test split: sliding-window inference
-(Gaussian, overlap 0.25), Dice and HD95 per region (MONAI's metrics), and per-lesion detection
+(Gaussian, overlap 0.25), Dice and HD95 per region (MONAI's metrics), BraTS's lesion-wise Dice
+and HD95 per region (:mod:`brainseg.metrics`; ours also as its run's postprocessing, chosen on
+its validation cases, leaves the prediction: row ``ours+pp``), and per-lesion detection
 by appearance: each connected whole-tumour lesion is "enhancing" when it holds an enhancing
 voxel, else "non-enhancing" (a lesion darker than tissue on T1 and T1c); it counts as detected
-when the predicted whole tumour covers at least half of it.
+when the predicted whole tumour covers at least half of it. ``--seed`` draws other studies from
+the generator (data the defaults were not tuned on).
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ from brainseg.data.resample import Grid, median_spacing  # noqa: E402
 from brainseg.data.stream import read_case_region  # noqa: E402
 from brainseg.data.transforms import normalize  # noqa: E402
 from brainseg.io import s3  # noqa: E402
+from brainseg.metrics import lesion_wise  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
 from brainseg.model.optim import build_optimizer, build_scheduler  # noqa: E402
 from brainseg.overlap import Overlap  # noqa: E402
+from brainseg.postprocess import apply_rules, rules_of  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 
@@ -93,8 +98,9 @@ def train_ours(dataset: str, epochs: int, steps: int, model_dir: str) -> dict:
                            env=dict(os.environ, SM_MODEL_DIR=model_dir, BRAINSEG_CACHE_DIR=str(cache)))
     if child.returncode != 0:
         raise RuntimeError(f"our run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-    return {"wall_seconds": round(time.perf_counter() - started, 1),
-            "weights": torch.load(Path(model_dir) / "model.pt", weights_only=True)["state_dict"]}
+    saved = torch.load(Path(model_dir) / "model.pt", weights_only=True)
+    return {"wall_seconds": round(time.perf_counter() - started, 1), "weights": saved["state_dict"],
+            "postprocessing": rules_of(saved["description"].get("postprocessing", {}))}
 
 
 def _volumes(cases) -> list[dict]:
@@ -182,9 +188,10 @@ def _lesions(truth_wt: np.ndarray, label: np.ndarray):
         yield voxels, "enhancing" if (label[voxels] == 4).any() else "non-enhancing"
 
 
-def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tuple = ()) -> list[dict]:
+def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tuple = (), rules: dict | None = None
+                ) -> list[dict]:
     """Test figures per case; with ``spacing`` the case is inferred on that grid (ours' target
-    spacing) and the output mapped back to the native grid."""
+    spacing) and the output mapped back to the native grid; ``rules``: postprocessing per region."""
     model.eval()
     scores = []
     with torch.no_grad():
@@ -195,11 +202,14 @@ def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tup
             logits = grid.volume_to_native(sliding_window_inference(
                 image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")[0])
             predicted = (logits > 0).numpy()
+            if rules:
+                predicted = np.stack(apply_rules(rules, REGIONS, list(predicted), case.image.spacing))
             label = volume["label"][0]
             truth = np.stack([np.isin(label, [1, 2, 4]), np.isin(label, [1, 4]), label == 4])
             row = {"case_id": volume["case"].case_id}
             for index, name in enumerate(REGIONS):
                 row[f"dice_{name}"] = Overlap.of(predicted[index], truth[index]).dice
+                row[f"lesion_dice_{name}"] = lesion_wise(predicted[index], truth[index], case.image.spacing).dice
                 if predicted[index].any() and truth[index].any():
                     row[f"hd95_{name}"] = float(compute_hausdorff_distance(
                         torch.from_numpy(predicted[index])[None, None].float(),
@@ -221,6 +231,9 @@ def summarise(scores: list[dict]) -> dict:
         out[f"hd95_{name}_mm"] = round(float(np.median(distances)), 2) if distances else None
         out[f"{name}_cases_with_both_present"] = len(distances)
     out["dice_mean"] = round(float(np.mean([s["dice_mean"] for s in scores])), 4)
+    for name in REGIONS:
+        out[f"lesion_dice_{name}"] = round(float(np.mean([s[f"lesion_dice_{name}"] for s in scores])), 4)
+    out["lesion_dice_mean"] = round(float(np.mean([out[f"lesion_dice_{name}"] for name in REGIONS])), 4)
     lesions = [lesion for s in scores for lesion in s["lesions"]]
     for kind in ("enhancing", "non-enhancing"):
         of_kind = [lesion for lesion in lesions if lesion["kind"] == kind]
@@ -236,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--thickness", default="1", help="slice thickness factors drawn per case (1: every case "
                         "at the same spacing, where both pipelines see the same grid)")
+    parser.add_argument("--seed", type=int, default=0, help="the generator's seed (other studies, same kinds)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer.json")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -247,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         s3.client().create_bucket(Bucket=BUCKET)
         dataset = f"s3://{BUCKET}/brats/"
         thicknesses = tuple(int(v) for v in args.thickness.split(","))
-        write_dataset(args.cases, dataset, SynthSpec(shape=shape, sequences=SEQUENCES, thicknesses=thicknesses), jobs=2)
+        write_dataset(args.cases, dataset, SynthSpec(shape=shape, sequences=SEQUENCES, thicknesses=thicknesses,
+                                                         seed=args.seed), jobs=2)
         indexing = time.perf_counter()  # once per dataset, before either pipeline (both use its catalog)
         catalog = build_catalog(dataset, sequences=SEQUENCES, seed=hp.seed)
         index_seconds = round(time.perf_counter() - indexing, 1)
@@ -261,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         monai["wall_seconds"] = round(monai["wall_seconds"] + load_seconds, 1)
         print(f"# monai trained in {monai['wall_seconds']} s (volumes read in {load_seconds:.1f} s)", flush=True)
         results = {}
-        for name, run in (("ours", ours), ("monai", monai)):
+        for name, run, rules in (("ours", ours, None), ("ours+pp", ours, ours["postprocessing"]),
+                                 ("monai", monai, None)):
             model = build_model(NetworkSpec.of(hp, len(REGIONS)))
             model.load_state_dict(run["weights"])
-            spacing = median_spacing(v["case"].image.spacing for v in train) if name == "ours" else ()
-            per_case = score_cases(model, test, hp, name, spacing)
+            spacing = median_spacing(v["case"].image.spacing for v in train) if name != "monai" else ()
+            per_case = score_cases(model, test, hp, name.removesuffix("+pp"), spacing, rules)
             results[name] = {"wall_seconds": run["wall_seconds"], **summarise(per_case), "per_case": per_case}
-    report = {"cases": args.cases, "shape": shape, "thickness": args.thickness, "split": {name: len(catalog.split(name))
+    report = {"cases": args.cases, "shape": shape, "thickness": args.thickness, "seed": args.seed,
+              "postprocessing": {name: rule.describe() for name, rule in ours["postprocessing"].items()}, "split": {name: len(catalog.split(name))
                                                              for name in ("train", "val", "test")},
               "epochs": args.epochs, "steps_per_epoch": args.steps, "settings": hp.to_dict(),
               "cpu_count": os.cpu_count(), "platform": platform.platform(), "index_seconds": index_seconds,

@@ -4,6 +4,7 @@
     python infra/launch.py [train] --mode process|local|aws --data-uri s3://… --output-uri s3://… [--hp key=value ...]
     python infra/launch.py --mode aws --role arn:aws:iam::…:role/… --data-uri … --output-uri … --dry-run
     python infra/launch.py predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
+    python infra/launch.py cv --mode process|local|aws --data-uri … --output-uri … [--folds 5]   # one job per fold
     python infra/launch.py tune --mode process|aws --data-uri … --output-uri … --range lr=1e-4:1e-2:log [--strategy Random]
     python infra/launch.py iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
     python infra/launch.py status|logs|stop|attach JOB       # a SageMaker job after submission
@@ -43,6 +44,7 @@ from urllib.parse import urlsplit
 from brainseg.io import s3
 from brainseg.layout import TuningLayout
 from infra.launcher import iam, lifecycle
+from infra.launcher.crossval import cross_validate
 from infra.launcher.demo import DOCKER_HOST_ADDRESS, save_demo, start_demo
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
 from infra.launcher.lifecycle import boto_session
@@ -53,7 +55,7 @@ from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_ran
 logger = logging.getLogger("launch")
 
 
-COMMANDS = ("train", "predict", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
+COMMANDS = ("train", "predict", "cv", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
 LIFECYCLE = ("status", "logs", "stop", "attach", "jobs")
 POLICY_DOCUMENTS = ("role_permissions", "role_trust", "caller_permissions")
 TUNING_FLAGS = ("tuning", "range", "strategy", "objective", "objective_type", "max_jobs", "max_parallel_jobs",
@@ -81,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_flags(predict, "predict.py")
     predict.add_argument("--model", action="append", required=True,
                          help="s3://…/<run>/, s3://…/model.tar.gz or s3://…/model.pt (repeat for an ensemble)")
+
+    cv = commands.add_parser(
+        "cv", help="k-fold cross-validation: one training job per fold, then the folds' mean and spread",
+        description="Launch train.py once per fold (--fold K --folds N, patient-level, the same test cases held out), "
+                    "each job its own run <job name>-fold<K>-…; process and local mode then print the folds and "
+                    "write <output-uri>/<job name>-cv.json; aws: run it again with --summary-only once they finish.")
+    _add_job_flags(cv, "train.py")
+    cv.add_argument("--folds", type=int, default=5, help="folds (default 5)")
+    cv.add_argument("--summary-only", action="store_true", help="launch nothing: summarise the folds' finished runs")
+    cv.add_argument("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
 
     tune = commands.add_parser(
         "tune", help="a hyperparameter tuning job: SageMaker's tuner (aws) or a Random/Grid search (process)",
@@ -205,7 +217,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Config file, then flags, then --hp overrides; checked (raises ValueError with the reason)."""
     settings = load_config(args.config)
     for name, value in vars(args).items():
-        if name in ("command", "config", "hp", "tag", "model", *TUNING_FLAGS) or value is None:
+        if name in ("command", "config", "hp", "tag", "model", "folds", "summary_only", *TUNING_FLAGS) or value is None:
             continue
         settings[name] = value
     if args.tag:
@@ -370,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args)
         if args.command == "tune":
             return launch_tuning(spec, tuning_from_args(args))
+        if args.command == "cv":
+            return cross_validate(spec, args.folds, args.summary_only, launch)
         return launch(spec)
     except (ValueError, LaunchError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)

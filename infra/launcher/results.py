@@ -43,7 +43,7 @@ def report(output_uri: str, job_name: str) -> None:
     structures = [f"test_{figure}_{name}" for name in summary.get("structures", []) if len(summary["structures"]) > 1
                   for figure in ("dice", "hd95")]
     for key in ("suggested_lr", "min_loss_lr", "best_epoch", "best_val_dice", "test_dice_mean", "test_dice_median", "test_iou_mean",
-                "test_hd95_mean", *structures, "best_val_loss", "test_loss", "test_cases", "seconds"):
+                "test_hd95_mean", "test_lesion_dice", "test_lesion_hd95", *structures, "best_val_loss", "test_loss", "test_cases", "seconds"):
         if summary.get(key) is not None:
             value = summary[key]
             print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")

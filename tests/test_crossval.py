@@ -1,0 +1,85 @@
+"""Cross-validation from the launcher: one job per fold, the folds' summary, and a process-mode
+cross-validation end to end (slow tier) whose folds partition the training and validation cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from brainseg.io import s3
+from infra.launcher import cli as launch
+from infra.launcher.crossval import fold_specs, fold_summary, summary_text, write_summary
+from infra.launcher.jobspec import build_spec, parse_overrides
+from tests.conftest import synthetic_dataset
+
+TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=1", "steps_per_epoch=2",
+        "num_workers=0", "log_every=1"]
+
+
+def test_each_fold_is_a_job_of_the_same_settings_named_after_its_fold():
+    spec = build_spec({"mode": "aws", "job_name": "glioma", "role": "arn:aws:iam::123456789012:role/r",
+                       "data_uri": "s3://b/data/", "output_uri": "s3://b/runs/"}, parse_overrides(["lr=3e-4"]))
+    specs = fold_specs(spec, 3)
+    assert [s.job_name for s in specs] == ["glioma-fold0", "glioma-fold1", "glioma-fold2"]
+    assert [s.hyperparameters for s in specs] == [{"lr": 3e-4, "fold": k, "folds": 3} for k in range(3)]
+    assert {s.role for s in specs} == {spec.role}
+    with pytest.raises(ValueError, match="at least 2"):
+        fold_specs(spec, 1)
+    with pytest.raises(ValueError, match="fold=1: cv runs every fold"):
+        fold_specs(build_spec({"job_name": "g"}, {"fold": 1}), 3)
+
+
+def _run(output: str, name: str, started: float, summary: dict | None) -> None:
+    s3.put_bytes(f"{output}/{name}/run.json", json.dumps({"status": "finished", "started": started}).encode())
+    if summary is not None:
+        s3.put_bytes(f"{output}/{name}/summary.json", json.dumps(summary).encode())
+
+
+def test_the_summary_takes_each_folds_newest_run_and_gives_mean_and_spread(bucket):
+    output = f"s3://{bucket}/cv"
+    _run(output, "g-fold0-20261203100000", 1.0, {"best_val_dice": 0.5, "test_dice_mean": 0.4})
+    _run(output, "g-fold0-20261203110000", 2.0, {"best_val_dice": 0.7, "test_dice_mean": 0.6})  # newer: taken
+    _run(output, "g-fold1-20261203100000", 1.0, {"best_val_dice": 0.9, "test_dice_mean": 0.8,
+                                                 "test_lesion_dice": 0.75})
+    _run(output, "g-fold2-20261203100000", 1.0, None)  # not finished
+    _run(output, "g-fold10-20261203100000", 1.0, {"best_val_dice": 0.0})  # another fold's run, not fold 1's
+    summary = fold_summary(output, "g", 3)
+    assert [run["run"] for run in summary["runs"]] == ["g-fold0-20261203110000", "g-fold1-20261203100000",
+                                                       "g-fold2-20261203100000"]
+    assert [run["finished"] for run in summary["runs"]] == [True, True, False]
+    assert summary["figures"]["best_val_dice"] == {"mean": pytest.approx(0.8), "std": pytest.approx(0.1414, abs=1e-4),
+                                                   "folds": 2}
+    assert summary["figures"]["test_lesion_dice"] == {"mean": 0.75, "std": 0.0, "folds": 1}
+    text = summary_text(summary, output)
+    assert "best_val_dice: 0.8000 ± 0.1414 over 2 fold(s)" in text and "fold 2: g-fold2-20261203100000 (not finished)" in text
+    assert f"--model {output}/g-fold0-20261203110000/ --model {output}/g-fold1-20261203100000/" in text
+    assert write_summary(summary, output) == f"{output}/g-cv.json"
+    assert json.loads(s3.read_uri(f"{output}/g-cv.json")) == summary
+
+
+def test_cv_without_data_is_refused_and_a_fixed_fold_too(capsys):
+    assert launch.main(["cv", "--mode", "process"]) == 2
+    assert "cv needs --data-uri and --output-uri" in capsys.readouterr().err
+    assert launch.main(["cv", "--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--hp", "fold=1"]) == 2
+    assert "cv runs every fold" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two process-mode training jobs
+def test_a_process_mode_cross_validation_runs_every_fold_and_summarises_them(capsys):
+    dataset = synthetic_dataset("cv-data", 8)  # 8 cases: 2 test, the other 6 in 2 folds of 3
+    output = f"s3://{dataset.split('/')[2]}/cv"
+    code = launch.main(["cv", "--mode", "process", "--folds", "2", "--data-uri", dataset, "--output-uri", output,
+                        "--job-name", "brain", *[arg for pair in TINY for arg in ("--hp", pair)]])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    summary = json.loads(s3.read_uri(f"{output}/brain-cv.json"))
+    assert [run["finished"] for run in summary["runs"]] == [True, True]
+    assert "cross-validation brain: 2 folds" in printed and "best_val_dice:" in printed
+    runs = [json.loads(s3.read_uri(f"{output}/{run['run']}/summary.json")) for run in summary["runs"]]
+    assert [(run["fold"], run["folds"]) for run in runs] == [(0, 2), (1, 2)]
+    vals = [{case for case, split in run["splits"].items() if split == "val"} for run in runs]
+    tests = [{case for case, split in run["splits"].items() if split == "test"} for run in runs]
+    assert tests[0] == tests[1] and len(tests[0]) == 2  # the same held-out test cases
+    assert not vals[0] & vals[1] and len(vals[0] | vals[1]) == 6  # the folds partition the other cases
+    assert summary["figures"]["best_val_dice"]["folds"] == 2
