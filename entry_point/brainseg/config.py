@@ -119,7 +119,7 @@ SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
-           "missing_sequences": MISSING_SEQUENCES}
+           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto")}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -171,6 +171,10 @@ class Hyperparameters:
                                      "several values; * any non-zero value)")
     regions: str = _field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
                               "wt=ncr+ed+et,tc=ncr+et,et=et or brats (empty: softmax over the classes)")
+    plan: str = _field("off", "auto: target spacing, patch size, batch size and channels from the dataset's "
+                              "fingerprint and the GPU's memory, after nnU-Net (plan.json in the run; a flag given "
+                              "wins); off: the flags' values")
+    gpu_memory_gb: float = _field(0.0, "GB of GPU memory --plan auto may fill (0: the GPU's own; 8 without a GPU)")
     target_spacing: str = _field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
                                            "median spacing), native (no resampling) or three numbers")
     # Model
@@ -262,7 +266,7 @@ class Hyperparameters:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")
         non_negative = ("max_train_cases", "max_val_cases", "res_units", "warmup_steps", "grad_clip",
                         "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum", "cache_gb",
-                        "get_price_per_1000")
+                        "gpu_memory_gb", "get_price_per_1000")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected >= 0")

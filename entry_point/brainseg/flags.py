@@ -55,7 +55,7 @@ def field_converters() -> dict:
 
 # train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
 FLAG_GROUPS = {
-    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "target_spacing", "cache_gb",
+    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "plan", "gpu_memory_gb", "target_spacing", "cache_gb",
              "cache_dir"),
     "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "init_weights",
@@ -204,6 +204,15 @@ def parse_hyperparameters(argv: list[str]) -> tuple[Hyperparameters, list[str]]:
     namespace, unknown = build_parser().parse_known_args(argv)
     ignored = sagemaker_arguments(unknown)
     return Hyperparameters(**vars(namespace)), ignored
+
+
+def given_flags(argv: list[str]) -> frozenset:
+    """The fields ``argv`` sets (whatever their values), e.g. to let a plan fill in the others."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse's set_defaults would also convert the marker as a value
+        action.default = argparse.SUPPRESS
+    namespace, _ = parser.parse_known_args(argv)
+    return frozenset(vars(namespace))
 
 
 def validate_overrides(overrides: dict) -> Hyperparameters:

@@ -18,6 +18,7 @@ class RunLayout:
     MODEL_DESCRIPTION = "model/model.json"  # the description alone, readable without torch
     ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's best weights
     SUMMARY = "summary.json"  # headline results
+    PLAN = "plan.json"  # the plan of --plan auto: fingerprint, choices and why (brainseg.run.plan)
     LR_FIND = "lr_find.json"  # a learning-rate range test's curve and suggestion (task lr_find)
 
     @staticmethod

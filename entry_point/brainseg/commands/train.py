@@ -16,7 +16,7 @@ import os
 import sys
 
 from brainseg.environment import cpu_image_warning, drop_privileges, read_environment
-from brainseg.flags import parse_hyperparameters
+from brainseg.flags import given_flags, parse_hyperparameters
 from brainseg.io import s3
 from brainseg.run.checkpoint import CheckpointError
 from brainseg.run.ownership import RunTaken
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("botocore", "boto3", "smart_open"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        hp, ignored = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else argv
+        hp, ignored = parse_hyperparameters(argv)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if user:
         logger.info("running as %s, not root", user)
     try:
-        (LRFinder if hp.task == "lr_find" else Trainer)(hp, env).execute()
+        if hp.task == "lr_find":
+            LRFinder(hp, env).execute()
+        else:
+            Trainer(hp, env, given_flags(argv)).execute()
     except Interrupted as err:
         logger.warning("%s", err)
         return 4

@@ -47,6 +47,7 @@ from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate
 from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
+from brainseg.run.plan import plan_run
 from brainseg.run.requests import request_fields, request_totals
 from brainseg.run.resume import check_same_dataset, check_same_hyperparameters, restore
 from brainseg.run.starting_model import encoder_bytes, starting_model
@@ -71,16 +72,12 @@ class Trainer:
     storage, :meth:`build` reads the data set and makes the model, :meth:`train` is the loop.
     """
 
-    def __init__(self, hp: Hyperparameters, env: Environment):
-        self.hp = hp
-        self.task = task_of(hp)
-        self.env = env
-        self.state = LoopState()
+    def __init__(self, hp: Hyperparameters, env: Environment, given: frozenset = frozenset()):
+        self.hp, self.given = hp, given  # given: the flags the user set (a plan fills in the others)
+        self.task, self.env, self.state, self.started = task_of(hp), env, LoopState(), time.time()
         self.lock: RunLock | None = None
         self.tracker = Tracker("", hp.mlflow_experiment)  # inert until connect()
-        self.interrupted = False
-        self.output_ready = False
-        self.started = time.time()
+        self.interrupted = self.output_ready = False
         self.best_matches: list | None = None  # the best validation's lesion matches (choose postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
 
@@ -112,6 +109,9 @@ class Trainer:
         self.catalog = load_catalog(hp)
         self.case_splits = case_splits(hp, self.catalog)
         self.train_cases, self.val_cases, self.test_cases = select_cases(hp, self.catalog, self.case_splits)
+        if hp.plan == "auto":
+            self.hp = hp = plan_run(hp, self.given, self.train_cases, self.task.out_channels, self.device,
+                                    self.store if self.main else None)
         self.target_spacing = resolve_target_spacing(hp, self.train_cases)
         check_patch_fits(hp, self.train_cases, self.target_spacing)
         if self.device.type == "cpu":
