@@ -98,6 +98,25 @@ def test_losses_prefer_the_right_answer(loss):
     assert float(fn(right, label)) < 0.1 < float(fn(wrong, label))
 
 
+def test_deep_supervision_weighs_the_heads_by_halves_and_leaves_evaluation_to_the_main_head():
+    hp = Hyperparameters(model="dynunet", deep_supervision=True, channels=(4, 8, 16, 32), patch_size=(16, 16, 16),
+                         labels="ncr=1,ed=2,et=4", regions="brats")
+    spec = NetworkSpec.of(hp, 3)
+    network = build_model(spec)
+    image = torch.randn(2, 1, 16, 16, 16)
+    assert spec.deep_supervision == 2 and network(image).shape == (2, 3, 3, 16, 16, 16)  # main + 2 heads
+    network.eval()
+    assert network(image).shape == (2, 3, 16, 16, 16)
+    target = (torch.rand(2, 3, 16, 16, 16) > 0.5).float()
+    heads = torch.randn(2, 3, 3, 16, 16, 16)
+    plain, supervised = build_loss("dice_ce", sigmoid=True), task_of(hp).loss(hp)
+    expected = (plain(heads[:, 0], target) + plain(heads[:, 1], target) / 2 + plain(heads[:, 2], target) / 4) / 1.75
+    assert float(supervised(heads, target)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(supervised(heads[:, 0], target)) == pytest.approx(float(plain(heads[:, 0], target)))
+    with pytest.raises(ValueError, match="deep_supervision with task segmentation, model unet"):
+        Hyperparameters(deep_supervision=True)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "poly", "constant", "onecycle"])
 def test_schedules_warm_up_then_follow_their_shape(schedule):
     optimizer = build_optimizer(build_model(NetworkSpec(**SMALL)).parameters(), "adamw", lr=1.0, weight_decay=1e-5)

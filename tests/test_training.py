@@ -22,6 +22,7 @@ from brainseg.commands import train
 from brainseg.data.catalog import build_catalog
 from brainseg.data.splits import assign_folds
 from brainseg.io import s3
+from brainseg.model.artifact import load_model
 from brainseg.model.networks import NetworkSpec, build_model, is_encoder_parameter
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import synthetic_dataset
@@ -149,6 +150,19 @@ def test_a_cross_validation_fold_validates_on_its_fold_and_keeps_the_test_cases(
                                  **{case_id: "val" if fold == 1 else "train" for case_id, fold in folds.items()}}
     assert sorted(folds.values()).count(1) == 2 and _checkpoint(output, "fold1")["splits"]["val"] == sorted(
         case_id for case_id, fold in folds.items() if fold == 1)
+
+
+def test_a_deep_supervised_dynunet_trains_and_its_model_predicts_with_the_main_head(dataset, bucket, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    output = f"s3://{bucket}/runs"
+    assert train.main(_args(dataset, output, "ds", "--model", "dynunet", "--deep-supervision", "true", "--epochs", "1",
+                            "--steps-per-epoch", "3")) == 0
+    lines = [json.loads(line) for line in s3.read_uri(f"{output}/ds/metrics/metrics.jsonl").splitlines()]
+    assert np.isfinite(lines[0]["train_loss"]) and 0 <= lines[0]["val_dice"] <= 1
+    loaded = load_model(f"{output}/ds/", torch.device("cpu"))
+    assert loaded.description.network["deep_supervision"] == 1  # 3 levels: one coarser head
+    assert loaded.network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)  # one head: the tumour
 
 
 def test_streamed_and_in_memory_training_are_the_same_computation(dataset, bucket):

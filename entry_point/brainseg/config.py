@@ -187,6 +187,8 @@ class Hyperparameters:
     activation: str = _field("prelu", "activation function of the U-Nets")
     norm: str = _field("instance", "normalisation layers (instance norm suits batch 2)")
     dropout: float = _field(0.0, "dropout probability")
+    deep_supervision: bool = _field(False, "dynunet: also train on the decoder's two coarser outputs (loss weights "
+                                           "1, 1/2, 1/4), as nnU-Net does")
     # Optimisation
     loss: str = _field("dice_ce", "segmentation loss: Dice + cross-entropy, Dice, or Focal Tversky")
     optimizer: str = _field("adamw", "optimiser (SGD: Nesterov with --momentum)")
@@ -273,6 +275,9 @@ class Hyperparameters:
         if self.folds < 2 or not -1 <= self.fold < self.folds:
             raise ValueError(f"fold {self.fold} of folds {self.folds}: expected at least 2 folds and a fold from 0 "
                              f"to {self.folds - 1} (or -1: no cross-validation)")
+        if self.deep_supervision and (self.model != "dynunet" or len(self.channels) < 3 or self.task == "autoencoder"):
+            raise ValueError(f"deep_supervision with task {self.task}, model {self.model} and {len(self.channels)} "
+                             "levels: expected a segmentation with --model dynunet and at least 3 levels (channels)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout}: expected a value in [0, 1)")
         if not 0.0 <= self.sw_overlap < 1.0:

@@ -77,7 +77,7 @@ class Segmentation(Task):
         self.table = torch.from_numpy(scheme.lookup())
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:
-        return build_loss(hp.loss, sigmoid=self.scheme.sigmoid)
+        return build_loss(hp.loss, sigmoid=self.scheme.sigmoid, deep_supervision=hp.deep_supervision)
 
     def inputs_and_target(self, batch: dict, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The target of label values ``(N, 1, D, H, W)``: class indices ``(N, 1, ...)`` (softmax) or

@@ -2,7 +2,10 @@
 
 They take logits ``(N, C, D, H, W)`` and either class indices ``(N, 1, D, H, W)`` (softmax over
 background and classes) or, with ``sigmoid``, one 0/1 target channel per region ``(N, C, ...)``
-(Dice + binary cross-entropy, every channel counted: there is no background channel).
+(Dice + binary cross-entropy, every channel counted: there is no background channel). With deep
+supervision the network's training output stacks its full-resolution head and the upsampled
+coarser heads ``(N, 1 + K, C, D, H, W)``; :class:`DeepSupervised` weighs them 1, 1/2, 1/4, ...
+(normalised to sum to 1), as nnU-Net does.
 """
 
 from __future__ import annotations
@@ -28,9 +31,27 @@ class FocalTverskyLoss(torch.nn.Module):
         return self.tversky(logits, label).clamp_min(0).pow(self.gamma).mean()
 
 
-def build_loss(name: str, sigmoid: bool = False) -> torch.nn.Module:
+class DeepSupervised(torch.nn.Module):
+    """``loss`` over every head of a deep-supervised output, weights halving per head; a plain
+    ``(N, C, ...)`` output (evaluation, or a network without heads) is scored as it is."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if output.dim() == target.dim():
+            return self.loss(output, target)
+        heads = output.unbind(1)
+        weights = [0.5 ** index for index in range(len(heads))]
+        return sum(weight * self.loss(head, target) for weight, head in zip(weights, heads)) / sum(weights)
+
+
+def build_loss(name: str, sigmoid: bool = False, deep_supervision: bool = False) -> torch.nn.Module:
     """The segmentation loss ``name`` (one of :data:`brainseg.config.LOSSES`), over softmax classes
-    or, with ``sigmoid``, independent regions."""
+    or, with ``sigmoid``, independent regions; over every head with ``deep_supervision``."""
+    if deep_supervision:
+        return DeepSupervised(build_loss(name, sigmoid))
     activation = {"to_onehot_y": not sigmoid, "softmax": not sigmoid, "sigmoid": sigmoid}
     if name == "dice_ce":
         return DiceCELoss(**activation)

@@ -37,13 +37,20 @@ class NetworkSpec:
     dropout: float = 0.0
     in_channels: int = 1
     out_channels: int = 2
+    deep_supervision: int = 0  # DynUNet: coarser output heads supervised in training (0: none)
 
     @classmethod
     def of(cls, hp: Hyperparameters, out_channels: int) -> NetworkSpec:
         """The network a run's hyperparameters describe (one input channel per sequence), with its
         task's ``out_channels``."""
         return cls(name=hp.model, channels=tuple(hp.channels), res_units=hp.res_units, activation=hp.activation,
-                   norm=hp.norm, dropout=hp.dropout, in_channels=len(hp.sequence_names), out_channels=out_channels)
+                   norm=hp.norm, dropout=hp.dropout, in_channels=len(hp.sequence_names), out_channels=out_channels,
+                   deep_supervision=deep_heads(len(hp.channels)) if hp.deep_supervision else 0)
+
+
+def deep_heads(levels: int) -> int:
+    """The coarser heads deep supervision adds: two, or fewer where the decoder is shallower."""
+    return max(0, min(2, levels - 2))
 
 
 def build_model(spec: NetworkSpec) -> torch.nn.Module:
@@ -72,7 +79,8 @@ def build_model(spec: NetworkSpec) -> torch.nn.Module:
     if spec.name == "dynunet":
         return DynUNet(**sizes, kernel_size=[3] * len(channels), strides=[1, *strides],
                        upsample_kernel_size=list(strides), filters=list(channels), dropout=spec.dropout or None,
-                       norm_name=spec.norm.upper(), act_name=act, res_block=spec.res_units > 0)
+                       norm_name=spec.norm.upper(), act_name=act, res_block=spec.res_units > 0,
+                       deep_supervision=spec.deep_supervision > 0, deep_supr_num=max(spec.deep_supervision, 1))
     raise ValueError(f"model {spec.name!r}: expected one of unet, attention_unet, segresnet, dynunet")
 
 
