@@ -162,7 +162,7 @@ def test_a_deep_supervised_dynunet_trains_and_its_model_predicts_with_the_main_h
     assert np.isfinite(lines[0]["train_loss"]) and 0 <= lines[0]["val_dice"] <= 1
     loaded = load_model(f"{output}/ds/", torch.device("cpu"))
     assert loaded.description.network["deep_supervision"] == 1  # 3 levels: one coarser head
-    assert loaded.network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)  # one head: the tumour
+    assert loaded.network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)  # the main head alone
 
 
 def test_streamed_and_in_memory_training_are_the_same_computation(dataset, bucket):
