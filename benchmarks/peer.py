@@ -1,7 +1,8 @@
 """Peer comparison: our streamed pipeline vs the one a MONAI user would write, on the same data.
 
     python benchmarks/peer.py [--cases 24] [--shape 48,96,96] [--epochs 10] [--steps 50] [--thickness 1]
-                              [--seed 0] [--out benchmarks/results/peer.json]
+                              [--seed 0] [--ours-flag=--model=dynunet ...] [--skip-monai]
+                              [--out benchmarks/results/peer.json]
 
 One embedded S3 holds multi-sequence synthetic studies (t1c, t1, t2, flair; BraTS labels 1/2/4;
 one to three lesions per case, rim-enhancing, non-enhancing or solid). Both pipelines train the
@@ -25,12 +26,15 @@ its validation cases, leaves the prediction: row ``ours+pp``), and per-lesion de
 by appearance: each connected whole-tumour lesion is "enhancing" when it holds an enhancing
 voxel, else "non-enhancing" (a lesion darker than tissue on T1 and T1c); it counts as detected
 when the predicted whole tumour covers at least half of it. ``--seed`` draws other studies from
-the generator (data the defaults were not tuned on).
+the generator (data the defaults were not tuned on); ``--ours-flag`` adds a train.py flag to our
+run only (e.g. ``--ours-flag=--plan=auto``; ours is then scored with its own saved network, patch
+and grid), ``--skip-monai`` leaves the MONAI pipeline out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -61,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from brainseg.config import Hyperparameters  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
-from brainseg.data.resample import Grid, median_spacing  # noqa: E402
+from brainseg.data.resample import Grid  # noqa: E402
 from brainseg.data.stream import read_case_region  # noqa: E402
 from brainseg.data.transforms import normalize  # noqa: E402
 from brainseg.io import s3  # noqa: E402
@@ -86,12 +90,12 @@ def _hp(epochs: int, steps: int) -> Hyperparameters:
     return Hyperparameters(**SETTINGS, epochs=epochs, steps_per_epoch=steps)
 
 
-def train_ours(dataset: str, epochs: int, steps: int, model_dir: str) -> dict:
+def train_ours(dataset: str, epochs: int, steps: int, model_dir: str, extra: list[str]) -> dict:
     flags = [f"--{name.replace('_', '-')}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
              for name, value in SETTINGS.items()]
     command = [sys.executable, str(ROOT / "entry_point" / "train.py"), "--data-uri", dataset, "--output-uri",
                f"s3://{BUCKET}/runs", "--run-name", "ours", "--epochs", str(epochs), "--steps-per-epoch", str(steps),
-               *flags]
+               *flags, *extra]
     started = time.perf_counter()
     cache = Path(model_dir) / "cache"  # empty: the run's reads start cold, as on a fresh instance
     child = subprocess.run(command, capture_output=True, text=True,
@@ -99,8 +103,10 @@ def train_ours(dataset: str, epochs: int, steps: int, model_dir: str) -> dict:
     if child.returncode != 0:
         raise RuntimeError(f"our run failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
     saved = torch.load(Path(model_dir) / "model.pt", weights_only=True)
+    description = saved["description"]
     return {"wall_seconds": round(time.perf_counter() - started, 1), "weights": saved["state_dict"],
-            "postprocessing": rules_of(saved["description"].get("postprocessing", {}))}
+            "postprocessing": rules_of(description.get("postprocessing", {})), "network": description["network"],
+            "patch_size": tuple(description["patch_size"]), "target_spacing": tuple(description["target_spacing"])}
 
 
 def _volumes(cases) -> list[dict]:
@@ -250,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thickness", default="1", help="slice thickness factors drawn per case (1: every case "
                         "at the same spacing, where both pipelines see the same grid)")
     parser.add_argument("--seed", type=int, default=0, help="the generator's seed (other studies, same kinds)")
+    parser.add_argument("--ours-flag", action="append", default=[], help="a train.py flag for our run only, "
+                        "e.g. --ours-flag=--plan=auto (repeatable)")
+    parser.add_argument("--skip-monai", action="store_true", help="train and score only our pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer.json")
     args = parser.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -267,23 +276,29 @@ def main(argv: list[str] | None = None) -> int:
         catalog = build_catalog(dataset, sequences=SEQUENCES, seed=hp.seed)
         index_seconds = round(time.perf_counter() - indexing, 1)
         print(f"# dataset indexed in {index_seconds} s", flush=True)
-        ours = train_ours(dataset, args.epochs, args.steps, model_dir)
+        ours = train_ours(dataset, args.epochs, args.steps, model_dir, args.ours_flag)
         print(f"# ours trained in {ours['wall_seconds']} s", flush=True)
         loading = time.perf_counter()
         train, val, test = (_volumes(catalog.split(name)) for name in ("train", "val", "test"))
         load_seconds = time.perf_counter() - loading
-        monai = train_monai(train, val, hp)
-        monai["wall_seconds"] = round(monai["wall_seconds"] + load_seconds, 1)
-        print(f"# monai trained in {monai['wall_seconds']} s (volumes read in {load_seconds:.1f} s)", flush=True)
+        runs = [("ours", ours, None), ("ours+pp", ours, ours["postprocessing"])]
+        if not args.skip_monai:
+            monai = train_monai(train, val, hp)
+            monai["wall_seconds"] = round(monai["wall_seconds"] + load_seconds, 1)
+            print(f"# monai trained in {monai['wall_seconds']} s (volumes read in {load_seconds:.1f} s)", flush=True)
+            runs.append(("monai", monai, None))
         results = {}
-        for name, run, rules in (("ours", ours, None), ("ours+pp", ours, ours["postprocessing"]),
-                                 ("monai", monai, None)):
-            model = build_model(NetworkSpec.of(hp, len(REGIONS)))
+        for name, run, rules in runs:
+            ours_run = name != "monai"
+            spec = NetworkSpec(**run["network"]) if ours_run else NetworkSpec.of(hp, len(REGIONS))
+            model = build_model(spec)
             model.load_state_dict(run["weights"])
-            spacing = median_spacing(v["case"].image.spacing for v in train) if name != "monai" else ()
-            per_case = score_cases(model, test, hp, name.removesuffix("+pp"), spacing, rules)
+            scoring = dataclasses.replace(hp, patch_size=run["patch_size"], channels=spec.channels) if ours_run else hp
+            per_case = score_cases(model, test, scoring, name.removesuffix("+pp"),
+                                   run["target_spacing"] if ours_run else (), rules)
             results[name] = {"wall_seconds": run["wall_seconds"], **summarise(per_case), "per_case": per_case}
     report = {"cases": args.cases, "shape": shape, "thickness": args.thickness, "seed": args.seed,
+              "ours_flags": args.ours_flag,
               "postprocessing": {name: rule.describe() for name, rule in ours["postprocessing"].items()}, "split": {name: len(catalog.split(name))
                                                              for name in ("train", "val", "test")},
               "epochs": args.epochs, "steps_per_epoch": args.steps, "settings": hp.to_dict(),

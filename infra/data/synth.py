@@ -62,10 +62,20 @@ def case_id_for(index: int) -> str:
 def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     """Relative path -> DICOM bytes for one synthetic case."""
     images, mask, spacing = spec.volumes(index)
-    case_id = case_id_for(index)
-    common = dict(spacing=spacing, origin=(-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1],
-                                           -0.5 * spec.shape[0] * spec.spacing[0]),
-                  patient_id=f"SYN{spec.seed:03d}{index:05d}", patient_name=f"Synthetic^Patient{index}")
+    origin = (-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1], -0.5 * spec.shape[0] * spec.spacing[0])
+    return encode_study(case_id_for(index), images, mask, spacing, f"SYN{spec.seed:03d}{index:05d}",
+                        f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin)
+
+
+def encode_study(case_id: str, images: dict, mask: np.ndarray, spacing: tuple, patient_id: str, patient_name: str,
+                 transfer_syntax: str = "explicit-le", multiframe: bool = False, origin: tuple | None = None
+                 ) -> dict[str, bytes]:
+    """Relative path -> DICOM bytes of one study: a series per ``images`` folder (``(D, H, W)``
+    volumes of ``spacing`` mm) and the ``mask`` series, on one frame of reference (centred on the
+    origin unless ``origin`` is given)."""
+    shape = mask.shape
+    origin = origin or (-0.5 * shape[2] * spacing[2], -0.5 * shape[1] * spacing[1], -0.5 * shape[0] * spacing[0])
+    common = dict(spacing=spacing, origin=origin, patient_id=patient_id, patient_name=patient_name)
     first = writer.SeriesSpec(**common)
     shared = dict(study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid)
     series = [(folder, volume, writer.SeriesSpec(**common, **shared, series_description=DESCRIPTIONS.get(
@@ -73,12 +83,12 @@ def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     series.append(("mask", mask, writer.SeriesSpec(**common, **shared, series_description="tumour labels (synthetic)")))
     files = {}
     for folder, volume, series_spec in series:
-        if spec.multiframe:
-            files[f"{case_id}/{folder}/series.dcm"] = writer.encode(
-                writer.multiframe_dataset(volume, series_spec), spec.transfer_syntax)
+        if multiframe:
+            files[f"{case_id}/{folder}/series.dcm"] = writer.encode(writer.multiframe_dataset(volume, series_spec),
+                                                                    transfer_syntax)
         else:
             for number, dataset in enumerate(writer.slice_datasets(volume, series_spec), start=1):
-                files[f"{case_id}/{folder}/IM_{number:04d}.dcm"] = writer.encode(dataset, spec.transfer_syntax)
+                files[f"{case_id}/{folder}/IM_{number:04d}.dcm"] = writer.encode(dataset, transfer_syntax)
     return files
 
 
