@@ -2,8 +2,8 @@
 ellipsoids, and score the run voxel- and lesion-wise.
 
     pip install --no-deps nilearn==0.14.1      # only its ICBM152 2009a template files are read
-    python benchmarks/semireal.py [--cases 40] [--seed 0] [--epochs 6] [--steps 100] [--flag=--plan=auto ...]
-                                  [--out benchmarks/results/semireal.json]
+    python benchmarks/semireal.py [--cases 40] [--seed 0] [--epochs 6] [--steps 100]
+                                  [--run 'NAME=--flag value ...' ...] [--out benchmarks/results/semireal.json]
 
 Each study starts from the ICBM152 2009a T1 and its grey- and white-matter probability maps
 (nilearn's copies, 1 mm), moved per case (rotation up to 10°, scale 0.9-1.1, shift up to 6 mm) and
@@ -16,8 +16,9 @@ intensities overlap normal tissue: oedema is GM-like on T1, and on FLAIR only so
 than GM; the non-enhancing core is GM-like on T1c. Slices are 1.5, 2, 3 or 4 mm thick (partial
 volume: the thin slices averaged), BraTS labels 1 (necrosis), 2 (oedema), 4 (enhancing).
 
-The run is train.py on an embedded S3 with the flags below (our defaults otherwise), BraTS regions;
-its summary's voxel and lesion-wise test figures are reported. ``--flag`` adds a train.py flag.
+Each ``--run`` is train.py on the same studies in an embedded S3 with the flags below, its own
+flags, and our defaults otherwise (BraTS regions); its summary's voxel and lesion-wise test figures
+are reported side by side. Without ``--run``: one run of the defaults.
 """
 
 from __future__ import annotations
@@ -189,40 +190,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--flag", action="append", default=[], help="a train.py flag, e.g. --flag=--plan=auto")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a named run and its train.py flags, e.g. 'plan=--plan auto' (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semireal.json")
     args = parser.parse_args(argv)
-    with EmbeddedS3() as server, tempfile.TemporaryDirectory() as work:
+    runs = [(name.strip(), flags.split()) for name, _, flags in (run.partition("=") for run in args.run)] or [
+        ("defaults", [])]
+    report = {"cases": args.cases, "seed": args.seed, "epochs": args.epochs, "steps_per_epoch": args.steps,
+              "cpu_count": os.cpu_count(), "platform": platform.platform(), "runs": {}}
+    with EmbeddedS3() as server:
         os.environ.update(server.environment())
         s3.reset_client()
         s3.client().create_bucket(Bucket=BUCKET)
         started = time.perf_counter()
-        data = write_semireal(args.cases, f"s3://{BUCKET}/semireal/", args.seed)
-        print(f"# {args.cases} studies written in {time.perf_counter() - started:.0f} s: {data}", flush=True)
+        report["data"] = write_semireal(args.cases, f"s3://{BUCKET}/semireal/", args.seed)
+        print(f"# {args.cases} studies written in {time.perf_counter() - started:.0f} s: {report['data']}", flush=True)
+        for name, flags in runs:
+            report["runs"][name] = train_once(name, flags, args)
+            print(json.dumps({name: {key: report["runs"][name].get(key) for key in HEADLINE}}), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print("| run | " + " | ".join(HEADLINE) + " |")
+    print("|" + "---|" * (len(HEADLINE) + 1))
+    for name, result in report["runs"].items():
+        print(f"| {name} | " + " | ".join(f"{result.get(key):.4g}" if isinstance(result.get(key), float)
+                                         else str(result.get(key)) for key in HEADLINE) + " |")
+    print(f"# written to {args.out}")
+    return 0
+
+
+HEADLINE = ("wall_seconds", "best_val_dice", "test_dice_mean", "test_dice_wt", "test_dice_tc", "test_dice_et",
+            "test_lesion_dice", "best_epoch")
+
+
+def train_once(name: str, flags: list[str], args) -> dict:
+    """One train.py run on the studies; its summary's figures (or its error)."""
+    with tempfile.TemporaryDirectory() as work:
         command = [sys.executable, str(ROOT / "entry_point" / "train.py"), "--data-uri", f"s3://{BUCKET}/semireal/",
-                   "--output-uri", f"s3://{BUCKET}/runs", "--run-name", "semireal", "--epochs", str(args.epochs),
-                   "--steps-per-epoch", str(args.steps), *FLAGS, *args.flag]
+                   "--output-uri", f"s3://{BUCKET}/runs", "--run-name", name, "--epochs", str(args.epochs),
+                   "--steps-per-epoch", str(args.steps), *FLAGS, *flags]
         started = time.perf_counter()
         child = subprocess.run(command, capture_output=True, text=True,
                                env=dict(os.environ, SM_MODEL_DIR=work, BRAINSEG_CACHE_DIR=str(Path(work) / "cache")))
-        seconds = time.perf_counter() - started
-        print("\n".join(line for line in child.stdout.splitlines() if "metrics" in line or "plan:" in line
-                        or "postprocessing" in line or "target spacing" in line))
-        if child.returncode != 0:
-            print(child.stdout[-3000:], child.stderr[-3000:], file=sys.stderr)
-            return 1
-        summary = json.loads(s3.read_uri(f"s3://{BUCKET}/runs/semireal/summary.json"))
-    keys = ("best_val_dice", "test_dice_mean", "test_dice_wt", "test_dice_tc", "test_dice_et", "test_lesion_dice",
-            "lesion_wise", "postprocessing", "best_epoch")
-    report = {"cases": args.cases, "seed": args.seed, "epochs": args.epochs, "steps_per_epoch": args.steps,
-              "flags": args.flag, "data": data, "wall_seconds": round(seconds, 1), "cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "hyperparameters": summary["hyperparameters"],
-              **{key: summary.get(key) for key in keys}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({key: report[key] for key in ("wall_seconds", *keys[:6])}, indent=1))
-    print(f"# written to {args.out}")
-    return 0
+    seconds = round(time.perf_counter() - started, 1)
+    print("\n".join(line for line in child.stdout.splitlines() if any(
+        tag in line for tag in ("epoch_metrics", "test_metrics", "plan:", "postprocessing", "target spacing"))))
+    if child.returncode != 0:
+        return {"flags": flags, "wall_seconds": seconds, "error": (child.stdout[-2000:] + child.stderr[-2000:])}
+    summary = json.loads(s3.read_uri(f"s3://{BUCKET}/runs/{name}/summary.json"))
+    return {"flags": flags, "wall_seconds": seconds, "hyperparameters": summary["hyperparameters"],
+            **{key: summary.get(key) for key in (*HEADLINE[1:], "lesion_wise", "postprocessing")}}
 
 
 if __name__ == "__main__":

@@ -71,6 +71,12 @@ def test_a_threshold_that_removes_false_positives_is_chosen_and_says_what_it_bou
     assert choices["wt"].to_dict()["description"] == "remove components under 10 mm³"
 
 
+def test_a_gain_below_half_a_dice_point_is_noise_and_chooses_nothing():
+    speck, clean = _matches([(LESION | SPECK, LESION), (LESION, LESION)])
+    assert choose([speck, clean] + [clean] * 150)["wt"].rule == NONE  # 0.5 -> 1 on one case of 152: +0.0033
+    assert choose([speck, clean] + [clean] * 80)["wt"].rule == Rule(min_mm3=10)  # one of 82: +0.0061
+
+
 def test_a_rule_that_would_cost_a_true_lesion_is_not_chosen_and_a_tie_keeps_the_prediction():
     # Keeping only the largest or removing under 100 mm³ would drop the found 64-voxel lesion.
     truth = LESION | SMALL_FIND
