@@ -11,6 +11,7 @@ from brainseg.io import s3
 from infra.launcher import cli as launch
 from infra.launcher.crossval import fold_specs, fold_summary, summary_text, write_summary
 from infra.launcher.jobspec import build_spec, parse_overrides
+from infra.review.report import fold_text, postprocessing_text
 from tests.conftest import synthetic_dataset
 
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=1", "steps_per_epoch=2",
@@ -56,6 +57,12 @@ def test_the_summary_takes_each_folds_newest_run_and_gives_mean_and_spread(bucke
     assert f"--model {output}/g-fold0-20261203110000/ --model {output}/g-fold1-20261203100000/" in text
     assert write_summary(summary, output) == f"{output}/g-cv.json"
     assert json.loads(s3.read_uri(f"{output}/g-cv.json")) == summary
+
+
+def test_the_review_names_a_folds_run_and_ignores_what_is_not_a_fold():
+    assert fold_text({"fold": 1, "folds": 5}) == "cross-validation fold 1 of 5 (0-based)"
+    assert fold_text({"fold": None, "folds": None}) == fold_text({}) == ""
+    assert postprocessing_text({"wt": {"description": "none"}}) == postprocessing_text("x") == ""
 
 
 def test_cv_without_data_is_refused_and_a_fixed_fold_too(capsys):

@@ -102,9 +102,10 @@ def text_summary(runs: list[ReviewedRun]) -> str:
                          f"(steepest descent of the smoothed loss), loss minimum lr / 10 = "
                          f"{run.lr_find['min_loss_lr']:.2e}, {run.lr_find['steps']} steps"
                          + (", diverged" if run.lr_find.get("diverged") else ""))
-        lesions = lesion_text((run.summary or {}).get("lesion_wise"))
-        if lesions:
-            lines.append(f"{run.name}: {lesions}")
+        for text in (lesion_text((run.summary or {}).get("lesion_wise")),
+                     postprocessing_text((run.summary or {}).get("postprocessing")), fold_text(run.summary or {})):
+            if text:
+                lines.append(f"{run.name}: {text}")
         reads = reads_text(run.metrics)
         if reads:
             lines.append(f"{run.name}: {reads}")
@@ -129,6 +130,23 @@ def lesion_text(lesion_wise) -> str:
             parts.append(f"{name} Dice {figures['dice']:.3f} HD95 {figures['hd95']:.1f} mm "
                          f"({figures.get('lesions', '?')} lesions, {figures.get('false_positives', '?')} false positives)")
     return "lesion-wise test: " + "; ".join(parts) if parts else ""
+
+
+def postprocessing_text(postprocessing) -> str:
+    """What postprocessing the run chose per structure and what it bought on validation, or ""."""
+    if not isinstance(postprocessing, dict) or not postprocessing:
+        return ""
+    parts = [f"{name} {choice.get('description', '?')} ({choice['val_lesion_dice_before']:.3f} -> "
+             f"{choice['val_lesion_dice_after']:.3f})" for name, choice in postprocessing.items()
+             if isinstance(choice, dict) and is_number(choice.get("val_lesion_dice_before"))
+             and is_number(choice.get("val_lesion_dice_after"))]
+    return "postprocessing (validation lesion-wise Dice): " + "; ".join(parts) if parts else ""
+
+
+def fold_text(summary: dict) -> str:
+    """``cross-validation fold K of N`` for a fold's run, or ""."""
+    fold, folds = summary.get("fold"), summary.get("folds")
+    return f"cross-validation fold {fold} of {folds} (0-based)" if isinstance(fold, int) and isinstance(folds, int) else ""
 
 
 def reads_text(metrics: list[dict]) -> str:
