@@ -1,7 +1,7 @@
 """Peer comparison: our streamed pipeline vs the one a MONAI user would write, on the same data.
 
     python benchmarks/peer.py [--cases 24] [--shape 48,96,96] [--epochs 10] [--steps 50] [--thickness 1]
-                              [--seed 0] [--ours-flag=--model=dynunet ...] [--skip-monai]
+                              [--seed 0] [--ours-flag=--model=dynunet ...] [--folds 5] [--skip-monai]
                               [--out benchmarks/results/peer.json]
 
 One embedded S3 holds multi-sequence synthetic studies (t1c, t1, t2, flair; BraTS labels 1/2/4;
@@ -28,7 +28,9 @@ voxel, else "non-enhancing" (a lesion darker than tissue on T1 and T1c); it coun
 when the predicted whole tumour covers at least half of it. ``--seed`` draws other studies from
 the generator (data the defaults were not tuned on); ``--ours-flag`` adds a train.py flag to our
 run only (e.g. ``--ours-flag=--plan=auto``; ours is then scored with its own saved network, patch
-and grid), ``--skip-monai`` leaves the MONAI pipeline out.
+and grid), ``--folds N`` also trains ours on each of N cross-validation folds (the same test cases)
+and scores fold 0 alone and the N fold models as an ensemble (sigmoid probabilities averaged;
+``+pp``: the postprocessing rules every fold chose), ``--skip-monai`` leaves the MONAI pipeline out.
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ def _hp(epochs: int, steps: int) -> Hyperparameters:
     return Hyperparameters(**SETTINGS, epochs=epochs, steps_per_epoch=steps)
 
 
-def train_ours(dataset: str, epochs: int, steps: int, model_dir: str, extra: list[str]) -> dict:
+def train_ours(dataset: str, epochs: int, steps: int, model_dir: str, extra: list[str], name: str = "ours") -> dict:
     flags = [f"--{name.replace('_', '-')}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
              for name, value in SETTINGS.items()]
     command = [sys.executable, str(ROOT / "entry_point" / "train.py"), "--data-uri", dataset, "--output-uri",
-               f"s3://{BUCKET}/runs", "--run-name", "ours", "--epochs", str(epochs), "--steps-per-epoch", str(steps),
+               f"s3://{BUCKET}/runs", "--run-name", name, "--epochs", str(epochs), "--steps-per-epoch", str(steps),
                *flags, *extra]
     started = time.perf_counter()
     cache = Path(model_dir) / "cache"  # empty: the run's reads start cold, as on a fresh instance
@@ -107,6 +109,15 @@ def train_ours(dataset: str, epochs: int, steps: int, model_dir: str, extra: lis
     return {"wall_seconds": round(time.perf_counter() - started, 1), "weights": saved["state_dict"],
             "postprocessing": rules_of(description.get("postprocessing", {})), "network": description["network"],
             "patch_size": tuple(description["patch_size"]), "target_spacing": tuple(description["target_spacing"])}
+
+
+def _member(run: dict, hp: Hyperparameters) -> tuple:
+    """One of our trained models as :func:`score_cases` takes it: its own network, patch and grid."""
+    spec = NetworkSpec(**run["network"])
+    model = build_model(spec)
+    model.load_state_dict(run["weights"])
+    return model, dataclasses.replace(hp, patch_size=run["patch_size"], channels=spec.channels), "ours", \
+        run["target_spacing"]
 
 
 def _volumes(cases) -> list[dict]:
@@ -167,7 +178,7 @@ def train_monai(train, val, hp: Hyperparameters) -> dict:
                         break
                 if done >= hp.steps_per_epoch:
                     break
-        dice = float(np.mean([score["dice_mean"] for score in score_cases(model, val, hp, "monai")]))
+        dice = float(np.mean([score["dice_mean"] for score in score_cases([(model, hp, "monai", ())], val)]))
         if dice > best:
             best, best_weights = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"wall_seconds": round(time.perf_counter() - started, 1), "weights": best_weights, "steps": step}
@@ -194,20 +205,25 @@ def _lesions(truth_wt: np.ndarray, label: np.ndarray):
         yield voxels, "enhancing" if (label[voxels] == 4).any() else "non-enhancing"
 
 
-def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tuple = (), rules: dict | None = None
-                ) -> list[dict]:
-    """Test figures per case; with ``spacing`` the case is inferred on that grid (ours' target
-    spacing) and the output mapped back to the native grid; ``rules``: postprocessing per region."""
-    model.eval()
+def score_cases(members: list[tuple], volumes, rules: dict | None = None) -> list[dict]:
+    """Test figures per case of one model or an ensemble: ``members`` are ``(model, hp, pipeline,
+    spacing)``, each inferred on its ``spacing`` grid (ours' target spacing; ``()``: native) with its
+    ``hp``'s patch, the sigmoid probabilities averaged on the native grid; ``rules``: postprocessing
+    per region."""
+    modes = [model.training for model, *_ in members]
+    for model, *_ in members:
+        model.eval()
     scores = []
     with torch.no_grad():
         for volume in volumes:
             case = volume["case"]
-            grid = Grid(case.image.shape, case.image.spacing, spacing or case.image.spacing)
-            image = torch.from_numpy(grid.volume_to_target(_normalised(volume, pipeline, hp)))[None]
-            logits = grid.volume_to_native(sliding_window_inference(
-                image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")[0])
-            predicted = (logits > 0).numpy()
+            total = 0
+            for model, hp, pipeline, spacing in members:
+                grid = Grid(case.image.shape, case.image.spacing, spacing or case.image.spacing)
+                image = torch.from_numpy(grid.volume_to_target(_normalised(volume, pipeline, hp)))[None]
+                total = total + torch.sigmoid(grid.volume_to_native(sliding_window_inference(
+                    image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")[0]))
+            predicted = (total / len(members) > 0.5).numpy()
             if rules:
                 predicted = np.stack(apply_rules(rules, REGIONS, list(predicted), case.image.spacing))
             label = volume["label"][0]
@@ -225,7 +241,8 @@ def score_cases(model, volumes, hp: Hyperparameters, pipeline: str, spacing: tup
             row["lesions"] = [{"kind": kind, "detected": bool(predicted[0][voxels].mean() >= DETECTED_FRACTION),
                                "voxels": int(voxels.sum())} for voxels, kind in _lesions(truth[0], label)]
             scores.append(row)
-    model.train()
+    for (model, *_), mode in zip(members, modes):
+        model.train(mode)
     return scores
 
 
@@ -258,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the generator's seed (other studies, same kinds)")
     parser.add_argument("--ours-flag", action="append", default=[], help="a train.py flag for our run only, "
                         "e.g. --ours-flag=--plan=auto (repeatable)")
+    parser.add_argument("--folds", type=int, default=0, help="also train ours on each of N cross-validation folds "
+                        "and score fold 0 alone and the N as an ensemble (N > 1)")
     parser.add_argument("--skip-monai", action="store_true", help="train and score only our pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer.json")
     args = parser.parse_args(argv)
@@ -278,25 +297,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# dataset indexed in {index_seconds} s", flush=True)
         ours = train_ours(dataset, args.epochs, args.steps, model_dir, args.ours_flag)
         print(f"# ours trained in {ours['wall_seconds']} s", flush=True)
+        folds = [train_ours(dataset, args.epochs, args.steps, str(Path(model_dir) / f"fold{fold}"),
+                            [*args.ours_flag, f"--fold={fold}", f"--folds={args.folds}"], f"ours-fold{fold}")
+                 for fold in range(args.folds if args.folds > 1 else 0)]
         loading = time.perf_counter()
         train, val, test = (_volumes(catalog.split(name)) for name in ("train", "val", "test"))
         load_seconds = time.perf_counter() - loading
-        runs = [("ours", ours, None), ("ours+pp", ours, ours["postprocessing"])]
+        member = lambda run: _member(run, hp)
+        shared = {name: rule for name, rule in folds[0]["postprocessing"].items()
+                  if all(fold["postprocessing"].get(name) == rule for fold in folds)} if folds else {}
+        entries = [("ours", [member(ours)], None, ours), ("ours+pp", [member(ours)], ours["postprocessing"], ours)]
+        if folds:
+            ensemble = {"wall_seconds": round(sum(fold["wall_seconds"] for fold in folds), 1)}
+            entries += [("ours-fold0", [member(folds[0])], None, folds[0]),
+                        (f"ours-{len(folds)}-fold-ensemble", [member(fold) for fold in folds], None, ensemble),
+                        (f"ours-{len(folds)}-fold-ensemble+pp", [member(fold) for fold in folds], shared, ensemble)]
         if not args.skip_monai:
             monai = train_monai(train, val, hp)
             monai["wall_seconds"] = round(monai["wall_seconds"] + load_seconds, 1)
             print(f"# monai trained in {monai['wall_seconds']} s (volumes read in {load_seconds:.1f} s)", flush=True)
-            runs.append(("monai", monai, None))
-        results = {}
-        for name, run, rules in runs:
-            ours_run = name != "monai"
-            spec = NetworkSpec(**run["network"]) if ours_run else NetworkSpec.of(hp, len(REGIONS))
-            model = build_model(spec)
-            model.load_state_dict(run["weights"])
-            scoring = dataclasses.replace(hp, patch_size=run["patch_size"], channels=spec.channels) if ours_run else hp
-            per_case = score_cases(model, test, scoring, name.removesuffix("+pp"),
-                                   run["target_spacing"] if ours_run else (), rules)
-            results[name] = {"wall_seconds": run["wall_seconds"], **summarise(per_case), "per_case": per_case}
+            model = build_model(NetworkSpec.of(hp, len(REGIONS)))
+            model.load_state_dict(monai["weights"])
+            entries.append(("monai", [(model, hp, "monai", ())], None, monai))
+        results = {name: {"wall_seconds": run["wall_seconds"], **summarise(per_case), "per_case": per_case}
+                   for name, members, rules, run in entries
+                   for per_case in [score_cases(members, test, rules)]}
     report = {"cases": args.cases, "shape": shape, "thickness": args.thickness, "seed": args.seed,
               "ours_flags": args.ours_flag,
               "postprocessing": {name: rule.describe() for name, rule in ours["postprocessing"].items()}, "split": {name: len(catalog.split(name))
