@@ -30,6 +30,7 @@ _lock = threading.Lock()
 _process: dict = {"pid": None, "client": None, "leaf_pool": None, "fan_out_pool": None}
 _counters = {"get_requests": 0, "bytes_received": 0, "retries": 0, "put_requests": 0,
              "bytes_sent": 0, "list_requests": 0}
+_counted_in = {"pid": os.getpid()}  # the process _counters belong to
 
 
 class S3Error(RuntimeError):
@@ -88,9 +89,6 @@ def _ensure_process_state() -> None:
         _process["leaf_pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-range")
         _process["fan_out_pool"] = ThreadPoolExecutor(MAX_CONCURRENCY, thread_name_prefix="s3-task")
         _process["pid"] = pid
-        # A forked child inherits the parent's counters; it reports its own work only.
-        for name in _counters:
-            _counters[name] = 0
 
 
 def reset_client() -> None:
@@ -103,16 +101,27 @@ def reset_client() -> None:
         _process.update(pid=None, client=None, leaf_pool=None, fan_out_pool=None)
 
 
+def _own_counters() -> dict:
+    """This process's counters (hold ``_lock``): a forked child starts from zero, whether it reads
+    them or counts first, so it reports its own work only."""
+    if _counted_in["pid"] != os.getpid():
+        _counted_in["pid"] = os.getpid()
+        for name in _counters:
+            _counters[name] = 0
+    return _counters
+
+
 def _count(**increments: int) -> None:
     with _lock:
+        counters = _own_counters()
         for name, value in increments.items():
-            _counters[name] += value
+            counters[name] += value
 
 
 def stats() -> dict:
     """Counters for this process: GET requests, bytes received, range retries, PUTs, LISTs."""
     with _lock:
-        return dict(_counters)
+        return dict(_own_counters())
 
 
 def reset_stats() -> None:
