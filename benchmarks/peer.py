@@ -135,7 +135,9 @@ def _monai_to_ours(label: torch.Tensor) -> torch.Tensor:
     return label[:, [1, 0, 2]]
 
 
-def train_monai(train, val, hp: Hyperparameters) -> dict:
+def train_monai(train, val, hp: Hyperparameters, spacing: tuple = ()) -> dict:
+    """MONAI's BraTS-tutorial pipeline on volumes in memory; validation (native volumes) inferred
+    on the ``spacing`` grid the training volumes were resampled to (``()``: none)."""
     started = time.perf_counter()
     keys = ["image", "label"]
     transform = Compose([
@@ -178,7 +180,7 @@ def train_monai(train, val, hp: Hyperparameters) -> dict:
                         break
                 if done >= hp.steps_per_epoch:
                     break
-        dice = float(np.mean([score["dice_mean"] for score in score_cases([(model, hp, "monai", ())], val)]))
+        dice = float(np.mean([score["dice_mean"] for score in score_cases([(model, hp, "monai", spacing)], val)]))
         if dice > best:
             best, best_weights = dice, {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"wall_seconds": round(time.perf_counter() - started, 1), "weights": best_weights, "steps": step}

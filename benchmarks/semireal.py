@@ -18,7 +18,10 @@ volume: the thin slices averaged), BraTS labels 1 (necrosis), 2 (oedema), 4 (enh
 
 Each ``--run`` is train.py on the same studies in an embedded S3 with the flags below, its own
 flags, and our defaults otherwise (BraTS regions); its summary's voxel and lesion-wise test figures
-are reported side by side. Without ``--run``: one run of the defaults.
+are reported side by side. Without ``--run``: one run of the defaults. ``--monai`` adds the MONAI
+pipeline of ``benchmarks/peer.py`` (the first run's network, patch, batch, steps, optimiser and
+schedule; volumes resampled in memory to the training cases' median spacing, as ``Spacingd``
+would), scored by the same code.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--run", action="append", default=[], metavar="NAME=FLAGS",
                         help="a named run and its train.py flags, e.g. 'plan=--plan auto' (repeatable)")
+    parser.add_argument("--monai", action="store_true", help="also train and score the MONAI pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semireal.json")
     args = parser.parse_args(argv)
     runs = [(name.strip(), flags.split()) for name, _, flags in (run.partition("=") for run in args.run)] or [
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, flags in runs:
             report["runs"][name] = train_once(name, flags, args)
             print(json.dumps({name: {key: report["runs"][name].get(key) for key in HEADLINE}}), flush=True)
+        if args.monai:
+            report["runs"]["monai"] = monai_once(report["runs"][runs[0][0]], args)
+            print(json.dumps({"monai": report["runs"]["monai"]}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print("| run | " + " | ".join(HEADLINE) + " |")
@@ -221,6 +228,39 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADLINE = ("wall_seconds", "best_val_dice", "test_dice_mean", "test_dice_wt", "test_dice_tc", "test_dice_et",
             "test_lesion_dice", "best_epoch")
+
+
+def monai_once(first: dict, args) -> dict:
+    """The MONAI pipeline with the first run's settings, scored on its test cases like ours."""
+    import dataclasses
+
+    import peer
+
+    from brainseg.config import Hyperparameters
+    from brainseg.data.catalog import build_catalog
+    from brainseg.data.resample import TargetSpacing, median_spacing
+    from brainseg.model.networks import NetworkSpec, build_model
+
+    settings = dict(first["hyperparameters"])
+    hp = Hyperparameters(**{**settings, "data_uri": "", "output_uri": "", "run_name": ""})
+    catalog = build_catalog(f"s3://{BUCKET}/semireal/", sequences=SEQUENCES, seed=hp.seed)
+    train, val, test = (peer._volumes(catalog.split(name)) for name in ("train", "val", "test"))
+    spacing = median_spacing(volume["case"].image.spacing for volume in train)
+    target = TargetSpacing(spacing)
+    resampled = []
+    for volume in train:
+        grid = target.grid_of(volume["case"])
+        resampled.append({"image": grid.volume_to_target(volume["image"].astype(np.float32)),
+                          "label": grid.volume_to_target(volume["label"], labels=True), "case": volume["case"]})
+    started = time.perf_counter()
+    run = peer.train_monai(resampled, val, dataclasses.replace(hp, epochs=args.epochs, steps_per_epoch=args.steps),
+                           spacing)
+    model = build_model(NetworkSpec.of(hp, len(peer.REGIONS)))
+    model.load_state_dict(run["weights"])
+    scores = peer.summarise(peer.score_cases([(model, hp, "monai", spacing)], test))
+    return {"wall_seconds": round(time.perf_counter() - started, 1), "test_dice_mean": scores["dice_mean"],
+            **{f"test_dice_{name}": scores[f"dice_{name}"] for name in peer.REGIONS},
+            "test_lesion_dice": scores["lesion_dice_mean"], "scores": scores}
 
 
 def train_once(name: str, flags: list[str], args) -> dict:
