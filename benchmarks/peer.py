@@ -75,7 +75,7 @@ from brainseg.metrics import lesion_wise  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
 from brainseg.model.optim import build_optimizer, build_scheduler  # noqa: E402
 from brainseg.overlap import Overlap  # noqa: E402
-from brainseg.postprocess import apply_rules, rules_of  # noqa: E402
+from brainseg.postprocess import apply_rules, common_rules, rules_of  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 
@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         train, val, test = (_volumes(catalog.split(name)) for name in ("train", "val", "test"))
         load_seconds = time.perf_counter() - loading
         member = lambda run: _member(run, hp)
-        shared = {name: rule for name, rule in folds[0]["postprocessing"].items()
-                  if all(fold["postprocessing"].get(name) == rule for fold in folds)} if folds else {}
+        shared = common_rules([fold["postprocessing"] for fold in folds])
         entries = [("ours", [member(ours)], None, ours), ("ours+pp", [member(ours)], ours["postprocessing"], ours)]
         if folds:
             ensemble = {"wall_seconds": round(sum(fold["wall_seconds"] for fold in folds), 1)}

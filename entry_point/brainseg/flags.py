@@ -55,12 +55,11 @@ def field_converters() -> dict:
 
 # train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
 FLAG_GROUPS = {
-    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "plan", "gpu_memory_gb", "target_spacing", "cache_gb",
-             "cache_dir"),
+    "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "plan",
+             "gpu_memory_gb", "target_spacing", "cache_gb", "cache_dir"),
     "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "deep_supervision",
-              "init_weights",
-              "freeze_encoder"),
+              "init_weights", "freeze_encoder"),
     "optimisation": ("loss", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_steps", "grad_clip",
                      "epochs", "steps_per_epoch", "batch_size", "patience", "precision", "compile", "lr_find_steps",
                      "lr_find_min", "lr_find_max"),

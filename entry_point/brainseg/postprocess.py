@@ -112,6 +112,14 @@ def rules_of(data: dict) -> dict[str, Rule]:
         raise ValueError(f"postprocessing {data!r}: expected {{region: {{min_mm3, largest_only}}}} ({err})") from None
 
 
+def common_rules(rule_sets: list[dict[str, Rule]]) -> dict[str, Rule]:
+    """Each structure's rule that every one of ``rule_sets`` holds (an ensemble's models'): a
+    structure whose sets differ, or that one of them leaves alone, gets none."""
+    if not rule_sets:
+        return {}
+    return {name: rule for name, rule in rule_sets[0].items() if all(rules.get(name) == rule for rules in rule_sets[1:])}
+
+
 def apply_rules(rules: dict[str, Rule], names, masks: list[np.ndarray], spacing: tuple) -> list[np.ndarray]:
     """Each region's mask (``names`` in the masks' order) with its rule applied (no rule: unchanged)."""
     return [rules[name].apply(mask, spacing) if name in rules else mask for name, mask in zip(names, masks)]

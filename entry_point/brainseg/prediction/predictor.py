@@ -22,7 +22,7 @@ from brainseg.data.transforms import normalize
 from brainseg.model.artifact import LoadedModel, ModelError
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import sliding_window
-from brainseg.postprocess import Rule, apply_rules, rules_of
+from brainseg.postprocess import Rule, apply_rules, common_rules, rules_of
 
 MIRROR_FLIPS = tuple(axes for count in range(4) for axes in itertools.combinations((2, 3, 4), count))
 
@@ -115,4 +115,4 @@ def shared_rules(models: list[LoadedModel]) -> dict[str, Rule]:
         chosen = [rules_of(loaded.description.postprocessing) for loaded in models]
     except ValueError as err:
         raise ModelError(str(err)) from None
-    return {name: rule for name, rule in chosen[0].items() if all(rules.get(name) == rule for rules in chosen[1:])}
+    return common_rules(chosen)
