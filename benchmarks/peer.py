@@ -221,7 +221,8 @@ def score_cases(members: list[tuple], volumes, rules: dict | None = None) -> lis
             case = volume["case"]
             total = 0
             for model, hp, pipeline, spacing in members:
-                grid = Grid(case.image.shape, case.image.spacing, spacing or case.image.spacing)
+                grid = Grid(case.image.shape, case.image.spacing, spacing or case.image.spacing,
+                            hp.resampling if pipeline == "ours" else "linear")  # MONAI's Spacingd: linear
                 image = torch.from_numpy(grid.volume_to_target(_normalised(volume, pipeline, hp)))[None]
                 total = total + torch.sigmoid(grid.volume_to_native(sliding_window_inference(
                     image, roi_size=hp.patch_size, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")[0]))

@@ -282,6 +282,9 @@ def test_models_are_self_describing_and_anything_else_is_refused_with_the_reason
     with pytest.raises(ModelError, match="no top-level model.pt"):
         read_artifact(str(empty))
     assert ModelDescription.from_dict(description.to_dict(), "x") == description
+    assert description.resampling == "separate_z"  # the run's default, recorded for prediction
+    older = {key: value for key, value in description.to_dict().items() if key != "resampling"}
+    assert ModelDescription.from_dict(older, "x").resampling == "linear"  # how models before the choice trained
 
 
 @pytest.mark.parametrize("argv, message", [

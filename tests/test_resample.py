@@ -14,13 +14,14 @@ import torch
 from brainseg.commands import train
 from brainseg.config import Hyperparameters, StreamConfig
 from brainseg.data.catalog import build_catalog
-from brainseg.data.resample import Grid, median_spacing
+from brainseg.data.resample import Grid, coarse_axis, median_spacing
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.io import s3
 from brainseg.run.cases import case_splits, resolve_target_spacing, select_cases
 from infra.data.synth import SynthSpec, write_dataset
 
 THICK = Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0))
+SLICES = Grid((8, 24, 20), (4.0, 1.0, 1.25), (1.5, 0.8, 1.25), "separate_z")  # 4 mm slices: anisotropic
 
 
 def _smooth(shape) -> np.ndarray:
@@ -37,18 +38,44 @@ def test_the_target_grid_keeps_the_extent_in_millimetres():
     assert median_spacing([(1, 1, 1), (3, 1, 1), (2, 0.5, 1)]) == (2.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("region", [(0, 8, 0, 24, 0, 25), (11, 19, 3, 17, 0, 25), (22, 30, 10, 24, 5, 25)])
-def test_a_resampled_region_equals_the_same_region_of_the_resampled_volume(region):
-    volume = _smooth(THICK.native_shape)
+@pytest.mark.parametrize("grid, region", [(THICK, (0, 8, 0, 24, 0, 25)), (THICK, (11, 19, 3, 17, 0, 25)),
+                                          (THICK, (22, 30, 10, 24, 5, 25)), (SLICES, (0, 8, 0, 30, 0, 20)),
+                                          (SLICES, (9, 21, 4, 26, 3, 17))])
+def test_a_resampled_region_equals_the_same_region_of_the_resampled_volume(grid, region):
+    volume = _smooth(grid.native_shape)
     labels = (volume > 0.5).astype(np.uint8) * 4
-    whole = THICK.volume_to_target(volume)
-    whole_labels = THICK.volume_to_target(labels, labels=True)
-    native = THICK.native_region(region)
+    whole = grid.volume_to_target(volume)
+    whole_labels = grid.volume_to_target(labels, labels=True)
+    native = grid.native_region(region)
     window = tuple(slice(a, b) for a, b in zip(region[0::2], region[1::2]))
     cut = tuple(slice(a, b) for a, b in zip(native[0::2], native[1::2]))
-    np.testing.assert_allclose(THICK.to_target(volume[cut], native, region), whole[window], atol=1e-5)
-    np.testing.assert_array_equal(THICK.to_target(labels[cut], native, region, labels=True), whole_labels[window])
+    np.testing.assert_allclose(grid.to_target(volume[cut], native, region), whole[window], atol=1e-5)
+    np.testing.assert_array_equal(grid.to_target(labels[cut], native, region, labels=True), whole_labels[window])
     assert set(np.unique(whole_labels)) <= {0, 4} and whole_labels.dtype == np.uint8
+
+
+def test_separate_z_applies_where_nnunet_applies_it():
+    assert coarse_axis((4.0, 1.0, 1.25)) == 0 and coarse_axis((1.0, 0.5, 2.0)) == 2
+    assert coarse_axis((3.0, 1.0, 1.0)) is None and coarse_axis((1.0, 1.0, 1.0)) is None  # 3x is not more than 3x
+    assert SLICES.nearest_axis == 0
+    assert Grid((8, 24, 20), (4.0, 1.0, 1.25), (1.5, 0.8, 1.25), "linear").nearest_axis is None
+    assert Grid((30, 24, 20), (1.0, 1.0, 1.0), (5.0, 1.0, 1.0), "separate_z").nearest_axis == 0  # the target's
+    assert Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0), "separate_z").nearest_axis is None
+    assert Grid((8, 24, 20), (4.0, 1.0, 1.0), (4.0, 1.0, 1.0), "separate_z").nearest_axis is None  # not resampled
+
+
+def test_thick_slices_are_never_blended_and_come_back_exactly():
+    grid = Grid((8, 24, 20), (4.0, 1.0, 1.0), (1.5, 1.0, 1.0), "separate_z")  # only the slices move
+    volume = _smooth(grid.native_shape) + np.arange(8, dtype=np.float32)[:, None, None]
+    target = grid.volume_to_target(volume)
+    assert target.shape == (21, 24, 20)
+    centres = (np.arange(21) + 0.5) * 8 / 21 - 0.5
+    for k, centre in enumerate(centres):  # every target slice is the nearest native slice, unblended
+        np.testing.assert_allclose(target[k], volume[int(np.clip(np.floor(centre + 0.5), 0, 7))], atol=1e-5)
+    back = grid.volume_to_native(torch.from_numpy(target)[None])[0].numpy()
+    np.testing.assert_allclose(back, volume, atol=1e-5)  # the nearest target slice is a copy of its own
+    linear = Grid((8, 24, 20), (4.0, 1.0, 1.0), (1.5, 1.0, 1.0), "linear").volume_to_target(volume)
+    assert not np.allclose(linear[1], volume[0], atol=1e-3) and not np.allclose(linear[1], volume[1], atol=1e-3)
 
 
 def test_the_output_maps_back_onto_the_native_grid():

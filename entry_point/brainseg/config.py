@@ -114,12 +114,13 @@ SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
+RESAMPLINGS = ("separate_z", "linear")
 MLFLOW_URIS = ("arn:aws", "http://", "https://")
 SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
-           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto")}
+           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -177,6 +178,9 @@ class Hyperparameters:
     gpu_memory_gb: float = _field(0.0, "GB of GPU memory --plan auto may fill (0: the GPU's own; 8 without a GPU)")
     target_spacing: str = _field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
                                            "median spacing), native (no resampling) or three numbers")
+    resampling: str = _field("separate_z", "images onto the target grid: separate_z (nnU-Net's: where a case's or "
+                                           "the target's spacing is anisotropic, coarsest > 3x finest, the coarse "
+                                           "axis by nearest slice and the plane linearly), linear (every axis)")
     # Model
     task: str = _field("segmentation", "segmentation; autoencoder: masked-image reconstruction pretraining on "
                                        "images without masks; lr_find: a learning-rate range test of the "

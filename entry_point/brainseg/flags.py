@@ -56,7 +56,7 @@ def field_converters() -> dict:
 # train.py --help shows the flags in these groups, in this order (a test checks every field is in one).
 FLAG_GROUPS = {
     "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "plan",
-             "gpu_memory_gb", "target_spacing", "cache_gb", "cache_dir"),
+             "gpu_memory_gb", "target_spacing", "resampling", "cache_gb", "cache_dir"),
     "sequences and labels": ("sequences", "missing_sequences", "labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "deep_supervision",
               "init_weights", "freeze_encoder"),

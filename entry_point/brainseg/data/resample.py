@@ -5,9 +5,13 @@ median spacing, as nnU-Net chooses), so a patch covers the same millimetres in e
 whatever its slice thickness. The stream reads the native region that covers a target slab (plus
 one voxel for interpolation) and resamples it; evaluation resamples a case to the target grid,
 infers there and maps the network's output back to the native grid, where Dice is counted.
-Images are resampled trilinearly (torch), labels by nearest neighbour (by index); each axis by its
-own factor, so thick slices are interpolated through-plane and fine pixels in-plane. A case already at the
-target spacing is never resampled.
+Labels are resampled by nearest neighbour (by index), images linearly (torch), each axis by its own
+factor. Thick slices follow nnU-Net's ``separate z`` rule (``resampling="separate_z"``): where the
+case's spacing, or else the target's, is anisotropic (coarsest axis more than
+:data:`ANISOTROPY` times the finest), that axis takes the nearest native slice and only the plane
+is interpolated, so no slice is blended from two slices millimetres apart; the network's output
+goes back the same way. ``linear`` interpolates every axis. A case already at the target spacing is
+never resampled.
 """
 
 from __future__ import annotations
@@ -20,15 +24,32 @@ import torch
 import torch.nn.functional as F
 
 SAME_SPACING = 1e-3  # relative: closer than this to the target counts as the target spacing
+ANISOTROPY = 3.0  # nnU-Net's: a spacing whose coarsest axis is more than this times its finest is anisotropic
+
+
+def coarse_axis(spacing: tuple) -> int | None:
+    """The axis of an anisotropic ``spacing`` that is coarser than the rest (``None``: isotropic enough)."""
+    if not spacing or max(spacing) <= ANISOTROPY * min(spacing):
+        return None
+    return int(np.argmax(spacing))
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A case's native grid and its target spacing (``(dz, dy, dx)`` mm)."""
+    """A case's native grid, its target spacing (``(dz, dy, dx)`` mm) and how images move between them."""
 
     native_shape: tuple
     native_spacing: tuple
     target_spacing: tuple
+    resampling: str = "linear"
+
+    @property
+    def nearest_axis(self) -> int | None:
+        """The axis images are resampled along by nearest slice (``separate_z`` on anisotropic data)."""
+        if self.resampling != "separate_z" or self.identity:
+            return None
+        axis = coarse_axis(self.native_spacing)
+        return axis if axis is not None else coarse_axis(self.target_spacing)
 
     @property
     def factors(self) -> tuple:
@@ -73,6 +94,8 @@ class Grid:
             picks = [np.clip(np.floor(c + 0.5 + 1e-6).astype(int), 0, self.native_shape[axis] - 1)
                      - native_region[2 * axis] for axis, c in enumerate(coordinates)]
             return volume[..., picks[0], :, :][..., picks[1], :][..., picks[2]]
+        if self.nearest_axis is not None:
+            coordinates[self.nearest_axis] = np.floor(coordinates[self.nearest_axis] + 0.5 + 1e-6)
         axes = []
         for axis in range(3):
             low, high = native_region[2 * axis], native_region[2 * axis + 1]
@@ -112,20 +135,35 @@ class Grid:
         """The network's output ``(C, D, H, W)`` on the target grid, interpolated back onto the native grid."""
         if self.identity:
             return output
-        return F.interpolate(output[None].float(), size=tuple(self.native_shape), mode="trilinear",
-                             align_corners=False)[0]
+        axis = self.nearest_axis
+        if axis is None:
+            return F.interpolate(output[None].float(), size=tuple(self.native_shape), mode="trilinear",
+                                 align_corners=False)[0]
+        size = list(self.native_shape)
+        size[axis] = output.shape[1 + axis]  # the plane linearly, then the nearest target slice per native one
+        planar = F.interpolate(output[None].float(), size=tuple(size), mode="trilinear", align_corners=False)[0]
+        slices = torch.from_numpy(self.native_picks(axis)).to(planar.device)
+        return planar.index_select(1 + axis, slices)
+
+    def native_picks(self, axis: int) -> np.ndarray:
+        """For each native voxel along ``axis``, the target voxel whose centre is nearest."""
+        scale = self.shape[axis] / self.native_shape[axis]
+        centres = (np.arange(self.native_shape[axis]) + 0.5) * scale - 0.5
+        return np.clip(np.floor(centres + 0.5 + 1e-6), 0, self.shape[axis] - 1).astype(np.int64)
 
 
 @dataclass(frozen=True)
 class TargetSpacing:
     """The spacing a run's network works at, resolved once per run (training) or read from the model
-    (prediction) and passed beside the cases: ``(dz, dy, dx)`` mm, or ``()`` for each case's own."""
+    (prediction) and passed beside the cases: ``(dz, dy, dx)`` mm, or ``()`` for each case's own, and
+    the images' resampling (``separate_z`` or ``linear``, :data:`brainseg.config.RESAMPLINGS`)."""
 
     spacing: tuple = ()
+    resampling: str = "linear"
 
     def grid(self, shape: tuple, spacing: tuple) -> Grid:
         """The grid of a volume of ``shape`` voxels of ``spacing`` mm."""
-        return Grid(tuple(shape), tuple(spacing), tuple(self.spacing) or tuple(spacing))
+        return Grid(tuple(shape), tuple(spacing), tuple(self.spacing) or tuple(spacing), self.resampling)
 
     def grid_of(self, case) -> Grid:
         """The grid of a catalog case: its first sequence's."""

@@ -25,6 +25,8 @@ class ModelDescription:
         sequences: the sequence folders, in channel order.
         labels, regions: the label scheme (:func:`brainseg.labels.parse_scheme`).
         target_spacing: ``(dz, dy, dx)`` mm the network saw every case at; ``()``: each case's own.
+        resampling: how images reached that grid (``separate_z`` or ``linear``; models from before
+            the choice existed were trained with ``linear``).
         normalization: ``zscore`` or ``minmax``, per case and sequence.
         patch_size, sw_overlap: the sliding window of whole-volume inference.
         missing_sequences: ``exclude`` or ``zero`` (a missing channel read as zeros).
@@ -43,6 +45,7 @@ class ModelDescription:
     patch_size: tuple
     sw_overlap: float
     missing_sequences: str = "exclude"
+    resampling: str = "linear"
     run_name: str = ""
     code_version: str = ""
     dataset_fingerprint: str = ""

@@ -91,7 +91,7 @@ class Predictor:
             description = loaded.description
             image = np.stack([normalize(channel, description.normalization, stats)
                               for channel, stats in zip(channels, intensities)])
-            grid = TargetSpacing(description.target_spacing).grid(shape, spacing)
+            grid = TargetSpacing(description.target_spacing, description.resampling).grid(shape, spacing)
             output = sliding_window(loaded.network, grid.volume_to_target(image), description.patch_size,
                                     description.sw_overlap if self.overlap is None else self.overlap,
                                     self.sw_batch_size, self.precision, self.device, self.flips)

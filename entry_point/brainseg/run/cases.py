@@ -88,10 +88,13 @@ def resolve_target_spacing(hp: Hyperparameters, train: list[Case]) -> TargetSpac
     chosen = hp.target_spacing_mm
     if chosen == "native":
         return NATIVE
-    target = TargetSpacing(median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen)
+    target = TargetSpacing(median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen,
+                           hp.resampling)
     moved = sum(not target.grid_of(case).identity for case in train)
-    logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled",
-                "x".join(f"{v:.3g}" for v in target.spacing), hp.target_spacing, moved, len(train))
+    separate = sum(target.grid_of(case).nearest_axis is not None for case in train)
+    logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled, %d of them by nearest slice "
+                "out of plane (%s)", "x".join(f"{v:.3g}" for v in target.spacing), hp.target_spacing, moved,
+                len(train), separate, hp.resampling)
     return target
 
 

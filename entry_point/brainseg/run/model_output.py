@@ -24,7 +24,7 @@ def describe(hp: Hyperparameters, out_channels: int, target_spacing: TargetSpaci
     return ModelDescription(
         network=dataclasses.asdict(NetworkSpec.of(hp, out_channels)), task=hp.task,
         sequences=hp.sequence_names, labels=hp.labels, regions=hp.regions, target_spacing=target_spacing.spacing,
-        normalization=hp.normalization, patch_size=hp.patch_size, sw_overlap=hp.sw_overlap,
+        resampling=target_spacing.resampling, normalization=hp.normalization, patch_size=hp.patch_size, sw_overlap=hp.sw_overlap,
         missing_sequences=hp.missing_sequences, run_name=run_name, code_version=code_version(),
         dataset_fingerprint=fingerprint, best_epoch=state.best_epoch,
         best_validation=state.best_metric if math.isfinite(state.best_metric) else None,
