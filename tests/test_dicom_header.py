@@ -1,12 +1,14 @@
 """Header parsing from a prefix: located pixel data, growth requests, and clear refusals."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
 from brainseg.dicom import HeaderError, NeedMoreBytes, parse_header, writer
+from brainseg.dicom.pixels import decode_native_rows
 from tests.conftest import dicom_bytes
 
 SYNTAXES = sorted(writer.TRANSFER_SYNTAXES)
@@ -93,3 +95,29 @@ def test_truncated_pixel_data_is_refused():
     with pytest.raises(HeaderError, match=r"Pixel Data holds 100 of the 10240 bytes that 4 frame\(s\) of 40x32x16 "
                                           r"bits need \(truncated object\?\)"):
         parse_header(cut, len(cut))
+
+
+def test_pydicoms_padded_file_is_read_as_pydicom_reads_it():
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small_padded.dcm"
+    data = path.read_bytes()
+    header = parse_header(data, len(data))  # Pixel Data declares 8,320 bytes where 8,192 are needed
+    assert (header.pixel_length, header.pixel_bytes, header.padding_bytes) == (8320, 8192, 128)
+    raw = data[header.pixel_offset:header.pixel_offset + header.pixel_bytes]
+    np.testing.assert_array_equal(decode_native_rows(raw, header, header.rows), pydicom.dcmread(path).pixel_array)
+
+
+def test_padding_up_to_a_frame_is_accepted_and_a_frame_more_is_refused():
+    dataset = writer.slice_datasets(VOLUME, writer.SeriesSpec())[1]
+    pixels = dataset.PixelData
+    dataset.PixelData = pixels + b"\0" * (len(pixels) - 2)
+    data = dicom_bytes(dataset)
+    assert parse_header(data, len(data)).padding_bytes == len(pixels) - 2
+    dataset.PixelData = pixels * 2
+    data = dicom_bytes(dataset)
+    with pytest.raises(HeaderError, match=r"declares 5120 bytes, a frame or more beyond the 2560 bytes that 1 "
+                                          r"frame\(s\) of 40x32x16 bits need: Rows, Columns"):
+        parse_header(data, len(data))
+    dataset.PixelData = pixels[:-2]
+    data = dicom_bytes(dataset)
+    with pytest.raises(HeaderError, match=r"the Pixel Data element declares 2558 of the 2560 bytes"):
+        parse_header(data, len(data))

@@ -11,6 +11,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -20,12 +21,13 @@ from pydicom.filewriter import write_file_meta_info
 from brainseg.config import Hyperparameters, StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.index import read_header
-from brainseg.data.stream import PatchStream
+from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.dicom import HeaderError, parse_header, writer
 from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model
 from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.tasks import task_of
+from infra.data.profile import profile_catalog
 from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom
 from tests.support.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
 
@@ -64,6 +66,21 @@ def _bad_offset_table() -> bytes:
     return bytes(data)
 
 
+def _huge_private_element(length: int) -> bytes:
+    """A slice with a private element whose declared length is ``length`` bytes."""
+    dataset = identified_slice()
+    dataset.add_new(0x00291010, "OB", b"\0" * 16)
+    data = bytearray(dicom_bytes(dataset))
+    struct.pack_into("<I", data, data.index(b"\x29\x00\x10\x10OB") + 8, length)
+    return bytes(data)
+
+
+def _undefined_pixel_length() -> bytes:
+    data = bytearray(dicom_bytes(identified_slice()))
+    struct.pack_into("<I", data, data.index(b"\xe0\x7f\x10\x00OW") + 8, 0xFFFFFFFF)
+    return bytes(data)
+
+
 HOSTILE = [
     ("transfer syntax is an SOP class", lambda: _with_meta(dicom_bytes(identified_slice()),
                                                            TransferSyntaxUID="1.2.840.10008.5.1.4.1.1.4"),
@@ -78,6 +95,24 @@ HOSTILE = [
     ("explicit declared, implicit written", lambda: _with_meta(writer.encode(identified_slice(), "implicit-le"),
                                                                TransferSyntaxUID="1.2.840.10008.1.2.1"),
      r"declares Explicit VR Little Endian but the data set is encoded as Implicit VR Little Endian"),
+    ("big endian declared, little written", lambda: _with_meta(dicom_bytes(identified_slice()),
+                                                               TransferSyntaxUID="1.2.840.10008.1.2.2"),
+     r"declares Explicit VR Big Endian but the data set is encoded as Explicit VR Little Endian"),
+    ("little endian declared, big written", lambda: _with_meta(writer.encode(identified_slice(), "explicit-be"),
+                                                               TransferSyntaxUID="1.2.840.10008.1.2.1"),
+     r"declares Explicit VR Little Endian but the data set is encoded as Explicit VR Big Endian"),
+    ("a 4 GB element in a small object", lambda: _huge_private_element(0xFFFFFFF0),
+     r"^element \(0029,1010\) declares 4,294,967,280 bytes, past the end of the 1,6\d\d-byte object"),
+    ("undefined-length native Pixel Data", _undefined_pixel_length,
+     r"Pixel Data element has undefined length \(the encapsulated form\), but Explicit VR Little Endian is a "
+     r"native transfer syntax: a defined length of the 512 bytes"),
+    ("rescale slope beyond float32", lambda: dicom_bytes(identified_slice(RescaleSlope="1e39", RescaleIntercept="0")),
+     r"RescaleSlope \(0028,1053\) takes 16-bit stored values to 3.28e\+43, beyond float32"),
+    ("slope that overflows with the largest stored value", lambda: dicom_bytes(identified_slice(
+        RescaleSlope="2e34", RescaleIntercept="0")), r"RescaleSlope \(0028,1053\) takes 16-bit stored values to 6.55e\+38"),
+    ("rescale intercept beyond float32", lambda: dicom_bytes(identified_slice(RescaleSlope="1",
+                                                                              RescaleIntercept="-4e38")),
+     r"RescaleIntercept \(0028,1052\) takes 16-bit stored values to 4e\+38, beyond float32"),
     ("NaN rescale slope", lambda: dicom_bytes(identified_slice(RescaleSlope="NaN", RescaleIntercept="0")),
      r"RescaleSlope \(0028,1053\) holds a value that is not a finite number"),
     ("infinite intercept", lambda: dicom_bytes(identified_slice(RescaleSlope="1", RescaleIntercept="-inf")),
@@ -106,7 +141,8 @@ HOSTILE = [
     ("payload cut", lambda: dicom_bytes(identified_slice())[:-100],
      r"Pixel Data holds 412 of the 512 bytes that 1 frame\(s\) of 16x16x16 bits need \(truncated object\?\)"),
     ("header cut", lambda: dicom_bytes(identified_slice())[:700],
-     r"(the header cannot be parsed \(near byte \d+: \w+\)|the header ends at byte \d+ of 700 without Pixel Data)"),
+     r"^element \(\w{4},\w{4}\) \w+ declares \d+ bytes, past the end of the 700-byte object \(a wrong length, or a "
+     r"truncated object\)$"),
 ]
 
 
@@ -133,6 +169,25 @@ def test_an_element_declaring_gigabytes_is_refused_without_downloading_the_objec
     assert indexed.error.startswith("the header does not end within 1,048,576 bytes (element (0029,1010) declares "
                                     "3,221,225,472 bytes); larger headers are not read")
     assert s3.stats()["bytes_received"] == 2**20
+
+
+def test_padded_pixel_data_is_read_like_unpadded_and_counted_in_the_profile(bucket):
+    root = f"s3://{bucket}/padded"
+    phantom = small_phantom(seed=5)
+    put_case(root, "case_a", phantom.image, phantom.mask)
+    put_case(root, "case_b", phantom.image, phantom.mask)
+    for number, dataset in enumerate(writer.slice_datasets(phantom.image, writer.SeriesSpec(spacing=(2.0, 0.9, 0.8),
+                                                                                            patient_id="PID-case_b")),
+                                     start=1):
+        dataset.PixelData += b"\0" * 64  # trailing padding, as some archives write it
+        put(f"{root}/case_b/image/IM_{number:04d}.dcm", dicom_bytes(dataset))
+    catalog = build_catalog(root + "/")
+    assert [case.case_id for case in catalog.cases] == ["case_a", "case_b"] and not catalog.exclusions
+    region = (0, phantom.image.shape[0], 0, phantom.image.shape[1], 0, phantom.image.shape[2])
+    (plain,), _ = read_case_region(catalog.cases[0], region)
+    (padded,), _ = read_case_region(catalog.cases[1], region)
+    np.testing.assert_array_equal(plain, padded)
+    assert profile_catalog(catalog)["padded_objects"] == phantom.image.shape[0]
 
 
 def test_header_values_never_reach_logs_reasons_or_the_index(bucket, caplog, capfd):

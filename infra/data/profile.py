@@ -33,11 +33,13 @@ def profile_catalog(catalog: Catalog) -> dict:
     usable = catalog.cases
     syntaxes = Counter()
     layouts = Counter()
+    padded = 0
     labels = Counter()
     for case in usable:
         for series in case.images:
             for header in series.headers if series is not None else ():
                 syntaxes[SYNTAX_NAMES.get(header.transfer_syntax, header.transfer_syntax)] += 1
+                padded += header.padding_bytes > 1  # beyond the byte that evens an odd length
         layouts["multi-frame" if len(case.image.headers) == 1 and case.image.headers[0].frames > 1
                 else "single-frame"] += 1
         labels.update({str(value): 1 for value, _ in case.summary.label_counts})
@@ -53,6 +55,7 @@ def profile_catalog(catalog: Catalog) -> dict:
         "spacings_mm": dict(Counter("x".join(f"{v:.3g}" for v in case.image.spacing) for case in usable).most_common()),
         "layouts": dict(layouts),
         "transfer_syntaxes": dict(syntaxes),
+        "padded_objects": padded,  # trailing bytes after the pixels (accepted, never read)
         "compressed_objects": sum(n for name, n in syntaxes.items() if name not in
                                   {SYNTAX_NAMES[s] for s in NATIVE_SYNTAXES}),
         "intensity": {sequence: {
@@ -91,6 +94,9 @@ def format_profile(profile: dict) -> str:
         "tumour %    " + ", ".join(f"{k} {v}" for k, v in profile["tumour_fraction_percent"].items()),
         f"indexing    {profile['index']}",
     ]
+    if profile["padded_objects"]:
+        lines.append(f"padded      {profile['padded_objects']} object(s) declare Pixel Data with trailing padding "
+                     "(accepted; the padding is never read)")
     if profile["zero_filled"]:
         lines.append(f"zero-filled sequences: {len(profile['zero_filled'])} case(s)")
         lines += [f"  {case_id}: {', '.join(names)}" for case_id, names in profile["zero_filled"].items()]

@@ -14,6 +14,7 @@ from pydicom.multival import MultiValue
 from brainseg.dicom.errors import HeaderError
 
 ORIENTATION_TOLERANCE = 1e-3  # unit length and orthogonality of the direction cosines
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def element_name(keyword: str) -> str:
@@ -135,7 +136,10 @@ def frame_geometry(dataset, frames: int) -> tuple[tuple, tuple, tuple, float]:
     return tuple(positions), orientation, spacing, thickness
 
 
-def rescale(dataset) -> tuple[float, float]:
+def rescale(dataset, bits_stored: int, signed: bool) -> tuple[float, float]:
+    """Rescale Slope and Intercept (top level, or the shared functional groups' of a multi-frame
+    object), checked to map every stored value of ``bits_stored`` bits into float32, the precision
+    pixels are worked in."""
     slope = element_value(dataset, "RescaleSlope")
     intercept = element_value(dataset, "RescaleIntercept")
     if slope is None:
@@ -146,6 +150,13 @@ def rescale(dataset) -> tuple[float, float]:
     slope, intercept = float_value(slope, "RescaleSlope", 1.0), float_value(intercept, "RescaleIntercept", 0.0)
     if slope == 0.0:
         raise HeaderError("RescaleSlope is 0: every pixel would map to the intercept")
+    largest_stored = 2.0 ** (bits_stored - 1 if signed else bits_stored)
+    for keyword, reach in (("RescaleIntercept", abs(intercept)), ("RescaleSlope", abs(slope) * largest_stored +
+                                                                  abs(intercept))):
+        if reach > FLOAT32_MAX:
+            raise HeaderError(f"{element_name(keyword)} takes {bits_stored}-bit stored values to {reach:.3g}, "
+                              f"beyond float32 (the working precision, up to {FLOAT32_MAX:.3g}); expected a "
+                              "rescale whose output fits")
     return slope, intercept
 
 

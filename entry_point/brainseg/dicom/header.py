@@ -29,7 +29,9 @@ from brainseg.dicom.pixel_location import (
     ITEM_TAG,
     NATIVE_SYNTAXES,
     PREAMBLE_BYTES,
+    declared_syntax,
     element_beyond,
+    encoding_mismatch,
     frame_starts,
     pixel_element,
     transfer_syntax,
@@ -100,6 +102,12 @@ class ObjectHeader:
             return -(-self.rows * self.columns * self.frames // 8)
         return self.frame_bytes * self.frames
 
+    @property
+    def padding_bytes(self) -> int:
+        """Native Pixel Data declared beyond what the frames need: trailing padding (one byte evens an
+        odd length; more is accepted up to a frame), never read."""
+        return max(0, self.pixel_length - self.pixel_bytes) if not self.encapsulated else 0
+
     def to_row(self) -> list:
         """The field values in declaration order (a compact JSON form)."""
         return [getattr(self, name) for name in _FIELD_NAMES]
@@ -162,7 +170,7 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
     value_offset, length = pixel_element(prefix, position, uid.is_implicit_VR, not uid.is_little_endian)
     header_fields = _image_fields(dataset, encapsulated)
     positions, orientation, spacing, thickness = frame_geometry(dataset, header_fields["frames"])
-    slope, intercept = rescale(dataset)
+    slope, intercept = rescale(dataset, header_fields["bits_stored"], header_fields["pixel_signed"])
     header_fields.update(
         transfer_syntax=str(uid),
         big_endian=not uid.is_little_endian,
@@ -209,7 +217,8 @@ def _data_set(prefix: bytes, object_size: int):
     except Exception as err:  # pydicom raises many types on truncated or corrupt input
         if not complete:
             raise NeedMoreBytes(min(object_size, 4 * len(prefix))) from None
-        raise HeaderError(f"the header cannot be parsed (near byte {stream.tell()}: {describe(err)})") from None
+        raise HeaderError(_unreadable(prefix, object_size) or
+                          f"the header cannot be parsed (near byte {stream.tell()}: {describe(err)})") from None
     found_pixels = position + 12 <= len(prefix) and prefix[position:position + 4] in (b"\xe0\x7f\x10\x00",
                                                                                    b"\x7f\xe0\x00\x10")
     if found_pixels:
@@ -218,11 +227,23 @@ def _data_set(prefix: bytes, object_size: int):
         raise NeedMoreBytes(min(object_size, max(4 * len(prefix), position + 4096)))
     sop_class = _sop_class_name(dataset)
     if _carries_pixels(sop_class, dataset):
-        raise HeaderError(f"the header ends at byte {position} of {object_size} without Pixel Data, but "
+        raise HeaderError(_unreadable(prefix, object_size) or
+                          f"the header ends at byte {position} of {object_size} without Pixel Data, but "
                           f"{'a ' + sop_class if sop_class else 'an image'} object carries pixel data "
                           "(truncated object?)")
     raise NotAnImage(f"no pixel data: a {sop_class} object" if sop_class else
                      "no pixel data and no registered SOP class: taken for a non-image object")
+
+
+def _unreadable(prefix: bytes, object_size: int) -> str:
+    """Why a whole object's data set cannot be read to its Pixel Data, where its bytes say: a
+    transfer syntax that misstates the encoding, or an element longer than the object; "" else."""
+    mismatch = encoding_mismatch(declared_syntax(prefix), prefix)
+    if mismatch:
+        return mismatch
+    beyond = element_beyond(prefix, object_size, undefined=False)
+    return f"{beyond}, past the end of the {object_size:,}-byte object (a wrong length, or a truncated object)" \
+        if beyond else ""
 
 
 def _image_fields(dataset, encapsulated: bool) -> dict:
@@ -262,11 +283,15 @@ def _check_native_length(header: ObjectHeader, object_size: int) -> None:
     needed, length = header.pixel_bytes, header.pixel_length
     what = (f"{needed} bytes that {header.frames} frame(s) of {header.rows}x{header.columns}x"
             f"{header.bits_allocated} bits need")
+    if length == -1:
+        raise HeaderError(f"the Pixel Data element has undefined length (the encapsulated form), but "
+                          f"{UID(header.transfer_syntax).name} is a native transfer syntax: a defined length of the "
+                          f"{what} was expected (a damaged object, or a wrong transfer syntax)")
     if length < needed:
-        raise HeaderError(f"the Pixel Data element declares {max(length, 0)} of the {what}")
-    if length > needed + 1:  # one byte of padding makes an odd length even
-        raise HeaderError(f"the Pixel Data element declares {length} bytes, more than the {what}: Rows, "
-                          "Columns, BitsAllocated or NumberOfFrames is wrong")
+        raise HeaderError(f"the Pixel Data element declares {length} of the {what}")
+    if length - needed >= max(header.frame_bytes, 2):  # less than a frame more is trailing padding
+        raise HeaderError(f"the Pixel Data element declares {length} bytes, a frame or more beyond the {what}: "
+                          "Rows, Columns, BitsAllocated or NumberOfFrames is wrong")
     held = object_size - header.pixel_offset
     if held < needed:
         raise HeaderError(f"Pixel Data holds {max(held, 0)} of the {what} (truncated object?)")

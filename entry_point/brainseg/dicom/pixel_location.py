@@ -91,6 +91,42 @@ def found_encoding(prefix: bytes) -> tuple[bool, bool] | None:
     return not explicit, little
 
 
+def declared_syntax(prefix: bytes) -> str:
+    """The Transfer Syntax UID the file meta declares, read from its bytes (always explicit VR little
+    endian), or "" when it cannot be found: for a reason when the data set itself cannot be read."""
+    position = PREAMBLE_BYTES
+    try:
+        while position + 8 <= len(prefix):
+            group, element = struct.unpack_from("<HH", prefix, position)
+            if group != 2:
+                return ""
+            if prefix[position + 4:position + 6] in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+                (length,) = struct.unpack_from("<I", prefix, position + 8)
+                header = 12
+            else:
+                (length,) = struct.unpack_from("<H", prefix, position + 6)
+                header = 8
+            if element == 0x0010:
+                return prefix[position + header:position + header + length].decode("ascii").strip("\0 ")
+            position += header + length
+    except (struct.error, UnicodeDecodeError):
+        return ""
+    return ""
+
+
+def encoding_mismatch(declared: str, prefix: bytes) -> str:
+    """Why a data set is not written as its declared transfer syntax says, or "" when it is (or
+    cannot be told: no file meta group length to find the data set by)."""
+    found = found_encoding(prefix)
+    uid = UID(declared)
+    if found is None or not uid.is_transfer_syntax or found == (uid.is_implicit_VR, uid.is_little_endian):
+        return ""
+    implicit, little = found
+    found = f"{'Implicit' if implicit else 'Explicit'} VR {'Little' if little else 'Big'} Endian"
+    return (f"the file meta declares {uid.name} but the data set is encoded as {found}; write the object again "
+            "with its true transfer syntax")
+
+
 def transfer_syntax(dataset, prefix: bytes) -> UID:
     """The declared transfer syntax, checked to be one and to match how the data set is encoded."""
     value = element_value(dataset.file_meta, "TransferSyntaxUID")
@@ -103,20 +139,19 @@ def transfer_syntax(dataset, prefix: bytes) -> UID:
     if str(uid) not in NATIVE_SYNTAXES and not uid.is_compressed:
         raise HeaderError(f"unsupported transfer syntax {uid} ({uid.name}): pixel data cannot be located by byte "
                           "ranges; re-encode the object")
-    found = found_encoding(prefix)
-    if found is not None and found != (uid.is_implicit_VR, uid.is_little_endian):
-        implicit, little = found
-        found = f"{'Implicit' if implicit else 'Explicit'} VR {'Little' if little else 'Big'} Endian"
-        raise HeaderError(f"the file meta declares {uid.name} but the data set is encoded as {found}; write the "
-                          "object again with its true transfer syntax")
+    mismatch = encoding_mismatch(str(uid), prefix)
+    if mismatch:
+        raise HeaderError(mismatch)
     return uid
 
 
-def element_beyond(prefix: bytes, limit: int) -> str:
+def element_beyond(prefix: bytes, limit: int, undefined: bool = True) -> str:
     """Which top-level element of the data set runs past byte ``limit`` (for a reason, never a value).
 
     Walks the elements after the file meta (explicit or implicit VR, little endian, as most
-    objects are) until one ends beyond ``limit``; returns its tag and declared size, or "".
+    objects are) until one ends beyond ``limit``; returns its tag and declared size, or "". An
+    element of undefined length (a sequence, as a rule) is named only when ``undefined``; else the
+    walk stops there without an answer.
     """
     try:
         (meta_length,) = struct.unpack_from("<I", prefix, PREAMBLE_BYTES + 8)
@@ -137,7 +172,7 @@ def element_beyond(prefix: bytes, limit: int) -> str:
             keyword = pydicom.datadict.keyword_for_tag((group << 16) | element)
             name = f"({group:04X},{element:04X})" + (f" {keyword}" if keyword else "")
             if length == 0xFFFFFFFF:
-                return f"element {name} has undefined length and runs past byte {limit}"
+                return f"element {name} has undefined length and runs past byte {limit}" if undefined else ""
             if position + header + length > limit:
                 return f"element {name} declares {length:,} bytes"
             position += header + length
