@@ -7,12 +7,14 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 
 import pytest
 import torch
 
 from brainseg.io import s3
 from brainseg.io.store import Store
+from brainseg.model.artifact import load_tensors
 from brainseg.run import state
 from brainseg.run.checkpoint import CheckpointError, CheckpointStore
 
@@ -104,12 +106,37 @@ def test_a_checkpoint_that_does_not_load_falls_back(bucket, caplog):
 
     def load(data: bytes) -> bytes:
         if data != b"good":
-            raise ValueError("the checkpoint is refused: only tensors and plain values are loaded")
+            raise ValueError("the checkpoint is refused: it holds objects other than tensors and plain values")
         return data
 
     with caplog.at_level(logging.WARNING, logger="brainseg.run.checkpoint"):
         assert store.newest(load)[0] == b"good"
-    assert "only tensors and plain values" in caplog.text
+    assert "objects other than tensors and plain values" in caplog.text
+
+
+class _Settings:
+    lr = 0.1
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, reason", [
+    (lambda: _saved({"model": {"w": torch.zeros(1)}, "hp": _Settings()}),
+     r"^the checkpoint is refused: it holds objects other than tensors and plain values \(the "
+     r"first: tests\.test_checkpoints\._Settings\), which torch\.load\(weights_only=True\) does not load"),
+    (lambda: pickle.dumps({"model": {}}, protocol=4),
+     r"^the checkpoint is refused: a pickle torch\.load\(weights_only=True\) cannot read \(Unsupported operand "
+     r"149\); write it with torch\.save$"),
+    (lambda: b"hello world" * 10, r"^the checkpoint cannot be read as a torch file: KeyError"),
+    (lambda: _saved({"w": torch.zeros(4)})[:200], r"^the checkpoint cannot be read as a torch file: RuntimeError"),
+], ids=["pickled objects", "plain pickle", "text", "torn"])
+def test_a_file_that_is_not_tensors_and_plain_values_is_refused_with_what_it_is(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        load_tensors(data(), "the checkpoint")
 
 
 def test_no_usable_checkpoint_lists_every_reason(bucket):

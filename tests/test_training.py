@@ -268,10 +268,13 @@ def test_resuming_with_other_hyperparameters_is_refused(dataset, bucket, capsys)
     output = f"s3://{bucket}/runs"
     args = _args(dataset, output, "fixed", "--epochs", "1", "--steps-per-epoch", "2", "--max-val-cases", "1")
     assert train.main(args) == 0
+    finished = s3.read_uri(f"{output}/fixed/run.json")
     capsys.readouterr()
     assert train.main(args + ["--lr", "0.1", "--epochs", "2"]) == 2
     out = capsys.readouterr().out
     assert "from different hyperparameters (lr: 0.003 -> 0.1)" in out and "another --run-name" in out
+    assert s3.read_uri(f"{output}/fixed/run.json") == finished  # the refused job wrote nothing into the run
+    assert _read_json(f"{output}/fixed/run.json")["status"] == "finished"
 
 
 def test_resuming_on_a_changed_dataset_is_refused_unless_allowed(bucket, capsys):
@@ -368,7 +371,7 @@ def test_init_weights_that_would_run_code_are_refused(dataset, bucket, tmp_path,
     torch.save({"model": {"layer.weight": torch.zeros(1)}, "payload": _RunsCode(str(marker))}, weights)
     code = train.main(_args(dataset, f"s3://{bucket}/runs", "hostile", "--init-weights", str(weights)))
     assert code == 2 and not marker.exists()
-    assert "is refused: only tensors and plain values are loaded" in capsys.readouterr().out
+    assert "is refused: it holds objects other than tensors and plain values (the first: getattr)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -36,16 +37,22 @@ def load_tensors(data: bytes, what: str):
     """``torch.load`` with ``weights_only=True``: tensors and plain values only.
 
     Raises:
-        ValueError: not a torch file, or it holds other objects; the message names ``what``.
+        ValueError: not a torch file, or it holds objects other than tensors and plain values; the
+            message names ``what``.
     """
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
-                      "not a torch file")
-        raise ValueError(f"{what} is refused: only tensors and plain values are loaded (torch.load with "
-                         f"weights_only=True: {reason.split('. Please use')[0][:300]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ValueError(f"{what} is refused: it holds objects other than tensors and plain values (the "
+                             f"first: {found.group(1)}), which torch.load(weights_only=True) does not load because "
+                             "unpickling them could run code; save a dict of tensors and plain values") from None
+        operand = re.search(r"Unsupported operand \d+", str(err))
+        raise ValueError(f"{what} is refused: a pickle torch.load(weights_only=True) cannot read "
+                         f"({operand.group(0) if operand else 'an unsupported instruction'}); write it with "
+                         "torch.save") from None
+    except Exception as err:  # torch raises RuntimeError, KeyError, EOFError, ... on bytes that are no torch file
         raise ValueError(f"{what} cannot be read as a torch file: {type(err).__name__}: {str(err)[:300]}") from None
 
 

@@ -148,9 +148,13 @@ class Trainer:
             logger.info("run %s: new run, artifacts under %s", self.run_name, self.store.uri)
             return
         checkpoint, pointer = found
-        check_same_hyperparameters(checkpoint, self.hp, self.run_name, pointer["checkpoint"])
-        check_same_dataset(checkpoint, self.catalog.fingerprint, self.splits(), self.hp, self.run_name,
-                           pointer["checkpoint"])
+        try:
+            check_same_hyperparameters(checkpoint, self.hp, self.run_name, pointer["checkpoint"])
+            check_same_dataset(checkpoint, self.catalog.fingerprint, self.splits(), self.hp, self.run_name,
+                               pointer["checkpoint"])
+        except TrainingError:
+            self.output_ready = False  # refused: the run stays its checkpoint's, and nothing is written into it
+            raise
         self.best_weights, self.state = restore(checkpoint, self.rank, self.world, self.hp.num_workers, self.model,
                                                 self.optimizer, self.scheduler, self.scaler)
         logger.info("run %s: resumed from %s (%s) at epoch %d, step %d", self.run_name, pointer["checkpoint"],
