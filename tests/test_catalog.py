@@ -3,10 +3,12 @@
 import io
 import json
 import logging
+import os
 
 import pydicom
 import pytest
 
+from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.dicom import writer
 from brainseg.io import s3
@@ -165,6 +167,37 @@ def test_identifiers_are_hashed_with_a_per_dataset_key(bucket, monkeypatch):
     monkeypatch.setenv("BRAINSEG_IDENTITY_KEY", "not hex")
     with pytest.raises(ValueError, match="BRAINSEG_IDENTITY_KEY must be at least 16 bytes written as hex"):
         build_catalog(uri)
+
+
+def test_the_identity_key_can_live_apart_from_the_index(bucket, monkeypatch):
+    uri = _dataset(bucket, 2)
+    key_uri = f"s3://{bucket}/secrets/brain.key"
+    first = build_catalog(uri, identity_key_uri=key_uri)
+    key = s3.read_uri(key_uri)
+    assert len(key) == 32 and s3.read_uri(uri + ".brainseg/index.jsonl.key") is None  # nothing beside the index
+    s3.reset_stats()
+    again = build_catalog(uri, identity_key_uri=key_uri)
+    assert s3.read_uri(key_uri) == key and again.index_stats["headers_read"] == 0  # same key: the index is reused
+    assert [case.patient_group for case in again.cases] == [case.patient_group for case in first.cases]
+    monkeypatch.setenv("HOSPITAL_KEY", key.hex())
+    from_secret = build_catalog(uri, identity_key_uri="env:HOSPITAL_KEY")
+    assert from_secret.index_stats["headers_read"] == 0  # the same key from a secret store: the same hashes
+    monkeypatch.delenv("HOSPITAL_KEY")
+    with pytest.raises(ValueError, match="identity_key_uri env:HOSPITAL_KEY: the environment variable HOSPITAL_KEY "
+                                         "is not set"):
+        build_catalog(uri, identity_key_uri="env:HOSPITAL_KEY")
+    with pytest.raises(ValueError, match=r"identity_key_uri s3://no-such-bucket-\w+/k: the key cannot be read or "
+                                         r"created .*grant the job s3:GetObject and s3:PutObject on it"):
+        build_catalog(uri, identity_key_uri=f"s3://no-such-bucket-{os.getpid()}/k")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("s3://b/", "expected s3://bucket/key"), ("env:1X", "expected s3://bucket/key"), ("gs://b/k", "expected s3"),
+    ("s3://scans/brain/case_01/key", "inside data_uri s3://scans/brain/ but not under its .brainseg/ folder"),
+])
+def test_an_identity_key_location_that_could_not_work_is_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        Hyperparameters(data_uri="s3://scans/brain/", output_uri="s3://out/runs/", identity_key_uri=value)
 
 
 def test_the_index_never_overwrites_data(bucket):

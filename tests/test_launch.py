@@ -475,10 +475,12 @@ def test_iam_policy_refuses_what_would_hurt_the_data(capsys, flag, value, messag
 
 
 def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
-    output, index = f"s3://{bucket}/runs", f"s3://{bucket}/indexes/launch.jsonl"
+    output, index, key = f"s3://{bucket}/runs", f"s3://{bucket}/indexes/launch.jsonl", f"s3://{bucket}/keys/brain.key"
     policy = launch.policies(launch._parser().parse_args(
-        ["iam-policy", "--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--index-uri", index]))["role_permissions"]
-    args = ["--data-uri", dataset, "--output-uri", output, "--index-uri", index, "--run-name", "brainseg-iam",
+        ["iam-policy", "--role", ROLE, "--data-uri", dataset, "--output-uri", output, "--index-uri", index,
+         "--identity-key-uri", key]))["role_permissions"]
+    args = ["--data-uri", dataset, "--output-uri", output, "--index-uri", index, "--identity-key-uri", key,
+            "--run-name", "brainseg-iam",
             "--channels", "8,16", "--patch-size", "16,32,32", "--res-units", "1", "--epochs", "1", "--steps-per-epoch",
             "3", "--checkpoint-steps", "1", "--keep-checkpoints", "1", "--num-workers", "0", "--max-val-cases", "1"]
     with S3Calls(s3.client()) as recorded:
@@ -493,6 +495,9 @@ def test_a_job_makes_only_calls_its_printed_policy_allows(dataset, bucket):
     assert not allowed(policy, *request("GetObject", {"Bucket": dataset.split("/")[2], "Key": "ds/x.dcm"},
                                         "999999999999"))
     assert not allowed(policy, *request("DeleteObject", {"Bucket": bucket, "Key": "runs/brainseg-iam/run.json"},
+                                        "123456789012"))
+    assert s3.read_uri(key) is not None and s3.read_uri(index + ".key") is None  # the key lives apart
+    assert not allowed(policy, *request("GetObject", {"Bucket": bucket, "Key": "indexes/launch.jsonl.key"},
                                         "123456789012"))
 
 

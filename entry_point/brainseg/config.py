@@ -146,6 +146,9 @@ class Hyperparameters:
                                "name resumes a run")
     index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl; elsewhere "
                                 "when the data bucket is read-only)")
+    identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... (created there "
+                                       "once; a location with its own grants) or env:NAME (hex in that variable); "
+                                       "default beside the index")
     trust_index: bool = _field(False, "take the case list from the index without listing the data prefix")
     refresh_index: bool = _field(False, "read every header again, ignoring the saved index")
     allow_dataset_change: bool = _field(False, "resume even though the dataset changed since the checkpoint "
@@ -327,6 +330,7 @@ class Hyperparameters:
                 and not inside(self.index_uri, _prefix(self.data_uri) + ".brainseg/"):
             raise ValueError(f"index_uri {self.index_uri} is inside data_uri {self.data_uri} but not under its "
                              ".brainseg/ folder; an index may live only there inside the dataset")
+        check_identity_key_uri(self.identity_key_uri, self.data_uri)
 
     def _check_memory_budget(self) -> None:
         """The smallest slab a patch needs (the volume at least as large as the patch) must fit in
@@ -347,6 +351,17 @@ class Hyperparameters:
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v
                 for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+def check_identity_key_uri(uri: str, data_uri: str) -> None:
+    """``""``, ``env:NAME`` or an ``s3://`` object outside the dataset's case folders."""
+    if not uri or re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", uri):
+        return
+    if not uri.startswith("s3://") or uri.endswith("/") or "/" not in uri[5:]:
+        raise ValueError(f"identity_key_uri {uri!r}: expected s3://bucket/key (an object) or env:NAME")
+    if data_uri and inside(uri, data_uri) and not inside(uri, _prefix(data_uri) + ".brainseg/"):
+        raise ValueError(f"identity_key_uri {uri} is inside data_uri {data_uri} but not under its .brainseg/ folder; "
+                         "keep the key outside the dataset, in a location with its own grants")
 
 
 def parse_target_spacing(text: str) -> tuple | str:

@@ -68,7 +68,7 @@ FLAG_GROUPS = {
     "checkpoints and tracking": ("checkpoint_steps", "keep_checkpoints", "log_every", "mlflow_tracking_uri",
                                  "mlflow_experiment"),
     "advanced": ("seed", "deterministic", "memory_budget_mb", "patches_per_slab", "slab_margin", "mix_slabs",
-                 "read_ahead", "data_source", "index_uri", "trust_index", "refresh_index", "allow_dataset_change",
+                 "read_ahead", "data_source", "index_uri", "identity_key_uri", "trust_index", "refresh_index", "allow_dataset_change",
                  "max_header_mb", "get_price_per_1000"),
 }
 SAGEMAKER_HELP = ("On SageMaker the hyperparameters arrive as --snake_case flags (accepted as well as --kebab-case); "

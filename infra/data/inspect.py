@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cases with other label values are listed as excluded")
     parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
     parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
+    parser.add_argument("--identity-key-uri", default="", help="where the key of the identity hashes lives: "
+                        "s3://... or env:NAME (default beside the index)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     parser.add_argument("--refresh-index", action="store_true", help="read every header again")
     parser.add_argument("--max-header-mb", type=int, default=1,
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         catalog = build_catalog(args.data_uri, index_uri=args.index_uri, seed=args.seed,
                                 refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20,
                                 sequences=tuple(name.strip() for name in args.sequences.split(",")),
-                                zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels))
+                                zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels),
+                                identity_key_uri=args.identity_key_uri)
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

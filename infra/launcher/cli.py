@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--output-uri", required=True, help="s3:// prefix the job writes runs under")
     add("--job-name", default="brainseg", help="the base job name (scopes checkpoint deletes and jobs)")
     add("--index-uri", default="", help="the header index, when not under <data-uri>/.brainseg/")
+    add("--identity-key-uri", default="", help="the identity key, when kept apart from the index (s3://...; "
+                                                "env:NAME needs no grant)")
     add("--kms-key", action="append", default=[], help="a KMS key ARN the job uses (repeatable)")
     add("--vpc", action="store_true", help="the job runs in VPC subnets")
     add("--init-weights", default="", help="an s3:// weights file the job starts from")
@@ -207,7 +209,7 @@ def policies(args: argparse.Namespace) -> dict:
     return {
         "role_permissions": iam.role_policy(args.data_uri, args.output_uri, account, args.job_name, args.index_uri,
                                             tuple(args.kms_key), args.vpc, args.init_weights, args.region,
-                                            tuple(args.model), tuple(args.mlflow_server)),
+                                            tuple(args.model), tuple(args.mlflow_server), args.identity_key_uri),
         "role_trust": iam.trust_policy(account, args.region),
         "caller_permissions": iam.caller_policy(args.role, args.output_uri, args.job_name, args.region),
     }

@@ -3,7 +3,7 @@
 Three documents (``brainseg-launch iam-policy``):
 
 * the job role's permissions: list and read the dataset; write only its header index and identity
-  key (``.brainseg/`` or ``--index-uri``); read and write the output prefix, delete only checkpoints
+  key (``.brainseg/``, ``--index-uri``, or the key apart at ``--identity-key-uri``); read and write the output prefix, delete only checkpoints
   of this job's runs (pruning); for a prediction job (``--model``), read the models and delete only
   the prediction output's completion markers; every S3 statement pinned to the buckets' account
   (``s3:ResourceAccount``), KMS keys usable only through S3 and SageMaker's EBS volumes; ECR,
@@ -53,11 +53,13 @@ def role_account(role_arn: str) -> str:
 
 def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "brainseg", index_uri: str = "",
                 kms_keys: tuple = (), vpc: bool = False, init_weights_uri: str = "", region: str = "*",
-                models: tuple = (), mlflow_servers: tuple = ()) -> dict:
+                models: tuple = (), mlflow_servers: tuple = (), identity_key_uri: str = "") -> dict:
     """The job role's permissions (see the module docstring). ``models`` (run folders, model.pt or
     model.tar.gz URIs) make it a prediction job's role: it reads them and may replace the
     prediction output's markers (``complete.json``, ``predictions.csv``, ``shards/``).
     ``mlflow_servers``: SageMaker MLflow tracking servers (ARNs) the runs log to.
+    ``identity_key_uri`` (``s3://…``): the identity key kept apart from the index; the role reads
+    it (and creates it once), and no longer reaches a key beside an ``index_uri``.
 
     Raises:
         ValueError: the dataset and the output overlap.
@@ -71,7 +73,9 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
     list_condition = lambda prefix: {**owned, "StringLike": {"s3:prefix": [f"{prefix}*"]}}
     if index_uri:
         index_bucket, index_key = s3.parse_uri(index_uri)
-        index_objects = [f"arn:aws:s3:::{index_bucket}/{index_key}", f"arn:aws:s3:::{index_bucket}/{index_key}.key"]
+        index_objects = [f"arn:aws:s3:::{index_bucket}/{index_key}"]
+        if not identity_key_uri:
+            index_objects.append(f"arn:aws:s3:::{index_bucket}/{index_key}.key")
     else:
         index_objects = [f"arn:aws:s3:::{data_bucket}/{data_prefix}.brainseg/*"]
     statements = [
@@ -91,6 +95,10 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
         _statement("Metrics", "cloudwatch:PutMetricData", "*",
                    {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}}),
     ]
+    if identity_key_uri.startswith("s3://"):
+        bucket, key = s3.parse_uri(identity_key_uri)
+        statements.append(_statement("ReadCreateIdentityKey", ["s3:GetObject", "s3:PutObject"],
+                                     f"arn:aws:s3:::{bucket}/{key}", owned))
     if init_weights_uri.startswith("s3://"):
         bucket, key = s3.parse_uri(init_weights_uri)
         statements.append(_statement("ReadInitWeights", "s3:GetObject", f"arn:aws:s3:::{bucket}/{key}", owned))

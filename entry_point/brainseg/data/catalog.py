@@ -116,7 +116,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
                   refresh_index: bool = False, trust_index: bool = False,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
-                  sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None) -> Catalog:
+                  sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
+                  identity_key_uri: str = "") -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -141,11 +142,13 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             as zeros and are listed in ``Case.missing``. Otherwise such a case is excluded.
         labels: when given, a case whose mask holds a label value none of its classes covers (or
             one above 255) is excluded, rather than having that value read as background.
+        identity_key_uri: where the identity key of the hashes lives (:func:`brainseg.data.index.identity_key`;
+            default beside the index).
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
-            cases are one level up or down), the manifest is malformed, or ``index_uri`` is in a
-            case folder or holds something other than an index.
+            cases are one level up or down), the manifest is malformed, ``index_uri`` is in a
+            case folder or holds something other than an index, or the identity key cannot be had.
         s3.S3Error: the bucket cannot be listed.
     """
     started = time.perf_counter()
@@ -153,7 +156,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     uri = f"s3://{bucket}/{prefix.rstrip('/') + '/' if prefix else ''}"
     index_uri = index_uri or index_uri_for(uri)
     check_index_location(uri, index_uri)
-    key = identity_key(index_uri)
+    key = identity_key(index_uri, identity_key_uri)
     index = load_index(index_uri, key_id(key), refresh=refresh_index)
     sequences = tuple(sequences)
     listed = list_cases(uri, sequences, index, index_uri if trust_index else None)

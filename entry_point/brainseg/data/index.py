@@ -5,9 +5,11 @@ never past ``max_header_bytes``. The index is saved as JSON Lines keyed by objec
 and streamed in both directions, so a dataset of any size never sits in memory as one document.
 
 Identifiers never enter the index: PatientID and the series and instance UIDs are kept as keyed
-hashes (HMAC-SHA256). The key is a per-dataset secret: ``BRAINSEG_IDENTITY_KEY`` (hex) when set,
-else 32 random bytes stored beside the index (``<index>.key``, created once with a conditional
-PUT). Without the key a hash cannot be checked against guessed medical record numbers.
+hashes (HMAC-SHA256). The key is a per-dataset secret, found by ``identity_key_uri``: ``s3://…``
+(32 random bytes created there once with a conditional PUT: a bucket or prefix with its own
+grants), ``env:NAME`` (hex in that environment variable); or, without one, ``BRAINSEG_IDENTITY_KEY``
+(hex) when set, else ``<index>.key`` beside the index. Without the key a hash cannot be checked
+against guessed medical record numbers.
 """
 
 from __future__ import annotations
@@ -99,29 +101,35 @@ def read_header(bucket: str, info: s3.ObjectInfo, identity_key: bytes = b"",
     return IndexedObject(info.key, info.size, info.etag, header, error, stray)
 
 
-def _key_from_environment() -> bytes | None:
-    text = os.environ.get(KEY_ENVIRONMENT, "").strip()
+def _key_from_environment(name: str, required: bool) -> bytes | None:
+    text = os.environ.get(name, "").strip()
     if not text:
+        if required:
+            raise ValueError(f"identity_key_uri env:{name}: the environment variable {name} is not set; set it to the "
+                             "key in hex (e.g. `openssl rand -hex 32`) from your secret store")
         return None
     try:
         key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) < 16:
-        raise ValueError(f"{KEY_ENVIRONMENT} must be at least 16 bytes written as hex (e.g. `openssl rand -hex 32`)")
+        raise ValueError(f"{name} must be at least 16 bytes written as hex (e.g. `openssl rand -hex 32`)")
     return key
 
 
-def identity_key(index_uri: str) -> bytes:
-    """The dataset's identity key: from the environment, else beside the index (created once).
+def identity_key(index_uri: str, key_uri: str = "") -> bytes:
+    """The dataset's identity key: at ``key_uri`` (``s3://…``, created there once, or ``env:NAME``);
+    without one, from ``BRAINSEG_IDENTITY_KEY``, else beside the index (created once).
 
     Raises:
-        ValueError: the environment's key is malformed, or the stored key is damaged.
+        ValueError: the environment's key is missing or malformed, or the stored key is damaged.
     """
-    key = _key_from_environment()
+    if key_uri.startswith("env:"):
+        return _key_from_environment(key_uri[4:], required=True)
+    key = None if key_uri else _key_from_environment(KEY_ENVIRONMENT, required=False)
     if key is not None:
         return key
-    uri = index_uri + ".key"
+    uri = key_uri or index_uri + ".key"
     fresh = secrets.token_bytes(KEY_BYTES)
     try:
         stored = s3.read_uri(uri)
@@ -132,6 +140,9 @@ def identity_key(index_uri: str) -> bytes:
             except s3.Conflict:
                 stored = s3.read_uri(uri)  # another job created it first
     except s3.S3Error as err:
+        if key_uri:
+            raise ValueError(f"identity_key_uri {key_uri}: the key cannot be read or created ({err}); grant the job "
+                             "s3:GetObject and s3:PutObject on it") from None
         logger.warning("could not read or store the identity key at %s (%s): this job's identity hashes are its "
                        "own, and no saved index can be reused", uri, err)
         return fresh

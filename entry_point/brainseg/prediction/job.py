@@ -142,7 +142,8 @@ class PredictionJob:
             self.catalog = build_catalog(options.data_uri, index_uri=options.index_uri or None, require_masks=False,
                                          exclude_empty_masks=False, max_header_bytes=options.max_header_mb * 2**20,
                                          sequences=description.sequences,
-                                         zero_fill=description.missing_sequences == "zero")
+                                         zero_fill=description.missing_sequences == "zero",
+                                         identity_key_uri=options.identity_key_uri)
         except ValueError as err:
             raise PredictionError(str(err)) from err
 

@@ -19,7 +19,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import PRECISIONS, inside
+from brainseg.config import PRECISIONS, check_identity_key_uri, inside
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 
 SHARD = re.compile(r"(\d+)/(\d+)")
@@ -39,6 +39,8 @@ class PredictOptions:
                                "was trained on; a mask/ folder, when present, is scored (required)")
     output_uri: str = _field("", "s3:// prefix the predictions are written under (required)")
     index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
+    identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... or env:NAME "
+                                       "(default beside the index)")
     cases: tuple = _field((), "predict only these case IDs (comma-separated; default every case)")
     mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
     postprocess: bool = _field(True, "apply the postprocessing the model chose on its validation cases (an "
@@ -70,6 +72,7 @@ class PredictOptions:
                              "read as cases; write them elsewhere")
         if self.index_uri and not self.index_uri.startswith("s3://"):
             raise ValueError(f"index_uri {self.index_uri!r}: expected an s3:// URI")
+        check_identity_key_uri(self.identity_key_uri, self.data_uri)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.sw_batch_size < 1 or self.max_header_mb < 1:

@@ -32,7 +32,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
                                  max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
                                  zero_fill=hp.missing_sequences == "zero",
-                                 labels=hp.label_scheme)
+                                 labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri)
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None
