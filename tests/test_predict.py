@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -133,6 +135,36 @@ def test_predictions_are_dicom_seg_on_the_source_slices_with_volumes_and_scores(
         assert float(row["spacing_mm"].split("x")[0]) in (1.5, 3.0)
         assert _rows(f"{output}{case.case_id}/volumes.csv")[0] == row
     assert {float(row["spacing_mm"].split("x")[0]) for row in rows} == {1.5, 3.0}  # both thicknesses were drawn
+
+
+def test_nifti_label_maps_sit_on_the_source_slices_in_scanner_coordinates(trained):
+    bucket, output = trained["bucket"], f"s3://{trained['bucket']}/pred-nifti/"
+    assert predict.main(["--model", trained["run"], "--data-uri", trained["data"], "--output-uri", output,
+                         "--output-format", "nifti"]) == 0
+    predictor = Predictor([load_model(trained["run"], torch.device("cpu"))], torch.device("cpu"))
+    catalog = build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair"))
+    for case in catalog.cases:
+        assert s3.read_uri(f"{output}{case.case_id}/segmentation.dcm") is None  # nifti only, as asked
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(s3.read_uri(f"{output}{case.case_id}/{case.case_id}.nii.gz")))
+        assert image.header["qform_code"] == image.header["sform_code"] == 1
+        labels = np.asarray(image.dataobj).transpose(2, 1, 0)  # (x, y, z) back to (slice, row, column)
+        depth, rows_, columns = case.image.shape
+        channels, _ = read_case_region(case, (0, depth, 0, rows_, 0, columns))
+        wt, tc, et = predictor.predict(channels, case.summary.intensities, case.image.spacing).masks
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 4}
+        assert np.array_equal(labels == 4, et) and np.array_equal(labels > 0, wt | tc | et)  # ET painted last
+        assert np.array_equal(labels == 1, tc & ~et) and np.array_equal(labels == 2, wt & ~tc & ~et)
+        source = _source(bucket, case.case_id)
+        normal = np.cross(*np.reshape(next(iter(source.values())).ImageOrientationPatient, (2, 3)))
+        slices = sorted(source.values(), key=lambda d: float(np.dot(normal, d.ImagePositionPatient)))
+        for z, row, column in ((0, 0, 0), (depth - 1, 5, 7), (depth // 2, rows_ - 1, columns - 1)):
+            dataset = slices[z]  # where pydicom's headers put the voxel, in LPS mm
+            row_cosine, column_cosine = np.reshape(np.asarray(dataset.ImageOrientationPatient, float), (2, 3))
+            spacing = np.asarray(dataset.PixelSpacing, float)
+            lps = (np.asarray(dataset.ImagePositionPatient, float) + column * spacing[1] * row_cosine
+                   + row * spacing[0] * column_cosine)
+            ras = image.affine @ np.array([column, row, z, 1.0])
+            np.testing.assert_allclose(ras[:3] * [-1, -1, 1], lps, atol=1e-3)
 
 
 def test_an_ensemble_from_archive_and_run_with_mirroring_runs_and_reruns_skip_complete_cases(trained, tmp_path):
@@ -293,6 +325,8 @@ def test_models_are_self_describing_and_anything_else_is_refused_with_the_reason
     (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--mirorr", "true"],
      "did you mean --mirror"),
     (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--sw-overlap", "1.5"], "sw_overlap"),
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--output-format", "seg,png"],
+     "output_format 'seg,png': png is not one of seg, nifti"),
 ])
 def test_bad_options_are_refused_naming_the_value(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -151,6 +151,16 @@ def test_targets_follow_the_scheme_softmax_classes_or_sigmoid_regions():
     assert torch.isfinite(loss(torch.zeros(1, 3, 1, 1, 5), target))
 
 
+@pytest.mark.parametrize("labels, regions", [("ncr=1,ed=2,et=4", "brats"), ("ncr=1,ed=2,et=4", ""),
+                                             ("tumour=*", ""), ("core=1+4,ed=2", "all=core+ed,core=core")])
+def test_predicted_structures_go_back_to_the_label_values_they_were_learnt_from(labels, regions):
+    scheme = parse_scheme(labels, regions)
+    mask = np.array([0, 1, 2, 4, 2, 1, 4, 0, 4], dtype=np.uint8)
+    back = scheme.label_map([structure.of(mask) for structure in scheme.structures])
+    expected = {"tumour=*": (mask > 0).astype(np.uint8), "core=1+4,ed=2": np.where(np.isin(mask, (1, 4)), 1, mask)}
+    assert back.dtype == np.uint8 and back.tolist() == expected.get(labels, mask).tolist()
+
+
 def test_regions_are_scored_each_on_their_own():
     scheme = parse_scheme(LABELS, "brats")
     mask = np.zeros((8, 8, 8), dtype=np.uint8)

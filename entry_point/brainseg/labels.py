@@ -83,6 +83,26 @@ class LabelScheme:
         return [winner == index for index in range(1, len(self.classes) + 1)]
 
 
+    def label_map(self, masks: list[np.ndarray]) -> np.ndarray:
+        """One ``uint8`` volume of label values from the structures' predicted masks (as
+        :meth:`predicted` gives them), as the training masks were labelled: a class's voxels take its
+        smallest label value (1 for ``*``). Regions are painted from the largest to the smallest,
+        each with the value of the class it holds and no smaller region holds (nnU-Net's region
+        order): BraTS's WT, TC, ET paint oedema, then necrosis, then enhancing tumour."""
+        out = np.zeros(masks[0].shape, dtype=np.uint8)
+        if not self.regions:
+            for structure, mask in zip(self.classes, masks):
+                out[mask] = min(structure.values) if structure.values is not None else 1
+            return out
+        order = sorted(range(len(self.regions)), key=lambda index: -len(self.regions[index].values))
+        for position, index in enumerate(order):
+            later = set().union(*(self.regions[other].values for other in order[position + 1:]))
+            own = [c for c in self.classes if c.values <= self.regions[index].values and not c.values & later]
+            if own:
+                out[masks[index]] = min(min(c.values) for c in own)
+        return out
+
+
 def _parse_values(text: str, where: str) -> frozenset | None:
     if text.strip() == ANY:
         return None

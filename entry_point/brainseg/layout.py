@@ -43,6 +43,10 @@ class PredictionLayout:
         return f"{case_id}/segmentation.dcm"
 
     @staticmethod
+    def nifti(case_id: str) -> str:
+        return f"{case_id}/{case_id}.nii.gz"
+
+    @staticmethod
     def volumes(case_id: str) -> str:
         return f"{case_id}/volumes.csv"
 

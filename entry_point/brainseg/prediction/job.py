@@ -1,5 +1,5 @@
 """The prediction job: every case under a data prefix (this shard's share) through the region reader,
-the ensemble and back to S3 as DICOM SEG and volumes (layout in :mod:`brainseg.prediction.options`).
+the ensemble and back to S3 as DICOM SEG and/or NIfTI and volumes (layout in :mod:`brainseg.prediction.options`).
 
 The next case's channels and source headers are read while the current one is inferred. A case
 that cannot be read, predicted or written is reported with the reason and skipped; the batch goes
@@ -28,10 +28,12 @@ from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
 from brainseg.io import s3
 from brainseg.io.store import Store
+from brainseg.labels import LabelScheme
 from brainseg.layout import PredictionLayout
 from brainseg.metrics import score_structures
 from brainseg.model.artifact import load_model
 from brainseg.model.description import ModelDescription
+from brainseg.prediction.nifti import label_map_bytes
 from brainseg.prediction.options import PredictOptions, parse_shard
 from brainseg.prediction.predictor import Prediction, Predictor
 from brainseg.progress import Progress
@@ -74,6 +76,12 @@ def segment(predictor: Predictor, case: Case, channels: list, headers: list, alg
     prediction = predictor.predict(channels, case.summary.intensities, case.image.spacing)
     return prediction, encode_segmentation(headers, case.image.planes, prediction.masks,
                                            list(predictor.scheme.names), algorithm)
+
+
+def nifti_of(case: Case, prediction: Prediction, scheme: LabelScheme) -> bytes:
+    """The prediction as a label map in the training label values, NIfTI on the first sequence's grid."""
+    image = case.image
+    return label_map_bytes(scheme.label_map(prediction.masks), image.spacing, image.origin, image.orientation)
 
 
 def volume_row(case: Case, prediction: Prediction, structures: tuple, mask: np.ndarray | None,
@@ -162,11 +170,18 @@ class PredictionJob:
     def load(self, case: Case) -> LoadedCase:
         depth, rows, columns = case.image.shape
         channels, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=case.mask is not None)
-        return LoadedCase(channels, mask, case.image.read_headers())
+        return LoadedCase(channels, mask, case.image.read_headers() if "seg" in self.options.output_format else [])
 
     def predict(self, case: Case, loaded: LoadedCase, started: float) -> dict:
-        prediction, segmentation = segment(self.predictor, case, loaded.channels, loaded.headers, self.algorithm)
-        self.store.put(PredictionLayout.segmentation(case.case_id), segmentation, "application/dicom")
+        formats = self.options.output_format
+        if "seg" in formats:
+            prediction, segmentation = segment(self.predictor, case, loaded.channels, loaded.headers, self.algorithm)
+            self.store.put(PredictionLayout.segmentation(case.case_id), segmentation, "application/dicom")
+        else:
+            prediction = self.predictor.predict(loaded.channels, case.summary.intensities, case.image.spacing)
+        if "nifti" in formats:
+            self.store.put(PredictionLayout.nifti(case.case_id), nifti_of(case, prediction, self.predictor.scheme),
+                           "application/gzip")
         row = volume_row(case, prediction, self.predictor.scheme.structures, loaded.mask,
                          time.perf_counter() - started)
         self.store.put_csv(PredictionLayout.volumes(case.case_id), [row])

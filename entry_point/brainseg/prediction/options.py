@@ -4,7 +4,8 @@ launcher checks the flags and the review tools read the outputs on a laptop.
 Under ``<output_uri>/``::
 
     prediction.json            the job's settings and models (written first)
-    <case>/segmentation.dcm    DICOM SEG on the case's first sequence
+    <case>/segmentation.dcm    DICOM SEG on the case's first sequence (--output-format seg)
+    <case>/<case>.nii.gz       the label map as NIfTI on the same grid (--output-format nifti)
     <case>/volumes.csv         predicted volumes (ml) per structure, Dice/IoU/HD95 when a mask exists;
                                written after the SEG: a case is complete when it exists
     shards/<k>-of-<n>.csv      every case of shard k: predicted, skipped (with the reason) or excluded
@@ -23,6 +24,7 @@ from brainseg.config import PRECISIONS, check_identity_key_uri, inside
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 
 SHARD = re.compile(r"(\d+)/(\d+)")
+OUTPUT_FORMATS = ("seg", "nifti")
 
 
 def _field(default, help_text: str):
@@ -42,6 +44,9 @@ class PredictOptions:
     identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... or env:NAME "
                                        "(default beside the index)")
     cases: tuple = _field((), "predict only these case IDs (comma-separated; default every case)")
+    output_format: tuple = _field(("seg",), "what each case's prediction is written as: seg (DICOM SEG, one "
+                                            "segment per structure), nifti (a label map in the training label "
+                                            "values, .nii.gz), or both: seg,nifti (default seg)")
     mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
     postprocess: bool = _field(True, "apply the postprocessing the model chose on its validation cases (an "
                                      "ensemble: the rules all its models share)")
@@ -57,9 +62,14 @@ class PredictOptions:
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
 
     def __post_init__(self) -> None:
-        for name in ("model", "cases"):  # comma-separated, repeated, or both
+        for name in ("model", "cases", "output_format"):  # comma-separated, repeated, or both
             parts = (part.strip() for item in getattr(self, name) for part in str(item).split(","))
             object.__setattr__(self, name, tuple(part for part in parts if part))
+        object.__setattr__(self, "output_format", tuple(dict.fromkeys(self.output_format or ("seg",))))
+        unknown = [name for name in self.output_format if name not in OUTPUT_FORMATS]
+        if unknown:
+            raise ValueError(f"output_format {','.join(self.output_format)!r}: {', '.join(unknown)} is not one of "
+                             f"{', '.join(OUTPUT_FORMATS)}")
         models = self.model
         if not models:
             raise ValueError("model: expected at least one model location (--model s3://bucket/runs/<run>/)")
