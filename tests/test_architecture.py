@@ -32,7 +32,8 @@ ALLOWED = {
 }
 # Third-party libraries and the only modules that may import them.
 OWNERS = {"boto3": ("brainseg/io/s3",), "botocore": ("brainseg/io/s3",), "smart_open": ("brainseg/io/s3",),
-          "pydicom": ("brainseg/dicom/",), "highdicom": ("brainseg/dicom/",)}
+          "pydicom": ("brainseg/dicom/",), "highdicom": ("brainseg/dicom/",), "nibabel": ("brainseg/prediction/nifti",),
+          "onnx": ("brainseg/model/export",), "onnxruntime": ("brainseg/model/export",)}
 # Modules the launcher and the review import on a laptop without torch.
 TORCH_FREE = ("brainseg.config", "brainseg.flags", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",
               "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options",

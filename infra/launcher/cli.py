@@ -55,7 +55,7 @@ from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_ran
 logger = logging.getLogger("launch")
 
 
-COMMANDS = ("train", "predict", "cv", "tune", "iam-policy", "status", "logs", "stop", "attach", "jobs")
+COMMANDS = ("train", "predict", "cv", "tune", "export", "iam-policy", "status", "logs", "stop", "attach", "jobs")
 LIFECYCLE = ("status", "logs", "stop", "attach", "jobs")
 POLICY_DOCUMENTS = ("role_permissions", "role_trust", "caller_permissions")
 TUNING_FLAGS = ("tuning", "range", "strategy", "objective", "objective_type", "max_jobs", "max_parallel_jobs",
@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--random-seed", type=int, help="seeds the search (process mode: the draws)")
     add("--min-epochs", type=int, help="Hyperband: epochs every job gets before it may be stopped (default 1)")
 
+    commands.add_parser("export", add_help=False,
+                        help="a trained model as TorchScript, ONNX and a MONAI bundle, each checked against PyTorch "
+                             "(brainseg-export; `export --help` lists its flags)")
     policy = commands.add_parser(
         "iam-policy", help="print the IAM documents a job's role and its caller need",
         description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]
+    if argv[0] == "export":  # torch, only for this command
+        from brainseg.commands import export
+        return export.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "iam-policy":
         try:

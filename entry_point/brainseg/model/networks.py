@@ -18,6 +18,7 @@ from monai.networks.nets import AttentionUnet, DynUNet, SegResNet, UNet
 from brainseg.config import Hyperparameters
 
 SEGRESNET_BLOCKS_DOWN = (1, 2, 2, 4, 4, 4)
+NETWORKS = {"UNet": UNet, "AttentionUnet": AttentionUnet, "SegResNet": SegResNet, "DynUNet": DynUNet}
 _NESTED_DECODER = re.compile(r"(^|\.)(model|submodule)\.2(\.|$)|(^|\.)(attention|upconv|merge)(\.|$)")
 _ENCODER_PREFIXES = {
     "segresnet": ("convInit.", "down_layers."),
@@ -53,35 +54,46 @@ def deep_heads(levels: int) -> int:
     return max(0, min(2, levels - 2))
 
 
-def build_model(spec: NetworkSpec) -> torch.nn.Module:
-    """The MONAI network ``spec`` describes.
+def network_arguments(spec: NetworkSpec) -> tuple[str, dict]:
+    """The MONAI class (``monai.networks.nets``) and keyword arguments of the network ``spec``
+    describes, as plain values (a MONAI bundle's ``network_def`` holds them).
 
     Raises:
         ValueError: an unknown network, or (SegResNet) channels that do not double per level.
     """
-    channels = tuple(spec.channels)
-    strides = (2,) * (len(channels) - 1)
+    channels = list(spec.channels)
+    strides = [2] * (len(channels) - 1)
     act = spec.activation.upper()
     sizes = {"spatial_dims": 3, "in_channels": spec.in_channels, "out_channels": spec.out_channels}
     if spec.name == "unet":
-        return UNet(**sizes, channels=channels, strides=strides, num_res_units=spec.res_units, act=act,
-                    norm=spec.norm.upper(), dropout=spec.dropout)
+        return "UNet", dict(**sizes, channels=channels, strides=strides, num_res_units=spec.res_units, act=act,
+                            norm=spec.norm.upper(), dropout=spec.dropout)
     if spec.name == "attention_unet":
-        return AttentionUnet(**sizes, channels=channels, strides=strides, dropout=spec.dropout)
+        return "AttentionUnet", dict(**sizes, channels=channels, strides=strides, dropout=spec.dropout)
     if spec.name == "segresnet":
-        doubling = tuple(channels[0] * 2 ** level for level in range(len(channels)))
+        doubling = [channels[0] * 2 ** level for level in range(len(channels))]
         if channels != doubling or len(channels) > len(SEGRESNET_BLOCKS_DOWN):
-            raise ValueError(f"channels {channels}: segresnet widths double per level (e.g. {doubling}) "
+            raise ValueError(f"channels {tuple(channels)}: segresnet widths double per level (e.g. {tuple(doubling)}) "
                              f"with at most {len(SEGRESNET_BLOCKS_DOWN)} levels")
-        return SegResNet(**sizes, init_filters=channels[0], blocks_down=SEGRESNET_BLOCKS_DOWN[:len(channels)],
-                         blocks_up=(1,) * (len(channels) - 1), dropout_prob=spec.dropout or None, act=act,
-                         norm="INSTANCE" if spec.norm == "instance" else "BATCH")
+        return "SegResNet", dict(**sizes, init_filters=channels[0], blocks_down=list(SEGRESNET_BLOCKS_DOWN[:len(channels)]),
+                                 blocks_up=[1] * (len(channels) - 1), dropout_prob=spec.dropout or None, act=act,
+                                 norm="INSTANCE" if spec.norm == "instance" else "BATCH")
     if spec.name == "dynunet":
-        return DynUNet(**sizes, kernel_size=[3] * len(channels), strides=[1, *strides],
-                       upsample_kernel_size=list(strides), filters=list(channels), dropout=spec.dropout or None,
-                       norm_name=spec.norm.upper(), act_name=act, res_block=spec.res_units > 0,
-                       deep_supervision=spec.deep_supervision > 0, deep_supr_num=max(spec.deep_supervision, 1))
+        return "DynUNet", dict(**sizes, kernel_size=[3] * len(channels), strides=[1, *strides],
+                               upsample_kernel_size=strides, filters=channels, dropout=spec.dropout or None,
+                               norm_name=spec.norm.upper(), act_name=act, res_block=spec.res_units > 0,
+                               deep_supervision=spec.deep_supervision > 0, deep_supr_num=max(spec.deep_supervision, 1))
     raise ValueError(f"model {spec.name!r}: expected one of unet, attention_unet, segresnet, dynunet")
+
+
+def build_model(spec: NetworkSpec) -> torch.nn.Module:
+    """The MONAI network ``spec`` describes.
+
+    Raises:
+        ValueError: as :func:`network_arguments`.
+    """
+    name, arguments = network_arguments(spec)
+    return NETWORKS[name](**arguments)
 
 
 def is_encoder_parameter(model_name: str, parameter: str) -> bool:
