@@ -74,6 +74,25 @@ def test_a_run_logs_parameters_epochs_and_summary_to_mlflow(mlflow_server, datas
     assert run.data.metrics["final_test_dice_mean"] == pytest.approx(summary["test_dice_mean"])
     assert run.data.metrics["final_best_val_dice"] == pytest.approx(summary["best_val_dice"])
 
+    import mlflow
+    import numpy as np
+    import torch
+
+    from brainseg.model.artifact import load_model
+    from brainseg.model.inferer import sliding_window
+    mlflow.set_tracking_uri(mlflow_server)
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "glioma-segmentation")  # a registry takes it
+    assert version.version == "1"
+    logged = mlflow.pyfunc.load_model(f"models:/glioma-segmentation/{version.version}")
+    assert logged.metadata.metadata["brainseg"]["run_name"] == "tracked"
+    assert logged.metadata.get_input_schema().inputs[0].shape == (-1, 1, -1, -1, -1)
+    volume = np.random.default_rng(0).normal(size=(1, 1, 32, 40, 36)).astype(np.float32)
+    ours = load_model(f"{output}/tracked/", torch.device("cpu"))  # the run's own model, by brainseg
+    logits = sliding_window(ours.network, volume[0], (32, 32, 32), ours.description.sw_overlap, 2, "fp32",
+                            torch.device("cpu"))
+    expected = torch.softmax(logits, 0)[1:]  # the binary task: softmax classes, background dropped
+    np.testing.assert_allclose(logged.predict(volume)[0], expected.numpy(), atol=1e-5)
+
 
 def test_a_resumed_run_continues_its_mlflow_run(mlflow_server):
     first = Tracker(mlflow_server, "resume")

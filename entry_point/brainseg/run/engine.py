@@ -353,7 +353,9 @@ class Trainer:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
             self.tracker.summary(summary)
-            write_model_output(self.env.model_dir, self.description(), self.best_weights, hp)
+            description = self.description()
+            write_model_output(self.env.model_dir, description, self.best_weights, hp)
+            self.tracker.model(self.env.model_dir, description)
             logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
                                            "best_epoch": self.state.best_epoch}))
         return summary

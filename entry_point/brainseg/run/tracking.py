@@ -1,8 +1,8 @@
 """Optional experiment tracking in MLflow (SageMaker's managed MLflow, or any tracking server).
 
 With ``--mlflow-tracking-uri`` (a SageMaker MLflow tracking server ARN, or an http(s) URL), rank 0
-logs the hyperparameters, every epoch line and the summary to an MLflow run named after the brainseg
-run; a resumed run continues the same MLflow run (found by its ``brainseg.run_name`` tag). S3 stays
+logs the hyperparameters, every epoch line, the summary and the final model (an MLflow model:
+:mod:`brainseg.model.mlflow_model`) to an MLflow run named after the brainseg run; a resumed run continues the same MLflow run (found by its ``brainseg.run_name`` tag). S3 stays
 the source of truth: a tracking server that cannot be reached or refuses a call costs a warning and
 turns tracking off for the rest of the run, never the run itself. Only case IDs and figures are
 logged, never header values.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 logger = logging.getLogger("brainseg.train")
 RUN_TAG = "brainseg.run_name"
@@ -81,6 +82,15 @@ class Tracker:
             self.mlflow.log_metrics(figures)
             self.mlflow.log_dict(summary, "summary.json")
         self._guard("summary", log)
+
+    def model(self, model_dir: str, description) -> None:
+        """Log the written model (``model_dir``'s ``model.pt``) as an MLflow model with its description."""
+        def log():
+            from brainseg.model.mlflow_model import log_model
+            from brainseg.run.state import CODE_ROOT
+
+            logger.info("MLflow: model logged as %s", log_model(Path(model_dir), description, CODE_ROOT))
+        self._guard("log_model", log)
 
     def end(self, status: str) -> None:
         """``status``: FINISHED, FAILED or KILLED (interrupted; a resume continues the run)."""
