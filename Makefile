@@ -10,6 +10,9 @@ $(VENV)/.installed: requirements.txt entry_point/requirements.txt infra/requirem
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	# rt-utils writes the RTSTRUCTs the tests read; kept apart (it ships a top-level `tests` package and
+	# pins opencv-python and a dataclasses backport), its cv2 from requirements.txt's headless OpenCV.
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/rt-utils rt-utils==1.2.7
 	touch $@
 
 setup: $(VENV)/.installed

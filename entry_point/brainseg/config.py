@@ -12,7 +12,7 @@ import functools
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.labels import LabelScheme, parse_scheme
+from brainseg.labels import LabelScheme, parse_roi_labels, parse_scheme
 
 NORMALIZATIONS = ("zscore", "minmax")
 MiB = 1024 * 1024
@@ -173,6 +173,8 @@ class Hyperparameters:
                                                "(the case is noted)")
     labels: str = _field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
                                      "several values; * any non-zero value)")
+    roi_labels: str = _field("", "RTSTRUCT masks: ROI names to label values, e.g. Edema=2,Necrosis=1,Enhancing=4 "
+                                 "(painted in this order; names matched ignoring case; empty: every ROI as 1)")
     regions: str = _field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
                               "wt=ncr+ed+et,tc=ncr+et,et=et or brats (empty: softmax over the classes)")
     plan: str = _field("off", "auto: target spacing, patch size, batch size and channels from the dataset's "
@@ -293,6 +295,7 @@ class Hyperparameters:
             check_run_name(self.run_name)
         self._check_sequences()
         _ = self.label_scheme  # parsed (and checked) once, here
+        parse_roi_labels(self.roi_labels)
         parse_target_spacing(self.target_spacing)
         self._check_locations()
         self._check_memory_budget()

@@ -103,6 +103,30 @@ class LabelScheme:
         return out
 
 
+def parse_roi_labels(text: str) -> tuple[tuple[str, int], ...]:
+    """``--roi-labels`` (``Edema=2,Necrosis=1,Enhancing=4``): RTSTRUCT ROI names and the label value
+    each is rasterised as, in painting order (empty: every ROI as 1).
+
+    Raises:
+        ValueError: an entry without ``=``, an empty name, a name given twice, or a value outside 1-255.
+    """
+    pairs = []
+    for entry in (part.strip() for part in text.split(",") if part.strip()):
+        name, sep, value = entry.rpartition("=")
+        name = name.strip()
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if not sep or not name or not 1 <= number <= MAX_LABEL:
+            raise ValueError(f"--roi-labels {text!r}: {entry!r} is not ROI name=label value (1-{MAX_LABEL}), e.g. "
+                             "Edema=2,Necrosis=1,Enhancing=4")
+        if any(name.lower() == other.lower() for other, _ in pairs):
+            raise ValueError(f"--roi-labels {text!r}: ROI {name!r} is named twice")
+        pairs.append((name, number))
+    return tuple(pairs)
+
+
 def _parse_values(text: str, where: str) -> frozenset | None:
     if text.strip() == ANY:
         return None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from brainseg.data.catalog import build_catalog
 from brainseg.io import s3
-from brainseg.labels import parse_scheme
+from brainseg.labels import parse_roi_labels, parse_scheme
 from infra.data.profile import format_profile, profile_catalog
 
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cases with other label values are listed as excluded")
     parser.add_argument("--json", type=Path, help="also write the profile as JSON to this path")
     parser.add_argument("--index-uri", help="where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
+    parser.add_argument("--roi-labels", default="", help="RTSTRUCT masks: ROI names to label values, as train.py's "
+                        "--roi-labels (default: every ROI as 1)")
     parser.add_argument("--identity-key-uri", default="", help="where the key of the identity hashes lives: "
                         "s3://... or env:NAME (default beside the index)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                 refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20,
                                 sequences=tuple(name.strip() for name in args.sequences.split(",")),
                                 zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels),
-                                identity_key_uri=args.identity_key_uri)
+                                identity_key_uri=args.identity_key_uri, roi_labels=parse_roi_labels(args.roi_labels))
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from brainseg.data.contours import ContourMask, ContourOptions, is_structure_set
 from brainseg.data.index import (
     MAX_HEADER_BYTES,
     HeaderIndex,
@@ -57,7 +58,7 @@ class Case:
     case_id: str
     split: str
     images: tuple
-    mask: Series | SegmentationMask | None
+    mask: Series | SegmentationMask | ContourMask | None
     summary: CaseSummary
     patient_group: str = ""
     skipped: tuple = ()
@@ -117,7 +118,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   refresh_index: bool = False, trust_index: bool = False,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
-                  identity_key_uri: str = "") -> Catalog:
+                  identity_key_uri: str = "", roi_labels: tuple = ()) -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -144,6 +145,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             one above 255) is excluded, rather than having that value read as background.
         identity_key_uri: where the identity key of the hashes lives (:func:`brainseg.data.index.identity_key`;
             default beside the index).
+        roi_labels: RTSTRUCT masks: ``((ROI name, label value), ...)`` in painting order
+            (:func:`brainseg.labels.parse_roi_labels`; empty: every ROI as 1).
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
@@ -161,8 +164,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     sequences = tuple(sequences)
     listed = list_cases(uri, sequences, index, index_uri if trust_index else None)
     indexed = index_objects(listed, index, key, max_header_bytes)
-    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks)
-    summaries, summarised, unreadable = summarise_cases(listed, assembled, index)
+    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key))
+    summaries, summarised, unreadable = summarise_cases(listed, assembled, index, roi_labels)
     reasons = {**assembled.reasons, **unreadable}
     reasons.update(check_cases(assembled, summaries, reasons, labels, exclude_empty_masks and require_masks))
     reasons.update(exclude_duplicates(assembled, reasons))
@@ -231,7 +234,8 @@ class Assembled:
     reasons: dict
 
 
-def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_masks: bool) -> Assembled:
+def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_masks: bool,
+                   contours: ContourOptions = ContourOptions()) -> Assembled:
     """Step 3, assemble: every case's sequences and mask as checked series on one grid
     (:func:`assemble_case`); a case that fails is given its reason."""
     series, skipped, missing, reasons = {}, {}, {}, {}
@@ -239,20 +243,21 @@ def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_mask
         parts = {folder: [objects[info.key] for info in sorted(listed.grouped[case_id][folder], key=lambda o: o.key)]
                  for folder in listed.folders}
         skipped[case_id] = tuple(f"{folder}/{obj.name}: {obj.error}" for folder in listed.folders
-                                 for obj in parts[folder] if obj.stray)
+                                 for obj in parts[folder] if obj.stray and not (folder == "mask" and is_structure_set(obj)))
         try:
             series[case_id] = assemble_case(listed.bucket, listed.sequences, parts, zero_fill, require_masks,
-                                            sorted(listed.other_folders.get(case_id, ())))
+                                            sorted(listed.other_folders.get(case_id, ())), contours)
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
             reasons[case_id] = str(err)
     return Assembled(series, skipped, missing, reasons)
 
 
-def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex) -> tuple[dict, int, dict]:
+def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex,
+                    roi_labels: tuple = ()) -> tuple[dict, int, dict]:
     """Step 4, summarise: ``({case_id: (fingerprint, CaseSummary)}, cases summarised now,
     {case_id: reason} of those whose pixels cannot be read)``; saved summaries of unchanged cases
-    are reused, the others read concurrently."""
+    (same objects, sequences and ROI mapping) are reused, the others read concurrently."""
     summaries: dict[str, tuple[str, CaseSummary]] = {}
     unreadable: dict[str, str] = {}
     pending = []
@@ -260,7 +265,8 @@ def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex) -
         if case_id in assembled.reasons:
             continue
         fingerprint = _objects_fingerprint([info for folder in listed.folders for info in listed.grouped[case_id][folder]],
-                                           ",".join(listed.sequences).encode())
+                                           ",".join(listed.sequences).encode()
+                                           + (f"|rois {roi_labels}".encode() if roi_labels else b""))
         saved = index.cases.get(case_id)
         if saved is not None and saved[0] == fingerprint:
             summaries[case_id] = saved
@@ -349,7 +355,8 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
 
 
 def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
-                   other_folders: list[str]) -> tuple[dict[str, Series | None], Series | SegmentationMask | None]:
+                   other_folders: list[str], contours: ContourOptions = ContourOptions()
+                   ) -> tuple[dict[str, Series | None], Series | SegmentationMask | ContourMask | None]:
     """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
 
     Raises:
@@ -374,7 +381,16 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
             check_grid(reference, item, name, reference_name)
     mask = None
     segmentations = [obj for obj in parts["mask"] if obj.header is not None and obj.header.is_segmentation]
-    if segmentations:
+    structure_sets = [obj for obj in parts["mask"] if is_structure_set(obj)]
+    if structure_sets:
+        others = [obj for obj in parts["mask"] if not obj.stray or obj in structure_sets[1:]]
+        if others:
+            raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(others)} other "
+                               "image or structure set object(s); keep one structure set, SEG or label series per "
+                               "mask folder")
+        mask = ContourMask.read(bucket, structure_sets[0], reference, reference_name, contours.roi_labels,
+                                contours.identity_key)
+    elif segmentations:
         others = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
         if len(segmentations) > 1 or others:
             raise QualityError(f"mask/ holds a DICOM SEG ({segmentations[0].name}) and {len(segmentations) + len(others) - 1} other "

@@ -145,6 +145,11 @@ def _sop_class_name(dataset) -> str:
     return name if name and name != str(uid) else ""  # a registered class, never an arbitrary UID's text
 
 
+def not_an_image_reason(sop_class: str) -> str:
+    """Why an object of the registered class ``sop_class`` (its name) is not read as an image."""
+    return f"no pixel data: a {sop_class} object"
+
+
 def _carries_pixels(sop_class: str, dataset) -> bool:
     return ("Image Storage" in sop_class or sop_class in IMAGE_CLASSES_WITHOUT_IMAGE_IN_NAME
             or element_value(dataset, "Rows") is not None)
@@ -231,7 +236,7 @@ def _data_set(prefix: bytes, object_size: int):
                           f"the header ends at byte {position} of {object_size} without Pixel Data, but "
                           f"{'a ' + sop_class if sop_class else 'an image'} object carries pixel data "
                           "(truncated object?)")
-    raise NotAnImage(f"no pixel data: a {sop_class} object" if sop_class else
+    raise NotAnImage(not_an_image_reason(sop_class) if sop_class else
                      "no pixel data and no registered SOP class: taken for a non-image object")
 
 

@@ -28,7 +28,7 @@ from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
 from brainseg.io import s3
 from brainseg.io.store import Store
-from brainseg.labels import LabelScheme
+from brainseg.labels import LabelScheme, parse_roi_labels
 from brainseg.layout import PredictionLayout
 from brainseg.metrics import score_structures
 from brainseg.model.artifact import load_model
@@ -151,7 +151,8 @@ class PredictionJob:
                                          exclude_empty_masks=False, max_header_bytes=options.max_header_mb * 2**20,
                                          sequences=description.sequences,
                                          zero_fill=description.missing_sequences == "zero",
-                                         identity_key_uri=options.identity_key_uri)
+                                         identity_key_uri=options.identity_key_uri,
+                                         roi_labels=parse_roi_labels(options.roi_labels))
         except ValueError as err:
             raise PredictionError(str(err)) from err
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 
 from brainseg.config import PRECISIONS, check_identity_key_uri, inside
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
+from brainseg.labels import parse_roi_labels
 
 SHARD = re.compile(r"(\d+)/(\d+)")
 OUTPUT_FORMATS = ("seg", "nifti")
@@ -44,6 +45,8 @@ class PredictOptions:
     identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... or env:NAME "
                                        "(default beside the index)")
     cases: tuple = _field((), "predict only these case IDs (comma-separated; default every case)")
+    roi_labels: str = _field("", "RTSTRUCT masks (scored when present): ROI names to label values, as train.py's "
+                                 "--roi-labels")
     output_format: tuple = _field(("seg",), "what each case's prediction is written as: seg (DICOM SEG, one "
                                             "segment per structure), nifti (a label map in the training label "
                                             "values, .nii.gz), or both: seg,nifti (default seg)")
@@ -83,6 +86,7 @@ class PredictOptions:
         if self.index_uri and not self.index_uri.startswith("s3://"):
             raise ValueError(f"index_uri {self.index_uri!r}: expected an s3:// URI")
         check_identity_key_uri(self.identity_key_uri, self.data_uri)
+        parse_roi_labels(self.roi_labels)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.sw_batch_size < 1 or self.max_header_mb < 1:

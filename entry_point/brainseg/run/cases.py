@@ -16,6 +16,7 @@ from brainseg.data.resample import NATIVE, TargetSpacing, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_folds
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import PixelDataError
+from brainseg.labels import parse_roi_labels
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 from brainseg.tasks import task_of
@@ -32,7 +33,8 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
                                  max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
                                  zero_fill=hp.missing_sequences == "zero",
-                                 labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri)
+                                 labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri,
+                                 roi_labels=parse_roi_labels(hp.roi_labels))
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None

@@ -1,0 +1,191 @@
+"""An RT Structure Set as a label volume on its image's voxel grid.
+
+:meth:`ContourMask.on_grid` checks that the structure set references the case's first sequence
+(its series, the images its contours name, one frame of reference) and puts every contour of the
+ROIs ``--roi-labels`` maps onto a plane of that series; ``read_region`` rasterises the planes a
+region covers. A voxel belongs to an ROI when its centre lies inside the ROI's contours on that
+plane (even-odd: an inner contour is a hole, as in 3D Slicer and rt-utils) or on one of their
+outlines, so a contour traced through the centres of a mask's boundary voxels (what mask-to-contour
+tools such as rt-utils and OpenCV write) reads back as that mask. ROIs are painted in the mapping's
+order, a later one over an earlier one: list enclosing regions first (oedema, then necrosis, then
+enhancing tumour).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainseg.data.quality import ALIGNMENT_FRACTION, IndexedObject, QualityError
+from brainseg.data.series import Series
+from brainseg.dicom import HeaderError
+from brainseg.dicom.rtstruct import STRUCTURE_SET_REASON, StructureSet, parse_structure_set
+from brainseg.io import cache
+
+ON_OUTLINE = 1e-6  # voxels: a centre this close to an outline lies on it
+SNAP_DECIMALS = 4  # voxel coordinates are rounded to 1e-4 voxel: contour tools round through float32 and DS text
+
+
+@dataclass(frozen=True)
+class ContourOptions:
+    """What reading a structure set needs beyond its object: ``--roi-labels`` (parsed) and the
+    dataset's identity key (its references are compared as keyed hashes)."""
+
+    roi_labels: tuple = ()
+    identity_key: bytes = b""
+
+
+def is_structure_set(obj: IndexedObject) -> bool:
+    """Whether the index took ``obj`` for an RT Structure Set (a non-image object of that class)."""
+    return obj.stray and obj.error == STRUCTURE_SET_REASON
+
+
+def _rows_of(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For integer ranges ``[low, high]`` (one per segment): ``(segment index, integer)`` of every
+    integer in each."""
+    counts = np.maximum(high - low + 1, 0).astype(np.int64)
+    segments = np.repeat(np.arange(len(counts)), counts)
+    steps = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return segments, low[segments] + steps
+
+
+def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
+    """Pixels whose centres lie inside (even-odd) ``polygons`` (``(n, 2)`` row, column) or on an outline."""
+    starts = np.concatenate(polygons)
+    ends = np.concatenate([np.roll(polygon, -1, axis=0) for polygon in polygons])
+    r0, c0, r1, c1 = starts[:, 0], starts[:, 1], ends[:, 0], ends[:, 1]
+    spans = np.zeros((rows, columns + 1), dtype=np.int32)
+    # Inside: each edge crosses the rows y with min <= y < max (half-open: a vertex counts once); a
+    # row's crossings sorted by column pair up, and the centres between a pair are inside.
+    edges, ys = _rows_of(np.ceil(np.minimum(r0, r1)), np.ceil(np.maximum(r0, r1)) - 1)
+    xs = c0[edges] + (ys - r0[edges]) * (c1[edges] - c0[edges]) / (r1[edges] - r0[edges])
+    order = np.lexsort((xs, ys))
+    ys, xs = ys[order], xs[order]
+    first, last = np.ceil(xs[0::2]), np.floor(xs[1::2])
+    keep = (ys[0::2] >= 0) & (ys[0::2] < rows) & (first <= last) & (last >= 0) & (first < columns)
+    y, first, last = ys[0::2][keep].astype(int), np.clip(first[keep], 0, columns).astype(int), \
+        np.clip(last[keep], -1, columns - 1).astype(int)
+    np.add.at(spans, (y, first), 1)
+    np.add.at(spans, (y, last + 1), -1)
+    out = np.cumsum(spans, axis=1)[:, :columns] > 0
+    # On an outline: the centres a segment passes through (a horizontal one: every centre along it).
+    flat = np.abs(r1 - r0) < ON_OUTLINE
+    edges, ys = _rows_of(np.ceil(np.minimum(r0, r1) - ON_OUTLINE), np.floor(np.maximum(r0, r1) + ON_OUTLINE))
+    edges, ys = edges[~flat[edges]], ys[~flat[edges]]
+    xs = c0[edges] + (ys - r0[edges]) * (c1[edges] - c0[edges]) / (r1[edges] - r0[edges])
+    on = np.abs(xs - np.round(xs)) < ON_OUTLINE
+    level = flat & (np.abs(r0 - np.round(r0)) < ON_OUTLINE)
+    runs, xs_flat = _rows_of(np.ceil(np.minimum(c0, c1)[level] - ON_OUTLINE),
+                             np.floor(np.maximum(c0, c1)[level] + ON_OUTLINE))
+    points_y = np.concatenate([ys[on], np.round(r0[level])[runs]]).astype(int)
+    points_x = np.concatenate([np.round(xs[on]), xs_flat]).astype(int)
+    inside = (points_y >= 0) & (points_y < rows) & (points_x >= 0) & (points_x < columns)
+    out[points_y[inside], points_x[inside]] = True
+    return out
+
+
+@dataclass(frozen=True)
+class ContourMask:
+    """``planes[z]``: ``((label, (polygon, ...)), ...)`` on plane ``z`` of the reference grid, in painting
+    order, each polygon ``(n, 2)`` (row, column) in voxels. Geometry attributes are the reference series'."""
+
+    key: str
+    shape: tuple
+    spacing: tuple
+    origin: tuple
+    orientation: tuple
+    planes: tuple
+
+    bytes_per_voxel = 1
+
+    @classmethod
+    def read(cls, bucket: str, obj: IndexedObject, reference: Series, against: str, roi_labels: tuple,
+             identity_key: bytes) -> ContourMask:
+        """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`).
+
+        Raises:
+            QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set.
+        """
+        [data] = cache.get_ranges([(bucket, obj.key, 0, obj.size, obj.etag)])
+        try:
+            structure_set = parse_structure_set(bytes(data), identity_key)
+        except HeaderError as err:
+            raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
+        return cls.on_grid(obj.name, structure_set, reference, against, roi_labels)
+
+    @classmethod
+    def on_grid(cls, name: str, structure_set: StructureSet, reference: Series, against: str,
+                roi_labels: tuple) -> ContourMask:
+        """Place the ROIs ``roi_labels`` maps (``((name, label), ...)``; empty: every ROI as 1) on
+        ``reference``'s planes.
+
+        Raises:
+            QualityError: the set references another series, images outside it or another frame of
+                reference; a mapped ROI is absent; a contour lies off the planes (how far).
+        """
+        what = f"mask (RTSTRUCT {name})"
+        series = reference.headers[0].series_hash
+        if structure_set.series_frames and series not in structure_set.series_frames:
+            raise QualityError(f"{what} references another series than the {against} series")
+        instances = {header.instance_hash for header in reference.headers}
+        by_name = {roi.name.lower(): roi for roi in structure_set.rois}
+        if roi_labels:
+            missing = [roi for roi, _ in roi_labels if roi.lower() not in by_name]
+            if missing:
+                raise QualityError(f"{what} has no ROI named {', '.join(map(repr, missing))} (it has "
+                                   f"{', '.join(repr(roi.name) for roi in structure_set.rois) or 'none'}); "
+                                   "fix --roi-labels")
+            mapped = [(by_name[roi.lower()], label) for roi, label in roi_labels]
+        else:
+            mapped = [(roi, 1) for roi in structure_set.rois if roi.contours]
+        frame = structure_set.series_frames.get(series, "")
+        elsewhere = [roi.name for roi, _ in mapped if frame and roi.frame_of_reference
+                     and roi.frame_of_reference != frame]
+        if elsewhere:
+            raise QualityError(f"{what}: ROI {', '.join(map(repr, elsewhere))} lies in another frame of reference "
+                               f"than the {against} series")
+        orientation = np.asarray(reference.orientation, dtype=float)
+        row_cosine, column_cosine = orientation[:3], orientation[3:]
+        normal = np.cross(row_cosine, column_cosine)
+        depth = reference.shape[0]
+        planes: list[list] = [[] for _ in range(depth)]
+        for roi, label in mapped:
+            polygons: dict[int, list] = {}
+            for contour in roi.contours:
+                if contour.images and not set(contour.images) <= instances:
+                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} names an image that is not in the "
+                                       f"{against} series")
+                offsets = contour.points - np.asarray(reference.origin)
+                along = offsets @ normal / reference.spacing[0]
+                plane = int(round(float(along.mean())))
+                off = float(np.abs(along - plane).max())
+                if off > ALIGNMENT_FRACTION or not 0 <= plane < depth:
+                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies off the {against} planes "
+                                       f"({float(along.mean()) * reference.spacing[0]:.2f} mm along the normal, "
+                                       f"{off * reference.spacing[0]:.2f} mm from plane {plane}; the {against} has "
+                                       f"{depth} planes every {reference.spacing[0]:.3g} mm)")
+                polygon = np.round(np.stack([offsets @ column_cosine / reference.spacing[1],
+                                             offsets @ row_cosine / reference.spacing[2]], axis=1), SNAP_DECIMALS)
+                polygons.setdefault(plane, []).append(polygon)
+            for plane, shapes in polygons.items():
+                planes[plane].append((label, tuple(shapes)))
+        return cls(name, reference.shape, reference.spacing, reference.origin, reference.orientation,
+                   tuple(tuple(plane) for plane in planes))
+
+    def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Label values ``[z0:z1, y0:y1, x0:x1]`` (0 outside every mapped ROI) as float32."""
+        for axis, (low, high, size) in enumerate(zip((z0, y0, x0), (z1, y1, x1), self.shape)):
+            if not 0 <= low < high <= size:
+                raise ValueError(f"region {(z0, z1, y0, y1, x0, x1)} is outside the structure set's grid "
+                                 f"{self.shape}: axis {axis} needs 0 <= start < stop <= {size}")
+        out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
+        rows, columns = self.shape[1:]
+        for z in range(z0, z1):
+            for label, polygons in self.planes[z]:
+                out[z - z0][_fill(list(polygons), rows, columns)[y0:y1, x0:x1]] = label
+        return out
+
+    def read_volume(self) -> np.ndarray:
+        depth, rows, columns = self.shape
+        return self.read_region(0, depth, 0, rows, 0, columns)

@@ -1,0 +1,178 @@
+"""RTSTRUCT masks: structure sets written by a library (rt-utils, from masks, through OpenCV's
+contours) read back onto the image grid voxel for voxel, in the label values --roi-labels gives; a
+structure set that references another series, another frame of reference or lies off the planes
+excludes its case with the reason."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from brainseg.commands import train
+from brainseg.config import Hyperparameters
+from brainseg.data.catalog import build_catalog
+from brainseg.data.contours import _fill
+from brainseg.dicom import writer
+from brainseg.io import s3
+from brainseg.labels import parse_roi_labels
+from tests.conftest import dicom_bytes, put
+
+sys.path.append(str(Path(sys.prefix) / "rt-utils"))  # installed apart by the Makefile (see there)
+from rt_utils import RTStructBuilder
+
+SHAPE = (12, 40, 36)
+SPACING = (2.5, 0.9, 0.9)  # square pixels: rt-utils 1.2.7 swaps PixelSpacing's two values (qurit/rt-utils#92)
+ROIS = "Edema=2,Enhancing=4,Necrosis=1"
+
+
+def _ball(centre, radius) -> np.ndarray:
+    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    return ((z - centre[0]) * SPACING[0]) ** 2 + ((y - centre[1]) * SPACING[1]) ** 2 \
+        + ((x - centre[2]) * SPACING[2]) ** 2 <= radius ** 2
+
+
+def _structures() -> dict:
+    edema = _ball((6, 20, 18), 11.0)
+    enhancing = _ball((6, 20, 18), 7.0) & ~_ball((6, 20, 18), 4.0)  # a rim: its slices have holes
+    necrosis = _ball((6, 20, 18), 3.0)
+    return {"Edema": edema, "Enhancing": enhancing, "Necrosis": necrosis, "Brain": _ball((6, 20, 18), 15.0)}
+
+
+def _case(root: str, case_id: str, tmp_path: Path, change=None, spacing=SPACING) -> dict:
+    """A case whose mask/ is an RTSTRUCT rt-utils made from :func:`_structures` on the image slices."""
+    image = (np.random.default_rng(1).normal(400, 50, SHAPE)).astype(np.int16)
+    spec = writer.SeriesSpec(spacing=spacing, patient_id=f"PID-{case_id}", patient_name=f"Doe^{case_id}")
+    folder = tmp_path / case_id
+    folder.mkdir()
+    for number, dataset in enumerate(writer.slice_datasets(image, spec), start=1):
+        data = writer.encode(dataset, "explicit-le")
+        (folder / f"IM_{number:04d}.dcm").write_bytes(data)
+        put(f"{root}/{case_id}/image/IM_{number:04d}.dcm", data)
+    builder = RTStructBuilder.create_new(dicom_series_path=str(folder))
+    structures = _structures()
+    for name, mask in structures.items():
+        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)  # rt-utils: (rows, columns, slices)
+    dataset = builder.ds
+    if change is not None:
+        change(dataset)
+    put(f"{root}/{case_id}/mask/RS.dcm", dicom_bytes(dataset))
+    return structures
+
+
+def _painted(structures: dict, mapping: str) -> np.ndarray:
+    out = np.zeros(SHAPE, dtype=np.float32)
+    for name, value in parse_roi_labels(mapping):
+        out[structures[name]] = value
+    return out
+
+
+def test_a_library_written_structure_set_reads_back_voxel_for_voxel(bucket, tmp_path):
+    root = f"s3://{bucket}/rtstruct"
+    structures = _case(root, "case_a", tmp_path)
+    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    [case] = catalog.cases
+    assert not catalog.exclusions and not case.skipped  # the structure set is the mask, not a skipped object
+    np.testing.assert_array_equal(case.mask.read_volume(), _painted(structures, ROIS))  # holes and all
+    np.testing.assert_array_equal(case.mask.read_region(3, 9, 5, 30, 7, 33), _painted(structures, ROIS)[3:9, 5:30, 7:33])
+    assert dict(case.summary.label_counts) == {int(v): int((_painted(structures, ROIS) == v).sum())
+                                              for v in (1, 2, 4)}
+    binary = build_catalog(root + "/", roi_labels=parse_roi_labels("Brain=1"), split_fractions=(1.0, 0.0, 0.0))
+    np.testing.assert_array_equal(binary.cases[0].mask.read_volume(), structures["Brain"].astype(np.float32))
+    assert binary.cases[0].summary.tumour_voxels == int(structures["Brain"].sum())  # not the saved summary
+
+
+def test_non_square_pixels_are_placed_by_the_standards_pixel_spacing(bucket, tmp_path):
+    root = f"s3://{bucket}/rtstruct-non-square"
+    spacing = (2.5, 0.9, 0.8)  # PixelSpacing [0.9 between rows, 0.8 between columns]
+
+    def rectangle(dataset) -> None:  # rows 5-10, columns 8-20 of plane 4, in mm by the slice's own header
+        plane = pydicom.dcmread(tmp_path / "case_a" / "IM_0005.dcm")
+        row_cosine, column_cosine = np.reshape(np.asarray(plane.ImageOrientationPatient, float), (2, 3))
+        between_rows, between_columns = (float(v) for v in plane.PixelSpacing)
+        corners = [np.asarray(plane.ImagePositionPatient, float) + column * between_columns * row_cosine
+                   + row * between_rows * column_cosine for row, column in [(5, 8), (5, 20), (10, 20), (10, 8)]]
+        contour = dataset.ROIContourSequence[0].ContourSequence[0]
+        contour.ContourData = [float(v) for corner in corners for v in corner]
+        del contour.ContourImageSequence
+        dataset.ROIContourSequence[0].ContourSequence = [contour]
+
+    _case(root, "case_a", tmp_path, rectangle, spacing)
+    [case] = build_catalog(root + "/", roi_labels=parse_roi_labels("Edema=2"), split_fractions=(1.0, 0.0, 0.0)).cases
+    expected = np.zeros(SHAPE, dtype=np.float32)
+    expected[4, 5:11, 8:21] = 2
+    np.testing.assert_array_equal(case.mask.read_volume(), expected)
+
+
+def _other_series(dataset) -> None:
+    item = dataset.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    item.SeriesInstanceUID = pydicom.uid.generate_uid()
+
+
+def _other_frame(dataset) -> None:
+    dataset.StructureSetROISequence[1].ReferencedFrameOfReferenceUID = pydicom.uid.generate_uid()
+
+
+def _off_plane(dataset) -> None:
+    contour = dataset.ROIContourSequence[0].ContourSequence[2]
+    points = [float(v) for v in contour.ContourData]
+    contour.ContourData = [v + (1.0 if i % 3 == 2 else 0.0) for i, v in enumerate(points)]  # 1 mm of 2.5 aside
+
+
+@pytest.mark.parametrize("change, mapping, reason", [
+    (_other_series, ROIS, r"mask \(RTSTRUCT RS\.dcm\) references another series than the image series"),
+    (_other_frame, ROIS, r"ROI 'Enhancing' lies in another frame of reference than the image series"),
+    (_off_plane, ROIS, r"a contour of ROI 'Edema' lies off the image planes \([\d.-]+ mm along the normal, 1\.00 mm "
+                       r"from plane \d+; the image has 12 planes every 2\.5 mm\)"),
+    (None, "Edema=2,GTV=1", r"has no ROI named 'GTV' \(it has 'Edema', 'Enhancing', 'Necrosis', 'Brain'\); fix "
+                           r"--roi-labels"),
+], ids=["another series", "another frame of reference", "off the planes", "an ROI not there"])
+def test_a_structure_set_that_does_not_fit_the_images_excludes_its_case(bucket, tmp_path, change, mapping, reason):
+    root = f"s3://{bucket}/rtstruct-bad-{change.__name__ if change else 'missing'}"
+    _case(root, "case_a", tmp_path, change)
+    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(mapping), split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.cases
+    [exclusion] = catalog.exclusions
+    assert re.search(reason, exclusion.reason), exclusion.reason
+
+
+def test_polygons_fill_by_their_centres_even_odd_and_their_outlines():
+    square = np.array([[1.0, 1.0], [1.0, 6.0], [6.0, 6.0], [6.0, 1.0]])  # (row, column), through voxel centres
+    hole = np.array([[2.5, 2.5], [2.5, 4.5], [4.5, 4.5], [4.5, 2.5]])  # between centres: rows/columns 3 and 4
+    filled = _fill([square, hole], 8, 8)
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[1:7, 1:7] = True
+    expected[3:5, 3:5] = False
+    np.testing.assert_array_equal(filled, expected)
+    triangle = np.array([[0.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
+    assert _fill([triangle], 6, 6).sum() == 15  # centres with r + c <= 4: 5 + 4 + 3 + 2 + 1
+
+
+@pytest.mark.parametrize("text, message", [("Edema", "is not ROI name=label value"), ("Edema=0", "1-255"),
+                                           ("=2", "is not ROI name"), ("Edema=2,edema=3", "named twice")])
+def test_roi_labels_that_cannot_be_meant_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        Hyperparameters(roi_labels=text)
+
+
+def test_a_run_trains_and_scores_on_structure_set_masks(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
+    root, output = f"s3://{bucket}/rtstruct-run", f"s3://{bucket}/runs"
+    for number in range(5):
+        _case(root, f"case_{number}", tmp_path)
+    assert train.main(["--data-uri", root + "/", "--output-uri", output, "--run-name", "contours",
+                       "--roi-labels", ROIS, "--labels", "ncr=1,ed=2,et=4", "--regions", "brats", "--channels", "8,16",
+                       "--patch-size", "8,16,16", "--batch-size", "2", "--num-workers", "0", "--epochs", "1",
+                       "--steps-per-epoch", "2", "--res-units", "1", "--warmup-steps", "1"]) == 0
+    summary = json.loads(s3.read_uri(f"{output}/contours/summary.json"))
+    assert summary["test_cases"] >= 1 and summary["hyperparameters"]["roi_labels"] == ROIS
+    truth_ml = float(np.prod(SPACING)) / 1000 * int(_structures()["Edema"].sum())
+    rows = list(csv.DictReader(io.StringIO(s3.read_uri(f"{output}/contours/metrics/test_per_case.csv").decode())))
+    assert rows and all(float(row["truth_ml_wt"]) == pytest.approx(truth_ml, rel=1e-3) for row in rows)
