@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg.data.quality import ALIGNMENT_FRACTION, IndexedObject, QualityError
-from brainseg.data.series import Series
+from brainseg.data.series import Series, Volume
 from brainseg.dicom import HeaderError
 from brainseg.dicom.rtstruct import STRUCTURE_SET_REASON, StructureSet, parse_structure_set
 from brainseg.io import cache
@@ -86,7 +86,7 @@ def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ContourMask:
+class ContourMask(Volume):
     """``planes[z]``: ``((label, (polygon, ...)), ...)`` on plane ``z`` of the reference grid, in painting
     order, each polygon ``(n, 2)`` (row, column) in voxels. Geometry attributes are the reference series'."""
 
@@ -98,6 +98,7 @@ class ContourMask:
     planes: tuple
 
     bytes_per_voxel = 1
+    what = "structure set"
 
     @classmethod
     def read(cls, bucket: str, obj: IndexedObject, reference: Series, against: str, roi_labels: tuple,
@@ -175,10 +176,7 @@ class ContourMask:
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Label values ``[z0:z1, y0:y1, x0:x1]`` (0 outside every mapped ROI) as float32."""
-        for axis, (low, high, size) in enumerate(zip((z0, y0, x0), (z1, y1, x1), self.shape)):
-            if not 0 <= low < high <= size:
-                raise ValueError(f"region {(z0, z1, y0, y1, x0, x1)} is outside the structure set's grid "
-                                 f"{self.shape}: axis {axis} needs 0 <= start < stop <= {size}")
+        self._check_region((z0, z1, y0, y1, x0, x1))
         out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
         rows, columns = self.shape[1:]
         for z in range(z0, z1):
@@ -186,6 +184,3 @@ class ContourMask:
                 out[z - z0][_fill(list(polygons), rows, columns)[y0:y1, x0:x1]] = label
         return out
 
-    def read_volume(self) -> np.ndarray:
-        depth, rows, columns = self.shape
-        return self.read_region(0, depth, 0, rows, 0, columns)

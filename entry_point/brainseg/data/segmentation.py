@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg.data.quality import ALIGNMENT_FRACTION, ORIENTATION_TOLERANCE, IndexedObject, QualityError
-from brainseg.data.series import Series, coalesce
+from brainseg.data.series import Series, Volume, coalesce
 from brainseg.dicom import ObjectHeader
 from brainseg.io import cache
 
@@ -24,7 +24,7 @@ SPACING_TOLERANCE = 1e-3  # relative, SEG pixel spacing vs the image's
 
 
 @dataclass(frozen=True)
-class SegmentationMask:
+class SegmentationMask(Volume):
     """``planes[z]``: the ``(frame, segment number)`` pairs on plane ``z`` of the reference grid,
     by segment number. Geometry attributes are the reference series'."""
 
@@ -40,6 +40,7 @@ class SegmentationMask:
     planes: tuple
 
     bytes_per_voxel = 1
+    what = "segmentation"
 
     @classmethod
     def on_grid(cls, bucket: str, obj: IndexedObject, reference: Series, against: str) -> SegmentationMask:
@@ -83,10 +84,7 @@ class SegmentationMask:
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Label values ``[z0:z1, y0:y1, x0:x1]`` (segment numbers, 0 elsewhere) as float32."""
-        for axis, (low, high, size) in enumerate(zip((z0, y0, x0), (z1, y1, x1), self.shape)):
-            if not 0 <= low < high <= size:
-                raise ValueError(f"region {(z0, z1, y0, y1, x0, x1)} is outside the segmentation of shape "
-                                 f"{self.shape}: axis {axis} needs 0 <= start < stop <= {size}")
+        self._check_region((z0, z1, y0, y1, x0, x1))
         out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
         header = self.header
         frame_pixels = header.rows * header.columns
@@ -119,6 +117,3 @@ class SegmentationMask:
             out[z][values] = segment
         return out
 
-    def read_volume(self) -> np.ndarray:
-        depth, rows, columns = self.shape
-        return self.read_region(0, depth, 0, rows, 0, columns)

@@ -45,8 +45,27 @@ def coalesce(ranges: list[tuple[int, int]], gap_bytes: int = COALESCE_GAP_BYTES,
     return merged
 
 
+class Volume:
+    """What every volume a case holds (a series, a SEG or a structure set on the series' grid)
+    shares: region bounds checked against ``shape``, and the whole volume as one region."""
+
+    what = "volume"
+
+    def _check_region(self, bounds: tuple[int, ...]) -> None:
+        for axis, (low, high, size) in enumerate(zip(bounds[0::2], bounds[1::2], self.shape)):
+            if not (isinstance(low, (int, np.integer)) and isinstance(high, (int, np.integer))
+                    and 0 <= low < high <= size):
+                raise ValueError(f"region {bounds} is outside the {self.what} of shape {self.shape}: "
+                                 f"axis {axis} needs 0 <= start < stop <= {size}")
+
+    def read_volume(self) -> np.ndarray:
+        """The whole volume as a ``(D, H, W)`` float32 array."""
+        depth, rows, columns = self.shape
+        return self.read_region(0, depth, 0, rows, 0, columns)
+
+
 @dataclass(frozen=True)
-class Series:
+class Series(Volume):
     """A sorted DICOM series: ``planes[z] = (object index, frame index)``.
 
     Attributes:
@@ -71,6 +90,7 @@ class Series:
     origin: tuple
     orientation: tuple
     fetch: Callable[[list], list] | None = field(default=None, compare=False, repr=False)
+    what = "series"
 
     def _get(self, requests: list) -> list[bytes]:
         return (self.fetch or cache.get_ranges)(requests)
@@ -83,13 +103,6 @@ class Series:
     @property
     def bytes_per_voxel(self) -> int:
         return self.headers[0].bytes_per_pixel
-
-    def _check_region(self, bounds: tuple[int, ...]) -> None:
-        for axis, (low, high, size) in enumerate(zip(bounds[0::2], bounds[1::2], self.shape)):
-            if not (isinstance(low, (int, np.integer)) and isinstance(high, (int, np.integer))
-                    and 0 <= low < high <= size):
-                raise ValueError(f"region {bounds} is outside the series of shape {self.shape}: "
-                                 f"axis {axis} needs 0 <= start < stop <= {size}")
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The voxels ``[z0:z1, y0:y1, x0:x1]`` as float32 in modality units.
@@ -159,11 +172,6 @@ class Series:
                 out[index] = decode_frame(item_fragments(chunk), header)[y0:y1, x0:x1]
             else:
                 out[index] = decode_native_rows(chunk, header, y1 - y0)[:, x0:x1]
-
-    def read_volume(self) -> np.ndarray:
-        """The whole series as a ``(D, H, W)`` float32 array."""
-        depth, rows, columns = self.shape
-        return self.read_region(0, depth, 0, rows, 0, columns)
 
     def read_headers(self) -> list[bytes]:
         """Each object's bytes before its pixel data (one ranged GET per object, concurrently): what
