@@ -6,6 +6,7 @@
     python infra/launch.py predict --mode process|local|aws --model s3://…/<run>/ --data-uri s3://… --output-uri s3://… [--hp mirror=true]
     python infra/launch.py cv --mode process|local|aws --data-uri … --output-uri … [--folds 5]   # one job per fold
     python infra/launch.py tune --mode process|aws --data-uri … --output-uri … --range lr=1e-4:1e-2:log [--strategy Random]
+    python infra/launch.py export --model s3://…/<run>/ --output exported/   # TorchScript, ONNX, a MONAI bundle
     python infra/launch.py iam-policy --role arn:aws:iam::…:role/… --data-uri s3://… --output-uri s3://… [--kms-key …] [--vpc]
     python infra/launch.py status|logs|stop|attach JOB       # a SageMaker job after submission
     python infra/launch.py jobs [--name-contains brainseg]   # the recent jobs and their status
