@@ -118,9 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--random-seed", type=int, help="seeds the search (process mode: the draws)")
     add("--min-epochs", type=int, help="Hyperband: epochs every job gets before it may be stopped (default 1)")
 
-    commands.add_parser("export", add_help=False,
-                        help="a trained model as TorchScript, ONNX and a MONAI bundle, each checked against PyTorch "
-                             "(brainseg-export; `export --help` lists its flags)")
+    commands.add_parser("export", add_help=False, help="a model as TorchScript, ONNX and a MONAI bundle (brainseg-export)")
     policy = commands.add_parser(
         "iam-policy", help="print the IAM documents a job's role and its caller need",
         description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "

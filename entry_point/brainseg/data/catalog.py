@@ -386,8 +386,7 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
         others = [obj for obj in parts["mask"] if not obj.stray or obj in structure_sets[1:]]
         if others:
             raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(others)} other "
-                               "image or structure set object(s); keep one structure set, SEG or label series per "
-                               "mask folder")
+                               "object(s); keep one structure set, SEG or label series per mask folder")
         mask = ContourMask.read(bucket, structure_sets[0], reference, reference_name, contours.roi_labels,
                                 contours.identity_key)
     elif segmentations:

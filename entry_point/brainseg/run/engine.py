@@ -49,7 +49,7 @@ from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.plan import plan_run
 from brainseg.run.requests import request_fields, request_totals
-from brainseg.run.resume import check_same_dataset, check_same_hyperparameters, restore
+from brainseg.run.resume import check_resumable, restore
 from brainseg.run.starting_model import encoder_bytes, starting_model
 from brainseg.run.state import (
     LoopState,
@@ -149,9 +149,8 @@ class Trainer:
             return
         checkpoint, pointer = found
         try:
-            check_same_hyperparameters(checkpoint, self.hp, self.run_name, pointer["checkpoint"])
-            check_same_dataset(checkpoint, self.catalog.fingerprint, self.splits(), self.hp, self.run_name,
-                               pointer["checkpoint"])
+            check_resumable(checkpoint, self.hp, self.catalog.fingerprint, self.splits(), self.run_name,
+                            pointer["checkpoint"])
         except TrainingError:
             self.output_ready = False  # refused: the run stays its checkpoint's, and nothing is written into it
             raise
@@ -353,8 +352,7 @@ class Trainer:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
             self.tracker.summary(summary)
-            description = self.description()
-            write_model_output(self.env.model_dir, description, self.best_weights, hp)
+            write_model_output(self.env.model_dir, description := self.description(), self.best_weights, hp)
             self.tracker.model(self.env.model_dir, description)
             logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
                                            "best_epoch": self.state.best_epoch}))

@@ -55,6 +55,13 @@ def check_same_dataset(checkpoint: dict, fingerprint: str, splits: dict, hp: Hyp
     logger.warning("%s: continuing on the new data (--allow-dataset-change)", message)
 
 
+def check_resumable(checkpoint: dict, hp: Hyperparameters, fingerprint: str, splits: dict, run_name: str,
+                    name: str) -> None:
+    """Both checks: the same hyperparameters, and the same data unless allowed (``TrainingError``)."""
+    check_same_hyperparameters(checkpoint, hp, run_name, name)
+    check_same_dataset(checkpoint, fingerprint, splits, hp, run_name, name)
+
+
 def restore(checkpoint: dict, rank: int, world: int, num_workers: int, model, optimizer, scheduler,
             scaler) -> tuple[dict, LoopState]:
     """Load a checkpoint's weights, optimiser, schedule, scaler and this rank's RNG states; return
