@@ -34,10 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
-    for noisy in ("botocore", "boto3", "smart_open", "torch.onnx", "onnxscript"):
+    for noisy in ("botocore", "boto3", "smart_open", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     import torch  # only once the flags are valid
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # after torch sets its loggers: "torchvision is not installed"
 
     from brainseg.model.artifact import ModelError, load_model
     from brainseg.model.export import export_model
