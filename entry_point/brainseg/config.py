@@ -201,7 +201,7 @@ class Hyperparameters:
     # Optimisation
     loss: str = _field("dice_ce", "segmentation loss: Dice + cross-entropy, Dice, or Focal Tversky")
     optimizer: str = _field("adamw", "optimiser (SGD: Nesterov with --momentum)")
-    lr: float = _field(1e-3, "peak learning rate (reached after the warm-up)")
+    lr: float = _field(1e-2, "peak learning rate (reached after the warm-up)")
     weight_decay: float = _field(1e-5, "weight decay (decoupled for AdamW)")
     momentum: float = _field(0.99, "SGD momentum (Nesterov)")
     schedule: str = _field("cosine", "learning-rate schedule after the warm-up")
