@@ -84,13 +84,18 @@ class Tracker:
         self._guard("summary", log)
 
     def model(self, model_dir: str, description) -> None:
-        """Log the written model (``model_dir``'s ``model.pt``) as an MLflow model with its description."""
-        def log():
+        """Log the written model (``model_dir``'s ``model.pt``) as an MLflow model with its description;
+        a failure is a warning that leaves the rest of the tracking on (the run is still ended)."""
+        if self.mlflow is None:
+            return
+        try:
             from brainseg.model.mlflow_model import log_model
             from brainseg.run.state import CODE_ROOT
 
             logger.info("MLflow: model logged as %s", log_model(Path(model_dir), description, CODE_ROOT))
-        self._guard("log_model", log)
+        except Exception as err:
+            logger.warning("MLflow: the model could not be logged (%s: %s); S3 has it", type(err).__name__,
+                           str(err)[:300])
 
     def end(self, status: str) -> None:
         """``status``: FINISHED, FAILED or KILLED (interrupted; a resume continues the run)."""
