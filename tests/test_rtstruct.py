@@ -176,3 +176,16 @@ def test_a_run_trains_and_scores_on_structure_set_masks(bucket, tmp_path, monkey
     truth_ml = float(np.prod(SPACING)) / 1000 * int(_structures()["Edema"].sum())
     rows = list(csv.DictReader(io.StringIO(s3.read_uri(f"{output}/contours/metrics/test_per_case.csv").decode())))
     assert rows and all(float(row["truth_ml_wt"]) == pytest.approx(truth_ml, rel=1e-3) for row in rows)
+
+
+def test_a_structure_set_changed_since_indexing_costs_its_case_not_the_catalog(bucket, tmp_path):
+    root = f"s3://{bucket}/rtstruct-changed"
+    _case(root, "case_a", tmp_path)
+    assert build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0)).cases
+    dataset = pydicom.dcmread(io.BytesIO(s3.read_uri(f"{root}/case_a/mask/RS.dcm")))
+    dataset.StructureSetLabel = "edited"
+    put(f"{root}/case_a/mask/RS.dcm", dicom_bytes(dataset))
+    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0),
+                            trust_index=True)  # the saved index still names the old ETag
+    assert not catalog.cases
+    assert re.search(r"mask \(RTSTRUCT RS\.dcm\): .*RS\.dcm changed since it was indexed", catalog.exclusions[0].reason)

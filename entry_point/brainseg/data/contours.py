@@ -21,7 +21,7 @@ from brainseg.data.quality import ALIGNMENT_FRACTION, IndexedObject, QualityErro
 from brainseg.data.series import Series, Volume
 from brainseg.dicom import HeaderError
 from brainseg.dicom.rtstruct import STRUCTURE_SET_REASON, StructureSet, parse_structure_set
-from brainseg.io import cache
+from brainseg.io import cache, s3
 
 ON_OUTLINE = 1e-6  # voxels: a centre this close to an outline lies on it
 SNAP_DECIMALS = 4  # voxel coordinates are rounded to 1e-4 voxel: contour tools round through float32 and DS text
@@ -106,12 +106,13 @@ class ContourMask(Volume):
         """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`).
 
         Raises:
-            QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set.
+            QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set
+                (damaged, or changed since it was indexed).
         """
-        [data] = cache.get_ranges([(bucket, obj.key, 0, obj.size, obj.etag)])
         try:
+            [data] = cache.get_ranges([(bucket, obj.key, 0, obj.size, obj.etag)])
             structure_set = parse_structure_set(bytes(data), identity_key)
-        except HeaderError as err:
+        except (HeaderError, s3.S3Error) as err:  # a damaged or changed object costs its case, not the catalog
             raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
         return cls.on_grid(obj.name, structure_set, reference, against, roi_labels)
 
