@@ -25,7 +25,7 @@ import torch
 from brainseg.data.files import case_from_files
 from brainseg.io import s3
 from brainseg.model.artifact import load_model
-from brainseg.prediction.job import algorithm_of, segment, volume_row
+from brainseg.prediction.job import algorithm_of, seg_of, volume_row
 from brainseg.prediction.predictor import Predictor
 
 MAX_REQUEST_BYTES = 2 * 2**30  # 2 GiB of DICOM per request, unpacked: a larger archive is refused
@@ -102,8 +102,9 @@ def predict_fn(request: CaseRequest, predictor: Predictor) -> dict:
                            zero_fill=description.missing_sequences == "zero")
     channels = [series.read_volume() if series is not None else np.zeros(case.image.shape, np.float32)
                 for series in case.images]
-    prediction, segmentation = segment(predictor, case, channels, case.image.read_headers(),
-                                       algorithm_of(predictor.models[0].description))
+    prediction = predictor.predict(channels, case.summary.intensities, case.image.spacing)
+    segmentation = seg_of(case, prediction, case.image.read_headers(), predictor.scheme,
+                          algorithm_of(predictor.models[0].description))
     row = volume_row(case, prediction, predictor.scheme.structures, None, 0.0)
     return {"segmentation": segmentation, "volumes": {k: v for k, v in row.items() if k not in ("case_id", "seconds")}}
 

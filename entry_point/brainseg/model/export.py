@@ -53,6 +53,13 @@ def check_sizes(description) -> list[tuple]:
     return [patch, tuple(size + step for size in patch)]
 
 
+def output_channels(description) -> list[str]:
+    """What each output channel of the network is: a region each (sigmoid), or background and a
+    class each (softmax)."""
+    names = list(description.scheme.names)
+    return names if description.scheme.regions else ["background", *names]
+
+
 def _example(channels: int, size: tuple, seed: int) -> torch.Tensor:
     return torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(seed))
 
@@ -69,8 +76,7 @@ def write_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, opse
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(network, (example,), dynamo=True, opset_version=opset, input_names=["image"],
-                                    output_names=["logits"], dynamic_shapes=({k: v for k, v in dynamic.items()},),
-                                    verbose=False)
+                                    output_names=["logits"], dynamic_shapes=(dynamic,), verbose=False)
     program.save(str(path))
 
 
@@ -81,7 +87,6 @@ def bundle_files(model: LoadedModel) -> dict:
     name, arguments = network_arguments(spec)  # DynUNet's supervision heads idle in eval mode
     regions = bool(description.scheme.regions)
     names = list(description.scheme.names)
-    out_names = names if regions else ["background", *names]
     metadata = {
         "version": "0.1.0",
         "changelog": {"0.1.0": f"exported from brainseg run {description.run_name or 'model'}"},
@@ -100,7 +105,7 @@ def bundle_files(model: LoadedModel) -> dict:
             "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": spec.out_channels,
                                  "spatial_shape": list(description.patch_size), "dtype": "float32",
                                  "value_range": [0, 1], "is_patch_data": True,
-                                 "channel_def": {str(i): s for i, s in enumerate(out_names)}}},
+                                 "channel_def": {str(i): s for i, s in enumerate(output_channels(description))}}},
         },
         "brainseg": description.to_dict(),
     }
@@ -129,18 +134,12 @@ def bundle_files(model: LoadedModel) -> dict:
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
         ]},
     }
-    weights = {key: value.detach().cpu() for key, value in model.network.state_dict().items()}
-    buffer = _torch_bytes(weights)
+    weights = io.BytesIO()
+    torch.save({key: value.detach().cpu() for key, value in model.network.state_dict().items()}, weights)
     return {"configs/metadata.json": json.dumps(metadata, indent=1).encode(),
             "configs/inference.json": json.dumps(inference, indent=1).encode(),
-            "models/model.pt": buffer,
+            "models/model.pt": weights.getvalue(),
             "docs/README.md": _readme(description).encode()}
-
-
-def _torch_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
 
 
 def _readme(description) -> str:
@@ -153,18 +152,13 @@ def _readme(description) -> str:
             "only.\n")
 
 
-def _onnx_logits(path: Path, image: torch.Tensor) -> np.ndarray:
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"image": image.numpy()})[0]
-
-
-def _bundle_logits(folder: Path, image: torch.Tensor) -> np.ndarray:
+def _bundle_network(folder: Path) -> torch.nn.Module:
+    """The bundle's network as MONAI builds it from ``inference.json``, with the bundle's weights."""
     parser = ConfigParser()
     parser.read_config(str(folder / "configs" / "inference.json"))
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True))
-    with torch.no_grad():
-        return network.eval()(image).numpy()
+    return network.eval()
 
 
 def export_model(model: LoadedModel, folder: Path, opset: int = OPSET) -> dict:
@@ -181,27 +175,28 @@ def export_model(model: LoadedModel, folder: Path, opset: int = OPSET) -> dict:
     example = _example(channels, tuple(description.patch_size), seed=0)
     write_torchscript(network, example, folder / "model.ts")
     write_onnx(network, example, folder / "model.onnx", opset)
+    files = ["model.ts", "model.onnx"]
     for relative, data in bundle_files(model).items():
         (folder / "bundle" / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / "bundle" / relative).write_bytes(data)
+        files.append(f"bundle/{relative}")
     scripted = torch.jit.load(str(folder / "model.ts"), map_location="cpu")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    bundled = _bundle_network(folder / "bundle")
     differences = {"torchscript": 0.0, "onnx": 0.0, "bundle": 0.0}
     checked = []
     for seed, size in enumerate(check_sizes(description), start=1):
         image = _example(channels, size, seed)
         with torch.no_grad():
             expected = network(image).numpy()
-            found = {"torchscript": scripted(image).numpy(), "onnx": _onnx_logits(folder / "model.onnx", image),
-                     "bundle": _bundle_logits(folder / "bundle", image)}
+            found = {"torchscript": scripted(image).numpy(), "onnx": session.run(["logits"], {"image": image.numpy()})[0],
+                     "bundle": bundled(image).numpy()}
         for name, logits in found.items():
             differences[name] = max(differences[name], float(np.abs(logits - expected).max()))
         checked.append(list(size))
-    report = {"model": model.source, "run_name": description.run_name, "onnx_opset": opset,
-              "files": ["model.ts", "model.onnx", "bundle/configs/metadata.json", "bundle/configs/inference.json",
-                        "bundle/models/model.pt", "bundle/docs/README.md"],
+    report = {"model": model.source, "run_name": description.run_name, "onnx_opset": opset, "files": files,
               "input": {"name": "image", "channels": list(description.sequences), "layout": "NCDHW float32"},
-              "output": {"name": "logits", "channels": list(description.scheme.names)
-                         if description.scheme.regions else ["background", *description.scheme.names],
+              "output": {"name": "logits", "channels": output_channels(description),
                          "activation": "sigmoid" if description.scheme.regions else "softmax"},
               "checked_sizes": checked, "max_abs_difference": differences, "tolerance": TOLERANCE,
               "torch": torch.__version__, "monai": monai.__version__}

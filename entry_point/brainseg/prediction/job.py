@@ -69,13 +69,9 @@ def algorithm_of(description: ModelDescription) -> Algorithm:
                      f"{description.run_name or 'model'} {description.code_version}".strip()[:64])
 
 
-def segment(predictor: Predictor, case: Case, channels: list, headers: list, algorithm: Algorithm
-            ) -> tuple[Prediction, bytes]:
-    """The case's prediction and its DICOM SEG on the first sequence (whose objects' headers are
-    ``headers``)."""
-    prediction = predictor.predict(channels, case.summary.intensities, case.image.spacing)
-    return prediction, encode_segmentation(headers, case.image.planes, prediction.masks,
-                                           list(predictor.scheme.names), algorithm)
+def seg_of(case: Case, prediction: Prediction, headers: list, scheme: LabelScheme, algorithm: Algorithm) -> bytes:
+    """The prediction as a DICOM SEG on the first sequence (whose objects' headers are ``headers``)."""
+    return encode_segmentation(headers, case.image.planes, prediction.masks, list(scheme.names), algorithm)
 
 
 def nifti_of(case: Case, prediction: Prediction, scheme: LabelScheme) -> bytes:
@@ -174,15 +170,13 @@ class PredictionJob:
         return LoadedCase(channels, mask, case.image.read_headers() if "seg" in self.options.output_format else [])
 
     def predict(self, case: Case, loaded: LoadedCase, started: float) -> dict:
-        formats = self.options.output_format
-        if "seg" in formats:
-            prediction, segmentation = segment(self.predictor, case, loaded.channels, loaded.headers, self.algorithm)
-            self.store.put(PredictionLayout.segmentation(case.case_id), segmentation, "application/dicom")
-        else:
-            prediction = self.predictor.predict(loaded.channels, case.summary.intensities, case.image.spacing)
-        if "nifti" in formats:
-            self.store.put(PredictionLayout.nifti(case.case_id), nifti_of(case, prediction, self.predictor.scheme),
-                           "application/gzip")
+        prediction = self.predictor.predict(loaded.channels, case.summary.intensities, case.image.spacing)
+        scheme = self.predictor.scheme
+        if "seg" in self.options.output_format:
+            self.store.put(PredictionLayout.segmentation(case.case_id),
+                           seg_of(case, prediction, loaded.headers, scheme, self.algorithm), "application/dicom")
+        if "nifti" in self.options.output_format:
+            self.store.put(PredictionLayout.nifti(case.case_id), nifti_of(case, prediction, scheme), "application/gzip")
         row = volume_row(case, prediction, self.predictor.scheme.structures, loaded.mask,
                          time.perf_counter() - started)
         self.store.put_csv(PredictionLayout.volumes(case.case_id), [row])

@@ -92,8 +92,9 @@ def resolve_target_spacing(hp: Hyperparameters, train: list[Case]) -> TargetSpac
         return NATIVE
     target = TargetSpacing(median_spacing(case.image.spacing for case in train) if chosen == "median" else chosen,
                            hp.resampling)
-    moved = sum(not target.grid_of(case).identity for case in train)
-    separate = sum(target.grid_of(case).nearest_axis is not None for case in train)
+    grids = [target.grid_of(case) for case in train]
+    moved = sum(not grid.identity for grid in grids)
+    separate = sum(grid.nearest_axis is not None for grid in grids)
     logger.info("target spacing %s mm (%s): %d of %d training case(s) resampled, %d of them by nearest slice "
                 "out of plane (%s)", "x".join(f"{v:.3g}" for v in target.spacing), hp.target_spacing, moved,
                 len(train), separate, hp.resampling)
