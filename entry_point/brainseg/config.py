@@ -329,8 +329,7 @@ class Hyperparameters:
         if self.data_uri and self.output_uri and inside(self.output_uri, self.data_uri):
             raise ValueError(f"output_uri {self.output_uri} is inside data_uri {self.data_uri}: runs would be read "
                              "as cases and could overwrite data; write the runs elsewhere")
-        if self.data_uri and self.index_uri and inside(self.index_uri, self.data_uri) \
-                and not inside(self.index_uri, _prefix(self.data_uri) + ".brainseg/"):
+        if self.index_uri and in_case_folders(self.index_uri, self.data_uri):
             raise ValueError(f"index_uri {self.index_uri} is inside data_uri {self.data_uri} but not under its "
                              ".brainseg/ folder; an index may live only there inside the dataset")
         check_identity_key_uri(self.identity_key_uri, self.data_uri)
@@ -356,13 +355,18 @@ class Hyperparameters:
                 for f in fields(self) for v in [getattr(self, f.name)]}
 
 
+def in_case_folders(uri: str, data_uri: str) -> bool:
+    """Whether ``uri`` lies inside the dataset ``data_uri`` anywhere but its ``.brainseg/`` folder."""
+    return bool(data_uri) and inside(uri, data_uri) and not inside(uri, _prefix(data_uri) + ".brainseg/")
+
+
 def check_identity_key_uri(uri: str, data_uri: str) -> None:
     """``""``, ``env:NAME`` or an ``s3://`` object outside the dataset's case folders."""
     if not uri or re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", uri):
         return
     if not uri.startswith("s3://") or uri.endswith("/") or "/" not in uri[5:]:
         raise ValueError(f"identity_key_uri {uri!r}: expected s3://bucket/key (an object) or env:NAME")
-    if data_uri and inside(uri, data_uri) and not inside(uri, _prefix(data_uri) + ".brainseg/"):
+    if in_case_folders(uri, data_uri):
         raise ValueError(f"identity_key_uri {uri} is inside data_uri {data_uri} but not under its .brainseg/ folder; "
                          "keep the key outside the dataset, in a location with its own grants")
 

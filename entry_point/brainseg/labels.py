@@ -82,7 +82,6 @@ class LabelScheme:
         winner = output.argmax(0)
         return [winner == index for index in range(1, len(self.classes) + 1)]
 
-
     def label_map(self, masks: list[np.ndarray]) -> np.ndarray:
         """One ``uint8`` volume of label values from the structures' predicted masks (as
         :meth:`predicted` gives them), as the training masks were labelled: a class's voxels take its

@@ -90,7 +90,7 @@ class ContourMask(Volume):
     """``planes[z]``: ``((label, (polygon, ...)), ...)`` on plane ``z`` of the reference grid, in painting
     order, each polygon ``(n, 2)`` (row, column) in voxels. Geometry attributes are the reference series'."""
 
-    key: str
+    name: str  # the structure set object's file name
     shape: tuple
     spacing: tuple
     origin: tuple

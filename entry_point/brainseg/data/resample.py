@@ -27,6 +27,12 @@ SAME_SPACING = 1e-3  # relative: closer than this to the target counts as the ta
 ANISOTROPY = 3.0  # nnU-Net's: a spacing whose coarsest axis is more than this times its finest is anisotropic
 
 
+def nearest(coordinates: np.ndarray) -> np.ndarray:
+    """The index nearest each continuous coordinate, ties up (the rule labels, separate-z slices and
+    the way back share, so a region always agrees with the whole volume)."""
+    return np.floor(coordinates + 0.5 + 1e-6)
+
+
 def coarse_axis(spacing: tuple) -> int | None:
     """The axis of an anisotropic ``spacing`` that is coarser than the rest (``None``: isotropic enough)."""
     if not spacing or max(spacing) <= ANISOTROPY * min(spacing):
@@ -91,11 +97,11 @@ class Grid:
             return volume
         coordinates = [self._native_coordinates(axis, region[2 * axis], region[2 * axis + 1]) for axis in range(3)]
         if labels:  # the nearest native voxel, ties up, by index: a region agrees with the whole volume exactly
-            picks = [np.clip(np.floor(c + 0.5 + 1e-6).astype(int), 0, self.native_shape[axis] - 1)
+            picks = [np.clip(nearest(c).astype(int), 0, self.native_shape[axis] - 1)
                      - native_region[2 * axis] for axis, c in enumerate(coordinates)]
             return volume[..., picks[0], :, :][..., picks[1], :][..., picks[2]]
         if self.nearest_axis is not None:
-            coordinates[self.nearest_axis] = np.floor(coordinates[self.nearest_axis] + 0.5 + 1e-6)
+            coordinates[self.nearest_axis] = nearest(coordinates[self.nearest_axis])
         axes = []
         for axis in range(3):
             low, high = native_region[2 * axis], native_region[2 * axis + 1]
@@ -149,7 +155,7 @@ class Grid:
         """For each native voxel along ``axis``, the target voxel whose centre is nearest."""
         scale = self.shape[axis] / self.native_shape[axis]
         centres = (np.arange(self.native_shape[axis]) + 0.5) * scale - 0.5
-        return np.clip(np.floor(centres + 0.5 + 1e-6), 0, self.shape[axis] - 1).astype(np.int64)
+        return np.clip(nearest(centres), 0, self.shape[axis] - 1).astype(np.int64)
 
 
 @dataclass(frozen=True)

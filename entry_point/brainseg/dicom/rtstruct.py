@@ -37,7 +37,6 @@ class Contour:
 
 @dataclass(frozen=True)
 class Roi:
-    number: int
     name: str
     frame_of_reference: str  # keyed hash
     contours: tuple
@@ -113,5 +112,5 @@ def parse_structure_set(data: bytes, identity_key: bytes) -> StructureSet:
             images = tuple(hashed(ref.ReferencedSOPInstanceUID) for ref in _sequence(contour, "ContourImageSequence")
                            if getattr(ref, "ReferencedSOPInstanceUID", None))
             contours.append(Contour(_points(contour, name), images))
-        rois.append(Roi(number, name, frame, tuple(contours)))
+        rois.append(Roi(name, frame, tuple(contours)))
     return StructureSet(tuple(rois), series_frames)
