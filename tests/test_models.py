@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,45 @@ def test_losses_prefer_the_right_answer(loss):
     wrong = torch.cat([label, 1 - label], 1).float() * 10 - 5
     fn = build_loss(loss)
     assert float(fn(right, label)) < 0.1 < float(fn(wrong, label))
+
+
+def test_region_loss_penalises_background_through_each_regions_binary_term():
+    # Regions overlap, so a background voxel's target is (0, 0, 0); a softmax cross-entropy over the
+    # region channels (MONAI's DiceCELoss(sigmoid=True) with several channels) is 0 there whatever
+    # the logits. Logits of +20 everywhere on an all-background patch must cost about 20 per voxel.
+    target = torch.zeros(1, 3, 4, 4, 4)
+    confident_wrong = torch.full((1, 3, 4, 4, 4), 20.0)
+    loss = float(build_loss("dice_ce", sigmoid=True)(confident_wrong, target))
+    assert loss == pytest.approx(1.0 + 20.0, abs=1e-3)  # Dice 1 (nothing to find, everything found) + BCE 20
+    right = float(build_loss("dice_ce", sigmoid=True)(-confident_wrong, target))
+    assert right < 0.02  # BCE 2e-9; Dice 0.013, from MONAI's 1e-5 smoothing against 64 x sigmoid(-20)
+
+
+def test_region_loss_is_dice_plus_binary_cross_entropy_by_hand():
+    # Two regions, two voxels: sigmoid(0) = 1/2, sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4.
+    logits = torch.tensor([[0.0, math.log(3)], [-math.log(3), 0.0]]).reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).reshape(1, 2, 1, 1, 2)
+    smooth = 1e-5  # MONAI's default numerator and denominator smoothing
+    dice_first = 1 - (2 * 0.75 + smooth) / (0.5 + 0.75 + 1 + smooth)
+    dice_second = 1 - smooth / (0.25 + 0.5 + smooth)
+    bce = (math.log(2) - math.log(0.75) - math.log(0.75) + math.log(2)) / 4  # every voxel of every channel
+    expected = (dice_first + dice_second) / 2 + bce
+    assert float(build_loss("dice_ce", sigmoid=True)(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_loss_is_dice_plus_softmax_cross_entropy_by_hand():
+    # Background and one class, two voxels: softmax([0, ln 3]) = (1/4, 3/4); labels 1 then 0.
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(3), 0.0]]).reshape(1, 2, 1, 1, 2)
+    label = torch.tensor([1, 0]).reshape(1, 1, 1, 1, 2)
+    smooth = 1e-5
+    dice = 1 - (2 * 0.75 + smooth) / (1 + 1 + smooth)  # both channels alike: 3/4 of the right voxel each
+    cross_entropy = -math.log(0.75)
+    assert float(build_loss("dice_ce")(logits, label)) == pytest.approx(dice + cross_entropy, rel=1e-6)
+
+
+def test_region_loss_refuses_a_target_of_class_indices():
+    with pytest.raises(ValueError, match=r"region logits \(1, 3, 4, 4, 4\) and target \(1, 1, 4, 4, 4\)"):
+        build_loss("dice_ce", sigmoid=True)(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
 
 
 def test_deep_supervision_weighs_the_heads_by_halves_and_leaves_evaluation_to_the_main_head():
