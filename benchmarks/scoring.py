@@ -1,0 +1,160 @@
+"""The benchmarks' scorer: one code path for every pipeline, on each study's own grid.
+
+A *member* is ``(model, patch_size, normalise, spacing, resampling)``: a trained network, the
+window it infers with, how it turns a study's raw channels into its input, and the grid it works
+on (``()``: the study's own). A study is inferred on that grid by sliding windows (Gaussian,
+overlap 0.25), its sigmoid probabilities mapped back to the study's grid and averaged over the
+members, and thresholded at 0.5; ``rules`` (``{region: brainseg.postprocess.Rule}``) are applied
+when given. Per study and region: Dice, HD95 (MONAI's, where both are present) and BraTS's lesion-wise Dice and false
+positives (:func:`brainseg.metrics.lesion_wise`, checked against the challenge's published code,
+docs/training.md).
+
+Lesions are counted independently of the lesion-wise rules: each 26-connected component of the
+true whole tumour larger than BraTS's 50 mm³ floor is a lesion, *found* when the predicted whole
+tumour covers at least half of it. It is binned by size (under 2 ml, 2-10 ml, 10 ml and more), by
+BraTS type (enhancing: it holds an enhancing voxel; else non-enhancing) and, where the generator
+recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). False
+positive components are counted per region, before any postprocessing and after it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from brainseg.data.resample import Grid
+from brainseg.metrics import MIN_LESION_MM3, hausdorff95, lesion_wise
+from brainseg.overlap import Overlap
+from brainseg.postprocess import apply_rules
+
+REGIONS = ("wt", "tc", "et")  # the sigmoid channels' order
+FOUND_FRACTION = 0.5
+SIZE_BINS = ((0.0, 2.0, "under 2 ml"), (2.0, 10.0, "2-10 ml"), (10.0, float("inf"), "10 ml and more"))
+_COMPONENTS = np.ones((3, 3, 3), dtype=bool)
+
+
+def truth_regions(label: np.ndarray) -> np.ndarray:
+    """WT, TC, ET of BraTS labels (1 necrosis/non-enhancing, 2 oedema, 4 enhancing) ``(3, D, H, W)``."""
+    return np.stack([np.isin(label, [1, 2, 4]), np.isin(label, [1, 4]), label == 4])
+
+
+def probabilities(members: list[tuple], study: dict) -> np.ndarray:
+    """The members' mean sigmoid output ``(3, D, H, W)`` on the study's grid."""
+    total = 0
+    for model, patch_size, normalise, target, resampling in members:
+        grid = Grid(study["label"].shape, study["spacing"], target or study["spacing"], resampling)
+        inputs = torch.from_numpy(grid.volume_to_target(normalise(study)))[None]
+        output = sliding_window_inference(inputs, roi_size=patch_size, sw_batch_size=2, predictor=model, overlap=0.25,
+                                          mode="gaussian")[0]
+        total = total + torch.sigmoid(grid.volume_to_native(output))
+    return (total / len(members)).numpy()
+
+
+def lesions_of(label: np.ndarray, spacing: tuple, numbers: np.ndarray | None = None, types: tuple = ()):
+    """``(voxels, facts)`` per scored true lesion: ``facts`` has ``ml``, ``size``, ``brats_type`` and
+    (with the generator's ``numbers`` and ``types``) ``type``, the type of the lesion most of it is."""
+    components, count = ndimage.label(label > 0, _COMPONENTS)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        voxels = np.zeros(label.shape, dtype=bool)
+        voxels[box] = components[box] == index
+        ml = float(voxels.sum()) * voxel_ml
+        if ml * 1000.0 <= MIN_LESION_MM3:
+            continue
+        facts = {"ml": round(ml, 3), "size": next(name for low, high, name in SIZE_BINS if low <= ml < high),
+                 "brats_type": "enhancing" if (label[voxels] == 4).any() else "non-enhancing"}
+        if numbers is not None:
+            inside = numbers[voxels]
+            inside = inside[inside > 0]
+            if inside.size:
+                facts["type"] = types[int(np.bincount(inside).argmax()) - 1]
+        yield voxels, facts
+
+
+def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, numbers: np.ndarray | None = None,
+                types: tuple = ()) -> dict:
+    """One study's figures from its thresholded regions ``predicted`` ``(3, D, H, W)``."""
+    truth = truth_regions(label)
+    row = {}
+    for index, name in enumerate(REGIONS):
+        row[f"dice_{name}"] = Overlap.of(predicted[index], truth[index]).dice
+        scores = lesion_wise(predicted[index], truth[index], spacing)
+        row[f"lesion_dice_{name}"] = scores.dice
+        row[f"false_positives_{name}"] = scores.false_positives
+        if predicted[index].any() and truth[index].any():
+            row[f"hd95_{name}"] = hausdorff95(predicted[index], truth[index], spacing)
+    row["dice_mean"] = float(np.mean([row[f"dice_{name}"] for name in REGIONS]))
+    row["lesions"] = [{**facts, "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION)}
+                      for voxels, facts in lesions_of(label, spacing, numbers, types)]
+    return row
+
+
+def score_cases(members: list[tuple], studies: list[dict], rules: dict | None = None) -> dict[str, list[dict]]:
+    """Per-study figures of one model or an ensemble on ``studies`` (each ``image`` ``(4, D, H, W)``
+    raw, ``label``, ``spacing``, ``case_id``, optionally ``lesions`` and ``types``): ``raw`` as
+    predicted and, with ``rules``, ``postprocessed``."""
+    models = [member[0] for member in members]
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    rows = {"raw": []} if not rules else {"raw": [], "postprocessed": []}
+    try:
+        with torch.no_grad():
+            for study in studies:
+                raw = probabilities(members, study) > 0.5
+                kept = {"raw": raw}
+                if rules:
+                    kept["postprocessed"] = np.stack(apply_rules(rules, REGIONS, list(raw), study["spacing"]))
+                for name, predicted in kept.items():
+                    rows[name].append({"case_id": study["case_id"], **score_study(
+                        predicted, study["label"], study["spacing"], study.get("lesions"), study.get("types", ()))})
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    return rows
+
+
+def found(lesions: list[dict], key: str, value: str) -> str:
+    """``"found/total"`` of the lesions whose ``key`` is ``value``."""
+    chosen = [lesion for lesion in lesions if lesion.get(key) == value]
+    return f"{sum(lesion['found'] for lesion in chosen)}/{len(chosen)}"
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Set-level figures: mean Dice, lesion-wise Dice and false positives per study per region,
+    median HD95, and lesions found overall and per size and type."""
+    out = {}
+    for name in REGIONS:
+        out[f"dice_{name}"] = round(float(np.mean([row[f"dice_{name}"] for row in rows])), 4)
+        distances = [row[f"hd95_{name}"] for row in rows if f"hd95_{name}" in row]
+        out[f"hd95_{name}_mm"] = round(float(np.median(distances)), 2) if distances else None
+    out["dice_mean"] = round(float(np.mean([row["dice_mean"] for row in rows])), 4)
+    for name in REGIONS:
+        out[f"lesion_dice_{name}"] = round(float(np.mean([row[f"lesion_dice_{name}"] for row in rows])), 4)
+    out["lesion_dice_mean"] = round(float(np.mean([out[f"lesion_dice_{name}"] for name in REGIONS])), 4)
+    for name in REGIONS:
+        out[f"false_positives_per_study_{name}"] = round(float(np.mean([row[f"false_positives_{name}"] for row in rows])), 3)
+    lesions = [lesion for row in rows for lesion in row["lesions"]]
+    out["lesions_found"] = f"{sum(lesion['found'] for lesion in lesions)}/{len(lesions)}"
+    for _, _, size in SIZE_BINS:
+        out[f"found_{size}"] = found(lesions, "size", size)
+    for kind in ("enhancing", "non-enhancing"):
+        out[f"found_{kind}"] = found(lesions, "brats_type", kind)
+    for kind in sorted({lesion["type"] for lesion in lesions if "type" in lesion}):
+        out[f"found_type_{kind}"] = found(lesions, "type", kind)
+    return out
+
+
+def pooled(summaries: list[dict]) -> dict:
+    """Several benchmark runs (seeds) as one: figures averaged, lesion counts added."""
+    out = {}
+    for key in dict.fromkeys(key for summary in summaries for key in summary):
+        values = [summary.get(key) for summary in summaries]
+        if key.startswith(("found", "lesions_found")):
+            parts = [(value or "0/0").split("/") for value in values]
+            out[key] = f"{sum(int(a) for a, _ in parts)}/{sum(int(b) for _, b in parts)}"
+        elif all(isinstance(value, (int, float)) for value in values):
+            out[key] = round(float(np.mean(values)), 4)
+    return out
