@@ -18,7 +18,7 @@ PACKAGE = ROOT / "entry_point" / "brainseg"
 ALLOWED = {
     "io": set(), "dicom": set(), "labels": set(), "layout": set(), "overlap": set(), "metric_lines": set(),
     "environment": set(), "__init__": set(),
-    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"}, "postprocess": {"metrics"},
+    "config": {"labels"}, "progress": {"metric_lines"}, "metrics": {"overlap"}, "postprocess": {"overlap"},
     "flags": {"config", "labels"},
     "data": {"config", "dicom", "io", "labels"},
     "model": {"config", "io", "labels"},
@@ -36,7 +36,7 @@ OWNERS = {"boto3": ("brainseg/io/s3",), "botocore": ("brainseg/io/s3",), "smart_
           "onnx": ("brainseg/model/export",), "onnxruntime": ("brainseg/model/export",)}
 # Modules the launcher and the review import on a laptop without torch.
 TORCH_FREE = ("brainseg.config", "brainseg.flags", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",
-              "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options",
+              "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options", "brainseg.postprocess",
               "brainseg.io.store", "infra.launcher.cli", "infra.launcher.jobspec", "infra.review.cli",
               "infra.review.report")
 

@@ -7,12 +7,19 @@ import json
 
 import pytest
 
+from brainseg.data.fingerprint import LesionCounts
 from brainseg.io import s3
+from brainseg.layout import RunLayout
+from brainseg.metrics import lesion_scores
+from brainseg.model.artifact import ModelError
+from brainseg.postprocess import Offer, Rule, offer, validation_record
+from brainseg.prediction.predictor import pooled_rules
 from infra.launcher import cli as launch
 from infra.launcher.crossval import fold_specs, fold_summary, summary_text, write_summary
 from infra.launcher.jobspec import build_spec, parse_overrides
 from infra.review.report import fold_text, postprocessing_text
 from tests.conftest import synthetic_dataset
+from tests.test_postprocess import BLOB, LESION, SPECK
 
 TINY = ["channels=[8,16,32]", "patch_size=32,32,32", "res_units=1", "epochs=1", "steps_per_epoch=2",
         "num_workers=0", "log_every=1"]
@@ -57,6 +64,44 @@ def test_the_summary_takes_each_folds_newest_run_and_gives_mean_and_spread(bucke
     assert f"--model {output}/g-fold0-20261203110000/ --model {output}/g-fold1-20261203100000/" in text
     assert write_summary(summary, output) == f"{output}/g-cv.json"
     assert json.loads(s3.read_uri(f"{output}/g-cv.json")) == summary
+    assert summary["postprocessing_note"] == "1 of 3 folds have not finished; postprocessing is chosen once every fold has"
+    assert "postprocessing" not in summary and "--hp postprocessing" not in text
+
+
+def test_postprocessing_is_chosen_on_the_folds_validation_cases_pooled_and_predict_takes_it(bucket):
+    output = f"s3://{bucket}/cv"
+    one_mm = (1.0, 1.0, 1.0)
+    several = offer(LesionCounts(cases=4, several=1, most=2, uncounted=0))
+    folds = [({"case_00": (LESION | BLOB, LESION)}, Offer()),  # a 64 mm³ stray: only "largest" would remove it
+             ({"case_01": (LESION | SPECK, LESION)}, several)]  # an 8 mm³ speck; this fold's labels hold two lesions
+    for fold, (cases, offered) in enumerate(folds):
+        name = f"p-fold{fold}-20261205100000"
+        _run(output, name, 1.0, {"best_val_dice": 0.5})
+        matches = {case_id: {"wt": lesion_scores(prediction, truth, one_mm)[1]}
+                   for case_id, (prediction, truth) in cases.items()}
+        s3.put_bytes(f"{output}/{name}/{RunLayout.VALIDATION_MATCHES}",
+                     json.dumps(validation_record(matches, {"wt": offered})).encode())
+    summary = fold_summary(output, "p", 2)
+    chosen = summary["postprocessing"]["wt"]
+    # Pooled: 0.5 and 0.5 before; removing under 10 mm³ makes the second 1.0. "Largest" is not on
+    # offer, as fold 1's training labels hold several lesions.
+    assert (chosen["description"], chosen["cases"], chosen["val_lesion_dice_before"],
+            chosen["val_lesion_dice_after"]) == ("remove components under 10 mm³", 2, 0.5, 0.75)
+    assert chosen["not_offered"] == {"keep the largest component": "1 of 4 training cases hold several lesions (up to 2)"}
+    assert summary["postprocessing_rules"] == {"wt": {"min_mm3": 10, "largest_only": False}}
+    text = summary_text(summary, output)
+    assert "postprocessing wt (folds' validation pooled, 2 cases): remove components under 10 mm³" in text
+    assert f"--hp postprocessing={output}/p-cv.json" in text
+    uri = write_summary(summary, output)
+    assert pooled_rules(uri) == {"wt": Rule(min_mm3=10)}
+    s3.put_bytes(f"{output}/not-cv.json", json.dumps({"postprocessing_note": "1 of 2 folds have not finished"}).encode())
+    with pytest.raises(ModelError, match=r"not-cv.json: expected a cross-validation summary with postprocessing_rules "
+                                         r"\(1 of 2 folds have not finished\)"):
+        pooled_rules(f"{output}/not-cv.json")
+    with pytest.raises(ModelError, match="no such object"):
+        pooled_rules(f"{output}/missing-cv.json")
+    s3.delete(f"{output}/p-fold1-20261205100000/{RunLayout.VALIDATION_MATCHES}")
+    assert "has no metrics/validation_lesions.json" in fold_summary(output, "p", 2)["postprocessing_note"]
 
 
 def test_the_review_names_a_folds_run_and_ignores_what_is_not_a_fold():

@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 
 from brainseg.config import Hyperparameters
+from brainseg.data.fingerprint import LesionCounts
 from brainseg.data.splits import assign_folds
+from brainseg.data.summary import CaseSummary, count_lesions
 from brainseg.metrics import lesion_scores, lesion_wise
 from brainseg.model.artifact import ModelError
-from brainseg.postprocess import CANDIDATES, NONE, Rule, apply_rules, choose, rules_of
+from brainseg.postprocess import (
+    CANDIDATES,
+    LARGEST_ONLY,
+    NONE,
+    Offer,
+    Rule,
+    apply_rules,
+    choose,
+    common_offer,
+    offer,
+    rules_of,
+)
 from brainseg.prediction.predictor import shared_rules
 
 SHAPE = (24, 40, 40)
@@ -29,6 +42,8 @@ def _cube(corner: tuple, size: int) -> np.ndarray:
 LESION = _cube((4, 4, 4), 5)  # 125 voxels
 SPECK = _cube((18, 30, 30), 2)  # 8 voxels far from the lesion: a false positive
 SMALL_FIND = _cube((15, 20, 20), 4)  # 64 voxels: a second, small true lesion
+BLOB = _cube((16, 30, 4), 4)  # 64 voxels far from the others: a false positive over the 50 mm³ floor
+EVERY_RULE = {"wt": Offer()}  # the training labels support every candidate
 
 
 def test_a_rule_removes_components_by_volume_in_mm3_and_keeps_the_largest_when_asked():
@@ -65,24 +80,81 @@ def _matches(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
 def test_a_threshold_that_removes_false_positives_is_chosen_and_says_what_it_bought():
     # Case 1: the lesion found plus a speck (0.5); case 2: the lesion found alone (1.0). Removing
     # components under 10 mm³ makes both 1.0, the smallest candidate that does.
-    choices = choose(_matches([(LESION | SPECK, LESION), (LESION, LESION)]))
+    choices = choose(_matches([(LESION | SPECK, LESION), (LESION, LESION)]), EVERY_RULE)
     assert choices["wt"].rule == Rule(min_mm3=10)
     assert (choices["wt"].before, choices["wt"].after, choices["wt"].cases) == (pytest.approx(0.75), 1.0, 2)
-    assert choices["wt"].to_dict()["description"] == "remove components under 10 mm³"
+    reported = choices["wt"].to_dict()
+    assert reported["description"] == "remove components under 10 mm³" and reported["not_offered"] == {}
+    assert [(trial["description"], trial["val_lesion_dice"], trial["cases_lowered"]) for trial in reported["tried"]] == [
+        ("remove components under 10 mm³", 1.0, 0), ("remove components under 25 mm³", 1.0, 0),
+        ("remove components under 50 mm³", 1.0, 0), ("keep the largest component", 1.0, 0)]
 
 
 def test_a_gain_below_half_a_dice_point_is_noise_and_chooses_nothing():
     speck, clean = _matches([(LESION | SPECK, LESION), (LESION, LESION)])
-    assert choose([speck, clean] + [clean] * 150)["wt"].rule == NONE  # 0.5 -> 1 on one case of 152: +0.0033
-    assert choose([speck, clean] + [clean] * 80)["wt"].rule == Rule(min_mm3=10)  # one of 82: +0.0061
+    assert choose([speck, clean] + [clean] * 150, EVERY_RULE)["wt"].rule == NONE  # 0.5 -> 1 on one of 152: +0.0033
+    assert choose([speck, clean] + [clean] * 80, EVERY_RULE)["wt"].rule == Rule(min_mm3=10)  # one of 82: +0.0061
 
 
 def test_a_rule_that_would_cost_a_true_lesion_is_not_chosen_and_a_tie_keeps_the_prediction():
-    # Keeping only the largest or removing under 100 mm³ would drop the found 64-voxel lesion.
+    # Keeping only the largest would drop the found 64-voxel lesion.
     truth = LESION | SMALL_FIND
-    choices = choose(_matches([(truth, truth)]))
+    choices = choose(_matches([(truth, truth)]), EVERY_RULE)
     assert choices["wt"].rule == NONE and choices["wt"].before == choices["wt"].after == 1.0
-    assert choose([]) == {}
+    assert choose([], EVERY_RULE) == {}
+
+
+def test_no_threshold_reaches_past_the_scoring_floor():
+    assert max(rule.min_mm3 for rule in CANDIDATES) == 50
+    # A 64 mm³ false positive: only "keep the largest" removes it, and only when it is offered.
+    case = _matches([(LESION | BLOB, LESION)])
+    assert choose(case, EVERY_RULE)["wt"].rule == LARGEST_ONLY
+    assert choose(case, {"wt": Offer(tuple(rule for rule in CANDIDATES if rule != LARGEST_ONLY))})["wt"].rule == NONE
+
+
+def test_keeping_the_largest_is_not_offered_where_training_cases_hold_several_lesions():
+    several = offer(LesionCounts(cases=20, several=3, most=4, uncounted=0))
+    assert LARGEST_ONLY not in several.rules and several.rules == CANDIDATES[:-1]
+    assert several.withheld == (("keep the largest component", "3 of 20 training cases hold several lesions (up to 4)"),)
+    assert offer(LesionCounts(cases=20, several=0, most=1, uncounted=0)) == Offer()
+    assert offer(LesionCounts(cases=20, several=0, most=1, uncounted=2)).withheld == (
+        ("keep the largest component", "2 of 20 training cases have no lesion count"),)
+    assert LARGEST_ONLY not in offer(None).rules
+    # The validation cases would gain from it (a 64 mm³ false positive), but it is not on offer.
+    choices = choose(_matches([(LESION | BLOB, LESION)] * 3), {"wt": several})
+    assert choices["wt"].rule == NONE
+    assert choices["wt"].to_dict()["not_offered"] == {
+        "keep the largest component": "3 of 20 training cases hold several lesions (up to 4)"}
+    # Folds pool what every fold offered, with each reason.
+    pooled = common_offer([Offer(), several])
+    assert pooled.rules == several.rules and pooled.withheld == several.withheld
+
+
+def test_a_rule_that_lowers_more_than_a_tenth_of_the_cases_is_not_kept_even_when_the_mean_rises():
+    found_with_stray = (LESION | BLOB, LESION)  # 0.5; keeping the largest makes it 1.0
+    two_lesions = (LESION | SMALL_FIND, LESION | SMALL_FIND)  # 1.0; keeping the largest drops one: 0.5
+    three = choose(_matches([found_with_stray, found_with_stray, two_lesions]), EVERY_RULE)["wt"]
+    assert three.after == three.before == pytest.approx(2 / 3) and three.rule == NONE  # +0.167, but 1 of 3 lowered
+    assert [trial.lowered for trial in three.trials] == [0, 0, 0, 1]
+    ten = choose(_matches([found_with_stray] * 9 + [two_lesions]), EVERY_RULE)["wt"]
+    assert ten.rule == LARGEST_ONLY and ten.after == pytest.approx(0.95)  # 1 of 10 lowered: allowed
+
+
+def test_lesions_are_counted_for_every_set_of_label_values():
+    labels = np.zeros((20, 20, 20), dtype=np.int64)
+    labels[2:7, 2:7, 2:7] = 2  # lesion A: oedema (125 voxels) ...
+    labels[3:6, 3:6, 3:6] = 4  # ... around an enhancing core of 27 voxels
+    labels[12:16, 12:16, 12:16] = 2  # lesion B: 64 voxels of oedema
+    labels[17:19, 2:4, 17:19] = 4  # a speck of 8 enhancing voxels
+    points = np.argwhere(labels > 0)
+    tumour = [(points, labels[tuple(points.T)])]
+    one_mm = count_lesions(tumour, (0, 20, 0, 20, 0, 20), ONE_MM)
+    assert dict(one_mm) == {(2,): 2, (4,): 0, (2, 4): 2}  # the core (27 mm³) and the speck are under 50 mm³
+    assert dict(count_lesions(tumour, (0, 20, 0, 20, 0, 20), (2.0, 1.0, 1.0))) == {(2,): 2, (4,): 1, (2, 4): 2}
+    summary = CaseSummary((), 0, 0.0, (), (), label_counts=((2, 1), (4, 1)), lesion_counts=one_mm)
+    assert summary.lesions_of(None) == 2 and summary.lesions_of(frozenset({1, 4})) == 0
+    assert summary.lesions_of(frozenset({1})) == 0 and summary.lesions_of(frozenset({2, 4})) == 2
+    assert CaseSummary((), 0, 0.0, (), (), label_counts=((2, 1),)).lesions_of(None) is None  # an older summary
 
 
 def test_rules_apply_per_structure_and_are_read_back_from_a_description():

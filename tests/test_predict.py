@@ -31,7 +31,7 @@ from brainseg.io import s3
 from brainseg.metrics import lesion_wise
 from brainseg.model.artifact import ModelError, load_model, read_artifact
 from brainseg.model.description import ModelDescription
-from brainseg.postprocess import Rule
+from brainseg.postprocess import Rule, apply_rules, rules_of
 from brainseg.prediction.options import parse_options
 from brainseg.prediction.predictor import Predictor
 from infra.data.synth import SynthSpec, encode_case, write_dataset
@@ -222,11 +222,19 @@ def test_the_postprocessing_a_model_chose_is_applied_unless_turned_off(trained):
     stats = build_catalog(trained["data"], require_masks=False, sequences=("t1c", "flair")).cases[0].summary.intensities
     spacing = (1.5, 1.0, 1.0)
     raw = Predictor([pruned], torch.device("cpu"), postprocess=False).predict(channels, stats, spacing).masks
-    assert Predictor([loaded], torch.device("cpu")).predict(channels, stats, spacing).masks[0].sum() == raw[0].sum()
+    own = rules_of(loaded.description.postprocessing)  # what the fixture's run chose on its validation cases
+    expected = apply_rules(own, ("wt", "tc", "et"), raw, spacing)
+    assert all(np.array_equal(mask, wanted) for mask, wanted in zip(
+        Predictor([loaded], torch.device("cpu")).predict(channels, stats, spacing).masks, expected))
     masks = Predictor([pruned], torch.device("cpu")).predict(channels, stats, spacing).masks
     assert raw[0].any() and raw[2].any()  # there is something to remove
     assert np.array_equal(masks[0], Rule(largest_only=True).apply(raw[0], spacing))
     assert np.array_equal(masks[1], raw[1]) and not masks[2].any()
+    pooled = {"et": Rule(min_mm3=1e9)}  # a cross-validation's choice replaces the models' own
+    masks = Predictor([pruned], torch.device("cpu"), rules=pooled).predict(channels, stats, spacing).masks
+    assert np.array_equal(masks[0], raw[0]) and np.array_equal(masks[1], raw[1]) and not masks[2].any()
+    with pytest.raises(ModelError, match="postprocessing for necrosis: the models' structures are wt, tc, et"):
+        Predictor([loaded], torch.device("cpu"), rules={"necrosis": Rule(min_mm3=10)})
 
 
 def test_a_bad_case_is_skipped_with_the_reason_and_the_batch_finishes(trained):
@@ -327,6 +335,8 @@ def test_models_are_self_describing_and_anything_else_is_refused_with_the_reason
     (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--sw-overlap", "1.5"], "sw_overlap"),
     (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--output-format", "seg,png"],
      "output_format 'seg,png': png is not one of seg, nifti"),
+    (["--data-uri", "s3://b/d/", "--output-uri", "s3://b/o/", "--model", "m", "--postprocessing", "s3://b/cv.json",
+      "--postprocess", "false"], "postprocessing s3://b/cv.json with postprocess false"),
 ])
 def test_bad_options_are_refused_naming_the_value(argv, message):
     with pytest.raises(ValueError, match=message):

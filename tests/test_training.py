@@ -24,6 +24,7 @@ from brainseg.data.splits import assign_folds
 from brainseg.io import s3
 from brainseg.model.artifact import load_model
 from brainseg.model.networks import NetworkSpec, build_model, is_encoder_parameter
+from brainseg.postprocess import Offer, choose_pooled
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import synthetic_dataset
 
@@ -73,7 +74,8 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     keys = [key for key in keys if key not in predictions]
     checkpoints = [f"checkpoints/step-000000{step}.{ext}" for step in (30, 60, 90) for ext in ("json", "pt")]
     assert keys == ["checkpoints/latest.json", *checkpoints, "metrics/metrics.jsonl", "metrics/test_per_case.csv",
-                    "model/model.json", "model/model.pt", "owner.json", "run.json", "summary.json"]
+                    "metrics/validation_lesions.json", "model/model.json", "model/model.pt", "owner.json", "run.json",
+                    "summary.json"]
     assert _read_json(f"{output}/e2e/owner.json")["released"] is True
 
     lines = [json.loads(line) for line in s3.read_uri(f"{run}/metrics/metrics.jsonl").splitlines()]
@@ -110,6 +112,12 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     chosen = summary["postprocessing"]["tumour"]  # chosen on validation, stored with the model
     assert chosen["val_lesion_dice_after"] >= chosen["val_lesion_dice_before"] and chosen["cases"] == 2
     assert (chosen["description"] == "none") == (chosen["val_lesion_dice_after"] == chosen["val_lesion_dice_before"])
+    record = _read_json(f"{run}/metrics/validation_lesions.json")  # what a cross-validation pools
+    assert sorted(record["cases"]) == sorted(case for case, split in summary["splits"].items() if split == "val")
+    assert choose_pooled([record])["tumour"].to_dict() == chosen  # the record alone gives the run's choice
+    offered = Offer.from_dict(record["offers"]["tumour"])
+    assert [trial["description"] for trial in chosen["tried"]] == [rule.describe() for rule in offered.rules]
+    assert chosen["not_offered"] == dict(offered.withheld)
 
     saved = torch.load(io.BytesIO(s3.read_uri(f"{run}/model/model.pt")), weights_only=True)
     model = build_model(NetworkSpec(channels=(8, 16, 32), res_units=1))

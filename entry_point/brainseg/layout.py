@@ -19,6 +19,8 @@ class RunLayout:
     ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's best weights
     SUMMARY = "summary.json"  # headline results
     PLAN = "plan.json"  # the plan of --plan auto: fingerprint, choices and why (brainseg.run.plan)
+    VALIDATION_MATCHES = "metrics/validation_lesions.json"  # the best weights' validation lesion matches and the
+    # postprocessing offered (what a cross-validation pools to choose the folds' postprocessing)
     LR_FIND = "lr_find.json"  # a learning-rate range test's curve and suggestion (task lr_find)
 
     @staticmethod

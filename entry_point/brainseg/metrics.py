@@ -33,7 +33,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
-from brainseg.overlap import Overlap
+from brainseg.overlap import LesionMatch, Overlap
 
 
 def hausdorff95(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> float:
@@ -73,36 +73,6 @@ class LesionWise:
 
 def _box(slices: tuple, shape: tuple, margin: int) -> tuple:
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(slices, shape))
-
-
-@dataclass(frozen=True)
-class LesionMatch:
-    """Which predicted components of one region belong to which scored true lesion: enough to
-    recompute the lesion-wise Dice for any subset of the components (what postprocessing removes)
-    without labelling the volumes again.
-
-    ``component_voxels[i]`` is the size of predicted component ``i + 1``; ``matched`` marks the
-    components that touch a lesion (a scored one or one too small to score); per scored lesion,
-    ``volumes`` its voxels and ``hits`` its ``(component, overlapping voxels)`` pairs.
-    """
-
-    voxel_mm3: float
-    component_voxels: np.ndarray
-    matched: np.ndarray
-    volumes: tuple = ()
-    hits: tuple = ()
-
-    def dice(self, keep: np.ndarray | None = None) -> float:
-        """The region's lesion-wise Dice with only the components ``keep`` marks (all: ``None``)."""
-        keep = np.ones(len(self.component_voxels), dtype=bool) if keep is None else keep
-        total = 0.0
-        for volume, hits in zip(self.volumes, self.hits):
-            kept = [(component, overlap) for component, overlap in hits if keep[component - 1]]
-            if kept:
-                found = sum(int(self.component_voxels[component - 1]) for component, _ in kept)
-                total += 2.0 * sum(overlap for _, overlap in kept) / (found + volume)
-        count = len(self.volumes) + int(np.count_nonzero(keep & ~self.matched))
-        return 1.0 if count == 0 else total / count
 
 
 def lesion_wise(prediction: np.ndarray, truth: np.ndarray, spacing: tuple) -> LesionWise:

@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--vpc", action="store_true", help="the job runs in VPC subnets")
     add("--init-weights", default="", help="an s3:// weights file the job starts from")
     add("--model", action="append", default=[], help="a prediction job: a model it reads (run folder, model.pt or "
-                                                     "model.tar.gz; repeatable)")
+                                                     "model.tar.gz; repeatable), or the -cv.json its --hp "
+                                                     "postprocessing names")
     add("--mlflow-server", action="append", default=[], help="a SageMaker MLflow tracking server ARN the runs "
                                                                "log to (--hp mlflow_tracking_uri=…; repeatable)")
     add("--region", default="*", help="the region of the jobs (default: any)")

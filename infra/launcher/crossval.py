@@ -4,8 +4,10 @@ Fold K's job runs train.py with ``--fold K --folds N`` and is named ``<base>-fol
 folder ``<base>-fold<K>-<timestamp>`` under the output prefix); every fold holds out the same test
 cases. Once the folds have finished (process and local mode: at once; aws: ``cv --summary-only``
 later), each fold's figures and their mean and standard deviation are printed and written to
-``<output>/<base>-cv.json``; ``python infra/launch.py predict --model <fold run> --model ...``
-predicts with the folds as an ensemble.
+``<output>/<base>-cv.json``, with the postprocessing chosen on the folds' validation cases pooled
+(every training and validation case once, predicted by the fold that held it out: what nnU-Net
+chooses its postprocessing on); ``python infra/launch.py predict --model <fold run> --model ...
+--hp postprocessing=<output>/<base>-cv.json`` predicts with the folds as an ensemble and that choice.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 from brainseg.io import s3
 from brainseg.layout import RunLayout
+from brainseg.postprocess import choose_pooled
 from infra.launcher.jobspec import JobSpec
 from infra.launcher.results import latest_run
 
@@ -39,8 +42,9 @@ def fold_specs(spec: JobSpec, folds: int) -> list[JobSpec]:
 
 
 def fold_summary(output_uri: str, base: str, folds: int) -> dict:
-    """Each fold's newest run (``None`` where none finished) with its headline figures, and per
-    figure the mean and standard deviation over the finished folds."""
+    """Each fold's newest run (``None`` where none finished) with its headline figures, per figure
+    the mean and standard deviation over the finished folds, and the pooled postprocessing
+    (:func:`pooled_postprocessing`)."""
     runs = []
     for fold in range(folds):
         name = latest_run(output_uri, f"{base}-fold{fold}-")  # jobs are named <base>-fold<K>-<timestamp>
@@ -48,6 +52,36 @@ def fold_summary(output_uri: str, base: str, folds: int) -> dict:
         summary = json.loads(data) if data else {}
         runs.append({"fold": fold, "run": name, "finished": bool(summary),
                      **{figure: summary.get(figure) for figure in FIGURES}})
+    return {"base": base, "folds": folds, "runs": runs, "figures": _spread(runs),
+            **pooled_postprocessing(output_uri, [run["run"] for run in runs if run["finished"]], folds)}
+
+
+def pooled_postprocessing(output_uri: str, names: list[str], folds: int) -> dict:
+    """``postprocessing`` (per structure, the choice on the finished folds' validation cases pooled)
+    and ``postprocessing_rules`` (the rules that change something, what ``predict --postprocessing``
+    applies), or a ``postprocessing_note`` saying why there are none: not every fold finished, or a
+    fold's run has no validation record."""
+    if len(names) < folds:
+        return {"postprocessing_note": f"{folds - len(names)} of {folds} folds have not finished; postprocessing is "
+                                       "chosen once every fold has"}
+    records = []
+    try:
+        for name in names:
+            data = s3.read_uri(f"{output_uri.rstrip('/')}/{name}/{RunLayout.VALIDATION_MATCHES}")
+            if data is None:
+                return {"postprocessing_note": f"run {name} has no {RunLayout.VALIDATION_MATCHES} (trained before "
+                                               "runs wrote it); postprocessing is not pooled"}
+            records.append(json.loads(data))
+        choices = choose_pooled(records)
+    except ValueError as err:
+        return {"postprocessing_note": f"the folds' validation records cannot be pooled: {err}"}
+    return {"postprocessing": {name: choice.to_dict() for name, choice in choices.items()},
+            "postprocessing_rules": {name: choice.rule.to_dict() for name, choice in choices.items()
+                                     if not choice.rule.changes_nothing}}
+
+
+def _spread(runs: list[dict]) -> dict:
+    """Per figure, the mean and standard deviation over the finished folds."""
     spread = {}
     for figure in FIGURES:
         values = [run[figure] for run in runs if isinstance(run[figure], (int, float)) and math.isfinite(run[figure])]
@@ -55,7 +89,7 @@ def fold_summary(output_uri: str, base: str, folds: int) -> dict:
             mean = sum(values) / len(values)
             deviation = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
             spread[figure] = {"mean": mean, "std": deviation, "folds": len(values)}
-    return {"base": base, "folds": folds, "runs": runs, "figures": spread}
+    return spread
 
 
 def summary_text(summary: dict, output_uri: str) -> str:
@@ -67,9 +101,17 @@ def summary_text(summary: dict, output_uri: str) -> str:
                      f"{shown if run['finished'] else '(not finished)'}")
     lines += [f"  {figure}: {value['mean']:.4f} ± {value['std']:.4f} over {value['folds']} fold(s)"
               for figure, value in summary["figures"].items()]
+    for name, choice in summary.get("postprocessing", {}).items():
+        lines.append(f"  postprocessing {name} (folds' validation pooled, {choice['cases']} cases): "
+                     f"{choice['description']} (lesion-wise Dice {choice['val_lesion_dice_before']:.4f} -> "
+                     f"{choice['val_lesion_dice_after']:.4f})")
+    if summary.get("postprocessing_note"):
+        lines.append(f"  postprocessing: {summary['postprocessing_note']}")
     models = " ".join(f"--model {output_uri.rstrip('/')}/{run['run']}/" for run in summary["runs"] if run["finished"])
     if models:
-        lines.append(f"ensemble: python infra/launch.py predict {models} --data-uri … --output-uri …")
+        pooled = (f" --hp postprocessing={output_uri.rstrip('/')}/{summary['base']}-cv.json"
+                  if "postprocessing" in summary else "")
+        lines.append(f"ensemble: python infra/launch.py predict {models}{pooled} --data-uri … --output-uri …")
     return "\n".join(lines)
 
 

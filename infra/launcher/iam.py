@@ -4,7 +4,8 @@ Three documents (``brainseg-launch iam-policy``):
 
 * the job role's permissions: list and read the dataset; write only its header index and identity
   key (``.brainseg/``, ``--index-uri``, or the key apart at ``--identity-key-uri``); read and write the output prefix, delete only checkpoints
-  of this job's runs (pruning); for a prediction job (``--model``), read the models and delete only
+  of this job's runs (pruning); for a prediction job (``--model``), read the models (and a
+  cross-validation's ``-cv.json`` that ``--hp postprocessing`` names) and delete only
   the prediction output's completion markers; every S3 statement pinned to the buckets' account
   (``s3:ResourceAccount``), KMS keys usable only through S3 and SageMaker's EBS volumes; ECR,
   CloudWatch logs and metrics; VPC network interfaces when asked for;
@@ -105,7 +106,7 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
     model_objects = []
     for uri in models:
         bucket, key = s3.parse_uri(uri)
-        if key.endswith((".pt", ".tar.gz", ".tgz")):
+        if key.endswith((".pt", ".tar.gz", ".tgz", ".json")):  # .json: a cross-validation's pooled postprocessing
             model_objects.append(f"arn:aws:s3:::{bucket}/{key}")
         else:
             folder = key.rstrip("/") + "/" if key else ""

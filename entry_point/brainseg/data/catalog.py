@@ -39,7 +39,7 @@ from brainseg.data.quality import (
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
-from brainseg.data.summary import CaseSummary, summarise_case
+from brainseg.data.summary import SUMMARY_VERSION, CaseSummary, summarise_case
 from brainseg.io import s3
 from brainseg.labels import LabelScheme
 
@@ -257,7 +257,7 @@ def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex,
                     roi_labels: tuple = ()) -> tuple[dict, int, dict]:
     """Step 4, summarise: ``({case_id: (fingerprint, CaseSummary)}, cases summarised now,
     {case_id: reason} of those whose pixels cannot be read)``; saved summaries of unchanged cases
-    (same objects, sequences and ROI mapping) are reused, the others read concurrently."""
+    (same objects, sequences, ROI mapping and summary version) are reused, the others read concurrently."""
     summaries: dict[str, tuple[str, CaseSummary]] = {}
     unreadable: dict[str, str] = {}
     pending = []
@@ -265,7 +265,7 @@ def summarise_cases(listed: Listing, assembled: Assembled, index: HeaderIndex,
         if case_id in assembled.reasons:
             continue
         fingerprint = _objects_fingerprint([info for folder in listed.folders for info in listed.grouped[case_id][folder]],
-                                           ",".join(listed.sequences).encode()
+                                           ",".join(listed.sequences).encode() + f"|summary {SUMMARY_VERSION}".encode()
                                            + (f"|rois {roi_labels}".encode() if roi_labels else b""))
         saved = index.cases.get(case_id)
         if saved is not None and saved[0] == fingerprint:

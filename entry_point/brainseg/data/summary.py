@@ -3,21 +3,29 @@ cached in the index.
 
 The patch stream normalises each channel with its sequence's statistics and centres foreground
 patches on the recorded tumour coordinates, so no volume is downloaded to find tumour during
-training.
+training. The lesions each structure of the mask holds are counted too: which postprocessing a
+run may offer depends on them (a rule keeping the largest component is wrong where studies hold
+several lesions).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from brainseg.data.series import Series
 
+SUMMARY_VERSION = 2  # 2: lesion counts; a saved summary of another version is computed again
 STAT_SLICES = 8  # slices read per sequence to estimate intensity statistics
 FOREGROUND_POINTS = 256  # tumour voxel coordinates kept per case for foreground sampling
 MASK_CHUNK_SLICES = 16  # mask slices read at once when summarising (bounds memory)
+LESION_MIN_MM3 = 50.0  # a component this small or smaller is no lesion (BraTS's scoring floor)
+SUBSET_VALUES = 4  # up to this many label values in a mask, lesions are counted for every set of them
+_COMPONENTS = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as lesions are scored
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,7 @@ class CaseSummary:
     tumour_bbox: tuple  # (z0, z1, y0, y1, x0, x1), or () when the mask is empty
     foreground_points: tuple  # ((z, y, x), ...), up to FOREGROUND_POINTS
     label_counts: tuple = ()  # ((label value, voxels), ...) of the non-zero values
+    lesion_counts: tuple = ()  # (((label values), lesions), ...): see lesions_of
 
     @classmethod
     def from_json(cls, data: dict) -> CaseSummary:
@@ -56,7 +65,18 @@ class CaseSummary:
         fields["tumour_bbox"] = tuple(fields["tumour_bbox"])
         fields["foreground_points"] = tuple(tuple(p) for p in fields["foreground_points"])
         fields["label_counts"] = tuple(tuple(p) for p in fields["label_counts"])
+        fields["lesion_counts"] = tuple((tuple(values), count) for values, count in fields.get("lesion_counts", ()))
         return cls(**fields)
+
+    def lesions_of(self, values: frozenset | None) -> int | None:
+        """How many lesions (26-connected components over 50 mm³) the voxels of label ``values``
+        form (``None``: every non-zero value); ``None`` when not counted (a summary older than
+        the counts, or a set of values of a mask with more than ``SUBSET_VALUES`` of them)."""
+        present = {value for value, _ in self.label_counts}
+        wanted = tuple(sorted(present if values is None else present & set(values)))
+        if not wanted:
+            return 0
+        return dict(self.lesion_counts).get(wanted)
 
 
 def _stable_seed(text: str) -> int:
@@ -89,6 +109,7 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
     bbox_low = np.full(3, np.iinfo(np.int64).max)
     bbox_high = np.full(3, -1)
     reservoirs: dict[int, list[np.ndarray]] = {}
+    tumour: list[tuple[np.ndarray, np.ndarray]] = []  # every tumour voxel and its value, to count lesions
     for z0 in range(0, depth if mask is not None else 0, MASK_CHUNK_SLICES):
         z1 = min(depth, z0 + MASK_CHUNK_SLICES)
         chunk = mask.read_region(z0, z1, 0, mask.shape[1], 0, mask.shape[2])
@@ -97,6 +118,7 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
             continue
         values = chunk[tuple(points.T)].astype(np.int64)
         points[:, 0] += z0
+        tumour.append((points.astype(np.int32), values))
         bbox_low = np.minimum(bbox_low, points.min(axis=0))
         bbox_high = np.maximum(bbox_high, points.max(axis=0))
         for value in np.unique(values):
@@ -120,4 +142,31 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
         intensities=intensities, tumour_voxels=int(voxels),
         tumour_ml=float(voxels * np.prod(reference.spacing) / 1000.0), tumour_bbox=bbox,
         foreground_points=foreground, label_counts=tuple(sorted(counts.items())),
+        lesion_counts=count_lesions(tumour, bbox, reference.spacing),
     )
+
+
+def count_lesions(tumour: list[tuple[np.ndarray, np.ndarray]], bbox: tuple, spacing: tuple) -> tuple:
+    """``(((label values), lesions), ...)``: the 26-connected components of over ``LESION_MIN_MM3``
+    that the voxels of each set of values form, for every non-empty set of the values present when
+    there are at most ``SUBSET_VALUES`` of them, else for each value alone and for all together.
+
+    ``tumour`` is ``[(points (N, 3), values (N,)), ...]`` inside ``bbox`` ``(z0, z1, y0, y1, x0, x1)``."""
+    if not tumour:
+        return ()
+    origin = np.asarray(bbox[0::2])
+    labels = np.zeros(tuple(high - low for low, high in zip(bbox[0::2], bbox[1::2])), dtype=np.int64)
+    for points, values in tumour:
+        labels[tuple((points - origin).T)] = values
+    present = sorted(int(value) for value in np.unique(labels) if value)
+    if len(present) <= SUBSET_VALUES:
+        sets = [subset for size in range(1, len(present) + 1) for subset in itertools.combinations(present, size)]
+    else:
+        sets = [(value,) for value in present] + [tuple(present)]
+    floor_voxels = LESION_MIN_MM3 / float(np.prod(spacing))
+    counts = []
+    for values in sets:
+        components, count = ndimage.label(np.isin(labels, values), _COMPONENTS)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        counts.append((tuple(values), int(np.count_nonzero(sizes > floor_voxels))))
+    return tuple(counts)

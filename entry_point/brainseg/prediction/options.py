@@ -53,6 +53,9 @@ class PredictOptions:
     mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
     postprocess: bool = _field(True, "apply the postprocessing the model chose on its validation cases (an "
                                      "ensemble: the rules all its models share)")
+    postprocessing: str = _field("", "a cross-validation's <name>-cv.json (s3:// or a path): apply the "
+                                     "postprocessing chosen on its folds' validation cases pooled instead of the "
+                                     "models' own")
     sw_batch_size: int = _field(2, "windows per forward pass")
     sw_overlap: float = _field(-1.0, "sliding-window overlap in [0, 1) (default: each model's own)")
     precision: str = _field("fp32", "fp32, bf16 or fp16 autocast (fp16 on a GPU only)")
@@ -98,6 +101,9 @@ class PredictOptions:
             raise ValueError(f"memory_budget_mb {self.memory_budget_mb}: expected at least 64")
         if self.shard:
             parse_shard(self.shard)
+        if self.postprocessing and not self.postprocess:
+            raise ValueError(f"postprocessing {self.postprocessing} with postprocess false: apply a cross-validation's "
+                             "postprocessing or none, not both")
 
     def to_dict(self) -> dict:
         return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}

@@ -11,7 +11,9 @@ thresholded by the label scheme, and each structure's postprocessing chosen on v
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ import torch
 from brainseg.data.resample import TargetSpacing
 from brainseg.data.summary import Intensity
 from brainseg.data.transforms import normalize
+from brainseg.io import s3
 from brainseg.model.artifact import LoadedModel, ModelError
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import sliding_window
@@ -64,12 +67,14 @@ class Predictor:
         sw_batch_size: windows per forward pass.
         overlap: sliding-window overlap; ``None``: each model's own (its training's).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
-        postprocess: apply the models' postprocessing (:func:`shared_rules`).
+        postprocess: apply the models' postprocessing (:func:`shared_rules`), or ``rules``.
+        rules: ``{structure: Rule}`` to apply instead of the models' own (a cross-validation's
+            pooled choice, :func:`pooled_rules`).
     """
 
     def __init__(self, models: list[LoadedModel], device: torch.device, mirror: bool = False,
                  sw_batch_size: int = 2, overlap: float | None = None, precision: str = "fp32",
-                 postprocess: bool = True):
+                 postprocess: bool = True, rules: dict | None = None):
         if not models:
             raise ModelError("no model given")
         self.models = models
@@ -80,7 +85,11 @@ class Predictor:
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.precision = precision
-        self.rules = shared_rules(models) if postprocess else {}
+        self.rules = {} if not postprocess else shared_rules(models) if rules is None else rules
+        unknown = sorted(set(self.rules) - set(self.scheme.names))
+        if unknown:
+            raise ModelError(f"postprocessing for {', '.join(unknown)}: the models' structures are "
+                             f"{', '.join(self.scheme.names)}")
 
     def predict(self, channels: list[np.ndarray], intensities: tuple[Intensity, ...], spacing: tuple) -> Prediction:
         """The structures of one case from its raw channels (modality units, ``(D, H, W)`` each, in
@@ -116,3 +125,31 @@ def shared_rules(models: list[LoadedModel]) -> dict[str, Rule]:
     except ValueError as err:
         raise ModelError(str(err)) from None
     return common_rules(chosen)
+
+
+def pooled_rules(location: str) -> dict[str, Rule]:
+    """The postprocessing a cross-validation chose on its folds' pooled validation cases, from its
+    ``<name>-cv.json`` (``s3://`` or a path).
+
+    Raises:
+        ModelError: nothing there, not JSON, or no pooled choice in it (its note says why).
+    """
+    try:
+        data = s3.read_uri(location) if location.startswith("s3://") else Path(location).read_bytes()
+    except OSError as err:
+        raise ModelError(f"postprocessing {location}: cannot be read ({err.strerror or err})") from None
+    if data is None:
+        raise ModelError(f"postprocessing {location}: no such object")
+    try:
+        summary = json.loads(data)
+    except ValueError:
+        raise ModelError(f"postprocessing {location}: not JSON; expected a cross-validation's <name>-cv.json") from None
+    rules = summary.get("postprocessing_rules") if isinstance(summary, dict) else None
+    if not isinstance(rules, dict):
+        note = summary.get("postprocessing_note") if isinstance(summary, dict) else None
+        raise ModelError(f"postprocessing {location}: expected a cross-validation summary with postprocessing_rules"
+                         + (f" ({note})" if note else "")) from None
+    try:
+        return rules_of(rules)
+    except ValueError as err:
+        raise ModelError(f"postprocessing {location}: {err}") from None

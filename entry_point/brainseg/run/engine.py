@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from brainseg.config import Hyperparameters, MiB, check_budget
 from brainseg.data.augment import augment_batch
+from brainseg.data.fingerprint import LesionCounts
 from brainseg.data.splits import SPLITS
 from brainseg.data.stream import slab_cost_bytes
 from brainseg.environment import Environment
@@ -32,6 +33,7 @@ from brainseg.model.artifact import artifact_bytes
 from brainseg.model.description import ModelDescription
 from brainseg.model.inferer import autocast
 from brainseg.model.optim import build_optimizer, build_scheduler
+from brainseg.postprocess import offer, validation_record
 from brainseg.progress import Progress
 from brainseg.run import distributed
 from brainseg.run.cases import (
@@ -44,7 +46,7 @@ from brainseg.run.cases import (
 )
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
-from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate
+from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate, validation_matches
 from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.plan import plan_run
@@ -78,7 +80,7 @@ class Trainer:
         self.lock: RunLock | None = None
         self.tracker = Tracker("", hp.mlflow_experiment)  # inert until connect()
         self.interrupted = self.output_ready = False
-        self.best_matches: list | None = None  # the best validation's lesion matches (choose postprocessing)
+        self.best_matches: dict | None = None  # the best validation's lesion matches by case (choose postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
 
     # ----------------------------------------------------------------- setup
@@ -283,7 +285,7 @@ class Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.stale = metric, state.epoch, 0
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best_matches = [result.lesion_matches for result in evaluated if result.lesion_matches]
+            self.best_matches = {result.case_id: result.lesion_matches for result in evaluated if result.lesion_matches}
             if self.main:
                 self.save_best()
         else:
@@ -317,12 +319,21 @@ class Trainer:
 
     # ----------------------------------------------------------------- the end
     def choose_postprocessing(self) -> None:
-        """Each structure's postprocessing, chosen on the validation cases with the best weights."""
+        """Each structure's postprocessing, chosen on the validation cases with the best weights
+        among the rules the training labels support; the matches and offers are written for a
+        cross-validation to pool."""
+        if not self.task.needs_masks:
+            return
         again = lambda: evaluate(self.model, self.val_cases, self.hp, self.task, self.device, self.target_spacing,
                                  phase="val (postprocessing)")
-        self.postprocessing = choose_postprocessing(self.best_matches if self.task.needs_masks else [], again)
-        if self.main and any(not choice.rule.changes_nothing for choice in self.postprocessing.values()):
-            self.save_best()  # the model artifact carries the choice
+        matches = validation_matches(self.best_matches, again)
+        offers = {structure.name: offer(LesionCounts.of(self.train_cases, structure.values))
+                  for structure in self.task.scheme.structures}
+        self.postprocessing = choose_postprocessing(matches, offers)
+        if self.main:
+            self.store.put_json(RunLayout.VALIDATION_MATCHES, validation_record(matches, offers))
+            if any(not choice.rule.changes_nothing for choice in self.postprocessing.values()):
+                self.save_best()  # the model artifact carries the choice
 
     def test(self) -> dict:
         hp = self.hp

@@ -26,7 +26,7 @@ from brainseg.data.transforms import normalize
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
 from brainseg.overlap import Overlap, tumour_centre
-from brainseg.postprocess import Choice, choose
+from brainseg.postprocess import Choice, Offer, choose
 from brainseg.progress import Progress
 from brainseg.run import distributed
 from brainseg.tasks import Task
@@ -190,16 +190,26 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, tas
     return sorted(results, key=lambda result: result.case_id)
 
 
-def choose_postprocessing(matches: list | None, validate: Callable[[], list[CaseResult]]) -> dict[str, Choice]:
-    """Each structure's :class:`~brainseg.postprocess.Choice` from the best validation's lesion
-    matches (``None``: not at hand, e.g. after a resume past the best epoch; then ``validate()``
-    evaluates the validation cases again), logged."""
+def validation_matches(matches: dict | None, validate: Callable[[], list[CaseResult]]) -> dict:
+    """The best validation's lesion matches ``{case_id: {structure: LesionMatch}}``; ``None``: not at
+    hand (e.g. after a resume past the best epoch), so ``validate()`` evaluates the cases again."""
     if matches is None:
-        matches = [result.lesion_matches for result in validate() if result.lesion_matches]
-    choices = choose(matches)
+        matches = {result.case_id: result.lesion_matches for result in validate() if result.lesion_matches}
+    return matches
+
+
+def choose_postprocessing(matches: dict, offers: dict[str, Offer]) -> dict[str, Choice]:
+    """Each structure's :class:`~brainseg.postprocess.Choice` from the validation cases' lesion
+    matches (``{case_id: {structure: LesionMatch}}``) among the ``offers``, logged with every rule
+    tried and every rule not offered."""
+    choices = choose([matches[case_id] for case_id in sorted(matches)], offers)
     for name, choice in choices.items():
-        logger.info("postprocessing %s: %s (validation lesion-wise Dice %.4f -> %.4f, %d cases)", name,
-                    choice.rule.describe(), choice.before, choice.after, choice.cases)
+        tried = "; ".join(f"{trial.rule.describe()} {trial.after:.4f} ({trial.lowered} lowered)"
+                          for trial in choice.trials)
+        logger.info("postprocessing %s: %s (validation lesion-wise Dice %.4f -> %.4f, %d cases; tried: %s)", name,
+                    choice.rule.describe(), choice.before, choice.after, choice.cases, tried or "nothing")
+        for description, reason in choice.withheld:
+            logger.info("postprocessing %s: %s not offered: %s", name, description, reason)
     return choices
 
 

@@ -202,7 +202,8 @@ def plan_run(hp: Hyperparameters, given: frozenset, cases: list, out_channels: i
              store=None) -> Hyperparameters:
     """``hp`` completed by the plan of the training ``cases`` (logged, and written to the run's
     ``plan.json`` through ``store`` on the main rank)."""
-    plan = make_plan(Fingerprint.of(cases, hp.sequence_names), hp, out_channels, device_memory_gb(hp, device), given)
+    fingerprint = Fingerprint.of(cases, hp.sequence_names, hp.label_scheme.structures)
+    plan = make_plan(fingerprint, hp, out_channels, device_memory_gb(hp, device), given)
     logger.info("plan: %s", plan.describe())
     for note in plan.notes:
         logger.info("plan: %s", note)
