@@ -108,6 +108,12 @@ def test_the_review_names_a_folds_run_and_ignores_what_is_not_a_fold():
     assert fold_text({"fold": 1, "folds": 5}) == "cross-validation fold 1 of 5 (0-based)"
     assert fold_text({"fold": None, "folds": None}) == fold_text({}) == ""
     assert postprocessing_text({"wt": {"description": "none"}}) == postprocessing_text("x") == ""
+    several = {"description": "remove components under 10 mm³", "val_lesion_dice_before": 0.5,
+               "val_lesion_dice_after": 0.75, "not_offered": {"keep the largest component": "3 of 20 training cases "
+                                                                                          "hold several lesions (up to 4)"}}
+    assert postprocessing_text({"wt": several}) == (
+        "postprocessing (validation lesion-wise Dice): wt remove components under 10 mm³ (0.500 -> 0.750), not offered: "
+        "keep the largest component (3 of 20 training cases hold several lesions (up to 4))")
 
 
 def test_cv_without_data_is_refused_and_a_fixed_fold_too(capsys):

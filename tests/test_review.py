@@ -69,8 +69,9 @@ def test_listing_shows_every_run_with_status_scores_and_differences(runs, capsys
     assert (f"fast: lesion-wise test: tumour Dice {lesions['dice']:.3f} HD95 {lesions['hd95']:.1f} mm "
             f"({lesions['lesions']} lesions, {lesions['false_positives']} false positives)") in out
     chosen = json.loads(s3.read_uri(f"{runs}/fast/summary.json"))["postprocessing"]["tumour"]
+    withheld = "".join(f", not offered: {rule} ({reason})" for rule, reason in chosen["not_offered"].items())
     assert (f"fast: postprocessing (validation lesion-wise Dice): tumour {chosen['description']} "
-            f"({chosen['val_lesion_dice_before']:.3f} -> {chosen['val_lesion_dice_after']:.3f})") in out
+            f"({chosen['val_lesion_dice_before']:.3f} -> {chosen['val_lesion_dice_after']:.3f}){withheld}") in out
     assert "cross-validation fold" not in out  # no run here is a fold
 
 

@@ -46,6 +46,9 @@ def test_synth_to_folder_upload_and_inspect(tmp_path, bucket):
     profile = json.loads(profile_path.read_text())
     assert profile["cases"] == 3 and profile["splits"] == {"train": 2, "val": 1, "test": 0}
     assert profile["tumour_ml"]["min"] > 0
+    lesions = profile["lesions_per_case"]["tumour"]  # one phantom tumour each, one of them under the 50 mm³ floor
+    assert (lesions["min"], lesions["max"], lesions["cases_with_several"], lesions["uncounted"]) == (0.0, 1.0, 0, 0)
+    assert "lesions     tumour: median 1.0, max 1.0, 0 case(s) with several" in result.stdout
     assert profile["layouts"] == {"single-frame": 3}
     assert profile["skipped_objects"] == [{"case_id": "case_0002", "object": "image/notes.txt",
                                            "reason": "not a DICOM file (no 'DICM' marker after the 128-byte preamble)"}]

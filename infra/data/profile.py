@@ -69,12 +69,27 @@ def profile_catalog(catalog: Catalog) -> dict:
         "tumour_ml": _quantiles([case.summary.tumour_ml for case in usable]),
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
                                                for case in usable]),
+        "lesions_per_case": lesion_profile(usable, sorted(labels, key=int)),
         "exclusions": [{"case_id": item.case_id, "reason": item.reason} for item in catalog.exclusions],
         "skipped_objects": [{"case_id": case.case_id, "object": item.split(": ", 1)[0], "reason": item.split(": ", 1)[1]}
                             for case in sorted((*catalog.cases, *catalog.exclusions), key=lambda c: c.case_id)
                             for item in case.skipped],
         "index": catalog.index_stats,
     }
+
+
+def lesion_profile(cases: list, values: list[str]) -> dict:
+    """Per label set (every tumour label together, then each value alone): the distribution of the
+    lesions per case (26-connected components over 50 mm³) and how many cases hold several; the
+    cases whose summaries carry no count are left out and counted."""
+    sets = {"tumour": None, **{f"value {value}": frozenset({int(value)}) for value in values}}
+    out = {}
+    for name, chosen in sets.items():
+        counts = [case.summary.lesions_of(chosen) for case in cases]
+        known = [count for count in counts if count is not None]
+        out[name] = {**_quantiles(known), "cases_with_several": sum(count > 1 for count in known),
+                     "uncounted": len(counts) - len(known)}
+    return out
 
 
 def format_profile(profile: dict) -> str:
@@ -92,6 +107,8 @@ def format_profile(profile: dict) -> str:
         "labels      " + ", ".join(f"value {value} in {n} case(s)" for value, n in profile["cases_with_label"].items()),
         "tumour ml   " + ", ".join(f"{k} {v}" for k, v in profile["tumour_ml"].items()),
         "tumour %    " + ", ".join(f"{k} {v}" for k, v in profile["tumour_fraction_percent"].items()),
+        *(f"lesions     {name}: median {stats.get('median')}, max {stats.get('max')}, "
+          f"{stats['cases_with_several']} case(s) with several" for name, stats in profile["lesions_per_case"].items()),
         f"indexing    {profile['index']}",
     ]
     if profile["padded_objects"]:

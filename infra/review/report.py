@@ -136,10 +136,15 @@ def postprocessing_text(postprocessing) -> str:
     """What postprocessing the run chose per structure and what it bought on validation, or ""."""
     if not isinstance(postprocessing, dict) or not postprocessing:
         return ""
-    parts = [f"{name} {choice.get('description', '?')} ({choice['val_lesion_dice_before']:.3f} -> "
-             f"{choice['val_lesion_dice_after']:.3f})" for name, choice in postprocessing.items()
-             if isinstance(choice, dict) and is_number(choice.get("val_lesion_dice_before"))
-             and is_number(choice.get("val_lesion_dice_after"))]
+    parts = []
+    for name, choice in postprocessing.items():
+        if not (isinstance(choice, dict) and is_number(choice.get("val_lesion_dice_before"))
+                and is_number(choice.get("val_lesion_dice_after"))):
+            continue
+        withheld = choice.get("not_offered") if isinstance(choice.get("not_offered"), dict) else {}
+        parts.append(f"{name} {choice.get('description', '?')} ({choice['val_lesion_dice_before']:.3f} -> "
+                     f"{choice['val_lesion_dice_after']:.3f})"
+                     + "".join(f", not offered: {rule} ({reason})" for rule, reason in withheld.items()))
     return "postprocessing (validation lesion-wise Dice): " + "; ".join(parts) if parts else ""
 
 
