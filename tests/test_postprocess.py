@@ -140,6 +140,17 @@ def test_a_rule_that_lowers_more_than_a_tenth_of_the_cases_is_not_kept_even_when
     assert ten.rule == LARGEST_ONLY and ten.after == pytest.approx(0.95)  # 1 of 10 lowered: allowed
 
 
+def test_shaving_a_fragment_off_a_found_lesion_does_not_count_as_lowering_a_case():
+    fragment = np.zeros(SHAPE, dtype=bool)
+    fragment[8, 4, 4] = True  # one voxel of the lesion, two slices from the rest of its prediction
+    shaved = (_cube((4, 4, 4), 5) & (np.arange(SHAPE[0]) < 7)[:, None, None]) | fragment  # z 4-6 and the voxel at z 8
+    # Removing components under 10 mm³ takes the fragment: 2 x 76 / 201 -> 2 x 75 / 200, 0.006 lower.
+    cases = _matches([(LESION | SPECK, LESION), (shaved, LESION)])
+    assert cases[1]["wt"].dice() - cases[1]["wt"].dice(np.array([True, False])) == pytest.approx(152 / 201 - 0.75)
+    choice = choose(cases, EVERY_RULE)["wt"]
+    assert choice.rule == Rule(min_mm3=10) and choice.trials[0].lowered == 0
+
+
 def test_lesions_are_counted_for_every_set_of_label_values():
     labels = np.zeros((20, 20, 20), dtype=np.int64)
     labels[2:7, 2:7, 2:7] = 2  # lesion A: oedema (125 voxels) ...

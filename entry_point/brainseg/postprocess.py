@@ -10,8 +10,8 @@ and "keep the largest component" is offered only when no training case holds sev
 the region (the fingerprint's :class:`~brainseg.data.fingerprint.LesionCounts`). Among the offered
 rules a region takes the one with the highest mean lesion-wise Dice (BraTS's) over the
 validation cases (:func:`choose`), and only when it adds at least :data:`MIN_GAIN` to leaving the
-prediction alone *and* lowers the case's lesion-wise Dice of that region on at most
-:data:`HARM_FRACTION` of the validation cases. With cross-validation the choice is made on the
+prediction alone *and* lowers the case's lesion-wise Dice of that region (by more than
+:data:`LOWER`) on at most :data:`HARM_FRACTION` of the validation cases. With cross-validation the choice is made on the
 folds' validation cases pooled (every case once, each predicted by the fold that held it out),
 among the rules every fold offered, as nnU-Net does. The model's description stores the choice
 and prediction applies it.
@@ -79,7 +79,9 @@ THRESHOLDS_MM3 = (10, 25, 50)
 CANDIDATES = (*(Rule(min_mm3=volume) for volume in THRESHOLDS_MM3), LARGEST_ONLY)
 MIN_GAIN = 0.005  # validation lesion-wise Dice a rule must add to be kept: noise on a few cases is no gain
 HARM_FRACTION = 0.1  # a rule that lowers more than this share of the validation cases' scores is not kept
-LOWER = 1e-9  # a case's score lower by more than this is lowered
+# A case is lowered when its lesion-wise Dice falls by more than this: shaving a few voxels' fragment
+# off a found lesion costs thousandths, losing a lesion or its core costs tenths.
+LOWER = 0.01
 
 
 @dataclass(frozen=True)
