@@ -16,6 +16,7 @@ import torch
 
 from brainseg.data.transforms import normalize
 from brainseg.io import s3
+from brainseg.layout import RunLayout
 from brainseg.model.artifact import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,8 @@ SUMMARY_FIELDS = ("best_val_dice", "best_epoch", "test_dice_mean", "test_lesion_
 
 def train(name: str, dataset: str, output_uri: str, model_dir: Path, flags: list[str]) -> dict:
     """train.py on ``dataset`` writing run ``name`` under ``output_uri`` and its model into
-    ``model_dir``: the wall time, the loaded model and the summary's headline fields.
+    ``model_dir``: the wall time, the loaded model, the summary's headline fields and the validation
+    record postprocessing was chosen from (to try other rules on it afterwards).
 
     Raises:
         RuntimeError: the run failed (its output's tail).
@@ -39,9 +41,12 @@ def train(name: str, dataset: str, output_uri: str, model_dir: Path, flags: list
         tag in line for tag in ("epoch_metrics", "test_metrics", "postprocessing", "target spacing"))), flush=True)
     if child.returncode != 0:
         raise RuntimeError(f"run {name} failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-    summary = json.loads(s3.read_uri(f"{output_uri.rstrip('/')}/{name}/summary.json"))
+    run = f"{output_uri.rstrip('/')}/{name}/"
+    summary = json.loads(s3.read_uri(run + RunLayout.SUMMARY))
+    record = s3.read_uri(run + RunLayout.VALIDATION_MATCHES)
     return {"wall_seconds": seconds, "loaded": load_model(str(model_dir), torch.device("cpu")),
-            "summary": {key: summary.get(key) for key in SUMMARY_FIELDS}}
+            "summary": {key: summary.get(key) for key in SUMMARY_FIELDS},
+            "validation_record": json.loads(record) if record else None}
 
 
 def member(loaded: LoadedModel) -> tuple:

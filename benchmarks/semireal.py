@@ -116,6 +116,7 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
             rules = rules_of(run["loaded"].description.postprocessing)
             rows = scoring.score_cases([ours.member(run["loaded"])], test, rules)
             out["runs"][name] = {"wall_seconds": run["wall_seconds"], **run["summary"],
+                                 "validation_record": run["validation_record"],
                                  "scores": scoring.summarise(rows["raw"]), "per_case": rows["raw"]}
             after = rows.get("postprocessed", rows["raw"])
             out["runs"][f"{name}+pp"] = {"rules": {key: rule.describe() for key, rule in rules.items()},
