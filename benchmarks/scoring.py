@@ -11,7 +11,7 @@ docs/training.md).
 
 Lesions are counted independently of the lesion-wise rules: each 26-connected component of the
 true whole tumour larger than BraTS's 50 mm³ floor is a lesion, *found* when the predicted whole
-tumour covers at least half of it. It is binned by size (under 2 ml, 2-10 ml, 10 ml and more), by
+tumour covers at least half of it (and *detected* when it covers any of it). It is binned by size (under 2 ml, 2-10 ml, 10 ml and more), by
 BraTS type (enhancing: it holds an enhancing voxel; else non-enhancing) and, where the generator
 recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). False
 positive components are counted per region, before any postprocessing and after it.
@@ -86,7 +86,8 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
         if predicted[index].any() and truth[index].any():
             row[f"hd95_{name}"] = hausdorff95(predicted[index], truth[index], spacing)
     row["dice_mean"] = float(np.mean([row[f"dice_{name}"] for name in REGIONS]))
-    row["lesions"] = [{**facts, "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION)}
+    row["lesions"] = [{**facts, "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION),
+                       "detected": bool(predicted[0][voxels].any())}
                       for voxels, facts in lesions_of(label, spacing, numbers, types)]
     return row
 
@@ -116,10 +117,10 @@ def score_cases(members: list[tuple], studies: list[dict], rules: dict | None = 
     return rows
 
 
-def found(lesions: list[dict], key: str, value: str) -> str:
-    """``"found/total"`` of the lesions whose ``key`` is ``value``."""
+def found(lesions: list[dict], key: str, value: str, outcome: str = "found") -> str:
+    """``"found/total"`` (or ``outcome``, e.g. ``detected``) of the lesions whose ``key`` is ``value``."""
     chosen = [lesion for lesion in lesions if lesion.get(key) == value]
-    return f"{sum(lesion['found'] for lesion in chosen)}/{len(chosen)}"
+    return f"{sum(lesion[outcome] for lesion in chosen)}/{len(chosen)}"
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -138,8 +139,10 @@ def summarise(rows: list[dict]) -> dict:
         out[f"false_positives_per_study_{name}"] = round(float(np.mean([row[f"false_positives_{name}"] for row in rows])), 3)
     lesions = [lesion for row in rows for lesion in row["lesions"]]
     out["lesions_found"] = f"{sum(lesion['found'] for lesion in lesions)}/{len(lesions)}"
+    out["lesions_detected"] = f"{sum(lesion['detected'] for lesion in lesions)}/{len(lesions)}"
     for _, _, size in SIZE_BINS:
         out[f"found_{size}"] = found(lesions, "size", size)
+        out[f"detected_{size}"] = found(lesions, "size", size, "detected")
     for kind in ("enhancing", "non-enhancing"):
         out[f"found_{kind}"] = found(lesions, "brats_type", kind)
     for kind in sorted({lesion["type"] for lesion in lesions if "type" in lesion}):
@@ -152,7 +155,7 @@ def pooled(summaries: list[dict]) -> dict:
     out = {}
     for key in dict.fromkeys(key for summary in summaries for key in summary):
         values = [summary.get(key) for summary in summaries]
-        if key.startswith(("found", "lesions_found")):
+        if key.startswith(("found", "detected", "lesions_found", "lesions_detected")):
             parts = [(value or "0/0").split("/") for value in values]
             out[key] = f"{sum(int(a) for a, _ in parts)}/{sum(int(b) for _, b in parts)}"
         elif all(isinstance(value, (int, float)) for value in values):
