@@ -34,7 +34,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
-from scoring import score_cases
+from scoring import Member, score_cases
 
 from brainseg.data.resample import TargetSpacing
 
@@ -76,9 +76,9 @@ def resampled(study: dict, spacing: tuple) -> dict:
             "label": grid.volume_to_target(study["label"][None], labels=True)}
 
 
-def member(model: torch.nn.Module, patch_size: tuple, spacing: tuple) -> tuple:
-    """The trained model as a scoring member."""
-    return model, patch_size, lambda study: normalise(study["image"]), spacing, "linear"
+def member(model: torch.nn.Module, patch_size: tuple, spacing: tuple) -> Member:
+    """The trained model as a scoring member (its channels thresholded at 0.5 each, as the tutorial does)."""
+    return Member(model, patch_size, lambda study: normalise(study["image"]), spacing, "linear")
 
 
 def train(model: torch.nn.Module, train_studies: list[dict], val_studies: list[dict], patch_size: tuple,

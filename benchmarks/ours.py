@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from scoring import Member
 
 from brainseg.data.transforms import normalize
 from brainseg.io import s3
@@ -49,7 +51,7 @@ def train(name: str, dataset: str, output_uri: str, model_dir: Path, flags: list
             "validation_record": json.loads(record) if record else None}
 
 
-def member(loaded: LoadedModel) -> tuple:
+def member(loaded: LoadedModel) -> Member:
     """A trained model of ours as a scoring member; a study must carry its catalog ``case`` (the
     intensity statistics our normalisation uses)."""
     description = loaded.description
@@ -58,4 +60,10 @@ def member(loaded: LoadedModel) -> tuple:
         return np.stack([normalize(channel.astype(np.float32), description.normalization, stats)
                          for channel, stats in zip(study["image"], study["case"].summary.intensities)])
 
-    return loaded.network, description.patch_size, normalise, description.target_spacing, description.resampling
+    return Member(loaded.network, description.patch_size, normalise, description.target_spacing,
+                  description.resampling)
+
+
+def decide(loaded: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
+    """How our prediction turns probabilities into regions (:meth:`brainseg.labels.LabelScheme.predicted`)."""
+    return lambda probabilities: np.stack(loaded.description.scheme.predicted(probabilities, probabilities=True))

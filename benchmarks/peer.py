@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         splits = {name: [case.case_id for case in catalog.split(name)] for name in ("train", "val", "test")}
         test = [studies[case_id] for case_id in splits["test"]]
         rules = rules_of(mine["loaded"].description.postprocessing)
-        entries = [("ours", [ours.member(mine["loaded"])], rules, mine)]
+        entries = [("ours", [ours.member(mine["loaded"])], rules, mine)]  # (name, members, rules, run)
         if folds:
             shared = common_rules([rules_of(fold["loaded"].description.postprocessing) for fold in folds])
             ensemble = {"wall_seconds": round(sum(fold["wall_seconds"] for fold in folds), 1)}
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             entries.append(("monai", [monai_tutorial.member(model, PATCH, spacing)], {}, run))
         results = {}
         for name, members, chosen, run in entries:
-            rows = scoring.score_cases(members, test, chosen)
+            rows = scoring.score_cases(members, test, chosen, scoring.threshold if name == "monai"
+                                       else ours.decide(mine["loaded"]))
             results[name] = {"wall_seconds": run["wall_seconds"], **scoring.summarise(rows["raw"]),
                              "per_case": rows["raw"]}
             if "postprocessed" in rows:

@@ -1,11 +1,11 @@
 """The benchmarks' scorer: one code path for every pipeline, on each study's own grid.
 
-A *member* is ``(model, patch_size, normalise, spacing, resampling)``: a trained network, the
-window it infers with, how it turns a study's raw channels into its input, and the grid it works
-on (``()``: the study's own). A study is inferred on that grid by sliding windows (Gaussian,
-overlap 0.25), its sigmoid probabilities mapped back to the study's grid and averaged over the
-members, and thresholded at 0.5; ``rules`` (``{region: brainseg.postprocess.Rule}``) are applied
-when given. Per study and region: Dice, HD95 (MONAI's, where both are present) and BraTS's lesion-wise Dice and false
+A :class:`Member` is a trained network, the window it infers with, how it turns a study's raw
+channels into its input, and the grid it works on. A study is inferred on that grid by sliding
+windows (Gaussian, overlap 0.25), its sigmoid probabilities mapped back to the study's grid and
+averaged over the members, and turned into regions as the pipeline does it (``decide``: a 0.5
+threshold per channel unless the pipeline says otherwise); ``rules``
+(``{region: brainseg.postprocess.Rule}``) are applied when given. Per study and region: Dice, HD95 (MONAI's, where both are present) and BraTS's lesion-wise Dice and false
 positives (:func:`brainseg.metrics.lesion_wise`, checked against the challenge's published code,
 docs/training.md).
 
@@ -18,6 +18,9 @@ positive components are counted per region, before any postprocessing and after 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,14 +43,31 @@ def truth_regions(label: np.ndarray) -> np.ndarray:
     return np.stack([np.isin(label, [1, 2, 4]), np.isin(label, [1, 4]), label == 4])
 
 
-def probabilities(members: list[tuple], study: dict) -> np.ndarray:
+@dataclass(frozen=True)
+class Member:
+    """A trained network as the scorer runs it: ``normalise`` takes a study dict to the network's
+    input ``(C, D, H, W)``; ``spacing`` is its grid (``()``: each study's own), reached by ``resampling``."""
+
+    model: torch.nn.Module
+    patch_size: tuple
+    normalise: Callable[[dict], np.ndarray]
+    spacing: tuple = ()
+    resampling: str = "linear"
+
+
+def threshold(probabilities: np.ndarray) -> np.ndarray:
+    """Each sigmoid channel on its own, at 0.5."""
+    return probabilities > 0.5
+
+
+def probabilities(members: list[Member], study: dict) -> np.ndarray:
     """The members' mean sigmoid output ``(3, D, H, W)`` on the study's grid."""
     total = 0
-    for model, patch_size, normalise, target, resampling in members:
-        grid = Grid(study["label"].shape, study["spacing"], target or study["spacing"], resampling)
-        inputs = torch.from_numpy(grid.volume_to_target(normalise(study)))[None]
-        output = sliding_window_inference(inputs, roi_size=patch_size, sw_batch_size=2, predictor=model, overlap=0.25,
-                                          mode="gaussian")[0]
+    for member in members:
+        grid = Grid(study["label"].shape, study["spacing"], member.spacing or study["spacing"], member.resampling)
+        inputs = torch.from_numpy(grid.volume_to_target(member.normalise(study)))[None]
+        output = sliding_window_inference(inputs, roi_size=member.patch_size, sw_batch_size=2, predictor=member.model,
+                                          overlap=0.25, mode="gaussian")[0]
         total = total + torch.sigmoid(grid.volume_to_native(output))
     return (total / len(members)).numpy()
 
@@ -92,11 +112,12 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
     return row
 
 
-def score_cases(members: list[tuple], studies: list[dict], rules: dict | None = None) -> dict[str, list[dict]]:
+def score_cases(members: list[Member], studies: list[dict], rules: dict | None = None,
+                decide: Callable[[np.ndarray], np.ndarray] = threshold) -> dict[str, list[dict]]:
     """Per-study figures of one model or an ensemble on ``studies`` (each ``image`` ``(4, D, H, W)``
     raw, ``label``, ``spacing``, ``case_id``, optionally ``lesions`` and ``types``): ``raw`` as
-    predicted and, with ``rules``, ``postprocessed``."""
-    models = [member[0] for member in members]
+    ``decide`` turns the probabilities into regions and, with ``rules``, ``postprocessed``."""
+    models = [member.model for member in members]
     modes = [model.training for model in models]
     for model in models:
         model.eval()
@@ -104,7 +125,7 @@ def score_cases(members: list[tuple], studies: list[dict], rules: dict | None = 
     try:
         with torch.no_grad():
             for study in studies:
-                raw = probabilities(members, study) > 0.5
+                raw = decide(probabilities(members, study))
                 kept = {"raw": raw}
                 if rules:
                     kept["postprocessed"] = np.stack(apply_rules(rules, REGIONS, list(raw), study["spacing"]))

@@ -115,7 +115,7 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
         test = [as_scored(case_id, studies[case_id], cases[case_id]) for case_id in splits["test"]]
         for name, run in trained.items():
             rules = rules_of(run["loaded"].description.postprocessing)
-            rows = scoring.score_cases([ours.member(run["loaded"])], test, rules)
+            rows = scoring.score_cases([ours.member(run["loaded"])], test, rules, ours.decide(run["loaded"]))
             out["runs"][name] = {"wall_seconds": run["wall_seconds"], **run["summary"],
                                  "validation_record": run["validation_record"],
                                  "scores": scoring.summarise(rows["raw"]), "per_case": rows["raw"]}

@@ -161,6 +161,19 @@ def test_predicted_structures_go_back_to_the_label_values_they_were_learnt_from(
     assert back.dtype == np.uint8 and back.tolist() == expected.get(labels, mask).tolist()
 
 
+def test_predicted_regions_nest_as_their_definitions_do():
+    scheme = parse_scheme(LABELS, "brats")  # wt = ncr+ed+et, tc = ncr+et, et = et
+    # Five voxels: only WT fires; only ET fires; only TC; TC and ET; nothing.
+    logits = np.array([[5, -5, -5, -5, -5], [-5, -5, 5, 5, -5], [-5, 5, -5, 5, -5]], dtype=np.float32)
+    wt, tc, et = scheme.predicted(logits)
+    assert wt.tolist() == [True, True, True, True, False]  # holds what TC or ET holds
+    assert tc.tolist() == [False, True, True, True, False]  # holds what ET holds
+    assert et.tolist() == [False, True, False, True, False]  # holds only its own
+    side_by_side = parse_scheme("a=1,b=2", "left=a,right=b,both=a+b")
+    left, right, both = side_by_side.predicted(np.array([[1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]))
+    assert left.tolist() == [True, False] and right.tolist() == [False, True] and both.tolist() == [True, True]
+
+
 def test_regions_are_scored_each_on_their_own():
     scheme = parse_scheme(LABELS, "brats")
     mask = np.zeros((8, 8, 8), dtype=np.uint8)

@@ -75,12 +75,23 @@ class LabelScheme:
 
     def predicted(self, output: np.ndarray, probabilities: bool = False) -> list[np.ndarray]:
         """Each structure's predicted voxels from the network's logits ``(C, D, H, W)`` (or, with
-        ``probabilities``, its sigmoid/softmax output): a region where its sigmoid passes 0.5, a
-        class where it wins the softmax."""
+        ``probabilities``, its sigmoid/softmax output): a region where its sigmoid passes 0.5, or
+        where a region it holds by definition does (BraTS's ET inside TC inside WT: a voxel
+        predicted enhancing is tumour core and whole tumour too), a class where it wins the softmax."""
         if self.regions:
-            return [channel > (0.5 if probabilities else 0.0) for channel in output]
+            return self.nested([channel > (0.5 if probabilities else 0.0) for channel in output])
         winner = output.argmax(0)
         return [winner == index for index in range(1, len(self.classes) + 1)]
+
+    def nested(self, masks: list[np.ndarray]) -> list[np.ndarray]:
+        """Each region's mask joined with the masks of the regions whose label values it holds, so
+        the regions nest as their definitions do (each sigmoid channel is learnt on its own)."""
+        out = []
+        for region, mask in zip(self.regions, masks):
+            inside = [other for smaller, other in zip(self.regions, masks)
+                      if smaller is not region and smaller.values < region.values]
+            out.append(np.logical_or.reduce([mask, *inside]) if inside else mask)
+        return out
 
     def label_map(self, masks: list[np.ndarray]) -> np.ndarray:
         """One ``uint8`` volume of label values from the structures' predicted masks (as
