@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.sampling import is_foreground_slab, plan_slab
-from brainseg.data.stream import PatchStream
+from brainseg.data.stream import PatchStream, foreground_centres
+from brainseg.data.summary import CaseSummary
 from brainseg.io import s3
 from tests.conftest import put_case, small_phantom
 
@@ -117,6 +118,22 @@ def test_workers_and_ranks_see_disjoint_shards(cases):
 def test_foreground_patches_hold_tumour(cases):
     samples = _take(PatchStream(cases, StreamConfig(**SMALL, foreground_fraction=1.0, augment=False)), 12)
     assert all(s["label"].sum() > 0 for s in samples)
+
+
+def test_foreground_centres_follow_the_label_values_or_the_tumours_voxels():
+    points = tuple((z, 0, 0) for z in range(256))
+    values = (1,) * 128 + (2,) * 128  # evenly over the two values, as the summary draws them
+    summary = CaseSummary((), 1000, 1.0, (), points, label_counts=((1, 10), (2, 990)), foreground_values=values)
+    assert foreground_centres(summary, StreamConfig(), "case_a") == points
+    voxels = StreamConfig(foreground_sampling="voxels")
+    drawn = foreground_centres(summary, voxels, "case_a")
+    assert len(drawn) == 256 and set(drawn) <= set(points)
+    assert 0.95 <= sum(point[0] >= 128 for point in drawn) / 256 <= 1.0  # value 2 holds 99% of the tumour
+    assert foreground_centres(summary, voxels, "case_a") == drawn  # seeded by the run's seed and the case
+    assert foreground_centres(summary, StreamConfig(foreground_sampling="voxels", seed=1), "case_a") != drawn
+    older = CaseSummary((), 1000, 1.0, (), points, label_counts=((1, 10), (2, 990)))
+    with pytest.raises(ValueError, match="case_a: its summary has no label value per foreground point"):
+        foreground_centres(older, voxels, "case_a")
 
 
 def test_small_volumes_are_padded(cases):

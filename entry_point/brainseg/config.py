@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from brainseg.labels import LabelScheme, parse_roi_labels, parse_scheme
 
 NORMALIZATIONS = ("zscore", "minmax")
+FOREGROUND_SAMPLINGS = ("labels", "voxels")
 MiB = 1024 * 1024
 FLOAT_BYTES = 4
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -55,6 +56,10 @@ class StreamConfig:
     patch_size: tuple = _field((96, 96, 96), "(D, H, W) voxels of each patch; clamped to, and padded for, small "
                                              "volumes")
     foreground_fraction: float = _field(1.0 / 3.0, "share of patches centred on a tumour voxel (nnU-Net uses 1/3)")
+    foreground_sampling: str = _field("labels", "where foreground patches are centred: labels (evenly over the label "
+                                                "values present, a small class as often as a large one, as nnU-Net) "
+                                                "or voxels (uniformly over the tumour's voxels, as MONAI's "
+                                                "RandCropByPosNegLabeld)")
     patches_per_slab: int = _field(4, "patches cut from each fetched slab, to amortise its requests")
     slab_margin: tuple = _field((16, 16), "extra (D, H) voxels fetched around a patch, room for the slab's patches "
                                           "to differ (the full width is fetched: rows are contiguous in DICOM)")
@@ -83,6 +88,9 @@ class StreamConfig:
             raise ValueError(f"slab_margin {self.slab_margin}: expected two non-negative sizes (D, H)")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction {self.foreground_fraction}: expected a value in [0, 1]")
+        if self.foreground_sampling not in FOREGROUND_SAMPLINGS:
+            raise ValueError(f"foreground_sampling {self.foreground_sampling!r}: expected one of "
+                             f"{', '.join(FOREGROUND_SAMPLINGS)}")
         if self.patches_per_slab < 1:
             raise ValueError(f"patches_per_slab {self.patches_per_slab}: expected at least 1")
         if self.mix_slabs < 1:
@@ -102,7 +110,7 @@ def _stream_field(name: str):
 
 
 # The StreamConfig fields train.py takes as they are (the budget is in MiB there, the seed seeds more).
-STREAM_FLAGS = ("patch_size", "foreground_fraction", "patches_per_slab", "slab_margin", "mix_slabs", "normalization",
+STREAM_FLAGS = ("patch_size", "foreground_fraction", "foreground_sampling", "patches_per_slab", "slab_margin", "mix_slabs", "normalization",
                 "augment", "read_ahead")
 TASKS = ("segmentation", "autoencoder", "lr_find")
 MODELS = ("unet", "attention_unet", "segresnet", "dynunet")
@@ -237,6 +245,7 @@ class Hyperparameters:
     # The patch stream (StreamConfig)
     patch_size: tuple = _stream_field("patch_size")
     foreground_fraction: float = _stream_field("foreground_fraction")
+    foreground_sampling: str = _stream_field("foreground_sampling")
     patches_per_slab: int = _stream_field("patches_per_slab")
     slab_margin: tuple = _stream_field("slab_margin")
     mix_slabs: int = _stream_field("mix_slabs")

@@ -63,7 +63,7 @@ FLAG_GROUPS = {
     "optimisation": ("loss", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_steps", "grad_clip",
                      "epochs", "steps_per_epoch", "batch_size", "patience", "precision", "compile", "lr_find_steps",
                      "lr_find_min", "lr_find_max"),
-    "patches": ("patch_size", "foreground_fraction", "normalization", "augment", "num_workers"),
+    "patches": ("patch_size", "foreground_fraction", "foreground_sampling", "normalization", "augment", "num_workers"),
     "evaluation": ("sw_overlap", "sw_batch_size", "save_predictions"),
     "checkpoints and tracking": ("checkpoint_steps", "keep_checkpoints", "log_every", "mlflow_tracking_uri",
                                  "mlflow_experiment"),

@@ -9,8 +9,9 @@ interleaved, so a batch mixes cases.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from brainseg.io.cache import io_counters
 logger = logging.getLogger(__name__)
 
 REPLACEMENT_ATTEMPTS = 8  # slabs tried in place of one whose pixels cannot be decoded
+FOREGROUND_STREAM = 19  # the key of the generator that redraws foreground centres (foreground_sampling voxels)
 
 
 def slab_cost_bytes(case: Case, config: StreamConfig, target: TargetSpacing = NATIVE) -> int:
@@ -69,6 +71,30 @@ def read_case_region(case: Case, region: tuple, submit=None, grid: Grid | None =
         return [read(series, False) for series in case.images], read(case.mask, True) if with_mask else None
     return ([submit(read, series, False) for series in case.images],
             submit(read, case.mask, True) if with_mask else None)
+
+
+def foreground_centres(summary, config: StreamConfig, case_id: str) -> tuple:
+    """The case's foreground points a patch may be centred on, as ``config.foreground_sampling`` draws
+    them: ``labels``, the summary's points (evenly over the label values); ``voxels``, as many
+    drawn from them, seeded by the run's seed and the case, each value's points weighted by the
+    voxels that value holds, so a centre falls on a value as often as the tumour is made of it."""
+    points, values = summary.foreground_points, summary.foreground_values
+    if config.foreground_sampling == "labels" or not points:
+        return points
+    if len(values) != len(points):
+        raise ValueError(f"case {case_id}: its summary has no label value per foreground point (computed before "
+                         "they were kept); pass --refresh-index to summarise it again")
+    voxels, drawn = dict(summary.label_counts), Counter(values)
+    weights = np.asarray([voxels.get(value, 0) / drawn[value] for value in values], dtype=float)
+    if weights.sum() <= 0:
+        return points
+    rng = np.random.default_rng([config.seed, FOREGROUND_STREAM, _case_key(case_id)])
+    picks = np.sort(rng.choice(len(points), size=len(points), p=weights / weights.sum()))
+    return tuple(points[index] for index in picks)
+
+
+def _case_key(case_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
 
 
 class PatchStream(IterableDataset):
@@ -111,7 +137,7 @@ class PatchStream(IterableDataset):
         self._unreadable: set[str] = set()  # cases warned about, per worker
         self._grids = [target.grid_of(case) for case in self.cases]
         self._shapes = [grid.shape for grid in self._grids]
-        self._foregrounds = [grid.points_to_target(case.summary.foreground_points)
+        self._foregrounds = [grid.points_to_target(foreground_centres(case.summary, config, case.case_id))
                              for grid, case in zip(self._grids, self.cases)]
         self.slab_cost = max(slab_cost_bytes(case, config, target) for case in self.cases)
         check_budget(config.memory_budget_bytes, 1, self.slab_cost)

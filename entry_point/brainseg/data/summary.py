@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from brainseg.data.series import Series
 
-SUMMARY_VERSION = 2  # 2: lesion counts; a saved summary of another version is computed again
+SUMMARY_VERSION = 2  # 2: lesion counts, the foreground points' values; a saved summary of another version is redone
 STAT_SLICES = 8  # slices read per sequence to estimate intensity statistics
 FOREGROUND_POINTS = 256  # tumour voxel coordinates kept per case for foreground sampling
 MASK_CHUNK_SLICES = 16  # mask slices read at once when summarising (bounds memory)
@@ -48,7 +48,7 @@ class CaseSummary:
     """Content statistics of one case, computed once and cached in the index: each sequence's
     intensities (channel order) and, from the whole mask, the tumour and the label values present.
     Foreground points are drawn evenly over the label values, so a small class is sampled as
-    often as a large one."""
+    often as a large one; each point's value is kept, so a stream can weigh them otherwise."""
 
     intensities: tuple  # Intensity per sequence, in channel order
     tumour_voxels: int
@@ -57,6 +57,7 @@ class CaseSummary:
     foreground_points: tuple  # ((z, y, x), ...), up to FOREGROUND_POINTS
     label_counts: tuple = ()  # ((label value, voxels), ...) of the non-zero values
     lesion_counts: tuple = ()  # (((label values), lesions), ...): see lesions_of
+    foreground_values: tuple = ()  # the label value of each foreground point
 
     @classmethod
     def from_json(cls, data: dict) -> CaseSummary:
@@ -66,6 +67,7 @@ class CaseSummary:
         fields["foreground_points"] = tuple(tuple(p) for p in fields["foreground_points"])
         fields["label_counts"] = tuple(tuple(p) for p in fields["label_counts"])
         fields["lesion_counts"] = tuple((tuple(values), count) for values, count in fields.get("lesion_counts", ()))
+        fields["foreground_values"] = tuple(fields.get("foreground_values", ()))
         return cls(**fields)
 
     def lesions_of(self, values: frozenset | None) -> int | None:
@@ -129,20 +131,23 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
     voxels = sum(counts.values())
     if reservoirs:
         quota = max(1, FOREGROUND_POINTS // len(reservoirs))
-        chosen = []
+        chosen, chosen_values = [], []
         for value in sorted(reservoirs):
             pool = np.concatenate(reservoirs[value])
             chosen.append(pool[rng.choice(len(pool), min(len(pool), quota), replace=False)])
-        chosen = np.concatenate(chosen)
-        foreground = tuple(tuple(int(v) for v in p) for p in chosen[np.lexsort(chosen.T[::-1])])
+            chosen_values.append(np.full(len(chosen[-1]), value))
+        chosen, chosen_values = np.concatenate(chosen), np.concatenate(chosen_values)
+        order = np.lexsort(chosen.T[::-1])
+        foreground = tuple(tuple(int(v) for v in p) for p in chosen[order])
+        foreground_values = tuple(int(v) for v in chosen_values[order])
         bbox = tuple(int(v) for pair in zip(bbox_low, bbox_high + 1) for v in pair)
     else:
-        foreground, bbox = (), ()
+        foreground, foreground_values, bbox = (), (), ()
     return CaseSummary(
         intensities=intensities, tumour_voxels=int(voxels),
         tumour_ml=float(voxels * np.prod(reference.spacing) / 1000.0), tumour_bbox=bbox,
         foreground_points=foreground, label_counts=tuple(sorted(counts.items())),
-        lesion_counts=count_lesions(tumour, bbox, reference.spacing),
+        lesion_counts=count_lesions(tumour, bbox, reference.spacing), foreground_values=foreground_values,
     )
 
 
