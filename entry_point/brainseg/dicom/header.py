@@ -53,7 +53,8 @@ class ObjectHeader:
     ``pixel_offset`` is the first pixel byte and frames follow each other. For encapsulated
     syntaxes, ``frame_starts`` holds the offset of each frame's first item when the Basic (or
     Extended) Offset Table gives it, else it is empty. ``series_hash``, ``instance_hash`` and
-    ``patient_hash`` are keyed hashes of SeriesInstanceUID, SOPInstanceUID and PatientID.
+    ``patient_hash`` are keyed hashes of SeriesInstanceUID, SOPInstanceUID and PatientID,
+    ``frame_hash`` of FrameOfReferenceUID.
     """
 
     transfer_syntax: str
@@ -82,6 +83,7 @@ class ObjectHeader:
     frame_starts: tuple = ()
     segments: tuple = ()  # a DICOM SEG object: the segment number of each frame
     fractional_max: int = 0  # a FRACTIONAL SEG: the value that means "all of the voxel"; 0: BINARY
+    frame_hash: str = ""  # keyed hash of FrameOfReferenceUID: series that share it share patient coordinates
 
     @property
     def is_segmentation(self) -> bool:
@@ -129,7 +131,7 @@ class ObjectHeader:
 
 _FIELD_NAMES = tuple(f.name for f in fields(ObjectHeader))
 _SHARED_FIELDS = ("transfer_syntax", "photometric", "orientation", "pixel_spacing", "series_hash",
-                  "modality", "patient_hash", "rescale_slope", "rescale_intercept", "slice_thickness")
+                  "modality", "patient_hash", "frame_hash", "rescale_slope", "rescale_intercept", "slice_thickness")
 _shared: dict = {}
 
 
@@ -190,6 +192,7 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
         instance_hash=_hashed(identity_key, element_value(dataset, "SOPInstanceUID")),
         modality=re.sub(r"[^A-Z0-9]", "", str(element_value(dataset, "Modality") or ""))[:16],
         patient_hash=_hashed(identity_key, element_value(dataset, "PatientID")),
+        frame_hash=_hashed(identity_key, element_value(dataset, "FrameOfReferenceUID")),
         pixel_offset=value_offset,
         pixel_length=length,
     )
