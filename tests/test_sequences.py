@@ -45,20 +45,25 @@ def _put_study(root: str, case_id: str, seed: int, sequences=SEQUENCES, shape=(1
     return {**study.images, "mask": study.labels}
 
 
-def test_a_case_holds_every_sequence_on_one_grid_and_is_excluded_with_the_reason_otherwise(bucket):
+def test_a_case_holds_every_sequence_on_the_first_ones_grid_and_is_excluded_with_the_reason_otherwise(bucket):
     root = f"s3://{bucket}/brats"
     _put_study(root, "ok", 1)
     _put_study(root, "no-t2", 2, skip=("t2",))
-    _put_study(root, "shifted", 3, shifted="flair")
+    volumes = _put_study(root, "shifted", 3, shifted="flair")
     _put_study(root, "second", 4)
     s3.put_bytes(f"{root}/ok/notes/readme.txt", b"not a sequence")  # an unnamed folder is ignored
     labels = parse_scheme("ncr=1,ed=2")  # no class for 4: every enhancing voxel
     catalog = build_catalog(root, sequences=SEQUENCES, split_fractions=(1.0, 0.0, 0.0), labels=parse_scheme(LABELS))
-    assert [case.case_id for case in catalog.cases] == ["ok", "second"]
+    assert [case.case_id for case in catalog.cases] == ["ok", "second", "shifted"]
     reasons = {item.case_id: item.reason for item in catalog.exclusions}
     assert reasons["no-t2"].startswith("missing sequence(s) t2: no objects under t2/ (the case has t1c, t1, flair)")
     assert "--missing-sequences zero" in reasons["no-t2"]
-    assert reasons["shifted"] == "flair geometry does not match t1c: flair origin is 5.00 mm from the t1c origin"
+    # a FLAIR whose slices start 5 mm higher, in the same frame of reference, is read where the t1c's
+    # slices lie (2 mm apart): t1c slice k is FLAIR slice k - 2.5, halfway between two of them
+    flair = catalog.cases[2].images[3].read_volume()
+    written = volumes["flair"].astype(np.float32)
+    np.testing.assert_allclose(flair[3:], (written[:-3] + written[1:-2]) / 2, atol=1e-3)
+    assert not flair[:2].any()  # below the FLAIR's first slice: outside its field of view
 
     case = catalog.cases[0]
     assert case.channels == 4 and case.missing == ()

@@ -65,6 +65,8 @@ def profile_catalog(catalog: Catalog) -> dict:
             "p99.5": _quantiles([case.summary.intensities[c].high for case in usable]),
         } for c, sequence in enumerate(sequences)},
         "zero_filled": {case.case_id: list(case.missing) for case in usable if case.missing},
+        "resampled": {case.case_id: {name: volume.describe() for name, volume in case.resampled.items()}
+                      for case in usable if case.resampled},
         "cases_with_label": dict(sorted(labels.items(), key=lambda item: int(item[0]))),
         "tumour_ml": _quantiles([case.summary.tumour_ml for case in usable]),
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
@@ -117,6 +119,11 @@ def format_profile(profile: dict) -> str:
     if profile["zero_filled"]:
         lines.append(f"zero-filled sequences: {len(profile['zero_filled'])} case(s)")
         lines += [f"  {case_id}: {', '.join(names)}" for case_id, names in profile["zero_filled"].items()]
+    if profile["resampled"]:
+        lines.append(f"own grids   {len(profile['resampled'])} case(s) hold series on grids of their own, read "
+                     "through their geometry onto the first sequence's:")
+        lines += [f"  {case_id}: " + "; ".join(f"{name} {text}" for name, text in grids.items())
+                  for case_id, grids in profile["resampled"].items()]
     if profile["exclusions"]:
         lines.append("excluded:")
         lines += [f"  {item['case_id']}: {item['reason']}" for item in profile["exclusions"]]

@@ -2,7 +2,8 @@
 
 ``build_catalog(uri)`` lists the prefix (or, trusting a saved index, does not), indexes the
 headers it has not seen (:mod:`brainseg.data.index`), assembles and checks each case's sequence
-series and mask (:mod:`brainseg.data.quality`; every sequence and the mask on one voxel grid),
+series and mask (:mod:`brainseg.data.quality`: on the first sequence's voxel grid, the others read
+through their own geometry where their grids differ, :mod:`brainseg.data.geometry`),
 summarises new cases (:mod:`brainseg.data.summary`), excludes duplicates across cases, and assigns
 splits (:mod:`brainseg.data.splits`).
 """
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from brainseg.data.contours import ContourMask, ContourOptions, is_structure_set
+from brainseg.data.geometry import Aligned
 from brainseg.data.index import (
     MAX_HEADER_BYTES,
     HeaderIndex,
@@ -32,9 +34,9 @@ from brainseg.data.quality import (
     IndexedObject,
     QualityError,
     assemble_series,
-    check_grid,
     cross_case_duplicates,
     label_problem,
+    place,
 )
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.series import Series
@@ -46,6 +48,7 @@ from brainseg.labels import LabelScheme
 logger = logging.getLogger(__name__)
 
 CASE_WORKERS = 4  # cases summarised concurrently, each with its own concurrent range reads
+LOW_COVERAGE = 0.9  # a sequence read through its geometry that sees less of the reference grid is warned about
 IMAGE_ONLY = ("image",)  # the single-sequence layout: <case>/image/ and <case>/mask/
 
 
@@ -72,6 +75,14 @@ class Case:
     @property
     def channels(self) -> int:
         return len(self.images)
+
+    @property
+    def resampled(self) -> dict:
+        """``{sequence or "mask": Aligned}``: what this case reads through its own geometry onto the
+        reference grid (the first sequence's)."""
+        names = [stats.sequence for stats in self.summary.intensities]
+        volumes = {**dict(zip(names, self.images)), "mask": self.mask}
+        return {name: volume for name, volume in volumes.items() if isinstance(volume, Aligned)}
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             folder is usable; its ``mask`` is ``None`` and its summary has no tumour.
         max_header_bytes: a header that does not end within this many bytes is refused.
         sequences: the sequence folders of a case, in channel order (``("image",)``: the
-            single-sequence layout). Every sequence and the mask must share one voxel grid.
+            single-sequence layout). The first present is the reference grid; a sequence or mask on
+            another grid is read through its geometry when it shares the reference's frame of
+            reference, else its case is excluded.
         zero_fill: a case lacking some (not all) sequences stays usable; the missing channels read
             as zeros and are listed in ``Case.missing``. Otherwise such a case is excluded.
         labels: when given, a case whose mask holds a label value none of its classes covers (or
@@ -345,6 +358,15 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
     for case in catalog.cases:
         if case.missing:
             logger.warning("case %s: sequence(s) %s missing, zero-filled", case.case_id, ", ".join(case.missing))
+    resampled = [case for case in catalog.cases if case.resampled]
+    for case in resampled:
+        for name, volume in case.resampled.items():
+            if volume.coverage() < LOW_COVERAGE:
+                logger.warning("case %s: %s sees only %.0f %% of the reference grid; the rest reads as zeros",
+                               case.case_id, name, 100 * volume.coverage())
+    if resampled:
+        logger.info("%d case(s) hold sequences or masks on grids of their own, read through their geometry onto "
+                    "the first sequence's grid", len(resampled))
     for case_id, items in sorted(skipped.items()):
         if items:
             logger.warning("case %s: skipped %d non-image object(s): %s", case_id, len(items),
@@ -357,11 +379,12 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
 def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
                    other_folders: list[str], contours: ContourOptions = ContourOptions()
                    ) -> tuple[dict[str, Series | None], Series | SegmentationMask | ContourMask | None]:
-    """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on one grid.
+    """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on the first
+    present sequence's grid (:func:`~brainseg.data.quality.place`).
 
     Raises:
         QualityError: a sequence or the mask fails its checks, is absent (without ``zero_fill``),
-            or lies on another grid than the first sequence present.
+            or lies on another grid than the first sequence present without a shared frame of reference.
     """
     absent = [name for name in sequences if not parts[name]]
     if len(absent) == len(sequences) and other_folders:
@@ -376,9 +399,8 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
               else None for name in sequences}
     reference_name = next(name for name in sequences if images[name] is not None)
     reference = images[reference_name]
-    for name, item in images.items():
-        if item is not None and name != reference_name:
-            check_grid(reference, item, name, reference_name)
+    images = {name: place(reference, item, name, reference_name) if item is not None and name != reference_name
+              else item for name, item in images.items()}
     mask = None
     segmentations = [obj for obj in parts["mask"] if obj.header is not None and obj.header.is_segmentation]
     structure_sets = [obj for obj in parts["mask"] if is_structure_set(obj)]
@@ -396,6 +418,5 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
                                "image object(s); keep one SEG object, or a label series, per mask folder")
         mask = SegmentationMask.on_grid(bucket, segmentations[0], reference, reference_name)
     elif parts["mask"] or require_masks:
-        mask = assemble_series(bucket, "mask", parts["mask"])
-        check_grid(reference, mask, "mask", reference_name)
+        mask = place(reference, assemble_series(bucket, "mask", parts["mask"]), "mask", reference_name, labels=True)
     return images, mask

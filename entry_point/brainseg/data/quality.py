@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from brainseg.data.geometry import Aligned
 from brainseg.data.series import Series
 from brainseg.data.summary import CaseSummary
 from brainseg.dicom import ObjectHeader
@@ -171,6 +172,35 @@ def check_grid(reference: Series, other: Series, what: str = "mask", against: st
     offset = float(np.linalg.norm(np.subtract(reference.origin, other.origin)))
     if offset > ALIGNMENT_FRACTION * min(reference.spacing):
         raise QualityError(f"{differs}: {what} origin is {offset:.2f} mm from the {against} origin")
+
+
+def place(reference: Series, other: Series, what: str, against: str, labels: bool = False) -> Series | Aligned:
+    """``other`` (another sequence, or a label series with ``labels``) on ``reference``'s grid: itself
+    when it covers it voxel for voxel, else read through its own geometry (:class:`Aligned`) when
+    the two share a frame of reference and ``other`` sees part of ``reference``.
+
+    Raises:
+        QualityError: the grids differ and no shared FrameOfReferenceUID says where ``other`` lies,
+            or it lies wholly outside ``reference``.
+    """
+    try:
+        check_grid(reference, other, what, against)
+        return other
+    except QualityError as err:
+        differs = str(err)
+    frames = [{header.frame_hash for header in series.headers} for series in (reference, other)]
+    unknown = [name for name, found in zip((against, what), frames) if found == {""} or len(found) != 1]
+    if unknown:
+        raise QualityError(f"{differs}, and {' and '.join(unknown)} name{'s' if len(unknown) == 1 else ''} no single "
+                           "FrameOfReferenceUID, so where one lies in the other is unknown")
+    if frames[0] != frames[1]:
+        raise QualityError(f"{differs}, and they lie in different frames of reference (another session, or the "
+                           "patient re-positioned); registering them is not supported yet")
+    aligned = Aligned(other, reference.shape, reference.spacing, reference.origin, reference.orientation, labels)
+    if aligned.coverage() == 0:
+        raise QualityError(f"{what} lies wholly outside {against}: they share a frame of reference but {what}'s "
+                           f"field of view does not reach {against}'s")
+    return aligned
 
 
 def label_problem(summary: CaseSummary, labels: LabelScheme) -> str:

@@ -23,14 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainseg.data.geometry import nearest
+
 SAME_SPACING = 1e-3  # relative: closer than this to the target counts as the target spacing
 ANISOTROPY = 3.0  # nnU-Net's: a spacing whose coarsest axis is more than this times its finest is anisotropic
-
-
-def nearest(coordinates: np.ndarray) -> np.ndarray:
-    """The index nearest each continuous coordinate, ties up (the rule labels, separate-z slices and
-    the way back share, so a region always agrees with the whole volume)."""
-    return np.floor(coordinates + 0.5 + 1e-6)
 
 
 def coarse_axis(spacing: tuple) -> int | None:

@@ -51,6 +51,11 @@ class Volume:
 
     what = "volume"
 
+    @property
+    def native(self):
+        """The series whose own slices this volume's intensity statistics come from: itself."""
+        return self
+
     def _check_region(self, bounds: tuple[int, ...]) -> None:
         for axis, (low, high, size) in enumerate(zip(bounds[0::2], bounds[1::2], self.shape)):
             if not (isinstance(low, (int, np.integer)) and isinstance(high, (int, np.integer))

@@ -41,7 +41,9 @@ def slab_cost_bytes(case: Case, config: StreamConfig, target: TargetSpacing = NA
     slab raw and decoded, their resampled copies on the ``target`` grid, plus its patches."""
     grid = target.grid_of(case)
     mask_bytes = case.mask.bytes_per_voxel if case.mask is not None else 1
-    image_bytes = max(series.bytes_per_voxel for series in case.images if series is not None)
+    # per voxel and channel on average (a sequence read through its geometry reads more source voxels)
+    present = [series.bytes_per_voxel for series in case.images if series is not None]
+    image_bytes = -(-sum(present) // len(present))
     slab = slab_shape(grid.shape, config)
     resampled = 0 if grid.identity else int(np.prod(slab)) * (case.channels + 1) * FLOAT_BYTES
     return config.slab_bytes(grid.native_slab_shape(slab), image_bytes, mask_bytes, case.channels) + resampled

@@ -86,9 +86,11 @@ def _stable_seed(text: str) -> int:
 
 
 def intensity_of(sequence: str, series: Series | None) -> Intensity:
-    """Statistics of a few evenly spaced slices of ``series`` (zeros and std 1 for a missing one)."""
+    """Statistics of a few evenly spaced slices of ``series`` (zeros and std 1 for a missing one); of
+    its own slices when it is read through its geometry onto another grid (no zeros outside its view)."""
     if series is None:
         return Intensity(sequence, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    series = series.native
     depth = series.shape[0]
     picks = sorted({int(round(z)) for z in np.linspace(0, depth - 1, min(STAT_SLICES, depth))})
     values = series.read_planes(picks).ravel()
