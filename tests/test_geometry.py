@@ -5,14 +5,18 @@ read by the catalog and the region reader where the reference's voxels lie."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.geometry import Aligned, voxel_to_patient
-from brainseg.data.stream import read_case_region
+from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.dicom import writer
 from infra.data.profile import format_profile, profile_catalog
+from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import put_series
 
 REFERENCE = dict(shape=(10, 24, 20), spacing=(2.0, 1.0, 1.0), origin=(-10.0, -12.0, -9.0),
@@ -190,3 +194,40 @@ def test_reads_stay_within_the_source_box_and_the_memory_bound():
         assert max(source.boxes) <= aligned.expansion() * chunk, name
         assert aligned.bytes_per_voxel >= 6 + 4
 
+
+def test_studies_written_as_a_scanner_writes_them_read_back_onto_the_first_sequences_grid(bucket):
+    """brainseg-synth --grids own: the T1 oblique, the T2 sagittal, the FLAIR in thick slices (written by
+    infra/data/grids.py's own resampling), read back by the catalog onto the T1c's grid."""
+    root = f"s3://{bucket}/exported"
+    spec = SynthSpec(shape=(24, 48, 48), spacing=(2.0, 1.0, 1.0), sequences=("t1c", "t1", "t2", "flair"), grids="own")
+    write_dataset(1, root, spec)
+    catalog = build_catalog(root, sequences=spec.sequences)
+    case = catalog.cases[0]
+    assert {name: volume.describe().split()[0] for name, volume in case.resampled.items()} == {
+        "t1": "oblique", "t2": "sagittal", "flair": "axial"}
+    assert all(volume.coverage() == 1.0 for volume in case.resampled.values())
+    images, labels, _ = spec.volumes(0)
+    np.testing.assert_array_equal(read_case_region(case, (0, 24, 0, 48, 0, 48))[1], labels)
+    for name, series in zip(spec.sequences, case.images):
+        read, truth = series.read_volume(), images[name].astype(np.float32)
+        head = truth > 0.1 * truth.max()
+        # the phantom as written on its grid, twice interpolated (there and back) and with its noise smoothed;
+        # the FLAIR's 5 mm slices (2.5 of the study's) keep less of what lies between them
+        floor = {"t1c": 0.999, "t1": 0.8, "t2": 0.8, "flair": 0.5}[name]
+        assert np.corrcoef(read[head], truth[head])[0, 1] > floor, name
+    # the patch stream cuts every channel where the reference's patch lies, each normalised with its own
+    # statistics, and its memory bound counts the source voxels a read through geometry holds
+    stream = PatchStream(catalog.cases, StreamConfig(patch_size=(8, 16, 16), augment=False, foreground_fraction=1.0,
+                                                     memory_budget_bytes=2**27))
+    for sample, _ in zip(stream, range(3)):
+        z, y, x = sample["origin"].tolist()
+        window = (slice(z, z + 8), slice(y, y + 16), slice(x, x + 16))
+        for channel, series in enumerate(case.images):
+            stats = case.summary.intensities[channel]
+            expected = (series.read_volume()[window] - np.float32(stats.mean)) / np.float32(stats.std)
+            np.testing.assert_allclose(sample["image"][channel].numpy(), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(sample["label"][0].numpy(), labels[window])
+    write_dataset(1, f"s3://{bucket}/shared", replace(spec, grids="shared"))
+    shared = build_catalog(f"s3://{bucket}/shared", sequences=spec.sequences)
+    assert stream.slab_cost > PatchStream(shared.cases, StreamConfig(
+        patch_size=(8, 16, 16), augment=False, memory_budget_bytes=2**27)).slab_cost

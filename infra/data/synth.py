@@ -3,12 +3,16 @@
     brainseg-synth --cases 20 --out s3://bucket/dataset/ [--shape 96,128,128]
         [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
+        [--grids shared|own]
 
 By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
 ``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
 (co-registered, one frame of reference) and a mask of BraTS labels (1 necrotic/non-enhancing core,
 2 oedema, 4 enhancing tumour); ``--thickness`` draws each case's slice thickness (a multiple of the
-first spacing) from the list. One object per slice, or one enhanced multi-frame object per series.
+first spacing) from the list. With ``--grids own`` every sequence after the first lies on a grid of
+its own in the same frame of reference (oblique, sagittal, thick axial slices, coronal: see
+:mod:`infra.data.grids`), as a scanner writes them; the first sequence and the mask keep the study's
+grid. One object per slice, or one enhanced multi-frame object per series.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from brainseg.dicom import writer
 from brainseg.io import s3
+from infra.data.grids import own_grids
 from infra.data.phantom import SEQUENCES, make_phantom, make_study
 
 logger = logging.getLogger("synth")
@@ -43,6 +48,7 @@ class SynthSpec:
     seed: int = 0
     sequences: tuple = ("image",)  # ("image",): one T1c-like series and a 0/1 mask; else named sequences
     thicknesses: tuple = (1,)  # slice thickness factors drawn per case (multi-sequence studies)
+    grids: str = "shared"  # "own": every sequence after the first on a grid of its own (multi-sequence studies)
 
     def volumes(self, index: int) -> tuple[dict, np.ndarray, tuple]:
         """``({folder: volume}, mask, spacing)`` of case ``index``."""
@@ -64,23 +70,30 @@ def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     images, mask, spacing = spec.volumes(index)
     origin = (-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1], -0.5 * spec.shape[0] * spec.spacing[0])
     return encode_study(case_id_for(index), images, mask, spacing, f"SYN{spec.seed:03d}{index:05d}",
-                        f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin)
+                        f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin,
+                        own=spec.grids == "own" and spec.sequences != ("image",))
 
 
 def encode_study(case_id: str, images: dict, mask: np.ndarray, spacing: tuple, patient_id: str, patient_name: str,
-                 transfer_syntax: str = "explicit-le", multiframe: bool = False, origin: tuple | None = None
-                 ) -> dict[str, bytes]:
+                 transfer_syntax: str = "explicit-le", multiframe: bool = False, origin: tuple | None = None,
+                 own: bool = False) -> dict[str, bytes]:
     """Relative path -> DICOM bytes of one study: a series per ``images`` folder (``(D, H, W)``
     volumes of ``spacing`` mm) and the ``mask`` series, on one frame of reference (centred on the
-    origin unless ``origin`` is given)."""
+    origin unless ``origin`` is given); with ``own``, every folder after the first resampled onto a
+    grid of its own (:func:`infra.data.grids.own_grids`)."""
     shape = mask.shape
     origin = origin or (-0.5 * shape[2] * spacing[2], -0.5 * shape[1] * spacing[1], -0.5 * shape[0] * spacing[0])
-    common = dict(spacing=spacing, origin=origin, patient_id=patient_id, patient_name=patient_name)
-    first = writer.SeriesSpec(**common)
-    shared = dict(study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid)
-    series = [(folder, volume, writer.SeriesSpec(**common, **shared, series_description=DESCRIPTIONS.get(
-        folder, folder) + " (synthetic)")) for folder, volume in images.items()]
-    series.append(("mask", mask, writer.SeriesSpec(**common, **shared, series_description="tumour labels (synthetic)")))
+    identity = dict(patient_id=patient_id, patient_name=patient_name)
+    first = writer.SeriesSpec(spacing=spacing, origin=origin, **identity)
+    shared = dict(**identity, study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid)
+    placed = (own_grids(images, spacing, origin) if own else
+              {folder: (volume, spacing, origin, first.orientation) for folder, volume in images.items()})
+    series = [(folder, volume, writer.SeriesSpec(spacing=grid_spacing, origin=grid_origin, orientation=orientation,
+                                                 **shared, series_description=DESCRIPTIONS.get(folder, folder)
+                                                 + " (synthetic)"))
+              for folder, (volume, grid_spacing, grid_origin, orientation) in placed.items()]
+    series.append(("mask", mask, writer.SeriesSpec(spacing=spacing, origin=origin, **shared,
+                                                   series_description="tumour labels (synthetic)")))
     files = {}
     for folder, volume, series_spec in series:
         if multiframe:
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"image (one series, 0/1 mask) or sequences among {','.join(SEQUENCES)} (BraTS labels)")
     parser.add_argument("--thickness", default="1", help="slice thickness factors drawn per case, e.g. 1,2,3 "
                         "(multi-sequence studies)")
+    parser.add_argument("--grids", choices=("shared", "own"), default="shared",
+                        help="shared: every series on the study's grid; own: each sequence after the first on a grid "
+                             "of its own (oblique, sagittal, thick axial, coronal), one frame of reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes generating cases")
     args = parser.parse_args(argv)
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not thicknesses or min(thicknesses) < 1:
         parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
-                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses)
+                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)

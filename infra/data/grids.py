@@ -1,0 +1,94 @@
+"""Sequences on grids of their own, as a scanner writes them: the synthetic study's first sequence
+and its labels stay on the study's (axial) grid, and every other sequence is resampled from the
+same phantom onto a geometry of its own, in the same frame of reference:
+
+- the second: an oblique stack, tilted 12 degrees about the patient's x axis (an AC-PC-aligned T1),
+  slices 1.2 times the study's, a larger field of view;
+- the third: sagittal, finer in plane (three quarters of the study's row spacing), another matrix;
+- the fourth: axial, slices 2.5 times the study's (thick 2D slices with a gap), finer in plane;
+- any further one: coronal at the study's spacing.
+
+Resampling here is the DICOM standard's formula and :func:`scipy.ndimage.map_coordinates`, written
+independently of the product's reader (:mod:`brainseg.data.geometry`), so the reader is checked
+against it rather than against itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+TILT_DEGREES = 12.0
+
+
+def _geometry(kind: str, extent: np.ndarray, spacing: tuple) -> tuple[tuple, tuple, tuple]:
+    """``(orientation, spacing (slices, rows, columns), shape)`` of one kind of stack covering a
+    volume of ``extent`` (x, y, z mm) whose grid has ``spacing`` ``(dz, dy, dx)``."""
+    dz, dy, dx = spacing
+    if kind == "oblique":
+        angle = math.radians(TILT_DEGREES)
+        orientation = (1.0, 0.0, 0.0, 0.0, math.cos(angle), math.sin(angle))
+        own = (1.2 * dz, dy, dx)
+        along = (extent[1] * math.sin(angle) + extent[2] * math.cos(angle),
+                 extent[1] * math.cos(angle) + extent[2] * math.sin(angle), extent[0])
+        margin = 1.1
+    elif kind == "sagittal":  # rows down the head, columns front to back, slices right to left
+        orientation = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+        own = (dx, 0.75 * dy, 0.75 * dy)
+        along = (extent[0], extent[2], extent[1])
+        margin = 1.15
+    elif kind == "thick":
+        orientation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+        own = (2.5 * dz, 0.8 * dy, 0.8 * dx)
+        along = (extent[2], extent[1], extent[0])
+        margin = 1.2
+    else:  # coronal: rows down the head, slices front to back
+        orientation = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+        own = (dy, dz, dx)
+        along = (extent[1], extent[2], extent[0])
+        margin = 1.1
+    shape = tuple(int(math.ceil(margin * length / step)) + 1 for length, step in zip(along, own))
+    return orientation, own, shape
+
+
+KINDS = ("oblique", "sagittal", "thick", "coronal")
+
+
+def positions(shape: tuple, spacing: tuple, origin: tuple, orientation: tuple) -> np.ndarray:
+    """Patient position (x, y, z mm) of every voxel ``(D, H, W, 3)``: the slice's ImagePositionPatient,
+    plus the column index times the column spacing along the row cosines, plus the row index times the
+    row spacing along the column cosines; slices along the cross product of the two."""
+    row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    normal = np.cross(row, column)
+    k, i, j = (np.arange(n, dtype=float) for n in shape)
+    return (np.asarray(origin, float) + k[:, None, None, None] * spacing[0] * normal
+            + i[None, :, None, None] * spacing[1] * column + j[None, None, :, None] * spacing[2] * row)
+
+
+def own_grids(images: dict, spacing: tuple, origin: tuple) -> dict:
+    """``{name: (volume, spacing, origin, orientation)}``: the first of ``images`` (``(D, H, W)``
+    volumes on the axial grid of ``spacing`` ``(dz, dy, dx)`` whose first voxel lies at ``origin``
+    (x, y, z)) as it is, every other one resampled (linearly) onto a stack of its own, centred on the
+    same point, in the same frame of reference."""
+    names = list(images)
+    shape = np.asarray(images[names[0]].shape)
+    dz, dy, dx = spacing
+    extent = np.asarray([shape[2] * dx, shape[1] * dy, shape[0] * dz])
+    centre = np.asarray(origin, float) + 0.5 * (extent - np.asarray([dx, dy, dz]))
+    out = {names[0]: (images[names[0]], tuple(spacing), tuple(origin), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))}
+    for number, name in enumerate(names[1:]):
+        orientation, own, own_shape = _geometry(KINDS[min(number, len(KINDS) - 1)], extent, spacing)
+        row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+        normal = np.cross(row, column)
+        half = 0.5 * np.asarray([(n - 1) * s for n, s in zip(own_shape, own)])
+        own_origin = centre - half[0] * normal - half[1] * column - half[2] * row
+        points = positions(own_shape, own, own_origin, orientation)
+        # the study's grid is axial: index = (position - origin) / spacing, axis by axis
+        index = [(points[..., axis] - origin[axis]) / step for axis, step in ((2, dz), (1, dy), (0, dx))]
+        volume = images[name]
+        resampled = ndimage.map_coordinates(volume.astype(np.float32), index, order=1, mode="constant", cval=0.0)
+        out[name] = (np.clip(np.rint(resampled), 0, np.iinfo(volume.dtype).max).astype(volume.dtype), own,
+                     tuple(float(v) for v in own_origin), orientation)
+    return out
