@@ -121,3 +121,33 @@ def test_padding_up_to_a_frame_is_accepted_and_a_frame_more_is_refused():
     data = dicom_bytes(dataset)
     with pytest.raises(HeaderError, match=r"the Pixel Data element declares 2558 of the 2560 bytes"):
         parse_header(data, len(data))
+
+
+def test_how_a_series_was_acquired_is_recorded_and_a_damaged_value_reads_as_absent():
+    spec = writer.SeriesSpec(spacing=(2.5, 0.7, 0.6), series_description="AX T2 FLAIR", protocol_name="t2_tirm_tra",
+                             series_number=7, series_time="143015.5", repetition_time=9000.0, echo_time=85.0,
+                             inversion_time=2500.0, acquisition_type="2D", contrast_agent="",
+                             image_type=("ORIGINAL", "PRIMARY", "M", "ND"), frame_of_reference_uid="1.2.3",
+                             study_uid="1.2.4")
+    dataset = writer.slice_datasets(VOLUME, spec)[0]
+    dataset.ScanningSequence = ["SE", "IR"]
+    data = writer.encode(dataset)
+    header = parse_header(data, len(data), b"k" * 32)
+    assert (header.description, header.protocol, header.series_number, header.series_time) == (
+        "AX T2 FLAIR", "t2_tirm_tra", 7, 14 * 3600 + 30 * 60 + 15.5)
+    assert (header.repetition_time, header.echo_time, header.inversion_time) == (9000.0, 85.0, 2500.0)
+    assert (header.acquisition_type, header.scanning_sequence, header.image_type) == ("2D", "SE\\IR", "ORIGINAL\\PRIMARY\\M\\ND")
+    assert header.contrast_agent == "" and len(header.frame_hash) == len(header.study_hash) == 16
+    assert header.frame_hash != header.study_hash
+    # a damaged description of the acquisition reads as absent: the image stays usable
+    dataset.SeriesTime = "99"
+    dataset.SeriesDescription = "line\nbreak"
+    data = dicom_bytes(dataset)
+    at = data.index(b"\x18\x00\x81\x00DS")  # EchoTime "85": its two value bytes made letters
+    data = data[:at + 8] + b"ab" + data[at + 10:]
+    at = data.index(b"\x20\x00\x11\x00IS")  # SeriesNumber "7 ": the same
+    data = data[:at + 8] + b"x " + data[at + 10:]
+    header = parse_header(data, len(data))
+    assert (header.echo_time, header.series_number, header.series_time, header.description) == (
+        0.0, 0, -1.0, "line break")
+    assert header.rows == 40

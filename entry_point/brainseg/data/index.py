@@ -29,7 +29,8 @@ from brainseg.io import s3
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 5  # 3: keyed identity hashes, stray objects; 4: per-sequence intensities, label counts; 5: frames of reference
+INDEX_VERSION = 5  # 3: keyed identity hashes, stray objects; 4: per-sequence intensities, label counts;
+# 5: frames of reference, studies and how each series was acquired
 HEADER_PREFIX_BYTES = 8 * 1024  # 8 KiB: a classic slice header fits; enhanced objects grow it
 MAX_HEADER_BYTES = 1024 * 1024  # 1 MiB: a header larger than this is refused, never downloaded
 KEY_BYTES = 32

@@ -187,3 +187,73 @@ def segmentation_frames(dataset, frames: int, bits_allocated: int, encapsulated:
     if kind == "FRACTIONAL" and not 1 <= maximum <= 255:
         raise HeaderError(f"MaximumFractionalValue is {maximum}; expected 1 to 255")
     return segments, maximum
+
+
+DESCRIPTION_CHARACTERS = 64  # SeriesDescription and ProtocolName are LO: 64 characters at most
+
+
+def _text(dataset, keyword: str) -> str:
+    """A text element as one printable line (several values joined by backslashes); "" when absent or damaged."""
+    try:
+        value = element_value(dataset, keyword)
+    except HeaderError:
+        return ""
+    if value is None:
+        return ""
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    text = "\\".join(str(item) for item in values)
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()[:DESCRIPTION_CHARACTERS]
+
+
+def _number(dataset, *path) -> float:
+    """A number (an element, or one inside the shared functional groups of an enhanced object); 0.0
+    when absent, damaged or not finite."""
+    for node_path in (path, ("SharedFunctionalGroupsSequence", *path)):
+        try:
+            value = first_item(dataset, *node_path) if len(node_path) > 1 else element_value(dataset, node_path[0])
+            if isinstance(value, (list, tuple, MultiValue)):
+                value = value[0] if len(value) else None
+            number = float(value) if value not in (None, "") else None
+        except (HeaderError, TypeError, ValueError, OverflowError, IndexError):
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
+    return 0.0
+
+
+def _seconds(text: str) -> float:
+    """A DICOM time (``HHMMSS.FFFFFF``, parts optional) as seconds since midnight; -1.0 when unreadable."""
+    digits, _, fraction = text.strip().replace(":", "").partition(".")
+    if not digits.isdigit() or len(digits) not in (2, 4, 6):
+        return -1.0
+    hours, minutes, seconds = int(digits[:2]), int(digits[2:4] or 0), int(digits[4:6] or 0)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return -1.0
+    extra = float("0." + fraction) if fraction.isdigit() else 0.0
+    return float(hours * 3600 + minutes * 60 + seconds) + extra
+
+
+def acquisition_fields(dataset) -> dict:
+    """What a series says about how it was acquired, for telling sequences apart: descriptions,
+    sequence names, MR timing, contrast agent, image type, series number and time. Never raises: a
+    damaged value reads as absent (it describes the series; the pixels do not depend on it)."""
+    try:
+        number = int(str(element_value(dataset, "SeriesNumber") or 0).strip() or 0)
+    except (HeaderError, ValueError, TypeError, OverflowError):
+        number = 0
+    return dict(
+        series_number=number if abs(number) < 2**31 else 0,
+        series_time=_seconds(_text(dataset, "SeriesTime")),
+        description=_text(dataset, "SeriesDescription"),
+        protocol=_text(dataset, "ProtocolName"),
+        sequence_name=_text(dataset, "SequenceName") or _text(dataset, "PulseSequenceName"),
+        scanning_sequence=_text(dataset, "ScanningSequence").upper(),
+        sequence_variant=_text(dataset, "SequenceVariant").upper(),
+        acquisition_type=_text(dataset, "MRAcquisitionType").upper(),
+        repetition_time=_number(dataset, "MRTimingAndRelatedParametersSequence", "RepetitionTime")
+        or _number(dataset, "RepetitionTime"),
+        echo_time=_number(dataset, "EchoTime") or _number(dataset, "MREchoSequence", "EffectiveEchoTime"),
+        inversion_time=_number(dataset, "InversionTime") or _number(dataset, "MRModifierSequence", "InversionTimes"),
+        contrast_agent=_text(dataset, "ContrastBolusAgent"),
+        image_type=_text(dataset, "ImageType").upper(),
+    )

@@ -8,8 +8,9 @@ Any byte may be wrong. Every failure becomes a :class:`HeaderError` whose messag
 element and what was expected, never a value read from the file: header values may identify a
 patient. :class:`NotDicom` and :class:`NotAnImage` mark objects that are not images at all (a text
 file, a DICOMDIR, a structured report), which a series may hold beside its slices. The result,
-:class:`ObjectHeader`, holds only technical fields; identifiers (patient ID, series and instance
-UIDs) are kept only as keyed hashes, for grouping and comparing.
+:class:`ObjectHeader`, holds technical fields and how the series was acquired (its description
+among them, to tell sequences apart; never logged); identifiers (patient ID, study, series, instance
+and frame-of-reference UIDs) are kept only as keyed hashes, for grouping and comparing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from dataclasses import dataclass, fields
 import pydicom
 from pydicom.uid import UID
 
-from brainseg.dicom.elements import describe, element_value, frame_geometry, integer, rescale, segmentation_frames
+from brainseg.dicom.elements import (
+    acquisition_fields,
+    describe,
+    element_value,
+    frame_geometry,
+    integer,
+    rescale,
+    segmentation_frames,
+)
 from brainseg.dicom.errors import HeaderError, NeedMoreBytes, NotAnImage, NotDicom
 from brainseg.dicom.pixel_location import (
     ITEM_TAG,
@@ -84,6 +93,22 @@ class ObjectHeader:
     segments: tuple = ()  # a DICOM SEG object: the segment number of each frame
     fractional_max: int = 0  # a FRACTIONAL SEG: the value that means "all of the voxel"; 0: BINARY
     frame_hash: str = ""  # keyed hash of FrameOfReferenceUID: series that share it share patient coordinates
+    # How the series was acquired (elements.acquisition_fields), to tell sequences apart. SeriesDescription
+    # and ProtocolName are free text a technologist typed: they stay in the index, never in logs.
+    study_hash: str = ""  # keyed hash of StudyInstanceUID
+    series_number: int = 0
+    series_time: float = -1.0  # SeriesTime, seconds since midnight (-1: none)
+    description: str = ""
+    protocol: str = ""
+    sequence_name: str = ""
+    scanning_sequence: str = ""
+    sequence_variant: str = ""
+    acquisition_type: str = ""  # MRAcquisitionType: 2D or 3D
+    repetition_time: float = 0.0  # ms; 0: not given
+    echo_time: float = 0.0
+    inversion_time: float = 0.0
+    contrast_agent: str = ""
+    image_type: str = ""  # ImageType's values joined by backslashes, e.g. ORIGINAL\PRIMARY\M\ND
 
     @property
     def is_segmentation(self) -> bool:
@@ -131,7 +156,10 @@ class ObjectHeader:
 
 _FIELD_NAMES = tuple(f.name for f in fields(ObjectHeader))
 _SHARED_FIELDS = ("transfer_syntax", "photometric", "orientation", "pixel_spacing", "series_hash",
-                  "modality", "patient_hash", "frame_hash", "rescale_slope", "rescale_intercept", "slice_thickness")
+                  "modality", "patient_hash", "frame_hash", "rescale_slope", "rescale_intercept", "slice_thickness",
+                  "study_hash", "series_number", "series_time", "description", "protocol", "sequence_name",
+                  "scanning_sequence", "sequence_variant", "acquisition_type", "repetition_time", "echo_time",
+                  "inversion_time", "contrast_agent", "image_type")
 _shared: dict = {}
 
 
@@ -193,6 +221,8 @@ def parse_header(prefix: bytes, object_size: int, identity_key: bytes = b"") -> 
         modality=re.sub(r"[^A-Z0-9]", "", str(element_value(dataset, "Modality") or ""))[:16],
         patient_hash=_hashed(identity_key, element_value(dataset, "PatientID")),
         frame_hash=_hashed(identity_key, element_value(dataset, "FrameOfReferenceUID")),
+        study_hash=_hashed(identity_key, element_value(dataset, "StudyInstanceUID")),
+        **acquisition_fields(dataset),
         pixel_offset=value_offset,
         pixel_length=length,
     )

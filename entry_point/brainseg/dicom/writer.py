@@ -53,6 +53,17 @@ class SeriesSpec:
     series_description: str = "T1 post-contrast"
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
+    series_number: int = 1
+    # How the series was acquired, written when given (what a scanner's export tells sequences apart by).
+    series_time: str = ""
+    protocol_name: str = ""
+    sequence_name: str = ""
+    acquisition_type: str = ""  # MRAcquisitionType: 2D or 3D
+    repetition_time: float = 0.0
+    echo_time: float = 0.0
+    inversion_time: float = 0.0
+    contrast_agent: str = ""
+    image_type: tuple = ()
 
 
 def slice_positions(spec: SeriesSpec, depth: int) -> np.ndarray:
@@ -82,7 +93,14 @@ def _base_dataset(volume: np.ndarray, spec: SeriesSpec, sop_class: str) -> Datas
     dataset.SeriesInstanceUID = spec.series_uid
     dataset.FrameOfReferenceUID = spec.frame_of_reference_uid
     dataset.SeriesDescription = spec.series_description
-    dataset.SeriesNumber = 1
+    dataset.SeriesNumber = spec.series_number
+    for keyword, value in (("SeriesTime", spec.series_time), ("ProtocolName", spec.protocol_name),
+                           ("SequenceName", spec.sequence_name), ("MRAcquisitionType", spec.acquisition_type),
+                           ("RepetitionTime", spec.repetition_time), ("EchoTime", spec.echo_time),
+                           ("InversionTime", spec.inversion_time), ("ContrastBolusAgent", spec.contrast_agent),
+                           ("ImageType", list(spec.image_type))):
+        if value:
+            setattr(dataset, keyword, value)
     dataset.Rows, dataset.Columns = int(volume.shape[1]), int(volume.shape[2])
     bits = volume.dtype.itemsize * 8
     dataset.BitsAllocated = bits
