@@ -122,13 +122,15 @@ SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
+LAYOUTS = ("auto", "folders", "studies")  # brainseg.data.listing.LAYOUTS (this module imports no data code)
 RESAMPLINGS = ("separate_z", "linear")
 MLFLOW_URIS = ("arn:aws", "http://", "https://")
 SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
-           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS}
+           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS,
+           "layout": LAYOUTS}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -179,6 +181,11 @@ class Hyperparameters:
                                      "(<case>/<sequence>/*.dcm); image: the single image/ folder")
     missing_sequences: str = _field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
                                                "(the case is noted)")
+    layout: str = _field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects (a PACS "
+                                 "export), a case per study, its series named by --sequence-rules; auto: folders "
+                                 "when there are any")
+    sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
+                                     "'extends: default' adds to the shipped ones; empty: the shipped brain MRI rules)")
     labels: str = _field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
                                      "several values; * any non-zero value)")
     roi_labels: str = _field("", "RTSTRUCT masks: ROI names to label values, e.g. Edema=2,Necrosis=1,Enhancing=4 "

@@ -56,6 +56,14 @@ def _geometry(kind: str, extent: np.ndarray, spacing: tuple) -> tuple[tuple, tup
 KINDS = ("oblique", "sagittal", "thick", "coronal")
 
 
+def plane_prefix(orientation: tuple) -> str:
+    """How a scanner's series description starts for a stack of ``orientation``: AX, SAG, COR or OBL."""
+    normal = np.abs(np.cross(orientation[:3], orientation[3:]))
+    if normal.max() < 0.999:
+        return "OBL"
+    return ("SAG", "COR", "AX")[int(np.argmax(normal))]
+
+
 def positions(shape: tuple, spacing: tuple, origin: tuple, orientation: tuple) -> np.ndarray:
     """Patient position (x, y, z mm) of every voxel ``(D, H, W, 3)``: the slice's ImagePositionPatient,
     plus the column index times the column spacing along the row cosines, plus the row index times the

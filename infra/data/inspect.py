@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from brainseg.data.catalog import build_catalog
+from brainseg.data.identify import load_rules
 from brainseg.io import s3
 from brainseg.labels import parse_roi_labels, parse_scheme
 from infra.data.profile import format_profile, profile_catalog
@@ -23,9 +24,16 @@ from infra.data.profile import format_profile, profile_catalog
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/<sequence>/ and <case_id>/mask/")
+    parser.add_argument("data_uri", help="s3://bucket/prefix/ holding <case_id>/<sequence>/ and <case_id>/mask/, or "
+                        "any tree of DICOM studies (--layout studies)")
     parser.add_argument("--sequences", default="image", help="sequence folders in channel order, e.g. "
                         "t1c,t1,t2,flair (default: image)")
+    parser.add_argument("--layout", choices=("auto", "folders", "studies"), default="auto",
+                        help="folders: <case>/<sequence>/; studies: any tree of DICOM objects, a case per study, "
+                             "its series named by the sequence rules (the report lists which became which and why); "
+                             "auto: folders when there are any (default)")
+    parser.add_argument("--sequence-rules", default="", help="the studies layout's rules (YAML, a path or s3:// URI; "
+                        "default: the shipped brain MRI rules)")
     parser.add_argument("--missing-sequences", choices=("exclude", "zero"), default="exclude",
                         help="a case lacking a sequence: exclude it (default) or zero-fill the channel")
     parser.add_argument("--labels", default="tumour=*", help="classes by label value, as train.py's --labels; "
@@ -47,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                 refresh_index=args.refresh_index, max_header_bytes=args.max_header_mb * 2**20,
                                 sequences=tuple(name.strip() for name in args.sequences.split(",")),
                                 zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels),
-                                identity_key_uri=args.identity_key_uri, roi_labels=parse_roi_labels(args.roi_labels))
+                                identity_key_uri=args.identity_key_uri, roi_labels=parse_roi_labels(args.roi_labels),
+                                layout=args.layout, sequence_rules=load_rules(args.sequence_rules))
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

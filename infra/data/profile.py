@@ -77,6 +77,11 @@ def profile_catalog(catalog: Catalog) -> dict:
                             for case in sorted((*catalog.cases, *catalog.exclusions), key=lambda c: c.case_id)
                             for item in case.skipped],
         "index": catalog.index_stats,
+        "layout": catalog.layout,
+        **({"sequences_found": {name: dict(counts) for name, counts in catalog.discovery.by_rule.items()},
+            "studies": {case_id: [verdict.to_dict() for verdict in verdicts]
+                        for case_id, verdicts in catalog.discovery.verdicts.items()},
+            "left_out_objects": catalog.discovery.left_out} if catalog.discovery is not None else {}),
     }
 
 
@@ -119,6 +124,18 @@ def format_profile(profile: dict) -> str:
     if profile["zero_filled"]:
         lines.append(f"zero-filled sequences: {len(profile['zero_filled'])} case(s)")
         lines += [f"  {case_id}: {', '.join(names)}" for case_id, names in profile["zero_filled"].items()]
+    if "studies" in profile:
+        lines.append("sequences   found by their headers (studies per rule):")
+        lines += [f"  {name}: " + ", ".join(f"{n} {rule}" if rule.startswith("(") else f"{n} by {rule!r}"
+                                            for rule, n in sorted(counts.items(), key=lambda item: -item[1]))
+                  for name, counts in profile["sequences_found"].items()]
+        if profile["left_out_objects"]:
+            lines.append("  left out: " + ", ".join(f"{n} object(s) {why}" for why, n in profile["left_out_objects"].items()))
+        lines.append("series of each study (description as written; this report is for the data's owner):")
+        for case_id, verdicts in profile["studies"].items():
+            lines.append(f"  {case_id}")
+            lines += [f"    {v['series']:<22} {v['role']:<11} {v['rule'] or '-':<32} {v['text']!r}"
+                      + (f"  ({v['detail']})" if v["detail"] else "") for v in verdicts]
     if profile["resampled"]:
         lines.append(f"own grids   {len(profile['resampled'])} case(s) hold series on grids of their own, read "
                      "through their geometry onto the first sequence's:")

@@ -3,7 +3,7 @@
     brainseg-synth --cases 20 --out s3://bucket/dataset/ [--shape 96,128,128]
         [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
-        [--grids shared|own]
+        [--grids shared|own] [--layout folders|studies]
 
 By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
 ``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
@@ -12,7 +12,10 @@ By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like serie
 first spacing) from the list. With ``--grids own`` every sequence after the first lies on a grid of
 its own in the same frame of reference (oblique, sagittal, thick axial slices, coronal: see
 :mod:`infra.data.grids`), as a scanner writes them; the first sequence and the mask keep the study's
-grid. One object per slice, or one enhanced multi-frame object per series.
+grid. With ``--layout studies`` each case is written as a PACS exports an exam (objects named by
+UIDs or numbers, a localiser, diffusion, an MPR and the labels beside the sequences, no folder
+naming a sequence: :mod:`infra.data.exported`). One object per slice, or one enhanced multi-frame
+object per series.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 from brainseg.dicom import writer
 from brainseg.io import s3
+from infra.data.exported import encode_exported
 from infra.data.grids import own_grids
 from infra.data.phantom import SEQUENCES, make_phantom, make_study
 
@@ -49,6 +53,7 @@ class SynthSpec:
     sequences: tuple = ("image",)  # ("image",): one T1c-like series and a 0/1 mask; else named sequences
     thicknesses: tuple = (1,)  # slice thickness factors drawn per case (multi-sequence studies)
     grids: str = "shared"  # "own": every sequence after the first on a grid of its own (multi-sequence studies)
+    layout: str = "folders"  # "studies": as a PACS exports an exam (infra/data/exported.py; multi-sequence studies)
 
     def volumes(self, index: int) -> tuple[dict, np.ndarray, tuple]:
         """``({folder: volume}, mask, spacing)`` of case ``index``."""
@@ -69,6 +74,9 @@ def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     """Relative path -> DICOM bytes for one synthetic case."""
     images, mask, spacing = spec.volumes(index)
     origin = (-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1], -0.5 * spec.shape[0] * spec.spacing[0])
+    if spec.layout == "studies" and spec.sequences != ("image",):
+        return encode_exported(index, images, mask, spacing, origin, spec.grids == "own", f"SYN{spec.seed:03d}{index:05d}",
+                               f"Synthetic^Patient{index}")
     return encode_study(case_id_for(index), images, mask, spacing, f"SYN{spec.seed:03d}{index:05d}",
                         f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin,
                         own=spec.grids == "own" and spec.sequences != ("image",))
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grids", choices=("shared", "own"), default="shared",
                         help="shared: every series on the study's grid; own: each sequence after the first on a grid "
                              "of its own (oblique, sagittal, thick axial, coronal), one frame of reference")
+    parser.add_argument("--layout", choices=("folders", "studies"), default="folders",
+                        help="folders: <case>/<sequence>/; studies: each case as a PACS exports an exam (multi-sequence)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes generating cases")
     args = parser.parse_args(argv)
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if not thicknesses or min(thicknesses) < 1:
         parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
-                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids)
+                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids, args.layout)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)

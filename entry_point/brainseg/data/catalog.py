@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from brainseg.data.contours import ContourMask, ContourOptions, is_structure_set
 from brainseg.data.geometry import Aligned
+from brainseg.data.identify import Rules, default_rules
 from brainseg.data.index import (
     MAX_HEADER_BYTES,
     HeaderIndex,
@@ -41,6 +42,7 @@ from brainseg.data.quality import (
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
+from brainseg.data.studies import Discovery, discover_studies
 from brainseg.data.summary import SUMMARY_VERSION, CaseSummary, summarise_case
 from brainseg.io import s3
 from brainseg.labels import LabelScheme
@@ -104,6 +106,8 @@ class Catalog:
     fingerprint: str
     index_stats: dict = field(default_factory=dict)
     manifest: bool = False  # the splits come from manifest.csv, not the seeded shuffle
+    layout: str = "folders"
+    discovery: Discovery | None = None  # the studies layout: which series became which sequence, and why
 
     def split(self, name: str) -> list[Case]:
         """The cases of one split (``"train"``, ``"val"`` or ``"test"``)."""
@@ -129,7 +133,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   refresh_index: bool = False, trust_index: bool = False,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
-                  identity_key_uri: str = "", roi_labels: tuple = ()) -> Catalog:
+                  identity_key_uri: str = "", roi_labels: tuple = (), layout: str = "folders",
+                  sequence_rules: Rules | None = None) -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -160,6 +165,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             default beside the index).
         roi_labels: RTSTRUCT masks: ``((ROI name, label value), ...)`` in painting order
             (:func:`brainseg.labels.parse_roi_labels`; empty: every ROI as 1).
+        layout: ``folders`` (``<case>/<sequence>/``), ``studies`` (any tree of objects, cases found
+            by their headers: :mod:`brainseg.data.studies`) or ``auto`` (folders when there are any).
+        sequence_rules: which series is which sequence in the studies layout (default: the shipped
+            rules, :mod:`brainseg.data.identify`).
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
@@ -175,11 +184,15 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     key = identity_key(index_uri, identity_key_uri)
     index = load_index(index_uri, key_id(key), refresh=refresh_index)
     sequences = tuple(sequences)
-    listed = list_cases(uri, sequences, index, index_uri if trust_index else None)
+    listed = list_cases(uri, sequences, index, index_uri if trust_index else None, layout)
     indexed = index_objects(listed, index, key, max_header_bytes)
+    objects_listed = len(listed.objects)
+    discovery = None
+    if listed.layout == "studies":
+        listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill)
     assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key))
     summaries, summarised, unreadable = summarise_cases(listed, assembled, index, roi_labels)
-    reasons = {**assembled.reasons, **unreadable}
+    reasons = {**(discovery.reasons if discovery else {}), **assembled.reasons, **unreadable}
     reasons.update(check_cases(assembled, summaries, reasons, labels, exclude_empty_masks and require_masks))
     reasons.update(exclude_duplicates(assembled, reasons))
     groups = patient_groups(assembled)
@@ -188,18 +201,19 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     cases = tuple(Case(case_id, splits[case_id], tuple(assembled.series[case_id][0].values()),
                        assembled.series[case_id][1], summaries[case_id][1], groups[case_id],
                        assembled.skipped[case_id], assembled.missing[case_id]) for case_id in sorted(splits))
-    exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped[case_id]) for case_id in sorted(reasons))
+    exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped.get(case_id, ()))
+                       for case_id in sorted(reasons))
     if indexed.read or summarised or indexed.objects.keys() != index.objects.keys():
         save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries))
-    stats = {"objects": len(listed.objects), "headers_read": indexed.read,
+    stats = {"objects": objects_listed, "headers_read": indexed.read,
              "headers_reused": len(indexed.objects) - indexed.read, "header_seconds": round(indexed.seconds, 3),
              "headers_per_s": round(indexed.read / indexed.seconds, 1) if indexed.read and indexed.seconds > 0
              else None, "cases_summarised": summarised, "seconds": round(time.perf_counter() - started, 3)}
     # What training reads: the case objects and the manifest.
     catalog = Catalog(uri=uri, cases=cases, exclusions=exclusions,
                       fingerprint=_objects_fingerprint(listed.objects, listed.manifest or b"")[:16], index_stats=stats,
-                      manifest=listed.manifest is not None)
-    log_catalog(catalog, len(listed.grouped), assembled.skipped)
+                      manifest=listed.manifest is not None, layout=listed.layout, discovery=discovery)
+    log_catalog(catalog, len(listed.grouped) + len(discovery.reasons if discovery else ()), assembled.skipped)
     return catalog
 
 
@@ -358,6 +372,9 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
     for case in catalog.cases:
         if case.missing:
             logger.warning("case %s: sequence(s) %s missing, zero-filled", case.case_id, ", ".join(case.missing))
+    if catalog.discovery is not None:
+        logger.info("sequences found by their headers (studies: rule)%s", "".join(
+            f"\n  {line}" for line in catalog.discovery.table()))
     resampled = [case for case in catalog.cases if case.resampled]
     for case in resampled:
         for name, volume in case.resampled.items():

@@ -1,5 +1,10 @@
 """Step 1 of the catalog: what a dataset prefix holds, case by case (:func:`list_cases`), and
-where its header index may live (:func:`check_index_location`)."""
+where its header index may live (:func:`check_index_location`).
+
+Two layouts: ``folders`` (``<case>/<sequence>/…`` and ``<case>/mask/…``) and ``studies`` (any tree
+of objects, grouped into studies by their headers once they are indexed:
+:mod:`brainseg.data.studies`); ``auto`` takes ``folders`` when any object sits in a sequence or mask
+folder of a case, else ``studies``."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_DIR = ".brainseg"
 MANIFEST_NAME = "manifest.csv"
+LAYOUTS = ("folders", "studies", "auto")
 
 
 def index_uri_for(uri: str) -> str:
@@ -82,6 +88,8 @@ class Listing:
     grouped: dict
     other_folders: dict
     manifest: bytes | None
+    layout: str = "folders"
+    loose: tuple = ()  # the studies layout before discovery: every object, not yet grouped
 
     @property
     def folders(self) -> tuple:
@@ -89,16 +97,21 @@ class Listing:
 
     @property
     def objects(self) -> list[s3.ObjectInfo]:
-        return [info for parts in self.grouped.values() for series in parts.values() for info in series]
+        return [info for parts in self.grouped.values() for series in parts.values() for info in series] + list(self.loose)
 
 
-def list_cases(uri: str, sequences: tuple, index: HeaderIndex, trusted_index_uri: str | None = None) -> Listing:
+def list_cases(uri: str, sequences: tuple, index: HeaderIndex, trusted_index_uri: str | None = None,
+               layout: str = "folders") -> Listing:
     """Step 1, list: the case folders under ``uri`` (from the saved index without listing, when
-    ``trusted_index_uri`` names one that holds objects).
+    ``trusted_index_uri`` names one that holds objects), or, in the ``studies`` layout, every
+    object under it, loose.
 
     Raises:
-        ValueError: no case folder, with a hint when the cases are one level up or down.
+        ValueError: an unknown layout; no case folder (``folders``), with a hint when the cases are one
+            level up or down; no object at all (``studies``).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     bucket, prefix = s3.parse_uri(uri)
     manifest = None
     if trusted_index_uri and index.objects:
@@ -111,6 +124,13 @@ def list_cases(uri: str, sequences: tuple, index: HeaderIndex, trusted_index_uri
     grouped, manifest_info, ignored, other_folders = _group_objects(prefix, listing, folders)
     if manifest_info is not None:
         manifest = s3.get_object(bucket, manifest_info.key)
+    found_folders = any(series for parts in grouped.values() for series in parts.values())
+    if layout == "studies" or (layout == "auto" and not found_folders):
+        loose = tuple(info for info in listing if not info.key.endswith("/") and info.key[len(prefix):] != MANIFEST_NAME
+                      and not info.key[len(prefix):].startswith(INDEX_DIR + "/"))
+        if not loose:
+            raise ValueError(f"no objects under {uri} ({len(listing)} listed)")
+        return Listing(uri, bucket, sequences, {}, {}, manifest, "studies", loose)
     if not any(series for parts in grouped.values() for series in parts.values()):
         raise ValueError(f"no case folders under {uri}: expected <case_id>/{{{','.join(sequences)}}}/*.dcm and "
                          f"<case_id>/mask/*.dcm ({len(listing)} objects listed)"

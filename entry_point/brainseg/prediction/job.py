@@ -22,6 +22,7 @@ import torch
 
 from brainseg.config import FLOAT_BYTES
 from brainseg.data.catalog import Case, build_catalog
+from brainseg.data.identify import load_rules
 from brainseg.data.resample import TargetSpacing
 from brainseg.data.stream import read_case_region
 from brainseg.dicom.seg import Algorithm, encode_segmentation
@@ -149,7 +150,8 @@ class PredictionJob:
                                          sequences=description.sequences,
                                          zero_fill=description.missing_sequences == "zero",
                                          identity_key_uri=options.identity_key_uri,
-                                         roi_labels=parse_roi_labels(options.roi_labels))
+                                         roi_labels=parse_roi_labels(options.roi_labels), layout=options.layout,
+                                         sequence_rules=load_rules(options.sequence_rules))
         except ValueError as err:
             raise PredictionError(str(err)) from err
 

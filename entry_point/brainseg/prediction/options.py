@@ -20,7 +20,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import PRECISIONS, check_identity_key_uri, inside
+from brainseg.config import LAYOUTS, PRECISIONS, check_identity_key_uri, inside
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 from brainseg.labels import parse_roi_labels
 
@@ -39,7 +39,8 @@ class PredictOptions:
     model: tuple = _field((), "s3://…/<run>/, a model.tar.gz or a model.pt (s3:// or a path); several, "
                               "comma-separated or repeated, are an ensemble (probabilities averaged) (required)")
     data_uri: str = _field("", "s3:// prefix holding one folder per case, with the sequence folders the model "
-                               "was trained on; a mask/ folder, when present, is scored (required)")
+                               "was trained on, or (--layout studies) any tree of DICOM studies; a mask, when "
+                               "present, is scored (required)")
     output_uri: str = _field("", "s3:// prefix the predictions are written under (required)")
     index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl)")
     identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... or env:NAME "
@@ -66,6 +67,10 @@ class PredictOptions:
     shard: str = _field("", "k/n: predict the k-th (0-based) of n interleaved shards of the cases (default: this "
                             "host's place among a SageMaker job's hosts, else 0/1)")
     max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
+    layout: str = _field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects, a case per "
+                                 "study, its series named by --sequence-rules; auto: folders when there are any")
+    sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
+                                     "empty: the shipped brain MRI rules), as train.py's")
 
     def __post_init__(self) -> None:
         for name in ("model", "cases", "output_format"):  # comma-separated, repeated, or both
@@ -101,6 +106,8 @@ class PredictOptions:
             raise ValueError(f"memory_budget_mb {self.memory_budget_mb}: expected at least 64")
         if self.shard:
             parse_shard(self.shard)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if self.postprocessing and not self.postprocess:
             raise ValueError(f"postprocessing {self.postprocessing} with postprocess false: apply a cross-validation's "
                              "postprocessing or none, not both")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import Case, Catalog, build_catalog
+from brainseg.data.identify import load_rules
 from brainseg.data.memory import load_in_memory
 from brainseg.data.resample import NATIVE, TargetSpacing, median_spacing
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_folds
@@ -34,7 +35,8 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
                                  zero_fill=hp.missing_sequences == "zero",
                                  labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri,
-                                 roi_labels=parse_roi_labels(hp.roi_labels))
+                                 roi_labels=parse_roi_labels(hp.roi_labels), layout=hp.layout,
+                                 sequence_rules=load_rules(hp.sequence_rules))
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None

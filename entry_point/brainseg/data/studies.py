@@ -1,0 +1,106 @@
+"""Cases found by their headers, not folder names: the ``studies`` layout.
+
+A dataset may be any tree of DICOM objects (a PACS export: objects named by UIDs or numbers, flat
+or nested to any depth, many series per study). Once every object's header is indexed,
+:func:`discover_studies` groups the image objects by study (StudyInstanceUID, hashed), each study's
+objects by series, names the series by the sequence rules (:mod:`brainseg.data.identify`), and hands
+the catalog the same ``{case: {sequence: objects, "mask": objects}}`` grouping the folder layout
+has. A case is a study; its ID is ``study-`` and twelve digits of the study's keyed hash (no UID,
+no text from the headers). Non-image objects (a DICOMDIR, reports, structure sets) are counted and
+left out; RT Structure Sets are not yet matched to their study in this layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from brainseg.data.identify import Rules, group_series, identify
+from brainseg.data.listing import Listing
+
+logger = logging.getLogger(__name__)
+
+CASE_PREFIX = "study-"
+CASE_DIGITS = 12
+
+
+def case_id_of(study_hash: str) -> str:
+    return CASE_PREFIX + study_hash[:CASE_DIGITS]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What the headers said: each study's verdicts per series (``{case_id: [Verdict]}``), the
+    studies that cannot be used and why, and the counts: per sequence, the studies each rule named
+    it in, and the objects left out (non-image, unreadable, no StudyInstanceUID)."""
+
+    verdicts: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)
+    by_rule: dict = field(default_factory=dict)  # sequence -> {rule: studies}
+    left_out: dict = field(default_factory=dict)  # why -> objects
+
+    def table(self) -> list[str]:
+        """One line per sequence: how many studies each rule named it in, and in how many it is
+        missing or ambiguous (rule names and counts only: safe for a job's log)."""
+        lines = []
+        for name, counts in self.by_rule.items():
+            parts = [f"{n} by {rule!r}" for rule, n in counts.most_common() if not rule.startswith("(")]
+            parts += [f"{n} {rule.strip('()')}" for rule, n in counts.items() if rule.startswith("(")]
+            lines.append(f"{name}: " + ", ".join(parts))
+        return lines
+
+
+def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bool = False
+                     ) -> tuple[Listing, Discovery]:
+    """``listed`` (the ``studies`` layout: every object loose) grouped into studies whose wanted
+    sequences (``listed.sequences``) and label series are found by ``rules``; ``objects`` are the
+    indexed objects by key. A study lacking a wanted sequence is excluded unless ``zero_fill`` (and
+    it has at least one)."""
+    rules.check_sequences(listed.sequences)
+    infos = {info.key: info for info in listed.loose}
+    studies: dict[str, list] = {}
+    left_out: Counter = Counter()
+    for key in sorted(infos):
+        obj = objects[key]
+        if obj.stray:
+            left_out["not an image (" + obj.error.split(":")[0] + ")"] += 1
+        elif obj.header is None:
+            left_out["unreadable image object"] += 1
+        elif not obj.header.study_hash:
+            left_out["no StudyInstanceUID"] += 1
+        else:
+            studies.setdefault(case_id_of(obj.header.study_hash), []).append(obj)
+    grouped, verdicts, reasons = {}, {}, {}
+    by_rule: dict[str, Counter] = {name: Counter() for name in listed.sequences}
+    for case_id, members in sorted(studies.items()):
+        found = identify(group_series(members), rules, listed.sequences)
+        verdicts[case_id] = found.verdicts
+        for name in listed.sequences:
+            by_rule[name]["(ambiguous)" if name in found.ambiguous else found.rules_used[name] if name in found.chosen
+                          else "(missing)"] += 1
+        missing = [name for name in listed.sequences if name not in found.chosen]
+        if found.problem:
+            reasons[case_id] = found.problem
+        elif missing and (len(missing) == len(listed.sequences) or not zero_fill):
+            reasons[case_id] = (f"no series identified as {', '.join(missing)} among its {len(found.verdicts)} series "
+                                f"({_summary(found.verdicts)}); name it with --sequence-rules"
+                                + (", or zero-fill it with --missing-sequences zero" if len(missing) < len(listed.sequences)
+                                   else ""))
+        grouped[case_id] = {name: [infos[obj.key] for obj in found.chosen[name].objects] if name in found.chosen
+                            else [] for name in listed.sequences}
+        grouped[case_id]["mask"] = [infos[obj.key] for item in found.labels[:1] for obj in item.objects]
+    if left_out:
+        logger.info("studies layout: left out %s", ", ".join(f"{n} object(s): {why}" for why, n in left_out.items()))
+    usable = {case_id: parts for case_id, parts in grouped.items() if case_id not in reasons}
+    return (replace(listed, grouped=usable, loose=()),
+            Discovery(verdicts, reasons, by_rule, dict(left_out)))
+
+
+def _summary(verdicts) -> str:
+    """``3 ignored (localiser, diffusion), 2 unmatched``: what became of a study's series."""
+    roles: dict[str, list] = {}
+    for verdict in verdicts:
+        roles.setdefault(verdict.role, []).append(verdict.rule)
+    return ", ".join(f"{len(rules)} {role}" + (f" ({', '.join(sorted({r for r in rules if r}))})" if any(rules) else "")
+                     for role, rules in roles.items())

@@ -1,0 +1,144 @@
+"""The studies layout against the moto S3 server: exams written as a PACS exports them (objects
+named by UIDs or numbers, localisers, diffusion, reformats and labels beside the sequences, each
+sequence on a grid of its own), found by their headers and named by the sequence rules."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections import Counter
+
+import numpy as np
+import pydicom
+import pytest
+
+from brainseg.data.catalog import build_catalog
+from brainseg.data.identify import RulesError, default_rules, load_rules, parse_rules
+from brainseg.dicom import writer
+from brainseg.io import s3
+from infra.data.exported import encode_exported
+from infra.data.profile import format_profile, profile_catalog
+from infra.data.synth import SynthSpec, write_dataset, write_files
+
+SEQUENCES = ("t1c", "t1", "t2", "flair")
+SPEC = SynthSpec(shape=(20, 40, 40), spacing=(2.0, 1.0, 1.0), sequences=SEQUENCES, grids="own", layout="studies")
+
+
+def _exam(index: int, **changes) -> dict[str, bytes]:
+    """One exported exam of SPEC's study ``index``, with ``changes`` to its files (path -> bytes or None)."""
+    images, labels, spacing = SPEC.volumes(index)
+    origin = (-20.0, -20.0, -20.0)
+    files = encode_exported(index, images, labels, spacing, origin, True, f"PID{index}", f"Doe^Jane^{index}")
+    for path, data in changes.items():
+        if data is None:
+            files.pop(path)
+        else:
+            files[path] = data
+    return files
+
+
+def test_exported_exams_are_found_by_their_headers_and_read_as_their_folder_twins(bucket):
+    root = f"s3://{bucket}/export/"
+    write_dataset(3, root, SPEC)
+    assert not any(re.search(r"/(t1c|t1|t2|flair|mask)/", info.key) for info in s3.list_tree(bucket, "export/"))
+    catalog = build_catalog(root, sequences=SEQUENCES, layout="auto", split_fractions=(1.0, 0.0, 0.0))
+    assert catalog.layout == "studies" and not catalog.exclusions and len(catalog.cases) == 3
+    assert all(re.fullmatch(r"study-[0-9a-f]{12}", case.case_id) for case in catalog.cases)
+    # a confusion table of what each series was written as against what it was found to be
+    written = ["localiser", "t1", "t2", "flair", "diffusion", "adc", "t1c", "mpr", "labels"]
+    found = Counter((what, verdict.role) for verdicts in catalog.discovery.verdicts.values()
+                    for what, verdict in zip(written, verdicts))
+    assert found == Counter({("localiser", "ignored"): 3, ("t1", "t1"): 3, ("t2", "t2"): 3, ("flair", "flair"): 3,
+                             ("diffusion", "ignored"): 3, ("adc", "ignored"): 3, ("t1c", "t1c"): 3,
+                             ("mpr", "ignored"): 3, ("labels", "label"): 3})
+    assert catalog.discovery.left_out == {"not an image (DICOMDIR (a media directory), not part of a series)": 2}
+    # each study reads as the same study written in folders on one grid: the T1c and labels exactly,
+    # the other sequences through their own geometry
+    for index in range(3):
+        images, labels, _ = SPEC.volumes(index)
+        case = next(case for case in catalog.cases
+                    if np.array_equal(case.image.read_volume(), images["t1c"].astype(np.float32)))
+        np.testing.assert_array_equal(case.mask.read_volume(), labels)
+        assert sorted(case.resampled) == ["flair", "t1", "t2"]
+        assert [stats.sequence for stats in case.summary.intensities] == list(SEQUENCES)
+
+
+def test_what_the_data_owner_sees_and_the_job_logs(bucket, caplog):
+    root = f"s3://{bucket}/export/"
+    write_files(_exam(0), root)
+    with caplog.at_level(logging.INFO):
+        catalog = build_catalog(root, sequences=SEQUENCES, layout="studies")
+    report = format_profile(profile_catalog(catalog))
+    assert re.search(r"  t1c: 1 by 'T1 with a contrast agent given'", report)
+    assert re.search(r"series 4 \([0-9a-f]{8}\) +flair +description FLAIR +'AX T2 FLAIR \| t2_tirm_flair'", report)
+    # the job's log names rules and counts; no description, name or UID from the headers
+    logged = caplog.text
+    assert "t1c: 1 by 'T1 with a contrast agent given'" in logged
+    assert "T2 FLAIR" not in logged and "Doe" not in logged and "PID0" not in logged
+
+
+def test_a_study_that_cannot_be_used_is_excluded_with_a_reason_naming_its_series(bucket):
+    root = f"s3://{bucket}/export/"
+    no_t1c = {path: data for path, data in _exam(0).items() if "/SE7/" not in path}  # the post-contrast T1
+    write_files(no_t1c, root)
+    twice = _exam(1)  # a repeated FLAIR with the same number and time: nothing tells the two apart
+    flair = [(path, data) for path, data in twice.items() if b"T2 FLAIR" in data[:4000]]
+    repeated = {}
+    for path, data in flair:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.10.99.1"
+        dataset.SOPInstanceUID = dataset.SOPInstanceUID + ".9"
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        repeated[path.rsplit("/", 1)[0] + "/again/" + path.rsplit("/", 1)[1]] = writer.encode(dataset)
+    write_files({**twice, **repeated}, root)
+    catalog = build_catalog(root, sequences=SEQUENCES, layout="studies")
+    assert not catalog.cases
+    reasons = sorted(item.reason for item in catalog.exclusions)
+    assert re.fullmatch(r"2 equally good flair series \(series 4 \([0-9a-f]{8}\), series 4 \([0-9a-f]{8}\)\): 3d, "
+                        r"slices, later do not tell them apart; keep one, or tell them apart with --sequence-rules",
+                        reasons[0]), reasons[0]
+    assert reasons[1] == ("no series identified as t1c among its 8 series (4 ignored (derived or reformatted, diffusion, "
+                          "localiser), 1 t1 (description T1), 1 t2 (description T2), 1 flair (description FLAIR), "
+                          "1 label (label series)); name it with --sequence-rules, or zero-fill it with "
+                          "--missing-sequences zero")
+    with_zeros = build_catalog(root, sequences=SEQUENCES, layout="studies", zero_fill=True)
+    assert [case.missing for case in with_zeros.cases] == [("t1c",)]
+
+
+def test_rules_a_user_writes_extend_or_replace_the_shipped_ones(tmp_path, bucket):
+    own = tmp_path / "rules.yaml"
+    own.write_text("extends: default\nsequences:\n  t1c:\n    - name: site post-contrast\n      description: ['kontrast']\n")
+    rules = load_rules(str(own))
+    assert rules.names == ("t1c", "flair", "t2", "t1") and rules.sequences[0][1][0].name == "site post-contrast"
+    assert len(rules.ignore) == len(default_rules().ignore)
+    s3.put_bytes(f"s3://{bucket}/rules.yaml", b"sequences:\n  dwi:\n    - name: trace\n      description: [trace]\n")
+    only = load_rules(f"s3://{bucket}/rules.yaml")
+    assert only.names == ("dwi",) and not only.ignore
+    with pytest.raises(RulesError, match=r"--sequences names t1c, which the sequence rules .* do not define "
+                                         r"\(they define dwi\)"):
+        only.check_sequences(("t1c",))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sequences: [", r"site.yaml: not valid YAML at line 1, column 13 \(expected the node content"),
+    ("sequences:\n  t1c:\n    - name: x\n      descripton: [t1]\n",
+     r"sequences\.t1c\[0\]: unknown condition 'descripton' \(expected name, description"),
+    ("sequences:\n  t1c:\n    - name: x\n      description: ['t1(']\n",
+     r"sequences\.t1c\[0\]\.description: 't1\(' is not a regular expression"),
+    ("sequences:\n  t1c:\n    - description: [t1]\n", r"sequences\.t1c\[0\]: every rule needs a name"),
+    ("sequences:\n  t1c:\n    - name: x\n", r"a rule needs at least one condition besides its name"),
+    ("sequences:\n  t1c:\n    - name: x\n      echo_time_ms: {min: short}\n", r"echo_time_ms\.min: expected a number"),
+    ("sequences:\n  t1c:\n    - name: x\n      contrast_agent: yes please\n", r"contrast_agent: expected true or false"),
+    ("prefer: [newest]\nsequences:\n  t1c:\n    - name: x\n      acquisition: 3D\n", r"prefer: expected a list of 3d"),
+    ("sequence:\n  t1c: []\n", r"unknown section 'sequence'"),
+    ("ignore: []\n", r"no sequences defined"),
+])
+def test_an_unusable_rules_file_is_refused_with_the_place_and_what_was_expected(text, message):
+    with pytest.raises(RulesError, match=message):
+        parse_rules(text, "site.yaml")
+
+
+def test_a_rules_file_that_cannot_be_read_says_so(tmp_path):
+    with pytest.raises(RulesError, match=r"sequence rules .*missing\.yaml: cannot be read"):
+        load_rules(str(tmp_path / "missing.yaml"))
