@@ -15,6 +15,7 @@ from brainseg.data.catalog import build_catalog
 from brainseg.data.geometry import Aligned, voxel_to_patient
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.dicom import writer
+from brainseg.io import cache
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import put_series
@@ -231,3 +232,39 @@ def test_studies_written_as_a_scanner_writes_them_read_back_onto_the_first_seque
     shared = build_catalog(f"s3://{bucket}/shared", sequences=spec.sequences)
     assert stream.slab_cost > PatchStream(shared.cases, StreamConfig(
         patch_size=(8, 16, 16), augment=False, memory_budget_bytes=2**27)).slab_cost
+
+
+def test_what_was_resampled_is_kept_in_the_hosts_cache_and_read_from_there(tmp_path):
+    """With the host's cache on, a second read of any region costs no read of the source."""
+
+    class Source:
+        shape, spacing, origin, orientation = SOURCES["oblique"]
+        bucket, keys, etags, bytes_per_voxel = "b", ("k1", "k2"), ("e1", "e2"), 2
+
+        def __init__(self):
+            self.reads = 0
+            self.volume = linear(positions(*SOURCES["oblique"])).astype(np.float32)
+
+        def read_region(self, z0, z1, y0, y1, x0, x1):
+            self.reads += 1
+            return self.volume[z0:z1, y0:y1, x0:x1].copy()
+
+    source = Source()
+    aligned = Aligned(source, **REFERENCE)
+    expected = aligned.resample((0, 10, 0, 24, 0, 20))
+    reads = source.reads
+    cache.configure(tmp_path, 1)
+    try:
+        first = aligned.read_region(3, 9, 2, 20, 1, 19)
+        assert source.reads > reads
+        reads = source.reads
+        np.testing.assert_array_equal(first, expected[3:9, 2:20, 1:19])
+        np.testing.assert_array_equal(aligned.read_volume(), expected)  # tiles 0 and 1 were kept whole
+        assert source.reads == reads
+        again = Aligned(source, **REFERENCE)  # another worker: the same tiles, by name
+        np.testing.assert_array_equal(again.read_region(0, 1, 0, 24, 0, 20), expected[:1])
+        assert source.reads == reads
+        moved = Aligned(source, **{**REFERENCE, "origin": (-10.0, -12.0, -8.0)})  # another grid: other tiles
+        assert moved.name != aligned.name
+    finally:
+        cache.disable()

@@ -13,20 +13,27 @@ half a voxel of its edge take the edge voxel, as the slice covers them.
 Stacks whose axes are parallel to the reference's (any permutation and direction: axial against
 sagittal or coronal, other spacings, origins and matrices) are interpolated one axis at a time;
 an oblique stack by :func:`scipy.ndimage.map_coordinates`, a few reference slices at a time so
-the bounding box it reads stays small.
+the bounding box it reads stays small. With the host's cache on (:mod:`brainseg.io.cache`), what
+was resampled is kept there in tiles of :data:`TILE_SLICES` whole reference slices (named by the
+source objects' keys and ETags and the reference grid), so from the second epoch a read costs what
+a read of a co-registered series does; without it, every read resamples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 from scipy import ndimage
 
 from brainseg.data.series import Volume
+from brainseg.io import cache
 
 PARALLEL_TOLERANCE = 1e-4  # a direction cosine this close to 0 counts as 0: the axes are parallel
 OBLIQUE_CHUNK_SLICES = 8  # reference slices an oblique read interpolates at once
+TILE_SLICES = 8  # reference slices of one resampled tile kept in the host's cache
+TILE_VERSION = 1  # part of a tile's name: a change in how tiles are computed names new ones
 COVERAGE_SAMPLES = 24  # points per axis of the lattice :meth:`Aligned.coverage` checks
 PLANE_TOLERANCE = 1e-3  # a slice normal within this of a patient axis names the plane; else "oblique"
 PLANES = ("sagittal", "coronal", "axial")  # the slice normal along patient x, y, z
@@ -87,6 +94,10 @@ class Aligned(Volume):
         significant = np.abs(linear) > PARALLEL_TOLERANCE * np.abs(linear).max(axis=1, keepdims=True)
         self.axes = (tuple(int(np.flatnonzero(row)[0]) for row in significant)
                      if (significant.sum(axis=1) == 1).all() and (significant.sum(axis=0) == 1).all() else None)
+        identity = "\0".join([str(TILE_VERSION), str(labels), repr((self.shape, self.spacing, self.origin, self.orientation)),
+                               str(getattr(source, "bucket", "")), *map(str, getattr(source, "keys", ())),
+                               *map(str, getattr(source, "etags", ()))])
+        self.name = "aligned-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
     @property
     def native(self):
@@ -148,8 +159,24 @@ class Aligned(Volume):
         return ((coordinates >= -0.5) & (coordinates <= limits)).all(axis=-1)
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """The reference voxels ``[z0:z1, y0:y1, x0:x1]`` as float32, read from the source."""
+        """The reference voxels ``[z0:z1, y0:y1, x0:x1]`` as float32: from the host's cache's tiles,
+        or resampled from the source (and kept) where a tile is not there."""
         self._check_region((z0, z1, y0, y1, x0, x1))
+        if cache.active() is None:
+            return self.resample((z0, z1, y0, y1, x0, x1))
+        depth, rows, columns = self.shape
+        parts = []
+        for tile in range(z0 // TILE_SLICES, (z1 - 1) // TILE_SLICES + 1):
+            low, high = tile * TILE_SLICES, min((tile + 1) * TILE_SLICES, depth)
+            data = cache.derived(self.name, tile, lambda low=low, high=high: self.resample(
+                (low, high, 0, rows, 0, columns)).tobytes())
+            whole = np.frombuffer(data, dtype=np.float32).reshape(high - low, rows, columns)
+            parts.append(whole[max(z0, low) - low:min(z1, high) - low, y0:y1, x0:x1])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+    def resample(self, region: tuple) -> np.ndarray:
+        """The reference voxels of ``region`` ``(z0, z1, y0, y1, x0, x1)`` resampled from the source."""
+        z0, z1, y0, y1, x0, x1 = region
         if self.parallel:
             return self._read_parallel((z0, z1, y0, y1, x0, x1))
         return np.concatenate([self._read_oblique((z, min(z + OBLIQUE_CHUNK_SLICES, z1), y0, y1, x0, x1))

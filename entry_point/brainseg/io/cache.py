@@ -7,7 +7,9 @@ object that follow each other are fetched in one ranged GET.
 
 Safe under concurrent workers and after a crash: a block is written to a temporary file and
 renamed into place (readers see a whole file or none), and each file carries its length and a
-CRC-32 that a reader checks before using it (a file that fails is deleted and fetched again). The
+CRC-32 that a reader checks before using it (a file that fails is deleted and fetched again).
+What a host computes from fetched bytes and reads again every epoch (a series resampled onto
+another grid) is kept the same way (:meth:`RangeCache.derived`). The
 bound is held by least-recently-used eviction: a hit touches its file's mtime (when it is older
 than a minute), and a process that
 has written a sixteenth of the bound since its last look lists the folder and deletes the oldest
@@ -25,7 +27,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from brainseg.io import s3
@@ -184,6 +186,18 @@ class RangeCache:
         """The bytes the cache's files take now."""
         return sum(size for _, size, _ in self._files())
 
+    # ------------------------------------------------------------------ derived data
+    def derived(self, name: str, number: int, compute: Callable[[], bytes]) -> bytes:
+        """Bytes this host computes rather than fetches (piece ``number`` of ``name``, e.g. a tile of a
+        series resampled onto another grid): from the cache when there (checked like any block),
+        else computed and stored, under the same bound and eviction as fetched blocks."""
+        block = ("derived", name, "", number)
+        data = self._load(block)
+        if data is None:
+            data = compute()
+            self._store(block, data)
+        return data
+
     # ------------------------------------------------------------------ counters
     def _locked(self) -> threading.Lock:
         """This process's lock: a DataLoader worker forked while another thread held the parent's
@@ -265,6 +279,12 @@ def get_ranges(requests: Sequence[tuple]) -> list[bytes]:
     """:meth:`RangeCache.get_ranges` when a cache is configured, else :func:`brainseg.io.s3.get_ranges`."""
     cache = _active["cache"]
     return cache.get_ranges(requests) if cache is not None else s3.get_ranges(requests)
+
+
+def derived(name: str, number: int, compute: Callable[[], bytes]) -> bytes:
+    """:meth:`RangeCache.derived` when a cache is configured, else ``compute()``."""
+    cache = _active["cache"]
+    return cache.derived(name, number, compute) if cache is not None else compute()
 
 
 def disable() -> None:
