@@ -1,9 +1,11 @@
 """Can the stream feed a GPU? Worker CPU, GETs and bytes per patch, cold and with the local cache.
 
     python benchmarks/gpu_feed.py [--cases 4] [--patches 64] [--latency-ms 20] [--patch 128,128,128]
-                                  [--out benchmarks/results/gpu_feed.json]
+                                  [--grids shared|own] [--out benchmarks/results/gpu_feed.json]
 
-BraTS-shaped studies (4 sequences + mask, 155x240x240, single-frame objects) in the embedded S3
+BraTS-shaped studies (4 sequences + mask, 155x240x240, single-frame objects; with ``--grids own``
+the T1, T2 and FLAIR on grids of their own as infra/data/grids.py writes them, read through their
+geometry onto the T1c's) in the embedded S3
 with ``--latency-ms`` added to every request. The worker path (PatchStream: read, decode,
 resample, crop, normalise, and draw each patch's augmentation, which the trainer applies on its
 device) runs in this process; "epoch 1" is ``--patches`` patches with an empty cache, "epoch 2"
@@ -72,12 +74,13 @@ def run(args) -> dict:
         s3.create_bucket("bench")
         data = "s3://bench/brats/"
         started = time.perf_counter()
-        write_dataset(args.cases, data, SynthSpec(shape=(155, 240, 240), spacing=(1.0, 1.0, 1.0), sequences=SEQUENCES),
-                      jobs=2)
+        write_dataset(args.cases, data, SynthSpec(shape=(155, 240, 240), spacing=(1.0, 1.0, 1.0), sequences=SEQUENCES,
+                                                   grids=args.grids), jobs=2)
         written = time.perf_counter() - started
         catalog = build_catalog(data, sequences=SEQUENCES)
         cases = catalog.cases
         report = {"cases": len(cases), "patch": patch, "latency_ms": args.latency_ms, "sequences": SEQUENCES,
+                  "grids": args.grids, "resampled": {name: volume.describe() for name, volume in cases[0].resampled.items()},
                   "write_seconds": written, "cpu_count": os.cpu_count(), "modes": {}}
         for augment in (True, False):
             with tempfile.TemporaryDirectory() as folder:
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--patch", default="128,128,128")
+    parser.add_argument("--grids", choices=("shared", "own"), default="shared",
+                        help="own: the T1, T2 and FLAIR on grids of their own (oblique, sagittal, thick axial)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_feed.json"))
     args = parser.parse_args()
     report = run(args)
