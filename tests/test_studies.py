@@ -142,3 +142,20 @@ def test_an_unusable_rules_file_is_refused_with_the_place_and_what_was_expected(
 def test_a_rules_file_that_cannot_be_read_says_so(tmp_path):
     with pytest.raises(RulesError, match=r"sequence rules .*missing\.yaml: cannot be read"):
         load_rules(str(tmp_path / "missing.yaml"))
+
+
+def test_series_descriptions_reach_the_saved_index_only_in_the_studies_layout(bucket):
+    root = f"s3://{bucket}/export/"
+    write_files(_exam(0), root)
+    index = root + ".brainseg/index.jsonl"
+    build_catalog(root, sequences=SEQUENCES, layout="studies")
+    assert "T2 FLAIR" in s3.read_uri(index).decode()
+    curated = f"s3://{bucket}/curated/"
+    write_dataset(1, curated, SynthSpec(shape=(12, 24, 24), spacing=(2.0, 1.0, 1.0), sequences=SEQUENCES))
+    build_catalog(curated, sequences=SEQUENCES)
+    saved = s3.read_uri(curated + ".brainseg/index.jsonl").decode()
+    assert "FLAIR (synthetic)" not in saved and '"descriptions": false' in saved.splitlines()[0]
+    # the same objects read as studies: the index had no descriptions, so the headers are read again
+    again = build_catalog(curated, sequences=SEQUENCES, layout="studies")
+    assert again.index_stats["headers_read"] == again.index_stats["objects"] and len(again.cases) == 1
+    assert "FLAIR (synthetic)" in s3.read_uri(curated + ".brainseg/index.jsonl").decode()

@@ -29,6 +29,7 @@ from brainseg.data.index import (
     load_index,
     read_header,
     save_index,
+    without_descriptions,
 )
 from brainseg.data.listing import MANIFEST_NAME, Listing, check_index_location, index_uri_for, list_cases
 from brainseg.data.quality import (
@@ -185,7 +186,12 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     index = load_index(index_uri, key_id(key), refresh=refresh_index)
     sequences = tuple(sequences)
     listed = list_cases(uri, sequences, index, index_uri if trust_index else None, layout)
-    indexed = index_objects(listed, index, key, max_header_bytes)
+    descriptions = listed.layout == "studies"  # series descriptions are kept in the index only where they are used
+    if descriptions and index.objects and not index.descriptions:
+        logger.info("the header index at %s holds no series descriptions (it was built for the folders layout); "
+                    "reading the headers again", index_uri)
+        index = HeaderIndex(index.key_id)
+    indexed = index_objects(listed, index, key, max_header_bytes, descriptions)
     objects_listed = len(listed.objects)
     discovery = None
     if listed.layout == "studies":
@@ -204,7 +210,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped.get(case_id, ()))
                        for case_id in sorted(reasons))
     if indexed.read or summarised or indexed.objects.keys() != index.objects.keys():
-        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries))
+        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions))
     stats = {"objects": objects_listed, "headers_read": indexed.read,
              "headers_reused": len(indexed.objects) - indexed.read, "header_seconds": round(indexed.seconds, 3),
              "headers_per_s": round(indexed.read / indexed.seconds, 1) if indexed.read and indexed.seconds > 0
@@ -226,15 +232,17 @@ class Indexed:
     seconds: float
 
 
-def index_objects(listed: Listing, index: HeaderIndex, key: bytes, max_header_bytes: int) -> Indexed:
+def index_objects(listed: Listing, index: HeaderIndex, key: bytes, max_header_bytes: int,
+                  descriptions: bool = False) -> Indexed:
     """Step 2, index: each object's header, from the saved index when its ETag and size still
-    match, else read by a bounded ranged GET (stray names are recorded, not read)."""
+    match, else read by a bounded ranged GET (stray names are recorded, not read); the series
+    descriptions kept only with ``descriptions`` (the studies layout)."""
     objects: dict[str, IndexedObject] = {}
     to_read = []
     for info in listed.objects:
         saved = index.objects.get(info.key)
         if saved is not None and saved.etag == info.etag and saved.size == info.size:
-            objects[info.key] = saved
+            objects[info.key] = saved if descriptions else without_descriptions(saved)
         else:
             to_read.append(info)
 
@@ -242,7 +250,8 @@ def index_objects(listed: Listing, index: HeaderIndex, key: bytes, max_header_by
         stray = is_stray_name(info.key)
         if stray:
             return IndexedObject(info.key, info.size, info.etag, None, stray, stray=True)
-        return read_header(listed.bucket, info, key, max_header_bytes)
+        indexed = read_header(listed.bucket, info, key, max_header_bytes)
+        return indexed if descriptions else without_descriptions(indexed)
 
     started = time.perf_counter()
     for indexed in s3.executor().map(read, to_read):

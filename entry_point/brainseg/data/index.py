@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from brainseg.data.quality import IndexedObject
 from brainseg.data.summary import CaseSummary
@@ -102,6 +102,14 @@ def read_header(bucket: str, info: s3.ObjectInfo, identity_key: bytes = b"",
     return IndexedObject(info.key, info.size, info.etag, header, error, stray)
 
 
+def without_descriptions(obj: IndexedObject) -> IndexedObject:
+    """``obj`` with its header's free text (SeriesDescription, ProtocolName, SequenceName) left out:
+    only the studies layout needs it, and it may hold a name."""
+    if obj.header is None or not (obj.header.description or obj.header.protocol or obj.header.sequence_name):
+        return obj
+    return replace(obj, header=replace(obj.header, description="", protocol="", sequence_name=""))
+
+
 def _key_from_environment(name: str, required: bool) -> bytes | None:
     text = os.environ.get(name, "").strip()
     if not text:
@@ -168,9 +176,10 @@ class HeaderIndex:
     key_id: str = ""
     objects: dict[str, IndexedObject] = field(default_factory=dict)
     cases: dict[str, tuple[str, CaseSummary]] = field(default_factory=dict)  # id -> (fingerprint, summary)
+    descriptions: bool = False  # the headers keep their series descriptions (the studies layout needs them)
 
     def lines(self):
-        yield json.dumps({"version": INDEX_VERSION, "key_id": self.key_id})
+        yield json.dumps({"version": INDEX_VERSION, "key_id": self.key_id, "descriptions": self.descriptions})
         for obj in self.objects.values():
             yield json.dumps({"object": obj.key, "etag": obj.etag, "size": obj.size, "error": obj.error,
                               "stray": obj.stray, "header": obj.header.to_row() if obj.header else None},
@@ -211,6 +220,7 @@ def load_index(index_uri: str, current_key_id: str, refresh: bool = False) -> He
         if (first["version"], first.get("key_id")) != (INDEX_VERSION, current_key_id):
             logger.info("header index at %s has another version or identity key; indexing from scratch", index_uri)
             return index
+        index.descriptions = bool(first.get("descriptions"))
         for line in lines:
             entry = json.loads(line)
             if "object" in entry:

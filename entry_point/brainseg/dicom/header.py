@@ -93,8 +93,9 @@ class ObjectHeader:
     segments: tuple = ()  # a DICOM SEG object: the segment number of each frame
     fractional_max: int = 0  # a FRACTIONAL SEG: the value that means "all of the voxel"; 0: BINARY
     frame_hash: str = ""  # keyed hash of FrameOfReferenceUID: series that share it share patient coordinates
-    # How the series was acquired (elements.acquisition_fields), to tell sequences apart. SeriesDescription
-    # and ProtocolName are free text a technologist typed: they stay in the index, never in logs.
+    # How the series was acquired (elements.acquisition_fields), to tell sequences apart. SeriesDescription,
+    # ProtocolName and SequenceName are free text a technologist typed (it may hold a name): never logged,
+    # and kept in the saved index only for the studies layout, which reads them (data.index.without_descriptions).
     study_hash: str = ""  # keyed hash of StudyInstanceUID
     series_number: int = 0
     series_time: float = -1.0  # SeriesTime, seconds since midnight (-1: none)
