@@ -377,3 +377,23 @@ def test_a_source_series_highdicom_refuses_is_reported_without_its_header_values
         encode_segmentation([writer.encode(d) for d in datasets], tuple((z, 0) for z in range(3)),
                             [np.ones((3, 8, 8), bool)], ["wt"], Algorithm("brainseg unet", "test"))
     assert "Secret" not in str(refused.value) and "MRN123" not in str(refused.value)
+
+
+def test_studies_as_a_pacs_exports_them_are_predicted_on_their_post_contrast_t1(trained):
+    """--layout studies: exams found by their headers, the FLAIR on a grid of its own (an oblique stack),
+    the SEG written on the series the rules named t1c."""
+    bucket, data, output = trained["bucket"], f"s3://{trained['bucket']}/exams/", f"s3://{trained['bucket']}/pred-exams/"
+    spec = SynthSpec(shape=(24, 48, 48), sequences=("t1c", "flair"), grids="own", layout="studies", seed=7)
+    write_dataset(2, data, spec)
+    assert predict.main(["--model", trained["run"], "--data-uri", data, "--output-uri", output,
+                         "--layout", "studies"]) == 0
+    rows = _rows(output + "predictions.csv")
+    assert len(rows) == 2 and all(row["case_id"].startswith("study-") and row["status"] == "predicted" for row in rows)
+    descriptions = {}  # SeriesInstanceUID -> SeriesDescription of every image object of the exams
+    for info in s3.list_tree(bucket, "exams/"):
+        if not info.key.endswith("DICOMDIR") and "/.brainseg/" not in info.key:
+            dataset = pydicom.dcmread(io.BytesIO(s3.get_object(bucket, info.key)), stop_before_pixels=True)
+            descriptions[dataset.SeriesInstanceUID] = dataset.SeriesDescription
+    for row in rows:
+        seg = hd.seg.segread(io.BytesIO(s3.read_uri(f"{output}{row['case_id']}/segmentation.dcm")))
+        assert descriptions[seg.ReferencedSeriesSequence[0].SeriesInstanceUID] == "AX T1 MPRAGE +C"
