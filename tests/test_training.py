@@ -208,8 +208,7 @@ def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     victim = subprocess.Popen(command + _args(dataset, output, "killed", *common), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_step(f"{output}/killed/checkpoints/latest.json", 4, victim)
-    # at once, into the steps after the mid-epoch checkpoint: a kill after the end-of-epoch checkpoint
-    # (step 6) does not always resume bit-identical yet (a known bug, kept apart from this test)
+    time.sleep(0.3)  # into the steps after the checkpoint
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     killed_at = _read_json(f"{output}/killed/checkpoints/latest.json")["step"]
