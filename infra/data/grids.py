@@ -8,7 +8,7 @@ same phantom onto a geometry of its own, in the same frame of reference:
 - the fourth: axial, slices 2.5 times the study's (thick 2D slices with a gap), finer in plane;
 - any further one: coronal at the study's spacing.
 
-Resampling here is the DICOM standard's formula and :func:`scipy.ndimage.map_coordinates`, written
+Resampling here (not the naming of planes) is the DICOM standard's formula and :func:`scipy.ndimage.map_coordinates`, written
 independently of the product's reader (:mod:`brainseg.data.geometry`), so the reader is checked
 against it rather than against itself.
 """
@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 from scipy import ndimage
+
+from brainseg.data.geometry import plane_of
 
 TILT_DEGREES = 12.0
 
@@ -58,10 +60,7 @@ KINDS = ("oblique", "sagittal", "thick", "coronal")
 
 def plane_prefix(orientation: tuple) -> str:
     """How a scanner's series description starts for a stack of ``orientation``: AX, SAG, COR or OBL."""
-    normal = np.abs(np.cross(orientation[:3], orientation[3:]))
-    if normal.max() < 0.999:
-        return "OBL"
-    return ("SAG", "COR", "AX")[int(np.argmax(normal))]
+    return {"axial": "AX", "sagittal": "SAG", "coronal": "COR", "oblique": "OBL"}[plane_of(orientation)]
 
 
 def positions(shape: tuple, spacing: tuple, origin: tuple, orientation: tuple) -> np.ndarray:
