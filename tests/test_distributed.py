@@ -103,3 +103,12 @@ def test_cpu_training_takes_its_share_of_the_cores(monkeypatch, cores, local, th
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     assert distributed.cpu_threads() == threads
+
+
+def test_cpu_training_sets_its_threads_and_starts_them(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    try:
+        assert distributed.use_cpu_threads() == distributed.cpu_threads() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -117,7 +117,7 @@ class Trainer:
         self.target_spacing = resolve_target_spacing(hp, self.train_cases)
         check_patch_fits(hp, self.train_cases, self.target_spacing)
         if self.device.type == "cpu":
-            torch.set_num_threads(distributed.cpu_threads())
+            distributed.use_cpu_threads()
             logger.info("training on the CPU: %d intra-op thread(s) beside %d DataLoader worker(s)",
                         torch.get_num_threads(), hp.num_workers)
         try:
