@@ -8,6 +8,7 @@ import numpy as np
 
 from brainseg.data.catalog import Catalog
 from brainseg.data.splits import SPLITS
+from brainseg.data.studies import rule_counts_line
 from brainseg.dicom.pixel_location import NATIVE_SYNTAXES
 
 SYNTAX_NAMES = {
@@ -126,9 +127,7 @@ def format_profile(profile: dict) -> str:
         lines += [f"  {case_id}: {', '.join(names)}" for case_id, names in profile["zero_filled"].items()]
     if "studies" in profile:
         lines.append("sequences   found by their headers (studies per rule):")
-        lines += [f"  {name}: " + ", ".join(f"{n} {rule}" if rule.startswith("(") else f"{n} by {rule!r}"
-                                            for rule, n in sorted(counts.items(), key=lambda item: -item[1]))
-                  for name, counts in profile["sequences_found"].items()]
+        lines += ["  " + rule_counts_line(name, counts) for name, counts in profile["sequences_found"].items()]
         if profile["left_out_objects"]:
             lines.append("  left out: " + ", ".join(f"{n} object(s) {why}" for why, n in profile["left_out_objects"].items()))
         lines.append("series of each study (description as written; this report is for the data's owner):")

@@ -87,6 +87,7 @@ class Aligned(Volume):
         self.shape = tuple(int(v) for v in shape)
         self.spacing, self.origin, self.orientation = tuple(spacing), tuple(origin), tuple(orientation)
         self.labels = labels
+        self._coverage: float | None = None
         # reference voxel (z, y, x, 1) -> source voxel
         self.matrix = np.linalg.inv(voxel_to_patient(grid_of(source))) @ voxel_to_patient(
             (self.spacing, self.origin, self.orientation))
@@ -148,10 +149,12 @@ class Aligned(Volume):
 
     def coverage(self) -> float:
         """The fraction of the reference grid inside the source's field of view (on a lattice of
-        :data:`COVERAGE_SAMPLES` points per axis)."""
-        axes = [np.linspace(0, size - 1, min(size, COVERAGE_SAMPLES)) for size in self.shape]
-        points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-        return float(self._inside(self.to_source(points)).mean())
+        :data:`COVERAGE_SAMPLES` points per axis; computed once)."""
+        if self._coverage is None:
+            axes = [np.linspace(0, size - 1, min(size, COVERAGE_SAMPLES)) for size in self.shape]
+            points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+            self._coverage = float(self._inside(self.to_source(points)).mean())
+        return self._coverage
 
     def _inside(self, coordinates: np.ndarray) -> np.ndarray:
         """Which source coordinates ``(..., 3)`` lie within half a voxel of the source's voxels."""
