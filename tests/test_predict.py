@@ -397,3 +397,81 @@ def test_studies_as_a_pacs_exports_them_are_predicted_on_their_post_contrast_t1(
     for row in rows:
         seg = hd.seg.segread(io.BytesIO(s3.read_uri(f"{output}{row['case_id']}/segmentation.dcm")))
         assert descriptions[seg.ReferencedSeriesSequence[0].SeriesInstanceUID] == "AX T1 MPRAGE +C"
+
+
+def _seg_frames(seg) -> dict:
+    """``{(source SOP instance UID, segment number): (rows, columns) bool}`` of a SEG's frames."""
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    return {(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID,
+             int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)): frame.astype(bool)
+            for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, pixels)}
+
+
+def _grid(datasets: list) -> tuple:
+    """A series' slices sorted along their normal, and its voxel-to-patient matrix (z, y, x, 1)."""
+    first = datasets[0]
+    row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    normal = np.cross(row, column)
+    ordered = sorted(datasets, key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))))
+    positions = [np.asarray(d.ImagePositionPatient, float) for d in ordered]
+    step = float(np.dot(normal, positions[1] - positions[0]))
+    matrix = np.eye(4)
+    matrix[:3, 0], matrix[:3, 3] = normal * step, positions[0]
+    matrix[:3, 1], matrix[:3, 2] = column * float(first.PixelSpacing[0]), row * float(first.PixelSpacing[1])
+    return ordered, matrix
+
+
+def test_the_seg_is_drawn_on_the_series_named_on_its_own_voxels(trained):
+    """--seg-series flair: the SEG references the exam's FLAIR (its own oblique grid) and holds, at each
+    FLAIR voxel, what the SEG on the post-contrast T1 holds at the nearest T1 voxel (pydicom's geometry)."""
+    bucket = trained["bucket"]
+    data = f"s3://{bucket}/exam-seg-series/"
+    write_dataset(1, data, SynthSpec(shape=(24, 48, 48), sequences=("t1c", "flair"), grids="own", layout="studies",
+                                     seed=8))
+    segs = {}
+    for name in ("t1c", "flair"):
+        output = f"s3://{bucket}/pred-seg-{name}/"
+        assert predict.main(["--model", trained["run"], "--data-uri", data, "--output-uri", output, "--layout",
+                             "studies", "--postprocess", "false", *(["--seg-series", name] if name == "flair" else [])]) == 0
+        [row] = _rows(output + "predictions.csv")
+        segs[name] = hd.seg.segread(io.BytesIO(s3.read_uri(f"{output}{row['case_id']}/segmentation.dcm")))
+    by_series: dict = {}
+    for info in s3.list_tree(bucket, "exam-seg-series/"):
+        if not info.key.endswith("DICOMDIR") and "/.brainseg/" not in info.key:
+            dataset = pydicom.dcmread(io.BytesIO(s3.get_object(bucket, info.key)), stop_before_pixels=True)
+            by_series.setdefault(dataset.SeriesInstanceUID, []).append(dataset)
+    series = {name: by_series[seg.ReferencedSeriesSequence[0].SeriesInstanceUID] for name, seg in segs.items()}
+    assert series["t1c"][0].SeriesDescription.endswith("T1 MPRAGE +C")
+    assert series["flair"][0].SeriesDescription.endswith("T2 FLAIR")
+    (t1c, t1c_matrix), (flair, flair_matrix) = _grid(series["t1c"]), _grid(series["flair"])
+    frames = {name: _seg_frames(seg) for name, seg in segs.items()}
+    assert {uid for uid, _ in frames["flair"]} <= {d.SOPInstanceUID for d in flair}
+    flair_to_t1c = np.linalg.inv(t1c_matrix) @ flair_matrix
+    shape = (len(t1c), int(t1c[0].Rows), int(t1c[0].Columns))
+    compared = agreed = 0
+    for segment in range(1, len(segs["flair"].SegmentSequence) + 1):
+        for z, dataset in enumerate(flair):
+            drawn = frames["flair"].get((dataset.SOPInstanceUID, segment), np.zeros((dataset.Rows, dataset.Columns), bool))
+            y, x = np.mgrid[0:dataset.Rows, 0:dataset.Columns]
+            points = np.stack([np.full(y.size, z), y.ravel(), x.ravel(), np.ones(y.size)]) .astype(float)
+            where = (flair_to_t1c @ points)[:3].T
+            clear = (np.abs(where - np.round(where)) < 0.45).all(axis=1)  # not within 0.05 voxel of a tie
+            nearest = np.round(where).astype(int)
+            inside = ((nearest >= 0) & (nearest < np.asarray(shape))).all(axis=1)
+            expected = np.zeros(y.size, bool)
+            for index in np.flatnonzero(inside):
+                k, j, i = nearest[index]
+                frame = frames["t1c"].get((t1c[k].SOPInstanceUID, segment))
+                expected[index] = frame is not None and frame[j, i]
+            compared += int(clear.sum())
+            agreed += int((drawn.ravel() == expected)[clear].sum())
+    assert compared > 0.5 * sum(d.Rows * d.Columns for d in flair) * len(segs["flair"].SegmentSequence)
+    assert agreed == compared
+    assert any(frame.any() for frame in frames["flair"].values())
+    assert sum(int(frame.sum()) for frame in frames["flair"].values()) < compared  # not every voxel set
+
+
+def test_a_seg_series_the_model_does_not_read_is_refused(trained, capsys):
+    assert predict.main(["--model", trained["run"], "--data-uri", trained["data"], "--output-uri",
+                         f"s3://{trained['bucket']}/pred-t2/", "--seg-series", "t2"]) != 0
+    assert "--seg-series 't2': the model reads t1c, flair; name one of them" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -71,6 +72,39 @@ def plane_of(orientation: tuple) -> str:
 def grid_of(volume) -> tuple:
     """``(spacing, origin, orientation)`` of a series (what :func:`voxel_to_patient` takes)."""
     return tuple(volume.spacing), tuple(volume.origin), tuple(volume.orientation)
+
+
+@dataclass(frozen=True)
+class InMemory(Volume):
+    """A ``(D, H, W)`` array on a grid (``spacing``, ``origin``, ``orientation`` as a series has them)."""
+
+    values: np.ndarray
+    spacing: tuple
+    origin: tuple
+    orientation: tuple
+
+    what = "array"
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.values.shape)
+
+    @property
+    def bytes_per_voxel(self) -> int:
+        return self.values.itemsize
+
+    def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        self._check_region((z0, z1, y0, y1, x0, x1))
+        return self.values[z0:z1, y0:y1, x0:x1].astype(np.float32)
+
+
+def labels_onto(values: np.ndarray, grid, target) -> np.ndarray:
+    """A label array on ``grid``'s voxels (any volume with ``spacing``/``origin``/``orientation``) on
+    ``target``'s voxels (a series of the same frame of reference): nearest voxel, 0 outside ``grid``."""
+    source = InMemory(values, *grid_of(grid))
+    depth, rows, columns = target.shape
+    onto = Aligned(source, target.shape, target.spacing, target.origin, target.orientation, labels=True)
+    return onto.resample((0, depth, 0, rows, 0, columns)).astype(values.dtype)
 
 
 class Aligned(Volume):

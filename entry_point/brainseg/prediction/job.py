@@ -22,8 +22,10 @@ import torch
 
 from brainseg.config import FLOAT_BYTES
 from brainseg.data.catalog import Case, build_catalog
+from brainseg.data.geometry import Aligned, labels_onto
 from brainseg.data.identify import load_rules
 from brainseg.data.resample import TargetSpacing
+from brainseg.data.series import Series
 from brainseg.data.stream import read_case_region
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
@@ -51,7 +53,8 @@ class PredictionError(ValueError):
 class LoadedCase:
     channels: list  # raw (modality units) (D, H, W) per sequence
     mask: np.ndarray | None
-    headers: list  # the first sequence's object headers, for the SEG
+    seg_on: Series | Aligned  # what the SEG is drawn on (seg_volume)
+    headers: list  # its series' object headers, for the SEG
 
 
 def case_memory_bytes(case: Case, predictor: Predictor) -> int:
@@ -70,9 +73,22 @@ def algorithm_of(description: ModelDescription) -> Algorithm:
                      f"{description.run_name or 'model'} {description.code_version}".strip()[:64])
 
 
-def seg_of(case: Case, prediction: Prediction, headers: list, scheme: LabelScheme, algorithm: Algorithm) -> bytes:
-    """The prediction as a DICOM SEG on the first sequence (whose objects' headers are ``headers``)."""
-    return encode_segmentation(headers, case.image.planes, prediction.masks, list(scheme.names), algorithm)
+def seg_volume(case: Case, sequence: str) -> Series | Aligned:
+    """What a case's SEG is drawn on: the sequence ``sequence`` as the case reads it (the first
+    sequence present when ``sequence`` is empty or zero-filled in this case)."""
+    names = [stats.sequence for stats in case.summary.intensities]
+    chosen = case.images[names.index(sequence)] if sequence in names else None
+    return case.image if chosen is None else chosen
+
+
+def seg_of(case: Case, prediction: Prediction, on: Series | Aligned, headers: list, scheme: LabelScheme,
+           algorithm: Algorithm) -> bytes:
+    """The prediction as a DICOM SEG on the series of ``on`` (:func:`seg_volume`; ``headers``: its
+    objects' headers): a series on a grid of its own gets the masks on its own voxels (nearest voxel)."""
+    series, masks = on.native, prediction.masks
+    if isinstance(on, Aligned):
+        masks = [labels_onto(mask, case.image, series) for mask in masks]
+    return encode_segmentation(headers, series.planes, masks, list(scheme.names), algorithm)
 
 
 def nifti_of(case: Case, prediction: Prediction, scheme: LabelScheme) -> bytes:
@@ -135,6 +151,9 @@ class PredictionJob:
         except ValueError as err:
             raise PredictionError(str(err)) from err
         description = self.predictor.description
+        if options.seg_series and options.seg_series not in description.sequences:
+            raise PredictionError(f"--seg-series {options.seg_series!r}: the model reads "
+                                  f"{', '.join(description.sequences)}; name one of them")
         self.algorithm = algorithm_of(models[0].description)
         index, count = self.shard
         if index == 0:  # a rerun's earlier results stop looking complete before anything else is written
@@ -170,14 +189,19 @@ class PredictionJob:
     def load(self, case: Case) -> LoadedCase:
         depth, rows, columns = case.image.shape
         channels, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=case.mask is not None)
-        return LoadedCase(channels, mask, case.image.read_headers() if "seg" in self.options.output_format else [])
+        on = seg_volume(case, self.options.seg_series)
+        if "seg" in self.options.output_format and self.options.seg_series and on is case.image \
+                and self.options.seg_series in case.missing:
+            logger.warning("case %s has no %s series (zero-filled): its SEG is drawn on the first sequence present",
+                           case.case_id, self.options.seg_series)
+        return LoadedCase(channels, mask, on, on.native.read_headers() if "seg" in self.options.output_format else [])
 
     def predict(self, case: Case, loaded: LoadedCase, started: float) -> dict:
         prediction = self.predictor.predict(loaded.channels, case.summary.intensities, case.image.spacing)
         scheme = self.predictor.scheme
         if "seg" in self.options.output_format:
             self.store.put(PredictionLayout.segmentation(case.case_id),
-                           seg_of(case, prediction, loaded.headers, scheme, self.algorithm), "application/dicom")
+                           seg_of(case, prediction, loaded.seg_on, loaded.headers, scheme, self.algorithm), "application/dicom")
         if "nifti" in self.options.output_format:
             self.store.put(PredictionLayout.nifti(case.case_id), nifti_of(case, prediction, scheme), "application/gzip")
         row = volume_row(case, prediction, self.predictor.scheme.structures, loaded.mask,

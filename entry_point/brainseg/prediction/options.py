@@ -4,7 +4,7 @@ launcher checks the flags and the review tools read the outputs on a laptop.
 Under ``<output_uri>/``::
 
     prediction.json            the job's settings and models (written first)
-    <case>/segmentation.dcm    DICOM SEG on the case's first sequence (--output-format seg)
+    <case>/segmentation.dcm    DICOM SEG on the case's first sequence, or on --seg-series (--output-format seg)
     <case>/<case>.nii.gz       the label map as NIfTI on the same grid (--output-format nifti)
     <case>/volumes.csv         predicted volumes (ml) per structure, Dice/IoU/HD95 when a mask exists;
                                written after the SEG: a case is complete when it exists
@@ -51,6 +51,9 @@ class PredictOptions:
     output_format: tuple = _field(("seg",), "what each case's prediction is written as: seg (DICOM SEG, one "
                                             "segment per structure), nifti (a label map in the training label "
                                             "values, .nii.gz), or both: seg,nifti (default seg)")
+    seg_series: str = _field("", "the sequence whose series the DICOM SEG is drawn on, e.g. flair (default the first "
+                                 "sequence present); a series on a grid of its own gets the prediction on its own "
+                                 "voxels (nearest voxel)")
     mirror: bool = _field(False, "test-time augmentation: average the 8 mirrorings of the volume (8x the compute)")
     postprocess: bool = _field(True, "apply the postprocessing the model chose on its validation cases (an "
                                      "ensemble: the rules all its models share)")
