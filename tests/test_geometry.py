@@ -15,10 +15,11 @@ from brainseg.data.catalog import build_catalog
 from brainseg.data.geometry import Aligned, voxel_to_patient
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.dicom import writer
-from brainseg.io import cache
+from brainseg.io import cache, s3
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import put_series
+from tests.test_segmentation import seg_bytes
 
 REFERENCE = dict(shape=(10, 24, 20), spacing=(2.0, 1.0, 1.0), origin=(-10.0, -12.0, -9.0),
                  orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
@@ -67,10 +68,12 @@ def _put_case(root: str, case_id: str, source: tuple, frame: str = "1.2.3.4.5", 
     put_series(f"{root}/{case_id}", "t1c", writer.slice_datasets(volume, reference))
     shape, spacing, origin, orientation = source
     flair = _spec(case_id, spacing, origin, orientation, other_frame or frame)
-    put_series(f"{root}/{case_id}", "flair",
-               writer.slice_datasets(linear(positions(shape, spacing, origin, orientation)).round().astype(np.uint16),
-                                     flair))
-    if mask_on == "t1c":
+    flair_datasets = writer.slice_datasets(linear(positions(shape, spacing, origin, orientation)).round().astype(np.uint16),
+                                           flair)
+    put_series(f"{root}/{case_id}", "flair", flair_datasets)
+    if mask_on == "flair-seg":  # a DICOM SEG drawn on the flair: segment n where mask_labels is n
+        s3.put_bytes(f"{root}/{case_id}/mask/seg.dcm", seg_bytes(flair_datasets, mask_labels))
+    elif mask_on == "t1c":
         mask = np.zeros(REFERENCE["shape"], np.uint8)
         mask[3:7, 8:16, 6:14] = 1
         put_series(f"{root}/{case_id}", "mask", writer.slice_datasets(mask, reference))
@@ -149,6 +152,47 @@ def test_a_mask_drawn_on_another_series_is_placed_by_position_nearest_voxel(buck
     text = format_profile(profile_catalog(catalog))
     assert (f"  case: flair sagittal 16x12x30 at 1x2x1 mm, covers {100 * coverage.mean():.0f} %; mask sagittal "
             f"16x12x30 at 1x2x1 mm, covers {100 * coverage.mean():.0f} %") in text, text
+
+
+@pytest.mark.parametrize("source", ["sagittal", "oblique"])
+def test_a_seg_drawn_on_another_sequence_is_placed_by_position_nearest_voxel(bucket, source):
+    """A DICOM SEG whose frames lie on the flair's planes (its own grid), not the t1c's: read through
+    the flair's geometry, each reference voxel taking the segment of the flair voxel nearest it."""
+    root = f"s3://{bucket}/studies"
+    shape, spacing, origin, orientation = SOURCES[source]
+    labels = np.zeros(shape, np.uint8)
+    labels[6:14, 8:20, 8:18] = 1
+    labels[8:11, 11:15, 11:14] = 2
+    _put_case(root, "case", SOURCES[source], mask_on="flair-seg", mask_labels=labels)
+    catalog = build_catalog(root, sequences=("t1c", "flair"), split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions, catalog.exclusions
+    case = catalog.cases[0]
+    assert isinstance(case.mask, Aligned) and case.mask.labels and case.mask.shape == REFERENCE["shape"]
+    placed = case.mask.read_volume()
+    points = positions(**REFERENCE)
+    inverse = np.linalg.inv(voxel_to_patient((spacing, origin, orientation)))
+    nearest = np.floor(points @ inverse[:3, :3].T + inverse[:3, 3] + 0.5 + 1e-6).astype(int)  # a tie: the higher
+    inside = ((nearest >= 0) & (nearest < np.asarray(shape))).all(axis=-1)
+    expected = np.zeros(REFERENCE["shape"], np.float32)
+    expected[inside] = labels[tuple(nearest[inside].T)]
+    assert set(np.unique(expected)) == {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(placed, expected)
+    channels, mask = read_case_region(case, (2, 8, 5, 19, 3, 17))
+    np.testing.assert_array_equal(mask, placed[2:8, 5:19, 3:17])  # a region read agrees with the whole
+
+
+def test_a_seg_on_no_sequences_planes_names_the_grids_it_was_tried_on(bucket):
+    root = f"s3://{bucket}/studies"
+    shape, spacing, origin, orientation = SOURCES["oblique"]
+    labels = np.zeros(shape, np.uint8)
+    labels[6:14, 8:20, 8:18] = 1
+    _put_case(root, "case", SOURCES["oblique"], mask_on="flair-seg", mask_labels=labels)
+    elsewhere = _spec("case", spacing, (origin[0] + 0.4, origin[1], origin[2] + 0.3), orientation, "1.2.3.4.5")
+    s3.put_bytes(f"{root}/case/mask/seg.dcm", seg_bytes(writer.slice_datasets(np.zeros(shape, np.uint16), elsewhere),
+                                                        labels))
+    catalog = build_catalog(root, sequences=("t1c", "flair"), split_fractions=(1.0, 0.0, 0.0))
+    [excluded] = catalog.exclusions
+    assert "does not lie on the t1c grid" in excluded.reason and excluded.reason.endswith(", nor on the flair grid")
 
 
 def test_a_sequence_in_another_frame_or_outside_the_view_excludes_its_case_with_the_reason(bucket):

@@ -37,7 +37,8 @@ def _labels(seed: int) -> np.ndarray:
     return labels
 
 
-def _seg_bytes(sources, labels: np.ndarray, fractional: bool = False) -> bytes:
+def seg_bytes(sources, labels: np.ndarray, fractional: bool = False) -> bytes:
+    """A DICOM SEG (highdicom) on the series ``sources``: segment n where ``labels`` is n, for n = 1..len(NAMES)."""
     descriptions = [hd.seg.SegmentDescription(
         segment_number=number, segment_label=name, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
@@ -66,7 +67,7 @@ def _put_case(root: str, case_id: str, labels: np.ndarray, fractional: bool = Fa
                                                                  patient_name=spec.patient_name,
                                                                  study_uid=spec.study_uid,
                                                                  frame_of_reference_uid=spec.frame_of_reference_uid))
-    s3.put_bytes(f"{root}/{case_id}/mask/seg.dcm", _seg_bytes(sources, labels, fractional))
+    s3.put_bytes(f"{root}/{case_id}/mask/seg.dcm", seg_bytes(sources, labels, fractional))
     return image
 
 

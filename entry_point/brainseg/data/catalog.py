@@ -40,7 +40,7 @@ from brainseg.data.quality import (
     label_problem,
     place,
 )
-from brainseg.data.segmentation import SegmentationMask
+from brainseg.data.segmentation import SegmentationMask, place_segmentation
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
 from brainseg.data.studies import Discovery, discover_studies
@@ -442,7 +442,8 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
         if len(segmentations) > 1 or others:
             raise QualityError(f"mask/ holds a DICOM SEG ({segmentations[0].name}) and {len(segmentations) + len(others) - 1} other "
                                "image object(s); keep one SEG object, or a label series, per mask folder")
-        mask = SegmentationMask.on_grid(bucket, segmentations[0], reference, reference_name)
+        mask = place_segmentation(bucket, segmentations[0], reference, reference_name,
+                                  {name: item.native for name, item in images.items() if isinstance(item, Aligned)})
     elif parts["mask"] or require_masks:
         mask = place(reference, assemble_series(bucket, "mask", parts["mask"]), "mask", reference_name, labels=True)
     return images, mask

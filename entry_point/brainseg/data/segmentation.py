@@ -2,7 +2,9 @@
 
 A SEG holds one frame per (segment, plane), empty frames often left out, each placed by its own
 position. :meth:`SegmentationMask.on_grid` maps every frame onto a plane of the reference series
-(the case's first sequence) and refuses frames that do not lie on one. ``read_region`` then fetches
+(the case's first sequence) and refuses frames that do not lie on one; :func:`place_segmentation`
+also takes a SEG drawn on another sequence of the case (an oblique FLAIR, say), read through that
+sequence's geometry. ``read_region`` then fetches
 the rows of the frames a region covers (1-bit frames are packed without padding, so a row range is
 a bit range; ranges are coalesced as a series' are), never the whole object, and paints each segment's number as the label value: ``--labels`` names
 classes by segment number. Where segments overlap the higher number wins; a fractional frame
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from brainseg.data.geometry import Aligned
 from brainseg.data.quality import ALIGNMENT_FRACTION, ORIENTATION_TOLERANCE, IndexedObject, QualityError
 from brainseg.data.series import Series, Volume, coalesce
 from brainseg.dicom import ObjectHeader
@@ -41,6 +44,18 @@ class SegmentationMask(Volume):
 
     bytes_per_voxel = 1
     what = "segmentation"
+
+    @property
+    def keys(self) -> tuple:
+        return (self.key,)
+
+    @property
+    def etags(self) -> tuple:
+        return (self.etag,)
+
+    @property
+    def headers(self) -> tuple:
+        return (self.header,)
 
     @classmethod
     def on_grid(cls, bucket: str, obj: IndexedObject, reference: Series, against: str) -> SegmentationMask:
@@ -117,3 +132,29 @@ class SegmentationMask(Volume):
             out[z][values] = segment
         return out
 
+
+
+def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, against: str,
+                       others: dict) -> SegmentationMask | Aligned:
+    """The SEG ``obj`` on ``reference``'s grid: its frames placed on the reference's planes when
+    they lie on them; else, when they lie on the planes of one of ``others`` (``{name: series}``:
+    the case's other sequences on grids of their own) and the SEG names the reference's frame of
+    reference, read through that series' geometry (nearest voxel), as a label series drawn there is.
+
+    Raises:
+        QualityError: the reference's reason, when the frames lie on none of them.
+    """
+    try:
+        return SegmentationMask.on_grid(bucket, obj, reference, against)
+    except QualityError as err:
+        failure = err
+    frames = {header.frame_hash for header in reference.headers}
+    if not others or not obj.header.frame_hash or frames != {obj.header.frame_hash}:
+        raise failure
+    for name, series in others.items():
+        try:
+            drawn = SegmentationMask.on_grid(bucket, obj, series, name)
+        except QualityError:
+            continue
+        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
+    raise QualityError(f"{failure}, nor on the {', '.join(others)} grid{'s' if len(others) > 1 else ''}")
