@@ -20,8 +20,9 @@ from brainseg.commands import train
 from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.data.contours import _fill
+from brainseg.data.geometry import Aligned, voxel_to_patient
 from brainseg.dicom import writer
-from brainseg.io import s3
+from brainseg.io import cache, s3
 from brainseg.labels import parse_roi_labels
 from tests.conftest import dicom_bytes, put
 
@@ -87,6 +88,51 @@ def test_a_library_written_structure_set_reads_back_voxel_for_voxel(bucket, tmp_
     binary = build_catalog(root + "/", roi_labels=parse_roi_labels("Brain=1"), split_fractions=(1.0, 0.0, 0.0))
     np.testing.assert_array_equal(binary.cases[0].mask.read_volume(), structures["Brain"].astype(np.float32))
     assert binary.cases[0].summary.tumour_voxels == int(structures["Brain"].sum())  # not the saved summary
+
+
+def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(bucket, tmp_path):
+    """The t1c axial at 3x1x1 mm, the flair an oblique stack (tilted 15 degrees) with the structure set
+    rt-utils drew on it: each t1c voxel takes the ROI value of the flair voxel nearest its position."""
+    root = f"s3://{bucket}/rtstruct-flair"
+    angle = np.radians(15.0)
+    flair = writer.SeriesSpec(spacing=SPACING, origin=(-16.0, -18.0, -15.0),
+                              orientation=(1.0, 0.0, 0.0, 0.0, float(np.cos(angle)), float(np.sin(angle))),
+                              patient_id="PID-x", patient_name="Doe^X")
+    t1c = writer.SeriesSpec(spacing=(3.0, 1.0, 1.0), origin=(-14.0, -14.0, -12.0), patient_id="PID-x",
+                            patient_name="Doe^X", study_uid=flair.study_uid, frame_of_reference_uid=flair.frame_of_reference_uid)
+    rng = np.random.default_rng(2)
+    for name, spec, shape in (("t1c", t1c, (10, 36, 36)), ("flair", flair, SHAPE)):
+        for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, shape).astype(np.int16), spec), 1):
+            data = writer.encode(dataset, "explicit-le")
+            put(f"{root}/case/{name}/IM_{number:04d}.dcm", data)
+            if name == "flair":
+                (tmp_path / f"IM_{number:04d}.dcm").write_bytes(data)
+    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
+    structures = _structures()
+    for name, mask in structures.items():
+        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
+    put(f"{root}/case/mask/RS.dcm", dicom_bytes(builder.ds))
+
+    inverse = np.linalg.inv(voxel_to_patient((flair.spacing, flair.origin, flair.orientation)))
+    reference = voxel_to_patient((t1c.spacing, t1c.origin, t1c.orientation))
+    z, y, x = np.meshgrid(*(np.arange(n) for n in (10, 36, 36)), indexing="ij")
+    points = np.stack([z, y, x, np.ones_like(z)], axis=-1) @ (inverse @ reference).T
+    nearest = np.floor(points[..., :3] + 0.5 + 1e-6).astype(int)  # a tie: the higher
+    inside = ((nearest >= 0) & (nearest < np.asarray(SHAPE))).all(axis=-1)
+    cache.configure(tmp_path / "cache", 1)  # as in training: what was resampled is kept in the host's cache
+    try:
+        for mapping in (ROIS, "Brain=1"):  # a second mapping of the same object: not the first one's kept tiles
+            catalog = build_catalog(root + "/", sequences=("t1c", "flair"), roi_labels=parse_roi_labels(mapping),
+                                    split_fractions=(1.0, 0.0, 0.0))
+            assert not catalog.exclusions, catalog.exclusions
+            [case] = catalog.cases
+            assert isinstance(case.mask, Aligned) and case.mask.labels
+            expected = np.zeros((10, 36, 36), np.float32)
+            expected[inside] = _painted(structures, mapping)[tuple(nearest[inside].T)]
+            assert len(np.unique(expected)) == (4 if mapping == ROIS else 2)
+            np.testing.assert_array_equal(case.mask.read_volume(), expected)
+    finally:
+        cache.disable()
 
 
 def test_non_square_pixels_are_placed_by_the_standards_pixel_spacing(bucket, tmp_path):

@@ -2,7 +2,8 @@
 
 :meth:`ContourMask.on_grid` checks that the structure set references the case's first sequence
 (its series, the images its contours name, one frame of reference) and puts every contour of the
-ROIs ``--roi-labels`` maps onto a plane of that series; ``read_region`` rasterises the planes a
+ROIs ``--roi-labels`` maps onto a plane of that series (:meth:`ContourMask.read`: or of another
+sequence of the case it references, read through that sequence's geometry); ``read_region`` rasterises the planes a
 region covers. A voxel belongs to an ROI when its centre lies inside the ROI's contours on that
 plane (even-odd: an inner contour is a hole, as in 3D Slicer and rt-utils) or on one of their
 outlines, so a contour traced through the centres of a mask's boundary voxels (what mask-to-contour
@@ -13,10 +14,11 @@ enhancing tumour).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from brainseg.data.geometry import Aligned
 from brainseg.data.quality import ALIGNMENT_FRACTION, IndexedObject, QualityError
 from brainseg.data.series import Series, Volume
 from brainseg.dicom import HeaderError
@@ -96,14 +98,32 @@ class ContourMask(Volume):
     origin: tuple
     orientation: tuple
     planes: tuple
+    key: str = ""  # the object's key and ETag, and the ROI mapping: what names it, resampled, in the host's cache
+    etag: str = ""
+    roi_labels: tuple = ()
 
     bytes_per_voxel = 1
     what = "structure set"
 
+    @property
+    def keys(self) -> tuple:
+        return (self.key,)
+
+    @property
+    def etags(self) -> tuple:
+        return (self.etag,)
+
+    @property
+    def variant(self) -> str:
+        return repr(self.roi_labels)
+
     @classmethod
     def read(cls, bucket: str, obj: IndexedObject, reference: Series, against: str, roi_labels: tuple,
-             identity_key: bytes) -> ContourMask:
-        """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`).
+             identity_key: bytes, others: dict | None = None) -> ContourMask | Aligned:
+        """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`); or, when
+        it references one of ``others`` (``{name: series}``: the case's other sequences on grids of
+        their own, in the reference's frame of reference) instead, on that series' planes, read
+        through its geometry onto the reference grid (nearest voxel).
 
         Raises:
             QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set
@@ -114,11 +134,19 @@ class ContourMask(Volume):
             structure_set = parse_structure_set(bytes(data), identity_key)
         except (HeaderError, s3.S3Error) as err:  # a damaged or changed object costs its case, not the catalog
             raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
-        return cls.on_grid(obj.name, structure_set, reference, against, roi_labels)
+        drawn_on = [(name, series) for name, series in (others or {}).items()
+                    if series.headers[0].series_hash in structure_set.series_frames
+                    and reference.headers[0].series_hash not in structure_set.series_frames]
+        name, series = drawn_on[0] if drawn_on else (against, reference)
+        drawn = replace(cls.on_grid(obj.name, structure_set, series, name, roi_labels, others=list(others or ())),
+                        key=obj.key, etag=obj.etag, roi_labels=tuple(roi_labels))
+        if series is reference:
+            return drawn
+        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
 
     @classmethod
     def on_grid(cls, name: str, structure_set: StructureSet, reference: Series, against: str,
-                roi_labels: tuple) -> ContourMask:
+                roi_labels: tuple, others: list | None = None) -> ContourMask:
         """Place the ROIs ``roi_labels`` maps (``((name, label), ...)``; empty: every ROI as 1) on
         ``reference``'s planes.
 
@@ -129,7 +157,8 @@ class ContourMask(Volume):
         what = f"mask (RTSTRUCT {name})"
         series = reference.headers[0].series_hash
         if structure_set.series_frames and series not in structure_set.series_frames:
-            raise QualityError(f"{what} references another series than the {against} series")
+            raise QualityError(f"{what} references another series than the {' or '.join([against, *(others or [])])} "
+                               "series")
         instances = {header.instance_hash for header in reference.headers}
         by_name = {roi.name.lower(): roi for roi in structure_set.rois}
         if roi_labels:

@@ -131,7 +131,7 @@ class Aligned(Volume):
                      if (significant.sum(axis=1) == 1).all() and (significant.sum(axis=0) == 1).all() else None)
         identity = "\0".join([str(TILE_VERSION), str(labels), repr((self.shape, self.spacing, self.origin, self.orientation)),
                                str(getattr(source, "bucket", "")), *map(str, getattr(source, "keys", ())),
-                               *map(str, getattr(source, "etags", ()))])
+                               *map(str, getattr(source, "etags", ())), *filter(None, [getattr(source, "variant", "")])])
         self.name = "aligned-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
     @property
