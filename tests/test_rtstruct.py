@@ -90,28 +90,34 @@ def test_a_library_written_structure_set_reads_back_voxel_for_voxel(bucket, tmp_
     assert binary.cases[0].summary.tumour_voxels == int(structures["Brain"].sum())  # not the saved summary
 
 
-def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(bucket, tmp_path):
+@pytest.mark.parametrize("layout", ["folders", "studies"])
+def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(bucket, tmp_path, layout):
     """The t1c axial at 3x1x1 mm, the flair an oblique stack (tilted 15 degrees) with the structure set
-    rt-utils drew on it: each t1c voxel takes the ROI value of the flair voxel nearest its position."""
+    rt-utils drew on it: each t1c voxel takes the ROI value of the flair voxel nearest its position. In
+    the studies layout (objects named by UIDs, flat) the structure set is matched to its study by the
+    series it references."""
     root = f"s3://{bucket}/rtstruct-flair"
     angle = np.radians(15.0)
     flair = writer.SeriesSpec(spacing=SPACING, origin=(-16.0, -18.0, -15.0),
                               orientation=(1.0, 0.0, 0.0, 0.0, float(np.cos(angle)), float(np.sin(angle))),
-                              patient_id="PID-x", patient_name="Doe^X")
+                              patient_id="PID-x", patient_name="Doe^X", series_description="AX T2 FLAIR")
     t1c = writer.SeriesSpec(spacing=(3.0, 1.0, 1.0), origin=(-14.0, -14.0, -12.0), patient_id="PID-x",
-                            patient_name="Doe^X", study_uid=flair.study_uid, frame_of_reference_uid=flair.frame_of_reference_uid)
+                            patient_name="Doe^X", study_uid=flair.study_uid, frame_of_reference_uid=flair.frame_of_reference_uid,
+                            series_description="AX T1 +C", contrast_agent="gadobutrol")
     rng = np.random.default_rng(2)
     for name, spec, shape in (("t1c", t1c, (10, 36, 36)), ("flair", flair, SHAPE)):
         for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, shape).astype(np.int16), spec), 1):
             data = writer.encode(dataset, "explicit-le")
-            put(f"{root}/case/{name}/IM_{number:04d}.dcm", data)
+            put(f"{root}/case/{name}/IM_{number:04d}.dcm" if layout == "folders" else f"{root}/{dataset.SOPInstanceUID}",
+                data)
             if name == "flair":
                 (tmp_path / f"IM_{number:04d}.dcm").write_bytes(data)
     builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
     structures = _structures()
     for name, mask in structures.items():
         builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
-    put(f"{root}/case/mask/RS.dcm", dicom_bytes(builder.ds))
+    put(f"{root}/case/mask/RS.dcm" if layout == "folders" else f"{root}/{builder.ds.SOPInstanceUID}",
+        dicom_bytes(builder.ds))
 
     inverse = np.linalg.inv(voxel_to_patient((flair.spacing, flair.origin, flair.orientation)))
     reference = voxel_to_patient((t1c.spacing, t1c.origin, t1c.orientation))
@@ -123,7 +129,7 @@ def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(
     try:
         for mapping in (ROIS, "Brain=1"):  # a second mapping of the same object: not the first one's kept tiles
             catalog = build_catalog(root + "/", sequences=("t1c", "flair"), roi_labels=parse_roi_labels(mapping),
-                                    split_fractions=(1.0, 0.0, 0.0))
+                                    split_fractions=(1.0, 0.0, 0.0), layout=layout)
             assert not catalog.exclusions, catalog.exclusions
             [case] = catalog.cases
             assert isinstance(case.mask, Aligned) and case.mask.labels
@@ -235,3 +241,22 @@ def test_a_structure_set_changed_since_indexing_costs_its_case_not_the_catalog(b
                             trust_index=True)  # the saved index still names the old ETag
     assert not catalog.cases
     assert re.search(r"mask \(RTSTRUCT RS\.dcm\): .*RS\.dcm changed since it was indexed", catalog.exclusions[0].reason)
+
+
+def test_a_structure_set_of_no_study_in_the_export_is_left_out_and_counted(bucket, tmp_path):
+    root = f"s3://{bucket}/rtstruct-stray"
+    image = writer.SeriesSpec(spacing=SPACING, patient_id="PID-y", patient_name="Doe^Y", series_description="AX T1 +C",
+                              contrast_agent="gadobutrol")
+    elsewhere = writer.SeriesSpec(spacing=SPACING, patient_id="PID-z", patient_name="Doe^Z")  # not uploaded
+    for dataset in writer.slice_datasets(np.full(SHAPE, 400, np.int16), image):
+        put(f"{root}/{dataset.SOPInstanceUID}", writer.encode(dataset, "explicit-le"))
+    for number, dataset in enumerate(writer.slice_datasets(np.full(SHAPE, 400, np.int16), elsewhere), 1):
+        (tmp_path / f"IM_{number:04d}.dcm").write_bytes(writer.encode(dataset, "explicit-le"))
+    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
+    builder.add_roi(mask=np.ascontiguousarray(_structures()["Edema"].transpose(1, 2, 0)), name="Edema")
+    put(f"{root}/{builder.ds.SOPInstanceUID}", dicom_bytes(builder.ds))
+    catalog = build_catalog(root + "/", sequences=("t1c",), require_masks=False, split_fractions=(1.0, 0.0, 0.0),
+                            layout="studies")
+    [case] = catalog.cases
+    assert case.mask is None
+    assert catalog.discovery.left_out == {"RT Structure Set referencing no series of these studies": 1}

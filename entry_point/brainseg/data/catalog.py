@@ -17,7 +17,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from brainseg.data.contours import ContourMask, ContourOptions, is_structure_set
+from brainseg.data.contours import ContourMask, ContourOptions, is_structure_set, read_structure_set
 from brainseg.data.geometry import Aligned
 from brainseg.data.identify import Rules, default_rules
 from brainseg.data.index import (
@@ -195,7 +195,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     objects_listed = len(listed.objects)
     discovery = None
     if listed.layout == "studies":
-        listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill)
+        listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill,
+                                             read_structure_sets(listed.bucket, indexed.objects, key))
     assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key))
     summaries, summarised, unreadable = summarise_cases(listed, assembled, index, roi_labels)
     reasons = {**(discovery.reasons if discovery else {}), **assembled.reasons, **unreadable}
@@ -400,6 +401,19 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
     logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
                 catalog.uri, folders, len(catalog.cases), len(catalog.split("train")), len(catalog.split("val")),
                 len(catalog.split("test")), len(catalog.exclusions), catalog.index_stats)
+
+
+def read_structure_sets(bucket: str, objects: dict, identity_key: bytes) -> dict:
+    """The RT Structure Sets among ``objects``, parsed, by key (one that cannot be read is a warning
+    naming the object, and left out)."""
+    found = {}
+    for key, obj in objects.items():
+        if is_structure_set(obj):
+            try:
+                found[key] = read_structure_set(bucket, obj, identity_key)
+            except QualityError as err:
+                logger.warning("studies layout: %s; left out", err)
+    return found
 
 
 def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,

@@ -43,6 +43,20 @@ def is_structure_set(obj: IndexedObject) -> bool:
     return obj.stray and obj.error == STRUCTURE_SET_REASON
 
 
+def read_structure_set(bucket: str, obj: IndexedObject, identity_key: bytes) -> StructureSet:
+    """The RT Structure Set ``obj``, read whole (through the host's cache) and parsed, its UIDs as
+    keyed hashes.
+
+    Raises:
+        QualityError: not a readable RT Structure Set (damaged, or changed since it was indexed).
+    """
+    try:
+        [data] = cache.get_ranges([(bucket, obj.key, 0, obj.size, obj.etag)])
+        return parse_structure_set(bytes(data), identity_key)
+    except (HeaderError, s3.S3Error) as err:  # a damaged or changed object costs its case, not the catalog
+        raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
+
+
 def _rows_of(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For integer ranges ``[low, high]`` (one per segment): ``(segment index, integer)`` of every
     integer in each."""
@@ -129,11 +143,7 @@ class ContourMask(Volume):
             QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set
                 (damaged, or changed since it was indexed).
         """
-        try:
-            [data] = cache.get_ranges([(bucket, obj.key, 0, obj.size, obj.etag)])
-            structure_set = parse_structure_set(bytes(data), identity_key)
-        except (HeaderError, s3.S3Error) as err:  # a damaged or changed object costs its case, not the catalog
-            raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
+        structure_set = read_structure_set(bucket, obj, identity_key)
         drawn_on = [(name, series) for name, series in (others or {}).items()
                     if series.headers[0].series_hash in structure_set.series_frames
                     and reference.headers[0].series_hash not in structure_set.series_frames]

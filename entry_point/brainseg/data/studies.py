@@ -6,8 +6,8 @@ or nested to any depth, many series per study). Once every object's header is in
 objects by series, names the series by the sequence rules (:mod:`brainseg.data.identify`), and hands
 the catalog the same ``{case: {sequence: objects, "mask": objects}}`` grouping the folder layout
 has. A case is a study; its ID is ``study-`` and twelve digits of the study's keyed hash (no UID,
-no text from the headers). Non-image objects (a DICOMDIR, reports, structure sets) are counted and
-left out; RT Structure Sets are not yet matched to their study in this layout.
+no text from the headers). An RT Structure Set is the label of the study holding the series it
+references; other non-image objects (a DICOMDIR, reports) are counted and left out.
 """
 
 from __future__ import annotations
@@ -56,18 +56,32 @@ def rule_counts_line(name: str, counts: Mapping[str, int]) -> str:
     return f"{name}: " + ", ".join(parts)
 
 
-def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bool = False
-                     ) -> tuple[Listing, Discovery]:
+def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bool = False,
+                     structure_sets: dict | None = None) -> tuple[Listing, Discovery]:
     """``listed`` (the ``studies`` layout: every object loose) grouped into studies whose wanted
     sequences (``listed.sequences``) and label series are found by ``rules``; ``objects`` are the
-    indexed objects by key. A study lacking a wanted sequence is excluded unless ``zero_fill`` (and
-    it has at least one)."""
+    indexed objects by key. An RT Structure Set (``structure_sets``: parsed, by key) belongs to the
+    study holding a series it references, and is that study's label. A study lacking a wanted
+    sequence is excluded unless ``zero_fill`` (and it has at least one)."""
     rules.check_sequences(listed.sequences)
     infos = {info.key: info for info in listed.loose}
+    structure_sets = structure_sets or {}
     studies: dict[str, list] = {}
     left_out: Counter = Counter()
+    study_of_series = {obj.header.series_hash: case_id_of(obj.header.study_hash) for obj in objects.values()
+                       if not obj.stray and obj.header is not None and obj.header.study_hash}
+    drawn: dict[str, list] = {}  # case_id -> keys of the structure sets referencing its series
+    for key, structure_set in sorted(structure_sets.items()):
+        found = sorted({study_of_series[series] for series in structure_set.series_frames if series in study_of_series})
+        if len(found) == 1:
+            drawn.setdefault(found[0], []).append(key)
+        else:
+            left_out["RT Structure Set referencing " + ("no series of these studies" if not found
+                                                       else "series of several studies")] += 1
     for key in sorted(infos):
         obj = objects[key]
+        if key in structure_sets:
+            continue
         if obj.stray:
             left_out["not an image (" + obj.error.split(":")[0] + ")"] += 1
         elif obj.header is None:
@@ -85,8 +99,12 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
             by_rule[name]["(ambiguous)" if name in found.ambiguous else found.rules_used[name] if name in found.chosen
                           else "(missing)"] += 1
         missing = [name for name in listed.sequences if name not in found.chosen]
+        labels = len(found.labels) + len(drawn.get(case_id, []))
         if found.problem:
             reasons[case_id] = found.problem
+        elif labels > 1:
+            reasons[case_id] = (f"{labels} labels: {len(found.labels)} label series or SEG object(s) and "
+                                f"{len(drawn.get(case_id, []))} RT Structure Set(s); keep one per study")
         elif missing and (len(missing) == len(listed.sequences) or not zero_fill):
             reasons[case_id] = (f"no series identified as {', '.join(missing)} among its {len(found.verdicts)} series "
                                 f"({_summary(found.verdicts)}); name it with --sequence-rules"
@@ -94,7 +112,8 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
                                    else ""))
         grouped[case_id] = {name: [infos[obj.key] for obj in found.chosen[name].objects] if name in found.chosen
                             else [] for name in listed.sequences}
-        grouped[case_id]["mask"] = [infos[obj.key] for item in found.labels[:1] for obj in item.objects]
+        grouped[case_id]["mask"] = ([infos[obj.key] for item in found.labels[:1] for obj in item.objects]
+                                    or [infos[key] for key in drawn.get(case_id, [])[:1]])
     if left_out:
         logger.info("studies layout: left out %s", ", ".join(f"{n} object(s): {why}" for why, n in left_out.items()))
     usable = {case_id: parts for case_id, parts in grouped.items() if case_id not in reasons}
