@@ -103,7 +103,7 @@ def predict_fn(request: CaseRequest, predictor: Predictor) -> dict:
     channels = [series.read_volume() if series is not None else np.zeros(case.image.shape, np.float32)
                 for series in case.images]
     prediction = predictor.predict(channels, case.summary.intensities, case.image.spacing)
-    segmentation = seg_of(case, prediction, case.image.read_headers(), predictor.scheme,
+    segmentation = seg_of(case, prediction, case.image, case.image.read_headers(), predictor.scheme,
                           algorithm_of(predictor.models[0].description))
     row = volume_row(case, prediction, predictor.scheme.structures, None, 0.0)
     return {"segmentation": segmentation, "volumes": {k: v for k, v in row.items() if k not in ("case_id", "seconds")}}
