@@ -133,7 +133,6 @@ class SegmentationMask(Volume):
         return out
 
 
-
 def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, against: str,
                        others: dict) -> SegmentationMask | Aligned:
     """The SEG ``obj`` on ``reference``'s grid: its frames placed on the reference's planes when
