@@ -20,7 +20,7 @@ import numpy as np
 
 from brainseg.data.geometry import Aligned
 from brainseg.data.quality import ALIGNMENT_FRACTION, IndexedObject, QualityError
-from brainseg.data.series import Series, Volume
+from brainseg.data.series import OneObject, Series, Volume
 from brainseg.dicom import HeaderError
 from brainseg.dicom.rtstruct import STRUCTURE_SET_REASON, StructureSet, parse_structure_set
 from brainseg.io import cache, s3
@@ -102,7 +102,7 @@ def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ContourMask(Volume):
+class ContourMask(OneObject, Volume):
     """``planes[z]``: ``((label, (polygon, ...)), ...)`` on plane ``z`` of the reference grid, in painting
     order, each polygon ``(n, 2)`` (row, column) in voxels. Geometry attributes are the reference series'."""
 
@@ -118,14 +118,6 @@ class ContourMask(Volume):
 
     bytes_per_voxel = 1
     what = "structure set"
-
-    @property
-    def keys(self) -> tuple:
-        return (self.key,)
-
-    @property
-    def etags(self) -> tuple:
-        return (self.etag,)
 
     @property
     def variant(self) -> str:

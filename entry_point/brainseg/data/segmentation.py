@@ -19,7 +19,7 @@ import numpy as np
 
 from brainseg.data.geometry import Aligned
 from brainseg.data.quality import ALIGNMENT_FRACTION, ORIENTATION_TOLERANCE, IndexedObject, QualityError
-from brainseg.data.series import Series, Volume, coalesce
+from brainseg.data.series import OneObject, Series, Volume, coalesce
 from brainseg.dicom import ObjectHeader
 from brainseg.io import cache
 
@@ -27,7 +27,7 @@ SPACING_TOLERANCE = 1e-3  # relative, SEG pixel spacing vs the image's
 
 
 @dataclass(frozen=True)
-class SegmentationMask(Volume):
+class SegmentationMask(OneObject, Volume):
     """``planes[z]``: the ``(frame, segment number)`` pairs on plane ``z`` of the reference grid,
     by segment number. Geometry attributes are the reference series'."""
 
@@ -44,14 +44,6 @@ class SegmentationMask(Volume):
 
     bytes_per_voxel = 1
     what = "segmentation"
-
-    @property
-    def keys(self) -> tuple:
-        return (self.key,)
-
-    @property
-    def etags(self) -> tuple:
-        return (self.etag,)
 
     @property
     def headers(self) -> tuple:

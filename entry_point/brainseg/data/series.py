@@ -69,6 +69,19 @@ class Volume:
         return self.read_region(0, depth, 0, rows, 0, columns)
 
 
+class OneObject:
+    """A volume read from one object, ``key`` at ``etag`` (a SEG, a structure set): the names
+    :class:`~brainseg.data.geometry.Aligned` keeps it under in the host's cache, as a series' are."""
+
+    @property
+    def keys(self) -> tuple:
+        return (self.key,)
+
+    @property
+    def etags(self) -> tuple:
+        return (self.etag,)
+
+
 @dataclass(frozen=True)
 class Series(Volume):
     """A sorted DICOM series: ``planes[z] = (object index, frame index)``.
