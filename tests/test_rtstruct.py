@@ -6,6 +6,7 @@ excludes its case with the reason."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -260,3 +261,29 @@ def test_a_structure_set_of_no_study_in_the_export_is_left_out_and_counted(bucke
     [case] = catalog.cases
     assert case.mask is None
     assert catalog.discovery.left_out == {"RT Structure Set referencing no series of these studies": 1}
+
+
+def test_a_structure_set_drawn_on_a_sequence_sharing_the_first_ones_grid_reads_as_it_is(bucket, tmp_path):
+    """Co-registered sequences (one grid, other series): a structure set drawn on the flair is read on
+    its planes, which are the t1c's, voxel for voxel."""
+    root = f"s3://{bucket}/rtstruct-same-grid"
+    t1c = writer.SeriesSpec(spacing=SPACING, patient_id="PID-w", patient_name="Doe^W")
+    flair = dataclasses.replace(t1c, series_uid=pydicom.uid.generate_uid(), series_description="FLAIR")
+    rng = np.random.default_rng(3)
+    for name, spec in (("t1c", t1c), ("flair", flair)):
+        for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, SHAPE).astype(np.int16), spec), 1):
+            data = writer.encode(dataset, "explicit-le")
+            put(f"{root}/case/{name}/IM_{number:04d}.dcm", data)
+            if name == "flair":
+                (tmp_path / f"IM_{number:04d}.dcm").write_bytes(data)
+    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
+    structures = _structures()
+    for name, mask in structures.items():
+        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
+    put(f"{root}/case/mask/RS.dcm", dicom_bytes(builder.ds))
+    catalog = build_catalog(root + "/", sequences=("t1c", "flair"), roi_labels=parse_roi_labels(ROIS),
+                            split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions, catalog.exclusions
+    [case] = catalog.cases
+    assert not isinstance(case.mask, Aligned) and not isinstance(case.images[1], Aligned)
+    np.testing.assert_array_equal(case.mask.read_volume(), _painted(structures, ROIS))

@@ -451,7 +451,8 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
             raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(others)} other "
                                "object(s); keep one structure set, SEG or label series per mask folder")
         mask = ContourMask.read(bucket, structure_sets[0], reference, reference_name, contours.roi_labels,
-                                contours.identity_key, own_grids)
+                                contours.identity_key,
+                                {name: item for name, item in images.items() if item is not None and name != reference_name})
     elif segmentations:
         others = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
         if len(segmentations) > 1 or others:

@@ -127,22 +127,23 @@ class ContourMask(OneObject, Volume):
     def read(cls, bucket: str, obj: IndexedObject, reference: Series, against: str, roi_labels: tuple,
              identity_key: bytes, others: dict | None = None) -> ContourMask | Aligned:
         """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`); or, when
-        it references one of ``others`` (``{name: series}``: the case's other sequences on grids of
-        their own, in the reference's frame of reference) instead, on that series' planes, read
-        through its geometry onto the reference grid (nearest voxel).
+        it references one of ``others`` (``{name: volume}``: the case's other sequences as the case
+        reads them) instead, on that sequence's own planes: as they are when the sequence shares the
+        reference's grid, else read through its geometry onto the reference grid (nearest voxel).
 
         Raises:
             QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set
                 (damaged, or changed since it was indexed).
         """
         structure_set = read_structure_set(bucket, obj, identity_key)
-        drawn_on = [(name, series) for name, series in (others or {}).items()
-                    if series.headers[0].series_hash in structure_set.series_frames
+        drawn_on = [(name, volume) for name, volume in (others or {}).items()
+                    if volume.native.headers[0].series_hash in structure_set.series_frames
                     and reference.headers[0].series_hash not in structure_set.series_frames]
-        name, series = drawn_on[0] if drawn_on else (against, reference)
-        drawn = replace(cls.on_grid(obj.name, structure_set, series, name, roi_labels, others=list(others or ())),
+        name, volume = drawn_on[0] if drawn_on else (against, reference)
+        drawn = replace(cls.on_grid(obj.name, structure_set, volume.native, name, roi_labels,
+                                    others=list(others or ())),
                         key=obj.key, etag=obj.etag, roi_labels=tuple(roi_labels))
-        if series is reference:
+        if not isinstance(volume, Aligned):
             return drawn
         return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
 
