@@ -91,6 +91,25 @@ def test_a_library_written_structure_set_reads_back_voxel_for_voxel(bucket, tmp_
     assert binary.cases[0].summary.tumour_voxels == int(structures["Brain"].sum())  # not the saved summary
 
 
+def _drawn_on_flair(root: str, t1c, t1c_shape: tuple, flair, folder: Path, flat: bool = False) -> dict:
+    """A case of a t1c (``t1c_shape``) and a flair (:data:`SHAPE`) series, and the structure set rt-utils
+    draws from :func:`_structures` on the flair: in ``case/<sequence>/`` and ``case/mask/``, or ``flat``
+    (objects named by their SOP instance UIDs). Returns the structures."""
+    rng = np.random.default_rng(2)
+    for name, spec, shape in (("t1c", t1c, t1c_shape), ("flair", flair, SHAPE)):
+        for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, shape).astype(np.int16), spec), 1):
+            data = writer.encode(dataset, "explicit-le")
+            put(f"{root}/{dataset.SOPInstanceUID}" if flat else f"{root}/case/{name}/IM_{number:04d}.dcm", data)
+            if name == "flair":
+                (folder / f"IM_{number:04d}.dcm").write_bytes(data)
+    builder = RTStructBuilder.create_new(dicom_series_path=str(folder))
+    structures = _structures()
+    for name, mask in structures.items():
+        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
+    put(f"{root}/{builder.ds.SOPInstanceUID}" if flat else f"{root}/case/mask/RS.dcm", dicom_bytes(builder.ds))
+    return structures
+
+
 @pytest.mark.parametrize("layout", ["folders", "studies"])
 def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(bucket, tmp_path, layout):
     """The t1c axial at 3x1x1 mm, the flair an oblique stack (tilted 15 degrees) with the structure set
@@ -105,20 +124,7 @@ def test_a_structure_set_drawn_on_another_sequence_is_read_through_its_geometry(
     t1c = writer.SeriesSpec(spacing=(3.0, 1.0, 1.0), origin=(-14.0, -14.0, -12.0), patient_id="PID-x",
                             patient_name="Doe^X", study_uid=flair.study_uid, frame_of_reference_uid=flair.frame_of_reference_uid,
                             series_description="AX T1 +C", contrast_agent="gadobutrol")
-    rng = np.random.default_rng(2)
-    for name, spec, shape in (("t1c", t1c, (10, 36, 36)), ("flair", flair, SHAPE)):
-        for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, shape).astype(np.int16), spec), 1):
-            data = writer.encode(dataset, "explicit-le")
-            put(f"{root}/case/{name}/IM_{number:04d}.dcm" if layout == "folders" else f"{root}/{dataset.SOPInstanceUID}",
-                data)
-            if name == "flair":
-                (tmp_path / f"IM_{number:04d}.dcm").write_bytes(data)
-    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
-    structures = _structures()
-    for name, mask in structures.items():
-        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
-    put(f"{root}/case/mask/RS.dcm" if layout == "folders" else f"{root}/{builder.ds.SOPInstanceUID}",
-        dicom_bytes(builder.ds))
+    structures = _drawn_on_flair(root, t1c, (10, 36, 36), flair, tmp_path, flat=layout == "studies")
 
     inverse = np.linalg.inv(voxel_to_patient((flair.spacing, flair.origin, flair.orientation)))
     reference = voxel_to_patient((t1c.spacing, t1c.origin, t1c.orientation))
@@ -269,18 +275,7 @@ def test_a_structure_set_drawn_on_a_sequence_sharing_the_first_ones_grid_reads_a
     root = f"s3://{bucket}/rtstruct-same-grid"
     t1c = writer.SeriesSpec(spacing=SPACING, patient_id="PID-w", patient_name="Doe^W")
     flair = dataclasses.replace(t1c, series_uid=pydicom.uid.generate_uid(), series_description="FLAIR")
-    rng = np.random.default_rng(3)
-    for name, spec in (("t1c", t1c), ("flair", flair)):
-        for number, dataset in enumerate(writer.slice_datasets(rng.normal(400, 50, SHAPE).astype(np.int16), spec), 1):
-            data = writer.encode(dataset, "explicit-le")
-            put(f"{root}/case/{name}/IM_{number:04d}.dcm", data)
-            if name == "flair":
-                (tmp_path / f"IM_{number:04d}.dcm").write_bytes(data)
-    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
-    structures = _structures()
-    for name, mask in structures.items():
-        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
-    put(f"{root}/case/mask/RS.dcm", dicom_bytes(builder.ds))
+    structures = _drawn_on_flair(root, t1c, SHAPE, flair, tmp_path)
     catalog = build_catalog(root + "/", sequences=("t1c", "flair"), roi_labels=parse_roi_labels(ROIS),
                             split_fractions=(1.0, 0.0, 0.0))
     assert not catalog.exclusions, catalog.exclusions
