@@ -442,23 +442,22 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
     images = {name: place(reference, item, name, reference_name) if item is not None and name != reference_name
               else item for name, item in images.items()}
     mask = None
-    own_grids = {name: item.native for name, item in images.items() if isinstance(item, Aligned)}
+    others = {name: item for name, item in images.items() if item is not None and name != reference_name}
     segmentations = [obj for obj in parts["mask"] if obj.header is not None and obj.header.is_segmentation]
     structure_sets = [obj for obj in parts["mask"] if is_structure_set(obj)]
     if structure_sets:
-        others = [obj for obj in parts["mask"] if not obj.stray or obj in structure_sets[1:]]
-        if others:
-            raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(others)} other "
+        extra = [obj for obj in parts["mask"] if not obj.stray or obj in structure_sets[1:]]
+        if extra:
+            raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(extra)} other "
                                "object(s); keep one structure set, SEG or label series per mask folder")
         mask = ContourMask.read(bucket, structure_sets[0], reference, reference_name, contours.roi_labels,
-                                contours.identity_key,
-                                {name: item for name, item in images.items() if item is not None and name != reference_name})
+                                contours.identity_key, others)
     elif segmentations:
-        others = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
-        if len(segmentations) > 1 or others:
-            raise QualityError(f"mask/ holds a DICOM SEG ({segmentations[0].name}) and {len(segmentations) + len(others) - 1} other "
+        extra = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
+        if len(segmentations) > 1 or extra:
+            raise QualityError(f"mask/ holds a DICOM SEG ({segmentations[0].name}) and {len(segmentations) + len(extra) - 1} other "
                                "image object(s); keep one SEG object, or a label series, per mask folder")
-        mask = place_segmentation(bucket, segmentations[0], reference, reference_name, own_grids)
+        mask = place_segmentation(bucket, segmentations[0], reference, reference_name, others)
     elif parts["mask"] or require_masks:
         mask = place(reference, assemble_series(bucket, "mask", parts["mask"]), "mask", reference_name, labels=True)
     return images, mask

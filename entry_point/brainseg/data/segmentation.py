@@ -45,10 +45,6 @@ class SegmentationMask(OneObject, Volume):
     bytes_per_voxel = 1
     what = "segmentation"
 
-    @property
-    def headers(self) -> tuple:
-        return (self.header,)
-
     @classmethod
     def on_grid(cls, bucket: str, obj: IndexedObject, reference: Series, against: str) -> SegmentationMask:
         """Place the SEG object ``obj`` on ``reference``'s grid.
@@ -128,9 +124,10 @@ class SegmentationMask(OneObject, Volume):
 def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, against: str,
                        others: dict) -> SegmentationMask | Aligned:
     """The SEG ``obj`` on ``reference``'s grid: its frames placed on the reference's planes when
-    they lie on them; else, when they lie on the planes of one of ``others`` (``{name: series}``:
-    the case's other sequences on grids of their own) and the SEG names the reference's frame of
-    reference, read through that series' geometry (nearest voxel), as a label series drawn there is.
+    they lie on them; else, when they lie on the planes of one of ``others`` on a grid of its own
+    (``{name: volume}``: the case's other sequences as the case reads them) and the SEG names the
+    reference's frame of reference, read through that sequence's geometry (nearest voxel), as a
+    label series drawn there is.
 
     Raises:
         QualityError: the reference's reason, when the frames lie on none of them.
@@ -139,13 +136,14 @@ def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, again
         return SegmentationMask.on_grid(bucket, obj, reference, against)
     except QualityError as err:
         failure = err
+    own_grids = {name: volume.native for name, volume in others.items() if isinstance(volume, Aligned)}
     frames = {header.frame_hash for header in reference.headers}
-    if not others or not obj.header.frame_hash or frames != {obj.header.frame_hash}:
+    if not own_grids or not obj.header.frame_hash or frames != {obj.header.frame_hash}:
         raise failure
-    for name, series in others.items():
+    for name, series in own_grids.items():
         try:
             drawn = SegmentationMask.on_grid(bucket, obj, series, name)
         except QualityError:
             continue
         return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
-    raise QualityError(f"{failure}, nor on the {', '.join(others)} grid{'s' if len(others) > 1 else ''}")
+    raise QualityError(f"{failure}, nor on the {', '.join(own_grids)} grid{'s' if len(own_grids) > 1 else ''}")

@@ -99,12 +99,13 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
             by_rule[name]["(ambiguous)" if name in found.ambiguous else found.rules_used[name] if name in found.chosen
                           else "(missing)"] += 1
         missing = [name for name in listed.sequences if name not in found.chosen]
-        labels = len(found.labels) + len(drawn.get(case_id, []))
+        structure_sets_here = drawn.get(case_id, [])
         if found.problem:
             reasons[case_id] = found.problem
-        elif labels > 1:
-            reasons[case_id] = (f"{labels} labels: {len(found.labels)} label series or SEG object(s) and "
-                                f"{len(drawn.get(case_id, []))} RT Structure Set(s); keep one per study")
+        elif len(found.labels) + len(structure_sets_here) > 1:
+            reasons[case_id] = (f"{len(found.labels) + len(structure_sets_here)} labels: {len(found.labels)} label "
+                                f"series or SEG object(s) and {len(structure_sets_here)} RT Structure Set(s); keep "
+                                "one per study")
         elif missing and (len(missing) == len(listed.sequences) or not zero_fill):
             reasons[case_id] = (f"no series identified as {', '.join(missing)} among its {len(found.verdicts)} series "
                                 f"({_summary(found.verdicts)}); name it with --sequence-rules"
@@ -113,7 +114,7 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
         grouped[case_id] = {name: [infos[obj.key] for obj in found.chosen[name].objects] if name in found.chosen
                             else [] for name in listed.sequences}
         grouped[case_id]["mask"] = ([infos[obj.key] for item in found.labels[:1] for obj in item.objects]
-                                    or [infos[key] for key in drawn.get(case_id, [])[:1]])
+                                    or [infos[key] for key in structure_sets_here[:1]])
     if left_out:
         logger.info("studies layout: left out %s", ", ".join(f"{n} object(s): {why}" for why, n in left_out.items()))
     usable = {case_id: parts for case_id, parts in grouped.items() if case_id not in reasons}

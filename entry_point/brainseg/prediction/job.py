@@ -190,8 +190,7 @@ class PredictionJob:
         depth, rows, columns = case.image.shape
         channels, mask = read_case_region(case, (0, depth, 0, rows, 0, columns), with_mask=case.mask is not None)
         on = seg_volume(case, self.options.seg_series)
-        if "seg" in self.options.output_format and self.options.seg_series and on is case.image \
-                and self.options.seg_series in case.missing:
+        if "seg" in self.options.output_format and self.options.seg_series in case.missing:
             logger.warning("case %s has no %s series (zero-filled): its SEG is drawn on the first sequence present",
                            case.case_id, self.options.seg_series)
         return LoadedCase(channels, mask, on, on.native.read_headers() if "seg" in self.options.output_format else [])
