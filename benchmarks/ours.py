@@ -51,9 +51,9 @@ def train(name: str, dataset: str, output_uri: str, model_dir: Path, flags: list
             "validation_record": json.loads(record) if record else None}
 
 
-def member(loaded: LoadedModel) -> Member:
-    """A trained model of ours as a scoring member; a study must carry its catalog ``case`` (the
-    intensity statistics our normalisation uses)."""
+def member(loaded: LoadedModel, flips: tuple = ((),)) -> Member:
+    """A trained model of ours as a scoring member (averaged over the mirrored copies ``flips``); a
+    study must carry its catalog ``case`` (the intensity statistics our normalisation uses)."""
     description = loaded.description
 
     def normalise(study: dict) -> np.ndarray:
@@ -61,7 +61,7 @@ def member(loaded: LoadedModel) -> Member:
                          for channel, stats in zip(study["image"], study["case"].summary.intensities)])
 
     return Member(loaded.network, description.patch_size, normalise, description.target_spacing,
-                  description.resampling)
+                  description.resampling, flips)
 
 
 def decide(loaded: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:

@@ -46,18 +46,29 @@ def truth_regions(label: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Member:
     """A trained network as the scorer runs it: ``normalise`` takes a study dict to the network's
-    input ``(C, D, H, W)``; ``spacing`` is its grid (``()``: each study's own), reached by ``resampling``."""
+    input ``(C, D, H, W)``; ``spacing`` is its grid (``()``: each study's own), reached by ``resampling``;
+    its output is averaged over the mirrored copies ``flips`` (axes of the batched input, as
+    :data:`brainseg.prediction.predictor.MIRROR_FLIPS`; ``((),)``: none)."""
 
     model: torch.nn.Module
     patch_size: tuple
     normalise: Callable[[dict], np.ndarray]
     spacing: tuple = ()
     resampling: str = "linear"
+    flips: tuple = ((),)
 
 
 def threshold(probabilities: np.ndarray) -> np.ndarray:
     """Each sigmoid channel on its own, at 0.5."""
     return probabilities > 0.5
+
+
+def _window(member: Member, inputs: torch.Tensor, axes: tuple) -> torch.Tensor:
+    """The member's sliding-window output ``(C, D, H, W)`` on ``inputs`` mirrored on ``axes``, mirrored back."""
+    flipped = inputs.flip(axes) if axes else inputs
+    output = sliding_window_inference(flipped, roi_size=member.patch_size, sw_batch_size=2, predictor=member.model,
+                                      overlap=0.25, mode="gaussian")
+    return (output.flip(axes) if axes else output)[0]
 
 
 def probabilities(members: list[Member], study: dict) -> np.ndarray:
@@ -66,8 +77,7 @@ def probabilities(members: list[Member], study: dict) -> np.ndarray:
     for member in members:
         grid = Grid(study["label"].shape, study["spacing"], member.spacing or study["spacing"], member.resampling)
         inputs = torch.from_numpy(grid.volume_to_target(member.normalise(study)))[None]
-        output = sliding_window_inference(inputs, roi_size=member.patch_size, sw_batch_size=2, predictor=member.model,
-                                          overlap=0.25, mode="gaussian")[0]
+        output = sum(_window(member, inputs, axes) for axes in member.flips) / len(member.flips)
         total = total + torch.sigmoid(grid.volume_to_native(output))
     return (total / len(members)).numpy()
 

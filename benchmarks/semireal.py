@@ -3,7 +3,7 @@
     pip install --no-deps nilearn==0.14.1      # only its ICBM152 2009a template files are read
     python benchmarks/semireal.py [--seeds 0,1,2] [--kind mixed] [--cases 40] [--epochs 6] [--steps 100]
                                   [--channels 16,32,64,128] [--patch-size 56,64,64] [--batch-size 2]
-                                  [--run NAME=FLAGS ...] [--monai] [--out benchmarks/results/semireal.json]
+                                  [--run NAME=FLAGS ...] [--mirror] [--monai] [--out benchmarks/results/semireal.json]
 
 Per seed, ``--cases`` studies of ``--kind`` (benchmarks/anatomy.py: real anatomy, five lesion
 types, several lesions and lesions under 2 ml, vessels and white-matter spots to be mistaken for
@@ -16,7 +16,9 @@ network, patch, batch, steps and split. The train/val/test split is the catalog'
 Every model is scored by benchmarks/scoring.py on the test studies as the generator made them
 (its labels and lesion types; our DICOM reader is checked to return the same labels): voxel and
 lesion-wise Dice per region, HD95, false-positive components per study before and after the
-run's own postprocessing (``<run>`` raw, ``<run>+pp`` with the rules its validation chose), and
+run's own postprocessing (``<run>`` raw, ``<run>+pp`` with the rules its validation chose; with
+``--mirror`` also ``<run>+mirror`` and ``<run>+mirror+pp``, the test-time mirroring of
+``predict.py --mirror true``), and
 lesions found per size and type. Each seed's figures and the seeds pooled are printed and written
 to ``--out``.
 """
@@ -24,6 +26,7 @@ to ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,6 +53,7 @@ from brainseg.data.stream import read_case_region  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
 from brainseg.postprocess import rules_of  # noqa: E402
+from brainseg.prediction.predictor import MIRROR_FLIPS  # noqa: E402
 from infra.data.synth import encode_study, write_files  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 
@@ -113,15 +117,16 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
         check_reader(catalog, studies, splits["test"])
         cases = {case.case_id: case for case in catalog.cases}
         test = [as_scored(case_id, studies[case_id], cases[case_id]) for case_id in splits["test"]]
-        for name, run in trained.items():
+        variants = [("", ((),))] + ([("+mirror", MIRROR_FLIPS)] if args.mirror else [])
+        for (name, run), (suffix, flips) in itertools.product(trained.items(), variants):
             rules = rules_of(run["loaded"].description.postprocessing)
-            rows = scoring.score_cases([ours.member(run["loaded"])], test, rules, ours.decide(run["loaded"]))
-            out["runs"][name] = {"wall_seconds": run["wall_seconds"], **run["summary"],
-                                 "validation_record": run["validation_record"],
-                                 "scores": scoring.summarise(rows["raw"]), "per_case": rows["raw"]}
+            rows = scoring.score_cases([ours.member(run["loaded"], flips)], test, rules, ours.decide(run["loaded"]))
+            out["runs"][name + suffix] = {"wall_seconds": run["wall_seconds"], **run["summary"],
+                                          "validation_record": run["validation_record"],
+                                          "scores": scoring.summarise(rows["raw"]), "per_case": rows["raw"]}
             after = rows.get("postprocessed", rows["raw"])
-            out["runs"][f"{name}+pp"] = {"rules": {key: rule.describe() for key, rule in rules.items()},
-                                         "scores": scoring.summarise(after), "per_case": after}
+            out["runs"][f"{name}{suffix}+pp"] = {"rules": {key: rule.describe() for key, rule in rules.items()},
+                                                 "scores": scoring.summarise(after), "per_case": after}
         if args.monai:
             spacing = median_spacing(studies[case_id].spacing for case_id in splits["train"])
             torch.manual_seed(seed)
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="append", default=[], metavar="NAME=FLAGS",
                         help="a named run of ours and its extra train.py flags, e.g. 'fg=--foreground-fraction 0.5' "
                              "(repeatable; default one run, 'defaults', with none)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also score each run of ours averaged over the 8 mirrorings (<run>+mirror, 8x the inference)")
     parser.add_argument("--monai", action="store_true", help="also train and score MONAI's tutorial pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semireal.json")
     args = parser.parse_args(argv)
