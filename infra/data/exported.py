@@ -43,15 +43,16 @@ def _extra_volume(source: np.ndarray, slices: int, scale: float = 1.0) -> np.nda
 
 
 def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple, origin: tuple, own: bool,
-                    patient_id: str, patient_name: str) -> dict[str, bytes]:
+                    patient_id: str, patient_name: str, moved: dict | None = None) -> dict[str, bytes]:
     """``{relative path: bytes}`` of one exported study: ``images`` (``{sequence: (D, H, W)}`` on the
     study's grid of ``spacing`` whose first voxel lies at ``origin``) and its ``labels``, every
-    sequence after the first on a grid of its own with ``own``, plus the extra series."""
+    sequence after the first on a grid of its own with ``own`` (those in ``moved``, in a frame of
+    reference of their own: :func:`infra.data.grids.own_grids`), plus the extra series."""
     names = list(images)
     for name in names:
         if name not in ACQUISITION:
             raise ValueError(f"sequence {name!r} has no place in the exported exam (it holds {', '.join(ACQUISITION)})")
-    placed = (own_grids(images, spacing, origin) if own else
+    placed = (own_grids(images, spacing, origin, moved) if own else
               {name: (volume, spacing, origin, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)) for name, volume in images.items()})
     study_uid, frame_uid = generate_uid(), generate_uid()
     identity = dict(patient_id=patient_id, patient_name=patient_name, study_uid=study_uid,
@@ -60,8 +61,9 @@ def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple
     series: dict[str, tuple[np.ndarray, writer.SeriesSpec]] = {}
     for name, (volume, grid_spacing, grid_origin, orientation) in placed.items():
         description, protocol, tr, te, ti, kind, agent = ACQUISITION[name]
+        frame = {"frame_of_reference_uid": generate_uid()} if moved and name in moved else {}
         series[name] = (volume, writer.SeriesSpec(
-            spacing=grid_spacing, origin=grid_origin, orientation=orientation, **identity,
+            spacing=grid_spacing, origin=grid_origin, orientation=orientation, **{**identity, **frame},
             series_description=f"{plane_prefix(orientation)} {description}", protocol_name=protocol,
             repetition_time=tr, echo_time=te, inversion_time=ti, acquisition_type=kind, contrast_agent=agent,
             image_type=("ORIGINAL", "PRIMARY", "M", "ND")))

@@ -8,6 +8,11 @@ same phantom onto a geometry of its own, in the same frame of reference:
 - the fourth: axial, slices 2.5 times the study's (thick 2D slices with a gap), finer in plane;
 - any further one: coronal at the study's spacing.
 
+One sequence may also lie in a frame of reference of its own (:func:`frame_motion`: the patient
+re-positioned between acquisitions, turned 5-10 degrees about some axis through the head's centre
+and shifted 5-15 mm): its headers place it in the scanner as before, its content moves with the
+patient, and the transform the product must recover is returned with it.
+
 Resampling here (not the naming of planes) is the DICOM standard's formula and :func:`scipy.ndimage.map_coordinates`, written
 independently of the product's reader (:mod:`brainseg.data.geometry`), so the reader is checked
 against it rather than against itself.
@@ -74,16 +79,44 @@ def positions(shape: tuple, spacing: tuple, origin: tuple, orientation: tuple) -
             + i[None, :, None, None] * spacing[1] * column + j[None, None, :, None] * spacing[2] * row)
 
 
-def own_grids(images: dict, spacing: tuple, origin: tuple) -> dict:
+def rotation_matrix(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """The rotation by ``degrees`` about the unit vector ``axis`` (Rodrigues' formula)."""
+    x, y, z = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    cross = np.asarray([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    angle = math.radians(degrees)
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def frame_motion(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
+    """A re-positioning of the patient: the 4x4 matrix taking a point of the head in the first frame
+    (patient mm) to where it lies in the second, a rotation of 5-10 degrees about a random axis
+    through ``centre`` and a shift of 5-15 mm in a random direction."""
+    rotation = rotation_matrix(rng.normal(size=3), rng.uniform(5.0, 10.0))
+    direction = rng.normal(size=3)
+    shift = direction / np.linalg.norm(direction) * rng.uniform(5.0, 15.0)
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = centre + shift - rotation @ centre
+    return matrix
+
+
+def grid_centre(shape: tuple, spacing: tuple, origin: tuple) -> np.ndarray:
+    """The patient position (x, y, z mm) of the middle of an axial grid of ``shape`` ``(D, H, W)`` and
+    ``spacing`` ``(dz, dy, dx)`` whose first voxel lies at ``origin``."""
+    return np.asarray(origin, float) + 0.5 * (np.asarray(shape[::-1], float) - 1) * np.asarray(spacing[::-1], float)
+
+
+def own_grids(images: dict, spacing: tuple, origin: tuple, moved: dict | None = None) -> dict:
     """``{name: (volume, spacing, origin, orientation)}``: the first of ``images`` (``(D, H, W)``
     volumes on the axial grid of ``spacing`` ``(dz, dy, dx)`` whose first voxel lies at ``origin``
     (x, y, z)) as it is, every other one resampled (linearly) onto a stack of its own, centred on the
-    same point, in the same frame of reference."""
+    same point, in the same frame of reference, or (``moved``: ``{name: 4x4 matrix}`` from
+    :func:`frame_motion`) in a frame where the head lies where the matrix takes it."""
     names = list(images)
     shape = np.asarray(images[names[0]].shape)
     dz, dy, dx = spacing
     extent = np.asarray([shape[2] * dx, shape[1] * dy, shape[0] * dz])
-    centre = np.asarray(origin, float) + 0.5 * (extent - np.asarray([dx, dy, dz]))
+    centre = grid_centre(tuple(shape), spacing, origin)
     out = {names[0]: (images[names[0]], tuple(spacing), tuple(origin), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))}
     for number, name in enumerate(names[1:]):
         orientation, own, own_shape = _geometry(KINDS[min(number, len(KINDS) - 1)], extent, spacing)
@@ -92,6 +125,9 @@ def own_grids(images: dict, spacing: tuple, origin: tuple) -> dict:
         half = 0.5 * np.asarray([(n - 1) * s for n, s in zip(own_shape, own)])
         own_origin = centre - half[0] * normal - half[1] * column - half[2] * row
         points = positions(own_shape, own, own_origin, orientation)
+        if moved and name in moved:  # where, in the first frame, the head's point seen at each voxel lay
+            inverse = np.linalg.inv(moved[name])
+            points = points @ inverse[:3, :3].T + inverse[:3, 3]
         # the study's grid is axial: index = (position - origin) / spacing, axis by axis
         index = [(points[..., axis] - origin[axis]) / step for axis, step in ((2, dz), (1, dy), (0, dx))]
         volume = images[name]

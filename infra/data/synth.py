@@ -3,7 +3,7 @@
     brainseg-synth --cases 20 --out s3://bucket/dataset/ [--shape 96,128,128]
         [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
-        [--grids shared|own] [--layout folders|studies]
+        [--grids shared|own] [--other-frame N] [--layout folders|studies]
 
 By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
 ``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
@@ -12,7 +12,9 @@ By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like serie
 first spacing) from the list. With ``--grids own`` every sequence after the first lies on a grid of
 its own in the same frame of reference (oblique, sagittal, thick axial slices, coronal: see
 :mod:`infra.data.grids`), as a scanner writes them; the first sequence and the mask keep the study's
-grid. With ``--layout studies`` each case is written as a PACS exports an exam (objects named by
+grid; with ``--other-frame N`` the last sequence of the first N cases lies in a frame of reference
+of its own, the patient turned 5-10 degrees and shifted 5-15 mm (:meth:`SynthSpec.motion` says how).
+With ``--layout studies`` each case is written as a PACS exports an exam (objects named by
 UIDs or numbers, a localiser, diffusion, an MPR and the labels beside the sequences, no folder
 naming a sequence: :mod:`infra.data.exported`). One object per slice, or one enhanced multi-frame
 object per series.
@@ -29,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.uid import generate_uid
 
 from brainseg.dicom import writer
 from brainseg.io import s3
 from infra.data.exported import encode_exported
-from infra.data.grids import own_grids
+from infra.data.grids import frame_motion, own_grids
 from infra.data.phantom import SEQUENCES, make_phantom, make_study
 
 logger = logging.getLogger("synth")
@@ -54,6 +57,15 @@ class SynthSpec:
     thicknesses: tuple = (1,)  # slice thickness factors drawn per case (multi-sequence studies)
     grids: str = "shared"  # "own": every sequence after the first on a grid of its own (multi-sequence studies)
     layout: str = "folders"  # "studies": as a PACS exports an exam (infra/data/exported.py; multi-sequence studies)
+    other_frame: int = 0  # with grids "own": the first this many cases hold their last sequence in a frame of its own
+
+    def motion(self, index: int) -> dict:
+        """``{sequence: 4x4 matrix}``: where case ``index``'s sequences in a frame of their own see the
+        head (:func:`infra.data.grids.frame_motion`: first-frame patient mm to theirs); empty for most."""
+        if self.grids != "own" or index >= self.other_frame or len(self.sequences) < 2:
+            return {}
+        # the study's grid is centred on the patient origin, which is near the head's centre
+        return {self.sequences[-1]: frame_motion(np.random.default_rng([self.seed, index, 7]), np.zeros(3))}
 
     def volumes(self, index: int) -> tuple[dict, np.ndarray, tuple]:
         """``({folder: volume}, mask, spacing)`` of case ``index``."""
@@ -76,29 +88,31 @@ def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     origin = (-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1], -0.5 * spec.shape[0] * spec.spacing[0])
     if spec.layout == "studies" and spec.sequences != ("image",):
         return encode_exported(index, images, mask, spacing, origin, spec.grids == "own", f"SYN{spec.seed:03d}{index:05d}",
-                               f"Synthetic^Patient{index}")
+                               f"Synthetic^Patient{index}", spec.motion(index))
     return encode_study(case_id_for(index), images, mask, spacing, f"SYN{spec.seed:03d}{index:05d}",
                         f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin,
-                        own=spec.grids == "own" and spec.sequences != ("image",))
+                        own=spec.grids == "own" and spec.sequences != ("image",), moved=spec.motion(index))
 
 
 def encode_study(case_id: str, images: dict, mask: np.ndarray, spacing: tuple, patient_id: str, patient_name: str,
                  transfer_syntax: str = "explicit-le", multiframe: bool = False, origin: tuple | None = None,
-                 own: bool = False) -> dict[str, bytes]:
+                 own: bool = False, moved: dict | None = None) -> dict[str, bytes]:
     """Relative path -> DICOM bytes of one study: a series per ``images`` folder (``(D, H, W)``
     volumes of ``spacing`` mm) and the ``mask`` series, on one frame of reference (centred on the
     origin unless ``origin`` is given); with ``own``, every folder after the first resampled onto a
-    grid of its own (:func:`infra.data.grids.own_grids`)."""
+    grid of its own (:func:`infra.data.grids.own_grids`), those in ``moved`` in a frame of their own."""
     shape = mask.shape
     origin = origin or (-0.5 * shape[2] * spacing[2], -0.5 * shape[1] * spacing[1], -0.5 * shape[0] * spacing[0])
     identity = dict(patient_id=patient_id, patient_name=patient_name)
     first = writer.SeriesSpec(spacing=spacing, origin=origin, **identity)
     shared = dict(**identity, study_uid=first.study_uid, frame_of_reference_uid=first.frame_of_reference_uid)
-    placed = (own_grids(images, spacing, origin) if own else
+    placed = (own_grids(images, spacing, origin, moved) if own else
               {folder: (volume, spacing, origin, first.orientation) for folder, volume in images.items()})
+    frames = {folder: generate_uid() for folder in moved or {}}
     series = [(folder, volume, writer.SeriesSpec(spacing=grid_spacing, origin=grid_origin, orientation=orientation,
-                                                 **shared, series_description=DESCRIPTIONS.get(folder, folder)
-                                                 + " (synthetic)"))
+                                                 **{**shared, "frame_of_reference_uid": frames.get(
+                                                     folder, shared["frame_of_reference_uid"])},
+                                                 series_description=DESCRIPTIONS.get(folder, folder) + " (synthetic)"))
               for folder, (volume, grid_spacing, grid_origin, orientation) in placed.items()]
     series.append(("mask", mask, writer.SeriesSpec(spacing=spacing, origin=origin, **shared,
                                                    series_description="tumour labels (synthetic)")))
@@ -168,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grids", choices=("shared", "own"), default="shared",
                         help="shared: every series on the study's grid; own: each sequence after the first on a grid "
                              "of its own (oblique, sagittal, thick axial, coronal), one frame of reference")
+    parser.add_argument("--other-frame", type=int, default=0, metavar="N",
+                        help="with --grids own: the first N cases hold their last sequence in a frame of reference of "
+                             "its own (the patient moved 5-10 degrees and 5-15 mm)")
     parser.add_argument("--layout", choices=("folders", "studies"), default="folders",
                         help="folders: <case>/<sequence>/; studies: each case as a PACS exports an exam (multi-sequence)")
     parser.add_argument("--seed", type=int, default=0)
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not thicknesses or min(thicknesses) < 1:
         parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
-                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids, args.layout)
+                     tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids, args.layout,
+                     args.other_frame)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)
