@@ -195,18 +195,18 @@ def test_a_seg_on_no_sequences_planes_names_the_grids_it_was_tried_on(bucket):
     assert "does not lie on the t1c grid" in excluded.reason and excluded.reason.endswith(", nor on the flair grid")
 
 
-def test_a_sequence_in_another_frame_or_outside_the_view_excludes_its_case_with_the_reason(bucket):
+def test_without_registration_a_sequence_in_another_frame_or_outside_the_view_excludes_its_case(bucket):
     root = f"s3://{bucket}/studies"
     _put_case(root, "other-frame", SOURCES["axial"], other_frame="1.2.3.4.6")
     _put_case(root, "same-frame", SOURCES["axial"])
     _put_case(root, "outside", ((5, 40, 30), (3.0, 0.5, 0.75), (200.0, -8.0, -7.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)))
-    catalog = build_catalog(root, sequences=("t1c", "flair"), split_fractions=(1.0, 0.0, 0.0))
+    catalog = build_catalog(root, sequences=("t1c", "flair"), split_fractions=(1.0, 0.0, 0.0), registration="none")
     reasons = {item.case_id: item.reason for item in catalog.exclusions}
     assert [case.case_id for case in catalog.cases] == ["same-frame"]
     assert reasons["other-frame"] == (
         "flair geometry does not match t1c: flair shape (5, 40, 30), t1c shape (10, 24, 20) (D, H, W), and they lie "
-        "in different frames of reference (another session, or the patient re-positioned); registering them is not "
-        "supported yet")
+        "in different frames of reference (another session, or the patient re-positioned); registration is off "
+        "(--registration none)")
     assert reasons["outside"] == ("flair lies wholly outside t1c: they share a frame of reference but flair's field "
                                   "of view does not reach t1c's")
 

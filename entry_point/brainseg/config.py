@@ -41,6 +41,11 @@ def inside(uri: str, prefix: str) -> bool:
     return _prefix(uri).startswith(_prefix(prefix))
 
 
+REGISTRATION_HELP = ("a sequence in another frame of reference than the study's reference sequence (another "
+                     "session, a re-positioned patient): rigid registers it once, when the catalog is built "
+                     "(SimpleITK, Mattes mutual information; kept in the header index); none excludes the study")
+
+
 def _field(default, help_text: str):
     """A field with its ``--help`` text."""
     return field(default=default, metadata={"help": help_text})
@@ -123,6 +128,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
 LAYOUTS = ("auto", "folders", "studies")  # brainseg.data.listing.LAYOUTS (this module imports no data code)
+REGISTRATIONS = ("rigid", "none")  # brainseg.data.registration
 RESAMPLINGS = ("separate_z", "linear")
 MLFLOW_URIS = ("arn:aws", "http://", "https://")
 SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -130,7 +136,7 @@ SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
            "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS,
-           "layout": LAYOUTS}
+           "layout": LAYOUTS, "registration": REGISTRATIONS}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -186,6 +192,7 @@ class Hyperparameters:
                                  "when there are any")
     sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
                                      "'extends: default' adds to the shipped ones; empty: the shipped brain MRI rules)")
+    registration: str = _field("rigid", REGISTRATION_HELP)
     labels: str = _field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
                                      "several values; * any non-zero value)")
     roi_labels: str = _field("", "RTSTRUCT masks: ROI names to label values, e.g. Edema=2,Necrosis=1,Enhancing=4 "

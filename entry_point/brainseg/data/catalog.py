@@ -40,6 +40,7 @@ from brainseg.data.quality import (
     label_problem,
     place,
 )
+from brainseg.data.registration import Registrar
 from brainseg.data.segmentation import SegmentationMask, place_segmentation
 from brainseg.data.series import Series
 from brainseg.data.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_splits, parse_manifest
@@ -135,7 +136,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
                   identity_key_uri: str = "", roi_labels: tuple = (), layout: str = "folders",
-                  sequence_rules: Rules | None = None) -> Catalog:
+                  sequence_rules: Rules | None = None, registration: str = "rigid") -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -170,6 +171,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             by their headers: :mod:`brainseg.data.studies`) or ``auto`` (folders when there are any).
         sequence_rules: which series is which sequence in the studies layout (default: the shipped
             rules, :mod:`brainseg.data.identify`).
+        registration: ``rigid``: a sequence in another frame of reference than the reference is
+            registered to it (:mod:`brainseg.data.registration`; kept in the index); ``none``: its
+            case is excluded.
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
@@ -197,7 +201,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     if listed.layout == "studies":
         listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill,
                                              read_structure_sets(listed.bucket, indexed.objects, key))
-    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key))
+    registrar = Registrar(index.registrations, enabled=registration != "none")
+    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key),
+                               registrar)
     summaries, summarised, unreadable = summarise_cases(listed, assembled, index, roi_labels)
     reasons = {**(discovery.reasons if discovery else {}), **assembled.reasons, **unreadable}
     reasons.update(check_cases(assembled, summaries, reasons, labels, exclude_empty_masks and require_masks))
@@ -210,12 +216,13 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                        assembled.skipped[case_id], assembled.missing[case_id]) for case_id in sorted(splits))
     exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped.get(case_id, ()))
                        for case_id in sorted(reasons))
-    if indexed.read or summarised or indexed.objects.keys() != index.objects.keys():
-        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions))
+    if (indexed.read or summarised or registrar.fitted or indexed.objects.keys() != index.objects.keys()
+            or registrar.used.keys() != index.registrations.keys()):
+        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions, registrar.used))
     stats = {"objects": objects_listed, "headers_read": indexed.read,
              "headers_reused": len(indexed.objects) - indexed.read, "header_seconds": round(indexed.seconds, 3),
              "headers_per_s": round(indexed.read / indexed.seconds, 1) if indexed.read and indexed.seconds > 0
-             else None, "cases_summarised": summarised, "seconds": round(time.perf_counter() - started, 3)}
+             else None, "cases_summarised": summarised, "registrations_fitted": registrar.fitted, "seconds": round(time.perf_counter() - started, 3)}
     # What training reads: the case objects and the manifest.
     catalog = Catalog(uri=uri, cases=cases, exclusions=exclusions,
                       fingerprint=_objects_fingerprint(listed.objects, listed.manifest or b"")[:16], index_stats=stats,
@@ -272,9 +279,10 @@ class Assembled:
 
 
 def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_masks: bool,
-                   contours: ContourOptions = ContourOptions()) -> Assembled:
+                   contours: ContourOptions = ContourOptions(), registrar: Registrar | None = None) -> Assembled:
     """Step 3, assemble: every case's sequences and mask as checked series on one grid
-    (:func:`assemble_case`); a case that fails is given its reason."""
+    (:func:`assemble_case`; sequences in other frames of reference registered by ``registrar``); a
+    case that fails is given its reason."""
     series, skipped, missing, reasons = {}, {}, {}, {}
     for case_id in sorted(listed.grouped):
         parts = {folder: [objects[info.key] for info in sorted(listed.grouped[case_id][folder], key=lambda o: o.key)]
@@ -283,7 +291,7 @@ def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_mask
                                  for obj in parts[folder] if obj.stray and not (folder == "mask" and is_structure_set(obj)))
         try:
             series[case_id] = assemble_case(listed.bucket, listed.sequences, parts, zero_fill, require_masks,
-                                            sorted(listed.other_folders.get(case_id, ())), contours)
+                                            sorted(listed.other_folders.get(case_id, ())), contours, registrar)
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
         except QualityError as err:
             reasons[case_id] = str(err)
@@ -417,14 +425,17 @@ def read_structure_sets(bucket: str, objects: dict, identity_key: bytes) -> dict
 
 
 def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, require_masks: bool,
-                   other_folders: list[str], contours: ContourOptions = ContourOptions()
-                   ) -> tuple[dict[str, Series | None], Series | SegmentationMask | ContourMask | None]:
+                  other_folders: list[str], contours: ContourOptions = ContourOptions(),
+                  registrar: Registrar | None = None
+                  ) -> tuple[dict[str, Series | None], Series | SegmentationMask | ContourMask | None]:
     """Each sequence's series (``None`` when absent and ``zero_fill``) and the mask, on the first
-    present sequence's grid (:func:`~brainseg.data.quality.place`).
+    present sequence's grid (:func:`~brainseg.data.quality.place`; a sequence in another frame of
+    reference registered by ``registrar``).
 
     Raises:
         QualityError: a sequence or the mask fails its checks, is absent (without ``zero_fill``),
-            or lies on another grid than the first sequence present without a shared frame of reference.
+            or lies on another grid than the first sequence present without a shared frame of
+            reference or a registration that passes its check.
     """
     absent = [name for name in sequences if not parts[name]]
     if len(absent) == len(sequences) and other_folders:
@@ -439,7 +450,8 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
               else None for name in sequences}
     reference_name = next(name for name in sequences if images[name] is not None)
     reference = images[reference_name]
-    images = {name: place(reference, item, name, reference_name) if item is not None and name != reference_name
+    images = {name: place(reference, item, name, reference_name, registrar=registrar)
+              if item is not None and name != reference_name
               else item for name, item in images.items()}
     mask = None
     others = {name: item for name, item in images.items() if item is not None and name != reference_name}

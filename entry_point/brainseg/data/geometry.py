@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from brainseg.data.registration import Registration
 from brainseg.data.series import Volume
 from brainseg.io import cache
 
@@ -60,6 +61,12 @@ def voxel_to_patient(grid: tuple) -> np.ndarray:
     matrix[:3, 2] = row * spacing[2]
     matrix[:3, 3] = origin
     return matrix
+
+
+def centre_of(volume) -> np.ndarray:
+    """The patient position (mm) of the middle voxel of ``volume`` (a series' grid and ``shape``)."""
+    middle = (np.asarray(volume.shape, dtype=float) - 1) / 2
+    return (voxel_to_patient(grid_of(volume)) @ np.append(middle, 1.0))[:3]
 
 
 def plane_of(orientation: tuple) -> str:
@@ -98,32 +105,37 @@ class InMemory(Volume):
         return self.values[z0:z1, y0:y1, x0:x1].astype(np.float32)
 
 
-def labels_onto(values: np.ndarray, grid, target) -> np.ndarray:
+def labels_onto(values: np.ndarray, grid, target, registration: Registration | None = None) -> np.ndarray:
     """A label array on ``grid``'s voxels (any volume with ``spacing``/``origin``/``orientation``) on
-    ``target``'s voxels (a series of the same frame of reference): nearest voxel, 0 outside ``grid``."""
+    ``target``'s voxels (a series of the same frame of reference, or of another one that
+    ``registration`` placed on ``grid``): nearest voxel, 0 outside ``grid``."""
     source = InMemory(values, *grid_of(grid))
     depth, rows, columns = target.shape
-    onto = Aligned(source, target.shape, target.spacing, target.origin, target.orientation, labels=True)
+    onto = Aligned(source, target.shape, target.spacing, target.origin, target.orientation, labels=True,
+                   registration=registration.inverted() if registration is not None else None)
     return onto.resample((0, depth, 0, rows, 0, columns)).astype(values.dtype)
 
 
 class Aligned(Volume):
-    """``source`` (a :class:`~brainseg.data.series.Series` of the same frame of reference) read on
-    the reference grid ``shape``/``spacing``/``origin``/``orientation``, as float32 (``labels``:
-    nearest voxel, else linear). Answers ``read_region`` and ``read_volume`` as a series does;
-    ``native`` is the source, whose own slices give its intensity statistics."""
+    """``source`` (a :class:`~brainseg.data.series.Series` of the same frame of reference, or of
+    another one with its ``registration``) read on the reference grid
+    ``shape``/``spacing``/``origin``/``orientation``, as float32 (``labels``: nearest voxel, else
+    linear). Answers ``read_region`` and ``read_volume`` as a series does; ``native`` is the source,
+    whose own slices give its intensity statistics."""
 
     what = "resampled series"
 
     def __init__(self, source, shape: tuple, spacing: tuple, origin: tuple, orientation: tuple,
-                 labels: bool = False):
+                 labels: bool = False, registration: Registration | None = None):
         self.source = source
         self.shape = tuple(int(v) for v in shape)
         self.spacing, self.origin, self.orientation = tuple(spacing), tuple(origin), tuple(orientation)
         self.labels = labels
+        self.registration = registration
         self._coverage: float | None = None
-        # reference voxel (z, y, x, 1) -> source voxel
-        self.matrix = np.linalg.inv(voxel_to_patient(grid_of(source))) @ voxel_to_patient(
+        # reference voxel (z, y, x, 1) -> reference patient mm -> (registered) source patient mm -> source voxel
+        moved = registration.transform if registration is not None else np.eye(4)
+        self.matrix = np.linalg.inv(voxel_to_patient(grid_of(source))) @ moved @ voxel_to_patient(
             (self.spacing, self.origin, self.orientation))
         linear = self.matrix[:3, :3]
         significant = np.abs(linear) > PARALLEL_TOLERANCE * np.abs(linear).max(axis=1, keepdims=True)
@@ -131,7 +143,8 @@ class Aligned(Volume):
                      if (significant.sum(axis=1) == 1).all() and (significant.sum(axis=0) == 1).all() else None)
         identity = "\0".join([str(TILE_VERSION), str(labels), repr((self.shape, self.spacing, self.origin, self.orientation)),
                                str(getattr(source, "bucket", "")), *map(str, getattr(source, "keys", ())),
-                               *map(str, getattr(source, "etags", ())), *filter(None, [getattr(source, "variant", "")])])
+                               *map(str, getattr(source, "etags", ())), *filter(None, [getattr(source, "variant", "")]),
+                               *([repr(registration.matrix)] if registration is not None else [])])
         self.name = "aligned-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
     @property
@@ -172,10 +185,14 @@ class Aligned(Volume):
 
     def describe(self) -> str:
         """The source's grid and how much of the reference it covers, e.g. ``sagittal 16x12x30 at
-        1x2x1 mm, covers 87 %``."""
+        1x2x1 mm, covers 87 %``, and how it was registered when it was."""
         shape = "x".join(map(str, self.source.shape))
         spacing = "x".join(f"{v:.3g}" for v in self.source.spacing)
-        return f"{plane_of(self.source.orientation)} {shape} at {spacing} mm, covers {100 * self.coverage():.0f} %"
+        registered = ""
+        if self.registration is not None:
+            registered = f", registered from another frame ({self.registration.describe(centre_of(self))})"
+        return (f"{plane_of(self.source.orientation)} {shape} at {spacing} mm, covers {100 * self.coverage():.0f} %"
+                f"{registered}")
 
     def to_source(self, points: np.ndarray) -> np.ndarray:
         """Reference voxel coordinates ``(N, 3)`` as source voxel coordinates."""

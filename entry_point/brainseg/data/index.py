@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from brainseg.data.quality import IndexedObject
+from brainseg.data.registration import Registration
 from brainseg.data.summary import CaseSummary
 from brainseg.dicom import HeaderError, NeedMoreBytes, NotAnImage, NotDicom, ObjectHeader, element_beyond, parse_header
 from brainseg.io import s3
@@ -170,13 +171,15 @@ def key_id(key: bytes) -> str:
 class HeaderIndex:
     """What a job saves for the next: every object's header (or error) and each case's summary.
 
-    Stored as JSON Lines: a version line (with the identity key's ID), one line per object, one per case.
+    Stored as JSON Lines: a version line (with the identity key's ID), one line per object, one per
+    case, one per registration (:func:`brainseg.data.registration.pair_name`).
     """
 
     key_id: str = ""
     objects: dict[str, IndexedObject] = field(default_factory=dict)
     cases: dict[str, tuple[str, CaseSummary]] = field(default_factory=dict)  # id -> (fingerprint, summary)
     descriptions: bool = False  # the headers keep their series descriptions (the studies layout needs them)
+    registrations: dict[str, Registration] = field(default_factory=dict)  # pair name -> fitted transform
 
     def lines(self):
         yield json.dumps({"version": INDEX_VERSION, "key_id": self.key_id, "descriptions": self.descriptions})
@@ -187,6 +190,8 @@ class HeaderIndex:
         for case_id, (fingerprint, summary) in self.cases.items():
             yield json.dumps({"case": case_id, "fingerprint": fingerprint, "summary": asdict(summary)},
                              separators=(",", ":"))
+        for name, registration in self.registrations.items():
+            yield json.dumps({"registration": name, **registration.to_row()}, separators=(",", ":"))
 
 
 def _version_line(index_uri: str, lines) -> dict:
@@ -227,6 +232,8 @@ def load_index(index_uri: str, current_key_id: str, refresh: bool = False) -> He
                 header = ObjectHeader.from_row(entry["header"]) if entry["header"] else None
                 index.objects[entry["object"]] = IndexedObject(entry["object"], entry["size"], entry["etag"],
                                                                header, entry["error"], entry["stray"])
+            elif "registration" in entry:
+                index.registrations[entry["registration"]] = Registration.from_row(entry)
             else:
                 index.cases[entry["case"]] = (entry["fingerprint"], CaseSummary.from_json(entry["summary"]))
     except IndexLocationError:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg.data.geometry import Aligned
+from brainseg.data.registration import MIN_HEAD_DICE, Registrar, Registration
 from brainseg.data.series import Series
 from brainseg.data.summary import CaseSummary
 from brainseg.dicom import ObjectHeader
@@ -174,14 +175,18 @@ def check_grid(reference: Series, other: Series, what: str = "mask", against: st
         raise QualityError(f"{differs}: {what} origin is {offset:.2f} mm from the {against} origin")
 
 
-def place(reference: Series, other: Series, what: str, against: str, labels: bool = False) -> Series | Aligned:
+def place(reference: Series, other: Series, what: str, against: str, labels: bool = False,
+          registrar: Registrar | None = None) -> Series | Aligned:
     """``other`` (another sequence, or a label series with ``labels``) on ``reference``'s grid: itself
     when it covers it voxel for voxel, else read through its own geometry (:class:`Aligned`) when
-    the two share a frame of reference and ``other`` sees part of ``reference``.
+    the two share a frame of reference and ``other`` sees part of ``reference``; a sequence in
+    another frame of reference, through the rigid transform ``registrar`` fits
+    (:mod:`brainseg.data.registration`) when it passes its check.
 
     Raises:
         QualityError: the grids differ and no shared FrameOfReferenceUID says where ``other`` lies,
-            or it lies wholly outside ``reference``.
+            the frames differ and ``other`` cannot be registered (a label series, registration off,
+            its pixels unreadable, the fit failing its check), or it lies wholly outside ``reference``.
     """
     try:
         check_grid(reference, other, what, against)
@@ -193,14 +198,40 @@ def place(reference: Series, other: Series, what: str, against: str, labels: boo
     if unknown:
         raise QualityError(f"{differs}, and {' and '.join(unknown)} name{'s' if len(unknown) == 1 else ''} no single "
                            "FrameOfReferenceUID, so where one lies in the other is unknown")
+    registration = None
     if frames[0] != frames[1]:
-        raise QualityError(f"{differs}, and they lie in different frames of reference (another session, or the "
-                           "patient re-positioned); registering them is not supported yet")
-    aligned = Aligned(other, reference.shape, reference.spacing, reference.origin, reference.orientation, labels)
+        registration = register_onto(reference, other, what, against, labels, registrar, differs)
+    aligned = Aligned(other, reference.shape, reference.spacing, reference.origin, reference.orientation, labels,
+                      registration)
     if aligned.coverage() == 0:
         raise QualityError(f"{what} lies wholly outside {against}: they share a frame of reference but {what}'s "
                            f"field of view does not reach {against}'s")
     return aligned
+
+
+def register_onto(reference: Series, other: Series, what: str, against: str, labels: bool,
+                  registrar: Registrar | None, differs: str) -> Registration:
+    """The checked registration of ``other`` (a sequence in another frame of reference) onto ``reference``.
+
+    Raises:
+        QualityError: ``other`` is a label series (registered only through the sequence it is drawn
+            on), registration is off, the pixels cannot be read, or the fit fails its check.
+    """
+    another = f"{differs}, and they lie in different frames of reference (another session, or the patient re-positioned)"
+    if labels:
+        raise QualityError(f"{another}; a label series is not registered: draw it on one of the sequences")
+    if registrar is None or not registrar.enabled:
+        raise QualityError(f"{another}; registration is off (--registration none)")
+    try:
+        registration = registrar(reference, other)
+    except (ValueError, OSError, RuntimeError) as err:  # pixels unreadable (S3Error), or ITK's refusal
+        raise QualityError(f"{what} lies in another frame of reference than {against} and could not be "
+                           f"registered: {err}") from None
+    if not registration.passed:
+        raise QualityError(f"{what} lies in another frame of reference than {against}, and registering it failed "
+                           f"its check: the heads overlap {registration.head_dice:.2f} after it (expected at least "
+                           f"{MIN_HEAD_DICE}; {registration.head_dice_before:.2f} by the headers alone)")
+    return registration
 
 
 def label_problem(summary: CaseSummary, labels: LabelScheme) -> str:

@@ -84,10 +84,11 @@ def seg_volume(case: Case, sequence: str) -> Series | Aligned:
 def seg_of(case: Case, prediction: Prediction, on: Series | Aligned, headers: list, scheme: LabelScheme,
            algorithm: Algorithm) -> bytes:
     """The prediction as a DICOM SEG on the series of ``on`` (:func:`seg_volume`; ``headers``: its
-    objects' headers): a series on a grid of its own gets the masks on its own voxels (nearest voxel)."""
+    objects' headers): a series on a grid of its own, or in a frame registered to the reference's,
+    gets the masks on its own voxels (nearest voxel)."""
     series, masks = on.native, prediction.masks
     if isinstance(on, Aligned):
-        masks = [labels_onto(mask, case.image, series) for mask in masks]
+        masks = [labels_onto(mask, case.image, series, on.registration) for mask in masks]
     return encode_segmentation(headers, series.planes, masks, list(scheme.names), algorithm)
 
 
@@ -170,7 +171,8 @@ class PredictionJob:
                                          zero_fill=description.missing_sequences == "zero",
                                          identity_key_uri=options.identity_key_uri,
                                          roi_labels=parse_roi_labels(options.roi_labels), layout=options.layout,
-                                         sequence_rules=load_rules(options.sequence_rules))
+                                         sequence_rules=load_rules(options.sequence_rules),
+                                         registration=options.registration)
         except ValueError as err:
             raise PredictionError(str(err)) from err
 

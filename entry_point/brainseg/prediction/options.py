@@ -20,7 +20,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import LAYOUTS, PRECISIONS, check_identity_key_uri, inside
+from brainseg.config import LAYOUTS, PRECISIONS, REGISTRATION_HELP, REGISTRATIONS, check_identity_key_uri, inside
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 from brainseg.labels import parse_roi_labels
 
@@ -74,6 +74,7 @@ class PredictOptions:
                                  "study, its series named by --sequence-rules; auto: folders when there are any")
     sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
                                      "empty: the shipped brain MRI rules), as train.py's")
+    registration: str = _field("rigid", REGISTRATION_HELP)
 
     def __post_init__(self) -> None:
         for name in ("model", "cases", "output_format"):  # comma-separated, repeated, or both
@@ -111,6 +112,8 @@ class PredictOptions:
             parse_shard(self.shard)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if self.registration not in REGISTRATIONS:
+            raise ValueError(f"registration {self.registration!r}: expected one of {', '.join(REGISTRATIONS)}")
         if self.postprocessing and not self.postprocess:
             raise ValueError(f"postprocessing {self.postprocessing} with postprocess false: apply a cross-validation's "
                              "postprocessing or none, not both")

@@ -36,7 +36,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  zero_fill=hp.missing_sequences == "zero",
                                  labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri,
                                  roi_labels=parse_roi_labels(hp.roi_labels), layout=hp.layout,
-                                 sequence_rules=load_rules(hp.sequence_rules))
+                                 sequence_rules=load_rules(hp.sequence_rules), registration=hp.registration)
         except ValueError as err:  # the data prefix's layout, the manifest, the index location
             raise TrainingError(str(err)) from err
     catalog = build() if distributed.is_main() else None
