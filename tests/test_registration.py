@@ -4,17 +4,22 @@ motion (``SynthSpec.other_frame``), written by pydicom, read by the catalog."""
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import numpy as np
+import pydicom
 import pytest
 
 from brainseg.data.catalog import build_catalog
 from brainseg.data.geometry import Aligned, InMemory, centre_of, grid_of, labels_onto, voxel_to_patient
 from brainseg.data.registration import Registration, otsu_level
 from brainseg.data.stream import read_case_region
+from brainseg.io import s3
 from brainseg.overlap import Overlap
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset
 from tests.test_geometry import SOURCES, _put_case
+from tests.test_segmentation import seg_bytes
 
 SPEC = SynthSpec(shape=(40, 64, 64), spacing=(3.0, 2.0, 2.0), sequences=("t1c", "flair"), grids="own", other_frame=1)
 
@@ -70,6 +75,27 @@ def test_a_sequence_in_another_frame_is_registered_once_and_read_through_the_tra
     assert again.index_stats["registrations_fitted"] == 0
     reused = {case.case_id: case for case in again.cases}["case_0000"].resampled["flair"].registration
     assert reused == flair.registration
+
+
+def test_a_seg_drawn_on_the_registered_sequence_is_read_through_the_registration(studies, bucket):
+    """The label as a DICOM SEG on the moved FLAIR's own slices (what a reader drew there) lands on
+    the reference grid where the study's label lies."""
+    catalog = build_catalog(studies, sequences=SPEC.sequences, split_fractions=(1.0, 0.0, 0.0))
+    case = {case.case_id: case for case in catalog.cases}["case_0000"]
+    flair = case.resampled["flair"]
+    _, mask = read_case_region(case, (0, 40, 0, 64, 0, 64))
+    tumour = (mask > 0).astype(np.uint8)
+    datasets = [pydicom.dcmread(BytesIO(s3.read_uri(f"s3://{bucket}/{key}"))) for key in flair.native.keys]
+    drawn = seg_bytes([datasets[index] for index, _ in flair.native.planes],
+                      labels_onto(tumour, case.image, flair.native, flair.registration))
+    for key in case.mask.keys:
+        s3.delete(f"s3://{bucket}/{key}")
+    s3.put_bytes(f"{studies}/case_0000/mask/seg.dcm", drawn)
+    again = {case.case_id: case for case in build_catalog(studies, sequences=SPEC.sequences,
+                                                          split_fractions=(1.0, 0.0, 0.0)).cases}["case_0000"]
+    assert isinstance(again.mask, Aligned) and again.mask.registration == flair.registration
+    _, placed = read_case_region(again, (0, 40, 0, 64, 0, 64))
+    assert Overlap.of(placed > 0, tumour > 0).dice > 0.9
 
 
 def test_registration_none_excludes_a_study_in_two_frames_with_the_reason(studies):

@@ -129,7 +129,8 @@ class ContourMask(OneObject, Volume):
         """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`); or, when
         it references one of ``others`` (``{name: volume}``: the case's other sequences as the case
         reads them) instead, on that sequence's own planes: as they are when the sequence shares the
-        reference's grid, else read through its geometry onto the reference grid (nearest voxel).
+        reference's grid, else read through its geometry (and registration) onto the reference grid
+        (nearest voxel).
 
         Raises:
             QualityError: as :meth:`on_grid`, or an object that is not a readable RT Structure Set
@@ -145,7 +146,8 @@ class ContourMask(OneObject, Volume):
                         key=obj.key, etag=obj.etag, roi_labels=tuple(roi_labels))
         if not isinstance(volume, Aligned):
             return drawn
-        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
+        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True,
+                       registration=volume.registration)
 
     @classmethod
     def on_grid(cls, name: str, structure_set: StructureSet, reference: Series, against: str,

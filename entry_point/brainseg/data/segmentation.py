@@ -125,9 +125,9 @@ def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, again
                        others: dict) -> SegmentationMask | Aligned:
     """The SEG ``obj`` on ``reference``'s grid: its frames placed on the reference's planes when
     they lie on them; else, when they lie on the planes of one of ``others`` on a grid of its own
-    (``{name: volume}``: the case's other sequences as the case reads them) and the SEG names the
-    reference's frame of reference, read through that sequence's geometry (nearest voxel), as a
-    label series drawn there is.
+    (``{name: volume}``: the case's other sequences as the case reads them) and the SEG names that
+    sequence's frame of reference, read through that sequence's geometry (nearest voxel; and its
+    registration, when it lies in another frame than the reference), as a label series drawn there is.
 
     Raises:
         QualityError: the reference's reason, when the frames lie on none of them.
@@ -136,14 +136,16 @@ def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, again
         return SegmentationMask.on_grid(bucket, obj, reference, against)
     except QualityError as err:
         failure = err
-    own_grids = {name: volume.native for name, volume in others.items() if isinstance(volume, Aligned)}
-    frames = {header.frame_hash for header in reference.headers}
-    if not own_grids or not obj.header.frame_hash or frames != {obj.header.frame_hash}:
+    own_grids = {name: volume for name, volume in others.items() if isinstance(volume, Aligned)}
+    if not own_grids or not obj.header.frame_hash:
         raise failure
-    for name, series in own_grids.items():
+    for name, volume in own_grids.items():
+        if {header.frame_hash for header in volume.native.headers} != {obj.header.frame_hash}:
+            continue
         try:
-            drawn = SegmentationMask.on_grid(bucket, obj, series, name)
+            drawn = SegmentationMask.on_grid(bucket, obj, volume.native, name)
         except QualityError:
             continue
-        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True)
+        return Aligned(drawn, reference.shape, reference.spacing, reference.origin, reference.orientation, labels=True,
+                       registration=volume.registration)
     raise QualityError(f"{failure}, nor on the {', '.join(own_grids)} grid{'s' if len(own_grids) > 1 else ''}")
