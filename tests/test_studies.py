@@ -17,6 +17,7 @@ from brainseg.data.catalog import build_catalog
 from brainseg.data.identify import RulesError, default_rules, load_rules, parse_rules
 from brainseg.dicom import writer
 from brainseg.io import s3
+from brainseg.labels import parse_scheme
 from infra.data.exported import encode_exported
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset, write_files
@@ -62,6 +63,27 @@ def test_exported_exams_are_found_by_their_headers_and_read_as_their_folder_twin
         np.testing.assert_array_equal(case.mask.read_volume(), labels)
         assert sorted(case.resampled) == ["flair", "t1", "t2"]
         assert [stats.sequence for stats in case.summary.intensities] == list(SEQUENCES)
+
+
+def test_an_export_with_a_seg_label_and_a_flair_from_another_frame_is_usable_whole(bucket):
+    """What a scanner and a reader write: the label as a DICOM SEG on the T1c (segments 1-3), and one
+    study's FLAIR acquired after the patient moved (its own frame of reference), registered back."""
+    spec = SynthSpec(shape=(40, 64, 64), spacing=(3.0, 2.0, 2.0), sequences=SEQUENCES, grids="own", layout="studies",
+                     other_frame=1, label_as="seg")
+    root = f"s3://{bucket}/seg-export/"
+    write_dataset(2, root, spec)
+    catalog = build_catalog(root, sequences=SEQUENCES, labels=parse_scheme("ncr=1,ed=2,et=3"), layout="studies",
+                            split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions and len(catalog.cases) == 2
+    registered = 0
+    for index in range(2):
+        images, labels, _ = spec.volumes(index)
+        case = next(case for case in catalog.cases
+                    if np.array_equal(case.image.read_volume(), images["t1c"].astype(np.float32)))
+        np.testing.assert_array_equal(case.mask.read_volume(), np.where(labels == 4, 3, labels))
+        registered += case.resampled["flair"].registration is not None
+        assert (case.resampled["flair"].registration is not None) == bool(spec.motion(index))
+    assert registered == 1
 
 
 def test_what_the_data_owner_sees_and_the_job_logs(bucket, caplog):

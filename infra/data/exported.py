@@ -8,7 +8,9 @@ numbers in a tree that says nothing about sequences:
 - a three-slice localiser, the training sequences (a post-contrast 3D T1 with its contrast agent,
   a T1, a T2, a FLAIR, each with its own TR/TE/TI and, with ``--grids own``, its own geometry),
   diffusion (trace) and its ADC map, a coronal MPR of the post-contrast T1 (DERIVED), and the
-  labels as a label series drawn on the post-contrast T1's grid.
+  labels as a label series drawn on the post-contrast T1's grid or (``label_as="seg"``) as a
+  DICOM SEG on its slices, segments 1 necrotic core, 2 oedema, 3 enhancing tumour (BraTS labels
+  1, 2 and 4: train with ``--labels ncr=1,ed=2,et=3``).
 
 Series descriptions follow what scanners write (``AX T2 FLAIR``, ``ep2d_diff_b1000``); the truth
 for scoring is the study's labels on the first sequence's grid, as in the folder layout.
@@ -16,9 +18,12 @@ for scoring is the study's labels on the first sequence's grid, as in the folder
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
+import highdicom as hd
 import numpy as np
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from brainseg.dicom import writer
@@ -36,6 +41,26 @@ ACQUISITION = {
 SERIES_ORDER = ("localiser", "t1", "t2", "flair", "dwi", "adc", "t1c", "mpr", "labels")
 
 
+SEG_SEGMENTS = (("necrotic core", 1), ("oedema", 2), ("enhancing tumour", 4))  # segment n: (name, BraTS label)
+
+
+def _seg(sources: list, labels: np.ndarray, series_uid: str, sop_uid: str) -> bytes:
+    """The BraTS ``labels`` as a DICOM SEG (highdicom, binary) on the series ``sources`` (its slices in order)."""
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number, (name, _) in enumerate(SEG_SEGMENTS, start=1)]
+    planes = np.stack([labels == value for _, value in SEG_SEGMENTS], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=planes, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=len(SERIES_ORDER),
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="brainseg-synth", manufacturer_model_name="phantom",
+        software_versions="1", device_serial_number="0", series_description="tumour segmentation")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    return buffer.getvalue()
+
+
 def _extra_volume(source: np.ndarray, slices: int, scale: float = 1.0) -> np.ndarray:
     """A few slices taken from a volume (what the extra series hold: their content is never read)."""
     picks = np.linspace(0, source.shape[0] - 1, slices).round().astype(int)
@@ -43,11 +68,13 @@ def _extra_volume(source: np.ndarray, slices: int, scale: float = 1.0) -> np.nda
 
 
 def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple, origin: tuple, own: bool,
-                    patient_id: str, patient_name: str, moved: dict | None = None) -> dict[str, bytes]:
+                    patient_id: str, patient_name: str, moved: dict | None = None,
+                    label_as: str = "series") -> dict[str, bytes]:
     """``{relative path: bytes}`` of one exported study: ``images`` (``{sequence: (D, H, W)}`` on the
     study's grid of ``spacing`` whose first voxel lies at ``origin``) and its ``labels``, every
     sequence after the first on a grid of its own with ``own`` (those in ``moved``, in a frame of
-    reference of their own: :func:`infra.data.grids.own_grids`), plus the extra series."""
+    reference of their own: :func:`infra.data.grids.own_grids`), plus the extra series; the labels
+    as a label series or (``label_as="seg"``) a SEG on the first sequence's slices."""
     names = list(images)
     for name in names:
         if name not in ACQUISITION:
@@ -91,12 +118,20 @@ def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple
         spacing=first[1], origin=first[2], orientation=first[3], **identity,
         series_description="tumour labels", image_type=("DERIVED", "SECONDARY")))
     nested = index % 2 == 0
+    written: dict[str, list] = {}  # the slices of each series written, for the SEG to reference
     files = {f"DICOM/PA{index:04d}/DICOMDIR": b"DICOMDIR stub: a media directory, not an image\n"} if nested else {}
     for number, name in enumerate((name for name in SERIES_ORDER if name in series), start=1):
         volume, spec = series[name]
         spec = replace(spec, series_number=number, series_uid=generate_uid(), series_time=f"{9 + number // 6:02d}"
                        f"{(number * 7) % 60:02d}00")
-        for slice_number, dataset in enumerate(writer.slice_datasets(volume, spec), start=1):
+        if name == "labels" and label_as == "seg":
+            sop_uid = generate_uid()
+            files[f"DICOM/PA{index:04d}/ST0/SE{number}/IM1" if nested else f"{study_uid}/{spec.series_uid}/{sop_uid}.dcm"] = (
+                _seg(written[names[0]], volume, spec.series_uid, sop_uid))
+            continue
+        datasets = writer.slice_datasets(volume, spec)
+        written[name] = datasets
+        for slice_number, dataset in enumerate(datasets, start=1):
             path = (f"DICOM/PA{index:04d}/ST0/SE{number}/IM{slice_number}" if nested
                     else f"{study_uid}/{spec.series_uid}/{dataset.SOPInstanceUID}.dcm")
             files[path] = writer.encode(dataset)

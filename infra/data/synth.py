@@ -3,7 +3,7 @@
     brainseg-synth --cases 20 --out s3://bucket/dataset/ [--shape 96,128,128]
         [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
-        [--grids shared|own] [--other-frame N] [--layout folders|studies]
+        [--grids shared|own] [--other-frame N] [--layout folders|studies] [--label-as series|seg]
 
 By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
 ``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
@@ -16,7 +16,8 @@ grid; with ``--other-frame N`` the last sequence of the first N cases lies in a 
 of its own, the patient turned 5-10 degrees and shifted 5-15 mm (:meth:`SynthSpec.motion` says how).
 With ``--layout studies`` each case is written as a PACS exports an exam (objects named by
 UIDs or numbers, a localiser, diffusion, an MPR and the labels beside the sequences, no folder
-naming a sequence: :mod:`infra.data.exported`). One object per slice, or one enhanced multi-frame
+naming a sequence: :mod:`infra.data.exported`; ``--label-as seg`` writes the labels as a DICOM SEG
+on the first sequence). One object per slice, or one enhanced multi-frame
 object per series.
 """
 
@@ -58,6 +59,7 @@ class SynthSpec:
     grids: str = "shared"  # "own": every sequence after the first on a grid of its own (multi-sequence studies)
     layout: str = "folders"  # "studies": as a PACS exports an exam (infra/data/exported.py; multi-sequence studies)
     other_frame: int = 0  # with grids "own": the first this many cases hold their last sequence in a frame of its own
+    label_as: str = "series"  # layout "studies": the labels as a label series or a DICOM SEG ("seg") on the first sequence
 
     def motion(self, index: int) -> dict:
         """``{sequence: 4x4 matrix}``: where case ``index``'s sequences in a frame of their own see the
@@ -88,7 +90,7 @@ def encode_case(index: int, spec: SynthSpec) -> dict[str, bytes]:
     origin = (-0.5 * spec.shape[2] * spacing[2], -0.5 * spec.shape[1] * spacing[1], -0.5 * spec.shape[0] * spec.spacing[0])
     if spec.layout == "studies" and spec.sequences != ("image",):
         return encode_exported(index, images, mask, spacing, origin, spec.grids == "own", f"SYN{spec.seed:03d}{index:05d}",
-                               f"Synthetic^Patient{index}", spec.motion(index))
+                               f"Synthetic^Patient{index}", spec.motion(index), spec.label_as)
     return encode_study(case_id_for(index), images, mask, spacing, f"SYN{spec.seed:03d}{index:05d}",
                         f"Synthetic^Patient{index}", spec.transfer_syntax, spec.multiframe, origin,
                         own=spec.grids == "own" and spec.sequences != ("image",), moved=spec.motion(index))
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                              "its own (the patient moved 5-10 degrees and 5-15 mm)")
     parser.add_argument("--layout", choices=("folders", "studies"), default="folders",
                         help="folders: <case>/<sequence>/; studies: each case as a PACS exports an exam (multi-sequence)")
+    parser.add_argument("--label-as", choices=("series", "seg"), default="series",
+                        help="with --layout studies: the labels as a label series on the first sequence's grid, or a "
+                             "DICOM SEG on its slices (segments 1 necrotic core, 2 oedema, 3 enhancing: train with "
+                             "--labels ncr=1,ed=2,et=3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes generating cases")
     args = parser.parse_args(argv)
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
                      tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids, args.layout,
-                     args.other_frame)
+                     args.other_frame, args.label_as)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)
