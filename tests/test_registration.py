@@ -4,13 +4,14 @@ motion (``SynthSpec.other_frame``), written by pydicom, read by the catalog."""
 
 from __future__ import annotations
 
+import os
 from io import BytesIO
 
 import numpy as np
 import pydicom
 import pytest
 
-from brainseg.data.catalog import build_catalog
+from brainseg.data.catalog import Catalog, build_catalog
 from brainseg.data.geometry import Aligned, InMemory, centre_of, grid_of, labels_onto, voxel_to_patient
 from brainseg.data.registration import Registration, otsu_level
 from brainseg.data.stream import read_case_region
@@ -36,15 +37,25 @@ def moved(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-@pytest.fixture
-def studies(bucket):
+@pytest.fixture(scope="module")
+def first_catalog() -> Catalog:
+    """Two studies of SPEC (the first with its FLAIR in a frame of its own) in a bucket of their own,
+    catalogued once (the fit is kept in the index). The SEG test replaces the first study's label; no
+    other test reads it."""
+    bucket = f"test-bucket-registration-{os.getpid()}"
+    s3.client().create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/moved"
     write_dataset(2, root, SPEC)
-    return root
+    return build_catalog(root, sequences=SPEC.sequences, split_fractions=(1.0, 0.0, 0.0))
 
 
-def test_a_sequence_in_another_frame_is_registered_once_and_read_through_the_transform(studies):
-    catalog = build_catalog(studies, sequences=SPEC.sequences, split_fractions=(1.0, 0.0, 0.0))
+@pytest.fixture
+def studies(first_catalog) -> str:
+    return first_catalog.uri.rstrip("/")
+
+
+def test_a_sequence_in_another_frame_is_registered_once_and_read_through_the_transform(first_catalog, studies):
+    catalog = first_catalog
     assert not catalog.exclusions and catalog.index_stats["registrations_fitted"] == 1
     cases = {case.case_id: case for case in catalog.cases}
     flair = cases["case_0000"].resampled["flair"]
@@ -77,9 +88,10 @@ def test_a_sequence_in_another_frame_is_registered_once_and_read_through_the_tra
     assert reused == flair.registration
 
 
-def test_a_seg_drawn_on_the_registered_sequence_is_read_through_the_registration(studies, bucket):
+def test_a_seg_drawn_on_the_registered_sequence_is_read_through_the_registration(studies):
     """The label as a DICOM SEG on the moved FLAIR's own slices (what a reader drew there) lands on
     the reference grid where the study's label lies."""
+    bucket = s3.parse_uri(studies)[0]
     catalog = build_catalog(studies, sequences=SPEC.sequences, split_fractions=(1.0, 0.0, 0.0))
     case = {case.case_id: case for case in catalog.cases}["case_0000"]
     flair = case.resampled["flair"]
