@@ -117,6 +117,9 @@ def test_registration_none_excludes_a_study_in_two_frames_with_the_reason(studie
     assert excluded.case_id == "case_0000" and excluded.reason.endswith(
         "and they lie in different frames of reference (another session, or the patient re-positioned); "
         "registration is off (--registration none)")
+    # the saved fit outlives a job that does not register
+    again = build_catalog(studies, sequences=SPEC.sequences, split_fractions=(1.0, 0.0, 0.0))
+    assert again.index_stats["registrations_fitted"] == 0 and len(again.cases) == 2
 
 
 def test_a_fit_that_fails_its_check_excludes_the_case_naming_the_figures(bucket):

@@ -217,8 +217,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped.get(case_id, ()))
                        for case_id in sorted(reasons))
     if (indexed.read or summarised or registrar.fitted or indexed.objects.keys() != index.objects.keys()
-            or registrar.used.keys() != index.registrations.keys()):
-        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions, registrar.used))
+            or registrar.kept().keys() != index.registrations.keys()):
+        save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions, registrar.kept()))
     stats = {"objects": objects_listed, "headers_read": indexed.read,
              "headers_reused": len(indexed.objects) - indexed.read, "header_seconds": round(indexed.seconds, 3),
              "headers_per_s": round(indexed.read / indexed.seconds, 1) if indexed.read and indexed.seconds > 0

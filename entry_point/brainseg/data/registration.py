@@ -184,8 +184,8 @@ def register(reference, moving) -> Registration:
 
 class Registrar:
     """The registrations a catalog needs: looked up among ``saved`` (the header index's, by
-    :func:`pair_name`), else fitted (:func:`register`); ``used`` holds every one asked for, to be
-    saved for the next job. With ``enabled`` false (``--registration none``) nothing is fitted."""
+    :func:`pair_name`), else fitted (:func:`register`); ``used`` holds every one asked for. With
+    ``enabled`` false (``--registration none``) nothing is fitted."""
 
     def __init__(self, saved: dict | None = None, enabled: bool = True):
         self.saved = dict(saved or {})
@@ -201,3 +201,8 @@ class Registrar:
             self.fitted += 1
         self.used[name] = found
         return found
+
+    def kept(self) -> dict[str, Registration]:
+        """What the index keeps for the next job: the registrations this catalog used (those of
+        objects since changed or gone are dropped); with registration off, every saved one."""
+        return self.used if self.enabled else self.saved
