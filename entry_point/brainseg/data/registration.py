@@ -37,7 +37,6 @@ HISTOGRAM_BINS = 32  # Mattes mutual information
 SAMPLING_FRACTION = 0.25  # of the reference's voxels the metric samples (a fixed seed)
 SAMPLING_SEED = 17
 ITERATIONS = 200  # per resolution level
-HEAD_FRACTION = 0.1  # a head voxel: above this fraction of its volume's 99th percentile
 MIN_HEAD_DICE = 0.8  # the check a registration must pass: it catches gross failures, not millimetres
 
 
