@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainseg.data.registration import Registration
-from brainseg.data.series import Volume
+from brainseg.data.series import Volume, object_identity
 from brainseg.io import cache
 
 PARALLEL_TOLERANCE = 1e-4  # a direction cosine this close to 0 counts as 0: the axes are parallel
@@ -142,8 +142,7 @@ class Aligned(Volume):
         self.axes = (tuple(int(np.flatnonzero(row)[0]) for row in significant)
                      if (significant.sum(axis=1) == 1).all() and (significant.sum(axis=0) == 1).all() else None)
         identity = "\0".join([str(TILE_VERSION), str(labels), repr((self.shape, self.spacing, self.origin, self.orientation)),
-                               str(getattr(source, "bucket", "")), *map(str, getattr(source, "keys", ())),
-                               *map(str, getattr(source, "etags", ())), *filter(None, [getattr(source, "variant", "")]),
+                               *object_identity(source), *filter(None, [getattr(source, "variant", "")]),
                                *([repr(registration.matrix)] if registration is not None else [])])
         self.name = "aligned-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 

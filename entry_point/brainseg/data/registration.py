@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from brainseg.data.series import object_identity
+
 REGISTRATION_VERSION = 1  # part of a result's name: a change in how registration is done names new ones
 WORKING_SPACING_MM = 2.0  # volumes are averaged down to about this spacing before registering
 HISTOGRAM_BINS = 32  # Mattes mutual information
@@ -96,8 +98,7 @@ def pair_name(reference, moving) -> str:
     (keys and ETags) and :data:`REGISTRATION_VERSION`."""
     parts = [str(REGISTRATION_VERSION)]
     for series in (reference, moving):
-        parts += ["|", str(getattr(series, "bucket", "")), *map(str, getattr(series, "keys", ())),
-                  *map(str, getattr(series, "etags", ()))]
+        parts += ["|", *object_identity(series)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 

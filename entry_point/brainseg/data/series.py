@@ -69,6 +69,13 @@ class Volume:
         return self.read_region(0, depth, 0, rows, 0, columns)
 
 
+def object_identity(volume) -> list[str]:
+    """What names the objects ``volume`` is read from, as text: its bucket, keys and ETags (none for
+    an array in memory); part of the names its resampled tiles and registrations are kept under."""
+    return [str(getattr(volume, "bucket", "")), *map(str, getattr(volume, "keys", ())),
+            *map(str, getattr(volume, "etags", ()))]
+
+
 class OneObject:
     """A volume read from one object, ``key`` at ``etag`` (a SEG, a structure set): the names
     :class:`~brainseg.data.geometry.Aligned` keeps it under in the host's cache, as a series' are."""
