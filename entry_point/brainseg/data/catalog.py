@@ -216,7 +216,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                        assembled.skipped[case_id], assembled.missing[case_id]) for case_id in sorted(splits))
     exclusions = tuple(Exclusion(case_id, reasons[case_id], assembled.skipped.get(case_id, ()))
                        for case_id in sorted(reasons))
-    if (indexed.read or summarised or registrar.fitted or indexed.objects.keys() != index.objects.keys()
+    if (indexed.read or summarised or indexed.objects.keys() != index.objects.keys()
             or registrar.kept().keys() != index.registrations.keys()):
         save_index(index_uri, HeaderIndex(index.key_id, indexed.objects, summaries, descriptions, registrar.kept()))
     stats = {"objects": objects_listed, "headers_read": indexed.read,
