@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -37,7 +36,7 @@ from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.geometry import centre_of, grid_of, voxel_to_patient  # noqa: E402
 from brainseg.data.index import identity_key  # noqa: E402
 from brainseg.data.listing import index_uri_for  # noqa: E402
-from brainseg.data.registration import otsu_level  # noqa: E402
+from brainseg.data.registration import otsu_level, rotation_degrees  # noqa: E402
 from brainseg.dicom.header import identity_hash  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from infra.data.exported import encode_exported  # noqa: E402
@@ -98,9 +97,9 @@ def compare(case, truth: np.ndarray) -> dict:
     errors = np.linalg.norm(moved(fitted, points) - moved(truth, points), axis=1)
     centre = centre_of(case.image)[None]
     return {"case_id": case.case_id,
-            "true_rotation_degrees": round(math.degrees(math.acos(np.clip((np.trace(truth[:3, :3]) - 1) / 2, -1, 1))), 2),
+            "true_rotation_degrees": round(rotation_degrees(truth), 2),
             "true_shift_at_centre_mm": round(float(np.linalg.norm(moved(truth, centre) - centre)), 2),
-            "rotation_error_degrees": round(math.degrees(math.acos(np.clip((np.trace(residual[:3, :3]) - 1) / 2, -1, 1))), 3),
+            "rotation_error_degrees": round(rotation_degrees(residual), 3),
             "centre_error_mm": round(float(np.linalg.norm(moved(fitted, centre) - moved(truth, centre))), 3),
             "mean_head_error_mm": round(float(errors.mean()), 3), "max_head_error_mm": round(float(errors.max()), 3),
             "head_dice_before": registration.head_dice_before, "head_dice_after": registration.head_dice,

@@ -42,6 +42,11 @@ ITERATIONS = 200  # per resolution level
 MIN_HEAD_DICE = 0.8  # the check a registration must pass: it catches gross failures, not millimetres
 
 
+def rotation_degrees(matrix: np.ndarray) -> float:
+    """The angle (degrees) of the rotation in a rigid 4x4 (or 3x3) ``matrix``, about its axis."""
+    return math.degrees(math.acos(float(np.clip((np.trace(np.asarray(matrix)[:3, :3]) - 1) / 2, -1.0, 1.0))))
+
+
 @dataclass(frozen=True)
 class Registration:
     """A fitted rigid transform: ``matrix`` (16 numbers, row-major) takes the reference's patient
@@ -62,8 +67,7 @@ class Registration:
     @property
     def rotation_degrees(self) -> float:
         """The rotation's angle about its axis."""
-        rotation = self.transform[:3, :3]
-        return math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+        return rotation_degrees(self.transform)
 
     def shift_mm(self, point: np.ndarray) -> float:
         """How far the transform moves ``point`` (patient mm)."""
@@ -134,15 +138,16 @@ def _head(array: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(array > otsu_level(array)) if array.size else np.zeros(array.shape, bool)
 
 
-def _head_dice(fixed, moving, transform) -> float:
-    """Dice of the two heads on the reference's (working) grid, where ``moving`` reaches it."""
+def _head_dice(fixed, head: np.ndarray, moving, transform) -> float:
+    """Dice of the reference's ``head`` (on its working grid ``fixed``) and ``moving``'s head placed
+    there by ``transform``, where ``moving`` reaches."""
     import SimpleITK as sitk
 
     resampled = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
     reach = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)).astype(bool)
-    ours, theirs = _head(sitk.GetArrayFromImage(fixed)) & reach, _head(resampled) & reach
+    ours, theirs = head & reach, _head(resampled) & reach
     total = int(ours.sum()) + int(theirs.sum())
     return 2.0 * int((ours & theirs).sum()) / total if total else 0.0
 
@@ -176,9 +181,10 @@ def register(reference, moving) -> Registration:
     matrix = np.eye(4)
     matrix[:3, :3] = rotation
     matrix[:3, 3] = centre + shift - rotation @ centre
+    head = _head(sitk.GetArrayFromImage(fixed))
     return Registration(tuple(float(v) for v in matrix.ravel()), float(method.GetMetricValue()),
-                        round(_head_dice(fixed, floating, euler), 4),
-                        round(_head_dice(fixed, floating, sitk.Euler3DTransform()), 4),
+                        round(_head_dice(fixed, head, floating, euler), 4),
+                        round(_head_dice(fixed, head, floating, sitk.Euler3DTransform()), 4),
                         round(time.perf_counter() - started, 2))
 
 
