@@ -125,6 +125,11 @@ def test_a_run_learns_and_writes_well_formed_artifacts(dataset, bucket, tmp_path
     description = saved["description"]
     assert description["network"]["channels"] == [8, 16, 32] and description["sequences"] == ["image"]
     assert description["best_epoch"] == summary["best_epoch"] and description["run_name"] == "e2e"
+    # The model keeps the last epoch's weights (--keep-weights last, the default): the final checkpoint's.
+    assert summary["keep_weights"] == "last" and summary["kept_epoch"] == description["kept_epoch"] == 3
+    final = _checkpoint(output, "e2e")["model"]
+    assert final.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(final[name], saved["state_dict"][name]) for name in final)
     assert description["patch_size"] == [32, 32, 32] and description["labels"] == "tumour=*"
     assert description["postprocessing"] == ({} if chosen["description"] == "none" else {"tumour": chosen["rule"]})
     assert _read_json(f"{run}/model/model.json") == description
@@ -198,7 +203,7 @@ def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     """SIGKILL mid-epoch, run the same command again: the final weights equal an uninterrupted run's."""
     output = f"s3://{bucket}/runs"
     common = ["--epochs", "2", "--steps-per-epoch", "6", "--checkpoint-steps", "2", "--dropout", "0.1",
-              "--num-workers", "2", "--deterministic", "true", "--max-val-cases", "1"]
+              "--num-workers", "2", "--deterministic", "true", "--max-val-cases", "1", "--keep-weights", "best"]
     env = _subprocess_env(tmp_path)
     command = [sys.executable, str(ROOT / "entry_point" / "train.py")]
     whole = subprocess.run(command + _args(dataset, output, "whole", *common), env=env, capture_output=True,
@@ -224,6 +229,7 @@ def test_a_killed_run_resumes_bit_identical(dataset, bucket, tmp_path):
     for part in ("model", "best_model"):
         assert all(torch.equal(first[part][name], second[part][name]) for name in first[part]), part
     assert first["state"]["history"][-1]["train_loss"] == second["state"]["history"][-1]["train_loss"]
+    assert first["state"]["kept_epoch"] == first["state"]["best_epoch"] == second["state"]["kept_epoch"]
 
 
 @pytest.mark.slow  # subprocesses killed and started again: the slow tier

@@ -130,13 +130,14 @@ MISSING_SEQUENCES = ("exclude", "zero")
 LAYOUTS = ("auto", "folders", "studies")  # brainseg.data.listing.LAYOUTS (this module imports no data code)
 REGISTRATIONS = ("rigid", "none")  # brainseg.data.registration
 RESAMPLINGS = ("separate_z", "linear")
+KEEP_WEIGHTS = ("last", "best")
 MLFLOW_URIS = ("arn:aws", "http://", "https://")
 SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
            "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS,
-           "layout": LAYOUTS, "registration": REGISTRATIONS}
+           "layout": LAYOUTS, "registration": REGISTRATIONS, "keep_weights": KEEP_WEIGHTS}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -241,6 +242,8 @@ class Hyperparameters:
     deterministic: bool = _field(False, "deterministic algorithms (bit-identical resume on CPU)")
     num_workers: int = _field(2, "DataLoader worker processes per rank (they share the memory budget)")
     # Evaluation
+    keep_weights: str = _field("last", "the weights the model keeps: last (the end of the schedule, as nnU-Net's "
+                                       "final checkpoint) or best (the best validation's)")
     sw_overlap: float = _field(0.25, "sliding-window overlap of whole-volume inference")
     sw_batch_size: int = _field(2, "windows per forward pass in whole-volume inference")
     save_predictions: bool = _field(True, "write each test case's image/mask/prediction crop to the output "

@@ -14,12 +14,12 @@ class RunLayout:
     CHECKPOINTS = "checkpoints/"  # training states and their records (brainseg.run.checkpoint)
     METRICS = "metrics/metrics.jsonl"  # one JSON line per epoch
     TEST_CASES = "metrics/test_per_case.csv"  # final test evaluation, one row per case
-    MODEL = "model/model.pt"  # best weights and their description (brainseg.model.artifact)
+    MODEL = "model/model.pt"  # the kept weights (--keep-weights) and their description (brainseg.model.artifact)
     MODEL_DESCRIPTION = "model/model.json"  # the description alone, readable without torch
-    ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's best weights
+    ENCODER = "model/encoder.pt"  # the encoder of an autoencoder run's kept weights
     SUMMARY = "summary.json"  # headline results
     PLAN = "plan.json"  # the plan of --plan auto: fingerprint, choices and why (brainseg.run.plan)
-    VALIDATION_MATCHES = "metrics/validation_lesions.json"  # the best weights' validation lesion matches and the
+    VALIDATION_MATCHES = "metrics/validation_lesions.json"  # the kept weights' validation lesion matches and the
     # postprocessing offered (what a cross-validation pools to choose the folds' postprocessing)
     LR_FIND = "lr_find.json"  # a learning-rate range test's curve and suggestion (task lr_find)
 

@@ -51,7 +51,7 @@ TEST = LineKind(
     "test_metrics",
     (("test_dice", ".4f"), ("test_dice_median", ".4f"), ("test_iou", ".4f"), ("test_hd95", ".2f"),
      ("test_lesion_dice", ".4f"), ("test_lesion_hd95", ".2f"),
-     ("test_loss", ".5f"), ("cases", "d"), ("best_epoch", "d")),
+     ("test_loss", ".5f"), ("cases", "d"), ("best_epoch", "d"), ("kept_epoch", "d")),
     (("test_dice", "test:dice"), ("test_dice_median", "test:dice_median"), ("test_iou", "test:iou"),
      ("test_hd95", "test:hd95"), ("test_loss", "test:loss"), ("test_lesion_dice", "test:lesion_dice"),
      ("test_lesion_hd95", "test:lesion_hd95")))

@@ -26,7 +26,7 @@ class Task:
     name: str
     out_channels: int
     needs_masks: bool
-    transfers_encoder: bool  # its best weights' encoder is saved on its own, for other runs to start from
+    transfers_encoder: bool  # its kept weights' encoder is saved on its own, for other runs to start from
     test_fields: tuple[str, ...]  # the test line's figures, each ``test_<aggregate name>``
 
     def loss(self, hp: Hyperparameters) -> torch.nn.Module:

@@ -31,6 +31,8 @@ class ModelDescription:
         patch_size, sw_overlap: the sliding window of whole-volume inference.
         missing_sequences: ``exclude`` or ``zero`` (a missing channel read as zeros).
         run_name, code_version, dataset_fingerprint, best_epoch, best_validation: provenance.
+        kept_epoch: the epoch whose weights these are (``--keep-weights``; 0: a model from before
+            the choice, which kept the best epoch's).
         postprocessing: ``{structure: {"min_mm3", "largest_only"}}`` chosen on validation
             (:mod:`brainseg.postprocess`); a structure not named is left as predicted.
     """
@@ -51,6 +53,7 @@ class ModelDescription:
     dataset_fingerprint: str = ""
     best_epoch: int = 0
     best_validation: float | None = None
+    kept_epoch: int = 0
     postprocessing: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 

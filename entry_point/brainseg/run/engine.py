@@ -2,7 +2,7 @@
 
 The loop counts optimiser steps; an epoch is ``steps_per_epoch`` of them (patch sampling has no
 natural epoch). After each epoch every rank validates its share of the validation cases, rank 0
-writes the metrics line, the best weights and a checkpoint. A checkpoint holds everything the
+writes the metrics line, the kept weights and a checkpoint. A checkpoint holds everything the
 next step depends on: weights, optimiser, schedule, gradient scaler, loop counters, early-stopping
 state, every RNG state and the patch-stream position, so a resumed run continues bit for bit
 (on CPU with deterministic settings) where the checkpoint was taken.
@@ -80,7 +80,7 @@ class Trainer:
         self.lock: RunLock | None = None
         self.tracker = Tracker("", hp.mlflow_experiment)  # inert until connect()
         self.interrupted = self.output_ready = False
-        self.best_matches: dict | None = None  # the best validation's lesion matches by case (choose postprocessing)
+        self.kept_matches: dict | None = None  # the kept weights' validation lesion matches by case (postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
 
     # ----------------------------------------------------------------- setup
@@ -134,7 +134,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, hp.schedule, hp.lr, hp.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=hp.precision == "fp16")
         self.loss_fn = self.task.loss(hp)
-        self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.kept_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.resume()
         self.network = self.model
         if self.world > 1:
@@ -156,7 +156,7 @@ class Trainer:
         except TrainingError:
             self.output_ready = False  # refused: the run stays its checkpoint's, and nothing is written into it
             raise
-        self.best_weights, self.state = restore(checkpoint, self.rank, self.world, self.hp.num_workers, self.model,
+        self.kept_weights, self.state = restore(checkpoint, self.rank, self.world, self.hp.num_workers, self.model,
                                                 self.optimizer, self.scheduler, self.scaler)
         logger.info("run %s: resumed from %s (%s) at epoch %d, step %d", self.run_name, pointer["checkpoint"],
                     pointer["source"], self.state.epoch, self.state.step)
@@ -174,7 +174,7 @@ class Trainer:
         """This rank's part of a checkpoint (the RNG gather is a collective: every rank takes part)."""
         return checkpoint_bytes(
             hyperparameters=self.hp.to_dict(), model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), best_model=self.best_weights,
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), best_model=self.kept_weights,
             state=dataclasses.asdict(self.state), rng=distributed.gather(rng_states()),
             sampler={"start_batch": self.state.step, "batch_size": self.hp.batch_size,
                      "num_workers": self.hp.num_workers, "world_size": self.world},
@@ -284,14 +284,16 @@ class Trainer:
         improved = metric > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.stale = metric, state.epoch, 0
-            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best_matches = {result.case_id: result.lesion_matches for result in evaluated if result.lesion_matches}
-            if self.main:
-                self.save_best()
         else:
             state.stale += 1
             if hp.patience and state.stale >= hp.patience:
                 state.stopped_early = True
+        if improved or hp.keep_weights == "last":
+            state.kept_epoch = state.epoch
+            self.kept_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.kept_matches = {result.case_id: result.lesion_matches for result in evaluated if result.lesion_matches}
+            if self.main:
+                self.save_model()
         line.update(self.task.best_field(state.best_metric))
         state.history.append(line)
         state.epoch_loss = state.epoch_wait = state.epoch_seconds = 0.0
@@ -306,38 +308,38 @@ class Trainer:
                             state.best_epoch)
 
     def description(self) -> ModelDescription:
-        """What the best weights need to be run on new studies (written beside them)."""
+        """What the kept weights need to be run on new studies (written beside them)."""
         return describe(self.hp, self.task.out_channels, self.target_spacing, self.run_name, self.catalog.fingerprint,
                         self.state, self.postprocessing)
 
-    def save_best(self) -> None:
+    def save_model(self) -> None:
         description = self.description()
-        self.store.put(RunLayout.MODEL, artifact_bytes(description, self.best_weights))
+        self.store.put(RunLayout.MODEL, artifact_bytes(description, self.kept_weights))
         self.store.put_json(RunLayout.MODEL_DESCRIPTION, description.to_dict())
         if self.task.transfers_encoder:
             self.store.put(RunLayout.ENCODER, encoder_bytes(self.model, self.hp))
 
     # ----------------------------------------------------------------- the end
     def choose_postprocessing(self) -> None:
-        """Each structure's postprocessing, chosen on the validation cases with the best weights
+        """Each structure's postprocessing, chosen on the validation cases with the kept weights
         among the rules the training labels support; the matches and offers are written for a
         cross-validation to pool."""
         if not self.task.needs_masks:
             return
         again = lambda: evaluate(self.model, self.val_cases, self.hp, self.task, self.device, self.target_spacing,
                                  phase="val (postprocessing)")
-        matches = validation_matches(self.best_matches, again)
+        matches = validation_matches(self.kept_matches, again)
         offers = {structure.name: offer(LesionCounts.of(self.train_cases, structure.values))
                   for structure in self.task.scheme.structures}
         self.postprocessing = choose_postprocessing(matches, offers)
         if self.main:
             self.store.put_json(RunLayout.VALIDATION_MATCHES, validation_record(matches, offers))
             if any(not choice.rule.changes_nothing for choice in self.postprocessing.values()):
-                self.save_best()  # the model artifact carries the choice
+                self.save_model()  # the model artifact carries the choice
 
     def test(self) -> dict:
         hp = self.hp
-        self.model.load_state_dict(self.best_weights)
+        self.model.load_state_dict(self.kept_weights)
         self.choose_postprocessing()
         rules = {name: choice.rule for name, choice in self.postprocessing.items()}
         results = (evaluate(self.model, self.test_cases, hp, self.task, self.device, self.target_spacing,
@@ -346,6 +348,7 @@ class Trainer:
         scores = aggregate(results)
         state = self.state
         summary = {"run_name": self.run_name, "status": "finished", "best_epoch": state.best_epoch,
+                   "kept_epoch": state.kept_epoch, "keep_weights": hp.keep_weights,
                    "epochs_run": state.epoch, "steps": state.step, "stopped_early": state.stopped_early,
                    "test_cases": len(results), "unreadable_test_cases": scores.get("unreadable", 0),
                    "hyperparameters": hp.to_dict(), "dataset_fingerprint": self.catalog.fingerprint,
@@ -363,10 +366,10 @@ class Trainer:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)
             self.store.put_json(RunLayout.SUMMARY, summary)
             self.tracker.summary(summary)
-            write_model_output(self.env.model_dir, description := self.description(), self.best_weights, hp)
+            write_model_output(self.env.model_dir, description := self.description(), self.kept_weights, hp)
             self.tracker.model(self.env.model_dir, description)
             logger.info("%s", TEST.format({**self.task.test_values(scores), "cases": len(results),
-                                           "best_epoch": self.state.best_epoch}))
+                                           "best_epoch": self.state.best_epoch, "kept_epoch": self.state.kept_epoch}))
         return summary
 
     def execute(self) -> dict | None:

@@ -1,4 +1,4 @@
-"""What a run publishes as its model: the description written beside the best weights (network,
+"""What a run publishes as its model: the description written beside the kept weights (network,
 sequences, labels, grid, normalisation, postprocessing chosen on validation, provenance) and
 SageMaker's model directory."""
 
@@ -19,14 +19,14 @@ from brainseg.run.state import CODE_ROOT, LoopState, code_version
 
 def describe(hp: Hyperparameters, out_channels: int, target_spacing: TargetSpacing, run_name: str,
              fingerprint: str, state: LoopState, postprocessing: dict) -> ModelDescription:
-    """What the best weights need to be run on new studies; ``postprocessing`` is
+    """What the kept weights need to be run on new studies; ``postprocessing`` is
     ``{structure: brainseg.postprocess.Choice}`` (a choice that changes nothing is not recorded)."""
     return ModelDescription(
         network=dataclasses.asdict(NetworkSpec.of(hp, out_channels)), task=hp.task,
         sequences=hp.sequence_names, labels=hp.labels, regions=hp.regions, target_spacing=target_spacing.spacing,
         resampling=target_spacing.resampling, normalization=hp.normalization, patch_size=hp.patch_size, sw_overlap=hp.sw_overlap,
         missing_sequences=hp.missing_sequences, run_name=run_name, code_version=code_version(),
-        dataset_fingerprint=fingerprint, best_epoch=state.best_epoch,
+        dataset_fingerprint=fingerprint, best_epoch=state.best_epoch, kept_epoch=state.kept_epoch,
         best_validation=state.best_metric if math.isfinite(state.best_metric) else None,
         postprocessing={name: choice.rule.to_dict() for name, choice in postprocessing.items()
                         if not choice.rule.changes_nothing})

@@ -65,7 +65,7 @@ def check_resumable(checkpoint: dict, hp: Hyperparameters, fingerprint: str, spl
 def restore(checkpoint: dict, rank: int, world: int, num_workers: int, model, optimizer, scheduler,
             scaler) -> tuple[dict, LoopState]:
     """Load a checkpoint's weights, optimiser, schedule, scaler and this rank's RNG states; return
-    its best weights and loop state. A different worker or rank layout is a warning: training
+    the weights the model keeps and its loop state. A different worker or rank layout is a warning: training
     continues, in another patch order."""
     sampler = checkpoint["sampler"]
     if (sampler["num_workers"], sampler["world_size"]) != (num_workers, world):

@@ -32,7 +32,9 @@ def checkpoint_bytes(*, hyperparameters: dict, model: dict, optimizer: dict, sch
                      best_model: dict, state: dict, rng: list, sampler: dict, dataset_fingerprint: str, splits: dict,
                      code_version: str) -> bytes:
     """A checkpoint: these keys and ``format``, nothing else (:data:`CHECKPOINT_KEYS` is this list).
-    ``rng`` holds every rank's :func:`rng_states`; ``sampler`` where the patch stream resumes."""
+    ``rng`` holds every rank's :func:`rng_states`; ``sampler`` where the patch stream resumes;
+    ``best_model`` the weights the model keeps (the best validation's, or with ``--keep-weights
+    last`` the latest validation's)."""
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "hyperparameters": hyperparameters, "model": model,
                 "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "best_model": best_model,
@@ -116,6 +118,7 @@ class LoopState:
     step: int = 0  # completed optimiser steps
     best_metric: float = -math.inf  # val Dice, or minus the val loss for the autoencoder
     best_epoch: int = 0
+    kept_epoch: int = 0  # the epoch whose weights the model keeps (--keep-weights)
     stale: int = 0  # validations since the best one
     stopped_early: bool = False
     history: list = field(default_factory=list)  # the metrics lines so far
