@@ -1,7 +1,7 @@
 """Synthetic brain MR volumes with tumour masks, for demos, tests and benchmarks.
 
 A head is an ellipsoid of scalp and skull around cerebrospinal fluid, grey and white matter with
-ventricles; a tumour is an irregular blob (enhancing rim around a darker necrotic core) of varied
+ventricles (multi-sequence studies: egg-shaped, with folded grey and white matter boundaries); a tumour is an irregular blob (enhancing rim around a darker necrotic core) of varied
 size and place inside the brain. A smooth multiplicative bias field and Rician noise make the
 intensities look like a T1 post-contrast scan. Everything is drawn from one seeded generator.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 # Mean intensities of each tissue (arbitrary scanner units, T1 post-contrast-like).
 SCALP, SKULL, CSF, GREY, WHITE, ENHANCING, NECROSIS = 650.0, 120.0, 260.0, 560.0, 760.0, 1150.0, 330.0
@@ -98,6 +99,23 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
     return Phantom(image=np.clip(image, 0, 65535).astype(np.uint16), mask=tumour.astype(np.uint8))
 
 
+def _egg(shape, centre, head_axes) -> np.ndarray:
+    """A factor on the normalised radius that makes the head wider at the back than at the front
+    and flatter at the base than at the vertex, as a skull is: an ellipsoid alone is symmetric
+    enough that registering two sequences cannot tell its orientation."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    vertical, front_back = ((g - c) / a for g, c, a in zip(grids[:2], centre[:2], head_axes[:2]))
+    return (1.0 + 0.10 * front_back) * (1.0 + 0.06 * vertical)
+
+
+def _folds(shape, rng) -> np.ndarray:
+    """Smooth random offsets of the normalised radius (about +-0.06) that fold the grey and white
+    matter boundaries like gyri, the same in every sequence of a study: the texture a registration
+    of two sequences aligns on."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=max(1.0, min(shape) / 24))
+    return field * np.float32(0.06 / max(float(field.std()), 1e-6))
+
+
 # Multi-sequence studies. Mean intensity of each tissue per sequence (arbitrary scanner units), in
 # the order of TISSUES. Their contrasts are those radiologists read: the enhancing rim is bright
 # only after contrast (t1c), necrosis is dark on T1 and bright on T2, oedema is bright on T2 and
@@ -160,14 +178,15 @@ def make_study(shape: tuple[int, int, int], rng: np.random.Generator, sequences:
     shape = tuple(int(n) for n in shape)
     centre = np.asarray(shape) / 2.0 + rng.normal(0, 0.02, 3) * np.asarray(shape)
     head_axes = np.asarray(shape) * rng.uniform(0.40, 0.46, 3)
-    r = _radius(shape, centre, head_axes)
+    r = _radius(shape, centre, head_axes) * _egg(shape, centre, head_axes)
+    folds = _folds(shape, rng)
     tissue = np.zeros(shape, dtype=np.uint8)
     tissue[r < 1.0] = TISSUES.index("scalp")
     tissue[r < 0.93] = TISSUES.index("skull")
     brain = r < 0.86
     tissue[brain] = TISSUES.index("csf")
-    tissue[r < 0.82] = TISSUES.index("grey")
-    tissue[r < 0.62] = TISSUES.index("white")
+    tissue[r + 0.5 * folds < 0.82] = TISSUES.index("grey")
+    tissue[r + folds < 0.62] = TISSUES.index("white")
     ventricle_axes = head_axes * np.asarray([0.18, 0.10, 0.22])
     for side in (-1, 1):
         offset = np.asarray([0.0, 0.0, side * 0.12]) * head_axes
