@@ -111,8 +111,10 @@ def _egg(shape, centre, head_axes) -> np.ndarray:
 def _folds(shape, rng) -> np.ndarray:
     """Smooth random offsets of the normalised radius (about +-0.06) that fold the grey and white
     matter boundaries like gyri, the same in every sequence of a study: the texture a registration
-    of two sequences aligns on."""
-    field = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=max(1.0, min(shape) / 24))
+    of two sequences aligns on. Drawn from a child of ``rng``, which leaves ``rng``'s own draws (the
+    lesions, the sequences' gains and noise) what they were before the folds existed."""
+    child = rng.spawn(1)[0]
+    field = ndimage.gaussian_filter(child.normal(size=shape).astype(np.float32), sigma=max(1.0, min(shape) / 24))
     return field * np.float32(0.06 / max(float(field.std()), 1e-6))
 
 
