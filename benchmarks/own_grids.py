@@ -114,7 +114,7 @@ def one_seed(seed: int, args, work: Path) -> dict:
         print(f"# seed {seed} {variant}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in out[variant].items() if k != "confusion"), flush=True)
     if "shared" in out:
-        for variant in out:
+        for variant in list(out):
             if variant != "shared":
                 out[f"ratio_{variant}_to_shared"] = {
                     key: round(out[variant][key] / out["shared"][key], 3)
