@@ -1,8 +1,9 @@
 """Synthetic brain MR volumes with tumour masks, for demos, tests and benchmarks.
 
 A head is an ellipsoid of scalp and skull around cerebrospinal fluid, grey and white matter with
-ventricles (multi-sequence studies: egg-shaped, with folded grey and white matter boundaries); a tumour is an irregular blob (enhancing rim around a darker necrotic core) of varied
-size and place inside the brain. A smooth multiplicative bias field and Rician noise make the
+ventricles (multi-sequence studies: egg-shaped, with folded grey and white matter boundaries); a
+tumour is an irregular blob (enhancing rim around a darker necrotic core) of varied size and place
+inside the brain. A smooth multiplicative bias field and Rician noise make the
 intensities look like a T1 post-contrast scan. Everything is drawn from one seeded generator.
 """
 
