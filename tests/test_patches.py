@@ -9,7 +9,7 @@ from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.sampling import is_foreground_slab, plan_slab
 from brainseg.data.stream import PatchStream, foreground_centres
-from brainseg.data.summary import CaseSummary
+from brainseg.data.summary import CaseSummary, even_shares, points_by_lesion
 from brainseg.io import s3
 from tests.conftest import put_case, small_phantom
 
@@ -115,12 +115,31 @@ def test_workers_and_ranks_see_disjoint_shards(cases):
     assert seen[0] | seen[1] == set(range(16))
 
 
-def test_foreground_patches_hold_tumour(cases):
-    samples = _take(PatchStream(cases, StreamConfig(**SMALL, foreground_fraction=1.0, augment=False)), 12)
+@pytest.mark.parametrize("sampling", ["labels", "voxels", "lesions"])
+def test_foreground_patches_hold_tumour(cases, sampling):
+    config = StreamConfig(**SMALL, foreground_fraction=1.0, foreground_sampling=sampling, augment=False)
+    samples = _take(PatchStream(cases, config), 12)
     assert all(s["label"].sum() > 0 for s in samples)
 
 
-def test_foreground_centres_follow_the_label_values_or_the_tumours_voxels():
+def test_lesion_points_are_even_over_the_lesions_then_their_label_values():
+    box = np.zeros((20, 30, 30), dtype=np.int64)
+    box[2:12, 2:22, 2:22] = 2  # a large lesion: 4,000 voxels of oedema ...
+    box[5:8, 8:12, 8:12] = 4  # ... around 48 enhancing
+    box[15:19, 25:29, 25:29] = 4  # a nodule of 64 enhancing voxels
+    box[0, 29, 0] = 1  # a one-voxel speck, under the 50 mm³ floor: no lesion
+    bbox = (10, 30, 100, 130, 40, 70)
+    points = np.asarray(points_by_lesion(box, bbox, (1.0, 1.0, 1.0), np.random.default_rng(0)))
+    assert len(points) == 256 and len({tuple(p) for p in points}) == 256
+    values = box[tuple((points - [10, 100, 40]).T)]
+    nodule = (points[:, 0] >= 25) & (points[:, 1] >= 125)
+    assert nodule.sum() == 64  # every voxel of the nodule: it holds fewer than its 128, the large lesion takes 192
+    assert (values[~nodule] == 4).sum() == 48 and (values[~nodule] == 2).sum() == 144  # its 48 enhancing voxels
+    assert not (values == 1).any()
+    assert points_by_lesion(box, bbox, (1.0, 1.0, 1.0), np.random.default_rng(0)) == tuple(map(tuple, points))
+
+
+def test_foreground_centres_follow_the_label_values_the_tumours_voxels_or_the_lesions():
     points = tuple((z, 0, 0) for z in range(256))
     values = (1,) * 128 + (2,) * 128  # evenly over the two values, as the summary draws them
     summary = CaseSummary((), 1000, 1.0, (), points, label_counts=((1, 10), (2, 990)), foreground_values=values)
@@ -134,6 +153,11 @@ def test_foreground_centres_follow_the_label_values_or_the_tumours_voxels():
     older = CaseSummary((), 1000, 1.0, (), points, label_counts=((1, 10), (2, 990)))
     with pytest.raises(ValueError, match="case_a: its summary has no label value per foreground point"):
         foreground_centres(older, voxels, "case_a")
+    lesions = StreamConfig(foreground_sampling="lesions")
+    with pytest.raises(ValueError, match="case_a: its summary has no lesion points"):
+        foreground_centres(older, lesions, "case_a")
+    nodules = ((1, 2, 3), (9, 9, 9))
+    assert foreground_centres(CaseSummary((), 1000, 1.0, (), points, lesion_points=nodules), lesions, "case_a") == nodules
 
 
 def test_small_volumes_are_padded(cases):
@@ -185,3 +209,11 @@ def test_no_cases():
 def test_config_checks_itself(changes, message):
     with pytest.raises(ValueError, match=message):
         StreamConfig(**changes)
+
+
+@pytest.mark.parametrize("capacities, total, expected", [
+    ([100, 100], 256, [100, 100]), ([500, 64], 256, [192, 64]), ([500, 500, 500], 256, [86, 85, 85]),
+    ([3, 0, 500], 10, [3, 0, 7]), ([], 256, []),
+])
+def test_even_shares(capacities, total, expected):
+    assert even_shares(capacities, total) == expected

@@ -157,11 +157,9 @@ def test_lesions_are_counted_for_every_set_of_label_values():
     labels[3:6, 3:6, 3:6] = 4  # ... around an enhancing core of 27 voxels
     labels[12:16, 12:16, 12:16] = 2  # lesion B: 64 voxels of oedema
     labels[17:19, 2:4, 17:19] = 4  # a speck of 8 enhancing voxels
-    points = np.argwhere(labels > 0)
-    tumour = [(points, labels[tuple(points.T)])]
-    one_mm = count_lesions(tumour, (0, 20, 0, 20, 0, 20), ONE_MM)
+    one_mm = count_lesions(labels, ONE_MM)
     assert dict(one_mm) == {(2,): 2, (4,): 0, (2, 4): 2}  # the core (27 mm³) and the speck are under 50 mm³
-    assert dict(count_lesions(tumour, (0, 20, 0, 20, 0, 20), (2.0, 1.0, 1.0))) == {(2,): 2, (4,): 1, (2, 4): 2}
+    assert dict(count_lesions(labels, (2.0, 1.0, 1.0))) == {(2,): 2, (4,): 1, (2, 4): 2}
     summary = CaseSummary((), 0, 0.0, (), (), label_counts=((2, 1), (4, 1)), lesion_counts=one_mm)
     assert summary.lesions_of(None) == 2 and summary.lesions_of(frozenset({1, 4})) == 0
     assert summary.lesions_of(frozenset({1})) == 0 and summary.lesions_of(frozenset({2, 4})) == 2

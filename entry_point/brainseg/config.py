@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from brainseg.labels import LabelScheme, parse_roi_labels, parse_scheme
 
 NORMALIZATIONS = ("zscore", "minmax")
-FOREGROUND_SAMPLINGS = ("labels", "voxels")
+FOREGROUND_SAMPLINGS = ("labels", "voxels", "lesions")
 MiB = 1024 * 1024
 FLOAT_BYTES = 4
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -63,8 +63,10 @@ class StreamConfig:
     foreground_fraction: float = _field(1.0 / 3.0, "share of patches centred on a tumour voxel (nnU-Net uses 1/3)")
     foreground_sampling: str = _field("labels", "where foreground patches are centred: labels (evenly over the label "
                                                 "values present, a small class as often as a large one, as nnU-Net) "
-                                                "or voxels (uniformly over the tumour's voxels, as MONAI's "
-                                                "RandCropByPosNegLabeld)")
+                                                "voxels (uniformly over the tumour's voxels, as MONAI's "
+                                                "RandCropByPosNegLabeld) or lesions (evenly over the lesions, "
+                                                "then over each lesion's label values: a small lesion beside a "
+                                                "large one as often as it)")
     patches_per_slab: int = _field(4, "patches cut from each fetched slab, to amortise its requests")
     slab_margin: tuple = _field((16, 16), "extra (D, H) voxels fetched around a patch, room for the slab's patches "
                                           "to differ (the full width is fetched: rows are contiguous in DICOM)")

@@ -79,8 +79,14 @@ def foreground_centres(summary, config: StreamConfig, case_id: str) -> tuple:
     """The case's foreground points a patch may be centred on, as ``config.foreground_sampling`` draws
     them: ``labels``, the summary's points (evenly over the label values); ``voxels``, as many
     drawn from them, seeded by the run's seed and the case, each value's points weighted by the
-    voxels that value holds, so a centre falls on a value as often as the tumour is made of it."""
+    voxels that value holds, so a centre falls on a value as often as the tumour is made of it;
+    ``lesions``, the summary's lesion points (evenly over the lesions)."""
     points, values = summary.foreground_points, summary.foreground_values
+    if config.foreground_sampling == "lesions" and points and not summary.lesion_points:
+        raise ValueError(f"case {case_id}: its summary has no lesion points (computed before they were kept); "
+                         "pass --refresh-index to summarise it again")
+    if config.foreground_sampling == "lesions":
+        return summary.lesion_points
     if config.foreground_sampling == "labels" or not points:
         return points
     if len(values) != len(points):

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from brainseg.data.series import Series
 
-SUMMARY_VERSION = 2  # 2: lesion counts, the foreground points' values; a saved summary of another version is redone
+SUMMARY_VERSION = 3  # 2: lesion counts, the foreground points' values; 3: lesion points; another version is redone
 STAT_SLICES = 8  # slices read per sequence to estimate intensity statistics
 FOREGROUND_POINTS = 256  # tumour voxel coordinates kept per case for foreground sampling
 MASK_CHUNK_SLICES = 16  # mask slices read at once when summarising (bounds memory)
@@ -48,7 +48,10 @@ class CaseSummary:
     """Content statistics of one case, computed once and cached in the index: each sequence's
     intensities (channel order) and, from the whole mask, the tumour and the label values present.
     Foreground points are drawn evenly over the label values, so a small class is sampled as
-    often as a large one; each point's value is kept, so a stream can weigh them otherwise."""
+    often as a large one; each point's value is kept, so a stream can weigh them otherwise. Lesion
+    points are drawn evenly over the lesions (26-connected components of the tumour over
+    ``LESION_MIN_MM3``; every component when none is that large) and, within a lesion, evenly over
+    its label values, so a small lesion beside a large one is sampled as often."""
 
     intensities: tuple  # Intensity per sequence, in channel order
     tumour_voxels: int
@@ -58,6 +61,7 @@ class CaseSummary:
     label_counts: tuple = ()  # ((label value, voxels), ...) of the non-zero values
     lesion_counts: tuple = ()  # (((label values), lesions), ...): see lesions_of
     foreground_values: tuple = ()  # the label value of each foreground point
+    lesion_points: tuple = ()  # ((z, y, x), ...), up to FOREGROUND_POINTS, evenly over the lesions
 
     @classmethod
     def from_json(cls, data: dict) -> CaseSummary:
@@ -68,6 +72,7 @@ class CaseSummary:
         fields["label_counts"] = tuple(tuple(p) for p in fields["label_counts"])
         fields["lesion_counts"] = tuple((tuple(values), count) for values, count in fields.get("lesion_counts", ()))
         fields["foreground_values"] = tuple(fields.get("foreground_values", ()))
+        fields["lesion_points"] = tuple(tuple(p) for p in fields.get("lesion_points", ()))
         return cls(**fields)
 
     def lesions_of(self, values: frozenset | None) -> int | None:
@@ -143,28 +148,34 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
         foreground = tuple(tuple(int(v) for v in p) for p in chosen[order])
         foreground_values = tuple(int(v) for v in chosen_values[order])
         bbox = tuple(int(v) for pair in zip(bbox_low, bbox_high + 1) for v in pair)
+        box = tumour_box(tumour, bbox)
+        lesion_counts = count_lesions(box, reference.spacing)
+        lesion_points = points_by_lesion(box, bbox, reference.spacing, rng)
     else:
-        foreground, foreground_values, bbox = (), (), ()
+        foreground, foreground_values, bbox, lesion_counts, lesion_points = (), (), (), (), ()
     return CaseSummary(
         intensities=intensities, tumour_voxels=int(voxels),
         tumour_ml=float(voxels * np.prod(reference.spacing) / 1000.0), tumour_bbox=bbox,
         foreground_points=foreground, label_counts=tuple(sorted(counts.items())),
-        lesion_counts=count_lesions(tumour, bbox, reference.spacing), foreground_values=foreground_values,
+        lesion_counts=lesion_counts, foreground_values=foreground_values, lesion_points=lesion_points,
     )
 
 
-def count_lesions(tumour: list[tuple[np.ndarray, np.ndarray]], bbox: tuple, spacing: tuple) -> tuple:
-    """``(((label values), lesions), ...)``: the 26-connected components of over ``LESION_MIN_MM3``
-    that the voxels of each set of values form, for every non-empty set of the values present when
-    there are at most ``SUBSET_VALUES`` of them, else for each value alone and for all together.
-
-    ``tumour`` is ``[(points (N, 3), values (N,)), ...]`` inside ``bbox`` ``(z0, z1, y0, y1, x0, x1)``."""
-    if not tumour:
-        return ()
+def tumour_box(tumour: list[tuple[np.ndarray, np.ndarray]], bbox: tuple) -> np.ndarray:
+    """The label values of the tumour's bounding box ``bbox`` ``(z0, z1, y0, y1, x0, x1)`` from
+    ``tumour``, ``[(points (N, 3), values (N,)), ...]`` inside it."""
     origin = np.asarray(bbox[0::2])
-    labels = np.zeros(tuple(high - low for low, high in zip(bbox[0::2], bbox[1::2])), dtype=np.int64)
+    box = np.zeros(tuple(high - low for low, high in zip(bbox[0::2], bbox[1::2])), dtype=np.int64)
     for points, values in tumour:
-        labels[tuple((points - origin).T)] = values
+        box[tuple((points - origin).T)] = values
+    return box
+
+
+def count_lesions(labels: np.ndarray, spacing: tuple) -> tuple:
+    """``(((label values), lesions), ...)``: the 26-connected components of over ``LESION_MIN_MM3``
+    that the voxels of each set of values in ``labels`` (the tumour's box) form, for every non-empty
+    set of the values present when there are at most ``SUBSET_VALUES`` of them, else for each value
+    alone and for all together."""
     present = sorted(int(value) for value in np.unique(labels) if value)
     if len(present) <= SUBSET_VALUES:
         sets = [subset for size in range(1, len(present) + 1) for subset in itertools.combinations(present, size)]
@@ -177,3 +188,38 @@ def count_lesions(tumour: list[tuple[np.ndarray, np.ndarray]], bbox: tuple, spac
         sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
         counts.append((tuple(values), int(np.count_nonzero(sizes > floor_voxels))))
     return tuple(counts)
+
+
+def points_by_lesion(box: np.ndarray, bbox: tuple, spacing: tuple, rng: np.random.Generator) -> tuple:
+    """Up to ``FOREGROUND_POINTS`` volume coordinates of the tumour in ``box`` (at ``bbox``), sorted:
+    an even share for each lesion, and each lesion's share even over its label values (a lesion or
+    value with fewer voxels than its share gives all of them, the rest going to the others)."""
+    components, count = ndimage.label(box > 0, _COMPONENTS)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    lesions = np.flatnonzero(sizes > LESION_MIN_MM3 / float(np.prod(spacing))) + 1
+    if not len(lesions):
+        lesions = np.arange(1, count + 1)
+    chosen = []
+    for lesion, share in zip(lesions, even_shares([int(sizes[lesion - 1]) for lesion in lesions], FOREGROUND_POINTS)):
+        points = np.argwhere(components == lesion)
+        values = box[tuple(points.T)]
+        groups = [points[values == value] for value in np.unique(values)]
+        for group, take in zip(groups, even_shares([len(group) for group in groups], share)):
+            chosen.append(group[rng.choice(len(group), take, replace=False)])
+    chosen = np.concatenate(chosen) + np.asarray(bbox[0::2])
+    return tuple(tuple(int(v) for v in p) for p in chosen[np.lexsort(chosen.T[::-1])])
+
+
+def even_shares(capacities: list[int], total: int) -> list[int]:
+    """``total`` split as evenly as ``capacities`` allow (each share at most its capacity; what a
+    small one cannot take goes to the others, earlier ones taking the remainder of a split)."""
+    shares = [0] * len(capacities)
+    left = min(total, sum(capacities))
+    while left:
+        open_ = [index for index, capacity in enumerate(capacities) if shares[index] < capacity]
+        each, extra = divmod(left, len(open_))
+        for position, index in enumerate(open_):
+            take = min(capacities[index] - shares[index], each + (position < extra))
+            shares[index] += take
+            left -= take
+    return shares
