@@ -1,5 +1,6 @@
 """Header parsing from a prefix: located pixel data, growth requests, and clear refusals."""
 
+import datetime
 import io
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_how_a_series_was_acquired_is_recorded_and_a_damaged_value_reads_as_abse
                              series_number=7, series_time="143015.5", repetition_time=9000.0, echo_time=85.0,
                              inversion_time=2500.0, acquisition_type="2D", contrast_agent="",
                              image_type=("ORIGINAL", "PRIMARY", "M", "ND"), frame_of_reference_uid="1.2.3",
-                             study_uid="1.2.4")
+                             study_uid="1.2.4", study_date="20250314")
     dataset = writer.slice_datasets(VOLUME, spec)[0]
     dataset.ScanningSequence = ["SE", "IR"]
     data = writer.encode(dataset)
@@ -139,8 +140,12 @@ def test_how_a_series_was_acquired_is_recorded_and_a_damaged_value_reads_as_abse
     assert (header.acquisition_type, header.scanning_sequence, header.image_type) == ("2D", "SE\\IR", "ORIGINAL\\PRIMARY\\M\\ND")
     assert header.contrast_agent == "" and len(header.frame_hash) == len(header.study_hash) == 16
     assert header.frame_hash != header.study_hash
+    assert header.series_day == datetime.date(2025, 3, 14).toordinal()
     # a damaged description of the acquisition reads as absent: the image stays usable
     dataset.SeriesTime = "99"
+    dataset.SeriesDate = "20251345"  # no such month: the study's date is taken
+    assert parse_header(dicom_bytes(dataset), len(dicom_bytes(dataset))).series_day == header.series_day
+    dataset.StudyDate = "2025"
     dataset.SeriesDescription = "line\nbreak"
     data = dicom_bytes(dataset)
     at = data.index(b"\x18\x00\x81\x00DS")  # EchoTime "85": its two value bytes made letters
@@ -150,4 +155,5 @@ def test_how_a_series_was_acquired_is_recorded_and_a_damaged_value_reads_as_abse
     header = parse_header(data, len(data))
     assert (header.echo_time, header.series_number, header.series_time, header.description) == (
         0.0, 0, -1.0, "line break")
+    assert header.series_day == 0
     assert header.rows == 40

@@ -128,6 +128,52 @@ def test_a_study_that_cannot_be_used_is_excluded_with_a_reason_naming_its_series
     assert [case.missing for case in with_zeros.cases] == [("t1c",)]
 
 
+def _patient_exam(index: int, patient: str, date: str, series: tuple = (), **attributes) -> dict[str, bytes]:
+    """SPEC's study ``index`` exported as ``patient``'s exam of ``date``: only the series numbered
+    ``series`` (default all, SERIES_ORDER from 1), each object given ``attributes``."""
+    images, labels, spacing = SPEC.volumes(index)
+    files = encode_exported(index, images, labels, spacing, (-20.0, -20.0, -20.0), True, patient, "Doe^Jane",
+                            study_date=date)
+    kept = {}
+    for path, data in files.items():
+        if path.endswith("DICOMDIR"):
+            continue
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        if not series or dataset.SeriesNumber in series:
+            for keyword, value in attributes.items():
+                setattr(dataset, keyword, value)
+            kept[path.replace("PA", f"{patient}/PA")] = writer.encode(dataset)
+    return kept
+
+
+def test_a_patients_studies_pool_into_one_case_with_case_per_patient(bucket):
+    """One patient's exam split over two study UIDs by the export (the T1c and its label in one, the
+    rest in the other, one frame of reference), and another patient's two complete visits."""
+    root = f"s3://{bucket}/patients/"
+    split = _patient_exam(0, "SPLIT", "20250301", series=(7, 9))  # T1c and the label series
+    frame = pydicom.dcmread(io.BytesIO(next(iter(split.values())))).FrameOfReferenceUID
+    split.update(_patient_exam(0, "SPLIT", "20250301", series=(1, 2, 3, 4, 5, 6, 8), FrameOfReferenceUID=frame))
+    write_files({**split, **_patient_exam(1, "VISITS", "20240105"), **_patient_exam(2, "VISITS", "20250105")}, root)
+    by_study = build_catalog(root, sequences=SEQUENCES, layout="studies", split_fractions=(1.0, 0.0, 0.0))
+    assert len(by_study.cases) == 2 and len(by_study.exclusions) == 2  # each half of the split exam lacks sequences
+    assert all(re.match(r"study-[0-9a-f]{12}$", case.case_id) for case in by_study.cases)
+    catalog = build_catalog(root, sequences=SEQUENCES, layout="studies", case_per="patient",
+                            split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions and len(catalog.cases) == 2
+    assert all(re.match(r"patient-[0-9a-f]{12}$", case.case_id) for case in catalog.cases)
+    for index in (0, 2):  # the split exam whole; of the two visits, the later one's series and label
+        images, labels, _ = SPEC.volumes(index)
+        case = next(case for case in catalog.cases
+                    if np.array_equal(case.image.read_volume(), images["t1c"].astype(np.float32)))
+        np.testing.assert_array_equal(case.mask.read_volume(), labels)
+        assert sorted(case.resampled) == ["flair", "t1", "t2"]
+        assert all(resampled.registration is None for resampled in case.resampled.values())
+    verdicts = catalog.discovery.verdicts[case.case_id]  # the visits: the first one's sequences and label set aside
+    assert Counter(verdict.role for verdict in verdicts if verdict.role not in ("ignored",)) == Counter(
+        {"not chosen": 5, "t1c": 1, "t1": 1, "t2": 1, "flair": 1, "label": 1})
+    assert sum("drawn in another study than the reference" in verdict.detail for verdict in verdicts) == 1
+
+
 def test_rules_a_user_writes_extend_or_replace_the_shipped_ones(tmp_path, bucket):
     own = tmp_path / "rules.yaml"
     own.write_text("extends: default\nsequences:\n  t1c:\n    - name: site post-contrast\n      description: ['kontrast']\n")

@@ -41,6 +41,9 @@ def inside(uri: str, prefix: str) -> bool:
     return _prefix(uri).startswith(_prefix(prefix))
 
 
+CASE_PER_HELP = ("the studies layout's case: a study (StudyInstanceUID), or a patient (PatientID: all of a patient's "
+                 "studies one case, each sequence its latest series), for exports that split one exam over several "
+                 "study UIDs; a patient's visits months apart show different tumours")
 REGISTRATION_HELP = ("a sequence in another frame of reference than the study's reference sequence (another "
                      "session, a re-positioned patient): rigid registers it once, when the catalog is built "
                      "(SimpleITK, Mattes mutual information; kept in the header index); none excludes the study")
@@ -131,6 +134,7 @@ DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
 LAYOUTS = ("auto", "folders", "studies")  # brainseg.data.listing.LAYOUTS (this module imports no data code)
 REGISTRATIONS = ("rigid", "none")  # brainseg.data.registration
+CASES_PER = ("study", "patient")  # brainseg.data.studies.CASES_PER
 RESAMPLINGS = ("separate_z", "linear")
 KEEP_WEIGHTS = ("last", "best")
 MLFLOW_URIS = ("arn:aws", "http://", "https://")
@@ -139,7 +143,7 @@ SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
            "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS,
-           "layout": LAYOUTS, "registration": REGISTRATIONS, "keep_weights": KEEP_WEIGHTS}
+           "layout": LAYOUTS, "registration": REGISTRATIONS, "keep_weights": KEEP_WEIGHTS, "case_per": CASES_PER}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -193,6 +197,7 @@ class Hyperparameters:
     layout: str = _field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects (a PACS "
                                  "export), a case per study, its series named by --sequence-rules; auto: folders "
                                  "when there are any")
+    case_per: str = _field("study", CASE_PER_HELP)
     sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
                                      "'extends: default' adds to the shipped ones; empty: the shipped brain MRI rules)")
     registration: str = _field("rigid", REGISTRATION_HELP)

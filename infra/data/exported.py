@@ -69,12 +69,13 @@ def _extra_volume(source: np.ndarray, slices: int, scale: float = 1.0) -> np.nda
 
 def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple, origin: tuple, own: bool,
                     patient_id: str, patient_name: str, moved: dict | None = None,
-                    label_as: str = "series") -> dict[str, bytes]:
+                    label_as: str = "series", study_date: str = "20260101") -> dict[str, bytes]:
     """``{relative path: bytes}`` of one exported study: ``images`` (``{sequence: (D, H, W)}`` on the
     study's grid of ``spacing`` whose first voxel lies at ``origin``) and its ``labels``, every
     sequence after the first on a grid of its own with ``own`` (those in ``moved``, in a frame of
     reference of their own: :func:`infra.data.grids.own_grids`), plus the extra series; the labels
-    as a label series or (``label_as="seg"``) a SEG on the first sequence's slices."""
+    as a label series or (``label_as="seg"``) a SEG on the first sequence's slices; every series
+    dated ``study_date`` (YYYYMMDD)."""
     names = list(images)
     for name in names:
         if name not in ACQUISITION:
@@ -83,7 +84,7 @@ def encode_exported(index: int, images: dict, labels: np.ndarray, spacing: tuple
               {name: (volume, spacing, origin, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)) for name, volume in images.items()})
     study_uid, frame_uid = generate_uid(), generate_uid()
     identity = dict(patient_id=patient_id, patient_name=patient_name, study_uid=study_uid,
-                    frame_of_reference_uid=frame_uid)
+                    frame_of_reference_uid=frame_uid, study_date=study_date)
     first = placed[names[0]]
     series: dict[str, tuple[np.ndarray, writer.SeriesSpec]] = {}
     for name, (volume, grid_spacing, grid_origin, orientation) in placed.items():

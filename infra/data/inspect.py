@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from brainseg.config import REGISTRATION_HELP, REGISTRATIONS
+from brainseg.config import CASE_PER_HELP, CASES_PER, REGISTRATION_HELP, REGISTRATIONS
 from brainseg.data.catalog import build_catalog
 from brainseg.data.identify import load_rules
 from brainseg.io import s3
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequence-rules", default="", help="the studies layout's rules (YAML, a path or s3:// URI; "
                         "default: the shipped brain MRI rules)")
     parser.add_argument("--registration", choices=REGISTRATIONS, default="rigid", help=REGISTRATION_HELP)
+    parser.add_argument("--case-per", choices=CASES_PER, default="study", help=CASE_PER_HELP)
     parser.add_argument("--missing-sequences", choices=("exclude", "zero"), default="exclude",
                         help="a case lacking a sequence: exclude it (default) or zero-fill the channel")
     parser.add_argument("--labels", default="tumour=*", help="classes by label value, as train.py's --labels; "
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                 sequences=tuple(name.strip() for name in args.sequences.split(",")),
                                 zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels),
                                 identity_key_uri=args.identity_key_uri, roi_labels=parse_roi_labels(args.roi_labels),
-                                layout=args.layout, sequence_rules=load_rules(args.sequence_rules),
+                                layout=args.layout, case_per=args.case_per, sequence_rules=load_rules(args.sequence_rules),
                                 registration=args.registration)
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)

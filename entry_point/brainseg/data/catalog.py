@@ -136,7 +136,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
                   identity_key_uri: str = "", roi_labels: tuple = (), layout: str = "folders",
-                  sequence_rules: Rules | None = None, registration: str = "rigid") -> Catalog:
+                  sequence_rules: Rules | None = None, registration: str = "rigid", case_per: str = "study") -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -169,6 +169,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             (:func:`brainseg.labels.parse_roi_labels`; empty: every ROI as 1).
         layout: ``folders`` (``<case>/<sequence>/``), ``studies`` (any tree of objects, cases found
             by their headers: :mod:`brainseg.data.studies`) or ``auto`` (folders when there are any).
+        case_per: the studies layout's case: ``study`` or ``patient`` (every study of a patient
+            one case; :func:`brainseg.data.studies.discover_studies`).
         sequence_rules: which series is which sequence in the studies layout (default: the shipped
             rules, :mod:`brainseg.data.identify`).
         registration: ``rigid``: a sequence in another frame of reference than the reference is
@@ -200,7 +202,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     discovery = None
     if listed.layout == "studies":
         listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill,
-                                             read_structure_sets(listed.bucket, indexed.objects, key))
+                                             read_structure_sets(listed.bucket, indexed.objects, key), case_per)
     registrar = Registrar(index.registrations, enabled=registration != "none")
     assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key),
                                registrar)

@@ -298,14 +298,15 @@ def _first(rules: tuple, series: StudySeries) -> str:
 
 def _preference(series: StudySeries, prefer: tuple) -> tuple:
     keys = {"3d": series.header.acquisition_type == "3D", "slices": series.slices,
-            "later": (series.header.series_time, series.header.series_number)}
+            "later": (series.header.series_day, series.header.series_time, series.header.series_number)}
     return tuple(keys[name] for name in prefer)
 
 
-def identify(series: list[StudySeries], rules: Rules, wanted: tuple) -> Identified:
+def identify(series: list[StudySeries], rules: Rules, wanted: tuple, pooled: bool = False) -> Identified:
     """Name each of a study's series by ``rules`` and keep the best candidate of each ``wanted``
     sequence (by ``rules.prefer``); a tie the preferences cannot break, or several label series,
-    is the study's ``problem``."""
+    is the study's ``problem``. ``pooled``: the series are several studies' (a patient's), and
+    only labels drawn in the study of the reference (the first wanted sequence found) count."""
     verdicts: dict[str, Verdict] = {}
     candidates: dict[str, list[tuple[StudySeries, str]]] = {}
     labels = []
@@ -348,6 +349,13 @@ def identify(series: list[StudySeries], rules: Rules, wanted: tuple) -> Identifi
             verdicts[other.label] = Verdict(other.label, "not chosen", other_rule,
                                             f"another {name} series ({best.label}) is preferred by "
                                             f"{', '.join(rules.prefer)}", other.text)
+    reference = next((chosen[name] for name in wanted if name in chosen), None)
+    if pooled and len(labels) > 1 and reference is not None:
+        elsewhere = [item for item in labels if item.header.study_hash != reference.header.study_hash]
+        for item in elsewhere:
+            verdicts[item.label] = Verdict(item.label, "not chosen", verdicts[item.label].rule,
+                                           f"drawn in another study than the reference ({reference.label})", item.text)
+        labels = [item for item in labels if item not in elsewhere]
     if len(labels) > 1:
         problems.append(f"{len(labels)} label series or SEG objects ({', '.join(item.label for item in labels)}); "
                         "keep one per study")

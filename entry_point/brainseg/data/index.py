@@ -30,8 +30,8 @@ from brainseg.io import s3
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 5  # 3: keyed identity hashes, stray objects; 4: per-sequence intensities, label counts;
-# 5: frames of reference, studies and how each series was acquired
+INDEX_VERSION = 6  # 3: keyed identity hashes, stray objects; 4: per-sequence intensities, label counts;
+# 5: frames of reference, studies and how each series was acquired; 6: the series' day
 HEADER_PREFIX_BYTES = 8 * 1024  # 8 KiB: a classic slice header fits; enhanced objects grow it
 MAX_HEADER_BYTES = 1024 * 1024  # 1 MiB: a header larger than this is refused, never downloaded
 KEY_BYTES = 32
@@ -104,11 +104,12 @@ def read_header(bucket: str, info: s3.ObjectInfo, identity_key: bytes = b"",
 
 
 def without_descriptions(obj: IndexedObject) -> IndexedObject:
-    """``obj`` with its header's free text (SeriesDescription, ProtocolName, SequenceName) left out:
-    only the studies layout needs it, and it may hold a name."""
-    if obj.header is None or not (obj.header.description or obj.header.protocol or obj.header.sequence_name):
+    """``obj`` with its header's free text (SeriesDescription, ProtocolName, SequenceName) and date
+    left out: only the studies layout needs them, and text may hold a name, a date identifies a visit."""
+    header = obj.header
+    if header is None or not (header.description or header.protocol or header.sequence_name or header.series_day):
         return obj
-    return replace(obj, header=replace(obj.header, description="", protocol="", sequence_name=""))
+    return replace(obj, header=replace(header, description="", protocol="", sequence_name="", series_day=0))
 
 
 def _key_from_environment(name: str, required: bool) -> bytes | None:

@@ -6,8 +6,11 @@ or nested to any depth, many series per study). Once every object's header is in
 objects by series, names the series by the sequence rules (:mod:`brainseg.data.identify`), and hands
 the catalog the same ``{case: {sequence: objects, "mask": objects}}`` grouping the folder layout
 has. A case is a study; its ID is ``study-`` and twelve digits of the study's keyed hash (no UID,
-no text from the headers). An RT Structure Set is the label of the study holding the series it
-references; other non-image objects (a DICOMDIR, reports) are counted and left out.
+no text from the headers). With ``case_per="patient"`` a case is a patient (``patient-`` and their
+keyed hash): every study of theirs pooled, each sequence its best series by the rules, the later
+one (by SeriesDate and time) where they tie, and the label the one drawn in the study of the
+reference sequence where there are several. An RT Structure Set is the label of the case holding
+the series it references; other non-image objects (a DICOMDIR, reports) are counted and left out.
 """
 
 from __future__ import annotations
@@ -23,11 +26,20 @@ from brainseg.data.listing import Listing
 logger = logging.getLogger(__name__)
 
 CASE_PREFIX = "study-"
+PATIENT_PREFIX = "patient-"
 CASE_DIGITS = 12
+CASES_PER = ("study", "patient")
 
 
 def case_id_of(study_hash: str) -> str:
     return CASE_PREFIX + study_hash[:CASE_DIGITS]
+
+
+def _case_of(header, case_per: str) -> str:
+    """The case a header's object belongs to ("" when its study or patient is not identified)."""
+    if case_per == "patient":
+        return PATIENT_PREFIX + header.patient_hash[:CASE_DIGITS] if header.patient_hash else ""
+    return case_id_of(header.study_hash) if header.study_hash else ""
 
 
 @dataclass(frozen=True)
@@ -57,27 +69,31 @@ def rule_counts_line(name: str, counts: Mapping[str, int]) -> str:
 
 
 def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bool = False,
-                     structure_sets: dict | None = None) -> tuple[Listing, Discovery]:
-    """``listed`` (the ``studies`` layout: every object loose) grouped into studies whose wanted
-    sequences (``listed.sequences``) and label series are found by ``rules``; ``objects`` are the
-    indexed objects by key. An RT Structure Set (``structure_sets``: parsed, by key) belongs to the
-    study holding a series it references, and is that study's label. A study lacking a wanted
-    sequence is excluded unless ``zero_fill`` (and it has at least one)."""
+                     structure_sets: dict | None = None, case_per: str = "study") -> tuple[Listing, Discovery]:
+    """``listed`` (the ``studies`` layout: every object loose) grouped into cases, a study each (or
+    a patient each, ``case_per="patient"``), whose wanted sequences (``listed.sequences``) and label
+    series are found by ``rules``; ``objects`` are the indexed objects by key. An RT Structure Set
+    (``structure_sets``: parsed, by key) belongs to the case holding a series it references, and
+    is that case's label. A case lacking a wanted sequence is excluded unless ``zero_fill`` (and it
+    has at least one)."""
+    if case_per not in CASES_PER:
+        raise ValueError(f"case_per {case_per!r}: expected one of {', '.join(CASES_PER)}")
     rules.check_sequences(listed.sequences)
     infos = {info.key: info for info in listed.loose}
     structure_sets = structure_sets or {}
     studies: dict[str, list] = {}
     left_out: Counter = Counter()
-    study_of_series = {obj.header.series_hash: case_id_of(obj.header.study_hash) for obj in objects.values()
-                       if not obj.stray and obj.header is not None and obj.header.study_hash}
+    headers = [obj.header for obj in objects.values() if not obj.stray and obj.header is not None]
+    case_of_series = {header.series_hash: case for header in headers if (case := _case_of(header, case_per))}
+    study_of_series = {header.series_hash: header.study_hash for header in headers}
     drawn: dict[str, list] = {}  # case_id -> keys of the structure sets referencing its series
     for key, structure_set in sorted(structure_sets.items()):
-        found = sorted({study_of_series[series] for series in structure_set.series_frames if series in study_of_series})
+        found = sorted({case_of_series[series] for series in structure_set.series_frames if series in case_of_series})
         if len(found) == 1:
             drawn.setdefault(found[0], []).append(key)
         else:
             left_out["RT Structure Set referencing " + ("no series of these studies" if not found
-                                                       else "series of several studies")] += 1
+                                                       else f"series of several {case_per}s")] += 1
     for key in sorted(infos):
         obj = objects[key]
         if key in structure_sets:
@@ -86,20 +102,26 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
             left_out["not an image (" + obj.error.split(":")[0] + ")"] += 1
         elif obj.header is None:
             left_out["unreadable image object"] += 1
-        elif not obj.header.study_hash:
-            left_out["no StudyInstanceUID"] += 1
+        elif not _case_of(obj.header, case_per):
+            left_out["no PatientID" if case_per == "patient" else "no StudyInstanceUID"] += 1
         else:
-            studies.setdefault(case_id_of(obj.header.study_hash), []).append(obj)
+            studies.setdefault(_case_of(obj.header, case_per), []).append(obj)
     grouped, verdicts, reasons = {}, {}, {}
     by_rule: dict[str, Counter] = {name: Counter() for name in listed.sequences}
     for case_id, members in sorted(studies.items()):
-        found = identify(group_series(members), rules, listed.sequences)
+        found = identify(group_series(members), rules, listed.sequences, pooled=case_per == "patient")
         verdicts[case_id] = found.verdicts
         for name in listed.sequences:
             by_rule[name]["(ambiguous)" if name in found.ambiguous else found.rules_used[name] if name in found.chosen
                           else "(missing)"] += 1
         missing = [name for name in listed.sequences if name not in found.chosen]
         structure_sets_here = drawn.get(case_id, [])
+        reference = next((found.chosen[name] for name in listed.sequences if name in found.chosen), None)
+        if case_per == "patient" and reference is not None and len(found.labels) + len(structure_sets_here) > 1:
+            study = reference.header.study_hash  # of several studies' structure sets, the reference's study's
+            structure_sets_here = [key for key in structure_sets_here
+                                   if any(study_of_series.get(series) == study
+                                          for series in structure_sets[key].series_frames)]
         if found.problem:
             reasons[case_id] = found.problem
         elif len(found.labels) + len(structure_sets_here) > 1:

@@ -5,6 +5,7 @@ names the element and what was expected, never the value read (it may identify a
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 
@@ -221,6 +222,17 @@ def _number(dataset, *path) -> float:
     return 0.0
 
 
+def _day(text: str) -> int:
+    """A DICOM date (``YYYYMMDD``) as its proleptic Gregorian ordinal; 0 when unreadable."""
+    digits = text.strip().replace(".", "").replace("-", "")
+    if not digits.isdigit() or len(digits) != 8:
+        return 0
+    try:
+        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).toordinal()
+    except ValueError:
+        return 0
+
+
 def _seconds(text: str) -> float:
     """A DICOM time (``HHMMSS.FFFFFF``, parts optional) as seconds since midnight; -1.0 when unreadable."""
     digits, _, fraction = text.strip().replace(":", "").partition(".")
@@ -235,14 +247,16 @@ def _seconds(text: str) -> float:
 
 def acquisition_fields(dataset) -> dict:
     """What a series says about how it was acquired, for telling sequences apart: descriptions,
-    sequence names, MR timing, contrast agent, image type, series number and time. Never raises: a
-    damaged value reads as absent (it describes the series; the pixels do not depend on it)."""
+    sequence names, MR timing, contrast agent, image type, series number, day and time. Never
+    raises: a damaged value reads as absent (it describes the series; the pixels do not depend on it)."""
     try:
         number = int(str(element_value(dataset, "SeriesNumber") or 0).strip() or 0)
     except (HeaderError, ValueError, TypeError, OverflowError):
         number = 0
     return dict(
         series_number=number if abs(number) < 2**31 else 0,
+        series_day=next((day for keyword in ("SeriesDate", "AcquisitionDate", "StudyDate")
+                         if (day := _day(_text(dataset, keyword)))), 0),
         series_time=_seconds(_text(dataset, "SeriesTime")),
         description=_text(dataset, "SeriesDescription"),
         protocol=_text(dataset, "ProtocolName"),

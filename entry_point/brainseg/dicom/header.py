@@ -99,6 +99,8 @@ class ObjectHeader:
     study_hash: str = ""  # keyed hash of StudyInstanceUID
     series_number: int = 0
     series_time: float = -1.0  # SeriesTime, seconds since midnight (-1: none)
+    series_day: int = 0  # SeriesDate (else AcquisitionDate, StudyDate) as a date ordinal (0: none); a date of
+    # service: never logged, kept in the saved index only for the studies layout (as the free text above)
     description: str = ""
     protocol: str = ""
     sequence_name: str = ""
@@ -158,7 +160,7 @@ class ObjectHeader:
 _FIELD_NAMES = tuple(f.name for f in fields(ObjectHeader))
 _SHARED_FIELDS = ("transfer_syntax", "photometric", "orientation", "pixel_spacing", "series_hash",
                   "modality", "patient_hash", "frame_hash", "rescale_slope", "rescale_intercept", "slice_thickness",
-                  "study_hash", "series_number", "series_time", "description", "protocol", "sequence_name",
+                  "study_hash", "series_number", "series_day", "series_time", "description", "protocol", "sequence_name",
                   "scanning_sequence", "sequence_variant", "acquisition_type", "repetition_time", "echo_time",
                   "inversion_time", "contrast_agent", "image_type")
 _shared: dict = {}

@@ -56,6 +56,7 @@ class SeriesSpec:
     series_number: int = 1
     # How the series was acquired, written when given (what a scanner's export tells sequences apart by).
     series_time: str = ""
+    study_date: str = "20260101"  # StudyDate and SeriesDate
     protocol_name: str = ""
     sequence_name: str = ""
     acquisition_type: str = ""  # MRAcquisitionType: 2D or 3D
@@ -85,7 +86,8 @@ def _base_dataset(volume: np.ndarray, spec: SeriesSpec, sop_class: str) -> Datas
     dataset.PatientID = spec.patient_id
     dataset.PatientBirthDate = "19700101"
     dataset.PatientSex = "O"
-    dataset.StudyDate, dataset.StudyTime, dataset.StudyID = "20260101", "120000", "1"
+    dataset.StudyDate, dataset.StudyTime, dataset.StudyID = spec.study_date, "120000", "1"
+    dataset.SeriesDate = spec.study_date
     dataset.AccessionNumber = ""
     dataset.ReferringPhysicianName = ""
     dataset.Manufacturer = "brainseg synthetic"

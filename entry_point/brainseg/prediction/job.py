@@ -170,7 +170,7 @@ class PredictionJob:
                                          sequences=description.sequences,
                                          zero_fill=description.missing_sequences == "zero",
                                          identity_key_uri=options.identity_key_uri,
-                                         roi_labels=parse_roi_labels(options.roi_labels), layout=options.layout,
+                                         roi_labels=parse_roi_labels(options.roi_labels), layout=options.layout, case_per=options.case_per,
                                          sequence_rules=load_rules(options.sequence_rules),
                                          registration=options.registration)
         except ValueError as err:

@@ -20,7 +20,8 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import LAYOUTS, PRECISIONS, REGISTRATION_HELP, REGISTRATIONS, check_identity_key_uri, inside
+from brainseg.config import (CASE_PER_HELP, CASES_PER, LAYOUTS, PRECISIONS, REGISTRATION_HELP, REGISTRATIONS,
+                             check_identity_key_uri, inside)
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 from brainseg.labels import parse_roi_labels
 
@@ -75,6 +76,7 @@ class PredictOptions:
     sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
                                      "empty: the shipped brain MRI rules), as train.py's")
     registration: str = _field("rigid", REGISTRATION_HELP)
+    case_per: str = _field("study", CASE_PER_HELP)
 
     def __post_init__(self) -> None:
         for name in ("model", "cases", "output_format"):  # comma-separated, repeated, or both
@@ -114,6 +116,8 @@ class PredictOptions:
             raise ValueError(f"layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if self.registration not in REGISTRATIONS:
             raise ValueError(f"registration {self.registration!r}: expected one of {', '.join(REGISTRATIONS)}")
+        if self.case_per not in CASES_PER:
+            raise ValueError(f"case_per {self.case_per!r}: expected one of {', '.join(CASES_PER)}")
         if self.postprocessing and not self.postprocess:
             raise ValueError(f"postprocessing {self.postprocessing} with postprocess false: apply a cross-validation's "
                              "postprocessing or none, not both")
