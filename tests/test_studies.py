@@ -4,7 +4,10 @@ sequence on a grid of its own), found by their headers and named by the sequence
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import io
+import json
 import logging
 import re
 from collections import Counter
@@ -16,6 +19,7 @@ import pytest
 from brainseg.data.catalog import build_catalog
 from brainseg.data.identify import RulesError, default_rules, load_rules, parse_rules
 from brainseg.dicom import writer
+from brainseg.dicom.header import ObjectHeader
 from brainseg.io import s3
 from brainseg.labels import parse_scheme
 from infra.data.exported import encode_exported
@@ -212,17 +216,26 @@ def test_a_rules_file_that_cannot_be_read_says_so(tmp_path):
         load_rules(str(tmp_path / "missing.yaml"))
 
 
-def test_series_descriptions_reach_the_saved_index_only_in_the_studies_layout(bucket):
+def _saved_days(index_uri: str) -> set:
+    """The series days of the image headers a saved index holds."""
+    at = [f.name for f in dataclasses.fields(ObjectHeader)].index("series_day")
+    rows = [json.loads(line) for line in s3.read_uri(index_uri).decode().splitlines()[1:]]
+    return {row["header"][at] for row in rows if row.get("header")}
+
+
+def test_series_descriptions_and_dates_reach_the_saved_index_only_in_the_studies_layout(bucket):
     root = f"s3://{bucket}/export/"
     write_files(_exam(0), root)
     index = root + ".brainseg/index.jsonl"
     build_catalog(root, sequences=SEQUENCES, layout="studies")
     assert "T2 FLAIR" in s3.read_uri(index).decode()
+    assert _saved_days(index) == {datetime.date(2026, 1, 1).toordinal()}  # the writer's StudyDate and SeriesDate
     curated = f"s3://{bucket}/curated/"
     write_dataset(1, curated, SynthSpec(shape=(12, 24, 24), spacing=(2.0, 1.0, 1.0), sequences=SEQUENCES))
     build_catalog(curated, sequences=SEQUENCES)
     saved = s3.read_uri(curated + ".brainseg/index.jsonl").decode()
     assert "FLAIR (synthetic)" not in saved and '"descriptions": false' in saved.splitlines()[0]
+    assert _saved_days(curated + ".brainseg/index.jsonl") == {0}
     # the same objects read as studies: the index had no descriptions, so the headers are read again
     again = build_catalog(curated, sequences=SEQUENCES, layout="studies")
     assert again.index_stats["headers_read"] == again.index_stats["objects"] and len(again.cases) == 1
