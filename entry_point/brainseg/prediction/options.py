@@ -20,8 +20,16 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 
-from brainseg.config import (CASE_PER_HELP, CASES_PER, LAYOUTS, PRECISIONS, REGISTRATION_HELP, REGISTRATIONS,
-                             check_identity_key_uri, inside)
+from brainseg.config import (
+    CASE_PER_HELP,
+    CASES_PER,
+    LAYOUTS,
+    PRECISIONS,
+    REGISTRATION_HELP,
+    REGISTRATIONS,
+    check_identity_key_uri,
+    inside,
+)
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 from brainseg.labels import parse_roi_labels
 
