@@ -172,6 +172,11 @@ def test_a_patients_studies_pool_into_one_case_with_case_per_patient(bucket):
         np.testing.assert_array_equal(case.mask.read_volume(), labels)
         assert sorted(case.resampled) == ["flair", "t1", "t2"]
         assert all(resampled.registration is None for resampled in case.resampled.values())
+    curated = f"s3://{bucket}/curated/"
+    write_dataset(1, curated, SynthSpec(shape=(12, 24, 24), spacing=(2.0, 1.0, 1.0), sequences=SEQUENCES))
+    with pytest.raises(ValueError, match=r"case_per 'patient': cases are grouped by patient only in the studies "
+                                         r"layout, and s3://.*/curated/ was read as folders"):
+        build_catalog(curated, sequences=SEQUENCES, case_per="patient", layout="auto")
     verdicts = catalog.discovery.verdicts[case.case_id]  # the visits: the first one's sequences and label set aside
     assert Counter(verdict.role for verdict in verdicts if verdict.role not in ("ignored",)) == Counter(
         {"not chosen": 5, "t1c": 1, "t1": 1, "t2": 1, "flair": 1, "label": 1})

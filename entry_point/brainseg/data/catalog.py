@@ -179,7 +179,7 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
-            cases are one level up or down), the manifest is malformed, ``index_uri`` is in a
+            cases are one level up or down), ``case_per`` is ``patient`` outside the studies layout, the manifest is malformed, ``index_uri`` is in a
             case folder or holds something other than an index, or the identity key cannot be had.
         s3.S3Error: the bucket cannot be listed.
     """
@@ -192,6 +192,10 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     index = load_index(index_uri, key_id(key), refresh=refresh_index)
     sequences = tuple(sequences)
     listed = list_cases(uri, sequences, index, index_uri if trust_index else None, layout)
+    if case_per != "study" and listed.layout != "studies":
+        raise ValueError(f"case_per {case_per!r}: cases are grouped by patient only in the studies layout, and "
+                         f"{uri} was read as {listed.layout} (a case per folder); drop --case-per, or pass "
+                         "--layout studies")
     descriptions = listed.layout == "studies"  # series descriptions are kept in the index only where they are used
     if descriptions and index.objects and not index.descriptions:
         logger.info("the header index at %s holds no series descriptions (it was built for the folders layout); "
