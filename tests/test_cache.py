@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from brainseg.commands import train
+from brainseg.data.catalog import build_catalog
 from brainseg.io import cache, s3
 from brainseg.io.cache import BLOCK_BYTES, RangeCache
+from brainseg.run.requests import cache_fit, cache_fit_text
 from tests.conftest import synthetic_dataset
 
 
@@ -135,6 +137,20 @@ def _history(output: str, run: str) -> list[dict]:
     return [json.loads(line) for line in s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()]
 
 
+def test_the_training_cases_are_weighed_against_the_cache_before_the_first_read():
+    data = synthetic_dataset("cache-fit", 4, shape=(8, 32, 32))
+    bucket, prefix = data[len("s3://"):].split("/", 1)
+    catalog = build_catalog(data, split_fractions=(1.0, 0.0, 0.0))
+    stored = sum(info.size for info in s3.list_tree(bucket, prefix) if "/.brainseg/" not in info.key)
+    fit = cache_fit(catalog.cases, 1.0)
+    assert fit == {"dataset_gb": round(stored / 1e9, 4), "cache_gb": 1.0, "expected_hit_fraction": 1.0}
+    assert "within the 1 GB cache" in cache_fit_text(fit)
+    small = cache_fit(catalog.cases, stored / 4e9)
+    assert small["expected_hit_fraction"] == pytest.approx(0.25, abs=1e-3)
+    assert re.search(r"more than the [0-9.e-]+ GB cache: about 75% of reads will keep missing", cache_fit_text(small))
+    assert cache_fit(catalog.cases, 0.0)["expected_hit_fraction"] == 0.0
+
+
 def test_a_run_reports_its_reads_and_resumed_on_the_same_host_reads_from_the_cache(tmp_path, capfd):
     data = synthetic_dataset("cache-data", 6)
     output = "s3://" + data[len("s3://"):].split("/")[0] + "/cache-runs"
@@ -161,3 +177,4 @@ def test_a_run_reports_its_reads_and_resumed_on_the_same_host_reads_from_the_cac
     assert requests["gets"] == sum(line["gets"] for line in _history(output, "cached"))
     assert requests["request_cost_usd"] == pytest.approx(requests["gets"] * 0.5 / 1000)
     assert requests["gets_per_patch_last_epoch"] == resumed["gets_per_patch"]
+    assert requests["cache_gb"] == 1 and requests["expected_hit_fraction"] == 1.0 and requests["dataset_gb"] > 0

@@ -50,7 +50,7 @@ from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate, va
 from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.plan import plan_run
-from brainseg.run.requests import request_fields, request_totals
+from brainseg.run.requests import cache_fit, cache_fit_text, request_fields, request_totals
 from brainseg.run.resume import check_resumable, restore
 from brainseg.run.starting_model import encoder_bytes, starting_model
 from brainseg.run.state import (
@@ -82,6 +82,7 @@ class Trainer:
         self.interrupted = self.output_ready = False
         self.kept_matches: dict | None = None  # the kept weights' validation lesion matches by case (postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
+        self.cache_fit: dict = {}  # the training cases against the local cache (requests.cache_fit), at build
 
     # ----------------------------------------------------------------- setup
     def connect(self) -> None:
@@ -115,6 +116,10 @@ class Trainer:
             self.hp = hp = plan_run(hp, self.given, self.train_cases, self.task.out_channels, self.device,
                                     self.store if self.main else None)
         self.target_spacing = resolve_target_spacing(hp, self.train_cases)
+        self.cache_fit = cache_fit(self.train_cases, hp.cache_gb if cache.active() is not None else 0.0)
+        if self.main:
+            fits = self.cache_fit["expected_hit_fraction"] >= 1.0 or not self.cache_fit["cache_gb"]
+            (logger.info if fits else logger.warning)(cache_fit_text(self.cache_fit))
         check_patch_fits(hp, self.train_cases, self.target_spacing)
         if self.device.type == "cpu":
             distributed.use_cpu_threads()
@@ -358,7 +363,7 @@ class Trainer:
         summary.update(self.task.summary(self.state.best_metric, scores))
         if self.postprocessing:
             summary["postprocessing"] = {name: choice.to_dict() for name, choice in self.postprocessing.items()}
-        summary["s3_requests"] = request_totals(self.state.history)
+        summary["s3_requests"] = {**self.cache_fit, **request_totals(self.state.history)}
         if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:

@@ -1,5 +1,6 @@
 """What a run's S3 reads cost: GETs, bytes and cache hits per epoch, and the request fee they add up
-to at ``--get-price-per-1000`` (the epoch line's fields and the summary's ``s3_requests``)."""
+to at ``--get-price-per-1000`` (the epoch line's fields and the summary's ``s3_requests``); and,
+before the first read, whether the training cases fit the host's cache (:func:`cache_fit`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,46 @@ def request_fields(train_reads: list[int], validation_reads: list[int], patches:
     if hits + misses:
         fields["cache_hit_fraction"] = hits / (hits + misses)
     return fields
+
+
+def _stored_objects(volume) -> dict:
+    """``{(bucket, key): bytes}`` of the objects ``volume`` reads (a series read onto another grid:
+    its own series'; a SEG or structure set: its one object; a zero-filled channel: none)."""
+    if volume is None:
+        return {}
+    source = getattr(volume, "native", volume)
+    bucket = getattr(source, "bucket", "")
+    sizes = getattr(source, "sizes", None) or ((source.size,) if hasattr(source, "size") else ())
+    return {(bucket, key): int(size) for key, size in zip(getattr(source, "keys", ()), sizes)}
+
+
+def cache_fit(cases, cache_gb: float) -> dict:
+    """How the ``cases``' DICOM objects (their sequences and masks) compare with a ``cache_gb`` cache:
+    ``dataset_gb``, ``cache_gb`` and ``expected_hit_fraction``, the share of a later epoch's reads
+    the cache can serve when patches are drawn evenly over the cases and the least recently used
+    bytes are evicted: about ``cache / dataset`` (1 when it all fits; 0 with no cache). The
+    epoch lines' ``cache_hit_fraction`` is what it came to."""
+    objects: dict = {}
+    for case in cases:
+        for volume in (*case.images, case.mask):
+            objects.update(_stored_objects(volume))
+    dataset_gb = sum(objects.values()) / 1e9
+    fraction = 1.0 if dataset_gb <= cache_gb else max(cache_gb, 0.0) / dataset_gb
+    return {"dataset_gb": round(dataset_gb, 4), "cache_gb": cache_gb, "expected_hit_fraction": round(fraction, 4)}
+
+
+def cache_fit_text(fit: dict) -> str:
+    """The job's start-up line on :func:`cache_fit`'s figures."""
+    if fit["cache_gb"] <= 0:
+        return (f"local cache off: the training cases' DICOM objects ({fit['dataset_gb']:.2f} GB) are read from S3 "
+                "every epoch")
+    if fit["expected_hit_fraction"] >= 1.0:
+        return (f"local cache: the training cases' DICOM objects hold {fit['dataset_gb']:.2f} GB, within the "
+                f"{fit['cache_gb']:g} GB cache: from the second epoch their reads are served from disk")
+    need = fit["dataset_gb"] * 1.1
+    return (f"local cache: the training cases' DICOM objects hold {fit['dataset_gb']:.2f} GB, more than the "
+            f"{fit['cache_gb']:g} GB cache: about {1 - fit['expected_hit_fraction']:.0%} of reads will keep missing "
+            f"and cost GETs every epoch; --cache-gb {need:.0f} (and an instance volume that holds it) keeps them all")
 
 
 def request_totals(history: list[dict]) -> dict:
