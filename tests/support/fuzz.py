@@ -15,7 +15,7 @@ import pydicom
 
 from brainseg.data.index import parse_object
 from brainseg.dicom import parse_header, writer
-from brainseg.dicom.pixels import native_dtype
+from brainseg.dicom.pixels import native_dtype, stored_values
 from brainseg.io import s3
 from infra.data.phantom import make_phantom
 
@@ -57,13 +57,14 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def stored_values_agree(data: bytes, header) -> bool | None:
-    """Whether our pixel location gives pydicom's stored values (None: pydicom cannot decode it)."""
+    """Whether our pixel location, and the BitsStored we read, give pydicom's stored values (None:
+    pydicom cannot decode it)."""
     try:
         reference = pydicom.dcmread(io.BytesIO(data)).pixel_array
     except Exception:  # a mutated file pydicom itself cannot decode: nothing to compare with
         return None
     count = header.rows * header.columns * header.frames
-    ours = np.frombuffer(data, native_dtype(header), count, header.pixel_offset)
+    ours = stored_values(np.frombuffer(data, native_dtype(header), count, header.pixel_offset), header)
     return reference.size == count and np.array_equal(ours.ravel(), reference.ravel().astype(ours.dtype))
 
 

@@ -29,7 +29,7 @@ def native_dtype(header: ObjectHeader) -> np.dtype:
     return np.dtype(f"{order}{kind}{header.bytes_per_pixel}")
 
 
-def _stored_values(values: np.ndarray, header: ObjectHeader) -> np.ndarray:
+def stored_values(values: np.ndarray, header: ObjectHeader) -> np.ndarray:
     """Keep only BitsStored bits (sign-extended when signed), as pydicom does."""
     if header.bits_stored >= header.bits_allocated:
         return values
@@ -41,7 +41,7 @@ def _stored_values(values: np.ndarray, header: ObjectHeader) -> np.ndarray:
 
 def to_modality(values: np.ndarray, header: ObjectHeader) -> np.ndarray:
     """Stored values to float32 modality units (Rescale Slope and Intercept applied)."""
-    out = _stored_values(values, header).astype(np.float32)
+    out = stored_values(values, header).astype(np.float32)
     if header.rescale_slope != 1.0:
         out *= np.float32(header.rescale_slope)
     if header.rescale_intercept != 0.0:
