@@ -179,8 +179,9 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
 
     Raises:
         ValueError: ``uri`` is not an S3 prefix or holds no case folder (with a hint when the
-            cases are one level up or down), ``case_per`` is ``patient`` outside the studies layout, the manifest is malformed, ``index_uri`` is in a
-            case folder or holds something other than an index, or the identity key cannot be had.
+            cases are one level up or down), ``case_per`` is ``patient`` outside the studies
+            layout, the manifest is malformed, ``index_uri`` is in a case folder or holds something
+            other than an index, or the identity key cannot be had.
         s3.S3Error: the bucket cannot be listed.
     """
     started = time.perf_counter()

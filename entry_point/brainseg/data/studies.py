@@ -102,10 +102,10 @@ def discover_studies(listed: Listing, objects: dict, rules: Rules, zero_fill: bo
             left_out["not an image (" + obj.error.split(":")[0] + ")"] += 1
         elif obj.header is None:
             left_out["unreadable image object"] += 1
-        elif not _case_of(obj.header, case_per):
-            left_out["no PatientID" if case_per == "patient" else "no StudyInstanceUID"] += 1
+        elif case_id := _case_of(obj.header, case_per):
+            studies.setdefault(case_id, []).append(obj)
         else:
-            studies.setdefault(_case_of(obj.header, case_per), []).append(obj)
+            left_out["no PatientID" if case_per == "patient" else "no StudyInstanceUID"] += 1
     grouped, verdicts, reasons = {}, {}, {}
     by_rule: dict[str, Counter] = {name: Counter() for name in listed.sequences}
     for case_id, members in sorted(studies.items()):

@@ -199,9 +199,11 @@ def points_by_lesion(box: np.ndarray, bbox: tuple, spacing: tuple, rng: np.rando
     lesions = np.flatnonzero(sizes > LESION_MIN_MM3 / float(np.prod(spacing))) + 1
     if not len(lesions):
         lesions = np.arange(1, count + 1)
+    boxes = ndimage.find_objects(components)
     chosen = []
     for lesion, share in zip(lesions, even_shares([int(sizes[lesion - 1]) for lesion in lesions], FOREGROUND_POINTS)):
-        points = np.argwhere(components == lesion)
+        where = boxes[lesion - 1]  # each lesion's own box, not the whole tumour's, is searched
+        points = np.argwhere(components[where] == lesion) + [part.start for part in where]
         values = box[tuple(points.T)]
         groups = [points[values == value] for value in np.unique(values)]
         for group, take in zip(groups, even_shares([len(group) for group in groups], share)):
