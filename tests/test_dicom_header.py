@@ -157,3 +157,24 @@ def test_how_a_series_was_acquired_is_recorded_and_a_damaged_value_reads_as_abse
         0.0, 0, -1.0, "line break")
     assert header.series_day == 0
     assert header.rows == 40
+
+
+def test_a_legacy_converted_object_tells_how_it_was_acquired_as_its_slices_did():
+    """highdicom's Legacy Converted Enhanced MR keeps the slices' MR timing, sequence name and
+    acquisition type in UnassignedSharedConvertedAttributesSequence: read there as at the top level."""
+    import highdicom
+
+    spec = writer.SeriesSpec(spacing=(2.5, 0.7, 0.6), series_description="AX T2 FLAIR", protocol_name="t2_tirm_tra",
+                             series_time="143015", repetition_time=9000.0, echo_time=85.0, inversion_time=2500.0,
+                             acquisition_type="2D", sequence_name="*tir2d1", study_date="20250314")
+    slices = [pydicom.dcmread(io.BytesIO(writer.encode(dataset))) for dataset in writer.slice_datasets(VOLUME, spec)]
+    packed = highdicom.legacy.LegacyConvertedEnhancedMRImage(slices, series_instance_uid=pydicom.uid.generate_uid(),
+                                                             series_number=1, sop_instance_uid=pydicom.uid.generate_uid(),
+                                                             instance_number=1)
+    assert "RepetitionTime" not in packed and "EchoTime" not in packed
+    data = dicom_bytes(packed)
+    header, first = parse_header(data, len(data)), parse_header(writer.encode(slices[0]), len(writer.encode(slices[0])))
+    fields = ("repetition_time", "echo_time", "inversion_time", "sequence_name", "acquisition_type", "protocol",
+              "series_time", "series_day")
+    assert [getattr(header, name) for name in fields] == [getattr(first, name) for name in fields]
+    assert header.repetition_time == 9000.0 and header.sequence_name == "*tir2d1" and header.frames == len(slices)

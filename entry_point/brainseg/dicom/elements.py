@@ -193,10 +193,18 @@ def segmentation_frames(dataset, frames: int, bits_allocated: int, encapsulated:
 DESCRIPTION_CHARACTERS = 64  # SeriesDescription and ProtocolName are LO: 64 characters at most
 
 
+# Where a legacy-converted enhanced object (PS3.3 C.7.6.16.2.25) keeps the classic elements that no
+# functional group takes: a series' sequence name, MR timing and acquisition type among them.
+UNASSIGNED = ("SharedFunctionalGroupsSequence", "UnassignedSharedConvertedAttributesSequence")
+
+
 def _text(dataset, keyword: str) -> str:
-    """A text element as one printable line (several values joined by backslashes); "" when absent or damaged."""
+    """A text element as one printable line (several values joined by backslashes); "" when absent or damaged.
+    A legacy-converted object's unassigned shared attributes count as its own."""
     try:
         value = element_value(dataset, keyword)
+        if value is None:
+            value = first_item(dataset, *UNASSIGNED, keyword)
     except HeaderError:
         return ""
     if value is None:
@@ -207,9 +215,9 @@ def _text(dataset, keyword: str) -> str:
 
 
 def _number(dataset, *path) -> float:
-    """A number (an element, or one inside the shared functional groups of an enhanced object); 0.0
-    when absent, damaged or not finite."""
-    for node_path in (path, ("SharedFunctionalGroupsSequence", *path)):
+    """A number (an element, or one inside the shared functional groups of an enhanced object, or
+    among a legacy-converted object's unassigned shared attributes); 0.0 when absent, damaged or not finite."""
+    for node_path in (path, ("SharedFunctionalGroupsSequence", *path), (*UNASSIGNED, *path)):
         try:
             value = first_item(dataset, *node_path) if len(node_path) > 1 else element_value(dataset, node_path[0])
             if isinstance(value, (list, tuple, MultiValue)):
