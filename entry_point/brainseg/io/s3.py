@@ -37,10 +37,10 @@ from brainseg.io.s3_client import (
     retrying,
     stats,
 )
-from brainseg.io.s3_writes import create_bucket, delete, open_write, put_bytes, upload_file, write_lines
+from brainseg.io.s3_writes import copy_object, create_bucket, delete, open_write, put_bytes, upload_file, write_lines
 
-__all__ = ["READ_ATTEMPTS", "Conflict", "ObjectInfo", "S3Error", "Tail", "check_bucket", "client", "create_bucket",
-           "delete", "executor", "get_object", "get_range", "get_ranges", "list_folders", "list_objects", "list_tree",
+__all__ = ["READ_ATTEMPTS", "Conflict", "ObjectInfo", "S3Error", "Tail", "check_bucket", "client", "copy_object", "create_bucket",
+           "delete", "executor", "get_object", "get_range", "get_ranges", "list_folders", "list_objects", "list_tree", "head", "Head",
            "open_write", "parse_uri", "put_bytes", "read_from", "read_lines", "read_uri", "reset_client",
            "reset_stats", "retrying", "stats", "upload_file", "write_lines"]
 
@@ -181,6 +181,33 @@ def get_object(bucket: str, key: str) -> bytes:
     if tail is None:
         raise S3Error(f"GET s3://{bucket}/{key} failed: NoSuchKey")
     return tail.data
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What a HEAD request says of an object: its size in bytes, ETag (quotes stripped) and user metadata."""
+
+    size: int
+    etag: str
+    metadata: dict
+
+
+def head(uri: str) -> Head | None:
+    """An object's size, ETag and user metadata, or ``None`` when it does not exist.
+
+    Raises:
+        S3Error: the HEAD failed for another reason.
+    """
+    bucket, key = parse_uri(uri)
+    try:
+        response = client().head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as err:
+        if _error_code(err) in _MISSING_CODES:
+            return None
+        raise _wrap(err, "HEAD", bucket, key) from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise _wrap(err, "HEAD", bucket, key) from err
+    return Head(int(response["ContentLength"]), response["ETag"].strip('"'), dict(response.get("Metadata", {})))
 
 
 def read_uri(uri: str) -> bytes | None:

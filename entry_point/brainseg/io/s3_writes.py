@@ -24,12 +24,13 @@ from brainseg.io.s3_client import (
 
 
 def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stream", *,
-              if_none_match: bool = False, if_match: str | None = None) -> str:
+              if_none_match: bool = False, if_match: str | None = None, metadata: dict | None = None) -> str:
     """Write one small object in a single PUT; returns its new ETag.
 
     Args:
         if_none_match: write only if no object exists at ``uri`` (S3 conditional write).
         if_match: write only if the object still has this ETag.
+        metadata: the object's user metadata (``x-amz-meta-*``), text keys and values.
 
     Raises:
         Conflict: a condition did not hold (someone else wrote or created the object).
@@ -39,6 +40,8 @@ def put_bytes(uri: str, data: bytes, content_type: str = "application/octet-stre
     conditions = {"IfNoneMatch": "*"} if if_none_match else {}
     if if_match:
         conditions["IfMatch"] = if_match
+    if metadata:
+        conditions["Metadata"] = metadata
     try:
         response = client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, **conditions)
     except botocore.exceptions.ClientError as err:
@@ -64,6 +67,23 @@ def upload_file(path, uri: str) -> None:
         client().upload_file(str(path), bucket, key)
     except (*_BOTO_ERRORS, boto3.exceptions.S3UploadFailedError) as err:
         raise _wrap(err, "PUT", bucket, key) from err
+    _count(put_requests=1)
+
+
+def copy_object(source_uri: str, uri: str, metadata: dict) -> None:
+    """Copy an object within S3 (no bytes pass through this host), giving the copy ``metadata``.
+    One CopyObject request: objects up to 5 GB.
+
+    Raises:
+        S3Error: the copy failed (the message names the destination).
+    """
+    source_bucket, source_key = parse_uri(source_uri)
+    bucket, key = parse_uri(uri)
+    try:
+        client().copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key},
+                             Metadata=metadata, MetadataDirective="REPLACE")
+    except _BOTO_ERRORS as err:
+        raise _wrap(err, "COPY", bucket, key) from err
     _count(put_requests=1)
 
 
