@@ -11,6 +11,7 @@ import io
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.data.contours import _fill
 from brainseg.data.geometry import Aligned, voxel_to_patient
-from brainseg.dicom import writer
+from brainseg.dicom import HeaderError, writer
+from brainseg.dicom.rtstruct import parse_structure_set
 from brainseg.io import cache, s3
 from brainseg.labels import parse_roi_labels
 from tests.conftest import dicom_bytes, put
@@ -282,3 +284,42 @@ def test_a_structure_set_drawn_on_a_sequence_sharing_the_first_ones_grid_reads_a
     [case] = catalog.cases
     assert not isinstance(case.mask, Aligned) and not isinstance(case.images[1], Aligned)
     np.testing.assert_array_equal(case.mask.read_volume(), _painted(structures, ROIS))
+
+
+def _structure_set_bytes(tmp_path: Path) -> bytes:
+    """An explicit-VR little-endian structure set rt-utils draws from :func:`_structures`."""
+    for number, dataset in enumerate(writer.slice_datasets(np.full(SHAPE, 400, np.int16),
+                                                           writer.SeriesSpec(spacing=SPACING)), start=1):
+        (tmp_path / f"IM_{number:04d}.dcm").write_bytes(writer.encode(dataset, "explicit-le"))
+    builder = RTStructBuilder.create_new(dicom_series_path=str(tmp_path))
+    for name, mask in _structures().items():
+        builder.add_roi(mask=np.ascontiguousarray(mask.transpose(1, 2, 0)), name=name)
+    builder.ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return dicom_bytes(builder.ds)
+
+
+def test_a_damaged_structure_set_is_a_reason_never_an_escaped_error(tmp_path):
+    """The two escapes found by byte mutation (a VR no dictionary knows, a number that is not one),
+    then 300 seeded 1-4-byte mutations: each parses, or is refused with a HeaderError naming no value."""
+    data = _structure_set_bytes(tmp_path)
+    geometric_type = data.index(b"\x06\x30\x42\x00CS")  # (3006,0042) ContourGeometricType, VR CS
+    unknown_vr = data[:geometric_type + 4] + b"CR" + data[geometric_type + 6:]
+    roi_number = data.index(b"\x06\x30\x84\x00IS")  # (3006,0084) ReferencedROINumber, VR IS, value "1 "
+    not_a_number = data[:roi_number + 8] + "1ô".encode("latin-1") + data[roi_number + 10:]
+    for damaged, reason in ((unknown_vr, r"damaged \(NotImplementedError at element \(3006,0042\) ContourGeometricType\)"),
+                            (not_a_number, r"damaged \(ValueError\)")):
+        with pytest.raises(HeaderError, match=reason):
+            parse_structure_set(damaged, b"k" * 32)
+    rng = np.random.default_rng(34)
+    outcomes = Counter()
+    for _ in range(300):
+        mutated = bytearray(data)
+        for _ in range(int(rng.integers(1, 5))):
+            mutated[int(rng.integers(132, len(data)))] = int(rng.integers(0, 256))
+        try:
+            parse_structure_set(bytes(mutated), b"k" * 32)
+            outcomes["parsed"] += 1
+        except HeaderError as err:
+            assert "ô" not in str(err) and "Doe" not in str(err)
+            outcomes["refused"] += 1
+    assert outcomes["parsed"] + outcomes["refused"] == 300 and outcomes["refused"] > 0

@@ -78,6 +78,17 @@ def parse_structure_set(data: bytes, identity_key: bytes) -> StructureSet:
             dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as err:
         raise HeaderError(f"the RT Structure Set cannot be parsed ({describe(err)})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings on damaged values quote them
+            return _structure_set(dataset, identity_key)
+    except HeaderError:
+        raise
+    except Exception as err:  # pydicom decodes lazily: a damaged value raises many types where it is read
+        raise HeaderError(f"the RT Structure Set is damaged ({describe(err)})") from None
+
+
+def _structure_set(dataset, identity_key: bytes) -> StructureSet:
     sop_class = str(getattr(dataset, "SOPClassUID", "") or "")
     if sop_class != STRUCTURE_SET_STORAGE:
         raise HeaderError("not an RT Structure Set (SOPClassUID (0008,0016) is another class)")
