@@ -181,6 +181,10 @@ def _other_frame(dataset) -> None:
     dataset.StructureSetROISequence[1].ReferencedFrameOfReferenceUID = pydicom.uid.generate_uid()
 
 
+def _other_patient(dataset) -> None:
+    dataset.PatientID = "PID-someone-else"
+
+
 def _off_plane(dataset) -> None:
     contour = dataset.ROIContourSequence[0].ContourSequence[2]
     points = [float(v) for v in contour.ContourData]
@@ -190,11 +194,13 @@ def _off_plane(dataset) -> None:
 @pytest.mark.parametrize("change, mapping, reason", [
     (_other_series, ROIS, r"mask \(RTSTRUCT RS\.dcm\) references another series than the image series"),
     (_other_frame, ROIS, r"ROI 'Enhancing' lies in another frame of reference than the image series"),
+    (_other_patient, ROIS, r"mask \(RTSTRUCT RS\.dcm\) belongs to another patient than the image series \(their "
+                           r"PatientIDs differ"),
     (_off_plane, ROIS, r"a contour of ROI 'Edema' lies off the image planes \([\d.-]+ mm along the normal, 1\.00 mm "
                        r"from plane \d+; the image has 12 planes every 2\.5 mm\)"),
     (None, "Edema=2,GTV=1", r"has no ROI named 'GTV' \(it has 'Edema', 'Enhancing', 'Necrosis', 'Brain'\); fix "
                            r"--roi-labels"),
-], ids=["another series", "another frame of reference", "off the planes", "an ROI not there"])
+], ids=["another series", "another frame of reference", "another patient", "off the planes", "an ROI not there"])
 def test_a_structure_set_that_does_not_fit_the_images_excludes_its_case(bucket, tmp_path, change, mapping, reason):
     root = f"s3://{bucket}/rtstruct-bad-{change.__name__ if change else 'missing'}"
     _case(root, "case_a", tmp_path, change)

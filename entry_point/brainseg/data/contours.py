@@ -157,13 +157,18 @@ class ContourMask(OneObject, Volume):
 
         Raises:
             QualityError: the set references another series, images outside it or another frame of
-                reference; a mapped ROI is absent; a contour lies off the planes (how far).
+                reference, or belongs to another patient; a mapped ROI is absent; a contour lies off the
+                planes (how far).
         """
         what = f"mask (RTSTRUCT {name})"
         series = reference.headers[0].series_hash
         if structure_set.series_frames and series not in structure_set.series_frames:
             raise QualityError(f"{what} references another series than the {' or '.join([against, *(others or [])])} "
                                "series")
+        patient = reference.headers[0].patient_hash
+        if structure_set.patient and patient and structure_set.patient != patient:
+            raise QualityError(f"{what} belongs to another patient than the {against} series (their PatientIDs "
+                               "differ: a mix-up on export?)")
         instances = {header.instance_hash for header in reference.headers}
         by_name = {roi.name.lower(): roi for roi in structure_set.rois}
         if roi_labels:

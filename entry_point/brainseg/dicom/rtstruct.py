@@ -44,11 +44,12 @@ class Roi:
 
 @dataclass(frozen=True)
 class StructureSet:
-    """The ROIs with contours, and the series the set references with each one's frame of
-    reference (``{series hash: frame hash}``)."""
+    """The ROIs with contours, the series the set references with each one's frame of reference
+    (``{series hash: frame hash}``), and whose they are."""
 
     rois: tuple
     series_frames: dict
+    patient: str = ""  # keyed hash of its PatientID ("" when it has none)
 
 
 def _sequence(dataset, keyword: str) -> list:
@@ -124,4 +125,5 @@ def _structure_set(dataset, identity_key: bytes) -> StructureSet:
                            if getattr(ref, "ReferencedSOPInstanceUID", None))
             contours.append(Contour(_points(contour, name), images))
         rois.append(Roi(name, frame, tuple(contours)))
-    return StructureSet(tuple(rois), series_frames)
+    patient = str(getattr(dataset, "PatientID", "") or "").strip()
+    return StructureSet(tuple(rois), series_frames, hashed(patient) if patient else "")
