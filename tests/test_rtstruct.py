@@ -185,6 +185,21 @@ def _other_patient(dataset) -> None:
     dataset.PatientID = "PID-someone-else"
 
 
+def _moved(dataset, axis: int, by: float, contour: int = 2, points: slice = slice(None)) -> None:
+    item = dataset.ROIContourSequence[0].ContourSequence[contour]
+    values = np.asarray([float(v) for v in item.ContourData]).reshape(-1, 3)
+    values[points, axis] += by
+    item.ContourData = [float(v) for v in values.ravel()]
+
+
+def _beside_the_image(dataset) -> None:
+    _moved(dataset, 0, 5000.0)  # +5,000 mm in x: it marks no voxel of the image
+
+
+def _damaged_coordinate(dataset) -> None:
+    _moved(dataset, 2, 1e30)  # a z of 1e30
+
+
 def _off_plane(dataset) -> None:
     contour = dataset.ROIContourSequence[0].ContourSequence[2]
     points = [float(v) for v in contour.ContourData]
@@ -198,9 +213,14 @@ def _off_plane(dataset) -> None:
                            r"PatientIDs differ"),
     (_off_plane, ROIS, r"a contour of ROI 'Edema' lies off the image planes \([\d.-]+ mm along the normal, 1\.00 mm "
                        r"from plane \d+; the image has 12 planes every 2\.5 mm\)"),
+    (_beside_the_image, ROIS, r"a contour of ROI 'Edema' lies outside the image volume \(its centre [\d.-]+ mm along "
+                              r"the normal, [\d.-]+ mm down the columns, 50\d\d\.\d\d mm along the rows from its "
+                              r"first voxel; the image spans 27\.50 mm, 35\.10 mm and 31\.50 mm\)"),
+    (_damaged_coordinate, ROIS, r"lies outside the image volume \(its centre 1e\+30 mm along the normal"),
     (None, "Edema=2,GTV=1", r"has no ROI named 'GTV' \(it has 'Edema', 'Enhancing', 'Necrosis', 'Brain'\); fix "
                            r"--roi-labels"),
-], ids=["another series", "another frame of reference", "another patient", "off the planes", "an ROI not there"])
+], ids=["another series", "another frame of reference", "another patient", "off the planes", "beside the image",
+        "a damaged coordinate", "an ROI not there"])
 def test_a_structure_set_that_does_not_fit_the_images_excludes_its_case(bucket, tmp_path, change, mapping, reason):
     root = f"s3://{bucket}/rtstruct-bad-{change.__name__ if change else 'missing'}"
     _case(root, "case_a", tmp_path, change)
@@ -290,6 +310,15 @@ def test_a_structure_set_drawn_on_a_sequence_sharing_the_first_ones_grid_reads_a
     [case] = catalog.cases
     assert not isinstance(case.mask, Aligned) and not isinstance(case.images[1], Aligned)
     np.testing.assert_array_equal(case.mask.read_volume(), _painted(structures, ROIS))
+
+
+def test_a_contour_reaching_far_outside_the_plane_is_clipped_at_the_cost_of_one_inside_it(bucket, tmp_path):
+    root = f"s3://{bucket}/rtstruct-far"
+    structures = _case(root, "case_a", tmp_path, lambda dataset: _moved(dataset, 0, 1e30, points=slice(0, 1)))
+    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    [case] = catalog.cases
+    painted, expected = case.mask.read_volume(), _painted(structures, ROIS)
+    assert (painted != expected).any(axis=(1, 2)).sum() == 1  # one plane differs: its contour's spike, clipped
 
 
 def _structure_set_bytes(tmp_path: Path) -> bytes:

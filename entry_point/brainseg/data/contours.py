@@ -57,6 +57,18 @@ def read_structure_set(bucket: str, obj: IndexedObject, identity_key: bytes) -> 
         raise QualityError(f"mask (RTSTRUCT {obj.name}): {err}") from None
 
 
+def _mm(value: float) -> str:
+    """Millimetres in words that stay short for absurd values (a damaged coordinate of 1e30)."""
+    return f"{value:.2f} mm" if abs(value) < 1e5 else f"{value:.3g} mm"
+
+
+def _outside(polygon: np.ndarray, plane_shape: tuple) -> bool:
+    """Whether a contour (``(n, 2)`` row, column voxel coordinates) lies wholly outside a plane of
+    ``plane_shape``: it could mark no voxel (one partly outside is clipped to the plane)."""
+    low, high = polygon.min(axis=0), polygon.max(axis=0)
+    return bool((high < -0.5).any() or (low > np.asarray(plane_shape) - 0.5).any())
+
+
 def _rows_of(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For integer ranges ``[low, high]`` (one per segment): ``(segment index, integer)`` of every
     integer in each."""
@@ -74,7 +86,9 @@ def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
     spans = np.zeros((rows, columns + 1), dtype=np.int32)
     # Inside: each edge crosses the rows y with min <= y < max (half-open: a vertex counts once); a
     # row's crossings sorted by column pair up, and the centres between a pair are inside.
-    edges, ys = _rows_of(np.ceil(np.minimum(r0, r1)), np.ceil(np.maximum(r0, r1)) - 1)
+    # Row ranges are clipped to the plane: a contour reaching far outside it (a damaged coordinate)
+    # costs no more than one within it.
+    edges, ys = _rows_of(np.clip(np.ceil(np.minimum(r0, r1)), 0, rows), np.clip(np.ceil(np.maximum(r0, r1)) - 1, -1, rows - 1))
     xs = c0[edges] + (ys - r0[edges]) * (c1[edges] - c0[edges]) / (r1[edges] - r0[edges])
     order = np.lexsort((xs, ys))
     ys, xs = ys[order], xs[order]
@@ -87,13 +101,14 @@ def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
     out = np.cumsum(spans, axis=1)[:, :columns] > 0
     # On an outline: the centres a segment passes through (a horizontal one: every centre along it).
     flat = np.abs(r1 - r0) < ON_OUTLINE
-    edges, ys = _rows_of(np.ceil(np.minimum(r0, r1) - ON_OUTLINE), np.floor(np.maximum(r0, r1) + ON_OUTLINE))
+    edges, ys = _rows_of(np.clip(np.ceil(np.minimum(r0, r1) - ON_OUTLINE), 0, rows),
+                         np.clip(np.floor(np.maximum(r0, r1) + ON_OUTLINE), -1, rows - 1))
     edges, ys = edges[~flat[edges]], ys[~flat[edges]]
     xs = c0[edges] + (ys - r0[edges]) * (c1[edges] - c0[edges]) / (r1[edges] - r0[edges])
     on = np.abs(xs - np.round(xs)) < ON_OUTLINE
     level = flat & (np.abs(r0 - np.round(r0)) < ON_OUTLINE)
-    runs, xs_flat = _rows_of(np.ceil(np.minimum(c0, c1)[level] - ON_OUTLINE),
-                             np.floor(np.maximum(c0, c1)[level] + ON_OUTLINE))
+    runs, xs_flat = _rows_of(np.clip(np.ceil(np.minimum(c0, c1)[level] - ON_OUTLINE), 0, columns),
+                             np.clip(np.floor(np.maximum(c0, c1)[level] + ON_OUTLINE), -1, columns - 1))
     points_y = np.concatenate([ys[on], np.round(r0[level])[runs]]).astype(int)
     points_x = np.concatenate([np.round(xs[on]), xs_flat]).astype(int)
     inside = (points_y >= 0) & (points_y < rows) & (points_x >= 0) & (points_x < columns)
@@ -199,15 +214,24 @@ class ContourMask(OneObject, Volume):
                                        f"{against} series")
                 offsets = contour.points - np.asarray(reference.origin)
                 along = offsets @ normal / reference.spacing[0]
-                plane = int(round(float(along.mean())))
-                off = float(np.abs(along - plane).max())
-                if off > ALIGNMENT_FRACTION or not 0 <= plane < depth:
-                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies off the {against} planes "
-                                       f"({float(along.mean()) * reference.spacing[0]:.2f} mm along the normal, "
-                                       f"{off * reference.spacing[0]:.2f} mm from plane {plane}; the {against} has "
-                                       f"{depth} planes every {reference.spacing[0]:.3g} mm)")
                 polygon = np.round(np.stack([offsets @ column_cosine / reference.spacing[1],
                                              offsets @ row_cosine / reference.spacing[2]], axis=1), SNAP_DECIMALS)
+                middle = float(along.mean())
+                if not -0.5 <= middle < depth - 0.5 or _outside(polygon, reference.shape[1:]):
+                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies outside the {against} volume "
+                                       f"(its centre {_mm(middle * reference.spacing[0])} along the normal, "
+                                       f"{_mm(float(polygon[:, 0].mean()) * reference.spacing[1])} down the columns, "
+                                       f"{_mm(float(polygon[:, 1].mean()) * reference.spacing[2])} along the rows "
+                                       f"from its first voxel; the {against} spans {_mm((depth - 1) * reference.spacing[0])}, "
+                                       f"{_mm((reference.shape[1] - 1) * reference.spacing[1])} and "
+                                       f"{_mm((reference.shape[2] - 1) * reference.spacing[2])})")
+                plane = int(round(middle))
+                off = float(np.abs(along - plane).max())
+                if off > ALIGNMENT_FRACTION:
+                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies off the {against} planes "
+                                       f"({_mm(middle * reference.spacing[0])} along the normal, "
+                                       f"{_mm(off * reference.spacing[0])} from plane {plane}; the {against} has "
+                                       f"{depth} planes every {reference.spacing[0]:.3g} mm)")
                 polygons.setdefault(plane, []).append(polygon)
             for plane, shapes in polygons.items():
                 planes[plane].append((label, tuple(shapes)))
