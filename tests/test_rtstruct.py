@@ -321,6 +321,29 @@ def test_a_contour_reaching_far_outside_the_plane_is_clipped_at_the_cost_of_one_
     assert (painted != expected).any(axis=(1, 2)).sum() == 1  # one plane differs: its contour's spike, clipped
 
 
+def _densified(dataset, points: int = 200_000) -> None:
+    """The first Edema contour redrawn through ``points`` points along its own edges (4.6 MB of text)."""
+    item = dataset.ROIContourSequence[0].ContourSequence[2]
+    corners = np.asarray([float(v) for v in item.ContourData]).reshape(-1, 3)
+    steps = -(-points // len(corners))
+    fractions = np.arange(steps)[:, None] / steps
+    dense = np.concatenate([start + fractions * (end - start) for start, end in zip(corners, np.roll(corners, -1, 0))])
+    item.ContourData = [float(f"{v:.6f}") for v in dense.ravel()]
+    item.NumberOfContourPoints = len(dense)
+
+
+def test_a_structure_set_of_many_megabytes_is_read_not_refused_by_the_header_bound(bucket, tmp_path):
+    """Radiotherapy structure sets of 1-20 MB are common and are read whole anyway: the header bound
+    (--max-header-mb, 1 MiB) is for image headers; a structure set is told apart by its file meta."""
+    root = f"s3://{bucket}/rtstruct-large"
+    structures = _case(root, "case_a", tmp_path, _densified)
+    [info] = [info for info in s3.list_tree(bucket, "rtstruct-large/case_a/mask/")]
+    assert info.size > 4 * 2**20
+    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions, catalog.exclusions
+    np.testing.assert_array_equal(catalog.cases[0].mask.read_volume(), _painted(structures, ROIS))
+
+
 def _structure_set_bytes(tmp_path: Path) -> bytes:
     """An explicit-VR little-endian structure set rt-utils draws from :func:`_structures`."""
     for number, dataset in enumerate(writer.slice_datasets(np.full(SHAPE, 400, np.int16),

@@ -7,6 +7,7 @@ import io
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
@@ -116,3 +117,20 @@ def test_a_seg_beside_other_mask_objects_is_refused(bucket):
     catalog = build_catalog(root, split_fractions=(1.0, 0.0, 0.0))
     (exclusion,) = catalog.exclusions
     assert exclusion.reason.startswith(f"mask/ holds a DICOM SEG (seg.dcm) and {SHAPE[0]} other image object(s)")
+
+
+def test_a_seg_whose_header_outgrows_the_image_bound_is_read(bucket):
+    """A segmentation's header grows with its frames (a functional-group item each): it has its own
+    bound (64 MiB), not --max-header-mb's 1 MiB for image headers. Here 1.5 MB of private data stand
+    in for the items of thousands of frames."""
+    root = f"s3://{bucket}/seg-large-header"
+    labels = _labels(5)
+    _put_case(root, "a", labels)
+    dataset = pydicom.dcmread(io.BytesIO(s3.get_object(bucket, "seg-large-header/a/mask/seg.dcm")))
+    dataset.private_block(0x0009, "brainseg tests", create=True).add_new(0x10, "OB", bytes(1_500_000))
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    s3.put_bytes(f"{root}/a/mask/seg.dcm", buffer.getvalue())
+    catalog = build_catalog(root, split_fractions=(1.0, 0.0, 0.0), labels=parse_scheme("ncr=1,ed=2,et=3"))
+    assert not catalog.exclusions, catalog.exclusions
+    np.testing.assert_array_equal(catalog.cases[0].mask.read_volume(), labels)

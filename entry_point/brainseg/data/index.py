@@ -25,7 +25,17 @@ from dataclasses import asdict, dataclass, field, replace
 from brainseg.data.quality import IndexedObject
 from brainseg.data.registration import Registration
 from brainseg.data.summary import CaseSummary
-from brainseg.dicom import HeaderError, NeedMoreBytes, NotAnImage, NotDicom, ObjectHeader, element_beyond, parse_header
+from brainseg.dicom import (
+    SEGMENTATION_STORAGE,
+    HeaderError,
+    NeedMoreBytes,
+    NotAnImage,
+    NotDicom,
+    ObjectHeader,
+    declared_class,
+    element_beyond,
+    parse_header,
+)
 from brainseg.io import s3
 
 logger = logging.getLogger(__name__)
@@ -34,6 +44,8 @@ INDEX_VERSION = 6  # 3: keyed identity hashes, stray objects; 4: per-sequence in
 # 5: frames of reference, studies and how each series was acquired; 6: the series' day
 HEADER_PREFIX_BYTES = 8 * 1024  # 8 KiB: a classic slice header fits; enhanced objects grow it
 MAX_HEADER_BYTES = 1024 * 1024  # 1 MiB: a header larger than this is refused, never downloaded
+# A segmentation's header grows with its frames (a functional-group item each): its own, larger bound.
+MAX_SEGMENTATION_HEADER_BYTES = 64 * 1024 * 1024
 KEY_BYTES = 32
 KEY_ENVIRONMENT = "BRAINSEG_IDENTITY_KEY"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")  # a file named like this is meant to be a slice
@@ -55,7 +67,9 @@ def is_stray_name(key: str) -> str:
 
 def parse_object(key: str, size: int, fetch: Callable[[int, int], bytes], identity_key: bytes = b"",
                  max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[ObjectHeader | None, str, bool]:
-    """Parse one object's header from as few leading bytes as possible (at most ``max_header_bytes``).
+    """Parse one object's header from as few leading bytes as possible (at most ``max_header_bytes``;
+    a segmentation's at most :data:`MAX_SEGMENTATION_HEADER_BYTES`; a structure set is told apart by
+    its file meta, without reading the rest).
 
     Args:
         key: the object's key (its name decides whether a non-DICOM object is stray).
@@ -75,6 +89,8 @@ def parse_object(key: str, size: int, fetch: Callable[[int, int], bytes], identi
     while True:
         if wanted > len(prefix):
             prefix += fetch(len(prefix), wanted)
+            if declared_class(prefix) == SEGMENTATION_STORAGE:
+                max_header_bytes = max(max_header_bytes, MAX_SEGMENTATION_HEADER_BYTES)
         try:
             return parse_header(prefix, size, identity_key), "", False
         except NeedMoreBytes as more:

@@ -15,6 +15,7 @@ import warnings
 import pydicom.config
 
 from brainseg.dicom.header import (
+    SEGMENTATION_STORAGE,
     HeaderError,
     NeedMoreBytes,
     NotAnImage,
@@ -24,6 +25,7 @@ from brainseg.dicom.header import (
     identity_hash,
     parse_header,
 )
+from brainseg.dicom.pixel_location import declared_class
 from brainseg.dicom.pixels import PixelDataError, decode_frame, decode_native_rows, item_fragments
 
 
@@ -38,12 +40,14 @@ def _silence_pydicom() -> None:
 _silence_pydicom()
 
 __all__ = [
+    "SEGMENTATION_STORAGE",
     "HeaderError",
     "NeedMoreBytes",
     "NotAnImage",
     "NotDicom",
     "ObjectHeader",
     "PixelDataError",
+    "declared_class",
     "decode_frame",
     "decode_native_rows",
     "element_beyond",

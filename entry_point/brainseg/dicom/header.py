@@ -38,6 +38,7 @@ from brainseg.dicom.pixel_location import (
     ITEM_TAG,
     NATIVE_SYNTAXES,
     PREAMBLE_BYTES,
+    declared_class,
     declared_syntax,
     element_beyond,
     encoding_mismatch,
@@ -51,6 +52,7 @@ __all__ = ["ITEM_TAG", "NATIVE_SYNTAXES", "HeaderError", "NeedMoreBytes", "NotAn
 
 IMAGE_CLASSES_WITHOUT_IMAGE_IN_NAME = {"Segmentation Storage", "Parametric Map Storage"}
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 IDENTITY_DIGITS = 16  # hex digits kept of each keyed hash
 
 
@@ -251,6 +253,8 @@ def _data_set(prefix: bytes, object_size: int):
         raise NeedMoreBytes(min(object_size, 4096))
     if prefix[128:132] != b"DICM":
         raise NotDicom("not a DICOM file (no 'DICM' marker after the 128-byte preamble)")
+    if declared_class(prefix) == STRUCTURE_SET_STORAGE:  # all header, no pixels: told by its first bytes
+        raise NotAnImage(not_an_image_reason("RT Structure Set Storage"))
     stream = io.BytesIO(prefix)
     try:
         dataset = pydicom.dcmread(stream, stop_before_pixels=True)

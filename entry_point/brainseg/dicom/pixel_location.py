@@ -94,6 +94,16 @@ def found_encoding(prefix: bytes) -> tuple[bool, bool] | None:
 def declared_syntax(prefix: bytes) -> str:
     """The Transfer Syntax UID the file meta declares, read from its bytes (always explicit VR little
     endian), or "" when it cannot be found: for a reason when the data set itself cannot be read."""
+    return file_meta_uid(prefix, 0x0010)
+
+
+def declared_class(prefix: bytes) -> str:
+    """The Media Storage SOP Class UID the file meta declares (read as :func:`declared_syntax`), or ""."""
+    return file_meta_uid(prefix, 0x0002)
+
+
+def file_meta_uid(prefix: bytes, wanted: int) -> str:
+    """The UID of file meta element (0002,``wanted``), read from the prefix's bytes, or "" when absent."""
     position = PREAMBLE_BYTES
     try:
         while position + 8 <= len(prefix):
@@ -106,7 +116,7 @@ def declared_syntax(prefix: bytes) -> str:
             else:
                 (length,) = struct.unpack_from("<H", prefix, position + 6)
                 header = 8
-            if element == 0x0010:
+            if element == wanted:
                 return prefix[position + header:position + header + length].decode("ascii").strip("\0 ")
             position += header + length
     except (struct.error, UnicodeDecodeError):

@@ -19,9 +19,8 @@ import pydicom
 
 from brainseg.dicom.elements import describe
 from brainseg.dicom.errors import HeaderError
-from brainseg.dicom.header import identity_hash, not_an_image_reason
+from brainseg.dicom.header import STRUCTURE_SET_STORAGE, identity_hash, not_an_image_reason
 
-STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STRUCTURE_SET_REASON = not_an_image_reason("RT Structure Set Storage")
 CLOSED_PLANAR = "CLOSED_PLANAR"
 
