@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import re
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ from brainseg.dicom import HeaderError, writer
 from brainseg.dicom.rtstruct import parse_structure_set
 from brainseg.io import cache, s3
 from brainseg.labels import parse_roi_labels
-from tests.conftest import dicom_bytes, put
+from tests.conftest import console_script, dicom_bytes, put
 
 sys.path.append(str(Path(sys.prefix) / "rt-utils"))  # installed apart by the Makefile (see there)
 from rt_utils import RTStructBuilder
@@ -217,8 +218,8 @@ def _off_plane(dataset) -> None:
                               r"the normal, [\d.-]+ mm down the columns, 50\d\d\.\d\d mm along the rows from its "
                               r"first voxel; the image spans 27\.50 mm, 35\.10 mm and 31\.50 mm\)"),
     (_damaged_coordinate, ROIS, r"lies outside the image volume \(its centre 1e\+30 mm along the normal"),
-    (None, "Edema=2,GTV=1", r"has no ROI named 'GTV' \(it has 'Edema', 'Enhancing', 'Necrosis', 'Brain'\); fix "
-                           r"--roi-labels"),
+    (None, "Edema=2,GTV=1", r"has no ROI named 'GTV' \(it has 'Edema', number 2, number 3, number 4; "
+                           r"brainseg-inspect shows their names\); fix --roi-labels"),
 ], ids=["another series", "another frame of reference", "another patient", "off the planes", "beside the image",
         "a damaged coordinate", "an ROI not there"])
 def test_a_structure_set_that_does_not_fit_the_images_excludes_its_case(bucket, tmp_path, change, mapping, reason):
@@ -381,3 +382,26 @@ def test_a_damaged_structure_set_is_a_reason_never_an_escaped_error(tmp_path):
             assert "ô" not in str(err) and "Doe" not in str(err)
             outcomes["refused"] += 1
     assert outcomes["parsed"] + outcomes["refused"] == 300 and outcomes["refused"] > 0
+
+
+def test_roi_names_the_user_did_not_type_stay_out_of_a_jobs_reasons_and_inspect_shows_them(bucket, tmp_path):
+    """ROI names are free text typed at a workstation and may hold a patient's name: a job's reasons
+    (and so its logs and artifacts) name such an ROI by its ROINumber; brainseg-inspect, run by the
+    data owner, names it."""
+    root = f"s3://{bucket}/rtstruct-phi"
+
+    def rename(dataset) -> None:
+        dataset.StructureSetROISequence[0].ROIName = "Doe^Jane^PHI4711 Edema"
+        _off_plane(dataset)
+
+    _case(root, "case_a", tmp_path, rename)
+    for show, shown in ((False, "number 1"), (True, "'Doe^Jane^PHI4711 Edema'")):
+        catalog = build_catalog(root + "/", roi_labels=(), split_fractions=(1.0, 0.0, 0.0), show_roi_names=show)
+        [exclusion] = catalog.exclusions
+        assert f"a contour of ROI {shown} lies off the image planes" in exclusion.reason
+        assert ("Doe" in exclusion.reason) == show
+    missing = build_catalog(root + "/", roi_labels=parse_roi_labels("GTV=1"), split_fractions=(1.0, 0.0, 0.0))
+    assert "Doe" not in missing.exclusions[0].reason
+    inspected = subprocess.run([console_script("brainseg-inspect"), root + "/", "--roi-labels", "GTV=1"],
+                               capture_output=True, text=True)
+    assert "'Doe^Jane^PHI4711 Edema'" in inspected.stdout + inspected.stderr

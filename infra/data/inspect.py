@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                 zero_fill=args.missing_sequences == "zero", labels=parse_scheme(args.labels),
                                 identity_key_uri=args.identity_key_uri, roi_labels=parse_roi_labels(args.roi_labels),
                                 layout=args.layout, case_per=args.case_per, sequence_rules=load_rules(args.sequence_rules),
-                                registration=args.registration)
+                                registration=args.registration, show_roi_names=True)
     except (ValueError, s3.S3Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

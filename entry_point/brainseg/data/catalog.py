@@ -136,7 +136,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
                   identity_key_uri: str = "", roi_labels: tuple = (), layout: str = "folders",
-                  sequence_rules: Rules | None = None, registration: str = "rigid", case_per: str = "study") -> Catalog:
+                  sequence_rules: Rules | None = None, registration: str = "rigid", case_per: str = "study",
+                  show_roi_names: bool = False) -> Catalog:
     """Index, check, summarise and split every case under ``uri``, in named steps: list, index,
     assemble, summarise, check, exclude, split, save (each below, testable alone).
 
@@ -167,6 +168,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             default beside the index).
         roi_labels: RTSTRUCT masks: ``((ROI name, label value), ...)`` in painting order
             (:func:`brainseg.labels.parse_roi_labels`; empty: every ROI as 1).
+        show_roi_names: reasons may quote ROI names ``roi_labels`` does not give (brainseg-inspect,
+            where the data owner looks); else those ROIs are named by their ROINumber.
         layout: ``folders`` (``<case>/<sequence>/``), ``studies`` (any tree of objects, cases found
             by their headers: :mod:`brainseg.data.studies`) or ``auto`` (folders when there are any).
         case_per: the studies layout's case: ``study`` or ``patient`` (every study of a patient
@@ -209,7 +212,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
         listed, discovery = discover_studies(listed, indexed.objects, sequence_rules or default_rules(), zero_fill,
                                              read_structure_sets(listed.bucket, indexed.objects, key), case_per)
     registrar = Registrar(index.registrations, enabled=registration != "none")
-    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks, ContourOptions(roi_labels, key),
+    assembled = assemble_cases(listed, indexed.objects, zero_fill, require_masks,
+                               ContourOptions(roi_labels, key, show_roi_names),
                                registrar)
     summaries, summarised, unreadable = summarise_cases(listed, assembled, index, roi_labels)
     reasons = {**(discovery.reasons if discovery else {}), **assembled.reasons, **unreadable}
@@ -470,7 +474,7 @@ def assemble_case(bucket: str, sequences: tuple, parts: dict, zero_fill: bool, r
             raise QualityError(f"mask/ holds an RT Structure Set ({structure_sets[0].name}) and {len(extra)} other "
                                "object(s); keep one structure set, SEG or label series per mask folder")
         mask = ContourMask.read(bucket, structure_sets[0], reference, reference_name, contours.roi_labels,
-                                contours.identity_key, others)
+                                contours.identity_key, others, contours.show_names)
     elif segmentations:
         extra = [obj for obj in parts["mask"] if not obj.stray and obj not in segmentations]
         if len(segmentations) > 1 or extra:

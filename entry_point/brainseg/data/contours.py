@@ -31,11 +31,13 @@ SNAP_DECIMALS = 4  # voxel coordinates are rounded to 1e-4 voxel: contour tools 
 
 @dataclass(frozen=True)
 class ContourOptions:
-    """What reading a structure set needs beyond its object: ``--roi-labels`` (parsed) and the
-    dataset's identity key (its references are compared as keyed hashes)."""
+    """What reading a structure set needs beyond its object: ``--roi-labels`` (parsed), the dataset's
+    identity key (its references are compared as keyed hashes), and whether reasons may quote ROI
+    names the user did not type (free text that may hold a name: only where the data owner looks)."""
 
     roi_labels: tuple = ()
     identity_key: bytes = b""
+    show_names: bool = False  # reasons quote every ROI name (brainseg-inspect), else only those --roi-labels names
 
 
 def is_structure_set(obj: IndexedObject) -> bool:
@@ -140,7 +142,7 @@ class ContourMask(OneObject, Volume):
 
     @classmethod
     def read(cls, bucket: str, obj: IndexedObject, reference: Series, against: str, roi_labels: tuple,
-             identity_key: bytes, others: dict | None = None) -> ContourMask | Aligned:
+             identity_key: bytes, others: dict | None = None, show_names: bool = False) -> ContourMask | Aligned:
         """The structure set ``obj`` (read whole) on ``reference``'s grid (:meth:`on_grid`); or, when
         it references one of ``others`` (``{name: volume}``: the case's other sequences as the case
         reads them) instead, on that sequence's own planes: as they are when the sequence shares the
@@ -157,7 +159,7 @@ class ContourMask(OneObject, Volume):
                     and reference.headers[0].series_hash not in structure_set.series_frames]
         name, volume = drawn_on[0] if drawn_on else (against, reference)
         drawn = replace(cls.on_grid(obj.name, structure_set, volume.native, name, roi_labels,
-                                    others=list(others or ())),
+                                    others=list(others or ()), show_names=show_names),
                         key=obj.key, etag=obj.etag, roi_labels=tuple(roi_labels))
         if not isinstance(volume, Aligned):
             return drawn
@@ -166,9 +168,10 @@ class ContourMask(OneObject, Volume):
 
     @classmethod
     def on_grid(cls, name: str, structure_set: StructureSet, reference: Series, against: str,
-                roi_labels: tuple, others: list | None = None) -> ContourMask:
+                roi_labels: tuple, others: list | None = None, show_names: bool = False) -> ContourMask:
         """Place the ROIs ``roi_labels`` maps (``((name, label), ...)``; empty: every ROI as 1) on
-        ``reference``'s planes.
+        ``reference``'s planes. Reasons name an ROI by the name ``roi_labels`` gives it, else (unless
+        ``show_names``) by its ROINumber: ROI names are free text, and may hold a patient's name.
 
         Raises:
             QualityError: the set references another series, images outside it or another frame of
@@ -185,21 +188,24 @@ class ContourMask(OneObject, Volume):
             raise QualityError(f"{what} belongs to another patient than the {against} series (their PatientIDs "
                                "differ: a mix-up on export?)")
         instances = {header.instance_hash for header in reference.headers}
+        typed = {roi.lower() for roi, _ in roi_labels}
+        named = lambda roi: repr(roi.name) if show_names or roi.name.lower() in typed else f"number {roi.number}"
         by_name = {roi.name.lower(): roi for roi in structure_set.rois}
         if roi_labels:
             missing = [roi for roi, _ in roi_labels if roi.lower() not in by_name]
             if missing:
                 raise QualityError(f"{what} has no ROI named {', '.join(map(repr, missing))} (it has "
-                                   f"{', '.join(repr(roi.name) for roi in structure_set.rois) or 'none'}); "
+                                   f"{', '.join(named(roi) for roi in structure_set.rois) or 'none'}"
+                                   f"{'' if show_names else '; brainseg-inspect shows their names'}); "
                                    "fix --roi-labels")
             mapped = [(by_name[roi.lower()], label) for roi, label in roi_labels]
         else:
             mapped = [(roi, 1) for roi in structure_set.rois if roi.contours]
         frame = structure_set.series_frames.get(series, "")
-        elsewhere = [roi.name for roi, _ in mapped if frame and roi.frame_of_reference
+        elsewhere = [named(roi) for roi, _ in mapped if frame and roi.frame_of_reference
                      and roi.frame_of_reference != frame]
         if elsewhere:
-            raise QualityError(f"{what}: ROI {', '.join(map(repr, elsewhere))} lies in another frame of reference "
+            raise QualityError(f"{what}: ROI {', '.join(elsewhere)} lies in another frame of reference "
                                f"than the {against} series")
         orientation = np.asarray(reference.orientation, dtype=float)
         row_cosine, column_cosine = orientation[:3], orientation[3:]
@@ -210,7 +216,7 @@ class ContourMask(OneObject, Volume):
             polygons: dict[int, list] = {}
             for contour in roi.contours:
                 if contour.images and not set(contour.images) <= instances:
-                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} names an image that is not in the "
+                    raise QualityError(f"{what}: a contour of ROI {named(roi)} names an image that is not in the "
                                        f"{against} series")
                 offsets = contour.points - np.asarray(reference.origin)
                 along = offsets @ normal / reference.spacing[0]
@@ -218,7 +224,7 @@ class ContourMask(OneObject, Volume):
                                              offsets @ row_cosine / reference.spacing[2]], axis=1), SNAP_DECIMALS)
                 middle = float(along.mean())
                 if not -0.5 <= middle < depth - 0.5 or _outside(polygon, reference.shape[1:]):
-                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies outside the {against} volume "
+                    raise QualityError(f"{what}: a contour of ROI {named(roi)} lies outside the {against} volume "
                                        f"(its centre {_mm(middle * reference.spacing[0])} along the normal, "
                                        f"{_mm(float(polygon[:, 0].mean()) * reference.spacing[1])} down the columns, "
                                        f"{_mm(float(polygon[:, 1].mean()) * reference.spacing[2])} along the rows "
@@ -228,7 +234,7 @@ class ContourMask(OneObject, Volume):
                 plane = int(round(middle))
                 off = float(np.abs(along - plane).max())
                 if off > ALIGNMENT_FRACTION:
-                    raise QualityError(f"{what}: a contour of ROI {roi.name!r} lies off the {against} planes "
+                    raise QualityError(f"{what}: a contour of ROI {named(roi)} lies off the {against} planes "
                                        f"({_mm(middle * reference.spacing[0])} along the normal, "
                                        f"{_mm(off * reference.spacing[0])} from plane {plane}; the {against} has "
                                        f"{depth} planes every {reference.spacing[0]:.3g} mm)")

@@ -36,9 +36,10 @@ class Contour:
 
 @dataclass(frozen=True)
 class Roi:
-    name: str
+    name: str  # free text typed at a workstation: shown only where the data owner looks (brainseg-inspect)
     frame_of_reference: str  # keyed hash
     contours: tuple
+    number: int = 0  # ROINumber: how a job's logs name an ROI whose name the user did not type
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,6 @@ def _structure_set(dataset, identity_key: bytes) -> StructureSet:
             images = tuple(hashed(ref.ReferencedSOPInstanceUID) for ref in _sequence(contour, "ContourImageSequence")
                            if getattr(ref, "ReferencedSOPInstanceUID", None))
             contours.append(Contour(_points(contour, name), images))
-        rois.append(Roi(name, frame, tuple(contours)))
+        rois.append(Roi(name, frame, tuple(contours), number))
     patient = str(getattr(dataset, "PatientID", "") or "").strip()
     return StructureSet(tuple(rois), series_frames, hashed(patient) if patient else "")
