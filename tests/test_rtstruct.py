@@ -405,3 +405,32 @@ def test_roi_names_the_user_did_not_type_stay_out_of_a_jobs_reasons_and_inspect_
     inspected = subprocess.run([console_script("brainseg-inspect"), root + "/", "--roi-labels", "GTV=1"],
                                capture_output=True, text=True)
     assert "'Doe^Jane^PHI4711 Edema'" in inspected.stdout + inspected.stderr
+
+
+def test_contours_that_mark_rather_than_bound_are_counted_in_the_log(bucket, tmp_path, caplog):
+    root = f"s3://{bucket}/rtstruct-marks"
+
+    def marks(dataset) -> None:
+        necrosis = dataset.ROIContourSequence[2].ContourSequence
+        for contour in necrosis:  # every necrosis contour now a point: the ROI labels nothing
+            contour.ContourGeometricType = "POINT"
+            contour.ContourData = [float(v) for v in contour.ContourData[:3]]
+            contour.NumberOfContourPoints = 1
+        edema = dataset.ROIContourSequence[0].ContourSequence
+        line = pydicom.Dataset()
+        line.ContourGeometricType, line.NumberOfContourPoints = "CLOSED_PLANAR", 2
+        line.ContourData = [float(v) for v in edema[0].ContourData[:6]]
+        edema.append(line)
+
+    _case(root, "case_a", tmp_path, marks)
+    with caplog.at_level("WARNING", logger="brainseg.data.catalog"):
+        catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    assert not catalog.exclusions
+    logged = caplog.text
+    points = len(pydicom.dcmread(io.BytesIO(s3.get_object(bucket, "rtstruct-marks/case_a/mask/RS.dcm")))
+                 .ROIContourSequence[2].ContourSequence)
+    assert f"case case_a: mask (RTSTRUCT RS.dcm): ROI 'Necrosis': {points} point or open contour(s) left out (they " \
+           "mark, not bound)" in logged
+    assert "case case_a: mask (RTSTRUCT RS.dcm): ROI 'Necrosis' has no closed contour: it labels nothing" in logged
+    assert "ROI 'Edema': 1 closed contour(s) of one or two points (a point or a line: no area)" in logged
+    assert 1 not in np.unique(catalog.cases[0].mask.read_volume())

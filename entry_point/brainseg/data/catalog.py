@@ -304,6 +304,9 @@ def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_mask
             series[case_id] = assemble_case(listed.bucket, listed.sequences, parts, zero_fill, require_masks,
                                             sorted(listed.other_folders.get(case_id, ())), contours, registrar)
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
+            mask = series[case_id][1]
+            for note in getattr(getattr(mask, "source", mask), "notes", ()):
+                logger.warning("case %s: %s", case_id, note)
         except QualityError as err:
             reasons[case_id] = str(err)
     return Assembled(series, skipped, missing, reasons)

@@ -132,6 +132,7 @@ class ContourMask(OneObject, Volume):
     key: str = ""  # the object's key and ETag, and the ROI mapping: what names it, resampled, in the host's cache
     etag: str = ""
     roi_labels: tuple = ()
+    notes: tuple = ()  # what of the mapped ROIs was left out or marks nothing, in words (logged with the case)
 
     bytes_per_voxel = 1
     what = "structure set"
@@ -241,8 +242,17 @@ class ContourMask(OneObject, Volume):
                 polygons.setdefault(plane, []).append(polygon)
             for plane, shapes in polygons.items():
                 planes[plane].append((label, tuple(shapes)))
+        notes = []
+        for roi, _ in mapped:
+            if roi.marks:
+                notes.append(f"ROI {named(roi)}: {roi.marks} point or open contour(s) left out (they mark, not bound)")
+            if roi.degenerate:
+                notes.append(f"ROI {named(roi)}: {roi.degenerate} closed contour(s) of one or two points (a point or "
+                             "a line: no area)")
+            if not roi.contours:
+                notes.append(f"ROI {named(roi)} has no closed contour: it labels nothing")
         return cls(name, reference.shape, reference.spacing, reference.origin, reference.orientation,
-                   tuple(tuple(plane) for plane in planes))
+                   tuple(tuple(plane) for plane in planes), notes=tuple(f"{what}: {note}" for note in notes))
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Label values ``[z0:z1, y0:y1, x0:x1]`` (0 outside every mapped ROI) as float32."""

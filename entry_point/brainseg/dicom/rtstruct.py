@@ -40,6 +40,8 @@ class Roi:
     frame_of_reference: str  # keyed hash
     contours: tuple
     number: int = 0  # ROINumber: how a job's logs name an ROI whose name the user did not type
+    marks: int = 0  # POINT and OPEN_PLANAR contours: they mark, not bound, and are left out
+    degenerate: int = 0  # closed contours of one or two points: a point or a line, no area
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,15 @@ def _structure_set(dataset, identity_key: bytes) -> StructureSet:
             raise HeaderError(f"ROIContourSequence (3006,0039) names ROI number {number}, which "
                               "StructureSetROISequence (3006,0020) does not define")
         name, frame = names[number]
-        contours = []
+        contours, marks = [], 0
         for contour in _sequence(item, "ContourSequence"):  # points and open contours mark, not bound: left out
             if str(getattr(contour, "ContourGeometricType", "") or "").strip().upper() != CLOSED_PLANAR:
+                marks += 1
                 continue
             images = tuple(hashed(ref.ReferencedSOPInstanceUID) for ref in _sequence(contour, "ContourImageSequence")
                            if getattr(ref, "ReferencedSOPInstanceUID", None))
             contours.append(Contour(_points(contour, name), images))
-        rois.append(Roi(name, frame, tuple(contours), number))
+        rois.append(Roi(name, frame, tuple(contours), number, marks,
+                        sum(len(contour.points) < 3 for contour in contours)))
     patient = str(getattr(dataset, "PatientID", "") or "").strip()
     return StructureSet(tuple(rois), series_frames, hashed(patient) if patient else "")
