@@ -313,10 +313,13 @@ def test_a_structure_set_drawn_on_a_sequence_sharing_the_first_ones_grid_reads_a
     np.testing.assert_array_equal(case.mask.read_volume(), _painted(structures, ROIS))
 
 
-def test_a_contour_reaching_far_outside_the_plane_is_clipped_at_the_cost_of_one_inside_it(bucket, tmp_path):
+def test_a_contour_reaching_far_outside_the_plane_is_clipped_at_the_cost_of_one_inside_it(bucket, tmp_path, caplog):
     root = f"s3://{bucket}/rtstruct-far"
     structures = _case(root, "case_a", tmp_path, lambda dataset: _moved(dataset, 0, 1e30, points=slice(0, 1)))
-    catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    with caplog.at_level("WARNING", logger="brainseg.data.catalog"):
+        catalog = build_catalog(root + "/", roi_labels=parse_roi_labels(ROIS), split_fractions=(1.0, 0.0, 0.0))
+    assert re.search(r"case case_a: mask \(RTSTRUCT RS\.dcm\): ROI 'Edema': contour\(s\) partly outside the image "
+                     r"planes, clipped to them \(up to \d+% of a contour's points outside\)", caplog.text), caplog.text
     [case] = catalog.cases
     painted, expected = case.mask.read_volume(), _painted(structures, ROIS)
     assert (painted != expected).any(axis=(1, 2)).sum() == 1  # one plane differs: its contour's spike, clipped

@@ -213,6 +213,7 @@ class ContourMask(OneObject, Volume):
         normal = np.cross(row_cosine, column_cosine)
         depth = reference.shape[0]
         planes: list[list] = [[] for _ in range(depth)]
+        clipped: dict[int, float] = {}  # per mapped ROI: the largest share of a contour's points outside the plane
         for roi, label in mapped:
             polygons: dict[int, list] = {}
             for contour in roi.contours:
@@ -232,6 +233,9 @@ class ContourMask(OneObject, Volume):
                                        f"from its first voxel; the {against} spans {_mm((depth - 1) * reference.spacing[0])}, "
                                        f"{_mm((reference.shape[1] - 1) * reference.spacing[1])} and "
                                        f"{_mm((reference.shape[2] - 1) * reference.spacing[2])})")
+                beyond = ((polygon < -0.5) | (polygon > np.asarray(reference.shape[1:]) - 0.5)).any(axis=1).mean()
+                if beyond:
+                    clipped[id(roi)] = max(clipped.get(id(roi), 0.0), float(beyond))
                 plane = int(round(middle))
                 off = float(np.abs(along - plane).max())
                 if off > ALIGNMENT_FRACTION:
@@ -251,6 +255,9 @@ class ContourMask(OneObject, Volume):
                              "a line: no area)")
             if not roi.contours:
                 notes.append(f"ROI {named(roi)} has no closed contour: it labels nothing")
+            if id(roi) in clipped:
+                notes.append(f"ROI {named(roi)}: contour(s) partly outside the {against} planes, clipped to them "
+                             f"(up to {100 * clipped[id(roi)]:.0f}% of a contour's points outside)")
         return cls(name, reference.shape, reference.spacing, reference.origin, reference.orientation,
                    tuple(tuple(plane) for plane in planes), notes=tuple(f"{what}: {note}" for note in notes))
 
