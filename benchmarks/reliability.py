@@ -1,13 +1,15 @@
 """Reliability benchmark: what hostile bytes, a flaky network and bad input do to the job.
 
-    python benchmarks/reliability.py [--headers 20000] [--cases 200] [--reads 300] [--probability 0.2]
-                                     [--out benchmarks/results/reliability.json]
+    python benchmarks/reliability.py [--headers 20000] [--cases 200] [--masks 1000] [--reads 300] [--probability 0.2]
+                                     [--parts fuzz,masks,faults,training,bad_input] [--out benchmarks/results/reliability.json]
 
 Each part counts what was tried, what survived (the right bytes, the right weights, a clear
 refusal) and what was lost (an exception that escaped, wrong numbers, a traceback, data changed):
 
 * fuzz: seeded 1-4 byte mutations of real headers (``tests.support.fuzz``), parsed in memory; then whole
   cases with one mutated slice each, indexed from the embedded S3 by ``build_catalog``.
+* masks: cases whose mask is a mutated RT Structure Set (anywhere: it is all header) or DICOM SEG
+  (its header), ``--masks`` of each, indexed by ``build_catalog``.
 * faults: every fault the embedded S3 injects (``tests.support.faults``) on ``--probability`` of the
   requests, against ranged, whole and streamed reads, plain and conditional writes; seconds
   against the same work without faults.
@@ -41,9 +43,10 @@ from brainseg.io import s3  # noqa: E402
 from brainseg.run import ownership  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
 from tests.support.faults import FaultyS3  # noqa: E402
-from tests.support.fuzz import fuzz_headers, write_fuzzed_cases  # noqa: E402
+from tests.support.fuzz import MASK_KINDS, PHI_TOKENS, fuzz_headers, write_fuzzed_cases, write_fuzzed_masks  # noqa: E402
 
 BUCKET = "bench-reliability"
+PARTS = ("fuzz", "masks", "faults", "training", "bad_input")
 OUTPUT_BUCKET = "bench-reliability-runs"  # bad inputs write (or refuse to write) here, outside the data bucket
 GET_FAULTS = ("slowdown", "error500", "reset", "cut", "short", "short-checksum")
 PUT_FAULTS = ("slowdown", "error500", "reset", "lost-reply")
@@ -71,6 +74,26 @@ def fuzz(headers: int, cases: int) -> dict:
         outcome = {"ok": 0, "excluded": 0, "lost": cases, "escaped": f"{type(err).__name__}: {err}"}
     return {"headers": parsed, "cases": {"tried": cases, **outcome,
                                          "seconds": round(time.perf_counter() - started, 1)}}
+
+
+def mask_fuzz(cases: int) -> dict:
+    """Per mask kind (RTSTRUCT, SEG): ``cases`` cases whose mask has 1-4 mutated header bytes,
+    indexed from S3 by one ``build_catalog``; lost: an escaped exception (every case), a reason from
+    the last line of defence or quoting an identifier."""
+    out = {}
+    for kind in MASK_KINDS:
+        root = f"s3://{BUCKET}/fuzz-{kind}/"
+        write_fuzzed_masks(root, kind, cases, seed=cases)
+        started = time.perf_counter()
+        try:
+            catalog = build_catalog(root)
+            outcome = {"usable": len(catalog.cases), "excluded": len(catalog.exclusions),
+                       "lost": sum("unexpected" in item.reason or any(token in item.reason for token in PHI_TOKENS)
+                                   for item in catalog.exclusions)}
+        except Exception as err:  # the figure this benchmark exists to report
+            outcome = {"usable": 0, "excluded": 0, "lost": cases, "escaped": f"{type(err).__name__}: {err}"}
+        out[kind] = {"tried": cases, **outcome, "seconds": round(time.perf_counter() - started, 1)}
+    return out
 
 
 def _read_work(rng: np.random.Generator, reads: int) -> list:
@@ -252,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--headers", type=int, default=20_000, help="mutated headers parsed in memory")
     parser.add_argument("--cases", type=int, default=200, help="cases with a mutated slice, indexed from S3")
+    parser.add_argument("--masks", type=int, default=1000, help="cases with a mutated RTSTRUCT, and as many with a "
+                        "mutated SEG, indexed from S3")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run, of {','.join(PARTS)}")
     parser.add_argument("--reads", type=int, default=300, help="ranged reads per fault (whole and streamed reads and "
                                                                "writes in proportion)")
     parser.add_argument("--probability", type=float, default=0.2, help="share of requests given each fault")
@@ -264,14 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         s3.client().create_bucket(Bucket=BUCKET)
         result = {"date": time.strftime("%Y-%m-%d"),
                   "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                  "setup": {"headers": args.headers, "cases": args.cases, "reads": args.reads,
+                  "setup": {"headers": args.headers, "cases": args.cases, "masks": args.masks, "reads": args.reads,
                             "probability": args.probability}}
-        result["fuzz"] = fuzz(args.headers, args.cases)
-        print(json.dumps({"fuzz": result["fuzz"]}), flush=True)
-        result["faults"] = faults(server, args.reads, args.probability)
-        result["training"] = training(server)
-        print(json.dumps({"training": result["training"]}), flush=True)
-        result["bad_input"] = bad_input(server, Path(scratch))
+        parts = args.parts.split(",")
+        for part in parts:
+            if part not in PARTS:
+                parser.error(f"--parts {args.parts!r}: {part!r} is not one of {','.join(PARTS)}")
+        runs = {"fuzz": lambda: fuzz(args.headers, args.cases), "masks": lambda: mask_fuzz(args.masks),
+                "faults": lambda: faults(server, args.reads, args.probability), "training": lambda: training(server),
+                "bad_input": lambda: bad_input(server, Path(scratch))}
+        for part in PARTS:
+            if part in parts:
+                result[part] = runs[part]()
+                print(json.dumps({part: result[part]}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"# wrote {args.out}")

@@ -29,7 +29,16 @@ from brainseg.run.evaluate import aggregate, evaluate
 from brainseg.tasks import task_of
 from infra.data.profile import profile_catalog
 from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom
-from tests.support.fuzz import PHI, PHI_TOKENS, VOLUME, fuzz_headers, identified_slice, write_fuzzed_cases
+from tests.support.fuzz import (
+    MASK_KINDS,
+    PHI,
+    PHI_TOKENS,
+    VOLUME,
+    fuzz_headers,
+    identified_slice,
+    write_fuzzed_cases,
+    write_fuzzed_masks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,6 +240,21 @@ def test_fuzzed_cases_never_escape_build_catalog(bucket, cases):
         assert item.reason and "unexpected" not in item.reason, item
         assert not any(token in item.reason for token in PHI_TOKENS)
     assert 0 < len(catalog.exclusions) < cases
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_fuzzed_structure_sets_and_segs_never_escape_build_catalog(bucket, kind):
+    """Masks as hostile as the image headers above: a mutated RTSTRUCT (anywhere: it is all header)
+    or SEG header costs its case with a reason, never the catalog. 1,000 of each: the reliability
+    benchmark."""
+    root = f"s3://{bucket}/fuzz-{kind}/"
+    write_fuzzed_masks(root, kind, 40, seed=len(kind))
+    catalog = build_catalog(root)
+    assert len(catalog.cases) + len(catalog.exclusions) == 40
+    for item in catalog.exclusions:
+        assert item.reason and "unexpected" not in item.reason, item
+        assert not any(token in item.reason for token in PHI_TOKENS), item.reason
+    assert 0 < len(catalog.exclusions) < 40
 
 
 def _corrupt_rle_frame(data: bytes) -> bytes:

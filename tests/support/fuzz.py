@@ -108,3 +108,118 @@ def write_fuzzed_cases(root: str, cases: int, seed: int = 0) -> None:
         for folder, series in (("image", objects), ("mask", masks)):
             for index, data in enumerate(series):
                 s3.put_bytes(f"{root.rstrip('/')}/case_{number:04d}/{folder}/IM_{index:04d}.dcm", data)
+
+
+MASK_KINDS = ("rtstruct", "seg")
+STRUCTURE_SET_ROIS = "Edema=2,Enhancing=4"
+
+
+def _ring(centre: np.ndarray, radius: float, row: np.ndarray, column: np.ndarray, points: int = 16) -> list[float]:
+    angles = np.linspace(0.0, 2 * np.pi, points, endpoint=False)
+    ring = centre + radius * (np.cos(angles)[:, None] * row + np.sin(angles)[:, None] * column)
+    return [round(float(value), 3) for value in ring.ravel()]
+
+
+def structure_set(slices: list) -> bytes:
+    """An RT Structure Set written by hand on ``slices`` (pydicom datasets of one series): two ROIs of
+    closed rings on the middle planes, every reference in place, the patient's identifiers of
+    :data:`PHI` and an ROI name holding them too (no library: the benchmark needs none)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    first = slices[0]
+    row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID, dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPClassUID, dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "RTSTRUCT"
+    for keyword, value in PHI.items():
+        setattr(dataset, keyword, value)
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = first.StudyInstanceUID, generate_uid()
+    dataset.StructureSetLabel = "tumour"
+    images = Sequence([Dataset() for _ in slices])
+    for item, image in zip(images, slices):
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = image.SOPClassUID, image.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, images
+    study = Dataset()
+    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = Sequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, Sequence([study])
+    dataset.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    dataset.StructureSetROISequence, dataset.ROIContourSequence = Sequence(), Sequence()
+    spacing = [float(v) for v in first.PixelSpacing]
+    for number, (name, radius) in enumerate(((f"{PHI['PatientName']} Edema", 6.0), ("Enhancing", 3.0)), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, first.FrameOfReferenceUID
+        dataset.StructureSetROISequence.append(roi)
+        contours = Dataset()
+        contours.ReferencedROINumber, contours.ContourSequence = number, Sequence()
+        for image in slices[1:-1]:
+            centre = np.asarray(image.ImagePositionPatient, float) + (image.Rows / 2) * spacing[0] * column \
+                + (image.Columns / 2) * spacing[1] * row
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", 16
+            contour.ContourData = _ring(centre, radius, row, column)
+            reference = Dataset()
+            reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = image.SOPClassUID, image.SOPInstanceUID
+            contour.ContourImageSequence = Sequence([reference])
+            contours.ContourSequence.append(contour)
+        dataset.ROIContourSequence.append(contours)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def segmentation(slices: list, labels: np.ndarray) -> bytes:
+    """A DICOM SEG (highdicom, binary, segments 1 and 2) of ``labels`` on ``slices``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=f"label {number}", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number in (1, 2)]
+    seg = hd.seg.Segmentation(
+        source_images=slices, pixel_array=np.stack([labels == 1, labels == 2], axis=-1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=7, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="brainseg tests", manufacturer_model_name="fuzz", software_versions="1", device_serial_number="0")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    return buffer.getvalue()
+
+
+def mutate_anywhere(data: bytes, rng: np.random.Generator, end: int | None = None) -> bytes:
+    """1 to 4 random bytes after the preamble (and before ``end``) replaced."""
+    mutated = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        mutated[int(rng.integers(132, min(end or len(data), len(data))))] = int(rng.integers(0, 256))
+    return bytes(mutated)
+
+
+def write_fuzzed_masks(root: str, kind: str, cases: int, seed: int = 0) -> None:
+    """``cases`` small cases under ``root`` whose mask is a mutated ``kind`` (``rtstruct``: anywhere in
+    the object, which is all header; ``seg``: anywhere up to its first pixel bytes)."""
+    rng = np.random.default_rng(seed)
+    volume = make_phantom((6, 16, 16), np.random.default_rng(1))
+    labels = np.zeros(volume.mask.shape, dtype=np.uint8)
+    labels[1:5, 4:12, 4:12] = 1
+    labels[2:4, 6:10, 6:10] = 2
+    for number in range(cases):
+        slices = writer.slice_datasets(volume.image, identified_spec(spacing=(2.0, 1.0, 1.0)))
+        slices = [pydicom.dcmread(io.BytesIO(writer.encode(dataset))) for dataset in slices]
+        if kind == "rtstruct":
+            mask = mutate_anywhere(structure_set(slices), rng)
+        else:
+            base = segmentation(slices, labels)
+            mask = mutate_anywhere(base, rng, parse_header(base, len(base)).pixel_offset + 16)
+        prefix = f"{root.rstrip('/')}/case_{number:04d}"
+        for index, dataset in enumerate(slices):
+            s3.put_bytes(f"{prefix}/image/IM_{index:04d}.dcm", writer.encode(dataset))
+        s3.put_bytes(f"{prefix}/mask/{kind}.dcm", mask)

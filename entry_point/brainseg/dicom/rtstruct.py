@@ -58,14 +58,15 @@ def _sequence(dataset, keyword: str) -> list:
     return list(getattr(dataset, keyword, None) or [])
 
 
-def _points(item, roi: str) -> np.ndarray:
+def _points(item, roi: int) -> np.ndarray:
+    """A contour's points; reasons name the ROI by its ROINumber (its name is free text)."""
     try:
         values = np.asarray([float(v) for v in item.ContourData], dtype=float)
     except (AttributeError, TypeError, ValueError):
-        raise HeaderError(f"ROI {roi!r}: a contour's ContourData (3006,0050) is missing or not numbers") from None
+        raise HeaderError(f"ROI number {roi}: a contour's ContourData (3006,0050) is missing or not numbers") from None
     if values.size < 3 or values.size % 3 or not np.isfinite(values).all():  # one point: a one-voxel contour
-        raise HeaderError(f"ROI {roi!r}: a contour's ContourData (3006,0050) holds {values.size} value(s); expected "
-                          "finite (x, y, z) triplets")
+        raise HeaderError(f"ROI number {roi}: a contour's ContourData (3006,0050) holds {values.size} value(s); "
+                          "expected finite (x, y, z) triplets")
     return values.reshape(-1, 3)
 
 
@@ -126,7 +127,7 @@ def _structure_set(dataset, identity_key: bytes) -> StructureSet:
                 continue
             images = tuple(hashed(ref.ReferencedSOPInstanceUID) for ref in _sequence(contour, "ContourImageSequence")
                            if getattr(ref, "ReferencedSOPInstanceUID", None))
-            contours.append(Contour(_points(contour, name), images))
+            contours.append(Contour(_points(contour, number), images))
         rois.append(Roi(name, frame, tuple(contours), number, marks,
                         sum(len(contour.points) < 3 for contour in contours)))
     patient = str(getattr(dataset, "PatientID", "") or "").strip()
