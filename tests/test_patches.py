@@ -1,5 +1,10 @@
 """Patch planning and the patch stream: foreground share, determinism, sharding, padding, budget."""
 
+import dataclasses
+import json
+import pickle
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +14,7 @@ from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.sampling import is_foreground_slab, plan_slab
 from brainseg.data.stream import PatchStream, foreground_centres
-from brainseg.data.summary import CaseSummary, even_shares, points_by_lesion
+from brainseg.data.summary import CaseSummary, Points, even_shares, points_by_lesion
 from brainseg.io import s3
 from tests.conftest import put_case, small_phantom
 
@@ -217,3 +222,20 @@ def test_config_checks_itself(changes, message):
 ])
 def test_even_shares(capacities, total, expected):
     assert even_shares(capacities, total) == expected
+
+
+def test_summary_points_are_one_array_per_case_and_read_as_the_tuples_they_replace():
+    """Every process of a job holds every case's summary points (512 a case): as tuples of ints
+    they took about 75 KB a case, 90 MB for BraTS's 1,251 studies in each worker and rank."""
+    coordinates = [(z, 2 * z, 300 + z) for z in range(256)]
+    tracemalloc.start()
+    points = Points(coordinates)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 4096, held  # 256 x 12 bytes and the array's header
+    assert len(points) == 256 and points[3] == (3, 6, 303) and points == tuple(coordinates)
+    assert np.asarray(points).shape == (256, 3) and points[:2] == coordinates[:2]
+    assert pickle.loads(pickle.dumps(points)) == points and not Points()
+    summary = CaseSummary((), 256, 1.0, (0, 1, 0, 1, 0, 1), points, lesion_points=points[:10])
+    saved = json.loads(json.dumps(dataclasses.asdict(summary), default=Points.tolist))
+    assert CaseSummary.from_json(saved) == summary

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from brainseg.data.quality import IndexedObject
 from brainseg.data.registration import Registration
-from brainseg.data.summary import CaseSummary
+from brainseg.data.summary import CaseSummary, Points
 from brainseg.dicom import (
     SEGMENTATION_STORAGE,
     HeaderError,
@@ -206,7 +206,7 @@ class HeaderIndex:
                              separators=(",", ":"))
         for case_id, (fingerprint, summary) in self.cases.items():
             yield json.dumps({"case": case_id, "fingerprint": fingerprint, "summary": asdict(summary)},
-                             separators=(",", ":"))
+                             separators=(",", ":"), default=Points.tolist)
         for name, registration in self.registrations.items():
             yield json.dumps({"registration": name, **registration.to_row()}, separators=(",", ":"))
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from brainseg.data.geometry import nearest
+from brainseg.data.summary import Points
 
 SAME_SPACING = 1e-3  # relative: closer than this to the target counts as the target spacing
 ANISOTROPY = 3.0  # nnU-Net's: a spacing whose coarsest axis is more than this times its finest is anisotropic
@@ -114,11 +115,11 @@ class Grid:
     def points_to_target(self, points) -> tuple:
         """Native voxel coordinates ``((z, y, x), ...)`` as the target voxels that hold them."""
         if self.identity or not len(points):
-            return tuple(points)
+            return points
         native = np.asarray(points, dtype=float)
         scale = np.asarray(self.shape) / np.asarray(self.native_shape)
         target = np.clip(np.floor((native + 0.5) * scale), 0, np.asarray(self.shape) - 1).astype(int)
-        return tuple(tuple(int(v) for v in point) for point in target)
+        return Points(target) if isinstance(points, Points) else tuple(tuple(int(v) for v in point) for point in target)
 
     def native_slab_shape(self, slab: tuple) -> tuple:
         """The most native voxels a target slab ``(D, H, W)`` needs (the region plus interpolation)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,47 @@ class Intensity:
     std: float
 
 
+class Points(Sequence):
+    """Voxel coordinates ``((z, y, x), ...)`` held as one int32 array (12 bytes a point) rather than
+    tuples of Python ints (about 150): a case keeps hundreds, and every process of a job holds every
+    case's. Reads as the tuple of tuples it replaces (indexing, iteration, equality, ``len``) and as
+    an ``(n, 3)`` array (``np.asarray``)."""
+
+    __slots__ = ("_array",)
+
+    def __init__(self, points=()):
+        array = np.array(points, dtype=np.int32).reshape(-1, 3)
+        array.flags.writeable = False
+        self._array = array
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Points(self._array[index])
+        return tuple(int(value) for value in self._array[index])
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array.astype(dtype) if dtype is not None else self._array.copy()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(
+            tuple(mine) == tuple(theirs) for mine, theirs in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(self._array.tobytes())
+
+    def __reduce__(self):
+        return Points, (self._array,)
+
+    def __repr__(self) -> str:
+        return f"Points({self._array.tolist()})"
+
+    def tolist(self) -> list:
+        return self._array.tolist()
+
+
 @dataclass(frozen=True, slots=True)
 class CaseSummary:
     """Content statistics of one case, computed once and cached in the index: each sequence's
@@ -57,22 +99,22 @@ class CaseSummary:
     tumour_voxels: int
     tumour_ml: float
     tumour_bbox: tuple  # (z0, z1, y0, y1, x0, x1), or () when the mask is empty
-    foreground_points: tuple  # ((z, y, x), ...), up to FOREGROUND_POINTS
+    foreground_points: Points  # ((z, y, x), ...), up to FOREGROUND_POINTS
     label_counts: tuple = ()  # ((label value, voxels), ...) of the non-zero values
     lesion_counts: tuple = ()  # (((label values), lesions), ...): see lesions_of
     foreground_values: tuple = ()  # the label value of each foreground point
-    lesion_points: tuple = ()  # ((z, y, x), ...), up to FOREGROUND_POINTS, evenly over the lesions
+    lesion_points: Points = Points()  # ((z, y, x), ...), up to FOREGROUND_POINTS, evenly over the lesions
 
     @classmethod
     def from_json(cls, data: dict) -> CaseSummary:
         fields = dict(data)
         fields["intensities"] = tuple(Intensity(**item) for item in fields["intensities"])
         fields["tumour_bbox"] = tuple(fields["tumour_bbox"])
-        fields["foreground_points"] = tuple(tuple(p) for p in fields["foreground_points"])
+        fields["foreground_points"] = Points(fields["foreground_points"])
         fields["label_counts"] = tuple(tuple(p) for p in fields["label_counts"])
         fields["lesion_counts"] = tuple((tuple(values), count) for values, count in fields.get("lesion_counts", ()))
         fields["foreground_values"] = tuple(fields.get("foreground_values", ()))
-        fields["lesion_points"] = tuple(tuple(p) for p in fields.get("lesion_points", ()))
+        fields["lesion_points"] = Points(fields.get("lesion_points", ()))
         return cls(**fields)
 
     def lesions_of(self, values: frozenset | None) -> int | None:
@@ -145,14 +187,14 @@ def summarise_case(case_id: str, images: dict[str, Series | None], mask: Series 
             chosen_values.append(np.full(len(chosen[-1]), value))
         chosen, chosen_values = np.concatenate(chosen), np.concatenate(chosen_values)
         order = np.lexsort(chosen.T[::-1])
-        foreground = tuple(tuple(int(v) for v in p) for p in chosen[order])
+        foreground = Points(chosen[order])
         foreground_values = tuple(int(v) for v in chosen_values[order])
         bbox = tuple(int(v) for pair in zip(bbox_low, bbox_high + 1) for v in pair)
         box = tumour_box(tumour, bbox)
         lesion_counts = count_lesions(box, reference.spacing)
         lesion_points = points_by_lesion(box, bbox, reference.spacing, rng)
     else:
-        foreground, foreground_values, bbox, lesion_counts, lesion_points = (), (), (), (), ()
+        foreground, foreground_values, bbox, lesion_counts, lesion_points = Points(), (), (), (), Points()
     return CaseSummary(
         intensities=intensities, tumour_voxels=int(voxels),
         tumour_ml=float(voxels * np.prod(reference.spacing) / 1000.0), tumour_bbox=bbox,
@@ -190,7 +232,7 @@ def count_lesions(labels: np.ndarray, spacing: tuple) -> tuple:
     return tuple(counts)
 
 
-def points_by_lesion(box: np.ndarray, bbox: tuple, spacing: tuple, rng: np.random.Generator) -> tuple:
+def points_by_lesion(box: np.ndarray, bbox: tuple, spacing: tuple, rng: np.random.Generator) -> Points:
     """Up to ``FOREGROUND_POINTS`` volume coordinates of the tumour in ``box`` (at ``bbox``), sorted:
     an even share for each lesion, and each lesion's share even over its label values (a lesion or
     value with fewer voxels than its share gives all of them, the rest going to the others)."""
@@ -209,7 +251,7 @@ def points_by_lesion(box: np.ndarray, bbox: tuple, spacing: tuple, rng: np.rando
         for group, take in zip(groups, even_shares([len(group) for group in groups], share)):
             chosen.append(group[rng.choice(len(group), take, replace=False)])
     chosen = np.concatenate(chosen) + np.asarray(bbox[0::2])
-    return tuple(tuple(int(v) for v in p) for p in chosen[np.lexsort(chosen.T[::-1])])
+    return Points(chosen[np.lexsort(chosen.T[::-1])])
 
 
 def even_shares(capacities: list[int], total: int) -> list[int]:
