@@ -74,6 +74,16 @@ def test_process_mode_runs_train_py_under_the_container_contract(process_run):
 
 
 @pytest.mark.slow
+def test_a_process_mode_job_that_refuses_its_input_ends_with_its_reason_not_a_torchrun_traceback(bucket, tmp_path):
+    spec = build_spec({"mode": "process", "data_uri": f"s3://{bucket}/nothing-here/", "output_uri": f"s3://{bucket}/runs",
+                       "job_name": "empty"}, parse_overrides(TINY))
+    sink = io.StringIO()
+    code = process_job.run(spec, "empty-1", tmp_path, sink=sink)
+    log = sink.getvalue()
+    assert code == 2, log
+    assert "ERROR brainseg.train: no objects under" in log and "Traceback" not in log and "ChildFailedError" not in log, log
+
+
 def test_process_mode_job_names_match_the_sdks_and_leave_no_folders(dataset, tmp_path, monkeypatch, capsys):
     from sagemaker.train.utils import _get_unique_name
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -77,11 +77,23 @@ def host_environment(spec: JobSpec, job_name: str, root: Path, host_rank: int, p
     }
 
 
+# torchrun, but a worker's failure ends it with the worker's exit status instead of a ChildFailedError
+# traceback after the worker's own message (train.py says what went wrong; exit 2: bad input).
+QUIET_TORCHRUN = """import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as err:
+    sys.exit(err.get_first_failure()[1].exitcode or 1)
+"""
+
+
 def host_command(spec: JobSpec, host_rank: int, port: int) -> list[str]:
     args = sagemaker_cli_args(spec.training_hyperparameters())
     if not spec.training:  # one prediction process per host; the hosts split the cases
         return [sys.executable, spec.script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={spec.instance_count}",
+    return [sys.executable, "-c", QUIET_TORCHRUN, f"--nnodes={spec.instance_count}",
             f"--nproc_per_node={processes_per_host(spec)}", "--master_addr=127.0.0.1", f"--master_port={port}",
             f"--node_rank={host_rank}", "train.py", *args]
 
