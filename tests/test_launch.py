@@ -296,6 +296,34 @@ def test_infra_launch_py_runs_from_any_folder(tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: aws mode needs")
 
 
+def test_a_dry_run_prints_no_sdk_chatter(offline):
+    """What the SDK says on every call (the config files it did not find; "No region provided" from
+    a client it builds itself) is not the user's business: stderr holds the launcher's lines only."""
+    result = subprocess.run([sys.executable, "infra/launch.py", "--mode", "aws", "--role", ROLE, "--region",
+                             "us-east-1", "--data-uri", "s3://scans/ds/", "--output-uri", "s3://runs/x/", "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dry run: nothing was submitted" in result.stderr
+    assert "Not applying SDK defaults" not in result.stderr and "No region provided" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])
+def test_one_multi_gpu_instance_trains_under_torchrun(bucket, processes, expected):
+    """ml.g5.12xlarge has four GPUs: one instance still gets SageMaker's torchrun driver, which starts
+    one process per GPU (SM_NUM_GPUS) unless a count is given."""
+    spec = build_spec({"mode": "aws", "data_uri": "s3://data-bucket/ds/", "output_uri": f"s3://{bucket}/runs/",
+                       "role": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1",
+                       "instance_type": "ml.g5.12xlarge", "processes_per_host": processes}, {})
+    session = boto3.Session(region_name="us-east-1")
+    requests = _capture(session)
+    job_name = sagemaker_job.submit(spec, session)
+    assert requests[0]["ResourceConfig"]["InstanceCount"] == 1
+    code_prefix = f"runs/brainseg/{job_name}/input/sm_drivers/"
+    assert json.loads(s3.get_object(bucket, code_prefix + "distributed.json"))["process_count_per_node"] == expected
+    script = s3.get_object(bucket, code_prefix + "sm_train.sh").decode()
+    assert "distributed_drivers/torchrun_driver.py" in script and "basic_script_driver" not in script
+
+
 @pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])
 def test_one_multi_gpu_instance_trains_under_torchrun(bucket, processes, expected):
     """ml.g5.12xlarge has four GPUs: one instance still gets SageMaker's torchrun driver, which starts

@@ -48,6 +48,23 @@ class _DryRun(Exception):
         self.request = request
 
 
+class _SdkNoise(logging.Filter):
+    """Drops an SDK warning that says nothing to this launcher's user: a client it builds for itself
+    without the session's region says "No region provided" although the job has one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "No region provided. Using default region."
+
+
+def _quiet_sdk() -> None:
+    """The SDK's own lines kept to what matters: it sets its config logger to INFO at import (which
+    config files it did not find, on every call)."""
+    logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+    utils = logging.getLogger("sagemaker.core.utils.utils")
+    if not any(isinstance(item, _SdkNoise) for item in utils.filters):
+        utils.addFilter(_SdkNoise())
+
+
 def _sdk():
     from sagemaker.core.helper.session_helper import Session
     from sagemaker.core.shapes import MetricDefinition, RetryStrategy, Tag
@@ -62,6 +79,7 @@ def _sdk():
     from sagemaker.train import ModelTrainer
     from sagemaker.train.distributed import Torchrun
     from sagemaker.train.model_trainer import Mode
+    _quiet_sdk()
     return SimpleNamespace(Session=Session, CheckpointConfig=CheckpointConfig, Compute=Compute, Networking=Networking,
                            OutputDataConfig=OutputDataConfig, SourceCode=SourceCode,
                            StoppingCondition=StoppingCondition, MetricDefinition=MetricDefinition, Tag=Tag,
@@ -73,6 +91,7 @@ def sagemaker_config() -> dict:
     variables honoured), with telemetry off unless they set ``TelemetryOptOut`` themselves (the SDK
     would otherwise call out to AWS on every job it starts)."""
     from sagemaker.core.config.config import load_sagemaker_config
+    _quiet_sdk()
     try:
         config = load_sagemaker_config()
     except (ValueError, OSError) as err:
