@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from brainseg.data.catalog import Case, assemble_case
+from brainseg.data.assembly import assemble_case
+from brainseg.data.catalog import Case
 from brainseg.data.index import parse_object
 from brainseg.data.quality import IndexedObject
 from brainseg.data.summary import summarise_case
