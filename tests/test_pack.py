@@ -162,3 +162,17 @@ def test_the_command_reports_before_and_after_and_a_dry_run_writes_nothing(bucke
                           capture_output=True, text=True, check=True)
     assert "packed 2 series" in done.stdout and "16 objects" in done.stdout and "-> 2 objects" in done.stdout
     assert "Doe" not in done.stdout + done.stderr and "SYN" not in done.stdout + done.stderr  # no patient names or IDs
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpeg2000", "explicit-be"])
+def test_compressed_and_big_endian_series_pack_into_the_same_voxels(bucket, syntax):
+    """Compressed frames are kept as they are (one fragment each); big-endian becomes little-endian."""
+    src, dst = f"s3://{bucket}/{syntax}/", f"s3://{bucket}/{syntax}-packed/"
+    write_dataset(1, src, SynthSpec(shape=(8, 32, 32), spacing=(2.0, 1.0, 1.0), transfer_syntax=syntax))
+    report = pack.pack(src, dst, jobs=1)
+    assert report["series_packed"] == 2 and not report["failed"]
+    before, after = (build_catalog(uri, split_fractions=(1.0, 0.0, 0.0)) for uri in (src, dst))
+    [mine], [theirs] = after.cases, before.cases
+    np.testing.assert_array_equal(mine.image.read_volume(), theirs.image.read_volume())
+    np.testing.assert_array_equal(mine.mask.read_volume(), theirs.mask.read_volume())
+    assert mine.image.headers[0].encapsulated == (syntax != "explicit-be") and not mine.image.headers[0].big_endian
