@@ -22,7 +22,7 @@ from brainseg.flags import parse_hyperparameters
 from brainseg.io import s3
 from brainseg.metric_lines import EPOCH, METRIC_DEFINITIONS, TEST
 from infra.launcher import cli as launch
-from infra.launcher import process_job, sagemaker_job
+from infra.launcher import process_job, sagemaker_job, storage
 from infra.launcher.jobspec import build_spec, parse_overrides, sagemaker_cli_args
 from infra.launcher.plan import distribution_text, image_text
 from infra.review import cli as review
@@ -270,6 +270,45 @@ def test_dry_run_prints_the_request_and_submits_nothing(bucket, capsys):
     assert len(after) == len(jobs)
 
 
+def test_the_cache_and_volume_are_sized_to_the_data_or_their_cost_is_stated():
+    brats = storage.DatasetSize(objects=775_000, bytes=110 * 10**9, median_object_bytes=140_000)  # single-frame
+    sized = storage.plan_storage(brats, None, None)
+    assert (sized.cache_gb, sized.volume_gb, sized.hit_fraction, sized.fee_per_hour) == (121.0, 151, 1.0, 0.0)
+    capped = storage.plan_storage(brats, 22.0, None)  # the user's cache: the volume still holds it
+    assert (capped.cache_gb, capped.volume_gb, capped.chose_cache, capped.chose_volume) == (22.0, 100, False, True)
+    assert capped.hit_fraction == pytest.approx(0.2)
+    gets = 0.8 * storage.COLD_GETS_PER_PATCH["single-frame"]
+    assert capped.fee_per_hour == pytest.approx(gets * 6.74 * 3600 * 0.0004 / 1000)
+    text = storage.storage_text(capped)
+    assert "--cache-gb 22 (as you set it); volume 100 GB (sized to hold the cache)" in text
+    assert f"the cache holds 20% of the data: about 80% of reads go to S3 every epoch, ${capped.fee_per_hour:.2f}/h" \
+        in text and "brainseg-pack" in text
+    volume = storage.plan_storage(brats, None, 100)  # the user's volume: the cache fits in it
+    assert (volume.cache_gb, volume.volume_gb, volume.chose_volume) == (70.0, 100, False)
+    here = storage.plan_storage(brats, None, None, free_gb=50.0)  # process mode: this machine's free space
+    assert (here.cache_gb, here.volume_gb) == (45.0, 0) and "volume" not in storage.storage_text(here)
+    packed = storage.plan_storage(replace(brats, objects=6_255, median_object_bytes=18 * 2**20), 22.0, None)
+    assert packed.dataset.kind == "packed" and packed.fee_per_hour < capped.fee_per_hour / 10
+    small = storage.plan_storage(storage.DatasetSize(100, 5 * 10**9, 140_000), None, None)
+    assert (small.cache_gb, small.volume_gb) == (20.0, 100)  # never below the defaults
+
+
+def test_the_dry_run_lists_the_data_and_sizes_the_job_to_it(dataset, bucket, capsys):
+    assert launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", dataset, "--output-uri",
+                        f"s3://{bucket}/runs/", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    request = json.loads(captured.out)
+    listed = [info for info in s3.list_tree(dataset.split("/")[2], "ds/") if "/.brainseg/" not in info.key]
+    assert f"data: {len(listed)} objects, {sum(i.size for i in listed) / 1e9:.1f} GB (single-frame" in captured.err
+    assert "--cache-gb 20 (sized to hold the data); volume 100 GB (sized to hold the cache)" in captured.err
+    assert request["HyperParameters"]["cache_gb"] == "20.0" and request["ResourceConfig"]["VolumeSizeInGB"] == 100
+    assert launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", dataset, "--output-uri",
+                        f"s3://{bucket}/runs/", "--volume-size-gb", "40", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["HyperParameters"]["cache_gb"] == "10.0"
+    assert "--cache-gb 10 (sized to hold the data); volume 40 GB (as you set it)" in captured.err
+
+
 @pytest.mark.parametrize("instance_type, processes, count, expected", [
     ("ml.g5.12xlarge", 0, 2, "torchrun, 4 process(es) per host (one per GPU), 8 in all"),
     ("ml.p4d.24xlarge", 2, 1, "torchrun, 2 process(es) per host (--processes-per-host), 2 in all"),
@@ -305,23 +344,6 @@ def test_a_dry_run_prints_no_sdk_chatter(offline):
     assert result.returncode == 0, result.stderr
     assert "dry run: nothing was submitted" in result.stderr
     assert "Not applying SDK defaults" not in result.stderr and "No region provided" not in result.stderr, result.stderr
-
-
-@pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])
-def test_one_multi_gpu_instance_trains_under_torchrun(bucket, processes, expected):
-    """ml.g5.12xlarge has four GPUs: one instance still gets SageMaker's torchrun driver, which starts
-    one process per GPU (SM_NUM_GPUS) unless a count is given."""
-    spec = build_spec({"mode": "aws", "data_uri": "s3://data-bucket/ds/", "output_uri": f"s3://{bucket}/runs/",
-                       "role": ROLE, "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/brainseg-train:1",
-                       "instance_type": "ml.g5.12xlarge", "processes_per_host": processes}, {})
-    session = boto3.Session(region_name="us-east-1")
-    requests = _capture(session)
-    job_name = sagemaker_job.submit(spec, session)
-    assert requests[0]["ResourceConfig"]["InstanceCount"] == 1
-    code_prefix = f"runs/brainseg/{job_name}/input/sm_drivers/"
-    assert json.loads(s3.get_object(bucket, code_prefix + "distributed.json"))["process_count_per_node"] == expected
-    script = s3.get_object(bucket, code_prefix + "sm_train.sh").decode()
-    assert "distributed_drivers/torchrun_driver.py" in script and "basic_script_driver" not in script
 
 
 @pytest.mark.parametrize("processes, expected", [(0, None), (2, 2)])

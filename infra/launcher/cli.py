@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from brainseg.io import s3
 from brainseg.layout import TuningLayout
-from infra.launcher import iam, lifecycle
+from infra.launcher import iam, lifecycle, storage
 from infra.launcher.crossval import cross_validate
 from infra.launcher.demo import DOCKER_HOST_ADDRESS, save_demo, start_demo
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
@@ -183,7 +183,8 @@ def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
     add("--region", help="aws: region (default: the AWS configuration's)")
     add("--instance-type", help="e.g. ml.g5.xlarge (aws default), local in local and process modes")
     add("--instance-count", type=int, help="instances (process mode: simulated hosts), default 1")
-    add("--volume-size-gb", type=int, help="aws: the instance's EBS volume")
+    add("--volume-size-gb", type=int, help="aws: the instance's EBS volume (default: sized to hold the cache the "
+        "data needs, at least 100 GB)")
     add("--spot", action="store_true", default=None, help="managed spot capacity")
     add("--max-run-s", type=int, help="stop the job after this many seconds")
     add("--max-wait-s", type=int, help="spot: max wait, >= max run (default 2x max run)")
@@ -321,6 +322,8 @@ def launch(spec: JobSpec) -> int:
             container_env = local_endpoint_environment()
         if not spec.output_uri:
             raise ValueError("--output-uri is required with --data-uri (s3://bucket/prefix/ for the runs)")
+        if spec.training and not demo and (spec.mode != "aws" or spec.dry_run):
+            spec = storage.sized_to_data(spec)
         if spec.mode == "process":
             job_name = spec.unique_job_name()
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{job_name}-")))
@@ -339,6 +342,9 @@ def launch(spec: JobSpec) -> int:
             print(json.dumps(request, indent=1, sort_keys=True, default=str))
             return 0
         session = boto_session(spec.region or None)
+        if spec.mode == "aws" and spec.training:  # a real submit: sized once the account checks pass
+            sagemaker_job.check_account(session, spec.output_uri)
+            spec = storage.sized_to_data(spec)
         local_root = tempfile.mkdtemp(prefix="brainseg-local-") if spec.mode == "local" else None
         job_name = sagemaker_job.submit(spec, session, container_env, local_root)
         if spec.mode == "aws":

@@ -28,6 +28,7 @@ SCRIPTS = ("train.py", "predict.py")
 # The SageMaker source dir: train.py and the brainseg package, nothing else (infra stays out of the job).
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "entry_point"
 DEFAULT_INSTANCE_TYPE = "ml.g5.xlarge"  # aws mode; local mode runs on "local"
+DEFAULT_VOLUME_GB = 100  # aws mode: the volume when nothing sized it to the data (infra.launcher.storage)
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 MAX_KEEP_ALIVE_S = 3600  # SageMaker's limit for a warm pool's keep-alive period
 MAX_RETRIES = 30  # SageMaker's limit for RetryStrategy.MaximumRetryAttempts
@@ -52,7 +53,7 @@ class JobSpec:
     processes_per_host: int = 0  # 0: one per GPU (SageMaker's default), 1 on CPU
     keep_alive_s: int = 0  # aws: keep the instances warm this long after the job (a warm pool)
     max_retries: int = 0  # aws: restart the job on an internal SageMaker error up to this many times
-    volume_size_gb: int = 100
+    volume_size_gb: int = 0  # 0: sized to the data's cache by the launcher, else DEFAULT_VOLUME_GB
     spot: bool = False
     max_run_s: int = 24 * 3600
     max_wait_s: int = 0  # spot only; 0: twice max_run_s
@@ -124,6 +125,11 @@ class JobSpec:
             canonical = {name: ",".join(value) if isinstance(value := getattr(checked, name), tuple) else value
                          for name in self.hyperparameters}
         object.__setattr__(self, "hyperparameters", canonical)
+
+    @property
+    def volume_gb(self) -> int:
+        """The instance volume the request asks for."""
+        return self.volume_size_gb or DEFAULT_VOLUME_GB
 
     @property
     def training(self) -> bool:

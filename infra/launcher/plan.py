@@ -69,7 +69,7 @@ def dry_run_text(spec: JobSpec, request: dict) -> str:
         f"  image:        {image_text(request.get('AlgorithmSpecification', {}).get('TrainingImage', '?'))}",
         f"  instances:    {resources.get('InstanceCount', spec.instance_count)} x {instance_type} "
         f"({'? GPUs' if gpus is None else f'{gpus} GPU(s)'} each), {capacity}, "
-        f"{resources.get('VolumeSizeInGB', spec.volume_size_gb)} GB volume",
+        f"{resources.get('VolumeSizeInGB', spec.volume_gb)} GB volume",
         f"  distribution: {distribution_text(spec, instance_type)}",
         f"  data:         {spec.data_uri} (read by ranged GETs, nothing copied first)",
         f"  output:       {spec.output_uri.rstrip('/')}/<job name>/" if spec.training else

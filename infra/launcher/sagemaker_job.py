@@ -168,7 +168,7 @@ def build_trainer(spec: JobSpec, boto_session: boto3.Session, environment: dict 
     local = spec.mode == "local"
     compute = sdk.Compute(
         instance_type="local" if local else (spec.instance_type or DEFAULT_INSTANCE_TYPE),
-        instance_count=spec.instance_count, volume_size_in_gb=spec.volume_size_gb,
+        instance_count=spec.instance_count, volume_size_in_gb=spec.volume_gb,
         volume_kms_key_id=spec.volume_kms_key or None, enable_managed_spot_training=spec.spot or None,
         keep_alive_period_in_seconds=spec.keep_alive_s or None)
     networking = None
