@@ -11,7 +11,9 @@ from collections import Counter
 import numpy as np
 import pydicom
 import pytest
+import torch
 
+from brainseg.commands import train
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import read_case_region
 from brainseg.dicom import writer
@@ -21,6 +23,7 @@ from infra.data import pack
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import console_script, put, put_series
 from tests.test_rtstruct import ROIS, _case, _painted
+from tests.test_training import _args, _checkpoint
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 
@@ -176,3 +179,15 @@ def test_compressed_and_big_endian_series_pack_into_the_same_voxels(bucket, synt
     np.testing.assert_array_equal(mine.image.read_volume(), theirs.image.read_volume())
     np.testing.assert_array_equal(mine.mask.read_volume(), theirs.mask.read_volume())
     assert mine.image.headers[0].encapsulated == (syntax != "explicit-be") and not mine.image.headers[0].big_endian
+
+
+def test_a_packed_dataset_trains_to_the_same_weights_as_its_source(bucket):
+    """The same pixels, the same cases and splits: six steps on each end with equal weights."""
+    src, dst, output = f"s3://{bucket}/train-src/", f"s3://{bucket}/train-packed/", f"s3://{bucket}/runs"
+    write_dataset(8, src, SynthSpec(shape=(32, 64, 64)))
+    pack.pack(src, dst, jobs=2)
+    for name, uri in (("source", src), ("packed", dst)):
+        assert train.main(_args(uri, output, name, "--epochs", "1", "--steps-per-epoch", "6",
+                                "--max-val-cases", "1", "--deterministic", "true")) == 0
+    source, packed = _checkpoint(output, "source")["model"], _checkpoint(output, "packed")["model"]
+    assert all(torch.equal(source[name], packed[name]) for name in source)
