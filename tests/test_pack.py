@@ -181,6 +181,7 @@ def test_compressed_and_big_endian_series_pack_into_the_same_voxels(bucket, synt
     assert mine.image.headers[0].encapsulated == (syntax != "explicit-be") and not mine.image.headers[0].big_endian
 
 
+@pytest.mark.slow  # two training runs: the slow tier
 def test_a_packed_dataset_trains_to_the_same_weights_as_its_source(bucket):
     """The same pixels, the same cases and splits: six steps on each end with equal weights."""
     src, dst, output = f"s3://{bucket}/train-src/", f"s3://{bucket}/train-packed/", f"s3://{bucket}/runs"
