@@ -89,11 +89,11 @@ def parse_object(key: str, size: int, fetch: Callable[[int, int], bytes], identi
     while True:
         if wanted > len(prefix):
             prefix += fetch(len(prefix), wanted)
-            if declared_class(prefix) == SEGMENTATION_STORAGE:
-                max_header_bytes = max(max_header_bytes, MAX_SEGMENTATION_HEADER_BYTES)
         try:
             return parse_header(prefix, size, identity_key), "", False
         except NeedMoreBytes as more:
+            if len(prefix) >= max_header_bytes and declared_class(prefix) == SEGMENTATION_STORAGE:
+                max_header_bytes = max(max_header_bytes, MAX_SEGMENTATION_HEADER_BYTES)  # asked only at the bound
             if len(prefix) >= max_header_bytes:
                 beyond = element_beyond(prefix, max_header_bytes)
                 return None, (f"the header does not end within {max_header_bytes:,} bytes"
