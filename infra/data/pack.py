@@ -144,11 +144,11 @@ def read_source(bucket: str, prefix: str, info: s3.ObjectInfo) -> SourceObject:
                         str(getattr(meta, "TransferSyntaxUID", "") if meta is not None else ""))
 
 
-def survey(uri: str) -> tuple[str, str, list[SourceObject]]:
-    """``(bucket, prefix, objects)``: every object under ``uri`` with its header's fields, read in parallel."""
+def survey(uri: str) -> list[SourceObject]:
+    """Every object under ``uri`` with its header's fields, read in parallel."""
     bucket, prefix = s3.parse_uri(uri.rstrip("/") + "/")
     listing = s3.list_tree(bucket, prefix)
-    return bucket, prefix, list(s3.executor().map(lambda info: read_source(bucket, prefix, info), listing))
+    return list(s3.executor().map(lambda info: read_source(bucket, prefix, info), listing))
 
 
 def _unpackable(objects: list[SourceObject]) -> str:
@@ -221,19 +221,18 @@ def _read_packed_header(uri: str, size: int) -> dict[str, tuple[str, int]]:
 
 def pack_series(src: str, dst: str, folder: str, members: list[SourceObject]) -> dict:
     """Write one series' packed object (unless an earlier run wrote it from the same sources);
-    returns ``{"key", "bytes", "source_bytes", "frames": {source UID: (packed UID, frame)}, "resumed",
-    "error"}``. An error leaves the series out, never the run."""
+    returns ``{"bytes", "frames": {source UID: (packed UID, frame)}, "resumed", "error"}``. An error
+    leaves the series out, never the run."""
     import highdicom
 
     logging.getLogger("highdicom").setLevel(logging.ERROR)  # a spawned worker: its lines quote the sources' UIDs
     key, source_digest = packed_key(folder, members[0].series_uid), sources_digest(members)
     uri = f"{dst}{key}"
-    result = {"key": key, "bytes": 0, "source_bytes": sum(item.size for item in members), "frames": {},
-              "resumed": False, "error": ""}
+    result = {"bytes": 0, "frames": {}, "resumed": False, "error": ""}
     bucket, prefix = s3.parse_uri(src)
     try:
-        written = s3.head(uri)
-        if written is not None and written.metadata.get(SOURCE_METADATA) == source_digest:
+        written = _written_from(uri, source_digest)
+        if written is not None:
             result.update(bytes=written.size, frames=_read_packed_header(uri, written.size), resumed=True)
             return result
         datasets = []
@@ -304,10 +303,10 @@ def _write_referencing(src: str, dst: str, item: SourceObject, series: dict, fra
     return ("rewritten", len(data), False)
 
 
-def _written_from(uri: str, made: str) -> bool:
-    """Whether the object at ``uri`` was written by a run from the same sources (``made``: their digest)."""
+def _written_from(uri: str, made: str) -> s3.Head | None:
+    """The object at ``uri`` when a run wrote it from the same sources (``made``: their digest), else ``None``."""
     written = s3.head(uri)
-    return written is not None and written.metadata.get(SOURCE_METADATA) == made
+    return written if written is not None and written.metadata.get(SOURCE_METADATA) == made else None
 
 
 def _copy(src: str, dst: str, item: SourceObject) -> bool:
@@ -329,7 +328,7 @@ def pack(src: str, dst: str, jobs: int = 4, dry_run: bool = False) -> dict:
     if src.startswith(dst) or dst.startswith(src):
         raise PackError(f"{dst} and {src} overlap: the packed dataset must go to a prefix of its own")
     started = time.perf_counter()
-    _, _, objects = survey(src)
+    objects = survey(src)
     if not objects:
         raise PackError(f"no object under {src}")
     work = plan(objects)
@@ -383,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="survey and plan only: print what would be written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("highdicom").setLevel(logging.ERROR)  # its lines quote the source objects' UIDs
     try:
         for uri in (args.src, args.dst):
             s3.parse_uri(uri)
