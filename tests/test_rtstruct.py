@@ -28,6 +28,7 @@ from brainseg.dicom import HeaderError, writer
 from brainseg.dicom.rtstruct import parse_structure_set
 from brainseg.io import cache, s3
 from brainseg.labels import parse_roi_labels
+from infra.data.profile import format_profile, profile_catalog
 from tests.conftest import console_script, dicom_bytes, put
 
 sys.path.append(str(Path(sys.prefix) / "rt-utils"))  # installed apart by the Makefile (see there)
@@ -323,6 +324,7 @@ def test_a_contour_reaching_far_outside_the_plane_is_clipped_at_the_cost_of_one_
     [case] = catalog.cases
     painted, expected = case.mask.read_volume(), _painted(structures, ROIS)
     assert (painted != expected).any(axis=(1, 2)).sum() == 1  # one plane differs: its contour's spike, clipped
+    assert profile_catalog(catalog)["structure_sets"]["left_out"]["mapped ROIs clipped to the volume"] == 1
 
 
 def _densified(dataset, points: int = 200_000) -> None:
@@ -437,3 +439,11 @@ def test_contours_that_mark_rather_than_bound_are_counted_in_the_log(bucket, tmp
     assert "case case_a: mask (RTSTRUCT RS.dcm): ROI 'Necrosis' has no closed contour: it labels nothing" in logged
     assert "ROI 'Edema': 1 closed contour(s) of one or two points (a point or a line: no area)" in logged
     assert 1 not in np.unique(catalog.cases[0].mask.read_volume())
+    profile = profile_catalog(catalog)
+    assert profile["structure_sets"]["cases"] == 1
+    assert profile["structure_sets"]["left_out"] == {
+        "point or open contours": points, "closed contours of one or two points": 1,
+        "mapped ROIs with no closed contour": 1, "mapped ROIs clipped to the volume": 0}
+    assert len(profile["structure_sets"]["notes"]["case_a"]) == 3
+    assert (f"contours    1 case(s) labelled by a structure set; left out: {points} point or open contours, 1 closed "
+            "contours of one or two points, 1 mapped ROIs with no closed contour") in format_profile(profile)

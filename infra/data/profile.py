@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from brainseg.data.catalog import Catalog
+from brainseg.data.contours import LEFT_OUT, ContourMask
 from brainseg.data.splits import SPLITS
 from brainseg.data.studies import rule_counts_line
 from brainseg.dicom.pixel_location import NATIVE_SYNTAXES
@@ -73,6 +74,7 @@ def profile_catalog(catalog: Catalog) -> dict:
         "tumour_fraction_percent": _quantiles([100.0 * case.summary.tumour_voxels / np.prod(case.image.shape)
                                                for case in usable]),
         "lesions_per_case": lesion_profile(usable, sorted(labels, key=int)),
+        "structure_sets": structure_set_profile(usable),
         "exclusions": [{"case_id": item.case_id, "reason": item.reason} for item in catalog.exclusions],
         "skipped_objects": [{"case_id": case.case_id, "object": item.split(": ", 1)[0], "reason": item.split(": ", 1)[1]}
                             for case in sorted((*catalog.cases, *catalog.exclusions), key=lambda c: c.case_id)
@@ -84,6 +86,19 @@ def profile_catalog(catalog: Catalog) -> dict:
                         for case_id, verdicts in catalog.discovery.verdicts.items()},
             "left_out_objects": catalog.discovery.left_out} if catalog.discovery is not None else {}),
     }
+
+
+def structure_set_profile(cases: list) -> dict:
+    """The cases labelled by an RT Structure Set, what their mapped ROIs lost when rasterised
+    (point and open contours, one- or two-point closed contours, ROIs left empty, ROIs clipped to
+    the volume), summed and per case, and each case's notes in words."""
+    masks = {case.case_id: getattr(case.mask, "source", case.mask) for case in cases}
+    masks = {case_id: mask for case_id, mask in masks.items() if isinstance(mask, ContourMask)}
+    left_out = Counter()
+    for mask in masks.values():
+        left_out.update(dict(mask.left_out))
+    return {"cases": len(masks), "left_out": {what: left_out[what] for what in LEFT_OUT},
+            "notes": {case_id: list(mask.notes) for case_id, mask in masks.items() if mask.notes}}
 
 
 def lesion_profile(cases: list, values: list[str]) -> dict:
@@ -140,6 +155,12 @@ def format_profile(profile: dict) -> str:
                      "through their geometry onto the first sequence's:")
         lines += [f"  {case_id}: " + "; ".join(f"{name} {text}" for name, text in grids.items())
                   for case_id, grids in profile["resampled"].items()]
+    if profile["structure_sets"]["cases"]:
+        counted = profile["structure_sets"]["left_out"]
+        lines.append(f"contours    {profile['structure_sets']['cases']} case(s) labelled by a structure set; left out: "
+                     + (", ".join(f"{n} {what}" for what, n in counted.items() if n) or "nothing"))
+        lines += [f"  {case_id}: {note}" for case_id, notes in profile["structure_sets"]["notes"].items()
+                  for note in notes]
     if profile["exclusions"]:
         lines.append("excluded:")
         lines += [f"  {item['case_id']}: {item['reason']}" for item in profile["exclusions"]]

@@ -118,6 +118,11 @@ def _fill(polygons: list, rows: int, columns: int) -> np.ndarray:
     return out
 
 
+# What a structure set's mapped ROIs lose when rasterised, as counted in ContourMask.left_out.
+LEFT_OUT = ("point or open contours", "closed contours of one or two points", "mapped ROIs with no closed contour",
+            "mapped ROIs clipped to the volume")
+
+
 @dataclass(frozen=True)
 class ContourMask(OneObject, Volume):
     """``planes[z]``: ``((label, (polygon, ...)), ...)`` on plane ``z`` of the reference grid, in painting
@@ -133,6 +138,7 @@ class ContourMask(OneObject, Volume):
     etag: str = ""
     roi_labels: tuple = ()
     notes: tuple = ()  # what of the mapped ROIs was left out or marks nothing, in words (logged with the case)
+    left_out: tuple = ()  # the same counted: ((what, count), ...), for a dataset's profile
 
     bytes_per_voxel = 1
     what = "structure set"
@@ -246,8 +252,10 @@ class ContourMask(OneObject, Volume):
                 polygons.setdefault(plane, []).append(polygon)
             for plane, shapes in polygons.items():
                 planes[plane].append((label, tuple(shapes)))
-        notes = []
+        notes, counts = [], dict.fromkeys(LEFT_OUT, 0)
         for roi, _ in mapped:
+            for what_left, count in zip(LEFT_OUT, (roi.marks, roi.degenerate, not roi.contours, id(roi) in clipped)):
+                counts[what_left] += int(count)
             if roi.marks:
                 notes.append(f"ROI {named(roi)}: {roi.marks} point or open contour(s) left out (they mark, not bound)")
             if roi.degenerate:
@@ -259,7 +267,8 @@ class ContourMask(OneObject, Volume):
                 notes.append(f"ROI {named(roi)}: contour(s) partly outside the {against} planes, clipped to them "
                              f"(up to {100 * clipped[id(roi)]:.0f}% of a contour's points outside)")
         return cls(name, reference.shape, reference.spacing, reference.origin, reference.orientation,
-                   tuple(tuple(plane) for plane in planes), notes=tuple(f"{what}: {note}" for note in notes))
+                   tuple(tuple(plane) for plane in planes), notes=tuple(f"{what}: {note}" for note in notes),
+                   left_out=tuple((what_left, count) for what_left, count in counts.items() if count))
 
     def read_region(self, z0: int, z1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Label values ``[z0:z1, y0:y1, x0:x1]`` (0 outside every mapped ROI) as float32."""
