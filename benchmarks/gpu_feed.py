@@ -32,11 +32,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from brainseg.config import StreamConfig  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.stream import PatchStream  # noqa: E402
 from brainseg.io import cache, s3  # noqa: E402
 from brainseg.io.cache import io_counters  # noqa: E402
+from brainseg.stream_config import StreamConfig  # noqa: E402
 from infra.data import pack  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402

@@ -38,11 +38,11 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from brainseg.config import StreamConfig  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.sampling import plan_slab  # noqa: E402
 from brainseg.data.stream import PatchStream  # noqa: E402
 from brainseg.io import s3, s3_client  # noqa: E402
+from brainseg.stream_config import StreamConfig  # noqa: E402
 from infra.data.synth import SynthSpec, encode_case, write_files  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 

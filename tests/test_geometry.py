@@ -10,12 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.geometry import Aligned, voxel_to_patient
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.dicom import writer
 from brainseg.io import cache, s3
+from brainseg.stream_config import StreamConfig
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset
 from tests.conftest import put_series

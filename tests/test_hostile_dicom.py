@@ -18,7 +18,7 @@ import torch
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
-from brainseg.config import Hyperparameters, StreamConfig
+from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.data.index import read_header
 from brainseg.data.stream import PatchStream, read_case_region
@@ -26,6 +26,7 @@ from brainseg.dicom import HeaderError, parse_header, writer
 from brainseg.io import s3
 from brainseg.model.networks import NetworkSpec, build_model
 from brainseg.run.evaluate import aggregate, evaluate
+from brainseg.stream_config import StreamConfig
 from brainseg.tasks import task_of
 from infra.data.profile import profile_catalog
 from tests.conftest import console_script, dicom_bytes, put, put_case, small_phantom

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from brainseg.commands import train
-from brainseg.config import STREAM_FLAGS, Hyperparameters, StreamConfig, check_budget
+from brainseg.config import STREAM_FLAGS, Hyperparameters
 from brainseg.environment import read_environment
 from brainseg.flags import FLAG_GROUPS, build_parser, parse_hyperparameters, validate_overrides
+from brainseg.stream_config import StreamConfig, check_budget
 
 REQUIRED = ["--data-uri", "s3://data/set/", "--output-uri", "s3://out/runs/"]
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "entry_point"

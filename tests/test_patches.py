@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.sampling import is_foreground_slab, plan_slab
 from brainseg.data.stream import PatchStream, foreground_centres
 from brainseg.data.summary import CaseSummary, Points, even_shares, points_by_lesion
 from brainseg.io import s3
+from brainseg.stream_config import StreamConfig
 from tests.conftest import put_case, small_phantom
 
 SMALL = dict(patch_size=(16, 24, 24), slab_margin=(4, 8), memory_budget_bytes=64 * 2**20)

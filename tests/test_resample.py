@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from brainseg.commands import train
-from brainseg.config import Hyperparameters, StreamConfig
+from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.data.resample import Grid, coarse_axis, median_spacing
 from brainseg.data.stream import PatchStream, read_case_region
 from brainseg.io import s3
 from brainseg.run.cases import case_splits, resolve_target_spacing, select_cases
+from brainseg.stream_config import StreamConfig
 from infra.data.synth import SynthSpec, write_dataset
 
 THICK = Grid((10, 24, 20), (3.0, 1.0, 1.25), (1.0, 1.0, 1.0))

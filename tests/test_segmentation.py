@@ -11,13 +11,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.segmentation import SegmentationMask
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import writer
 from brainseg.io import s3
 from brainseg.labels import parse_scheme
+from brainseg.stream_config import StreamConfig
 from tests.conftest import put_series
 
 SHAPE = (9, 37, 35)  # 1295 pixels a frame: 1-bit frames do not start on byte boundaries

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from brainseg.commands import train
-from brainseg.config import Hyperparameters, StreamConfig
+from brainseg.config import Hyperparameters
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import PatchStream
 from brainseg.dicom import writer
 from brainseg.io import s3
 from brainseg.labels import parse_scheme
 from brainseg.metrics import hausdorff95
+from brainseg.stream_config import StreamConfig
 from brainseg.tasks import task_of
 from infra.data.phantom import ET, NCR, make_study
 from infra.data.synth import SynthSpec, write_dataset

@@ -1,7 +1,7 @@
-"""A run's configuration: the patch stream's settings (:class:`StreamConfig`) and every
-hyperparameter of train.py (:class:`Hyperparameters`, each field a flag with its help text and
-group), frozen and checked on construction; the flag builder train.py and predict.py share; the
-checks across fields (patch size against the network's levels, the memory budget, locations).
+"""A run's configuration: every hyperparameter of train.py (:class:`Hyperparameters`, each field a
+flag with its help text and group, the patch stream's taken from :class:`StreamConfig`), frozen
+and checked on construction, with the checks across fields (patch size against the network's
+levels, the memory budget, locations) and the target spacing's parser.
 
 Free of torch: the launcher imports this module on a laptop to check a job before submitting it.
 """
@@ -10,36 +10,11 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from brainseg.labels import LabelScheme, parse_roi_labels, parse_scheme
-
-NORMALIZATIONS = ("zscore", "minmax")
-FOREGROUND_SAMPLINGS = ("labels", "voxels", "lesions")
-MiB = 1024 * 1024
-FLOAT_BYTES = 4
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_run_name(name: str, what: str = "run_name") -> None:
-    """A run name becomes an S3 folder: letters, digits, '.', '_' or '-', at most 128.
-
-    Raises:
-        ValueError: the name says which field it came from and what is allowed.
-    """
-    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"{what} {name!r}: expected 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                         "or digit")
-
-
-def _prefix(uri: str) -> str:
-    return uri.rstrip("/") + "/"
-
-
-def inside(uri: str, prefix: str) -> bool:
-    """Whether the S3 location ``uri`` lies under (or is) the prefix ``prefix``."""
-    return _prefix(uri).startswith(_prefix(prefix))
-
+from brainseg.locations import check_identity_key_uri, check_run_name, in_case_folders, inside
+from brainseg.stream_config import MiB, StreamConfig, check_budget, flag_field
 
 CASE_PER_HELP = ("the studies layout's case: a study (StudyInstanceUID), or a patient (PatientID: all of a patient's "
                  "studies one case, each sequence its latest series), for exports that split one exam over several "
@@ -49,74 +24,10 @@ REGISTRATION_HELP = ("a sequence in another frame of reference than the study's 
                      "(SimpleITK, Mattes mutual information; kept in the header index); none excludes the study")
 
 
-def _field(default, help_text: str):
-    """A field with its ``--help`` text."""
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """How patches are sampled, fetched, normalised and augmented; each field's help text says what
-    it does (train.py's flags of the same names take their defaults and help from here). A patch
-    depends only on ``seed`` and its slab number; ``memory_budget_bytes`` bounds what every
-    DataLoader worker of one process group holds together."""
-
-    patch_size: tuple = _field((96, 96, 96), "(D, H, W) voxels of each patch; clamped to, and padded for, small "
-                                             "volumes")
-    foreground_fraction: float = _field(1.0 / 3.0, "share of patches centred on a tumour voxel (nnU-Net uses 1/3)")
-    foreground_sampling: str = _field("labels", "where foreground patches are centred: labels (evenly over the label "
-                                                "values present, a small class as often as a large one, as nnU-Net) "
-                                                "voxels (uniformly over the tumour's voxels, as MONAI's "
-                                                "RandCropByPosNegLabeld) or lesions (evenly over the lesions, "
-                                                "then over each lesion's label values: a small lesion beside a "
-                                                "large one as often as it)")
-    patches_per_slab: int = _field(4, "patches cut from each fetched slab, to amortise its requests")
-    slab_margin: tuple = _field((16, 16), "extra (D, H) voxels fetched around a patch, room for the slab's patches "
-                                          "to differ (the full width is fetched: rows are contiguous in DICOM)")
-    mix_slabs: int = _field(2, "consecutive slabs whose patches are interleaved, so a batch mixes cases")
-    normalization: str = _field("zscore", "zscore (body mean and std) or minmax (0.5-99.5 percentile to [0, 1])")
-    augment: bool = _field(True, "mirroring, rotation, scaling, elastic deformation, bias field, gamma, blur, lower "
-                                 "resolution, intensity scale/shift, noise (brainseg.data.augment)")
-    memory_budget_bytes: int = _field(1024 * MiB, "bytes the patch pipeline may hold, shared by the DataLoader workers")
-    read_ahead: int = _field(4, "slabs fetched ahead of the consumer per worker (the budget may lower it)")
-    seed: int = _field(0, "seed of every random choice")
-
-    def slab_bytes(self, slab: tuple, image_bytes: int, mask_bytes: int, channels: int = 1) -> int:
-        """Upper bound of the memory one slab read holds: a ``slab`` ``(D, H, W)`` of each of ``channels``
-        sequences and of the mask, raw and decoded, plus the patches cut from it."""
-        slab_voxels = slab[0] * slab[1] * slab[2]
-        patch_voxels = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
-        return (slab_voxels * (channels * (FLOAT_BYTES + image_bytes) + FLOAT_BYTES + mask_bytes)
-                + self.patches_per_slab * patch_voxels * (channels * FLOAT_BYTES + 1))
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
-        object.__setattr__(self, "slab_margin", tuple(int(v) for v in self.slab_margin))
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size {self.patch_size}: expected three positive sizes (D, H, W)")
-        if len(self.slab_margin) != 2 or min(self.slab_margin) < 0:
-            raise ValueError(f"slab_margin {self.slab_margin}: expected two non-negative sizes (D, H)")
-        if not 0.0 <= self.foreground_fraction <= 1.0:
-            raise ValueError(f"foreground_fraction {self.foreground_fraction}: expected a value in [0, 1]")
-        if self.foreground_sampling not in FOREGROUND_SAMPLINGS:
-            raise ValueError(f"foreground_sampling {self.foreground_sampling!r}: expected one of "
-                             f"{', '.join(FOREGROUND_SAMPLINGS)}")
-        if self.patches_per_slab < 1:
-            raise ValueError(f"patches_per_slab {self.patches_per_slab}: expected at least 1")
-        if self.mix_slabs < 1:
-            raise ValueError(f"mix_slabs {self.mix_slabs}: expected at least 1")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization {self.normalization!r}: expected one of {NORMALIZATIONS}")
-        if self.read_ahead < 1:
-            raise ValueError(f"read_ahead {self.read_ahead}: expected at least 1")
-        if self.memory_budget_bytes < 16 * MiB:
-            raise ValueError(f"memory_budget_bytes {self.memory_budget_bytes}: expected at least 16 MiB")
-
-
 def _stream_field(name: str):
     """A Hyperparameters field that is the StreamConfig field ``name``: its default and help text."""
     spec = next(spec for spec in fields(StreamConfig) if spec.name == name)
-    return _field(spec.default, spec.metadata["help"])
+    return flag_field(spec.default, spec.metadata["help"])
 
 
 # The StreamConfig fields train.py takes as they are (the budget is in MiB there, the seed seeds more).
@@ -163,109 +74,109 @@ class Hyperparameters:
     """
 
     # Data
-    data_uri: str = _field("", "s3:// prefix holding one folder per case (required)")
-    output_uri: str = _field("", "s3:// prefix the run is written under: <output_uri>/<run_name>/ (required)")
-    run_name: str = _field("", "the run's folder; default the SageMaker job name, else a UTC timestamp. The same "
+    data_uri: str = flag_field("", "s3:// prefix holding one folder per case (required)")
+    output_uri: str = flag_field("", "s3:// prefix the run is written under: <output_uri>/<run_name>/ (required)")
+    run_name: str = flag_field("", "the run's folder; default the SageMaker job name, else a UTC timestamp. The same "
                                "name resumes a run")
-    index_uri: str = _field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl; elsewhere "
+    index_uri: str = flag_field("", "where the header index lives (default <data_uri>/.brainseg/index.jsonl; elsewhere "
                                 "when the data bucket is read-only)")
-    identity_key_uri: str = _field("", "where the key of the index's identity hashes lives: s3://... (created there "
+    identity_key_uri: str = flag_field("", "where the key of the index's identity hashes lives: s3://... (created there "
                                        "once; a location with its own grants) or env:NAME (hex in that variable); "
                                        "default beside the index")
-    trust_index: bool = _field(False, "take the case list from the index without listing the data prefix")
-    refresh_index: bool = _field(False, "read every header again, ignoring the saved index")
-    allow_dataset_change: bool = _field(False, "resume even though the dataset changed since the checkpoint "
+    trust_index: bool = flag_field(False, "take the case list from the index without listing the data prefix")
+    refresh_index: bool = flag_field(False, "read every header again, ignoring the saved index")
+    allow_dataset_change: bool = flag_field(False, "resume even though the dataset changed since the checkpoint "
                                                "(a warning instead of a refusal)")
-    max_train_cases: int = _field(0, "keep the first N training cases, the low-label regime (0: all)")
-    max_val_cases: int = _field(0, "validate on the first N validation cases, to bound its cost (0: all)")
-    folds: int = _field(5, "cross-validation folds of the training and validation cases (with --fold)")
-    fold: int = _field(-1, "the fold (0-based) that validates while the others train, patient-level and seeded; "
+    max_train_cases: int = flag_field(0, "keep the first N training cases, the low-label regime (0: all)")
+    max_val_cases: int = flag_field(0, "validate on the first N validation cases, to bound its cost (0: all)")
+    folds: int = flag_field(5, "cross-validation folds of the training and validation cases (with --fold)")
+    fold: int = flag_field(-1, "the fold (0-based) that validates while the others train, patient-level and seeded; "
                            "the test cases stay held out (-1: the train/val split as the catalog has it)")
-    data_source: str = _field("stream", "stream: patches by ranged GETs; memory: download each training volume "
+    data_source: str = flag_field("stream", "stream: patches by ranged GETs; memory: download each training volume "
                                         "first (the reference)")
-    max_header_mb: int = _field(1, "refuse an object whose header does not end within this many MiB")
-    cache_gb: float = _field(20.0, "GB of fetched bytes kept on this host's disk (least recently used out, shared by "
+    max_header_mb: int = flag_field(1, "refuse an object whose header does not end within this many MiB")
+    cache_gb: float = flag_field(20.0, "GB of fetched bytes kept on this host's disk (least recently used out, shared by "
                                    "the workers): from the second epoch a case costs no GETs; 0: off")
-    cache_dir: str = _field("", "the cache's folder (default: $BRAINSEG_CACHE_DIR, else the instance's ML storage "
+    cache_dir: str = flag_field("", "the cache's folder (default: $BRAINSEG_CACHE_DIR, else the instance's ML storage "
                                 "volume on SageMaker, else a temporary folder)")
-    get_price_per_1000: float = _field(0.0004, "USD per 1,000 GET requests, for the request-cost estimate "
+    get_price_per_1000: float = flag_field(0.0004, "USD per 1,000 GET requests, for the request-cost estimate "
                                                "(default: S3 Standard in us-east-1, list price)")
-    sequences: str = _field("image", "the sequence folders of a case, in channel order, e.g. t1c,t1,t2,flair "
+    sequences: str = flag_field("image", "the sequence folders of a case, in channel order, e.g. t1c,t1,t2,flair "
                                      "(<case>/<sequence>/*.dcm); image: the single image/ folder")
-    missing_sequences: str = _field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
+    missing_sequences: str = flag_field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
                                                "(the case is noted)")
-    layout: str = _field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects (a PACS "
+    layout: str = flag_field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects (a PACS "
                                  "export), a case per study, its series named by --sequence-rules; auto: folders "
                                  "when there are any")
-    case_per: str = _field("study", CASE_PER_HELP)
-    sequence_rules: str = _field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
+    case_per: str = flag_field("study", CASE_PER_HELP)
+    sequence_rules: str = flag_field("", "the studies layout's rules telling series apart (YAML, a path or s3:// URI; "
                                      "'extends: default' adds to the shipped ones; empty: the shipped brain MRI rules)")
-    registration: str = _field("rigid", REGISTRATION_HELP)
-    labels: str = _field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
+    registration: str = flag_field("rigid", REGISTRATION_HELP)
+    labels: str = flag_field("tumour=*", "classes by the mask's label values, e.g. ncr=1,ed=2,et=4 (1+3 or 1-3 for "
                                      "several values; * any non-zero value)")
-    roi_labels: str = _field("", "RTSTRUCT masks: ROI names to label values, e.g. Edema=2,Necrosis=1,Enhancing=4 "
+    roi_labels: str = flag_field("", "RTSTRUCT masks: ROI names to label values, e.g. Edema=2,Necrosis=1,Enhancing=4 "
                                  "(painted in this order; names matched ignoring case; empty: every ROI as 1)")
-    regions: str = _field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
+    regions: str = flag_field("", "overlapping regions over the classes, each a sigmoid channel, e.g. "
                               "wt=ncr+ed+et,tc=ncr+et,et=et or brats (empty: softmax over the classes)")
-    plan: str = _field("off", "auto: target spacing, patch size, batch size and channels from the dataset's "
+    plan: str = flag_field("off", "auto: target spacing, patch size, batch size and channels from the dataset's "
                               "fingerprint and the GPU's memory, after nnU-Net (plan.json in the run; a flag given "
                               "wins); off: the flags' values")
-    gpu_memory_gb: float = _field(0.0, "GB of GPU memory --plan auto may fill (0: the GPU's own; 8 without a GPU)")
-    target_spacing: str = _field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
+    gpu_memory_gb: float = flag_field(0.0, "GB of GPU memory --plan auto may fill (0: the GPU's own; 8 without a GPU)")
+    target_spacing: str = flag_field("median", "the grid the network sees, dz,dy,dx in mm: median (the training cases' "
                                            "median spacing), native (no resampling) or three numbers")
-    resampling: str = _field("separate_z", "images onto the target grid: separate_z (nnU-Net's: where a case's or "
+    resampling: str = flag_field("separate_z", "images onto the target grid: separate_z (nnU-Net's: where a case's or "
                                            "the target's spacing is anisotropic, coarsest > 3x finest, the coarse "
                                            "axis by nearest slice and the plane linearly), linear (every axis)")
     # Model
-    task: str = _field("segmentation", "segmentation; autoencoder: masked-image reconstruction pretraining on "
+    task: str = flag_field("segmentation", "segmentation; autoencoder: masked-image reconstruction pretraining on "
                                        "images without masks; lr_find: a learning-rate range test of the "
                                        "segmentation run these flags describe (lr_find.json, no model)")
-    model: str = _field("unet", "the MONAI network: U-Net (residual units), Attention U-Net, SegResNet or DynUNet")
-    channels: tuple = _field((16, 32, 64, 128, 256), "feature channels per level; each level halves the resolution")
-    res_units: int = _field(2, "residual units per level (U-Nets)")
-    activation: str = _field("prelu", "activation function of the U-Nets")
-    norm: str = _field("instance", "normalisation layers (instance norm suits batch 2)")
-    dropout: float = _field(0.0, "dropout probability")
-    deep_supervision: bool = _field(False, "dynunet: also train on the decoder's two coarser outputs (loss weights "
+    model: str = flag_field("unet", "the MONAI network: U-Net (residual units), Attention U-Net, SegResNet or DynUNet")
+    channels: tuple = flag_field((16, 32, 64, 128, 256), "feature channels per level; each level halves the resolution")
+    res_units: int = flag_field(2, "residual units per level (U-Nets)")
+    activation: str = flag_field("prelu", "activation function of the U-Nets")
+    norm: str = flag_field("instance", "normalisation layers (instance norm suits batch 2)")
+    dropout: float = flag_field(0.0, "dropout probability")
+    deep_supervision: bool = flag_field(False, "dynunet: also train on the decoder's two coarser outputs (loss weights "
                                            "1, 1/2, 1/4), as nnU-Net does")
     # Optimisation
-    loss: str = _field("dice_ce", "segmentation loss: Dice + cross-entropy, Dice, or Focal Tversky")
-    optimizer: str = _field("adamw", "optimiser (SGD: Nesterov with --momentum)")
-    lr: float = _field(1e-2, "peak learning rate (reached after the warm-up)")
-    weight_decay: float = _field(1e-5, "weight decay (decoupled for AdamW)")
-    momentum: float = _field(0.99, "SGD momentum (Nesterov)")
-    schedule: str = _field("cosine", "learning-rate schedule after the warm-up")
-    warmup_steps: int = _field(50, "linear warm-up steps")
-    grad_clip: float = _field(12.0, "clip the gradient norm to this (0: off)")
-    precision: str = _field("fp32", "bf16 or fp16 autocast (fp16 with a gradient scaler, GPU only)")
-    compile: bool = _field(False, "torch.compile the network")
-    lr_find_steps: int = _field(100, "lr_find: optimiser steps of the sweep (it stops early once the loss diverges)")
-    lr_find_min: float = _field(1e-7, "lr_find: the first learning rate")
-    lr_find_max: float = _field(1.0, "lr_find: the last learning rate (the sweep is exponential)")
-    epochs: int = _field(50, "epochs of steps_per_epoch optimiser steps")
-    steps_per_epoch: int = _field(250, "optimiser steps per epoch (patch sampling has no natural epoch)")
-    batch_size: int = _field(2, "patches per step and rank")
-    patience: int = _field(10, "validations without improvement before stopping early (0: never)")
-    deterministic: bool = _field(False, "deterministic algorithms (bit-identical resume on CPU)")
-    num_workers: int = _field(2, "DataLoader worker processes per rank (they share the memory budget)")
+    loss: str = flag_field("dice_ce", "segmentation loss: Dice + cross-entropy, Dice, or Focal Tversky")
+    optimizer: str = flag_field("adamw", "optimiser (SGD: Nesterov with --momentum)")
+    lr: float = flag_field(1e-2, "peak learning rate (reached after the warm-up)")
+    weight_decay: float = flag_field(1e-5, "weight decay (decoupled for AdamW)")
+    momentum: float = flag_field(0.99, "SGD momentum (Nesterov)")
+    schedule: str = flag_field("cosine", "learning-rate schedule after the warm-up")
+    warmup_steps: int = flag_field(50, "linear warm-up steps")
+    grad_clip: float = flag_field(12.0, "clip the gradient norm to this (0: off)")
+    precision: str = flag_field("fp32", "bf16 or fp16 autocast (fp16 with a gradient scaler, GPU only)")
+    compile: bool = flag_field(False, "torch.compile the network")
+    lr_find_steps: int = flag_field(100, "lr_find: optimiser steps of the sweep (it stops early once the loss diverges)")
+    lr_find_min: float = flag_field(1e-7, "lr_find: the first learning rate")
+    lr_find_max: float = flag_field(1.0, "lr_find: the last learning rate (the sweep is exponential)")
+    epochs: int = flag_field(50, "epochs of steps_per_epoch optimiser steps")
+    steps_per_epoch: int = flag_field(250, "optimiser steps per epoch (patch sampling has no natural epoch)")
+    batch_size: int = flag_field(2, "patches per step and rank")
+    patience: int = flag_field(10, "validations without improvement before stopping early (0: never)")
+    deterministic: bool = flag_field(False, "deterministic algorithms (bit-identical resume on CPU)")
+    num_workers: int = flag_field(2, "DataLoader worker processes per rank (they share the memory budget)")
     # Evaluation
-    keep_weights: str = _field("last", "the weights the model keeps: last (the end of the schedule, as nnU-Net's "
+    keep_weights: str = flag_field("last", "the weights the model keeps: last (the end of the schedule, as nnU-Net's "
                                        "final checkpoint) or best (the best validation's)")
-    sw_overlap: float = _field(0.25, "sliding-window overlap of whole-volume inference")
-    sw_batch_size: int = _field(2, "windows per forward pass in whole-volume inference")
-    save_predictions: bool = _field(True, "write each test case's image/mask/prediction crop to the output "
+    sw_overlap: float = flag_field(0.25, "sliding-window overlap of whole-volume inference")
+    sw_batch_size: int = flag_field(2, "windows per forward pass in whole-volume inference")
+    save_predictions: bool = flag_field(True, "write each test case's image/mask/prediction crop to the output "
                                           "(patient pixels: turn off where the output bucket must hold none)")
     # Artifacts
-    checkpoint_steps: int = _field(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
-    keep_checkpoints: int = _field(3, "newest checkpoints kept")
-    log_every: int = _field(50, "a progress line every N steps when the output is not a terminal")
+    checkpoint_steps: int = flag_field(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
+    keep_checkpoints: int = flag_field(3, "newest checkpoints kept")
+    log_every: int = flag_field(50, "a progress line every N steps when the output is not a terminal")
     # Experiment tracking (S3 holds everything either way)
-    mlflow_tracking_uri: str = _field("", "also log parameters, epochs and the summary to MLflow: a SageMaker MLflow "
+    mlflow_tracking_uri: str = flag_field("", "also log parameters, epochs and the summary to MLflow: a SageMaker MLflow "
                                           "tracking server ARN or an http(s) URL (empty: off)")
-    mlflow_experiment: str = _field("brainseg", "the MLflow experiment of the run")
+    mlflow_experiment: str = flag_field("brainseg", "the MLflow experiment of the run")
     # Transfer
-    init_weights: str = _field("", "s3:// URI or path of weights to start from (matching layers are loaded)")
-    freeze_encoder: bool = _field(False, "train only the decoder")
+    init_weights: str = flag_field("", "s3:// URI or path of weights to start from (matching layers are loaded)")
+    freeze_encoder: bool = flag_field(False, "train only the decoder")
     # The patch stream (StreamConfig)
     patch_size: tuple = _stream_field("patch_size")
     foreground_fraction: float = _stream_field("foreground_fraction")
@@ -275,10 +186,10 @@ class Hyperparameters:
     mix_slabs: int = _stream_field("mix_slabs")
     normalization: str = _stream_field("normalization")
     augment: bool = _stream_field("augment")
-    memory_budget_mb: int = _field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
+    memory_budget_mb: int = flag_field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
                                                                             "by the DataLoader workers")
     read_ahead: int = _stream_field("read_ahead")
-    seed: int = _field(StreamConfig.seed, "seeds the split, the initial weights, dropout and every patch")
+    seed: int = flag_field(StreamConfig.seed, "seeds the split, the initial weights, dropout and every patch")
 
     def __post_init__(self) -> None:
         for name in ("channels", "patch_size", "slab_margin"):
@@ -388,22 +299,6 @@ class Hyperparameters:
                 for f in fields(self) for v in [getattr(self, f.name)]}
 
 
-def in_case_folders(uri: str, data_uri: str) -> bool:
-    """Whether ``uri`` lies inside the dataset ``data_uri`` anywhere but its ``.brainseg/`` folder."""
-    return bool(data_uri) and inside(uri, data_uri) and not inside(uri, _prefix(data_uri) + ".brainseg/")
-
-
-def check_identity_key_uri(uri: str, data_uri: str) -> None:
-    """``""``, ``env:NAME`` or an ``s3://`` object outside the dataset's case folders."""
-    if not uri or re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", uri):
-        return
-    if not uri.startswith("s3://") or uri.endswith("/") or "/" not in uri[5:]:
-        raise ValueError(f"identity_key_uri {uri!r}: expected s3://bucket/key (an object) or env:NAME")
-    if in_case_folders(uri, data_uri):
-        raise ValueError(f"identity_key_uri {uri} is inside data_uri {data_uri} but not under its .brainseg/ folder; "
-                         "keep the key outside the dataset, in a location with its own grants")
-
-
 def parse_target_spacing(text: str) -> tuple | str:
     """``--target-spacing``: ``"median"``, ``"native"`` or ``(dz, dy, dx)`` in mm.
 
@@ -421,24 +316,6 @@ def parse_target_spacing(text: str) -> tuple | str:
         raise ValueError(f"target_spacing {text!r}: expected median, native or three positive spacings in mm like "
                          "1,1,1")
     return values
-
-
-def check_budget(budget_bytes: int, workers: int, needed_bytes: int) -> int:
-    """How many slabs of ``needed_bytes`` one of ``workers`` DataLoader workers may hold within its
-    share of the memory budget: the one place the budget is divided and its refusal worded.
-
-    Raises:
-        ValueError: not even one slab fits, naming the flag to raise and by how much.
-    """
-    workers = max(1, workers)
-    fits = budget_bytes // workers // max(1, needed_bytes)
-    if fits < 1:
-        least = -(-needed_bytes * workers // MiB)
-        raise ValueError(f"--memory-budget-mb {budget_bytes / MiB:.0f} gives each of {workers} DataLoader worker(s) "
-                         f"{budget_bytes / workers / MiB:.0f} MiB, but one slab needs {needed_bytes / MiB:.0f} MiB; "
-                         f"raise --memory-budget-mb to at least {least}, or lower --patch-size, --slab-margin, "
-                         "--patches-per-slab or --num-workers")
-    return int(fits)
 
 
 def check_patch_size(patch_size: tuple, channels: tuple) -> None:

@@ -18,10 +18,10 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg.config import StreamConfig
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import PatchStream
 from brainseg.io import s3
+from brainseg.stream_config import StreamConfig
 from infra.data.profile import format_profile, profile_catalog
 from infra.data.synth import SynthSpec, write_dataset
 from infra.s3server import EmbeddedS3

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 
-from brainseg.config import inside
 from brainseg.io import s3
+from brainseg.locations import inside
 
 MLFLOW_SERVER_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:mlflow-tracking-server/[\w-]+")
 ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::(\d{12}):role/[\w+=,.@/-]+")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brainseg.config import StreamConfig
+from brainseg.stream_config import StreamConfig
 
 
 @dataclass(frozen=True)

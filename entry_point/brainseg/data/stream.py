@@ -21,7 +21,6 @@ import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from brainseg.config import FLOAT_BYTES, StreamConfig, check_budget
 from brainseg.data.augment import draw
 from brainseg.data.catalog import Case
 from brainseg.data.resample import NATIVE, Grid, TargetSpacing
@@ -29,6 +28,7 @@ from brainseg.data.sampling import SlabPlan, plan_slab, slab_shape
 from brainseg.data.transforms import normalize, pad_to
 from brainseg.dicom import PixelDataError
 from brainseg.io.cache import io_counters
+from brainseg.stream_config import FLOAT_BYTES, StreamConfig, check_budget
 
 logger = logging.getLogger(__name__)
 

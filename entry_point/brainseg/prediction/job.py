@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from brainseg.config import FLOAT_BYTES
 from brainseg.data.catalog import Case, build_catalog
 from brainseg.data.geometry import Aligned, labels_onto
 from brainseg.data.identify import load_rules
@@ -40,6 +39,7 @@ from brainseg.prediction.nifti import label_map_bytes
 from brainseg.prediction.options import PredictOptions, parse_shard
 from brainseg.prediction.predictor import Prediction, Predictor, pooled_rules
 from brainseg.progress import Progress
+from brainseg.stream_config import FLOAT_BYTES
 
 logger = logging.getLogger(__name__)
 LOG_SECONDS = 30.0  # without a terminal, a progress line at most this often

@@ -27,11 +27,10 @@ from brainseg.config import (
     PRECISIONS,
     REGISTRATION_HELP,
     REGISTRATIONS,
-    check_identity_key_uri,
-    inside,
 )
 from brainseg.flags import OneLineParser, add_flag, metavar, parse_bool, sagemaker_arguments
 from brainseg.labels import parse_roi_labels
+from brainseg.locations import check_identity_key_uri, inside
 
 SHARD = re.compile(r"(\d+)/(\d+)")
 OUTPUT_FORMATS = ("seg", "nifti")

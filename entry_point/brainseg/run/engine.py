@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from brainseg.config import Hyperparameters, MiB, check_budget
+from brainseg.config import Hyperparameters
 from brainseg.data.augment import augment_batch
 from brainseg.data.fingerprint import LesionCounts
 from brainseg.data.splits import SPLITS
@@ -62,6 +62,7 @@ from brainseg.run.state import (
     rng_states,
 )
 from brainseg.run.tracking import Tracker
+from brainseg.stream_config import MiB, check_budget
 from brainseg.tasks import task_of
 
 logger = logging.getLogger("brainseg.train")

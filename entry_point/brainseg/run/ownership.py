@@ -25,10 +25,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from brainseg.config import Hyperparameters, check_run_name, inside
+from brainseg.config import Hyperparameters
 from brainseg.environment import Environment
 from brainseg.io import s3
 from brainseg.layout import RunLayout
+from brainseg.locations import check_run_name, inside
 from brainseg.run import distributed
 from brainseg.run.errors import TrainingError
 

@@ -28,10 +28,11 @@ import math
 
 import torch
 
-from brainseg.config import Hyperparameters, MiB
+from brainseg.config import Hyperparameters
 from brainseg.data.fingerprint import Fingerprint
 from brainseg.layout import RunLayout
 from brainseg.model.networks import NetworkSpec, build_model
+from brainseg.stream_config import MiB
 
 logger = logging.getLogger("brainseg.train")
 

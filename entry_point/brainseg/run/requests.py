@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from brainseg.config import MiB
 from brainseg.run import distributed
+from brainseg.stream_config import MiB
 
 
 def request_fields(train_reads: list[int], validation_reads: list[int], patches: int, price_per_1000: float,
