@@ -52,6 +52,54 @@ def role_account(role_arn: str) -> str:
     return match.group(1)
 
 
+def _model_statements(models: tuple, out_bucket: str, out_prefix: str, owned: dict) -> list[dict]:
+    """A prediction job's grants: read the ``models``, replace the prediction output's markers."""
+    model_objects = []
+    for uri in models:
+        bucket, key = s3.parse_uri(uri)
+        if key.endswith((".pt", ".tar.gz", ".tgz", ".json")):  # .json: a cross-validation's pooled postprocessing
+            model_objects.append(f"arn:aws:s3:::{bucket}/{key}")
+        else:
+            folder = key.rstrip("/") + "/" if key else ""
+            model_objects += [f"arn:aws:s3:::{bucket}/{folder}model/model.pt", f"arn:aws:s3:::{bucket}/{folder}model.pt"]
+    if not model_objects:
+        return []
+    return [
+        _statement("ReadModels", "s3:GetObject", model_objects, owned),
+        _statement("ReplacePredictionMarkers", "s3:DeleteObject",
+                   [f"arn:aws:s3:::{out_bucket}/{out_prefix}{name}"
+                    for name in ("complete.json", "predictions.csv", "shards/*")], owned)]
+
+
+def _service_statements(mlflow_servers: tuple, kms_keys: tuple, vpc: bool, region: str) -> list[dict]:
+    """The grants beyond S3 a job's options ask for: MLflow tracking servers, KMS keys (through S3
+    and the instance volumes), VPC network interfaces.
+
+    Raises:
+        ValueError: an MLflow server that is not a tracking server ARN.
+    """
+    statements = []
+    for arn in mlflow_servers:
+        if not MLFLOW_SERVER_ARN.fullmatch(arn):
+            raise ValueError(f"mlflow server {arn!r}: expected a tracking server ARN like "
+                             "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/brainseg")
+    if mlflow_servers:
+        statements.append(_statement("LogToMlflow", "sagemaker-mlflow:*", sorted(set(mlflow_servers))))
+    if kms_keys:
+        services = [f"s3.{region}.amazonaws.com", f"ec2.{region}.amazonaws.com"]
+        statements.append(_statement("UseKmsKeysThroughS3AndVolumes",
+                                     ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
+                                     sorted(set(kms_keys)), {"StringLike": {"kms:ViaService": services}}))
+        statements.append(_statement("GrantKmsToVolumes", "kms:CreateGrant", sorted(set(kms_keys)),
+                                     {"Bool": {"kms:GrantIsForAWSResource": "true"}}))
+    if vpc:
+        statements.append(_statement("VpcNetworkInterfaces", [
+            "ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+            "ec2:DeleteNetworkInterfacePermission", "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs",
+            "ec2:DescribeDhcpOptions", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], "*"))
+    return statements
+
+
 def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "brainseg", index_uri: str = "",
                 kms_keys: tuple = (), vpc: bool = False, init_weights_uri: str = "", region: str = "*",
                 models: tuple = (), mlflow_servers: tuple = (), identity_key_uri: str = "") -> dict:
@@ -103,37 +151,8 @@ def role_policy(data_uri: str, output_uri: str, account: str, job_name: str = "b
     if init_weights_uri.startswith("s3://"):
         bucket, key = s3.parse_uri(init_weights_uri)
         statements.append(_statement("ReadInitWeights", "s3:GetObject", f"arn:aws:s3:::{bucket}/{key}", owned))
-    model_objects = []
-    for uri in models:
-        bucket, key = s3.parse_uri(uri)
-        if key.endswith((".pt", ".tar.gz", ".tgz", ".json")):  # .json: a cross-validation's pooled postprocessing
-            model_objects.append(f"arn:aws:s3:::{bucket}/{key}")
-        else:
-            folder = key.rstrip("/") + "/" if key else ""
-            model_objects += [f"arn:aws:s3:::{bucket}/{folder}model/model.pt", f"arn:aws:s3:::{bucket}/{folder}model.pt"]
-    if model_objects:
-        statements.append(_statement("ReadModels", "s3:GetObject", model_objects, owned))
-        statements.append(_statement("ReplacePredictionMarkers", "s3:DeleteObject",
-                                     [f"arn:aws:s3:::{out_bucket}/{out_prefix}{name}"
-                                      for name in ("complete.json", "predictions.csv", "shards/*")], owned))
-    for arn in mlflow_servers:
-        if not MLFLOW_SERVER_ARN.fullmatch(arn):
-            raise ValueError(f"mlflow server {arn!r}: expected a tracking server ARN like "
-                             "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/brainseg")
-    if mlflow_servers:
-        statements.append(_statement("LogToMlflow", "sagemaker-mlflow:*", sorted(set(mlflow_servers))))
-    if kms_keys:
-        services = [f"s3.{region}.amazonaws.com", f"ec2.{region}.amazonaws.com"]
-        statements.append(_statement("UseKmsKeysThroughS3AndVolumes",
-                                     ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
-                                     sorted(set(kms_keys)), {"StringLike": {"kms:ViaService": services}}))
-        statements.append(_statement("GrantKmsToVolumes", "kms:CreateGrant", sorted(set(kms_keys)),
-                                     {"Bool": {"kms:GrantIsForAWSResource": "true"}}))
-    if vpc:
-        statements.append(_statement("VpcNetworkInterfaces", [
-            "ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
-            "ec2:DeleteNetworkInterfacePermission", "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs",
-            "ec2:DescribeDhcpOptions", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], "*"))
+    statements += _model_statements(models, out_bucket, out_prefix, owned)
+    statements += _service_statements(mlflow_servers, kms_keys, vpc, region)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
