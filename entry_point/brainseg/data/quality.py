@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from brainseg.data.columns import Headers, Numbers, Planes, Texts
 from brainseg.data.geometry import Aligned
 from brainseg.data.registration import MIN_HEAD_DICE, Registrar, Registration
 from brainseg.data.series import Series
@@ -144,11 +145,11 @@ def _assemble(bucket: str, folder: str, objects: list[IndexedObject], strays: li
                            "a mixed stack); resample the series before training")
     return Series(
         bucket=bucket,
-        keys=tuple(obj.key for obj in objects),
-        sizes=tuple(obj.size for obj in objects),
-        etags=tuple(obj.etag for obj in objects),
-        headers=tuple(headers),
-        planes=tuple(planes),
+        keys=Texts(obj.key for obj in objects),
+        sizes=Numbers(obj.size for obj in objects),
+        etags=Texts(obj.etag for obj in objects),
+        headers=Headers.of(headers),
+        planes=Planes(planes),
         spacing=(nominal, *headers[0].pixel_spacing),
         origin=tuple(float(v) for v in positions[0]),
         orientation=tuple(float(v) for v in orientation),

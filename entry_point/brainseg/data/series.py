@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from brainseg.dicom import PixelDataError, decode_frame, decode_native_rows, item_fragments
+from brainseg.dicom import ObjectHeader, PixelDataError, decode_frame, decode_native_rows, item_fragments
 from brainseg.dicom.pixels import split_frames
 from brainseg.io import cache
 
@@ -96,7 +96,8 @@ class Series(Volume):
     Attributes:
         bucket: the S3 bucket holding the objects.
         keys: object keys; ``sizes``, ``etags`` and ``headers`` are parallel to them. Every read
-            sends the indexed ETag (If-Match), so a changed object fails loudly.
+            sends the indexed ETag (If-Match), so a changed object fails loudly. A catalog holds
+            them, and ``planes``, as columns (:mod:`brainseg.data.columns`) that read as tuples.
         planes: for each slice along the normal (ascending), which object and frame holds it.
         spacing: ``(dz, dy, dx)`` in mm.
         origin: patient position (mm) of the first voxel of plane 0.
@@ -149,9 +150,10 @@ class Series(Volume):
         out = np.empty((len(zs), y1 - y0, x1 - x0), dtype=np.float32)
         wanted: dict[int, list[tuple[int, int, int]]] = {}  # object -> (start, stop, out index)
         whole_objects: dict[int, list[tuple[int, int]]] = {}  # compressed, no offset table
+        headers: dict[int, ObjectHeader] = {}  # each object's, read once (a column builds it on each read)
         for index, z in enumerate(zs):
             obj, frame = self.planes[z]
-            header = self.headers[obj]
+            header = headers[obj] if obj in headers else headers.setdefault(obj, self.headers[obj])
             if not header.encapsulated:
                 row_bytes = header.columns * header.bytes_per_pixel
                 start = header.pixel_offset + frame * header.frame_bytes + y0 * row_bytes
@@ -169,21 +171,20 @@ class Series(Volume):
                 requests.append((self.bucket, self.keys[obj], start, stop, self.etags[obj]))
                 fills.append((obj, start, [pieces[m] for m in members]))
         for obj, pieces in whole_objects.items():
-            header = self.headers[obj]
-            requests.append((self.bucket, self.keys[obj], header.pixel_offset, self.sizes[obj], self.etags[obj]))
+            requests.append((self.bucket, self.keys[obj], headers[obj].pixel_offset, self.sizes[obj], self.etags[obj]))
             fills.append((obj, None, pieces))
 
         for body, (obj, request_start, pieces) in zip(self._get(requests), fills):
             try:
-                self._fill(out, memoryview(body), obj, request_start, pieces, y0, y1, x0, x1)
+                self._fill(out, memoryview(body), headers[obj], request_start, pieces, y0, y1, x0, x1)
             except PixelDataError as err:
                 raise PixelDataError(f"{self.keys[obj].rsplit('/', 1)[-1]}: {err}") from None
         return out
 
-    def _fill(self, out: np.ndarray, view: memoryview, obj: int, request_start: int | None, pieces: list,
+    def _fill(self, out: np.ndarray, view: memoryview, header: ObjectHeader, request_start: int | None, pieces: list,
               y0: int, y1: int, x0: int, x1: int) -> None:
-        """Decode the fetched bytes of one request into the output slices they cover."""
-        header = self.headers[obj]
+        """Decode the fetched bytes of one request (of an object with ``header``) into the output
+        slices they cover."""
         if request_start is None:
             frames = split_frames(view, header.frames)
             for index, frame in pieces:
