@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from brainseg.data.catalog import build_catalog
-from brainseg.data.columns import Headers, Numbers, Planes, Texts
+from brainseg.data.columns import Headers, Numbers, Rows, Texts, plane_rows
 from brainseg.dicom import parse_header, writer
 from tests.conftest import put_case, small_phantom
 
@@ -54,8 +54,8 @@ def test_numbers_read_back_every_value_with_its_type(values):
 
 def test_planes_read_back_as_pairs_of_ints():
     planes = tuple((obj, frame) for obj in range(4) for frame in range(3))
-    _same(Planes(planes), planes)
-    assert all(type(value) is int for plane in Planes(planes) for value in plane)
+    _same(plane_rows(planes), planes)
+    assert all(type(value) is int for plane in plane_rows(planes) for value in plane)
 
 
 def _headers(slopes=(1.0,), syntax: str = "explicit-le") -> tuple:
@@ -76,7 +76,7 @@ def test_a_series_headers_become_columns_and_read_back_as_parsed(syntax, slopes)
     headers = _headers(slopes, syntax)
     column = Headers.of(headers)
     assert isinstance(column, Headers)
-    assert len({header.pixel_offset for header in headers}) == 2  # the longer header is a column value
+    assert len({header.pixel_offset for header in headers}) > 1  # the longer header: a column value
     _same(column, headers)
 
 
@@ -88,6 +88,18 @@ def test_headers_that_differ_in_a_shared_field_stay_a_tuple():
     assert isinstance(Headers.of(several), tuple)
 
 
+@pytest.mark.parametrize("syntax", ["explicit-le", "rle"])
+def test_a_multi_frame_objects_per_frame_values_become_columns(syntax):
+    volume = small_phantom(shape=(7, 20, 18)).image.astype(np.int16)
+    data = writer.encode(writer.multiframe_dataset(volume, writer.SeriesSpec(origin=(-90.5, -120.25, 33.0))), syntax)
+    header = parse_header(data, len(data), b"key")
+    [framewise] = Headers.of((header,))
+    assert framewise == header and hash(framewise) == hash(header)
+    assert isinstance(framewise.positions, Rows) and len(framewise.positions) == 7
+    _same(framewise.positions, header.positions)
+    _same(framewise.frame_starts, header.frame_starts)
+
+
 def test_a_catalogs_single_frame_series_hold_their_objects_as_columns(bucket):
     root = f"s3://{bucket}/columns"
     phantom = small_phantom()
@@ -96,7 +108,7 @@ def test_a_catalogs_single_frame_series_hold_their_objects_as_columns(bucket):
     [case] = build_catalog(root + "/", split_fractions=(1.0, 0.0, 0.0)).cases
     for series in (case.image, case.mask):
         assert isinstance(series.keys, Texts) and isinstance(series.etags, Texts)
-        assert isinstance(series.headers, Headers) and isinstance(series.planes, Planes)
+        assert isinstance(series.headers, Headers) and isinstance(series.planes, Rows)
         assert all(key.startswith("columns/case_000/") for key in series.keys)
     np.testing.assert_array_equal(case.mask.read_volume(), mask)
     assert np.abs(case.image.read_region(2, 9, 3, 30, 4, 20) - image[2:9, 3:30, 4:20]).max() < 1e-3

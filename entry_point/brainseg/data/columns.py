@@ -15,7 +15,7 @@ import operator
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 
@@ -118,25 +118,35 @@ class Numbers(_Column):
         return Numbers, (tuple(self),)
 
 
-class Planes(_Column):
-    """A series' planes ``((object index, frame index), ...)`` as one int32 array."""
+class Rows(_Column):
+    """Equal-length tuples of numbers (a series' planes as ``(object, frame)``, a multi-frame
+    object's frame positions as ``(x, y, z)``) as one array, read back as tuples of Python numbers."""
 
     __slots__ = ("_array",)
 
-    def __init__(self, planes=()):
-        array = np.array(planes, dtype=np.int32).reshape(-1, 2)
+    def __init__(self, rows=(), width: int = 2, dtype=np.int32):
+        array = np.array(rows, dtype=dtype).reshape(-1, width)
         array.flags.writeable = False
         self._array = array
 
     def __len__(self) -> int:
         return len(self._array)
 
-    def _item(self, index: int) -> tuple[int, int]:
-        obj, frame = self._array[index]
-        return int(obj), int(frame)
+    def _item(self, index: int) -> tuple:
+        return tuple(self._array[index].tolist())
 
     def __reduce__(self):
-        return Planes, (self._array,)
+        return Rows, (self._array, self._array.shape[1], self._array.dtype)
+
+
+def plane_rows(planes=()) -> Rows:
+    """A series' planes ``((object index, frame index), ...)`` as one int32 array."""
+    return Rows(planes, 2, np.int32)
+
+
+def position_rows(positions=()) -> Rows:
+    """Frame positions ``((x, y, z), ...)`` in mm as one float64 array."""
+    return Rows(positions, 3, np.float64)
 
 
 _NAMES = tuple(spec.name for spec in fields(ObjectHeader))
@@ -149,7 +159,9 @@ _INDEX = {name: position for position, name in enumerate(_NAMES)}
 
 class Headers(_Column):
     """The headers of a series of one-frame objects that differ only in their position, instance,
-    pixel offset and length, rescale and frame offset: the first header once, those as columns."""
+    pixel offset and length, rescale and frame offset: the first header once, those as columns.
+    Other headers (multi-frame objects, series whose objects differ in more) stay a tuple of
+    headers, their per-frame values as columns."""
 
     __slots__ = ("_template", "_positions", "_columns", "_values")
 
@@ -163,11 +175,11 @@ class Headers(_Column):
         headers = tuple(headers)
         if not headers or any(header.frames != 1 or len(header.positions) != 1 or len(header.frame_starts) > 1
                               for header in headers):
-            return headers
+            return tuple(map(_framewise, headers))
         template = headers[0]
         shared = [name for name in _NAMES if name not in _VARYING]
         if any(getattr(header, name) != getattr(template, name) for header in headers[1:] for name in shared):
-            return headers
+            return tuple(map(_framewise, headers))
         positions = np.array([header.positions[0] for header in headers], dtype=np.float64).reshape(-1, 3)
         positions.flags.writeable = False
         columns = {"instance_hash": Texts(header.instance_hash for header in headers),
@@ -191,3 +203,12 @@ class Headers(_Column):
 
     def __reduce__(self):
         return Headers, (self._template, self._positions, self._columns)
+
+
+def _framewise(header: ObjectHeader) -> ObjectHeader:
+    """A header whose per-frame tuples (positions, frame offsets, segment numbers) are columns: a
+    multi-frame object's 155 frame positions cost 3.7 KB rather than 21 KB."""
+    if header.frames < 2:
+        return header
+    return replace(header, positions=position_rows(header.positions), frame_starts=Numbers(header.frame_starts),
+                   segments=Numbers(header.segments))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brainseg.data.columns import Headers, Numbers, Planes, Texts
+from brainseg.data.columns import Headers, Numbers, Texts, plane_rows
 from brainseg.data.geometry import Aligned
 from brainseg.data.registration import MIN_HEAD_DICE, Registrar, Registration
 from brainseg.data.series import Series
@@ -149,7 +149,7 @@ def _assemble(bucket: str, folder: str, objects: list[IndexedObject], strays: li
         sizes=Numbers(obj.size for obj in objects),
         etags=Texts(obj.etag for obj in objects),
         headers=Headers.of(headers),
-        planes=Planes(planes),
+        planes=plane_rows(planes),
         spacing=(nominal, *headers[0].pixel_spacing),
         origin=tuple(float(v) for v in positions[0]),
         orientation=tuple(float(v) for v in orientation),
