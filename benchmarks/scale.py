@@ -10,13 +10,17 @@ Measured, for the dataset as written and after ``brainseg-pack`` (one object per
 
 - indexing: ``build_catalog`` with no saved index (every header read, masks summarised), headers/s;
 - the catalog's resident size: a fresh process builds the catalog from the saved index, and the
-  Python memory it holds afterwards (tracemalloc) and its RSS growth are divided by the objects;
+  Python memory it holds afterwards (tracemalloc) and its RSS growth are divided by the objects; a
+  worker forked from it (as a DataLoader worker is) reports its RSS and the memory it holds of its
+  own (USS) after a garbage collection and a pass over every series. The same again with the
+  catalog grown to BraTS 2023 GLI's 1,251 studies by copying the indexed studies (each copy's
+  keys, ETags and instance hashes its own, built through the same columns);
 - packing: seconds, objects and bytes before and after;
 - a large RT Structure Set (``--contours`` rings of ``--points`` points on a 155x240x240 series,
   about 20 MB by default): seconds to place it (``build_catalog``) and to rasterise every plane,
   and the peak Python memory of both.
 
-Extrapolated to BraTS 2023 GLI's 1,251 studies (1,251 x 5 x 155 = 969,525 single-frame objects).
+Indexing is extrapolated to BraTS 2023 GLI's 1,251 studies (1,251 x 5 x 155 = 969,525 single-frame objects).
 """
 
 from __future__ import annotations
@@ -41,31 +45,85 @@ from infra.s3server import EmbeddedS3  # noqa: E402
 
 SEQUENCES = ("t1c", "t1", "t2", "flair")
 BRATS_STUDIES = 1251
-# A fresh process: the catalog built from the saved index once (imports, clients and caches warmed),
-# dropped, then built again; what the second one holds is the catalog's own.
-RESIDENT = """
-import gc, json, sys, tracemalloc, psutil
-from brainseg.data.catalog import build_catalog
-build = lambda: build_catalog(sys.argv[1], sequences=tuple(sys.argv[2].split(",")), trust_index=True)
-catalog = build()
-del catalog
-gc.collect()
-process = psutil.Process()
-rss = process.memory_info().rss
-tracemalloc.start()
-catalog = build()
-gc.collect()
-held, _ = tracemalloc.get_traced_memory()
-objects = sum(len(volume.keys) for case in catalog.cases for volume in (*case.images, case.mask))
-print(json.dumps({"cases": len(catalog.cases), "objects": objects, "python_bytes": held,
-                  "rss_growth_bytes": process.memory_info().rss - rss}))
-"""
+def cloned(catalog, studies: int):
+    """``catalog`` grown to ``studies`` cases by copying its cases in turn, each copy's keys, ETags
+    and instance hashes made its own, through the same columns a catalog builds (its series as
+    they would be read from that many studies' index)."""
+    import dataclasses
+    import hashlib
+
+    from brainseg.data.columns import Headers, Texts
+
+    def unique(text: str, copy: int) -> str:
+        return hashlib.md5(f"{copy}/{text}".encode()).hexdigest()
+
+    def series(volume, case_id: str, copy_id: str, copy: int):
+        headers = Headers.of([dataclasses.replace(header, instance_hash=unique(header.instance_hash, copy)[:16])
+                              for header in volume.headers])
+        return dataclasses.replace(volume, keys=Texts(key.replace(f"/{case_id}/", f"/{copy_id}/") for key in volume.keys),
+                                   etags=Texts(f'"{unique(etag, copy)}"' for etag in volume.etags), headers=headers)
+
+    cases = list(catalog.cases)
+    for copy in range(len(cases), studies):
+        case = catalog.cases[copy % len(catalog.cases)]
+        copy_id = f"{case.case_id}-copy{copy}"
+        cases.append(dataclasses.replace(case, case_id=copy_id, mask=series(case.mask, case.case_id, copy_id, copy),
+                                         images=tuple(series(image, case.case_id, copy_id, copy)
+                                                      for image in case.images)))
+    return dataclasses.replace(catalog, cases=tuple(cases))
 
 
-def resident(uri: str) -> dict:
-    """The catalog's resident size, built from the saved index in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", RESIDENT, uri, ",".join(SEQUENCES)], capture_output=True, text=True,
-                         env=os.environ, check=True)
+def measure_resident(uri: str, studies: int) -> dict:
+    """In this (fresh) process: the catalog built from the saved index once (imports, clients and
+    caches warmed), dropped, built again (grown to ``studies`` cases when more), and the Python
+    memory it holds (tracemalloc), the process's RSS growth, and a forked worker's RSS and unique
+    memory (USS: the pages it copied) after a garbage collection and a pass over every series, as
+    a DataLoader worker forked from a training process holds it (torch imported and the parent's
+    objects frozen first, as in the training process)."""
+    import gc
+    import tracemalloc
+
+    import psutil
+    import torch  # noqa: F401 (imported, as in the training process a DataLoader worker is forked from)
+
+    build = lambda: build_catalog(uri, sequences=SEQUENCES, trust_index=True)
+    catalog = build()
+    del catalog
+    gc.collect()
+    process = psutil.Process()
+    rss = process.memory_info().rss
+    tracemalloc.start()
+    catalog = cloned(build(), studies)
+    gc.collect()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    volumes = [volume for case in catalog.cases for volume in (*case.images, case.mask)]
+    figures = {"cases": len(catalog.cases), "objects": sum(len(volume.keys) for volume in volumes),
+               "python_bytes": held, "rss_growth_bytes": process.memory_info().rss - rss}
+    gc.collect()
+    gc.freeze()  # as brainseg.run.cases.patch_loader does before its workers fork
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: what it holds of its own once it has looked at every series
+        os.close(read)
+        gc.collect()
+        touched = sum(len(volume.keys) + volume.headers[0].rows + len(volume.planes) for volume in volumes)
+        memory = psutil.Process().memory_full_info()
+        os.write(write, json.dumps({"worker_rss_bytes": memory.rss, "worker_uss_bytes": memory.uss,
+                                    "touched": touched}).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        figures.update(json.loads(pipe.read()))
+    os.waitpid(child, 0)
+    figures.pop("touched")
+    return figures
+
+
+def resident(uri: str, studies: int = 0) -> dict:
+    """:func:`measure_resident` in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--resident-of", uri, "--studies", str(studies)],
+                         capture_output=True, text=True, env=os.environ, check=True)
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     figures["python_bytes_per_object"] = round(figures["python_bytes"] / figures["objects"], 1)
     figures["rss_bytes_per_object"] = round(figures["rss_growth_bytes"] / figures["objects"], 1)
@@ -145,22 +203,21 @@ def run(args) -> dict:
         report = {"studies": args.studies, "slices": args.slices, "pixels": args.pixels,
                   "write_seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count(),
                   "platform": platform.platform()}
-        report["single_frame"] = {"index": indexed(data), "catalog": resident(data)}
+        report["single_frame"] = {"index": indexed(data), "catalog": resident(data),
+                                  "catalog_brats": resident(data, BRATS_STUDIES)}
         print(json.dumps({"single_frame": report["single_frame"]}), flush=True)
         packing = pack.pack(data, packed, jobs=2)
         report["pack"] = {key: packing[key] for key in ("objects_before", "bytes_before", "objects_after",
                                                          "bytes_after", "series_packed", "seconds")}
-        report["packed"] = {"index": indexed(packed), "catalog": resident(packed)}
+        report["packed"] = {"index": indexed(packed), "catalog": resident(packed),
+                            "catalog_brats": resident(packed, BRATS_STUDIES)}
         print(json.dumps({"pack": report["pack"], "packed": report["packed"]}), flush=True)
         report["structure_set"] = structure_set_cost(args.contours, args.points)
         print(json.dumps({"structure_set": report["structure_set"]}), flush=True)
     objects = BRATS_STUDIES * (len(SEQUENCES) + 1) * args.slices
-    per_object = report["single_frame"]["catalog"]["python_bytes_per_object"]
     report["brats_extrapolation"] = {
-        "objects": objects, "single_frame_catalog_mib": round(objects * per_object / 2**20),
-        "packed_objects": BRATS_STUDIES * (len(SEQUENCES) + 1),
-        "packed_catalog_mib": round(report["packed"]["catalog"]["python_bytes"] * BRATS_STUDIES / args.studies / 2**20, 1),
-        "single_frame_index_hours": round(objects / report["single_frame"]["index"]["headers_per_s"] / 3600, 2)}
+        "objects": objects, "single_frame_index_hours": round(objects / report["single_frame"]["index"]["headers_per_s"]
+                                                              / 3600, 2)}
     return report
 
 
@@ -172,17 +229,22 @@ def main() -> None:
     parser.add_argument("--contours", type=int, default=20_000, help="closed contours of the large structure set")
     parser.add_argument("--points", type=int, default=37, help="points per contour (20,000 x 37: about 20 MB)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    parser.add_argument("--resident-of", help=argparse.SUPPRESS)  # the fresh process resident() starts
     args = parser.parse_args()
+    if args.resident_of:
+        print(json.dumps(measure_resident(args.resident_of, args.studies)))
+        return
     report = run(args)
     for kind in ("single_frame", "packed"):
-        index, catalog = report[kind]["index"], report[kind]["catalog"]
-        print(f"{kind:12s}: {catalog['objects']:,} objects, indexed in {index['seconds']} s "
-              f"({index['headers_per_s']} headers/s); catalog {catalog['python_bytes'] / 2**20:.1f} MiB of Python "
-              f"objects ({catalog['python_bytes_per_object']} B per object), RSS +{catalog['rss_growth_bytes'] / 2**20:.1f} MiB")
-    brats = report["brats_extrapolation"]
-    print(f"BraTS 2023 ({BRATS_STUDIES} studies): {brats['objects']:,} single-frame objects -> catalog about "
-          f"{brats['single_frame_catalog_mib']} MiB per process, indexing about {brats['single_frame_index_hours']} h "
-          f"at this rate; packed: {brats['packed_objects']:,} objects, catalog about {brats['packed_catalog_mib']} MiB")
+        index = report[kind]["index"]
+        print(f"{kind:12s}: indexed in {index['seconds']} s ({index['headers_per_s']} headers/s)")
+        for catalog in (report[kind]["catalog"], report[kind]["catalog_brats"]):
+            print(f"  {catalog['cases']} studies, {catalog['objects']:,} objects: catalog "
+                  f"{catalog['python_bytes'] / 2**20:.1f} MiB of Python objects ({catalog['python_bytes_per_object']} B "
+                  f"per object), RSS +{catalog['rss_growth_bytes'] / 2**20:.1f} MiB; a forked worker: RSS "
+                  f"{catalog['worker_rss_bytes'] / 2**20:.0f} MiB, its own (USS) {catalog['worker_uss_bytes'] / 2**20:.1f} MiB")
+    print(f"BraTS 2023 ({BRATS_STUDIES} studies): indexing {report['brats_extrapolation']['objects']:,} single-frame "
+          f"objects about {report['brats_extrapolation']['single_frame_index_hours']} h at this rate")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
