@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from monai.losses import DeepSupervisionLoss
 from monai.metrics import DiceMetric, compute_iou
 
 from brainseg.config import Hyperparameters, check_patch_size
@@ -153,6 +154,10 @@ def test_deep_supervision_weighs_the_heads_by_halves_and_leaves_evaluation_to_th
     plain, supervised = build_loss("dice_ce", sigmoid=True), task_of(hp).loss(hp)
     expected = (plain(heads[:, 0], target) + plain(heads[:, 1], target) / 2 + plain(heads[:, 2], target) / 4) / 1.75
     assert float(supervised(heads, target)) == pytest.approx(float(expected), rel=1e-6)
+    # MONAI's own DeepSupervisionLoss (weight_mode "exp": 1, 1/2, 1/4) on the same heads and target
+    # sums the same weights without normalising them: the same loss, scaled by 1.75.
+    monai = DeepSupervisionLoss(plain)(list(torch.unbind(heads, dim=1)), target)
+    assert float(supervised(heads, target)) * 1.75 == pytest.approx(float(monai), rel=1e-6)
     assert float(supervised(heads[:, 0], target)) == pytest.approx(float(plain(heads[:, 0], target)))
     with pytest.raises(ValueError, match="deep_supervision with task segmentation, model unet"):
         Hyperparameters(deep_supervision=True)
