@@ -84,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--summary-only", action="store_true", help="launch nothing: summarise the folds' finished runs")
     cv.add_argument("--processes-per-host", type=int, help="torchrun processes per instance (default: one per GPU)")
 
+    _add_tune(commands)
+    commands.add_parser("export", add_help=False, help="a model as TorchScript, ONNX and a MONAI bundle (brainseg-export)")
+    _add_iam_policy(commands)
+    _add_lifecycle(commands)
+    return parser
+
+
+def _add_tune(commands) -> None:
+    """tune: the job flags, the search's ranges, strategy and objective."""
     tune = commands.add_parser(
         "tune", help="a hyperparameter tuning job: SageMaker's tuner (aws) or a Random/Grid search (process)",
         description="Search train.py's hyperparameters: --mode aws creates a SageMaker hyperparameter tuning job "
@@ -107,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--random-seed", type=int, help="seeds the search (process mode: the draws)")
     add("--min-epochs", type=int, help="Hyperband: epochs every job gets before it may be stopped (default 1)")
 
-    commands.add_parser("export", add_help=False, help="a model as TorchScript, ONNX and a MONAI bundle (brainseg-export)")
+
+def _add_iam_policy(commands) -> None:
+    """iam-policy: what the documents are for (the data, output, keys, models, servers)."""
     policy = commands.add_parser(
         "iam-policy", help="print the IAM documents a job's role and its caller need",
         description="Print, as one JSON object, the job role's least-privilege permissions (role_permissions), "
@@ -133,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--document", choices=POLICY_DOCUMENTS, help="print only this document, as aws iam create-role "
                                                      "--assume-role-policy-document / put-role-policy take it")
 
+
+def _add_lifecycle(commands) -> None:
+    """status, logs, stop, attach (one job) and jobs (the recent ones)."""
     for name, text in (("status", "a SageMaker job's status, times, instances, warm pool, run and final metrics"),
                        ("logs", "a SageMaker job's CloudWatch log, every instance's, in time order"),
                        ("stop", "stop a SageMaker job (train.py checkpoints on the way out)"),
@@ -150,7 +164,6 @@ def _parser() -> argparse.ArgumentParser:
                                                                  "(default brainseg; '' for all)")
     jobs.add_argument("--max", type=int, default=20, help="how many (20)")
     jobs.add_argument("--region", help="the region (default: the AWS configuration's)")
-    return parser
 
 
 def _add_job_flags(command: argparse.ArgumentParser, script: str) -> None:
