@@ -73,7 +73,7 @@ class Texts(_Column):
         rests = [value[len(hex_prefix):len(value) - len(hex_suffix)] for value in values]
         if len({len(rest) for rest in rests}) == 1 and rests[0] and all(HEX.fullmatch(rest) for rest in rests):
             self._prefix, self._suffix = hex_prefix, hex_suffix
-            self._width, self._ends = len(rests[0]) // 2, len(rests)
+            self._width, self._ends = len(rests[0]) // 2, None
             self._body = bytes.fromhex("".join(rests))
             return
         self._prefix, self._suffix, self._width = prefix, suffix, 0
@@ -82,7 +82,7 @@ class Texts(_Column):
         self._body = "".join(rests)
 
     def __len__(self) -> int:
-        return self._ends if self._width else len(self._ends)
+        return len(self._body) // self._width if self._width else len(self._ends)
 
     def _item(self, index: int) -> str:
         if self._width:
@@ -163,10 +163,10 @@ class Headers(_Column):
     Other headers (multi-frame objects, series whose objects differ in more) stay a tuple of
     headers, their per-frame values as columns."""
 
-    __slots__ = ("_template", "_positions", "_columns", "_values")
+    __slots__ = ("_template", "_columns", "_values")
 
-    def __init__(self, template: ObjectHeader, positions: np.ndarray, columns: dict):
-        self._template, self._positions, self._columns = template, positions, columns
+    def __init__(self, template: ObjectHeader, columns: dict):
+        self._template, self._columns = template, columns
         self._values = [getattr(template, name) for name in _NAMES]
 
     @classmethod
@@ -180,17 +180,16 @@ class Headers(_Column):
         shared = [name for name in _NAMES if name not in _VARYING]
         if any(getattr(header, name) != getattr(template, name) for header in headers[1:] for name in shared):
             return tuple(map(_framewise, headers))
-        positions = np.array([header.positions[0] for header in headers], dtype=np.float64).reshape(-1, 3)
-        positions.flags.writeable = False
-        columns = {"instance_hash": Texts(header.instance_hash for header in headers),
+        columns = {"positions": position_rows([header.positions[0] for header in headers]),
+                   "instance_hash": Texts(header.instance_hash for header in headers),
                    "frame_starts": Numbers(header.frame_starts[0] if header.frame_starts else _FRAME_STARTS_NONE
                                            for header in headers),
                    **{name: Numbers(getattr(header, name) for header in headers)
                       for name in ("pixel_offset", "pixel_length", "rescale_slope", "rescale_intercept")}}
-        return cls(template, positions, columns)
+        return cls(template, columns)
 
     def __len__(self) -> int:
-        return len(self._positions)
+        return len(self._columns["positions"])
 
     def _item(self, index: int) -> ObjectHeader:
         values = self._values.copy()
@@ -198,11 +197,11 @@ class Headers(_Column):
             values[_INDEX[name]] = column._item(index)
         start = values[_INDEX["frame_starts"]]
         values[_INDEX["frame_starts"]] = () if start == _FRAME_STARTS_NONE else (start,)
-        values[_INDEX["positions"]] = (tuple(self._positions[index].tolist()),)
+        values[_INDEX["positions"]] = (values[_INDEX["positions"]],)  # one frame
         return ObjectHeader(*values)
 
     def __reduce__(self):
-        return Headers, (self._template, self._positions, self._columns)
+        return Headers, (self._template, self._columns)
 
 
 def _framewise(header: ObjectHeader) -> ObjectHeader:
