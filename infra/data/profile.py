@@ -92,8 +92,8 @@ def structure_set_profile(cases: list) -> dict:
     """The cases labelled by an RT Structure Set, what their mapped ROIs lost when rasterised
     (point and open contours, one- or two-point closed contours, ROIs left empty, ROIs clipped to
     the volume), summed and per case, and each case's notes in words."""
-    masks = {case.case_id: getattr(case.mask, "source", case.mask) for case in cases}
-    masks = {case_id: mask for case_id, mask in masks.items() if isinstance(mask, ContourMask)}
+    masks = {case.case_id: case.mask.native for case in cases
+             if case.mask is not None and isinstance(case.mask.native, ContourMask)}
     left_out = Counter()
     for mask in masks.values():
         left_out.update(dict(mask.left_out))

@@ -49,7 +49,7 @@ def assemble_cases(listed: Listing, objects: dict, zero_fill: bool, require_mask
                                             sorted(listed.other_folders.get(case_id, ())), contours, registrar)
             missing[case_id] = tuple(name for name, item in series[case_id][0].items() if item is None)
             mask = series[case_id][1]
-            for note in getattr(getattr(mask, "source", mask), "notes", ()):
+            for note in getattr(mask.native, "notes", ()) if mask is not None else ():
                 logger.warning("case %s: %s", case_id, note)
         except QualityError as err:
             reasons[case_id] = str(err)
