@@ -227,6 +227,12 @@ class Aligned(Volume):
             parts.append(whole[max(z0, low) - low:min(z1, high) - low, y0:y1, x0:x1])
         return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
+    def requests(self, region: tuple) -> list[tuple]:
+        """The source's whole volume: the most a read of ``region`` may fetch (its tiles are
+        resampled from source boxes that depend on the geometry, then kept in the host's cache)."""
+        self._check_region(tuple(region))
+        return self.source.requests(self.source.whole)
+
     def resample(self, region: tuple) -> np.ndarray:
         """The reference voxels of ``region`` ``(z0, z1, y0, y1, x0, x1)`` resampled from the source."""
         z0, z1, y0, y1, x0, x1 = region

@@ -90,19 +90,8 @@ class SegmentationMask(OneObject, Volume):
         self._check_region((z0, z1, y0, y1, x0, x1))
         out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
         header = self.header
-        frame_pixels = header.rows * header.columns
         packed = header.bits_allocated == 1
-        pieces = []  # (start byte, stop byte, z index, segment, first bit)
-        for z in range(z0, z1):
-            for frame, segment in self.planes[z]:
-                first = frame * frame_pixels + y0 * header.columns
-                last = frame * frame_pixels + y1 * header.columns
-                if packed:
-                    pieces.append((header.pixel_offset + first // 8, header.pixel_offset + -(-last // 8), z - z0,
-                                   segment, first % 8))
-                else:
-                    pieces.append((header.pixel_offset + first, header.pixel_offset + last, z - z0, segment, 0))
-        merged = coalesce([(start, stop) for start, stop, *_ in pieces])
+        pieces, merged = self._plan(z0, z1, y0, y1)
         requests = [(self.bucket, self.key, start, stop, self.etag) for start, stop, _ in merged]
         count = (y1 - y0) * header.columns
         painted = []
@@ -119,6 +108,28 @@ class SegmentationMask(OneObject, Volume):
         for segment, z, values in sorted(painted, key=lambda item: item[0]):
             out[z][values] = segment
         return out
+
+    def requests(self, region: tuple) -> list[tuple]:
+        self._check_region(tuple(region))
+        z0, z1, y0, y1 = region[:4]
+        return [(self.bucket, self.key, start, stop, self.etag) for start, stop, _ in self._plan(z0, z1, y0, y1)[1]]
+
+    def _plan(self, z0: int, z1: int, y0: int, y1: int) -> tuple[list, list]:
+        """The byte pieces of rows ``y0..y1`` of each frame on planes ``z0..z1`` (start, stop, z index,
+        segment, first bit), and their coalesced ranges ``(start, stop, members)``."""
+        header = self.header
+        frame_pixels = header.rows * header.columns
+        pieces = []
+        for z in range(z0, z1):
+            for frame, segment in self.planes[z]:
+                first = frame * frame_pixels + y0 * header.columns
+                last = frame * frame_pixels + y1 * header.columns
+                if header.bits_allocated == 1:
+                    pieces.append((header.pixel_offset + first // 8, header.pixel_offset + -(-last // 8), z - z0,
+                                   segment, first % 8))
+                else:
+                    pieces.append((header.pixel_offset + first, header.pixel_offset + last, z - z0, segment, 0))
+        return pieces, coalesce([(start, stop) for start, stop, *_ in pieces])
 
 
 def place_segmentation(bucket: str, obj: IndexedObject, reference: Series, against: str,

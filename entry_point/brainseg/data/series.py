@@ -65,8 +65,18 @@ class Volume:
 
     def read_volume(self) -> np.ndarray:
         """The whole volume as a ``(D, H, W)`` float32 array."""
-        depth, rows, columns = self.shape
-        return self.read_region(0, depth, 0, rows, 0, columns)
+        return self.read_region(*self.whole)
+
+    @property
+    def whole(self) -> tuple:
+        """The region ``(0, D, 0, H, 0, W)`` of the whole volume."""
+        return tuple(v for size in self.shape for v in (0, size))
+
+    def requests(self, region: tuple) -> list[tuple]:
+        """The ``(bucket, key, start, stop, etag)`` ranges :meth:`read_region` asks the host's cache for
+        ``region``, without reading them: none here (a volume held in memory, a structure set
+        rasterised from contours read when the catalog was built)."""
+        return []
 
 
 def object_identity(volume) -> list[str]:
@@ -146,8 +156,25 @@ class Series(Volume):
             self._check_region((int(z), int(z) + 1, 0, rows, 0, columns))
         return self._read([int(z) for z in indices], 0, rows, 0, columns)
 
+    def requests(self, region: tuple) -> list[tuple]:
+        self._check_region(tuple(region))
+        z0, z1, y0, y1, x0, x1 = region
+        return self._plan(list(range(z0, z1)), y0, y1)[0]
+
     def _read(self, zs: list[int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         out = np.empty((len(zs), y1 - y0, x1 - x0), dtype=np.float32)
+        requests, fills, headers = self._plan(zs, y0, y1)
+        for body, (obj, request_start, pieces) in zip(self._get(requests), fills):
+            try:
+                self._fill(out, memoryview(body), headers[obj], request_start, pieces, y0, y1, x0, x1)
+            except PixelDataError as err:
+                raise PixelDataError(f"{self.keys[obj].rsplit('/', 1)[-1]}: {err}") from None
+        return out
+
+    def _plan(self, zs: list[int], y0: int, y1: int) -> tuple[list, list, dict]:
+        """The ranges that slices ``zs``, rows ``y0..y1``, are read by (coalesced within an object),
+        with what each fills (object, its first byte or ``None`` for a whole object, pieces) and
+        the headers of the objects read."""
         wanted: dict[int, list[tuple[int, int, int]]] = {}  # object -> (start, stop, out index)
         whole_objects: dict[int, list[tuple[int, int]]] = {}  # compressed, no offset table
         headers: dict[int, ObjectHeader] = {}  # each object's, read once (a column builds it on each read)
@@ -173,13 +200,7 @@ class Series(Volume):
         for obj, pieces in whole_objects.items():
             requests.append((self.bucket, self.keys[obj], headers[obj].pixel_offset, self.sizes[obj], self.etags[obj]))
             fills.append((obj, None, pieces))
-
-        for body, (obj, request_start, pieces) in zip(self._get(requests), fills):
-            try:
-                self._fill(out, memoryview(body), headers[obj], request_start, pieces, y0, y1, x0, x1)
-            except PixelDataError as err:
-                raise PixelDataError(f"{self.keys[obj].rsplit('/', 1)[-1]}: {err}") from None
-        return out
+        return requests, fills, headers
 
     def _fill(self, out: np.ndarray, view: memoryview, header: ObjectHeader, request_start: int | None, pieces: list,
               y0: int, y1: int, x0: int, x1: int) -> None:

@@ -153,6 +153,10 @@ class PatchStream(IterableDataset):
     def plan(self, slab_number: int, attempt: int = 0) -> SlabPlan:
         return plan_slab(slab_number, self._shapes, self._foregrounds, self.config, attempt)
 
+    def native_region(self, plan: SlabPlan) -> tuple:
+        """The region of ``plan``'s case that its slab is read from, on the case's own grid."""
+        return self._grids[plan.case_index].native_region(plan.region)
+
     def _settle(self, plan: SlabPlan, images: list[Future], mask: Future) -> tuple[SlabPlan, list, np.ndarray]:
         """The slab of ``plan``, or, when its pixels cannot be decoded (a damaged compressed frame
         the index could not see), the slab's next replacement plan in a fixed order."""

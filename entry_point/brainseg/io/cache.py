@@ -38,7 +38,7 @@ BLOCK_BYTES = 256 * 1024  # a slice of 240x240 16-bit pixels is ~113 KiB: one bl
 _HEADER = struct.Struct("<4sQI")  # magic, payload length, CRC-32 of the payload
 _MAGIC = b"BSC1"
 _SCAN_FRACTION = 16  # look at the folder's size after writing max_bytes / 16
-_EVICT_TO = 0.9  # evict down to this fraction of the bound
+EVICT_TO = 0.9  # evict down to this fraction of the bound
 _COUNTERS = ("cache_hits", "cache_misses", "cache_bytes_read", "cache_bytes_written", "cache_evictions")
 _TOUCH_AFTER_S = 60.0  # a hit marks its file used again once it was last marked this long ago
 
@@ -59,7 +59,7 @@ class RangeCache:
         """The bytes of each ``(bucket, key, start, stop, etag)`` request, in order: from the
         cache where every block it covers is there, else fetched (with the object's other
         missing blocks) and stored."""
-        wanted = [_blocks_of(request) for request in requests]
+        wanted = [blocks_of(request) for request in requests]
         blocks: dict[tuple, bytes | None] = {}
         for block in (block for covered in wanted for block in covered):
             if block not in blocks:
@@ -81,12 +81,7 @@ class RangeCache:
 
     def _fetch(self, missing: list[tuple]) -> dict[tuple, bytes]:
         """Fetch the missing blocks, runs of consecutive blocks of one object in one GET each."""
-        runs: list[list[tuple]] = []
-        for block in sorted(missing):
-            if runs and runs[-1][-1][:3] == block[:3] and runs[-1][-1][3] + 1 == block[3]:
-                runs[-1].append(block)
-            else:
-                runs.append([block])
+        runs = block_runs(missing)
         bodies = s3.get_ranges([(run[0][0], run[0][1], run[0][3] * BLOCK_BYTES,
                                         (run[-1][3] + 1) * BLOCK_BYTES, run[0][2] or None) for run in runs],
                                to_end=True)
@@ -103,6 +98,10 @@ class RangeCache:
         bucket, key, etag, number = block
         digest = hashlib.sha256(f"{bucket}\0{key}\0{etag}\0{number}".encode()).hexdigest()
         return self.directory / digest[:2] / digest[2:40]
+
+    def holds(self, block: tuple) -> bool:
+        """Whether ``(bucket, key, etag, number)`` is on disk (unchecked: a read checks it)."""
+        return self._path(block).is_file()
 
     def _load(self, block: tuple) -> bytes | None:
         path = self._path(block)
@@ -175,7 +174,7 @@ class RangeCache:
             return
         removed = 0
         for _, size, path in sorted(files):
-            if total <= self.max_bytes * _EVICT_TO:
+            if total <= self.max_bytes * EVICT_TO:
                 break
             if _remove(Path(path)):
                 total -= size
@@ -216,11 +215,22 @@ class RangeCache:
             return dict(self._counters)
 
 
-def _blocks_of(request: tuple) -> list[tuple]:
+def blocks_of(request: tuple) -> list[tuple]:
     """The ``(bucket, key, etag, block number)`` of every block a ``(bucket, key, start, stop[, etag])`` covers."""
     bucket, key, start, stop, *rest = request
     etag = rest[0] if rest else ""
     return [(bucket, key, etag, number) for number in range(start // BLOCK_BYTES, (stop - 1) // BLOCK_BYTES + 1)]
+
+
+def block_runs(blocks) -> list[list[tuple]]:
+    """``blocks`` sorted into runs of consecutive blocks of one object version: one GET each."""
+    runs: list[list[tuple]] = []
+    for block in sorted(blocks):
+        if runs and runs[-1][-1][:3] == block[:3] and runs[-1][-1][3] + 1 == block[3]:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs
 
 
 def _scandir(path) -> list:
