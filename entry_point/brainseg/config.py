@@ -61,7 +61,8 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_st
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
                                "save_predictions", "allow_dataset_change", "mlflow_tracking_uri",
-                               "mlflow_experiment", "cache_gb", "cache_dir", "get_price_per_1000"})
+                               "mlflow_experiment", "cache_gb", "cache_dir", "get_price_per_1000",
+                               "patches_per_s", "instance_usd_per_hour"})
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class Hyperparameters:
                                 "volume on SageMaker, else a temporary folder)")
     get_price_per_1000: float = flag_field(0.0004, "USD per 1,000 GET requests, for the request-cost estimate "
                                                "(default: S3 Standard in us-east-1, list price)")
+    patches_per_s: float = flag_field(0.0, "training patches per second the bill forecasts hours with (0: the rate "
+                                           "table's for the instance type, brainseg.bill)")
+    instance_usd_per_hour: float = flag_field(0.0, "USD per instance-hour the bill prices hours at (0: the price "
+                                                   "table's for the instance type, brainseg.bill)")
     sequences: str = flag_field("image", "the sequence folders of a case, in channel order, e.g. t1c,t1,t2,flair "
                                      "(<case>/<sequence>/*.dcm); image: the single image/ folder")
     missing_sequences: str = flag_field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
@@ -221,7 +226,7 @@ class Hyperparameters:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")
         non_negative = ("max_train_cases", "max_val_cases", "res_units", "warmup_steps", "grad_clip",
                         "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum", "cache_gb",
-                        "gpu_memory_gb", "get_price_per_1000")
+                        "gpu_memory_gb", "get_price_per_1000", "patches_per_s", "instance_usd_per_hour")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)}: expected >= 0")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+SAGEMAKER_CONFIG_DIR = "/opt/ml/input/config"  # SageMaker writes resourceconfig.json here
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Environment:
         job_name: the training job name (``TRAINING_JOB_NAME`` or ``SM_TRAINING_ENV``), if any.
         hosts, current_host: the instances of the job (``SM_HOSTS``, ``SM_CURRENT_HOST``).
         num_gpus: GPUs on this instance (``SM_NUM_GPUS``), ``None`` outside SageMaker.
+        instance_type: the instance's type (``SM_CURRENT_INSTANCE_TYPE``, else ``current_instance_type``
+            of SageMaker's resourceconfig.json), ``""`` outside SageMaker.
         cache_dir: where fetched bytes are cached on this host: ``BRAINSEG_CACHE_DIR``, else the
             instance's ML storage volume (``SM_INPUT_DIR``/data/brainseg-cache) inside SageMaker,
             else ``None`` (a temporary folder).
@@ -41,6 +44,7 @@ class Environment:
     current_host: str
     num_gpus: int | None
     cache_dir: str | None = None
+    instance_type: str = ""
 
 
 def read_environment(environ=None) -> Environment:
@@ -61,7 +65,17 @@ def read_environment(environ=None) -> Environment:
         num_gpus=int(environ["SM_NUM_GPUS"]) if environ.get("SM_NUM_GPUS") else None,
         cache_dir=environ.get("BRAINSEG_CACHE_DIR") or (str(Path(environ["SM_INPUT_DIR"]) / "data" / "brainseg-cache")
                                                         if environ.get("SM_INPUT_DIR") else None),
+        instance_type=environ.get("SM_CURRENT_INSTANCE_TYPE") or _resource_config(environ).get("current_instance_type", ""),
     )
+
+
+def _resource_config(environ) -> dict:
+    """SageMaker's ``resourceconfig.json`` (``{}`` where there is none, as outside SageMaker)."""
+    path = Path(environ.get("SM_INPUT_CONFIG_DIR", SAGEMAKER_CONFIG_DIR)) / "resourceconfig.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def drop_privileges(env: Environment, user: str | None = None) -> str | None:

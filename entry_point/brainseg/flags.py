@@ -70,7 +70,7 @@ FLAG_GROUPS = {
                                  "mlflow_experiment"),
     "advanced": ("seed", "deterministic", "memory_budget_mb", "patches_per_slab", "slab_margin", "mix_slabs",
                  "read_ahead", "data_source", "index_uri", "identity_key_uri", "trust_index", "refresh_index", "allow_dataset_change",
-                 "max_header_mb", "get_price_per_1000"),
+                 "max_header_mb", "get_price_per_1000", "patches_per_s", "instance_usd_per_hour"),
 }
 SAGEMAKER_HELP = ("On SageMaker the hyperparameters arrive as --snake_case flags (accepted as well as --kebab-case); "
                   "SM_MODEL_DIR, SM_OUTPUT_DATA_DIR, SM_HOSTS, SM_CURRENT_HOST and SM_NUM_GPUS are read from the "

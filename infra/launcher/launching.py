@@ -21,7 +21,7 @@ from infra.launcher import storage
 from infra.launcher.demo import DOCKER_HOST_ADDRESS, save_demo, start_demo
 from infra.launcher.jobspec import JobSpec
 from infra.launcher.lifecycle import boto_session
-from infra.launcher.plan import dry_run_text
+from infra.launcher.plan import dry_run_text, forecast_text
 from infra.launcher.results import latest_run, report, report_predictions, tuning_text
 from infra.launcher.tuning import TuningSpec, tuning_job_name
 
@@ -105,6 +105,8 @@ def launch(spec: JobSpec) -> int:
         if spec.dry_run:
             request = sagemaker_job.dry_run_request(spec)
             print(dry_run_text(spec, request), file=sys.stderr)
+            if spec.training:
+                print(forecast_text(spec, request), file=sys.stderr)
             print(json.dumps(request, indent=1, sort_keys=True, default=str))
             return 0
         session = boto_session(spec.region or None)

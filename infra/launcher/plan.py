@@ -1,10 +1,14 @@
 """How a job will run, in words for the dry run: the image and the torch it holds, the instances and
-their GPUs, and the processes torchrun starts on each."""
+their GPUs, the processes torchrun starts on each, and what the job will cost (its bill, forecast
+from the catalog as the job will read it)."""
 
 from __future__ import annotations
 
 import re
 
+from brainseg.bill import bill_text
+from brainseg.flags import validate_overrides
+from brainseg.io import s3
 from infra.launcher.jobspec import DEFAULT_INSTANCE_TYPE, JobSpec
 from infra.launcher.sagemaker_job import PINNED_TORCH
 
@@ -75,3 +79,26 @@ def dry_run_text(spec: JobSpec, request: dict) -> str:
         f"  output:       {spec.output_uri.rstrip('/')}/<job name>/" if spec.training else
         f"  output:       {spec.output_uri}",
     ])
+
+
+def forecast_text(spec: JobSpec, request: dict) -> str:
+    """The training job's bill (:mod:`brainseg.bill`): its catalog read as the job will read it (the
+    headers indexed when no index is saved; the job then reuses the index), its slabs and
+    validation reads replayed through its cache, its hours at the rate table's rate on the
+    request's instances. A line saying why where it cannot be forecast here."""
+    try:
+        from brainseg.run.errors import TrainingError
+        from brainseg.run.forecast import plan_bill  # the job's data stack, torch included: a dry run only
+    except ImportError as err:
+        return f"bill: not forecast here ({err}; pip install -r entry_point/requirements.txt to forecast it)"
+    resources = request.get("ResourceConfig", {})
+    instance_type = resources.get("InstanceType", spec.instance_type or DEFAULT_INSTANCE_TYPE)
+    count = int(resources.get("InstanceCount", spec.instance_count))
+    per_host = spec.processes_per_host or max(gpus_per_instance(instance_type) or 1, 1)
+    hp = validate_overrides(spec.training_hyperparameters())
+    try:
+        forecast = plan_bill(hp, world=per_host * count, instance_type=instance_type, instance_count=count,
+                             volume_gb=int(resources.get("VolumeSizeInGB", spec.volume_gb)))
+    except (s3.S3Error, TrainingError, ValueError) as err:  # unreadable from here, no usable case, a budget too small
+        return f"bill: not forecast ({err})"
+    return bill_text(forecast)

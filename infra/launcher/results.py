@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from brainseg.bill import comparison_text
 from brainseg.io import s3
 from brainseg.layout import PredictionLayout, RunLayout
 from infra.launcher.tuning import TuningResult
@@ -47,6 +48,8 @@ def report(output_uri: str, job_name: str) -> None:
         if summary.get(key) is not None:
             value = summary[key]
             print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    if summary.get("bill"):
+        print(comparison_text(summary["bill"]["forecast"], summary["bill"]["actual"]))
 
 
 def report_predictions(output_uri: str) -> None:

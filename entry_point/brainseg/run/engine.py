@@ -19,6 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from brainseg.bill import Bill, bill_text
 from brainseg.config import Hyperparameters
 from brainseg.data.augment import augment_batch
 from brainseg.data.fingerprint import LesionCounts
@@ -47,6 +48,7 @@ from brainseg.run.cases import (
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
 from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate, validation_matches
+from brainseg.run.forecast import actual_bill, forecast_bill, this_job
 from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
 from brainseg.run.plan import plan_run
@@ -84,6 +86,7 @@ class Trainer:
         self.kept_matches: dict | None = None  # the kept weights' validation lesion matches by case (postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
         self.cache_fit: dict = {}  # the training cases against the local cache (requests.cache_fit), at build
+        self.forecast: Bill | None = None  # the run's bill forecast at build (rank 0)
 
     # ----------------------------------------------------------------- setup
     def connect(self) -> None:
@@ -131,6 +134,13 @@ class Trainer:
                          max(slab_cost_bytes(case, hp.stream_config(), self.target_spacing) for case in self.train_cases))
         except ValueError as err:
             raise TrainingError(str(err)) from err
+        if self.main:
+            active = cache.active()
+            self.forecast = forecast_bill(hp, self.train_cases, self.val_cases, self.target_spacing,
+                                          cache_bytes=active.max_bytes if active is not None else 0,
+                                          holds=active.holds if active is not None else None,
+                                          **this_job(self.env, self.world))
+            logger.info("%s", bill_text(self.forecast))
         self.model = starting_model(hp, self.task.out_channels, self.device)
         self.total_steps = hp.epochs * hp.steps_per_epoch
         if hp.warmup_steps >= self.total_steps and hp.schedule != "onecycle":
@@ -365,6 +375,9 @@ class Trainer:
         if self.postprocessing:
             summary["postprocessing"] = {name: choice.to_dict() for name, choice in self.postprocessing.items()}
         summary["s3_requests"] = {**self.cache_fit, **request_totals(self.state.history)}
+        if self.main:
+            actual = actual_bill(hp, self.state.history, state.step, **this_job(self.env, self.world))
+            summary["bill"] = {"forecast": self.forecast.to_json(), "actual": actual.to_json()}
         if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:

@@ -25,13 +25,14 @@ def request_fields(train_reads: list[int], validation_reads: list[int], patches:
     gets = train[0] + validation[0]
     hits, misses = train[2] + validation[2], train[3] + validation[3]
     fields = {"gets_per_patch": train[0] / patches, "mib_per_patch": train[1] / patches / MiB,
-              "val_gets": int(validation[0]), "gets": int(gets), "request_cost_usd": gets * price_per_1000 / 1000}
+              "val_gets": int(validation[0]), "gets": int(gets), "mib": (train[1] + validation[1]) / MiB,
+              "request_cost_usd": gets * price_per_1000 / 1000}
     if hits + misses:
         fields["cache_hit_fraction"] = hits / (hits + misses)
     return fields
 
 
-def _stored_objects(volume) -> dict:
+def stored_objects(volume) -> dict:
     """``{(bucket, key): bytes}`` of the objects ``volume`` reads (a series read onto another grid:
     its own series'; a SEG or structure set: its one object; a zero-filled channel: none)."""
     if volume is None:
@@ -51,7 +52,7 @@ def cache_fit(cases, cache_gb: float) -> dict:
     objects: dict = {}
     for case in cases:
         for volume in (*case.images, case.mask):
-            objects.update(_stored_objects(volume))
+            objects.update(stored_objects(volume))
     dataset_gb = sum(objects.values()) / 1e9
     fraction = 1.0 if dataset_gb <= cache_gb else max(cache_gb, 0.0) / dataset_gb
     return {"dataset_gb": round(dataset_gb, 4), "cache_gb": cache_gb, "expected_hit_fraction": round(fraction, 4)}

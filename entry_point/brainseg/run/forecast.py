@@ -1,0 +1,238 @@
+"""What a run will read from S3, before it reads: every epoch's slabs, planned from the catalog
+exactly as the patch stream plans them (the sampler is a pure function of the seed, the slab
+number and the index), and every epoch's validation volumes, each read's byte ranges replayed
+through a model of the host's cache (:mod:`brainseg.io.cache`: aligned blocks, a run of missing
+blocks of one object fetched by one GET, least recently used blocks evicted down to nine tenths of
+the bound) to count the GETs and bytes of each epoch.
+
+What it leaves out, each small: the slabs DataLoader workers read ahead past an epoch's end (they
+count in the next epoch; at most ``read_ahead + mix_slabs`` slabs per worker), two workers
+fetching one block at the same moment, and the test evaluation after the last epoch. A sequence
+read through another grid's geometry counts its whole source series at its first read (its tiles
+are resampled from boxes the forecast does not trace, then kept in the cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from brainseg.bill import Bill, bill, patch_rate
+from brainseg.config import Hyperparameters
+from brainseg.data.catalog import Case
+from brainseg.data.resample import TargetSpacing
+from brainseg.data.stream import PatchStream
+from brainseg.environment import Environment
+from brainseg.io.cache import BLOCK_BYTES, EVICT_TO, block_runs, blocks_of
+from brainseg.run.cases import case_splits, load_catalog, resolve_target_spacing, select_cases
+from brainseg.run.requests import stored_objects
+from brainseg.stream_config import MiB, StreamConfig
+from brainseg.tasks import task_of
+
+
+class CacheModel:
+    """The host's cache as far as GETs and bytes go: which blocks it holds (``max_bytes`` 0: no
+    cache, every range is a GET of its own), starting from those ``holds`` says are there already
+    (the blocks a catalog read while summarising new cases, in the same job). Reads inside
+    :meth:`wave` run together: none sees the blocks another fetches, so both fetch them."""
+
+    def __init__(self, max_bytes: int, sizes: dict, holds: Callable[[tuple], bool] | None = None):
+        self.max_bytes = int(max_bytes)
+        self.sizes = sizes  # (bucket, key) -> object bytes: the last block of an object is short
+        self.holds = holds
+        self.blocks: OrderedDict[tuple, int] = OrderedDict()
+        self.seen: set[tuple] = set()  # blocks asked about once: ``holds`` answers for each only then
+        self.fetching: dict[tuple, int] = {}  # fetched by the reads of this wave, held when it ends
+        self.together = False
+        self.held = 0
+        self.evicted = 0  # blocks evicted so far
+
+    def read(self, requests: list[tuple]) -> tuple[int, int]:
+        """``(GETs, bytes)`` that reading ``requests`` (one read's ranges) costs."""
+        if not requests:
+            return 0, 0
+        if self.max_bytes <= 0:
+            return len(requests), sum(stop - start for _, _, start, stop, _ in requests)
+        wanted = dict.fromkeys(block for request in requests for block in blocks_of(request))
+        for block in wanted:
+            if block not in self.seen:
+                self.seen.add(block)
+                # held from the start, so the oldest: gone once anything was evicted
+                if self.holds is not None and not self.evicted and self.holds(block):
+                    self.blocks[block] = self._length(block)
+                    self.held += self.blocks[block]
+                    self.blocks.move_to_end(block, last=False)
+        missing = [block for block in wanted if block not in self.blocks]
+        for block in wanted:
+            if block in self.blocks:
+                self.blocks.move_to_end(block)
+        fetched = 0
+        for block in missing:
+            fetched += self.fetching.setdefault(block, self._length(block))
+        if not self.together:
+            self._hold()
+        return len(block_runs(missing)), fetched
+
+    @contextmanager
+    def wave(self):
+        """Reads in flight together (a stream's read-ahead): they share no fetched block."""
+        self.together = True
+        try:
+            yield self
+        finally:
+            self.together = False
+            self._hold()
+
+    def _hold(self) -> None:
+        """Hold what the reads fetched; evict the least recently used down to nine tenths of the bound."""
+        for block, length in self.fetching.items():
+            if block not in self.blocks:
+                self.blocks[block] = length
+                self.held += length
+        self.fetching.clear()
+        if self.held > self.max_bytes:
+            while self.blocks and self.held > EVICT_TO * self.max_bytes:
+                self.held -= self.blocks.popitem(last=False)[1]
+                self.evicted += 1
+
+    def _length(self, block: tuple) -> int:
+        size = self.sizes.get(block[:2], (block[3] + 1) * BLOCK_BYTES)
+        return max(0, min(BLOCK_BYTES, size - block[3] * BLOCK_BYTES))
+
+
+def waves(total: int, shards: int, capacity: int, group: int) -> Iterator[list[int]]:
+    """Slab numbers below ``total`` in the sets read together: each of ``shards`` shards (workers of
+    every rank) reads its first ``group`` slabs alone, then up to ``capacity`` in flight, then
+    ``group`` more each time it has cut a group into patches (:meth:`PatchStream.__iter__`)."""
+    low = 0
+    for high in itertools.chain([group, capacity], itertools.count(capacity + group, group)):
+        if high <= low:
+            continue
+        wave = [shard + local * shards for local in range(low, high) for shard in range(shards)]
+        wave = sorted(number for number in wave if number < total)
+        if not wave:
+            return
+        yield wave
+        low = high
+
+
+def _case_reads(case: Case, region: tuple | None, with_mask: bool) -> list[list[tuple]]:
+    """The ranges of each of ``case``'s reads of ``region`` (``None``: whole volumes), one list per
+    sequence and the mask, as :func:`brainseg.data.stream.read_case_region` reads them."""
+    volumes = [*case.images, case.mask if with_mask else None]
+    return [volume.requests(volume.whole if region is None else region) for volume in volumes if volume is not None]
+
+
+def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, target: TargetSpacing, *,
+                   epochs: int, patches_per_epoch: int, cache_bytes: int, workers: int = 1, world: int = 1,
+                   masks_scored: bool = True, in_memory: bool = False, holds: Callable[[tuple], bool] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """GETs and bytes of each of ``epochs`` epochs: ``patches_per_epoch`` training patches (all ranks)
+    cut from the slabs that ``workers`` DataLoader workers (0: the process itself) of each of
+    ``world`` ranks read ahead (``in_memory``: the training volumes read whole once, before the
+    first step), then the ``val`` cases read whole (their masks when ``masks_scored``), through a
+    cache of ``cache_bytes`` (0: none) that starts with the blocks ``holds`` names (none: empty)."""
+    stream = PatchStream(train, config, target=target)
+    sizes = {}
+    for case in (*train, *val):
+        for volume in (*case.images, case.mask):
+            sizes.update(stored_objects(volume))
+    model = CacheModel(cache_bytes, sizes, holds)
+    # a cache that holds every object never evicts: once the validation volumes were read they cost
+    # nothing again, and they need not be traced every epoch
+    holds_all = 0 < sum(sizes.values()) <= EVICT_TO * cache_bytes
+    slabs_per_epoch = math.ceil(patches_per_epoch / config.patches_per_slab)
+    gets, read = [0] * epochs, [0] * epochs
+
+    def count(epoch: int, costs: list[tuple[int, int]]) -> None:
+        gets[epoch] += sum(cost[0] for cost in costs)
+        read[epoch] += sum(cost[1] for cost in costs)
+
+    def validate(epoch: int) -> None:
+        if epoch == 0 or not holds_all:
+            count(epoch, [model.read(requests) for case in val for requests in _case_reads(case, None, masks_scored)])
+
+    validated = 0  # epochs whose validation reads are counted
+    capacity = stream.capacity(max(1, workers))
+    shards, group = max(1, workers) * world, min(config.mix_slabs, capacity)
+    # each shard has read capacity - group slabs past the last group it cut when the run ends
+    slabs = 0 if in_memory else epochs * slabs_per_epoch + shards * (capacity - group)
+    if in_memory:
+        count(0, [model.read(requests) for case in train for requests in _case_reads(case, None, True)])
+    for wave in waves(slabs, shards, capacity, group):
+        current = min(wave[0] // slabs_per_epoch, epochs - 1)  # the wave is read while this epoch runs
+        for epoch in range(validated, current):
+            validate(epoch)
+        validated = max(validated, current)
+        with model.wave():
+            for number in wave:
+                plan = stream.plan(number)
+                count(current, [model.read(requests) for requests in
+                                _case_reads(train[plan.case_index], stream.native_region(plan), True)])
+    for epoch in range(validated, epochs):
+        validate(epoch)
+    return gets, read
+
+
+def forecast_bill(hp: Hyperparameters, train: list[Case], val: list[Case], target: TargetSpacing, *, world: int,
+                  instance_type: str, instance_count: int, volume_gb: int, cache_bytes: int,
+                  holds: Callable[[tuple], bool] | None = None) -> Bill:
+    """The run's bill before it starts: its steps at the rate table's (or ``--patches-per-s``) rate,
+    and its reads (:func:`forecast_reads`) through a cache of ``cache_bytes`` holding ``holds``'s blocks."""
+    patches_per_step = hp.batch_size * world
+    gets, read = forecast_reads(train, val, hp.stream_config(), target, epochs=hp.epochs,
+                                patches_per_epoch=hp.steps_per_epoch * patches_per_step, cache_bytes=cache_bytes,
+                                workers=hp.num_workers, world=world, masks_scored=task_of(hp).needs_masks,
+                                in_memory=hp.data_source == "memory", holds=holds)
+    if hp.patches_per_s:
+        rate, source = hp.patches_per_s, "--patches-per-s"
+    else:
+        rate, source = patch_rate(instance_type, (len(hp.sequence_names), *hp.patch_size), instance_count)
+    return bill(steps=hp.epochs * hp.steps_per_epoch, patches_per_step=patches_per_step, patches_per_s=rate,
+                rate_source=source, instance_type=instance_type, instance_count=instance_count, epoch_gets=gets,
+                epoch_bytes=read, get_usd_per_1000=hp.get_price_per_1000, volume_gb=volume_gb,
+                usd_per_hour=hp.instance_usd_per_hour or None)
+
+
+def actual_bill(hp: Hyperparameters, history: list[dict], steps: int, *, world: int, instance_type: str,
+                instance_count: int, volume_gb: int) -> Bill:
+    """What the run cost by :func:`forecast_bill`'s formula: its steps, its measured training
+    time and patch rate, and its epoch lines' GETs and bytes."""
+    lines = [line for line in history if "gets" in line]
+    seconds = sum(line["seconds"] for line in history)
+    rate = sum(line["patches_per_s"] for line in history) / len(history) if history else None
+    return bill(steps=steps, patches_per_step=hp.batch_size * world, patches_per_s=rate, rate_source="measured",
+                instance_type=instance_type, instance_count=instance_count,
+                epoch_gets=[line["gets"] for line in lines], epoch_bytes=[round(line["mib"] * MiB) for line in lines],
+                get_usd_per_1000=hp.get_price_per_1000, volume_gb=volume_gb,
+                usd_per_hour=hp.instance_usd_per_hour or None, hours=seconds / 3600)
+
+
+def plan_bill(hp: Hyperparameters, *, world: int, instance_type: str, instance_count: int, volume_gb: int) -> Bill:
+    """:func:`forecast_bill` for a job not started yet (the launcher's dry run): the catalog read as
+    the job will read it (indexing the headers when no index is saved; the job then reuses it)."""
+    catalog = load_catalog(hp)
+    train, val, _ = select_cases(hp, catalog, case_splits(hp, catalog))
+    target = resolve_target_spacing(hp, train)
+    cache_bytes = int(hp.cache_gb * 1e9)
+    return forecast_bill(hp, train, val, target, world=world, instance_type=instance_type,
+                         instance_count=instance_count, volume_gb=volume_gb, cache_bytes=cache_bytes)
+
+
+def this_job(env: Environment, world: int) -> dict:
+    """The running job's ``world``, ``instance_type``, ``instance_count`` and ``volume_gb`` as the
+    bill takes them: on SageMaker, its instances and the size of the volume the cache is on; in
+    process mode, this machine (no type, no volume)."""
+    volume_gb = 0
+    if env.instance_type and env.cache_dir:
+        folder = Path(env.cache_dir)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        volume_gb = round(shutil.disk_usage(folder).total / 1e9)
+    return {"world": world, "instance_type": env.instance_type, "instance_count": len(env.hosts),
+            "volume_gb": volume_gb}
