@@ -1,7 +1,7 @@
 """The bill before launch and after the run, by one formula: the arithmetic, the read forecast's
 cache model against the real host cache over moto, a run's forecast against what it counted (with
-the data in its cache, with a cache smaller than the data, with none), and the dry run's forecast
-against the job that follows it."""
+the data in its cache, with a cache smaller than the data, with none), the dry run's forecast
+against the job that follows it, and a large run's sampled replay against the exact one."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pytest
 from brainseg.bill import GPU_PATCHES_PER_S, INSTANCES, SPOT_SAVING, bill, bill_text, comparison_text, patch_rate
 from brainseg.commands import train
 from brainseg.data.catalog import build_catalog
+from brainseg.data.resample import NATIVE
 from brainseg.data.stream import read_case_region
 from brainseg.io import cache, s3
-from brainseg.run.forecast import CacheModel, _case_reads
+from brainseg.run import forecast
+from brainseg.run.forecast import CacheModel, _case_reads, forecast_reads
 from brainseg.run.requests import stored_objects
+from brainseg.stream_config import StreamConfig
 from infra.launcher import cli as launch
 from tests.conftest import synthetic_dataset
 
@@ -138,3 +141,17 @@ def test_the_dry_run_forecasts_the_bill_the_job_then_counts(tmp_path, capsys, mo
     forecast, actual = _bill(output, "after-dry")
     assert forecast["gets_first_epoch"] == gets
     assert actual["gets_first_epoch"] == pytest.approx(gets, rel=0.2)
+
+
+def test_a_large_run_is_replayed_on_a_sample_of_its_cases_and_scaled_back(monkeypatch):
+    data = synthetic_dataset("bill-sample", 12, shape=(24, 32, 32))
+    cases = list(build_catalog(data, split_fractions=(1.0, 0.0, 0.0)).cases)
+    config = StreamConfig(patch_size=(16, 32, 32))
+    common = {"epochs": 6, "patches_per_epoch": 24, "workers": 2}
+    for cache_bytes in (10**9, 0):
+        exact = forecast_reads(cases[:8], cases[8:], config, NATIVE, cache_bytes=cache_bytes, **common)
+        monkeypatch.setattr(forecast, "REPLAYED_CASES", 4)
+        sampled = forecast_reads(cases[:8], cases[8:], config, NATIVE, cache_bytes=cache_bytes, **common)
+        monkeypatch.undo()
+        assert sum(sampled[0]) == pytest.approx(sum(exact[0]), rel=0.2), (cache_bytes, exact, sampled)
+        assert sum(sampled[1]) == pytest.approx(sum(exact[1]), rel=0.2)

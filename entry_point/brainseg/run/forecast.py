@@ -128,6 +128,9 @@ def _case_reads(case: Case, region: tuple | None, with_mask: bool) -> list[list[
     return [volume.requests(volume.whole if region is None else region) for volume in volumes if volume is not None]
 
 
+REPLAYED_CASES = 128  # a run over more training cases is replayed on an even sample of this many
+
+
 def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, target: TargetSpacing, *,
                    epochs: int, patches_per_epoch: int, cache_bytes: int, workers: int = 1, world: int = 1,
                    masks_scored: bool = True, in_memory: bool = False, holds: Callable[[tuple], bool] | None = None
@@ -136,7 +139,27 @@ def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, tar
     cut from the slabs that ``workers`` DataLoader workers (0: the process itself) of each of
     ``world`` ranks read ahead (``in_memory``: the training volumes read whole once, before the
     first step), then the ``val`` cases read whole (their masks when ``masks_scored``), through a
-    cache of ``cache_bytes`` (0: none) that starts with the blocks ``holds`` names (none: empty)."""
+    cache of ``cache_bytes`` (0: none) that starts with the blocks ``holds`` names (none: empty).
+
+    Over more than :data:`REPLAYED_CASES` training cases, the run is replayed on an even sample of
+    that many, its patches, validation cases, cache and shards scaled by the same fraction, and
+    its GETs and bytes scaled back (a case's slabs come from a permutation of the cases, so each
+    case is read as often whatever their number): seconds rather than minutes at BraTS's size."""
+    fraction = min(1.0, REPLAYED_CASES / len(train))
+    if fraction < 1.0:
+        train = [train[int(index / fraction)] for index in range(REPLAYED_CASES)]
+        val = [val[int(index / fraction)] for index in range(round(len(val) * fraction))]
+    shards = max(1, round(max(1, workers) * world * fraction))
+    gets, read = _replay(train, val, config, target, epochs=epochs, patches_per_epoch=patches_per_epoch * fraction,
+                         cache_bytes=int(cache_bytes * fraction), shards=shards, workers=workers,
+                         masks_scored=masks_scored, in_memory=in_memory, holds=holds)
+    return [round(value / fraction) for value in gets], [round(value / fraction) for value in read]
+
+
+def _replay(train: list[Case], val: list[Case], config: StreamConfig, target: TargetSpacing, *, epochs: int,
+            patches_per_epoch: float, cache_bytes: int, shards: int, workers: int, masks_scored: bool,
+            in_memory: bool, holds: Callable[[tuple], bool] | None) -> tuple[list[int], list[int]]:
+    """:func:`forecast_reads` on these cases, ``shards`` stream shards of ``workers`` per process."""
     stream = PatchStream(train, config, target=target)
     sizes = {}
     for case in (*train, *val):
@@ -153,13 +176,15 @@ def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, tar
         gets[epoch] += sum(cost[0] for cost in costs)
         read[epoch] += sum(cost[1] for cost in costs)
 
+    validation = [requests for case in val for requests in _case_reads(case, None, masks_scored)]  # every epoch's
+
     def validate(epoch: int) -> None:
         if epoch == 0 or not holds_all:
-            count(epoch, [model.read(requests) for case in val for requests in _case_reads(case, None, masks_scored)])
+            count(epoch, [model.read(requests) for requests in validation])
 
     validated = 0  # epochs whose validation reads are counted
     capacity = stream.capacity(max(1, workers))
-    shards, group = max(1, workers) * world, min(config.mix_slabs, capacity)
+    group = min(config.mix_slabs, capacity)
     # each shard has read capacity - group slabs past the last group it cut when the run ends
     slabs = 0 if in_memory else epochs * slabs_per_epoch + shards * (capacity - group)
     if in_memory:
