@@ -29,7 +29,7 @@ ROLE = "arn:aws:iam::123456789012:role/brainseg"
 
 def test_the_bill_is_patches_over_the_rate_priced_by_the_tables():
     rate, source = patch_rate("ml.p4d.24xlarge", (4, 128, 128, 128), instance_count=2)
-    assert rate == pytest.approx(6.74 * 16) and source.startswith("A100 x 16: published")
+    assert rate == pytest.approx(6.74 * 16) and source == "A100 x 16, published: NVIDIA nnU-Net, DGX A100"
     half, _ = patch_rate("ml.p3.2xlarge", (4, 128, 128, 64))  # half the voxels: twice the patches
     assert half == pytest.approx(2 * 5.49)
     assert GPU_PATCHES_PER_S["A10G"][0] == pytest.approx(5.49 * math.sqrt(600 / 900), abs=0.01)
@@ -129,7 +129,7 @@ def test_the_dry_run_forecasts_the_bill_the_job_then_counts(tmp_path, capsys, mo
                         "--instance-type", "ml.g5.12xlarge", "--dry-run", *hp]) == 0
     text = capsys.readouterr().err
     assert re.search(r"bill \(forecast\): 12 steps, 96 patches on 1 x ml\.g5\.12xlarge; [0-9.]+ h at [0-9.]+ "
-                     r"patches/s \(A10G x 4: estimate", text), text
+                     r"patches/s \(A10G x 4, estimated: the V100's figure", text), text
     assert re.search(r"instances: \$[0-9.]+ on demand, \$[0-9.]+ on spot \(assumed 70% off\); volume 100 GB", text)
     assert launch.main(["--mode", "aws", "--role", ROLE, "--data-uri", data, "--output-uri", output, "--dry-run", *hp]) == 0
     gets = int(re.search(r"S3 reads: first epoch ([0-9,]+) GETs", capsys.readouterr().err)[1].replace(",", ""))

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 # the A100's published figure is 1.23x the V100's, its bandwidth 2.3x, its FP16 FLOPs 2.5x).
 V100_PATCHES_PER_S = 5.49
 GPU_PATCHES_PER_S = {
-    "A100": (6.74, "published (NVIDIA nnU-Net, DGX A100)"),
-    "V100": (V100_PATCHES_PER_S, "published (NVIDIA nnU-Net, DGX-1 V100)"),
+    "A100": (6.74, "published: NVIDIA nnU-Net, DGX A100"),
+    "V100": (V100_PATCHES_PER_S, "published: NVIDIA nnU-Net, DGX-1 V100"),
     **{gpu: (round(V100_PATCHES_PER_S * math.sqrt(bandwidth / 900.0), 2),
-             f"estimate (V100's figure x sqrt of {bandwidth:g} / 900 GB/s memory bandwidth)")
+             f"estimated: the V100's figure x sqrt({bandwidth:g}/900 GB/s memory bandwidth)")
        for gpu, bandwidth in {"T4": 320, "A10G": 600, "L4": 300, "L40S": 864, "H100": 3350, "H200": 4800}.items()},
 }
 REFERENCE_PATCH = (4, 128, 128, 128)  # the table's patch: channels, D, H, W
@@ -88,7 +88,7 @@ def patch_rate(instance_type: str, patch: tuple, instance_count: int = 1) -> tup
         return None, f"{instance_type} has no GPU: no rate in the table (give --patches-per-s)"
     rate, source = GPU_PATCHES_PER_S[gpu]
     scale = math.prod(REFERENCE_PATCH) / math.prod(patch)
-    return rate * gpus * instance_count * scale, f"{gpu} x {gpus * instance_count}: {source}"
+    return rate * gpus * instance_count * scale, f"{gpu} x {gpus * instance_count}, {source}"
 
 
 def bill(*, steps: int, patches_per_step: int, patches_per_s: float | None, rate_source: str, instance_type: str,
