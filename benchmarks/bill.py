@@ -13,11 +13,16 @@
    forecast single-frame and packed, with a cache holding the data and with the default 20 GB
    cache against BraTS's 110 GB (the same fraction of these bytes), and the bill on ml.g5.xlarge
    priced from the forecast; the forecast's own seconds.
+3. **Eviction**: the same BraTS-sized runs with the cache holding a fifth and a half of the data,
+   replayed under the host cache's least-recently-used eviction and under a stable subset (whole
+   objects evicted in a fixed hashed order, so the same objects stay whatever the access order),
+   the alternative when reads cycle over more data than the cache holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -35,7 +40,9 @@ from brainseg.commands import train  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.resample import NATIVE  # noqa: E402
 from brainseg.io import s3  # noqa: E402
-from brainseg.run.forecast import forecast_reads  # noqa: E402
+from brainseg.io.cache import EVICT_TO  # noqa: E402
+from brainseg.run import forecast  # noqa: E402
+from brainseg.run.forecast import CacheModel, forecast_reads  # noqa: E402
 from brainseg.stream_config import StreamConfig  # noqa: E402
 from infra.data import pack  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
@@ -95,6 +102,46 @@ def at_scale(uri: str, label: str) -> dict:
     return out
 
 
+class StableSubset(CacheModel):
+    """The cache evicting whole objects in a fixed hashed order rather than the least recently used."""
+
+    def _hold(self) -> None:
+        for block, length in self.fetching.items():
+            if block not in self.blocks:
+                self.blocks[block] = length
+                self.held += length
+        self.fetching.clear()
+        if self.held > self.max_bytes:
+            for block in sorted(self.blocks, key=lambda b: hashlib.md5(repr(b[:2]).encode()).digest(), reverse=True):
+                if self.held <= EVICT_TO * self.max_bytes:
+                    break
+                self.held -= self.blocks.pop(block)
+                self.evicted += 1
+
+
+def eviction(uri: str, label: str) -> dict:
+    """Run GETs of the BraTS-sized default run under LRU and a stable subset, a fifth and half cached."""
+    catalog = cloned(build_catalog(uri, sequences=SEQUENCES), BRATS_STUDIES)
+    train_cases = list(catalog.cases[:BRATS_STUDIES // 2])
+    val_cases = list(catalog.cases[BRATS_STUDIES // 2:BRATS_STUDIES // 2 + BRATS_STUDIES // 5])
+    stored = sum(size for case in (*train_cases, *val_cases) for volume in (*case.images, case.mask)
+                 for size in volume.sizes)
+    out = {}
+    for policy, model in (("least recently used", CacheModel), ("stable subset", StableSubset)):
+        forecast.CacheModel = model
+        try:
+            for share in (0.2, 0.5):
+                gets, _ = forecast_reads(train_cases, val_cases, StreamConfig(patch_size=RUN["patch"]), NATIVE,
+                                         epochs=RUN["epochs"], patches_per_epoch=RUN["steps_per_epoch"] * RUN["batch_size"],
+                                         cache_bytes=int(stored * share), workers=RUN["workers"])
+                out[f"{policy}, cache {share:.0%} of the data"] = {"gets": sum(gets), "gets_first_epoch": gets[0],
+                                                                   "gets_later_epoch_mean": round(sum(gets[1:]) / (len(gets) - 1))}
+        finally:
+            forecast.CacheModel = CacheModel
+    print(json.dumps({label: out}), flush=True)
+    return out
+
+
 def run(args) -> dict:
     report = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "run": RUN}
     with EmbeddedS3() as server:
@@ -110,6 +157,7 @@ def run(args) -> dict:
         pack.pack(brats, packed, jobs=2)
         report["brats"] = {"studies_written": args.studies, "single_frame": at_scale(brats, "single-frame"),
                            "packed": at_scale(packed, "packed")}
+        report["eviction"] = {"single_frame": eviction(brats, "single-frame"), "packed": eviction(packed, "packed")}
     return report
 
 

@@ -29,8 +29,9 @@ GPU_PATCHES_PER_S = {
        for gpu, bandwidth in {"T4": 320, "A10G": 600, "L4": 300, "L40S": 864, "H100": 3350, "H200": 4800}.items()},
 }
 REFERENCE_PATCH = (4, 128, 128, 128)  # the table's patch: channels, D, H, W
-# SageMaker training, on demand, us-east-1, USD per instance-hour (aws.amazon.com/sagemaker/pricing,
-# as recorded 2026-12; the launcher cannot look them up offline: --instance-usd-per-hour overrides).
+# SageMaker training, on demand, us-east-1, USD per instance-hour, as this table holds them from
+# aws.amazon.com/sagemaker/pricing (not looked up at run time, and not re-checked against the page
+# in this offline build: prices change; --instance-usd-per-hour overrides).
 INSTANCES = {  # type: (GPU model, GPUs, on-demand USD per hour)
     "ml.g4dn.xlarge": ("T4", 1, 0.736), "ml.g4dn.2xlarge": ("T4", 1, 0.94), "ml.g4dn.12xlarge": ("T4", 4, 4.89),
     "ml.g5.xlarge": ("A10G", 1, 1.408), "ml.g5.2xlarge": ("A10G", 1, 1.515), "ml.g5.4xlarge": ("A10G", 1, 2.03),
@@ -42,7 +43,7 @@ INSTANCES = {  # type: (GPU model, GPUs, on-demand USD per hour)
     "ml.c5.xlarge": ("", 0, 0.204), "ml.c5.2xlarge": ("", 0, 0.408),
 }
 SPOT_SAVING = 0.7  # an assumption: AWS quotes "up to 90%"; the job's billable seconds give the real figure
-VOLUME_USD_PER_GB_MONTH = 0.14  # SageMaker ML storage (gp2), us-east-1
+VOLUME_USD_PER_GB_MONTH = 0.14  # SageMaker ML storage (gp2), us-east-1, from the same page
 HOURS_PER_MONTH = 730.0
 
 

@@ -1,13 +1,15 @@
-"""What a run will read from S3, before it reads: every epoch's slabs, planned from the catalog
+"""What a run will read from S3, before it reads: every slab of the run, planned from the catalog
 exactly as the patch stream plans them (the sampler is a pure function of the seed, the slab
-number and the index), and every epoch's validation volumes, each read's byte ranges replayed
-through a model of the host's cache (:mod:`brainseg.io.cache`: aligned blocks, a run of missing
-blocks of one object fetched by one GET, least recently used blocks evicted down to nine tenths of
-the bound) to count the GETs and bytes of each epoch.
+number and the index), read ahead as the stream's shards read them (a wave of slabs in flight
+together, none seeing what another fetches; the slabs read past the last step), and every
+epoch's validation volumes, each read's byte ranges replayed through a model of the host's cache
+(:mod:`brainseg.io.cache`: aligned blocks, a run of missing blocks of one object fetched by one
+GET, least recently used blocks evicted down to nine tenths of the bound) to count the GETs and
+bytes of each epoch.
 
-What it leaves out, each small: the slabs DataLoader workers read ahead past an epoch's end (they
-count in the next epoch; at most ``read_ahead + mix_slabs`` slabs per worker), two workers
-fetching one block at the same moment, and the test evaluation after the last epoch. A sequence
+What it leaves out: two shards fetching one block at the same moment outside a wave, when the
+real cache evicts (it looks at its folder after writing a sixteenth of its bound, and a hit marks
+a block used at most once a minute), and the test evaluation after the last epoch. A sequence
 read through another grid's geometry counts its whole source series at its first read (its tiles
 are resampled from boxes the forecast does not trace, then kept in the cache).
 """
@@ -20,7 +22,6 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from brainseg.bill import Bill, bill, patch_rate
 from brainseg.config import Hyperparameters
@@ -28,6 +29,7 @@ from brainseg.data.catalog import Case
 from brainseg.data.resample import TargetSpacing
 from brainseg.data.stream import PatchStream
 from brainseg.environment import Environment
+from brainseg.io import cache
 from brainseg.io.cache import BLOCK_BYTES, EVICT_TO, block_runs, blocks_of
 from brainseg.run.cases import case_splits, load_catalog, resolve_target_spacing, select_cases
 from brainseg.run.requests import stored_objects
@@ -251,13 +253,9 @@ def plan_bill(hp: Hyperparameters, *, world: int, instance_type: str, instance_c
 
 def this_job(env: Environment, world: int) -> dict:
     """The running job's ``world``, ``instance_type``, ``instance_count`` and ``volume_gb`` as the
-    bill takes them: on SageMaker, its instances and the size of the volume the cache is on; in
-    process mode, this machine (no type, no volume)."""
-    volume_gb = 0
-    if env.instance_type and env.cache_dir:
-        folder = Path(env.cache_dir)
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        volume_gb = round(shutil.disk_usage(folder).total / 1e9)
+    bill takes them: on SageMaker, its instances and the size of the volume the host cache is on;
+    in process mode, this machine (no type, no volume)."""
+    active = cache.active()
+    volume_gb = round(shutil.disk_usage(active.directory).total / 1e9) if env.instance_type and active else 0
     return {"world": world, "instance_type": env.instance_type, "instance_count": len(env.hosts),
             "volume_gb": volume_gb}
