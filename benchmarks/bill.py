@@ -105,18 +105,12 @@ def at_scale(uri: str, label: str) -> dict:
 class StableSubset(CacheModel):
     """The cache evicting whole objects in a fixed hashed order rather than the least recently used."""
 
-    def _hold(self) -> None:
-        for block, length in self.fetching.items():
-            if block not in self.blocks:
-                self.blocks[block] = length
-                self.held += length
-        self.fetching.clear()
-        if self.held > self.max_bytes:
-            for block in sorted(self.blocks, key=lambda b: hashlib.md5(repr(b[:2]).encode()).digest(), reverse=True):
-                if self.held <= EVICT_TO * self.max_bytes:
-                    break
-                self.held -= self.blocks.pop(block)
-                self.evicted += 1
+    def _evict(self) -> None:
+        for block in sorted(self.blocks, key=lambda b: hashlib.md5(repr(b[:2]).encode()).digest(), reverse=True):
+            if self.held <= EVICT_TO * self.max_bytes:
+                break
+            self.held -= self.blocks.pop(block)
+            self.evicted += 1
 
 
 def eviction(uri: str, label: str) -> dict:

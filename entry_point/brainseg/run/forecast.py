@@ -91,16 +91,20 @@ class CacheModel:
             self._hold()
 
     def _hold(self) -> None:
-        """Hold what the reads fetched; evict the least recently used down to nine tenths of the bound."""
+        """Hold what the reads fetched; past the bound, evict down to nine tenths of it."""
         for block, length in self.fetching.items():
             if block not in self.blocks:
                 self.blocks[block] = length
                 self.held += length
         self.fetching.clear()
         if self.held > self.max_bytes:
-            while self.blocks and self.held > EVICT_TO * self.max_bytes:
-                self.held -= self.blocks.popitem(last=False)[1]
-                self.evicted += 1
+            self._evict()
+
+    def _evict(self) -> None:
+        """The least recently used blocks out, down to nine tenths of the bound."""
+        while self.blocks and self.held > EVICT_TO * self.max_bytes:
+            self.held -= self.blocks.popitem(last=False)[1]
+            self.evicted += 1
 
     def _length(self, block: tuple) -> int:
         size = self.sizes.get(block[:2], (block[3] + 1) * BLOCK_BYTES)
