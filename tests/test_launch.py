@@ -281,7 +281,7 @@ def test_the_cache_and_volume_are_sized_to_the_data_or_their_cost_is_stated():
     assert capped.fee_per_hour == pytest.approx(gets * 6.74 * 3600 * 0.0004 / 1000)
     text = storage.storage_text(capped)
     assert "--cache-gb 22 (as you set it); volume 100 GB (sized to hold the cache)" in text
-    assert f"the cache holds 20% of the data: about 80% of reads go to S3 every epoch, ${capped.fee_per_hour:.2f}/h" \
+    assert f"the cache holds 20% of the data: at least 80% of training reads go to S3 every epoch, ${capped.fee_per_hour:.2f}/h or more" \
         in text and "brainseg-pack" in text
     volume = storage.plan_storage(brats, None, 100)  # the user's volume: the cache fits in it
     assert (volume.cache_gb, volume.volume_gb, volume.chose_volume) == (70.0, 100, False)

@@ -10,8 +10,10 @@ objects) and:
   larger than the free space turns the cache off);
 - sizes the instance volume (aws and local modes) to hold that cache plus :data:`VOLUME_OTHER_GB`
   for checkpoints, the model and the container's scratch (never below 100 GB, SageMaker's usual);
-- where the user set either, keeps it and states what it costs: the fraction of reads the cache can
-  serve and the request fee per hour at an A100's patch rate.
+- where the user set either, keeps it and states what it costs at least: the fraction of reads the
+  cache could serve at best and the request fee per hour at an A100's patch rate (least-recently-used
+  eviction under a sampler that visits every case before any again serves fewer: the dry run's bill,
+  :mod:`brainseg.run.forecast`, replays the run).
 """
 
 from __future__ import annotations
@@ -120,10 +122,11 @@ def storage_text(storage: Storage) -> str:
                  + (f"; volume {storage.volume_gb} GB ({'sized to hold the cache' if storage.chose_volume else 'as you set it'})"
                     if storage.volume_gb else ""))
     if storage.hit_fraction < 1.0:
-        lines.append(f"the cache holds {100 * storage.hit_fraction:.0f}% of the data: about "
-                     f"{100 * (1 - storage.hit_fraction):.0f}% of reads go to S3 every epoch, "
-                     f"${storage.fee_per_hour:.2f}/h of GET requests at {PATCHES_PER_S} patches/s "
-                     f"({COLD_GETS_PER_PATCH[data.kind]:g} GETs per uncached {data.kind} patch)"
+        lines.append(f"the cache holds {100 * storage.hit_fraction:.0f}% of the data: at least "
+                     f"{100 * (1 - storage.hit_fraction):.0f}% of training reads go to S3 every epoch, "
+                     f"${storage.fee_per_hour:.2f}/h or more of GET requests at {PATCHES_PER_S} patches/s "
+                     f"({COLD_GETS_PER_PATCH[data.kind]:g} GETs per uncached {data.kind} patch; the dry run's "
+                     "bill replays the run, validation included)"
                      + ("; brainseg-pack makes that a few GETs per patch" if data.kind == "single-frame" else "")
                      + "; raise --cache-gb" + (" and --volume-size-gb" if storage.volume_gb else "")
                      + " to hold it")

@@ -46,9 +46,10 @@ def stored_objects(volume) -> dict:
 def cache_fit(cases, cache_gb: float) -> dict:
     """How the ``cases``' DICOM objects (their sequences and masks) compare with a ``cache_gb`` cache:
     ``dataset_gb``, ``cache_gb`` and ``expected_hit_fraction``, the share of a later epoch's reads
-    the cache can serve when patches are drawn evenly over the cases and the least recently used
-    bytes are evicted: about ``cache / dataset`` (1 when it all fits; 0 with no cache). The
-    epoch lines' ``cache_hit_fraction`` is what it came to."""
+    the cache can serve at best: ``cache / dataset`` (1 when it all fits; 0 with no cache). Least
+    recently used eviction under a sampler that visits every case before any again serves fewer
+    (the job's bill, :mod:`brainseg.run.forecast`, replays it); the epoch lines'
+    ``cache_hit_fraction`` is what it came to."""
     objects: dict = {}
     for case in cases:
         for volume in (*case.images, case.mask):
@@ -68,7 +69,7 @@ def cache_fit_text(fit: dict) -> str:
                 f"{fit['cache_gb']:g} GB cache: from the second epoch their reads are served from disk")
     need = fit["dataset_gb"] * 1.1
     return (f"local cache: the training cases' DICOM objects hold {fit['dataset_gb']:.2f} GB, more than the "
-            f"{fit['cache_gb']:g} GB cache: about {1 - fit['expected_hit_fraction']:.0%} of reads will keep missing "
+            f"{fit['cache_gb']:g} GB cache: at least {1 - fit['expected_hit_fraction']:.0%} of reads will keep missing "
             f"and cost GETs every epoch; --cache-gb {need:.0f} (and an instance volume that holds it) keeps them all")
 
 
