@@ -467,3 +467,18 @@ def test_a_cpu_image_on_a_gpu_instance_is_warned_about_loudly(bucket, capsys, mo
     monkeypatch.setenv("SM_NUM_GPUS", "0")
     assert train.main(_args(f"s3://{bucket}/r1/ds/", f"s3://{bucket}", "r1")) == 2
     assert "sees no CUDA" not in capsys.readouterr().out
+
+
+@pytest.mark.slow  # torch.compile's first forward and backward on the CPU take about 15 s
+def test_compile_on_the_cpu_trains_as_eager_does(dataset, bucket):
+    output = f"s3://{bucket}/runs"
+    common = ["--epochs", "1", "--steps-per-epoch", "3", "--deterministic", "true", "--max-val-cases", "1"]
+    assert train.main(_args(dataset, output, "eager", *common)) == 0
+    assert train.main(_args(dataset, output, "compiled", *common, "--compile", "true")) == 0
+    eager, compiled = (json.loads(s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()[0])
+                       for run in ("eager", "compiled"))
+    # The same losses (weights may not match: a convolution's bias before a norm has a gradient of
+    # rounding noise only, which AdamW turns into full steps of either sign, changing nothing downstream).
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert compiled["val_dice"] == pytest.approx(eager["val_dice"], abs=1e-3)
+    assert _checkpoint(output, "compiled")["model"].keys() == _checkpoint(output, "eager")["model"].keys()
