@@ -43,6 +43,7 @@ from brainseg.io import s3  # noqa: E402
 from brainseg.io.cache import EVICT_TO  # noqa: E402
 from brainseg.run import forecast  # noqa: E402
 from brainseg.run.forecast import CacheModel, forecast_reads  # noqa: E402
+from brainseg.run.requests import stored_objects  # noqa: E402
 from brainseg.stream_config import StreamConfig  # noqa: E402
 from infra.data import pack  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
@@ -74,13 +75,18 @@ def checked(data: str, output: str, dataset_bytes: int) -> dict:
     return runs
 
 
+def brats_cases(uri: str) -> tuple[list, list, int]:
+    """``uri``'s studies indexed and grown to 1,251: a 50/20/30 split's training and validation
+    cases, and the bytes of their objects."""
+    catalog = cloned(build_catalog(uri, sequences=SEQUENCES), BRATS_STUDIES)
+    train_cases = list(catalog.cases[:BRATS_STUDIES // 2])
+    val_cases = list(catalog.cases[BRATS_STUDIES // 2:BRATS_STUDIES // 2 + BRATS_STUDIES // 5])
+    return train_cases, val_cases, sum(stored_objects((*train_cases, *val_cases)).values())
+
+
 def at_scale(uri: str, label: str) -> dict:
     """A default-length run's forecast reads on ``uri``'s studies grown to 1,251, and its bill."""
-    catalog = cloned(build_catalog(uri, sequences=SEQUENCES, split_fractions=(0.5, 0.2, 0.3)), BRATS_STUDIES)
-    train_cases = list(catalog.cases[:BRATS_STUDIES // 2])  # a 50/20/30 split's train and val cases
-    val_cases = list(catalog.cases[BRATS_STUDIES // 2:BRATS_STUDIES // 2 + BRATS_STUDIES // 5])
-    stored = sum(size for case in (*train_cases, *val_cases) for volume in (*case.images, case.mask)
-                 for size in volume.sizes)
+    train_cases, val_cases, stored = brats_cases(uri)
     config = StreamConfig(patch_size=RUN["patch"])
     out = {"train_cases": len(train_cases), "val_cases": len(val_cases), "stored_mb": round(stored / 1e6, 1)}
     for name, cache_bytes in (("cache holds the data", 10 * stored),
@@ -115,11 +121,7 @@ class StableSubset(CacheModel):
 
 def eviction(uri: str, label: str) -> dict:
     """Run GETs of the BraTS-sized default run under LRU and a stable subset, a fifth and half cached."""
-    catalog = cloned(build_catalog(uri, sequences=SEQUENCES), BRATS_STUDIES)
-    train_cases = list(catalog.cases[:BRATS_STUDIES // 2])
-    val_cases = list(catalog.cases[BRATS_STUDIES // 2:BRATS_STUDIES // 2 + BRATS_STUDIES // 5])
-    stored = sum(size for case in (*train_cases, *val_cases) for volume in (*case.images, case.mask)
-                 for size in volume.sizes)
+    train_cases, val_cases, stored = brats_cases(uri)
     out = {}
     for policy, model in (("least recently used", CacheModel), ("stable subset", StableSubset)):
         forecast.CacheModel = model

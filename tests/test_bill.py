@@ -64,11 +64,7 @@ def test_the_bill_is_patches_over_the_rate_priced_by_the_tables():
 def test_the_cache_model_counts_the_gets_and_bytes_the_host_cache_makes(tmp_path, cache_mb):
     data = synthetic_dataset(f"bill-model-{int(cache_mb * 100)}", 3, shape=(24, 48, 48))
     cases = build_catalog(data, split_fractions=(1.0, 0.0, 0.0)).cases
-    sizes = {}
-    for case in cases:
-        for volume in (*case.images, case.mask):
-            sizes.update(stored_objects(volume))
-    model = CacheModel(int(cache_mb * 2**20), sizes)
+    model = CacheModel(int(cache_mb * 2**20), stored_objects(cases))
     cache.configure(str(tmp_path), cache_mb * 2**20 / 1e9)
     try:
         regions = [(0, 10, 0, 20, 0, 48), (5, 20, 10, 40, 0, 48), None, (0, 10, 0, 20, 0, 48)]

@@ -378,7 +378,6 @@ class Trainer:
         if self.main:
             actual = actual_bill(hp, self.state.history, state.step, **this_job(self.env, self.world))
             summary["bill"] = {"forecast": self.forecast.to_json(), "actual": actual.to_json()}
-        if self.main:
             self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
             for result in results:
                 if result.crop is not None:

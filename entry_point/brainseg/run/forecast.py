@@ -167,10 +167,7 @@ def _replay(train: list[Case], val: list[Case], config: StreamConfig, target: Ta
             in_memory: bool, holds: Callable[[tuple], bool] | None) -> tuple[list[int], list[int]]:
     """:func:`forecast_reads` on these cases, ``shards`` stream shards of ``workers`` per process."""
     stream = PatchStream(train, config, target=target)
-    sizes = {}
-    for case in (*train, *val):
-        for volume in (*case.images, case.mask):
-            sizes.update(stored_objects(volume))
+    sizes = stored_objects((*train, *val))
     model = CacheModel(cache_bytes, sizes, holds)
     # a cache that holds every object never evicts: once the validation volumes were read they cost
     # nothing again, and they need not be traced every epoch

@@ -32,7 +32,16 @@ def request_fields(train_reads: list[int], validation_reads: list[int], patches:
     return fields
 
 
-def stored_objects(volume) -> dict:
+def stored_objects(cases) -> dict:
+    """``{(bucket, key): bytes}`` of the DICOM objects the ``cases`` read (their sequences and masks)."""
+    objects: dict = {}
+    for case in cases:
+        for volume in (*case.images, case.mask):
+            objects.update(_volume_objects(volume))
+    return objects
+
+
+def _volume_objects(volume) -> dict:
     """``{(bucket, key): bytes}`` of the objects ``volume`` reads (a series read onto another grid:
     its own series'; a SEG or structure set: its one object; a zero-filled channel: none)."""
     if volume is None:
@@ -50,11 +59,7 @@ def cache_fit(cases, cache_gb: float) -> dict:
     recently used eviction under a sampler that visits every case before any again serves fewer
     (the job's bill, :mod:`brainseg.run.forecast`, replays it); the epoch lines'
     ``cache_hit_fraction`` is what it came to."""
-    objects: dict = {}
-    for case in cases:
-        for volume in (*case.images, case.mask):
-            objects.update(stored_objects(volume))
-    dataset_gb = sum(objects.values()) / 1e9
+    dataset_gb = sum(stored_objects(cases).values()) / 1e9
     fraction = 1.0 if dataset_gb <= cache_gb else max(cache_gb, 0.0) / dataset_gb
     return {"dataset_gb": round(dataset_gb, 4), "cache_gb": cache_gb, "expected_hit_fraction": round(fraction, 4)}
 
