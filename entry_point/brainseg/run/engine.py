@@ -87,6 +87,9 @@ class Trainer:
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
         self.cache_fit: dict = {}  # the training cases against the local cache (requests.cache_fit), at build
         self.forecast: Bill | None = None  # the run's bill forecast at build (rank 0)
+        # the last validation's reads: a stream in this process (no workers) counts them again in
+        # its next sample, as it counts every read of the process since its last sample
+        self.counted_twice = [0] * len(cache.IO_FIELDS)
 
     # ----------------------------------------------------------------- setup
     def connect(self) -> None:
@@ -267,7 +270,9 @@ class Trainer:
         state.epoch_loss += loss
         state.epoch_wait += waited
         state.epoch_seconds += time.perf_counter() - started
-        state.epoch_io = [total + int(value) for total, value in zip(state.epoch_io, batch["io"].sum(0))]
+        state.epoch_io = [total + int(value) - twice for total, value, twice in
+                          zip(state.epoch_io, batch["io"].sum(0), self.counted_twice)]
+        self.counted_twice = [0] * len(cache.IO_FIELDS)
         if self.world > 1:  # every rank stops at the same step
             self.interrupted = distributed.total(float(self.interrupted), self.device) > 0
         rate = state.epoch_steps * hp.batch_size * self.world / max(state.epoch_seconds, 1e-9)
@@ -296,6 +301,8 @@ class Trainer:
         validation_reads = [after - before for before, after in zip(reads, cache.io_counters())]
         line.update(request_fields(state.epoch_io, validation_reads, state.epoch_steps * hp.batch_size,
                                    hp.get_price_per_1000, self.device))
+        if not hp.num_workers:
+            self.counted_twice = validation_reads
         state.epoch += 1
         improved = metric > state.best_metric
         if improved:
