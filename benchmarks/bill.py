@@ -116,7 +116,6 @@ class StableSubset(CacheModel):
             if self.held <= EVICT_TO * self.max_bytes:
                 break
             self.held -= self.blocks.pop(block)
-            self.evicted += 1
 
 
 def eviction(uri: str, label: str) -> dict:

@@ -141,7 +141,7 @@ class Trainer:
             active = cache.active()
             self.forecast = forecast_bill(hp, self.train_cases, self.val_cases, self.target_spacing,
                                           cache_bytes=active.max_bytes if active is not None else 0,
-                                          holds=active.holds if active is not None else None,
+                                          start=active,
                                           **this_job(self.env, self.world))
             logger.info("%s", bill_text(self.forecast))
         self.model = starting_model(hp, self.task.out_channels, self.device)

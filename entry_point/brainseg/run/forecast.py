@@ -7,11 +7,14 @@ epoch's validation volumes, each read's byte ranges replayed through a model of 
 GET, least recently used blocks evicted down to nine tenths of the bound) to count the GETs and
 bytes of each epoch.
 
-What it leaves out: two shards fetching one block at the same moment outside a wave, when the
-real cache evicts (it looks at its folder after writing a sixteenth of its bound, and a hit marks
-a block used at most once a minute), and the test evaluation after the last epoch. A sequence
-read through another grid's geometry counts its whole source series at its first read (its tiles
-are resampled from boxes the forecast does not trace, then kept in the cache).
+A wave's reads are counted in the epoch of the samples cut while they land (a sample carries the
+reads its worker made since the last one), taken as the middle of the group cut meanwhile: how far
+the workers run ahead of the trainer moves reads between the first epoch and the second, not the
+run's total. What it leaves out: two shards fetching one block at the same moment outside a wave,
+when the real cache evicts (it looks at its folder after writing a sixteenth of its bound, and a
+hit marks a block used at most once a minute), and the test evaluation after the last epoch. A
+sequence read through another grid's geometry counts its whole source series at its first read
+(its tiles are resampled from boxes the forecast does not trace, then kept in the cache).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from brainseg.data.resample import TargetSpacing
 from brainseg.data.stream import PatchStream
 from brainseg.environment import Environment
 from brainseg.io import cache
-from brainseg.io.cache import BLOCK_BYTES, EVICT_TO, block_runs, blocks_of
+from brainseg.io.cache import BLOCK_BYTES, EVICT_TO, RangeCache, block_runs, blocks_of
 from brainseg.run.cases import case_splits, load_catalog, resolve_target_spacing, select_cases
 from brainseg.run.requests import stored_objects
 from brainseg.stream_config import MiB, StreamConfig
@@ -39,11 +42,13 @@ from brainseg.tasks import task_of
 
 class CacheModel:
     """The host's cache as far as GETs and bytes go: which blocks it holds (``max_bytes`` 0: no
-    cache, every range is a GET of its own), starting from those ``holds`` says are there already
-    (the blocks a catalog read while summarising new cases, in the same job). Reads inside
+    cache, every range is a GET of its own), starting from the ``start_bytes`` of blocks that
+    ``holds`` says are there already (a job's catalog step cached them while summarising new
+    cases): they are the oldest, so the first to go when the cache evicts. Reads inside
     :meth:`wave` run together: none sees the blocks another fetches, so both fetch them."""
 
-    def __init__(self, max_bytes: int, sizes: dict, holds: Callable[[tuple], bool] | None = None):
+    def __init__(self, max_bytes: int, sizes: dict, holds: Callable[[tuple], bool] | None = None,
+                 start_bytes: int = 0):
         self.max_bytes = int(max_bytes)
         self.sizes = sizes  # (bucket, key) -> object bytes: the last block of an object is short
         self.holds = holds
@@ -51,8 +56,8 @@ class CacheModel:
         self.seen: set[tuple] = set()  # blocks asked about once: ``holds`` answers for each only then
         self.fetching: dict[tuple, int] = {}  # fetched by the reads of this wave, held when it ends
         self.together = False
-        self.held = 0
-        self.evicted = 0  # blocks evicted so far
+        self.unseen = int(start_bytes) if holds is not None else 0  # held from the start, not yet asked about
+        self.held = self.unseen
 
     def read(self, requests: list[tuple]) -> tuple[int, int]:
         """``(GETs, bytes)`` that reading ``requests`` (one read's ranges) costs."""
@@ -64,10 +69,10 @@ class CacheModel:
         for block in wanted:
             if block not in self.seen:
                 self.seen.add(block)
-                # held from the start, so the oldest: gone once anything was evicted
-                if self.holds is not None and not self.evicted and self.holds(block):
+                # held from the start (while evictions left some of those), so among the oldest
+                if self.unseen > 0 and self.holds(block):
                     self.blocks[block] = self._length(block)
-                    self.held += self.blocks[block]
+                    self.unseen -= self.blocks[block]
                     self.blocks.move_to_end(block, last=False)
         missing = [block for block in wanted if block not in self.blocks]
         for block in wanted:
@@ -101,29 +106,36 @@ class CacheModel:
             self._evict()
 
     def _evict(self) -> None:
-        """The least recently used blocks out, down to nine tenths of the bound."""
-        while self.blocks and self.held > EVICT_TO * self.max_bytes:
+        """The least recently used blocks out, down to nine tenths of the bound: first the bytes
+        held from the start that no read asked about yet (which of those blocks go is not known)."""
+        target = EVICT_TO * self.max_bytes
+        dropped = min(self.unseen, max(0, self.held - target))
+        self.held -= dropped
+        self.unseen -= dropped
+        while self.blocks and self.held > target:
             self.held -= self.blocks.popitem(last=False)[1]
-            self.evicted += 1
 
     def _length(self, block: tuple) -> int:
         size = self.sizes.get(block[:2], (block[3] + 1) * BLOCK_BYTES)
         return max(0, min(BLOCK_BYTES, size - block[3] * BLOCK_BYTES))
 
 
-def waves(total: int, shards: int, capacity: int, group: int) -> Iterator[list[int]]:
-    """Slab numbers below ``total`` in the sets read together: each of ``shards`` shards (workers of
-    every rank) reads its first ``group`` slabs alone, then up to ``capacity`` in flight, then
-    ``group`` more each time it has cut a group into patches (:meth:`PatchStream.__iter__`)."""
+def waves(total: int, shards: int, capacity: int, group: int) -> Iterator[tuple[int, list[int]]]:
+    """Slab numbers below ``total`` in the sets read together, each with the first slab of the
+    groups the shards cut into patches meanwhile (the samples that carry the reads' counts): each of
+    ``shards`` shards (workers of every rank) reads its first ``group`` slabs alone, then up to
+    ``capacity`` in flight while it cuts that group, then ``group`` more as it starts cutting each
+    next group (:meth:`PatchStream.__iter__`)."""
     low = 0
-    for high in itertools.chain([group, capacity], itertools.count(capacity + group, group)):
+    bounds = itertools.chain([(group, 0), (capacity, 0)], ((capacity + cut * group, cut) for cut in itertools.count(1)))
+    for high, cut in bounds:
         if high <= low:
             continue
         wave = [shard + local * shards for local in range(low, high) for shard in range(shards)]
         wave = sorted(number for number in wave if number < total)
         if not wave:
             return
-        yield wave
+        yield cut * group * shards, wave
         low = high
 
 
@@ -139,13 +151,13 @@ REPLAYED_CASES = 128  # a run over more training cases is replayed on an even sa
 
 def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, target: TargetSpacing, *,
                    epochs: int, patches_per_epoch: int, cache_bytes: int, workers: int = 1, world: int = 1,
-                   masks_scored: bool = True, in_memory: bool = False, holds: Callable[[tuple], bool] | None = None
+                   masks_scored: bool = True, in_memory: bool = False, start: RangeCache | None = None
                    ) -> tuple[list[int], list[int]]:
     """GETs and bytes of each of ``epochs`` epochs: ``patches_per_epoch`` training patches (all ranks)
     cut from the slabs that ``workers`` DataLoader workers (0: the process itself) of each of
     ``world`` ranks read ahead (``in_memory``: the training volumes read whole once, before the
     first step), then the ``val`` cases read whole (their masks when ``masks_scored``), through a
-    cache of ``cache_bytes`` (0: none) that starts with the blocks ``holds`` names (none: empty).
+    cache of ``cache_bytes`` (0: none) that starts with what the host cache ``start`` holds (none: empty).
 
     Over more than :data:`REPLAYED_CASES` training cases, the run is replayed on an even sample of
     that many, its patches, validation cases, cache and shards scaled by the same fraction, and
@@ -158,17 +170,18 @@ def forecast_reads(train: list[Case], val: list[Case], config: StreamConfig, tar
     shards = max(1, round(max(1, workers) * world * fraction))
     gets, read = _replay(train, val, config, target, epochs=epochs, patches_per_epoch=patches_per_epoch * fraction,
                          cache_bytes=int(cache_bytes * fraction), shards=shards, workers=workers,
-                         masks_scored=masks_scored, in_memory=in_memory, holds=holds)
+                         masks_scored=masks_scored, in_memory=in_memory, holds=start.holds if start else None,
+                         start_bytes=int(start.size_bytes() * fraction) if start else 0)
     return [round(value / fraction) for value in gets], [round(value / fraction) for value in read]
 
 
 def _replay(train: list[Case], val: list[Case], config: StreamConfig, target: TargetSpacing, *, epochs: int,
             patches_per_epoch: float, cache_bytes: int, shards: int, workers: int, masks_scored: bool,
-            in_memory: bool, holds: Callable[[tuple], bool] | None) -> tuple[list[int], list[int]]:
+            in_memory: bool, holds: Callable[[tuple], bool] | None, start_bytes: int) -> tuple[list[int], list[int]]:
     """:func:`forecast_reads` on these cases, ``shards`` stream shards of ``workers`` per process."""
     stream = PatchStream(train, config, target=target)
     sizes = stored_objects((*train, *val))
-    model = CacheModel(cache_bytes, sizes, holds)
+    model = CacheModel(cache_bytes, sizes, holds, start_bytes)
     # a cache that holds every object never evicts: once the validation volumes were read they cost
     # nothing again, and they need not be traced every epoch
     holds_all = 0 < sum(sizes.values()) <= EVICT_TO * cache_bytes
@@ -192,8 +205,11 @@ def _replay(train: list[Case], val: list[Case], config: StreamConfig, target: Ta
     slabs = 0 if in_memory else epochs * slabs_per_epoch + shards * (capacity - group)
     if in_memory:
         count(0, [model.read(requests) for case in train for requests in _case_reads(case, None, True)])
-    for wave in waves(slabs, shards, capacity, group):
-        current = min(wave[0] // slabs_per_epoch, epochs - 1)  # the wave is read while this epoch runs
+    for cut, wave in waves(slabs, shards, capacity, group):
+        # the epoch whose samples count the wave's reads, those of the groups cut while it is read
+        # (it ends about when half of them are given); the validations of the epochs before it ran
+        # after those epochs' samples, so after the reads those samples count
+        current = min(int((cut + group * shards / 2) // slabs_per_epoch), epochs - 1)
         for epoch in range(validated, current):
             validate(epoch)
         validated = max(validated, current)
@@ -209,14 +225,14 @@ def _replay(train: list[Case], val: list[Case], config: StreamConfig, target: Ta
 
 def forecast_bill(hp: Hyperparameters, train: list[Case], val: list[Case], target: TargetSpacing, *, world: int,
                   instance_type: str, instance_count: int, volume_gb: int, cache_bytes: int,
-                  holds: Callable[[tuple], bool] | None = None) -> Bill:
+                  start: RangeCache | None = None) -> Bill:
     """The run's bill before it starts: its steps at the rate table's (or ``--patches-per-s``) rate,
-    and its reads (:func:`forecast_reads`) through a cache of ``cache_bytes`` holding ``holds``'s blocks."""
+    and its reads (:func:`forecast_reads`) through a cache of ``cache_bytes`` holding what ``start`` holds."""
     patches_per_step = hp.batch_size * world
     gets, read = forecast_reads(train, val, hp.stream_config(), target, epochs=hp.epochs,
                                 patches_per_epoch=hp.steps_per_epoch * patches_per_step, cache_bytes=cache_bytes,
                                 workers=hp.num_workers, world=world, masks_scored=task_of(hp).needs_masks,
-                                in_memory=hp.data_source == "memory", holds=holds)
+                                in_memory=hp.data_source == "memory", start=start)
     if hp.patches_per_s:
         rate, source = hp.patches_per_s, "--patches-per-s"
     else:
