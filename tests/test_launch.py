@@ -151,6 +151,15 @@ def test_metric_definitions_match_the_scripts_real_log_lines(process_run):
         assert found[metric] == pytest.approx([line[field] for line in lines], rel=tolerance, abs=tolerance), metric
 
 
+def test_a_gpu_runs_memory_peak_is_published_from_its_epoch_line():
+    """Only a CUDA run writes gpu_memory_gib (the CPU runs above have none): its regex, checked here."""
+    line = "2026-01-01 INFO brainseg.train: " + EPOCH.format(
+        {"epoch": 1, "train_loss": 0.5, "val_dice": 0.3, "patches_per_s": 6.7, "gpu_memory_gib": 17.25, "seconds": 9.0})
+    assert line.endswith("seconds=9.0 gpu_memory_gib=17.25")
+    by_name = {d["Name"]: d["Regex"] for d in METRIC_DEFINITIONS}
+    assert float(re.search(by_name["train:gpu_memory_gib"], line).group(1)) == 17.25
+
+
 def test_autoencoder_metric_lines_are_matched_too():
     line = "2026-01-01 INFO brainseg.train: " + EPOCH.format(
         {"epoch": 2, "train_loss": 0.1, "val_loss": 0.0421, "lr": 0.001, "patches_per_s": 3.0,
@@ -213,8 +222,10 @@ def test_aws_mode_request_against_moto(bucket, process_run):
     assert request["EnableInterContainerTrafficEncryption"] is True
     assert {"Key": "project", "Value": "brainseg"} in request["Tags"]
     assert request["RoleArn"] == ROLE
+    # the autoencoder's losses and the GPU's memory are not in a CPU segmentation run's log (their
+    # regexes are checked on formatted lines below)
     for definition in request["AlgorithmSpecification"]["MetricDefinitions"]:
-        if definition["Name"] not in ("validation:loss", "validation:best_loss", "test:loss"):
+        if definition["Name"] not in ("validation:loss", "validation:best_loss", "test:loss", "train:gpu_memory_gib"):
             assert re.search(definition["Regex"], process_run["log"]), definition
 
     code_prefix = f"runs/brainseg/{job_name}/input/"

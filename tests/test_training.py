@@ -469,6 +469,37 @@ def test_a_cpu_image_on_a_gpu_instance_is_warned_about_loudly(bucket, capsys, mo
     assert "sees no CUDA" not in capsys.readouterr().out
 
 
+def test_bf16_autocast_on_the_cpu_trains_as_fp32_does_to_its_rounding(dataset, bucket):
+    """The GPU's bf16 path (autocast around the forward and the loss, fp32 weights and optimiser)
+    run on the CPU, where torch autocasts to bf16 too."""
+    output = f"s3://{bucket}/runs"
+    common = ["--epochs", "1", "--steps-per-epoch", "3", "--deterministic", "true", "--max-val-cases", "1"]
+    assert train.main(_args(dataset, output, "fp32", *common)) == 0
+    assert train.main(_args(dataset, output, "bf16", *common, "--precision", "bf16")) == 0
+    full, half = (json.loads(s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()[0])
+                  for run in ("fp32", "bf16"))
+    assert half["train_loss"] == pytest.approx(full["train_loss"], rel=0.02)  # bf16 keeps 8 bits of mantissa
+    assert half["train_loss"] != full["train_loss"]  # it did run in bf16
+    weights = _checkpoint(output, "bf16")["model"]
+    assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+
+
+def test_fp16_on_the_cpu_is_refused_with_what_to_use(dataset, bucket, capsys):
+    """fp16 needs its gradient scaler, which is a GPU's (the CPU has bf16 instead)."""
+    assert train.main(_args(dataset, f"s3://{bucket}/runs", "fp16", "--precision", "fp16")) == 2
+    assert "precision fp16 needs a GPU; use bf16 or fp32 on CPU" in capsys.readouterr().out
+
+
+def test_compile_without_a_compiler_is_refused_before_any_read(dataset, bucket, capsys, monkeypatch, tmp_path):
+    """The images hold no compiler, and torch.compile needs one (C++ on the CPU, C for Triton on a GPU)."""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no c++, g++ or clang++ there
+    assert train.main(_args(dataset, f"s3://{bucket}/runs", "no-compiler", "--compile", "true")) == 2
+    assert ("--compile true needs a C++ compiler ($CXX, or c++, g++, clang++ on PATH) to build torch.compile's "
+            "kernels on cpu, and this machine has none") in capsys.readouterr().out
+    assert not list(s3.list_objects(bucket, "runs/no-compiler/"))  # nothing written
+
+
 @pytest.mark.slow  # torch.compile's first forward and backward on the CPU take about 15 s
 def test_compile_on_the_cpu_trains_as_eager_does(dataset, bucket):
     output = f"s3://{bucket}/runs"

@@ -41,12 +41,12 @@ EPOCH = LineKind(
      ("val_dice_global", ".4f"), ("val_lesion_dice", ".4f"), ("val_lesion_hd95", ".2f"), ("val_loss", ".5f"), ("best_val_dice", ".4f"), ("best_val_loss", ".5f"),
      ("lr", ".3g"), ("patches_per_s", ".2f"), ("data_wait_fraction", ".3f"), ("seconds", ".1f"),
      ("val_seconds", ".1f"), ("gets_per_patch", ".2f"), ("mib_per_patch", ".3f"), ("val_gets", "d"), ("gets", "d"),
-     ("cache_hit_fraction", ".3f"), ("request_cost_usd", ".5f")),
+     ("cache_hit_fraction", ".3f"), ("request_cost_usd", ".5f"), ("gpu_memory_gib", ".2f")),
     (("train_loss", "train:loss"), ("val_dice", "validation:dice"), ("val_iou", "validation:iou"),
      ("val_loss", "validation:loss"), ("best_val_dice", "validation:best_dice"),
      ("best_val_loss", "validation:best_loss"), ("val_lesion_dice", "validation:lesion_dice"), ("lr", "train:lr"),
      ("patches_per_s", "train:patches_per_s"), ("data_wait_fraction", "train:data_wait_fraction"), ("gets_per_patch", "train:gets_per_patch"),
-     ("request_cost_usd", "train:request_cost_usd")))
+     ("request_cost_usd", "train:request_cost_usd"), ("gpu_memory_gib", "train:gpu_memory_gib")))
 TEST = LineKind(
     "test_metrics",
     (("test_dice", ".4f"), ("test_dice_median", ".4f"), ("test_iou", ".4f"), ("test_hd95", ".2f"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 
@@ -70,6 +72,15 @@ from brainseg.tasks import task_of
 logger = logging.getLogger("brainseg.train")
 
 
+def missing_compiler(device: torch.device) -> str:
+    """The compiler ``torch.compile`` needs on ``device`` when this machine has none, else "":
+    a C++ compiler for inductor's CPU kernels, a C compiler for Triton's launcher on a GPU."""
+    variable, *programs = ("CC", "cc", "gcc", "clang") if device.type == "cuda" else ("CXX", "c++", "g++", "clang++")
+    if os.environ.get(variable) or any(shutil.which(program) for program in programs):
+        return ""
+    return f"a {'C' if device.type == 'cuda' else 'C++'} compiler (${variable}, or {', '.join(programs)} on PATH)"
+
+
 class Trainer:
     """A training run; ``execute()`` trains, evaluates and returns the summary (``None`` on ranks > 0).
 
@@ -99,6 +110,10 @@ class Trainer:
         self.main = self.rank == 0
         if hp.precision == "fp16" and self.device.type != "cuda":
             raise TrainingError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if hp.compile and (missing := missing_compiler(self.device)):
+            raise TrainingError(f"--compile true needs {missing} to build torch.compile's kernels on "
+                                f"{self.device.type}, and this machine has none (the brainseg images hold no "
+                                "compiler); install one (apt-get install g++) or train with --compile false")
         configure_determinism(hp)
         self.run_name = resolve_run_name(hp, env)
         self.lock = RunLock(hp.output_uri, self.run_name, env.job_name) if self.main else None
@@ -289,6 +304,8 @@ class Trainer:
             "data_wait_fraction": distributed.mean(state.epoch_wait / state.epoch_seconds, self.device),
             "seconds": seconds,
         }
+        if self.device.type == "cuda":  # this rank's peak since the start: what --plan auto estimated
+            line["gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         started, reads = time.perf_counter(), cache.io_counters()
         evaluated = evaluate(self.model, self.val_cases, hp, self.task, self.device, self.target_spacing, phase="val")
         results = aggregate(evaluated)
