@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-local-mode test-browser image bench clean
+.PHONY: setup demo test test-slow test-local-mode test-cuda-image test-browser image bench clean
 
 $(VENV)/.installed: requirements.txt entry_point/requirements.txt infra/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: setup
 
 test-local-mode: setup
 	bash .ci/local_mode.sh
+
+# The CUDA image (several GB, opt-in: not in .ci/run) built offline and its two local-mode jobs run on this CPU.
+test-cuda-image: setup
+	VARIANT=cuda IMAGE=brainseg-train:cuda bash .ci/local_mode.sh
 
 test-browser: setup
 	bash .ci/browser.sh

@@ -7,7 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BASE=brainseg-base:bookworm
-IMAGE=brainseg-train:ci
+VARIANT=${VARIANT:-cpu}  # cuda: the GPU image (make test-cuda-image), its jobs run on this CPU
+IMAGE=${IMAGE:-brainseg-train:ci}
 
 skip() { echo "SKIPPED: local-mode test: $*"; exit 0; }
 
@@ -25,7 +26,12 @@ fi
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     bash docker/base_image.sh "$BASE" || skip "debootstrap base image failed"
 fi
-OFFLINE=1 BASE_IMAGE="$BASE" PYTHON="$PY" bash docker/build.sh "$IMAGE" >/tmp/brainseg-image-build.log 2>&1 \
+started=$(date +%s)
+OFFLINE=1 VARIANT="$VARIANT" BASE_IMAGE="$BASE" PYTHON="$PY" bash docker/build.sh "$IMAGE" >/tmp/brainseg-image-build.log 2>&1 \
     || { tail -30 /tmp/brainseg-image-build.log; echo "error: the training image did not build"; exit 1; }
-echo "built $IMAGE offline from docker/wheelhouse/"
+echo "built $IMAGE ($VARIANT) offline from docker/wheelhouse/ in $(( $(date +%s) - started )) s:" \
+     "$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
+docker history --format '  {{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-150
+docker run --rm --entrypoint python3 "$IMAGE" -c "import torch; print('in the image: torch', torch.__version__,
+    'CUDA runtime', torch.version.cuda, 'GPU visible', torch.cuda.is_available())" || exit 1
 BRAINSEG_TEST_IMAGE="$IMAGE" "$PY" -m pytest -m docker -rs

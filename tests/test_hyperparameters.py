@@ -11,7 +11,7 @@ import pytest
 
 from brainseg.commands import train
 from brainseg.config import STREAM_FLAGS, Hyperparameters
-from brainseg.environment import read_environment
+from brainseg.environment import cpu_image_warning, read_environment
 from brainseg.flags import FLAG_GROUPS, build_parser, parse_hyperparameters, validate_overrides
 from brainseg.stream_config import StreamConfig, check_budget
 
@@ -224,3 +224,13 @@ def test_the_label_scheme_is_parsed_once_per_run_and_shared():
     assert hp.label_scheme is hp.label_scheme and task_of(hp).scheme is hp.label_scheme
     assert hp.label_scheme.names == ("wt", "tc", "et")
     assert hp == Hyperparameters(labels="ncr=1,ed=2,et=4", regions="brats")  # the cache is no field
+
+
+def test_a_cuda_build_that_sees_no_gpu_on_a_gpu_instance_is_blamed_on_the_driver():
+    env = read_environment({"SM_NUM_GPUS": "1"})
+    driver = cpu_image_warning(env, False, "2.13.0+cu130", "13.0")
+    assert driver.startswith("SM_NUM_GPUS=1 but torch 2.13.0+cu130, built for CUDA 13.0, sees no CUDA device: the "
+                             "host's NVIDIA driver is likely older than CUDA 13.0 needs (13.x: R580 or later")
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cu126" in driver and "CPU image" not in driver
+    assert "a CPU image (or a CPU build of torch)" in cpu_image_warning(env, False, "2.13.0+cpu", None)
+    assert cpu_image_warning(env, True, "2.13.0+cu130", "13.0") == ""

@@ -103,13 +103,21 @@ def drop_privileges(env: Environment, user: str | None = None) -> str | None:
     return user
 
 
-def cpu_image_warning(env: Environment, cuda_available: bool, torch_version: str) -> str:
+def cpu_image_warning(env: Environment, cuda_available: bool, torch_version: str, cuda_runtime: str | None = None
+                      ) -> str:
     """What to say when the instance has GPUs (``SM_NUM_GPUS`` > 0) that torch cannot see: a CPU
-    image, or a CPU build of torch, on a GPU instance; "" otherwise."""
+    image, or a CPU build of torch, on a GPU instance, or (``cuda_runtime``: the CUDA torch was
+    built for) a CUDA build whose runtime the host's driver does not support; "" otherwise."""
     if not env.num_gpus or cuda_available:
         return ""
+    slower = "Training runs on the CPU, many times slower, at the GPU instance's price."
+    if cuda_runtime:
+        return (f"SM_NUM_GPUS={env.num_gpus} but torch {torch_version}, built for CUDA {cuda_runtime}, sees no CUDA "
+                f"device: the host's NVIDIA driver is likely older than CUDA {cuda_runtime} needs (13.x: R580 or "
+                f"later; 12.x: R525). {slower} Build the image for an older CUDA (VARIANT=cuda TORCH_INDEX="
+                "https://download.pytorch.org/whl/cu126 bash docker/build.sh) and pass it as --image-uri, or stop "
+                "this job")
     return (f"SM_NUM_GPUS={env.num_gpus} but torch {torch_version} sees no CUDA device: a CPU image (or a CPU build "
-            "of torch) on a GPU instance. Training runs on the CPU, many times slower, at the GPU instance's price. "
-            "Build and push the CUDA image (VARIANT=cuda bash docker/build.sh) and pass it as --image-uri, or stop "
-            "this job")
+            f"of torch) on a GPU instance. {slower} Build and push the CUDA image (VARIANT=cuda bash "
+            "docker/build.sh) and pass it as --image-uri, or stop this job")
 

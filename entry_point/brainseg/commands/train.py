@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from brainseg.run.lr_find import LRFinder
 
     env = read_environment()
-    warning = cpu_image_warning(env, torch.cuda.is_available(), torch.__version__)
+    warning = cpu_image_warning(env, torch.cuda.is_available(), torch.__version__, torch.version.cuda)
     if warning:
         for line in ("!" * 100, warning, "!" * 100):
             logger.warning("%s", line)
