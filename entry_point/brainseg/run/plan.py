@@ -16,7 +16,9 @@ Memory is estimated, not measured: the network's activations are counted on PyTo
 (no memory, no compute) and priced at 5.5 bytes per activation in fp32 (3.3 with bf16/fp16
 autocast), the peak-memory-per-activation measured for forward plus backward of these U-Nets on
 the CPU, plus 16 bytes per parameter (weights, gradients, two Adam moments) and 1 GiB for the CUDA
-context and cuDNN workspaces. It has not been checked against a GPU's peak memory.
+context and cuDNN workspaces. Against a training step's measured peak on the CPU
+(``benchmarks/plan_memory.py``) it is 0.94 to 1.44 times the step's; it has not been checked
+against a GPU's peak memory (``benchmarks/gpu.py`` prints both where a GPU is).
 """
 
 from __future__ import annotations
