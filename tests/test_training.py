@@ -469,15 +469,20 @@ def test_a_cpu_image_on_a_gpu_instance_is_warned_about_loudly(bucket, capsys, mo
     assert "sees no CUDA" not in capsys.readouterr().out
 
 
+def _first_epochs(dataset: str, output: str, **runs: list[str]) -> list[dict]:
+    """Each of ``runs`` (its name: its extra flags) trained for 3 steps, deterministically; their
+    first epoch lines, in order."""
+    for run, extra in runs.items():
+        assert train.main(_args(dataset, output, run, "--epochs", "1", "--steps-per-epoch", "3", "--deterministic",
+                                "true", "--max-val-cases", "1", *extra)) == 0
+    return [json.loads(s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()[0]) for run in runs]
+
+
 def test_bf16_autocast_on_the_cpu_trains_as_fp32_does_to_its_rounding(dataset, bucket):
     """The GPU's bf16 path (autocast around the forward and the loss, fp32 weights and optimiser)
     run on the CPU, where torch autocasts to bf16 too."""
     output = f"s3://{bucket}/runs"
-    common = ["--epochs", "1", "--steps-per-epoch", "3", "--deterministic", "true", "--max-val-cases", "1"]
-    assert train.main(_args(dataset, output, "fp32", *common)) == 0
-    assert train.main(_args(dataset, output, "bf16", *common, "--precision", "bf16")) == 0
-    full, half = (json.loads(s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()[0])
-                  for run in ("fp32", "bf16"))
+    full, half = _first_epochs(dataset, output, fp32=[], bf16=["--precision", "bf16"])
     assert half["train_loss"] == pytest.approx(full["train_loss"], rel=0.02)  # bf16 keeps 8 bits of mantissa
     assert half["train_loss"] != full["train_loss"]  # it did run in bf16
     weights = _checkpoint(output, "bf16")["model"]
@@ -503,11 +508,7 @@ def test_compile_without_a_compiler_is_refused_before_any_read(dataset, bucket, 
 @pytest.mark.slow  # torch.compile's first forward and backward on the CPU take about 15 s
 def test_compile_on_the_cpu_trains_as_eager_does(dataset, bucket):
     output = f"s3://{bucket}/runs"
-    common = ["--epochs", "1", "--steps-per-epoch", "3", "--deterministic", "true", "--max-val-cases", "1"]
-    assert train.main(_args(dataset, output, "eager", *common)) == 0
-    assert train.main(_args(dataset, output, "compiled", *common, "--compile", "true")) == 0
-    eager, compiled = (json.loads(s3.read_uri(f"{output}/{run}/metrics/metrics.jsonl").splitlines()[0])
-                       for run in ("eager", "compiled"))
+    eager, compiled = _first_epochs(dataset, output, eager=[], compiled=["--compile", "true"])
     # The same losses (weights may not match: a convolution's bias before a norm has a gradient of
     # rounding noise only, which AdamW turns into full steps of either sign, changing nothing downstream).
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
