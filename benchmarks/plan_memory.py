@@ -45,7 +45,7 @@ def step(channels: tuple, patch: tuple, precision: str) -> dict:
     import torch
 
     from brainseg.model.networks import NetworkSpec, build_model
-    from brainseg.run.plan import BYTES_PER_ACTIVATION, activations_per_voxel
+    from brainseg.run.plan import CONTEXT_GB, activations_per_voxel, estimate_gb
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -74,7 +74,8 @@ def step(channels: tuple, patch: tuple, precision: str) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     seconds = time.perf_counter() - started
     activations = activations_per_voxel(spec) * BATCH * (patch[0] * patch[1] * patch[2])
-    estimated = activations * BYTES_PER_ACTIVATION[precision] + 12 * parameters
+    # the plan's figure less the CUDA context and the weights, which were there before the step
+    estimated = (estimate_gb(spec, patch, BATCH, precision) - CONTEXT_GB) * 1e9 - 4 * parameters
     return {"channels": list(channels), "patch": list(patch), "precision": precision, "batch_size": BATCH,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "parameters": parameters,
             "activations": round(activations), "estimated_gb": round(estimated / 1e9, 3),
