@@ -92,10 +92,29 @@ def test_a_batch_augmented_together_equals_each_patch_augmented_alone(monkeypatc
     assert draws.shape[1] == aug.draws_length(2)
 
 
+def test_sequence_dropout_zeroes_one_drawn_sequence_and_changes_nothing_else():
+    image, label = _blob_patch()
+    square = image.shape[2] == image.shape[3]
+    kept = [aug.draw(np.random.default_rng([3, n]), 2, square) for n in range(40)]
+    dropped = [aug.draw(np.random.default_rng([3, n]), 2, square, sequence_dropout=1.0) for n in range(40)]
+    assert all(np.array_equal(a[:-1], b[:-1]) for a, b in zip(kept, dropped))  # the other draws are the same
+    assert {a[-1] for a in kept} == {-1.0} and {b[-1] for b in dropped} == {0.0, 1.0}  # both sequences drawn
+    some = [aug.draw(np.random.default_rng([3, n]), 2, square, sequence_dropout=0.3)[-1] for n in range(400)]
+    assert 0.2 < np.mean(np.asarray(some) >= 0) < 0.4
+    for n in (0, 1, 2, 3):
+        images = torch.from_numpy(image)[None]
+        labels = torch.from_numpy(label)[None, None]
+        plain, plain_labels = aug.augment_batch(images, labels, torch.from_numpy(kept[n])[None])
+        out, out_labels = aug.augment_batch(images, labels, torch.from_numpy(dropped[n])[None])
+        gone = int(dropped[n][-1])
+        assert torch.count_nonzero(out[0, gone]) == 0
+        assert torch.equal(out[0, 1 - gone], plain[0, 1 - gone]) and torch.equal(out_labels, plain_labels)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here; the CPU path is checked above")
 def test_a_batch_augmented_on_the_gpu_matches_the_cpu(monkeypatch):
     images, labels, draws = _batch(4, (0, 1, 2, 3), monkeypatch)
-    draws[:, -3] = 0  # noise comes from the device's own generator
+    draws[:, -4] = 0  # noise (its flag, then std, seed and the dropped sequence) comes from the device's generator
     cpu, cpu_labels = aug.augment_batch(images, labels, draws)
     gpu, gpu_labels = aug.augment_batch(images.cuda(), labels.cuda(), draws)
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-3)

@@ -69,6 +69,9 @@ def test_locations_and_budget_are_checked_before_anything_runs(fields_, message)
     (["--dropout", "1.5"], r"dropout 1.5: expected a value in \[0, 1\)"),
     (["--batch-size", "0"], "batch_size 0: expected at least 1"),
     (["--run-name", "a b"], "run_name 'a b'"),
+    (["--sequence-dropout", "1.5", "--sequences", "t1c,flair"], r"sequence_dropout 1.5: expected a value in \[0, 1\]"),
+    (["--sequence-dropout", "0.3"], r"sequence_dropout 0.3 with sequences 'image' and augment True: expected at least two"),
+    (["--sequence-dropout", "0.3", "--sequences", "t1c,flair", "--augment", "false"], "and --augment true"),
 ])
 def test_bad_values_name_the_field_and_what_was_expected(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -32,7 +32,7 @@ def _stream_field(name: str):
 
 # The StreamConfig fields train.py takes as they are (the budget is in MiB there, the seed seeds more).
 STREAM_FLAGS = ("patch_size", "foreground_fraction", "foreground_sampling", "patches_per_slab", "slab_margin", "mix_slabs", "normalization",
-                "augment", "read_ahead")
+                "augment", "sequence_dropout", "read_ahead")
 TASKS = ("segmentation", "autoencoder", "lr_find")
 MODELS = ("unet", "attention_unet", "segresnet", "dynunet")
 ACTIVATIONS = ("relu", "prelu")
@@ -191,6 +191,7 @@ class Hyperparameters:
     mix_slabs: int = _stream_field("mix_slabs")
     normalization: str = _stream_field("normalization")
     augment: bool = _stream_field("augment")
+    sequence_dropout: float = _stream_field("sequence_dropout")
     memory_budget_mb: int = flag_field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
                                                                             "by the DataLoader workers")
     read_ahead: int = _stream_field("read_ahead")
@@ -272,6 +273,10 @@ class Hyperparameters:
                                  "letters, digits, '_' or '-'; not 'mask')")
         if len(set(names)) != len(names):
             raise ValueError(f"sequences {self.sequences!r}: a sequence is named twice")
+        if self.sequence_dropout and (len(names) < 2 or not self.augment):
+            raise ValueError(f"sequence_dropout {self.sequence_dropout} with sequences {self.sequences!r} and augment "
+                             f"{self.augment}: expected at least two sequences and --augment true (it drops one of "
+                             "them from a training patch)")
 
     def _check_locations(self) -> None:
         """Outputs never inside the dataset: they would be listed as cases, and could overwrite data."""

@@ -42,6 +42,9 @@ class StreamConfig:
     normalization: str = flag_field("zscore", "zscore (body mean and std) or minmax (0.5-99.5 percentile to [0, 1])")
     augment: bool = flag_field(True, "mirroring, rotation, scaling, elastic deformation, bias field, gamma, blur, lower "
                                  "resolution, intensity scale/shift, noise (brainseg.data.augment)")
+    sequence_dropout: float = flag_field(0.0, "probability that a training patch has one sequence, drawn evenly, "
+                                              "replaced by zeros (with --augment): the network learns to read "
+                                              "each sequence without the others")
     memory_budget_bytes: int = flag_field(1024 * MiB, "bytes the patch pipeline may hold, shared by the DataLoader workers")
     read_ahead: int = flag_field(4, "slabs fetched ahead of the consumer per worker (the budget may lower it)")
     seed: int = flag_field(0, "seed of every random choice")
@@ -63,6 +66,8 @@ class StreamConfig:
             raise ValueError(f"slab_margin {self.slab_margin}: expected two non-negative sizes (D, H)")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction {self.foreground_fraction}: expected a value in [0, 1]")
+        if not 0.0 <= self.sequence_dropout <= 1.0:
+            raise ValueError(f"sequence_dropout {self.sequence_dropout}: expected a value in [0, 1]")
         if self.foreground_sampling not in FOREGROUND_SAMPLINGS:
             raise ValueError(f"foreground_sampling {self.foreground_sampling!r}: expected one of "
                              f"{', '.join(FOREGROUND_SAMPLINGS)}")

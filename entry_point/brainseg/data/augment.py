@@ -13,6 +13,10 @@ in-plane turns of square patches, and with probability ``SPATIAL_PROBABILITY`` e
 smoothly interpolated), applied as one resampling of the patches that drew any of them. Intensity,
 per channel (each sequence varies on its own): a smooth multiplicative bias field, gamma, Gaussian
 blur, a lower-resolution acquisition (down- then up-sampled), scale and shift, and Gaussian noise.
+Sequence dropout (``--sequence-dropout``, off by default): with its probability a patch has one of its
+sequences, drawn evenly, replaced by zeros (the body mean after z-scoring), so the network learns
+to find a tumour from the sequences left (HeMIS's modality dropout) and meets a zero-filled
+missing sequence (``--missing-sequences zero``) in training.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ NOISE_PROBABILITY = 0.15
 NOISE_STD = (0.0, 0.1)  # in normalised units
 BIAS_TERMS = 9  # x, y, z, xy, xz, yz, x², y², z²
 
-# The draws vector: spatial, then mirroring and turns, then each channel's intensity, then noise.
+# The draws vector: spatial, then mirroring and turns, then each channel's intensity, then noise,
+# then the dropped sequence (-1: none).
 _ELASTIC = 3 * ELASTIC_GRID**3
 _SPATIAL = 3 + 3 + 1 + _ELASTIC  # rotate/scale/elastic flags, angles, factor, control points
 _GEOMETRY = _SPATIAL + 4  # three flips, quarter turns
@@ -47,12 +52,14 @@ _CHANNEL = 4 + 3 + BIAS_TERMS + 2  # bias/gamma/blur/low flags, exponent/sigma/f
 
 def draws_length(channels: int) -> int:
     """The length of a patch's draws vector with ``channels`` channels."""
-    return _GEOMETRY + channels * _CHANNEL + 3
+    return _GEOMETRY + channels * _CHANNEL + 3 + 1
 
 
-def draw(rng: np.random.Generator, channels: int, square: bool) -> np.ndarray:
+def draw(rng: np.random.Generator, channels: int, square: bool, sequence_dropout: float = 0.0) -> np.ndarray:
     """Every random number one patch's augmentation needs (float64, :func:`draws_length` long), in a
-    fixed order from ``rng``; ``square``: the patch's in-plane sides are equal (turns allowed)."""
+    fixed order from ``rng``; ``square``: the patch's in-plane sides are equal (turns allowed);
+    ``sequence_dropout``: the probability that one sequence is replaced by zeros (the draws before it
+    do not depend on it)."""
     spatial = [float(rng.random() < SPATIAL_PROBABILITY) for _ in range(3)]
     angles = np.deg2rad(rng.uniform(-1, 1, 3) * ROTATION_DEGREES)
     factor = rng.uniform(*SCALE)
@@ -67,6 +74,9 @@ def draw(rng: np.random.Generator, channels: int, square: bool) -> np.ndarray:
         coefficients = rng.uniform(-BIAS_STRENGTH, BIAS_STRENGTH, BIAS_TERMS) / 3.0 if flags[0] else np.zeros(BIAS_TERMS)
         parts += [flags, amounts, coefficients, [rng.uniform(*INTENSITY_SCALE), rng.uniform(*INTENSITY_SHIFT)]]
     parts += [[float(rng.random() < NOISE_PROBABILITY), rng.uniform(*NOISE_STD), float(rng.integers(2**31))]]
+    dropped = rng.random() < sequence_dropout
+    channel = float(rng.integers(channels))
+    parts += [[channel if dropped else -1.0]]
     return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in parts])
 
 
@@ -180,10 +190,12 @@ def augment_batch(image: torch.Tensor, label: torch.Tensor, draws: torch.Tensor,
             patch, patch_label = torch.rot90(patch, turns, (2, 3)), torch.rot90(patch_label, turns, (2, 3))
         rows = values[b, _GEOMETRY:_GEOMETRY + patch.shape[0] * _CHANNEL].reshape(patch.shape[0], _CHANNEL)
         patch = torch.stack([_intensity(channel, row) for channel, row in zip(patch, rows)])
-        noisy, std, seed = values[b, -3:]
+        noisy, std, seed, dropped = values[b, -4:]
         if noisy:
             generator = torch.Generator(device=patch.device).manual_seed(int(seed))
             patch = patch + float(std) * torch.randn(patch.shape, generator=generator, device=patch.device)
+        if dropped >= 0:
+            patch[int(dropped)] = 0.0
         if minmax:
             patch = torch.clamp(patch, 0.0, 1.0)
         images.append(patch)
