@@ -43,6 +43,7 @@ SCHEDULES = ("cosine", "onecycle", "poly", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_SOURCES = ("stream", "memory")
 MISSING_SEQUENCES = ("exclude", "zero")
+EMPTY_MASKS = ("keep", "exclude")
 LAYOUTS = ("auto", "folders", "studies")  # brainseg.data.listing.LAYOUTS (this module imports no data code)
 REGISTRATIONS = ("rigid", "none")  # brainseg.data.registration
 CASES_PER = ("study", "patient")  # brainseg.data.studies.CASES_PER
@@ -53,8 +54,8 @@ SEQUENCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NORMS, "loss": LOSSES,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "data_source": DATA_SOURCES,
-           "missing_sequences": MISSING_SEQUENCES, "plan": ("off", "auto"), "resampling": RESAMPLINGS,
-           "layout": LAYOUTS, "registration": REGISTRATIONS, "keep_weights": KEEP_WEIGHTS, "case_per": CASES_PER}
+           "missing_sequences": MISSING_SEQUENCES, "empty_masks": EMPTY_MASKS, "plan": ("off", "auto"),
+           "resampling": RESAMPLINGS, "layout": LAYOUTS, "registration": REGISTRATIONS, "keep_weights": KEEP_WEIGHTS, "case_per": CASES_PER}
 
 # Fields that may change when a run resumes from its checkpoint; any other change is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
@@ -110,6 +111,8 @@ class Hyperparameters:
                                      "(<case>/<sequence>/*.dcm); image: the single image/ folder")
     missing_sequences: str = flag_field("exclude", "a case lacking a sequence: exclude it, or zero-fill the channel "
                                                "(the case is noted)")
+    empty_masks: str = flag_field("keep", "a case whose mask holds no tumour voxel: keep it as a tumour-free study "
+                                          "(background patches in training, scored for detection) or exclude it")
     layout: str = flag_field("auto", "folders: <case>/<sequence>/*.dcm; studies: any tree of DICOM objects (a PACS "
                                  "export), a case per study, its series named by --sequence-rules; auto: folders "
                                  "when there are any")

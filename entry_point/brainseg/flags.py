@@ -57,8 +57,8 @@ def field_converters() -> dict:
 FLAG_GROUPS = {
     "data": ("data_uri", "output_uri", "run_name", "max_train_cases", "max_val_cases", "folds", "fold", "plan",
              "gpu_memory_gb", "target_spacing", "resampling", "cache_gb", "cache_dir"),
-    "sequences and labels": ("sequences", "missing_sequences", "layout", "case_per", "sequence_rules", "registration", "labels",
-                             "roi_labels", "regions"),
+    "sequences and labels": ("sequences", "missing_sequences", "empty_masks", "layout", "case_per", "sequence_rules",
+                             "registration", "labels", "roi_labels", "regions"),
     "model": ("task", "model", "channels", "res_units", "activation", "norm", "dropout", "deep_supervision",
               "init_weights", "freeze_encoder"),
     "optimisation": ("loss", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_steps", "grad_clip",

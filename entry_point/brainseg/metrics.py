@@ -33,6 +33,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
+from brainseg.detection import SliceCounts
 from brainseg.overlap import LesionMatch, Overlap
 
 
@@ -135,8 +136,9 @@ def _union_box(boxes: list[tuple]) -> tuple:
 
 def score_structures(structures, predicted: list[np.ndarray], mask: np.ndarray, spacing: tuple) -> dict:
     """``{"overlaps": {name: Overlap}, "hd95": {name: mm}, "lesion_wise": {name: LesionWise},
-    "lesion_matches": {name: LesionMatch}, "tumour": Overlap}`` of each structure's predicted voxels
-    against the mask's (``structures``: :class:`brainseg.labels.Structure`)."""
+    "lesion_matches": {name: LesionMatch}, "tumour": Overlap, "slices": SliceCounts}`` of each
+    structure's predicted voxels against the mask's (``structures``: :class:`brainseg.labels.Structure`);
+    ``tumour`` and ``slices`` count every structure as one."""
     overlaps, distances, lesions, matches = {}, {}, {}, {}
     for structure, prediction in zip(structures, predicted):
         truth = structure.of(mask)
@@ -144,5 +146,6 @@ def score_structures(structures, predicted: list[np.ndarray], mask: np.ndarray, 
         distances[structure.name] = hausdorff95(prediction, truth, spacing)
         lesions[structure.name], matches[structure.name] = lesion_scores(prediction, truth, spacing)
     everything = np.logical_or.reduce(predicted)
+    tumour = np.logical_or.reduce([structure.of(mask) for structure in structures])
     return {"overlaps": overlaps, "hd95": distances, "lesion_wise": lesions, "lesion_matches": matches,
-            "tumour": Overlap.of(everything, np.logical_or.reduce([structure.of(mask) for structure in structures]))}
+            "tumour": Overlap.of(everything, tumour), "slices": SliceCounts.of(everything, tumour)}

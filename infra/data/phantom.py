@@ -56,13 +56,14 @@ def _blob(shape, centre, head_axes, rng, brain, sizes: tuple, reach: float):
 
 
 def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
-                 noise: float = 0.04) -> Phantom:
+                 noise: float = 0.04, healthy: bool = False) -> Phantom:
     """One synthetic head of ``shape`` ``(D, H, W)`` voxels.
 
     Args:
         shape: volume size; the head fills most of it.
         rng: the generator every random choice is drawn from.
         noise: noise standard deviation as a fraction of white-matter intensity.
+        healthy: no tumour (the mask is empty); the head is the one the same ``rng`` gives with one.
     """
     shape = tuple(int(n) for n in shape)
     centre = np.asarray(shape) / 2.0 + rng.normal(0, 0.02, 3) * np.asarray(shape)
@@ -82,6 +83,9 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator,
         image[_radius(shape, centre + offset, ventricle_axes) < 1.0] = CSF
 
     tumour, radius, wobble = _blob(shape, centre, head_axes, rng, brain, (0.10, 0.32), 0.82)
+    if healthy:
+        tumour = np.zeros_like(tumour)
+        radius = np.full(shape, np.inf)
     image[tumour] = ENHANCING
     image[tumour & (radius < 0.55 * wobble)] = NECROSIS
     oedema = (radius < 1.5 * wobble) & ~tumour & white
@@ -164,10 +168,10 @@ def _lesion(shape, centre, head_axes, rng, brain):
 
 
 def make_study(shape: tuple[int, int, int], rng: np.random.Generator, sequences: tuple = SEQUENCES,
-               thickness: int = 1, noise: float = 0.04) -> Study:
+               thickness: int = 1, noise: float = 0.04, healthy: bool = False) -> Study:
     """One synthetic multi-sequence study of ``shape`` ``(D, H, W)`` (before slice thickening).
 
-    One to three lesions of varied kind, size and place; each sequence gets its own scanner gain,
+    One to three lesions of varied kind, size and place (none when ``healthy``); each sequence gets its own scanner gain,
     tissue contrast jitter, smooth bias field and Rician noise. With ``thickness`` k > 1 every k
     slices are averaged into one (a thicker acquisition: partial volume), and the labels keep the
     middle slice of each group.
@@ -197,7 +201,7 @@ def make_study(shape: tuple[int, int, int], rng: np.random.Generator, sequences:
 
     labels = np.zeros(shape, dtype=np.uint8)
     lesions = int(rng.choice([1, 2, 3], p=[0.7, 0.25, 0.05]))
-    for _ in range(lesions):
+    for _ in range(0 if healthy else lesions):
         core, enhancing, oedema = _lesion(shape, centre, head_axes, rng, brain)
         labels[oedema & (labels == 0)] = ED
         labels[enhancing] = ET

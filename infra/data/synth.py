@@ -4,6 +4,7 @@
         [--sequences t1c,t1,t2,flair] [--thickness 1,2,3]
         [--transfer-syntax explicit-le|implicit-le|explicit-be|rle|jpeg2000|jpegls] [--multiframe]
         [--grids shared|own] [--other-frame N] [--layout folders|studies] [--label-as series|seg]
+        [--healthy-fraction F]
 
 By default each case becomes ``<case_id>/image/`` (a T1 post-contrast-like series) and
 ``<case_id>/mask/`` (the tumour, 0/1). With ``--sequences`` it becomes one folder per sequence
@@ -18,7 +19,8 @@ With ``--layout studies`` each case is written as a PACS exports an exam (object
 UIDs or numbers, a localiser, diffusion, an MPR and the labels beside the sequences, no folder
 naming a sequence: :mod:`infra.data.exported`; ``--label-as seg`` writes the labels as a DICOM SEG
 on the first sequence). One object per slice, or one enhanced multi-frame
-object per series.
+object per series. With ``--healthy-fraction F`` that share of the cases is tumour-free: the same
+head without lesions, and an empty mask.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from infra.data.phantom import SEQUENCES, make_phantom, make_study
 
 logger = logging.getLogger("synth")
 UPLOAD_THREADS = 16
+GOLDEN = (5**0.5 - 1) / 2
 DESCRIPTIONS = {"image": "T1 post-contrast", "t1": "T1", "t1c": "T1 post-contrast", "t2": "T2", "flair": "FLAIR"}
 
 
@@ -60,6 +63,12 @@ class SynthSpec:
     layout: str = "folders"  # "studies": as a PACS exports an exam (infra/data/exported.py; multi-sequence studies)
     other_frame: int = 0  # with grids "own": the first this many cases hold their last sequence in a frame of its own
     label_as: str = "series"  # layout "studies": the labels as a label series or a DICOM SEG ("seg") on the first sequence
+    healthy_fraction: float = 0.0  # this share of the cases holds no tumour (an empty mask), spread evenly by index
+
+    def healthy(self, index: int) -> bool:
+        """Whether case ``index`` is tumour-free: the golden-ratio sequence, so any run of cases holds
+        ``healthy_fraction`` of them to within one case."""
+        return ((index + 1) * GOLDEN) % 1.0 < self.healthy_fraction
 
     def motion(self, index: int) -> dict:
         """``{sequence: 4x4 matrix}``: where case ``index``'s sequences in a frame of their own see the
@@ -73,10 +82,10 @@ class SynthSpec:
         """``({folder: volume}, mask, spacing)`` of case ``index``."""
         rng = np.random.default_rng([self.seed, index])
         if self.sequences == ("image",):
-            phantom = make_phantom(self.shape, rng)
+            phantom = make_phantom(self.shape, rng, healthy=self.healthy(index))
             return {"image": phantom.image}, phantom.mask, tuple(self.spacing)
         thickness = int(rng.choice(self.thicknesses))
-        study = make_study(self.shape, rng, self.sequences, thickness)
+        study = make_study(self.shape, rng, self.sequences, thickness, healthy=self.healthy(index))
         return study.images, study.labels, (self.spacing[0] * thickness, *self.spacing[1:])
 
 
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --layout studies: the labels as a label series on the first sequence's grid, or a "
                              "DICOM SEG on its slices (segments 1 necrotic core, 2 oedema, 3 enhancing: train with "
                              "--labels ncr=1,ed=2,et=3)")
+    parser.add_argument("--healthy-fraction", type=float, default=0.0, metavar="F",
+                        help="this share of the cases holds no tumour (their masks are empty), spread evenly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="processes generating cases")
     args = parser.parse_args(argv)
@@ -204,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         thicknesses = ()
     if not thicknesses or min(thicknesses) < 1:
         parser.error(f"--thickness {args.thickness!r}: expected positive integers like 1,2,3")
+    if not 0.0 <= args.healthy_fraction <= 1.0:
+        parser.error(f"--healthy-fraction {args.healthy_fraction}: expected a share from 0 to 1")
     spec = SynthSpec(args.shape, args.spacing, args.transfer_syntax, args.multiframe, args.seed,
                      tuple(name.strip() for name in args.sequences.split(",")), thicknesses, args.grids, args.layout,
-                     args.other_frame, args.label_as)
+                     args.other_frame, args.label_as, args.healthy_fraction)
     started = time.perf_counter()
     try:
         written = write_dataset(args.cases, args.out, spec, jobs=args.jobs)

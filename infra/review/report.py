@@ -4,8 +4,8 @@ Figures: train loss and validation Dice per epoch (all runs on one plot each), v
 each structure (WT/TC/ET), learning rate, throughput and data-wait fraction; per run, the test cases
 sorted worst first, predicted against true volume per structure and overlays on three orthogonal
 slices through the tumour of every sequence (structures coloured; the worst and best case and the
-worst of each structure); for learning-rate range tests (task lr_find), loss against learning rate
-with the suggestions marked.
+worst of each structure), and the ROC curve of study-level detection; for learning-rate range tests
+(task lr_find), loss against learning rate with the suggestions marked.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ th { background: #eee; } td.name { text-align: left; }
 {% for figure in curves %}<p><img src="{{ figure.file }}" alt="{{ figure.alt }}"></p>{% endfor %}
 {% for run in runs if not run.lr_find %}
 <h2>{{ run.name }}: test cases, worst first</h2>
+{% for note in notes[run.name] %}<p>{{ note }}</p>{% endfor %}
 {% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th>
 {% for name in run.structures %}<th>Dice {{ name }}</th><th>HD95 {{ name }} mm</th>{% endfor %}</tr>
 {% for row in run.cases_worst_first() %}<tr><td class="name">{{ row.case_id }}</td><td>{{ row.dice }}</td><td>{{ row.iou }}</td>
@@ -102,10 +103,7 @@ def text_summary(runs: list[ReviewedRun]) -> str:
                          f"(steepest descent of the smoothed loss), loss minimum lr / 10 = "
                          f"{run.lr_find['min_loss_lr']:.2e}, {run.lr_find['steps']} steps"
                          + (", diverged" if run.lr_find.get("diverged") else ""))
-        for text in (lesion_text((run.summary or {}).get("lesion_wise")),
-                     postprocessing_text((run.summary or {}).get("postprocessing")), fold_text(run.summary or {})):
-            if text:
-                lines.append(f"{run.name}: {text}")
+        lines += [f"{run.name}: {text}" for text in run_notes(run)]
         reads = reads_text(run.metrics)
         if reads:
             lines.append(f"{run.name}: {reads}")
@@ -118,6 +116,37 @@ def text_summary(runs: list[ReviewedRun]) -> str:
             lines.append(f"{run.name}: worst test cases: " + ", ".join(
                 f"{row['case_id']} (Dice {float(row['dice']):.3f})" for row in worst))
     return "\n".join(lines)
+
+
+def run_notes(run: ReviewedRun) -> list[str]:
+    """The lines that say what a run's summary holds beyond Dice: lesion-wise figures, the
+    postprocessing chosen, detection, its fold."""
+    summary = run.summary or {}
+    texts = (lesion_text(summary.get("lesion_wise")), postprocessing_text(summary.get("postprocessing")),
+             detection_text(summary.get("detection")), fold_text(summary))
+    return [text for text in texts if text]
+
+
+def detection_text(detection) -> str:
+    """Study- and slice-level detection on the test split (:mod:`brainseg.detection`), or ""."""
+    if not isinstance(detection, dict) or not all(is_number(detection.get(key)) for key in (
+            "cases", "with_tumour", "tumour_free", "true_positives", "false_negatives", "false_positives",
+            "true_negatives")):
+        return ""
+    threshold = detection.get("threshold") if isinstance(detection.get("threshold"), dict) else {}
+    ml = threshold.get("ml")
+    auc = detection.get("roc_auc")
+    text = (f"detection on {detection['cases']} test studies ({detection['with_tumour']} with tumour, "
+            f"{detection['tumour_free']} without), a tumour where the largest predicted component exceeds "
+            f"{f'{ml:.3g} ml' if is_number(ml) else '?'} ({threshold.get('chosen_on', '?')}): "
+            f"sensitivity {detection['true_positives']}/{detection['with_tumour']}, specificity "
+            f"{detection['true_negatives']}/{detection['tumour_free']}, ROC AUC "
+            + (f"{auc:.3f}" if is_number(auc) else "– (needs test studies with and without tumour)"))
+    slices = detection.get("slices")
+    if isinstance(slices, dict) and all(is_number(slices.get(key)) for key in ("found", "missed", "false_alarms", "clean")):
+        text += (f"; slices with tumour found {slices['found']}/{slices['found'] + slices['missed']}, slices "
+                 f"without flagged {slices['false_alarms']}/{slices['false_alarms'] + slices['clean']}")
+    return text
 
 
 def lesion_text(lesion_wise) -> str:
@@ -364,6 +393,32 @@ def volume_figure(run: ReviewedRun, out: Path) -> dict | None:
     return {"file": file, "alt": f"predicted against true volume of {run.name}'s test cases"}
 
 
+def roc_figure(run: ReviewedRun, out: Path) -> dict | None:
+    """The test split's ROC curve of study-level detection, the run's operating point marked."""
+    detection = (run.summary or {}).get("detection")
+    curve = detection.get("roc") if isinstance(detection, dict) else None
+    if not (isinstance(curve, list) and curve and detection_text(detection)):
+        return None
+    figure, axis = plt.subplots(figsize=(4.2, 4.2))
+    axis.plot(*zip(*curve), marker="o", markersize=3, color=_colour(1), label=f"ROC AUC {detection['roc_auc']:.3f}")
+    axis.plot([0, 1], [0, 1], color="#888", linewidth=0.8, linestyle="--", label="chance")
+    point = (detection["false_positives"] / max(detection["tumour_free"], 1),
+             detection["true_positives"] / max(detection["with_tumour"], 1))
+    axis.plot(*point, marker="s", markersize=8, color=_colour(3), linestyle="none", label="the run's threshold")
+    axis.set_xlim(-0.02, 1.02)
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_aspect("equal")
+    axis.set_xlabel("false-positive rate (1 - specificity)")
+    axis.set_ylabel("true-positive rate (sensitivity)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.set_title(f"{plain_text(run.name)}: is there a tumour? (test studies)", fontsize=9)
+    file = f"roc_{run.name}.png"
+    _save(figure, out / file)
+    return {"file": file, "alt": f"ROC curve of {run.name}'s study-level detection: each point a threshold on the "
+                                 "largest predicted component; up and left is better, the diagonal is chance"}
+
+
 def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     """``out/index.html`` and its PNG figures; returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -372,11 +427,10 @@ def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     curves = curves[:1] + ([structure_curves] if structure_curves else []) + curves[1:]
     overlays = overlay_figures(runs, out)
     for run in runs:
-        volumes = volume_figure(run, out)
-        if volumes:
-            overlays[run.name] = [volumes, *overlays.get(run.name, [])]
+        figures = [figure for figure in (volume_figure(run, out), roc_figure(run, out)) if figure]
+        overlays[run.name] = [*figures, *overlays.get(run.name, [])]
     page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
-                           lr_find=lr_find_figure(runs, out),
+                           lr_find=lr_find_figure(runs, out), notes={run.name: run_notes(run) for run in runs},
                            overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)
     path = out / "index.html"
     path.write_text(page)

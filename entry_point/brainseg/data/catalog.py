@@ -129,7 +129,7 @@ def _objects_fingerprint(objects, extra: bytes = b"") -> str:
 
 
 def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
-                  split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = True,
+                  split_fractions=DEFAULT_SPLIT_FRACTIONS, exclude_empty_masks: bool = False,
                   refresh_index: bool = False, trust_index: bool = False,
                   require_masks: bool = True, max_header_bytes: int = MAX_HEADER_BYTES,
                   sequences: tuple = IMAGE_ONLY, zero_fill: bool = False, labels: LabelScheme | None = None,
@@ -145,7 +145,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
             it is reused when present and rewritten when anything changed.
         seed: seed of the patient-level split (ignored when ``manifest.csv`` exists).
         split_fractions: train/val/test fractions of the seeded split.
-        exclude_empty_masks: exclude cases whose mask has no tumour voxel.
+        exclude_empty_masks: exclude cases whose mask has no tumour voxel; otherwise they are
+            tumour-free studies (trained on as background, scored for detection), split evenly.
         refresh_index: ignore a saved index and read every header again.
         trust_index: start from a saved index without listing the prefix, so start-up costs the
             same whatever the dataset size. Objects changed since indexing fail at read time
@@ -218,7 +219,8 @@ def build_catalog(uri: str, *, index_uri: str | None = None, seed: int = 0,
     reasons.update(check_cases(assembled, summaries, reasons, labels, exclude_empty_masks and require_masks))
     reasons.update(exclude_duplicates(assembled, reasons))
     groups = patient_groups(assembled)
-    splits, unlisted = split_cases(listed, assembled, groups, reasons, seed, split_fractions)
+    strata = {case_id: "tumour" if summary.tumour_voxels else "tumour-free" for case_id, (_, summary) in summaries.items()}
+    splits, unlisted = split_cases(listed, assembled, groups, reasons, seed, split_fractions, strata)
     reasons.update(unlisted)
     cases = tuple(Case(case_id, splits[case_id], tuple(assembled.series[case_id][0].values()),
                        assembled.series[case_id][1], summaries[case_id][1], groups[case_id],
@@ -316,7 +318,8 @@ def check_cases(assembled: Assembled, summaries: dict, reasons: dict, labels: La
             continue
         summary = summaries[case_id][1]
         if exclude_empty_masks and summary.tumour_voxels == 0:
-            failed[case_id] = "mask is empty (no tumour voxels); label it or pass exclude_empty_masks=False"
+            failed[case_id] = "mask is empty (no tumour voxels); label it, or keep it as a tumour-free study with " \
+                              "--empty-masks keep"
         elif labels is not None and summary.label_counts and (reason := label_problem(summary, labels)):
             failed[case_id] = reason
     return failed
@@ -342,13 +345,14 @@ def patient_groups(assembled: Assembled) -> dict[str, str]:
 
 
 def split_cases(listed: Listing, assembled: Assembled, groups: dict, reasons: dict, seed: int,
-                split_fractions) -> tuple[dict[str, str], dict[str, str]]:
+                split_fractions, strata: dict | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Step 7, split: ``({case_id: split}, {case_id: reason})``: the usable cases' splits from
     ``manifest.csv`` when the dataset has one (a case it does not list is excluded with that
-    reason), else from a seeded patient-level shuffle."""
+    reason), else from a seeded patient-level shuffle, each of ``strata`` (``{case_id: stratum}``)
+    split on its own."""
     if listed.manifest is None:
         return assign_splits({case_id: groups[case_id] for case_id in assembled.series if case_id not in reasons},
-                             seed, split_fractions), {}
+                             seed, split_fractions, strata), {}
     manifest_uri = listed.uri + MANIFEST_NAME
     manifest = {_nfc(name): split for name, split in parse_manifest(manifest_uri, listed.manifest).items()}
     unknown = sorted(set(manifest) - {_nfc(case_id) for case_id in listed.grouped})
@@ -384,6 +388,10 @@ def log_catalog(catalog: Catalog, folders: int, skipped: dict) -> None:
         if items:
             logger.warning("case %s: skipped %d non-image object(s): %s", case_id, len(items),
                            "; ".join(items[:3]) + (" ..." if len(items) > 3 else ""))
+    healthy = [case.case_id for case in catalog.cases if case.mask is not None and not case.summary.tumour_voxels]
+    if healthy:
+        logger.info("%d case(s) have an empty mask, kept as tumour-free studies (--empty-masks exclude leaves them "
+                    "out): %s", len(healthy), ", ".join(healthy[:10]) + (" ..." if len(healthy) > 10 else ""))
     logger.info("catalog %s: %d cases, %d usable (train %d, val %d, test %d), %d excluded; %s",
                 catalog.uri, folders, len(catalog.cases), len(catalog.split("train")), len(catalog.split("val")),
                 len(catalog.split("test")), len(catalog.exclusions), catalog.index_stats)

@@ -61,13 +61,18 @@ def assign_folds(groups: dict[str, str], folds: int, seed: int) -> dict[str, int
     return assigned
 
 
-def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRACTIONS) -> dict[str, str]:
+def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRACTIONS,
+                  strata: dict[str, str] | None = None) -> dict[str, str]:
     """Seeded patient-level split of the usable cases: one patient's cases share a split.
 
     Args:
         groups: ``{case_id: patient group}`` of the usable cases (an empty group: the case alone).
         seed: seed of the shuffle of patient groups.
         fractions: train/val/test fractions summing to 1.
+        strata: ``{case_id: stratum}`` (e.g. with tumour, tumour-free); when it holds more than one
+            stratum each is split on its own, so every split gets its share of each (by largest
+            remainders; a patient's cases go with the stratum of the first). One stratum splits as
+            without it.
 
     Returns:
         ``{case_id: split}``.
@@ -75,10 +80,31 @@ def assign_splits(groups: dict[str, str], seed: int, fractions=DEFAULT_SPLIT_FRA
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions {fractions} must be three non-negative numbers summing to 1")
     members = _patients(groups)
+    if strata and len({strata[case_id] for case_id in groups}) > 1:
+        parts: dict[str, dict[str, str]] = {}
+        for cases in members.values():
+            parts.setdefault(strata[cases[0]], {}).update((case_id, groups[case_id]) for case_id in cases)
+        return {case_id: split for name in sorted(parts)
+                for case_id, split in _deal(_patients(parts[name]), seed, _largest_remainders(
+                    len(parts[name]), fractions)).items()}
+    train, val = round(fractions[0] * len(groups)), round(fractions[1] * len(groups))
+    return _deal(members, seed, np.asarray([train, val, len(groups) - train - val]))
+
+
+def _largest_remainders(count: int, fractions) -> np.ndarray:
+    """``count`` cases shared by ``fractions`` to the whole case (Hamilton's method, ties to the
+    later split): a stratum of three gets one case in each split where rounding gives test none."""
+    shares = np.asarray(fractions, dtype=np.float64) * count
+    targets = np.floor(shares + 1e-9).astype(int)
+    order = sorted(range(3), key=lambda slot: (-round(shares[slot] - targets[slot], 9), -slot))
+    targets[order[:count - int(targets.sum())]] += 1
+    return targets
+
+
+def _deal(members: dict[str, list[str]], seed: int, targets: np.ndarray) -> dict[str, str]:
+    """Patient groups in seeded shuffled order, each to the split furthest below its target."""
     keys = list(members)
     order = np.random.default_rng(seed).permutation(len(keys))
-    train, val = round(fractions[0] * len(groups)), round(fractions[1] * len(groups))
-    targets = np.asarray([train, val, len(groups) - train - val])
     counts = np.zeros(3, dtype=int)
     splits = {}
     for position in order:

@@ -35,6 +35,9 @@ class ModelDescription:
             the choice, which kept the best epoch's).
         postprocessing: ``{structure: {"min_mm3", "largest_only"}}`` chosen on validation
             (:mod:`brainseg.postprocess`); a structure not named is left as predicted.
+        detection: ``{"ml", "chosen_on"}``: a study is tumour-present when its largest predicted
+            component exceeds ``ml`` (:class:`brainseg.detection.Threshold`, chosen on validation;
+            empty: a model from before, any component).
     """
 
     network: dict
@@ -55,6 +58,7 @@ class ModelDescription:
     best_validation: float | None = None
     kept_epoch: int = 0
     postprocessing: dict = field(default_factory=dict)
+    detection: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from brainseg.data.identify import load_rules
 from brainseg.data.resample import TargetSpacing
 from brainseg.data.series import Series
 from brainseg.data.stream import read_case_region
+from brainseg.detection import Threshold, largest_component_ml_of
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.environment import Environment
 from brainseg.io import s3
@@ -99,9 +100,10 @@ def nifti_of(case: Case, prediction: Prediction, scheme: LabelScheme) -> bytes:
 
 
 def volume_row(case: Case, prediction: Prediction, structures: tuple, mask: np.ndarray | None,
-               seconds: float) -> dict:
+               seconds: float, detection: Threshold = Threshold()) -> dict:
     """A case's line of ``volumes.csv``: predicted voxels and ml per structure (:class:`brainseg.labels.Structure`),
-    and Dice, IoU, HD95 (mm) and the mask's ml when there is a mask."""
+    the study's detection score and call at ``detection`` (:mod:`brainseg.detection`), and Dice,
+    IoU, HD95 (mm) and the mask's ml when there is a mask."""
     names = [structure.name for structure in structures]
     voxel_ml = float(np.prod(case.image.spacing)) / 1000.0
     row = {"case_id": case.case_id, "status": "predicted", "shape": "x".join(map(str, case.image.shape)),
@@ -110,6 +112,8 @@ def volume_row(case: Case, prediction: Prediction, structures: tuple, mask: np.n
         voxels = int(predicted.sum())
         row[f"voxels_{name}"] = voxels
         row[f"predicted_ml_{name}"] = round(voxels * voxel_ml, 6)
+    score = largest_component_ml_of(prediction.masks, case.image.spacing)
+    row.update(tumour_score_ml=round(score, 4), tumour_present=int(detection.present(score)))
     if mask is not None:
         scores = score_structures(structures, prediction.masks, mask, case.image.spacing)
         for name in names:
@@ -206,7 +210,7 @@ class PredictionJob:
         if "nifti" in self.options.output_format:
             self.store.put(PredictionLayout.nifti(case.case_id), nifti_of(case, prediction, scheme), "application/gzip")
         row = volume_row(case, prediction, self.predictor.scheme.structures, loaded.mask,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, self.predictor.detection)
         self.store.put_csv(PredictionLayout.volumes(case.case_id), [row])
         return row
 

@@ -21,6 +21,7 @@ import torch
 from brainseg.data.resample import TargetSpacing
 from brainseg.data.summary import Intensity
 from brainseg.data.transforms import normalize
+from brainseg.detection import Threshold
 from brainseg.io import s3
 from brainseg.model.artifact import LoadedModel, ModelError
 from brainseg.model.description import ModelDescription
@@ -86,6 +87,7 @@ class Predictor:
         self.overlap = overlap
         self.precision = precision
         self.rules = {} if not postprocess else shared_rules(models) if rules is None else rules
+        self.detection = shared_threshold(models)
         unknown = sorted(set(self.rules) - set(self.scheme.names))
         if unknown:
             raise ModelError(f"postprocessing for {', '.join(unknown)}: the models' structures are "
@@ -125,6 +127,20 @@ def shared_rules(models: list[LoadedModel]) -> dict[str, Rule]:
     except ValueError as err:
         raise ModelError(str(err)) from None
     return common_rules(chosen)
+
+
+def shared_threshold(models: list[LoadedModel]) -> Threshold:
+    """The ensemble's tumour-present threshold (:mod:`brainseg.detection`): its one model's, or the
+    median of its models' (a model from before detection counts as 0 ml)."""
+    try:
+        thresholds = [Threshold(**loaded.description.detection) if loaded.description.detection else Threshold()
+                      for loaded in models]
+    except TypeError as err:
+        raise ModelError(f"a model's detection threshold is damaged ({err}); expected ml and chosen_on") from None
+    if len(thresholds) == 1:
+        return thresholds[0]
+    return Threshold(float(np.median([threshold.ml for threshold in thresholds])),
+                     f"the median of {len(thresholds)} models' thresholds")
 
 
 def pooled_rules(location: str) -> dict[str, Rule]:

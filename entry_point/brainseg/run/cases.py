@@ -35,7 +35,7 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
                                  trust_index=hp.trust_index, require_masks=task_of(hp).needs_masks,
                                  max_header_bytes=hp.max_header_mb * 2**20, sequences=hp.sequence_names,
                                  zero_fill=hp.missing_sequences == "zero",
-                                 labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri,
+                                 exclude_empty_masks=hp.empty_masks == "exclude", labels=hp.label_scheme, identity_key_uri=hp.identity_key_uri,
                                  roi_labels=parse_roi_labels(hp.roi_labels), layout=hp.layout, case_per=hp.case_per,
                                  sequence_rules=load_rules(hp.sequence_rules), registration=hp.registration)
         except ValueError as err:  # the data prefix's layout, the manifest, the index location

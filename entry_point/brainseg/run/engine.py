@@ -27,6 +27,7 @@ from brainseg.data.augment import augment_batch
 from brainseg.data.fingerprint import LesionCounts
 from brainseg.data.splits import SPLITS
 from brainseg.data.stream import slab_cost_bytes
+from brainseg.detection import Threshold
 from brainseg.environment import Environment
 from brainseg.io import cache, s3
 from brainseg.io.store import Store
@@ -49,7 +50,14 @@ from brainseg.run.cases import (
 )
 from brainseg.run.checkpoint import CheckpointStore
 from brainseg.run.errors import Interrupted, TrainingError
-from brainseg.run.evaluate import aggregate, choose_postprocessing, evaluate, validation_matches
+from brainseg.run.evaluate import (
+    aggregate,
+    choose_detection,
+    choose_postprocessing,
+    detection,
+    evaluate,
+    validation_matches,
+)
 from brainseg.run.forecast import actual_bill, forecast_bill, this_job
 from brainseg.run.model_output import describe, write_model_output
 from brainseg.run.ownership import RunLock, resolve_run_name
@@ -96,6 +104,7 @@ class Trainer:
         self.interrupted = self.output_ready = False
         self.kept_matches: dict | None = None  # the kept weights' validation lesion matches by case (postprocessing)
         self.postprocessing: dict = {}  # {structure: brainseg.postprocess.Choice}, chosen before the test
+        self.detection: Threshold | None = None  # the tumour-present threshold, chosen with the postprocessing
         self.cache_fit: dict = {}  # the training cases against the local cache (requests.cache_fit), at build
         self.forecast: Bill | None = None  # the run's bill forecast at build (rank 0)
         # the last validation's reads: a stream in this process (no workers) counts them again in
@@ -350,7 +359,7 @@ class Trainer:
     def description(self) -> ModelDescription:
         """What the kept weights need to be run on new studies (written beside them)."""
         return describe(self.hp, self.task.out_channels, self.target_spacing, self.run_name, self.catalog.fingerprint,
-                        self.state, self.postprocessing)
+                        self.state, self.postprocessing, self.detection)
 
     def save_model(self) -> None:
         description = self.description()
@@ -362,8 +371,8 @@ class Trainer:
     # ----------------------------------------------------------------- the end
     def choose_postprocessing(self) -> None:
         """Each structure's postprocessing, chosen on the validation cases with the kept weights
-        among the rules the training labels support; the matches and offers are written for a
-        cross-validation to pool."""
+        among the rules the training labels support, and then the detection threshold; the matches
+        and offers are written for a cross-validation to pool."""
         if not self.task.needs_masks:
             return
         again = lambda: evaluate(self.model, self.val_cases, self.hp, self.task, self.device, self.target_spacing,
@@ -372,10 +381,11 @@ class Trainer:
         offers = {structure.name: offer(LesionCounts.of(self.train_cases, structure.values))
                   for structure in self.task.scheme.structures}
         self.postprocessing = choose_postprocessing(matches, offers)
+        self.detection = choose_detection(matches, {name: choice.rule for name, choice in self.postprocessing.items()},
+                                          {case.case_id: case.summary.tumour_voxels > 0 for case in self.val_cases})
         if self.main:
             self.store.put_json(RunLayout.VALIDATION_MATCHES, validation_record(matches, offers))
-            if any(not choice.rule.changes_nothing for choice in self.postprocessing.values()):
-                self.save_model()  # the model artifact carries the choice
+            self.save_model()  # the model artifact carries the choices
 
     def test(self) -> dict:
         hp = self.hp
@@ -398,11 +408,13 @@ class Trainer:
         summary.update(self.task.summary(self.state.best_metric, scores))
         if self.postprocessing:
             summary["postprocessing"] = {name: choice.to_dict() for name, choice in self.postprocessing.items()}
+        if self.detection is not None and results:
+            summary["detection"] = detection(results, self.detection)
         summary["s3_requests"] = {**self.cache_fit, **request_totals(self.state.history)}
         if self.main:
             actual = actual_bill(hp, self.state.history, state.step, **this_job(self.env, self.world))
             summary["bill"] = {"forecast": self.forecast.to_json(), "actual": actual.to_json()}
-            self.store.put_csv(RunLayout.TEST_CASES, [result.row() for result in results])
+            self.store.put_csv(RunLayout.TEST_CASES, [result.row(self.detection) for result in results])
             for result in results:
                 if result.crop is not None:
                     self.store.put_npz(RunLayout.prediction(result.case_id), result.crop)

@@ -23,6 +23,7 @@ from brainseg.data.catalog import Case
 from brainseg.data.resample import NATIVE, TargetSpacing
 from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
+from brainseg.detection import SliceCounts, Threshold, choose_threshold, detection_figures, largest_component_ml
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
 from brainseg.overlap import Overlap, tumour_centre
@@ -49,6 +50,7 @@ class CaseResult:
     lesion_wise: dict | None = None  # per structure, brainseg.metrics.LesionWise
     lesion_matches: dict | None = None  # per structure, brainseg.metrics.LesionMatch (chooses postprocessing)
     tumour: Overlap | None = None  # every structure as one: the volumes of the row
+    slices: SliceCounts | None = None  # every structure as one, per slice of the case's grid
     voxel_ml: float = 0.0
     mse: float | None = None
     crop: dict | None = None  # image/mask/prediction around the tumour, for review overlays
@@ -59,8 +61,18 @@ class CaseResult:
         """Mean Dice over the structures."""
         return float(np.mean([overlap.dice for overlap in self.overlaps.values()]))
 
-    def row(self) -> dict:
-        """The case's line of test_cases.csv: mean figures, then each structure's when there are several."""
+    @property
+    def has_tumour(self) -> bool:
+        return self.tumour.truth > 0
+
+    @property
+    def tumour_score_ml(self) -> float:
+        """The detection score (:mod:`brainseg.detection`) of the prediction as scored."""
+        return largest_component_ml(self.lesion_matches)
+
+    def row(self, detection: Threshold | None = None) -> dict:
+        """The case's line of test_cases.csv: mean figures, then each structure's when there are
+        several; with ``detection``, whether the study holds tumour, its score and the call."""
         row = {"case_id": self.case_id, "shape": "x".join(map(str, self.shape))}
         if self.error:
             return {**row, "error": self.error}
@@ -73,6 +85,11 @@ class CaseResult:
                        predicted_ml=round(total.predicted * self.voxel_ml, 3),
                        truth_voxels=total.truth, predicted_voxels=total.predicted,
                        intersection_voxels=total.intersection)
+            if detection is not None:
+                row.update(tumour_present=int(self.has_tumour), tumour_score_ml=round(self.tumour_score_ml, 4),
+                           tumour_detected=int(detection.present(self.tumour_score_ml)),
+                           slices_found=self.slices.found, slices_missed=self.slices.missed,
+                           slices_false_alarm=self.slices.false_alarms)
             if self.lesion_wise:
                 row.update(lesion_dice=round(float(np.mean([v.dice for v in self.lesion_wise.values()])), 6),
                            lesion_hd95=round(float(np.mean([v.hd95 for v in self.lesion_wise.values()])), 3))
@@ -211,6 +228,25 @@ def choose_postprocessing(matches: dict, offers: dict[str, Offer]) -> dict[str, 
         for description, reason in choice.withheld:
             logger.info("postprocessing %s: %s not offered: %s", name, description, reason)
     return choices
+
+
+def choose_detection(matches: dict, rules: dict, truths: dict[str, bool]) -> Threshold:
+    """The tumour-present threshold (:func:`brainseg.detection.choose_threshold`) from the validation
+    cases' lesion matches (``{case_id: {structure: LesionMatch}}``) under the chosen postprocessing
+    ``rules`` and whether each case holds tumour (``truths``), logged."""
+    cases = sorted(matches)
+    threshold = choose_threshold([largest_component_ml(matches[case_id], rules) for case_id in cases],
+                                 [truths[case_id] for case_id in cases])
+    logger.info("detection: a study holds tumour when its largest predicted component exceeds %.4g ml (%s)",
+                threshold.ml, threshold.chosen_on)
+    return threshold
+
+
+def detection(results: list[CaseResult], threshold: Threshold) -> dict:
+    """summary.json's ``detection`` (:func:`brainseg.detection.detection_figures`) over the scored cases."""
+    scored = [result for result in results if not result.error and result.overlaps is not None]
+    return detection_figures([result.tumour_score_ml for result in scored], [result.has_tumour for result in scored],
+                             threshold, sum((result.slices for result in scored), SliceCounts()))
 
 
 def aggregate(results: list[CaseResult]) -> dict:
