@@ -25,6 +25,7 @@ from brainseg.commands import predict, train
 from brainseg.commands import serving as inference
 from brainseg.data.catalog import build_catalog
 from brainseg.data.stream import read_case_region
+from brainseg.detection import Threshold, largest_component_ml_of
 from brainseg.dicom import HeaderError, writer
 from brainseg.dicom.seg import Algorithm, encode_segmentation
 from brainseg.io import s3
@@ -132,6 +133,9 @@ def test_predictions_are_dicom_seg_on_the_source_slices_with_volumes_and_scores(
             assert float(row[f"lesion_hd95_{name}"]) == pytest.approx(lesions.hd95, abs=1e-3)
             assert (int(row[f"lesions_{name}"]), int(row[f"false_positives_{name}"])) == (lesions.lesions,
                                                                                         lesions.false_positives)
+        score = largest_component_ml_of(expected, case.image.spacing)  # the study's detection score and call
+        assert float(row["tumour_score_ml"]) == pytest.approx(score, abs=1e-4)
+        assert row["tumour_present"] == str(int(score > model.description.detection["ml"]))
         assert float(row["spacing_mm"].split("x")[0]) in (1.5, 3.0)
         assert _rows(f"{output}{case.case_id}/volumes.csv")[0] == row
     assert {float(row["spacing_mm"].split("x")[0]) for row in rows} == {1.5, 3.0}  # both thicknesses were drawn
@@ -235,6 +239,20 @@ def test_the_postprocessing_a_model_chose_is_applied_unless_turned_off(trained):
     assert np.array_equal(masks[0], raw[0]) and np.array_equal(masks[1], raw[1]) and not masks[2].any()
     with pytest.raises(ModelError, match="postprocessing for necrosis: the models' structures are wt, tc, et"):
         Predictor([loaded], torch.device("cpu"), rules={"necrosis": Rule(min_mm3=10)})
+
+
+def test_an_ensemble_calls_a_tumour_above_the_median_of_its_models_thresholds(trained):
+    loaded = load_model(trained["run"], torch.device("cpu"))
+    assert set(loaded.description.detection) == {"ml", "chosen_on"}  # chosen on the run's validation cases
+    at = lambda ml: dataclasses.replace(loaded, description=dataclasses.replace(
+        loaded.description, detection={"ml": ml, "chosen_on": "test"}))
+    assert Predictor([at(0.5)], torch.device("cpu")).detection == Threshold(0.5, "test")
+    assert Predictor([at(0.5), at(2.0), at(0.1)], torch.device("cpu")).detection.ml == 0.5
+    old = dataclasses.replace(loaded, description=dataclasses.replace(loaded.description, detection={}))
+    assert Predictor([old], torch.device("cpu")).detection == Threshold()  # a model from before: any component
+    damaged = dataclasses.replace(loaded, description=dataclasses.replace(loaded.description, detection={"mm": 1}))
+    with pytest.raises(ModelError, match="detection threshold is damaged"):
+        Predictor([damaged], torch.device("cpu"))
 
 
 def test_a_bad_case_is_skipped_with_the_reason_and_the_batch_finishes(trained):
