@@ -61,7 +61,7 @@ CHOICES = {"task": TASKS, "model": MODELS, "activation": ACTIVATIONS, "norm": NO
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "log_every", "checkpoint_steps", "keep_checkpoints",
                                "num_workers", "init_weights", "max_val_cases", "sw_batch_size",
                                "trust_index", "refresh_index", "run_name", "output_uri", "compile",
-                               "save_predictions", "allow_dataset_change", "mlflow_tracking_uri",
+                               "save_predictions", "sequence_importance", "allow_dataset_change", "mlflow_tracking_uri",
                                "mlflow_experiment", "cache_gb", "cache_dir", "get_price_per_1000",
                                "patches_per_s", "instance_usd_per_hour"})
 
@@ -174,6 +174,9 @@ class Hyperparameters:
     sw_batch_size: int = flag_field(2, "windows per forward pass in whole-volume inference")
     save_predictions: bool = flag_field(True, "write each test case's image/mask/prediction crop to the output "
                                           "(patient pixels: turn off where the output bucket must hold none)")
+    sequence_importance: int = flag_field(20, "test cases (the first by case ID) scored again with each sequence "
+                                              "replaced by zeros, to say which sequence each structure rests on "
+                                              "(a sequence's cost: one more inference of them; 0: off)")
     # Artifacts
     checkpoint_steps: int = flag_field(0, "also checkpoint every N steps within an epoch (0: at epoch ends only)")
     keep_checkpoints: int = flag_field(3, "newest checkpoints kept")
@@ -229,7 +232,7 @@ class Hyperparameters:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)}: expected at least 1")
         non_negative = ("max_train_cases", "max_val_cases", "res_units", "warmup_steps", "grad_clip",
-                        "patience", "num_workers", "checkpoint_steps", "lr", "weight_decay", "momentum", "cache_gb",
+                        "patience", "num_workers", "checkpoint_steps", "sequence_importance", "lr", "weight_decay", "momentum", "cache_gb",
                         "gpu_memory_gb", "get_price_per_1000", "patches_per_s", "instance_usd_per_hour")
         for name in non_negative:
             if getattr(self, name) < 0:

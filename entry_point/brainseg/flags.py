@@ -66,7 +66,7 @@ FLAG_GROUPS = {
                      "lr_find_min", "lr_find_max"),
     "patches": ("patch_size", "foreground_fraction", "foreground_sampling", "normalization", "augment", "sequence_dropout",
                 "num_workers"),
-    "evaluation": ("keep_weights", "sw_overlap", "sw_batch_size", "save_predictions"),
+    "evaluation": ("keep_weights", "sw_overlap", "sw_batch_size", "save_predictions", "sequence_importance"),
     "checkpoints and tracking": ("checkpoint_steps", "keep_checkpoints", "log_every", "mlflow_tracking_uri",
                                  "mlflow_experiment"),
     "advanced": ("seed", "deterministic", "memory_budget_mb", "patches_per_slab", "slab_margin", "mix_slabs",

@@ -58,6 +58,11 @@ th { background: #eee; } td.name { text-align: left; }
 {% for run in runs if not run.lr_find %}
 <h2>{{ run.name }}: test cases, worst first</h2>
 {% for note in notes[run.name] %}<p>{{ note }}</p>{% endfor %}
+{% if importance[run.name] %}<p>Sequence importance: test Dice with each sequence replaced by zeros (its change); a
+structure rests on the sequence whose loss costs it most.</p>
+<table><tr><th>without</th>{% for name, _, _ in importance[run.name][0][1] %}<th>Dice {{ name }}</th>{% endfor %}</tr>
+{% for sequence, cells in importance[run.name] %}<tr><td class="name">{{ sequence }}</td>
+{% for name, dice, drop in cells %}<td>{{ "%.3f (%+.3f)" % (dice, -drop) }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if run.per_case %}<table><tr><th>case</th><th>Dice</th><th>IoU</th><th>tumour ml</th><th>predicted ml</th>
 {% for name in run.structures %}<th>Dice {{ name }}</th><th>HD95 {{ name }} mm</th>{% endfor %}</tr>
 {% for row in run.cases_worst_first() %}<tr><td class="name">{{ row.case_id }}</td><td>{{ row.dice }}</td><td>{{ row.iou }}</td>
@@ -118,12 +123,14 @@ def text_summary(runs: list[ReviewedRun]) -> str:
     return "\n".join(lines)
 
 
-def run_notes(run: ReviewedRun) -> list[str]:
+def run_notes(run: ReviewedRun, importance: bool = True) -> list[str]:
     """The lines that say what a run's summary holds beyond Dice: lesion-wise figures, the
-    postprocessing chosen, detection, its fold."""
+    postprocessing chosen, detection, sequence importance (the HTML report draws it as a table
+    instead), its fold."""
     summary = run.summary or {}
     texts = (lesion_text(summary.get("lesion_wise")), postprocessing_text(summary.get("postprocessing")),
-             detection_text(summary.get("detection")), fold_text(summary))
+             detection_text(summary.get("detection")),
+             importance_text(summary.get("sequence_importance")) if importance else "", fold_text(summary))
     return [text for text in texts if text]
 
 
@@ -147,6 +154,32 @@ def detection_text(detection) -> str:
         text += (f"; slices with tumour found {slices['found']}/{slices['found'] + slices['missed']}, slices "
                  f"without flagged {slices['false_alarms']}/{slices['false_alarms'] + slices['clean']}")
     return text
+
+
+def importance_rows(importance) -> list[tuple[str, list[tuple[str, float, float]]]]:
+    """``[(sequence, [(structure, Dice without it, the drop), ...]), ...]`` from summary.json's
+    ``sequence_importance``, the sequence that costs most first; empty when there is none."""
+    without = importance.get("without") if isinstance(importance, dict) else None
+    if not isinstance(without, dict):
+        return []
+    rows = []
+    for sequence, structures in without.items():
+        if isinstance(structures, dict):
+            cells = [(name, values["dice"], values["dice_drop"]) for name, values in structures.items()
+                     if isinstance(values, dict) and is_number(values.get("dice")) and is_number(values.get("dice_drop"))]
+            if cells:
+                rows.append((sequence, cells))
+    return sorted(rows, key=lambda row: -max(drop for _, _, drop in row[1]))
+
+
+def importance_text(importance) -> str:
+    """Which sequence each structure rests on: the test Dice with each sequence replaced by zeros, or ""."""
+    rows = importance_rows(importance)
+    if not rows:
+        return ""
+    return (f"sequence importance (test Dice with the sequence replaced by zeros, change; {importance.get('cases', '?')} "
+            "cases): " + "; ".join(f"without {sequence}: " + ", ".join(
+                f"{name} {dice:.3f} ({-drop:+.3f})" for name, dice, drop in cells) for sequence, cells in rows))
 
 
 def lesion_text(lesion_wise) -> str:
@@ -430,7 +463,9 @@ def write_report(runs: list[ReviewedRun], out: Path) -> Path:
         figures = [figure for figure in (volume_figure(run, out), roc_figure(run, out)) if figure]
         overlays[run.name] = [*figures, *overlays.get(run.name, [])]
     page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
-                           lr_find=lr_find_figure(runs, out), notes={run.name: run_notes(run) for run in runs},
+                           lr_find=lr_find_figure(runs, out), notes={run.name: run_notes(run, importance=False) for run in runs},
+                           importance={run.name: importance_rows((run.summary or {}).get("sequence_importance"))
+                                       for run in runs},
                            overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)
     path = out / "index.html"
     path.write_text(page)

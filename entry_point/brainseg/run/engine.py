@@ -56,6 +56,7 @@ from brainseg.run.evaluate import (
     choose_postprocessing,
     detection,
     evaluate,
+    sequence_importance,
     validation_matches,
 )
 from brainseg.run.forecast import actual_bill, forecast_bill, this_job
@@ -410,6 +411,9 @@ class Trainer:
             summary["postprocessing"] = {name: choice.to_dict() for name, choice in self.postprocessing.items()}
         if self.detection is not None and results:
             summary["detection"] = detection(results, self.detection)
+        if results and hp.sequence_importance and len(hp.sequence_names) > 1 and self.task.needs_masks:
+            summary["sequence_importance"] = sequence_importance(self.model, self.test_cases, hp, self.task, self.device,
+                                                                 self.target_spacing, rules, results)
         summary["s3_requests"] = {**self.cache_fit, **request_totals(self.state.history)}
         if self.main:
             actual = actual_bill(hp, self.state.history, state.step, **this_job(self.env, self.world))

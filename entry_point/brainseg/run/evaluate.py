@@ -147,10 +147,14 @@ def _load(case: Case, hp: Hyperparameters, task: Task) -> tuple[np.ndarray, np.n
 
 
 def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameters, task: Task, device,
-                  target_spacing: TargetSpacing, started: float, crops: bool, postprocessing: dict | None
-                  ) -> CaseResult:
-    """Infer on the case's target grid; a segmentation is scored on the native grid (its output
-    interpolated back), a reconstruction on the grid it was made on."""
+                  target_spacing: TargetSpacing, started: float, crops: bool, postprocessing: dict | None,
+                  blank: int | None = None) -> CaseResult:
+    """Infer on the case's target grid (channel ``blank`` replaced by zeros); a segmentation is
+    scored on the native grid (its output interpolated back), a reconstruction on the grid it was
+    made on."""
+    if blank is not None:
+        image = image.copy()
+        image[blank] = 0.0
     grid = target_spacing.grid_of(case)
     target = grid.volume_to_target(image)
     output = infer(model, task.model_input(target, case_seed(case.case_id)), hp, device)
@@ -167,9 +171,10 @@ def _evaluate_one(model, case: Case, image: np.ndarray, mask, hp: Hyperparameter
 
 def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, task: Task, device: torch.device,
              target_spacing: TargetSpacing = NATIVE, crops: bool = False, phase: str = "val",
-             postprocessing: dict | None = None) -> list[CaseResult]:
+             postprocessing: dict | None = None, blank: int | None = None) -> list[CaseResult]:
     """Evaluate ``cases`` (this rank's share when distributed) on the ``target_spacing`` grid; results
-    of all ranks, by case ID. Segmentations are scored after ``postprocessing`` (``{structure: Rule}``).
+    of all ranks, by case ID. Segmentations are scored after ``postprocessing`` (``{structure: Rule}``);
+    with ``blank`` that input channel is replaced by zeros (after normalisation).
 
     With ``crops`` each segmentation result carries a bounded :func:`tumour_crop`. Rank 0 shows
     its progress as ``phase`` (a bar in a terminal, a line every 30 s otherwise).
@@ -198,7 +203,7 @@ def evaluate(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, tas
                     results.append(CaseResult(case.case_id, case.image.shape, 0.0, error=str(err)))
                 else:
                     results.append(_evaluate_one(model, case, image, mask, hp, task, device, target_spacing, started,
-                                                 crops, postprocessing))
+                                                 crops, postprocessing, blank))
                 progress.update(number + 1)
     finally:
         model.train(was_training)
@@ -247,6 +252,32 @@ def detection(results: list[CaseResult], threshold: Threshold) -> dict:
     scored = [result for result in results if not result.error and result.overlaps is not None]
     return detection_figures([result.tumour_score_ml for result in scored], [result.has_tumour for result in scored],
                              threshold, sum((result.slices for result in scored), SliceCounts()))
+
+
+def sequence_importance(model: torch.nn.Module, cases: list[Case], hp: Hyperparameters, task: Task,
+                        device: torch.device, target_spacing: TargetSpacing, rules: dict,
+                        intact: list[CaseResult]) -> dict:
+    """summary.json's ``sequence_importance``: the first ``--sequence-importance`` test ``cases`` by
+    case ID scored again with each sequence replaced by zeros (the body mean after z-scoring), each
+    structure's Dice and lesion-wise Dice beside the same cases' ``intact`` figures. A structure
+    that loses most without a sequence rests on it; one that loses nothing can do without it."""
+    chosen = sorted(cases, key=lambda case: case.case_id)[:hp.sequence_importance]
+    names = list(task.scheme.names)
+    figures = lambda scores: {name: {"dice": scores.get(f"dice_{name}"), "lesion_dice": scores.get(f"lesion_dice_{name}")}
+                              for name in names}
+    ids = {case.case_id for case in chosen}
+    whole = figures(aggregate([result for result in intact if result.case_id in ids]))
+    without = {}
+    for channel, sequence in enumerate(hp.sequence_names):
+        scores = figures(aggregate(evaluate(model, chosen, hp, task, device, target_spacing, phase=f"without {sequence}",
+                                            postprocessing=rules, blank=channel)))
+        without[sequence] = {name: {**values, "dice_drop": whole[name]["dice"] - values["dice"]}
+                             for name, values in scores.items()}
+        logger.info("sequence importance: without %s, test Dice %s (%d cases)", sequence, ", ".join(
+            f"{name} {values['dice']:.3f} ({-values['dice_drop']:+.3f})" for name, values in without[sequence].items()),
+            len(chosen))
+    return {"cases": len(chosen), "replaced_by": "zeros (the body mean after z-scoring; black after min-max)",
+            "intact": whole, "without": without}
 
 
 def aggregate(results: list[CaseResult]) -> dict:
