@@ -1,10 +1,14 @@
-"""What a model looks at: sequence importance, checked with a network whose answer rests on one
-sequence by construction, and as a training run reports it."""
+"""What a model looks at: sequence importance, occlusion sensitivity and gradient saliency, checked
+with a network whose answer rests on one sequence by construction, and as a training run and its
+review report them."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +21,7 @@ from brainseg.run.evaluate import evaluate, sequence_importance
 from brainseg.tasks import task_of
 from infra.data.synth import SynthSpec, write_dataset
 from infra.review import cli as review
+from infra.review.explain import occlusion_map, saliency_maps
 from tests.test_training import SMALL
 
 
@@ -47,6 +52,19 @@ def test_a_sequence_the_network_rests_on_matters_and_one_it_ignores_does_not(buc
     assert json.loads(json.dumps(found)) == found
 
 
+def test_occlusion_and_saliency_find_what_the_network_reads():
+    image = np.zeros((2, 16, 32, 32), dtype=np.float32)
+    image[0, 4:8, 8:14, 8:14] = 5.0  # bright on the first sequence: the tumour the network sees
+    image[1, 10:14, 20:28, 20:28] = 5.0  # bright on the second, which it ignores
+    occlusion = occlusion_map(BrightOnFirst(), image, sigmoid=False, multiple=8)
+    assert occlusion.shape == (16, 32, 32)
+    assert np.allclose(occlusion[0:8, 8:16, 8:16], 1.0)  # the one 8-voxel cell holding it: hidden, all is lost
+    assert np.allclose(occlusion[8:], 0.0) and np.allclose(occlusion[:, 16:], 0.0)  # hiding elsewhere: nothing
+    saliency = saliency_maps(BrightOnFirst(), image, sigmoid=False, multiple=8)
+    assert saliency.shape == (2, 16, 32, 32) and not saliency[1].any()  # the second sequence moves nothing
+    assert saliency[0][4:8, 8:14, 8:14].min() > 0 and saliency[0][image[0] == 0].max() == 0
+
+
 def test_a_multi_sequence_run_reports_each_sequences_importance(bucket, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "model"))
     monkeypatch.setenv("SM_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
@@ -70,3 +88,9 @@ def test_a_multi_sequence_run_reports_each_sequences_importance(bucket, tmp_path
     page = (tmp_path / "report" / "index.html").read_text()
     table = page.split("Sequence importance:")[1].split("</table>")[0]
     assert table.count('<td class="name">') == 2 and "Dice tumour" in table
+    assert review.main([f"{output}/importance", "--report", str(tmp_path / "explained"), "--explain"]) == 0
+    page = (tmp_path / "explained" / "index.html").read_text()
+    shown = re.findall(r'<img src="(explain_importance_\d\.png)"', page)
+    assert shown == ["explain_importance_0.png", "explain_importance_1.png"]  # the worst and best case
+    for file in shown:
+        assert matplotlib.image.imread(tmp_path / "explained" / file).shape[0] > 300

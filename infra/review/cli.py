@@ -3,6 +3,7 @@
     brainseg-review s3://bucket/runs/                      # list the runs under an output URI
     brainseg-review s3://bucket/runs/r1 [s3://…/r2 ...]    # summarise and compare runs
     brainseg-review s3://bucket/runs/r1 s3://…/r2 --report DIR   # + DIR/index.html with PNG figures
+    brainseg-review s3://bucket/runs/r1 --report DIR --explain   # + what the model looked at (torch)
     brainseg-review s3://bucket/runs/r1 --follow                 # print epochs as a running job writes them
     brainseg-review s3://bucket/predictions/ [--report DIR]      # a prediction output: cases, volumes, SEG overlays
     brainseg-review s3://bucket/runs/<tuning job>/ [--report DIR]  # a tuning job's runs, best first, tuned values
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("uris", nargs="+", help="an output URI to list, or one or more run URIs")
     parser.add_argument("--report", type=Path, help="write an HTML report with PNG figures to this folder")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --report: occlusion sensitivity and gradient saliency of each run's worst and best "
+                             "test case, from its model (loads torch; tens of seconds a case on a CPU)")
     parser.add_argument("--follow", action="store_true",
                         help="keep polling running runs, printing each epoch as it lands, until none is running")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --follow (30)")
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    if args.explain and not args.report:
+        parser.error("--explain draws into the report: give --report DIR too")
     logging.basicConfig(level=logging.WARNING)
     from infra.review.report import text_summary, write_report
 
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(tunings) < len(args.uris):
         print(text_summary(runs))
     if args.report:
-        path = write_report(runs, args.report)
+        path = write_report(runs, args.report, explain=args.explain)
         print(f"report: {path}")
     return 0
 

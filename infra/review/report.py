@@ -4,7 +4,8 @@ Figures: train loss and validation Dice per epoch (all runs on one plot each), v
 each structure (WT/TC/ET), learning rate, throughput and data-wait fraction; per run, the test cases
 sorted worst first, predicted against true volume per structure and overlays on three orthogonal
 slices through the tumour of every sequence (structures coloured; the worst and best case and the
-worst of each structure), and the ROC curve of study-level detection; for learning-rate range tests
+worst of each structure), the ROC curve of study-level detection and, with ``explain``, what the
+model looked at in the worst and best case (occlusion sensitivity and gradient saliency); for learning-rate range tests
 (task lr_find), loss against learning rate with the suggestions marked.
 """
 
@@ -23,6 +24,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from brainseg.io import s3
 from brainseg.overlap import tumour_centre
 from infra.review.runs import ReviewedRun, dice_rank, differing_hyperparameters, is_number
 
@@ -357,6 +359,75 @@ def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
     return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()]
 
 
+def explain_figure(crop: dict, occlusion: np.ndarray, saliency: np.ndarray, title: str, path: Path,
+                   sequences: tuple) -> None:
+    """Axial, coronal and sagittal slices through the tumour: occlusion over the first sequence,
+    then each sequence's saliency over it, the true tumour outlined."""
+    images = crop["image"].astype(np.float32)
+    images = images[None] if images.ndim == 3 else images
+    mask = crop["mask"].astype(np.int16) > 0
+    centre = tumour_centre(crop["mask"], crop["prediction"])
+    dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
+    views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
+             ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
+             ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
+    scale = float(saliency.max()) or 1.0
+    reach = float(np.abs(occlusion).max()) or 1.0
+    rows = [("occlusion (every sequence hidden)", images[0], occlusion, "RdBu_r", -reach, reach)]
+    rows += [(f"saliency {sequences[c] if c < len(sequences) else c}", images[c], saliency[c], "inferno", 0.0, scale)
+             for c in range(len(images))]
+    figure, axes = plt.subplots(len(rows), 3, figsize=(11, 3.3 * len(rows) + 1.0), squeeze=False, layout="compressed")
+    for axes_row, (label, image, heat, colours, low_heat, high_heat) in zip(axes, rows):
+        low, high = np.percentile(image, [1, 99])
+        for axis, (view, index, aspect) in zip(axes_row, views):
+            axis.imshow(image[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+            shown = axis.imshow(heat[index], cmap=colours, vmin=low_heat, vmax=high_heat, alpha=0.55,
+                                interpolation="nearest", aspect=aspect)
+            if mask[index].any():
+                axis.contour(mask[index], levels=[0.5], colors=_colour(1), linewidths=1.0)
+            axis.set_title(f"{plain_text(label)}, {view}", fontsize=9)
+            axis.axis("off")
+        figure.colorbar(shown, ax=axes_row.tolist(), shrink=0.8)
+    figure.suptitle(plain_text(title) + "\noutline = true tumour. " + EXPLAIN_READING, fontsize=9, wrap=True)
+    _save(figure, path)
+
+
+EXPLAIN_READING = ("How to read it: occlusion, the share of the predicted tumour lost when that place is hidden "
+                   "(red: the model's evidence); saliency, how strongly each sequence's voxels move the prediction "
+                   "(bright: read by the model), on one scale for every sequence.")
+
+
+def explanation_figures(runs: list[ReviewedRun], out: Path) -> dict:
+    """``{run name: [figure, ...]}``: occlusion and saliency (:mod:`infra.review.explain`, which
+    imports torch) of each run's worst and best test case by mean Dice; a run whose model cannot be
+    read gets a note in its problems instead."""
+    from brainseg.model.artifact import ModelError
+    from infra.review.explain import explain_crop, load_explainer
+
+    figures: dict[str, list[dict]] = {}
+    for run in runs:
+        chosen = [(reason, row) for reason, row in _overlay_picks(run) if "mean Dice" in reason]
+        if not chosen:
+            continue
+        try:
+            loaded = load_explainer(run.uri)
+        except (ModelError, s3.S3Error) as err:
+            run.notes.append(f"--explain: {err}")
+            continue
+        for number, (reason, row) in enumerate(chosen):
+            crop = run.load_crop(row["case_id"])
+            if crop is None:
+                continue
+            occlusion, saliency = explain_crop(loaded, crop)
+            file = f"explain_{run.name}_{number}.png"
+            explain_figure(crop, occlusion, saliency, f"{run.name}: what the model looked at in test case "
+                                                      f"{row['case_id']} ({reason})", out / file,
+                           tuple(loaded.description.sequences))
+            figures.setdefault(run.name, []).append(
+                {"file": file, "alt": f"occlusion sensitivity and gradient saliency of case {row['case_id']} ({reason})"})
+    return figures
+
+
 def overlay_figures(runs: list[ReviewedRun], out: Path) -> dict:
     overlays = {}
     for run in runs:
@@ -452,8 +523,9 @@ def roc_figure(run: ReviewedRun, out: Path) -> dict | None:
                                  "largest predicted component; up and left is better, the diagonal is chance"}
 
 
-def write_report(runs: list[ReviewedRun], out: Path) -> Path:
-    """``out/index.html`` and its PNG figures; returns the HTML path."""
+def write_report(runs: list[ReviewedRun], out: Path, explain: bool = False) -> Path:
+    """``out/index.html`` and its PNG figures, with ``explain`` the explanation figures
+    (:func:`explanation_figures`); returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     curves = curve_figures(runs, out)
     structure_curves = structure_curve_figure(runs, out)
@@ -462,6 +534,9 @@ def write_report(runs: list[ReviewedRun], out: Path) -> Path:
     for run in runs:
         figures = [figure for figure in (volume_figure(run, out), roc_figure(run, out)) if figure]
         overlays[run.name] = [*figures, *overlays.get(run.name, [])]
+    if explain:
+        for name, figures in explanation_figures(runs, out).items():
+            overlays[name] += figures
     page = TEMPLATE.render(runs=runs, names=", ".join(run.name for run in runs), curves=curves,
                            lr_find=lr_find_figure(runs, out), notes={run.name: run_notes(run, importance=False) for run in runs},
                            importance={run.name: importance_rows((run.summary or {}).get("sequence_importance"))
