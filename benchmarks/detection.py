@@ -1,7 +1,7 @@
 """Detection and sequence importance on studies with and without tumour, at the demo's settings.
 
     python benchmarks/detection.py [--seeds 0,1] [--cases 32] [--healthy-fraction 0.25]
-                                   [--out benchmarks/results/detection.json]
+                                   [--keep DIR] [--out benchmarks/results/detection.json]
 
 Per seed, ``--cases`` synthetic four-sequence studies of the demo's shape (brainseg-synth, T1c, T1,
 T2, FLAIR; BraTS labels), ``--healthy-fraction`` of them tumour-free, go into an embedded S3 and
@@ -9,6 +9,7 @@ T2, FLAIR; BraTS labels), ``--healthy-fraction`` of them tumour-free, go into an
 written: the run's study-level detection on its test split (the threshold chosen on validation,
 the confusion table, sensitivity, specificity, ROC AUC, slice counts), its sequence importance (the
 test Dice of each region with each sequence replaced by zeros), its test Dice, and the wall time.
+``--keep DIR`` copies each run (all but its checkpoints) to ``DIR/seed<N>/`` for the review.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import ours  # noqa: E402
 from brainseg.io import s3  # noqa: E402
 from brainseg.layout import RunLayout  # noqa: E402
 from infra.data.synth import SynthSpec, write_dataset  # noqa: E402
-from infra.launcher.demo import DEMO_HYPERPARAMETERS, DEMO_SEQUENCES, DEMO_SHAPE  # noqa: E402
+from infra.launcher.demo import DEMO_HYPERPARAMETERS, DEMO_SEQUENCES, DEMO_SHAPE, save_locally  # noqa: E402
 from infra.s3server import EmbeddedS3  # noqa: E402
 
 BUCKET = "bench-detection"
@@ -44,7 +45,7 @@ def flags() -> list[str]:
     return out
 
 
-def run_seed(seed: int, cases: int, healthy: float, work: Path) -> dict:
+def run_seed(seed: int, cases: int, healthy: float, work: Path, keep: Path | None) -> dict:
     data = f"s3://{BUCKET}/seed{seed}/data/"
     started = time.perf_counter()
     write_dataset(cases, data, SynthSpec(shape=DEMO_SHAPE, sequences=DEMO_SEQUENCES, seed=seed, healthy_fraction=healthy),
@@ -52,6 +53,8 @@ def run_seed(seed: int, cases: int, healthy: float, work: Path) -> dict:
     written = time.perf_counter() - started
     trained = ours.train(f"seed{seed}", data, f"s3://{BUCKET}/seed{seed}/runs/", work / f"model{seed}", flags())
     summary = json.loads(s3.read_uri(f"s3://{BUCKET}/seed{seed}/runs/seed{seed}/{RunLayout.SUMMARY}"))
+    if keep:
+        save_locally(f"s3://{BUCKET}/seed{seed}/runs/", f"seed{seed}", keep)
     return {"seed": seed, "write_seconds": round(written, 1), "train_wall_seconds": trained["wall_seconds"],
             "test_dice": {name: summary.get(f"test_dice_{name}") for name in summary["structures"]},
             "detection": summary.get("detection"), "sequence_importance": summary.get("sequence_importance")}
@@ -79,6 +82,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--cases", type=int, default=32)
     parser.add_argument("--healthy-fraction", type=float, default=0.25)
+    parser.add_argument("--keep", type=Path, help="copy each run here, for brainseg-review")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detection.json")
     args = parser.parse_args()
     results = []
@@ -87,7 +91,7 @@ def main() -> int:
         s3.reset_client()
         s3.client().create_bucket(Bucket=BUCKET)
         for seed in (int(value) for value in args.seeds.split(",")):
-            results.append(run_seed(seed, args.cases, args.healthy_fraction, Path(work)))
+            results.append(run_seed(seed, args.cases, args.healthy_fraction, Path(work), args.keep))
             show(results[-1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cases": args.cases, "healthy_fraction": args.healthy_fraction,

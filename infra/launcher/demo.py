@@ -64,11 +64,11 @@ def save_locally(output_uri: str, job_name: str, folder: Path) -> Path:
 
 def save_demo(output_uri: str, job_name: str) -> None:
     """The demo's run copied to ``demo-output/<run>/`` before the embedded S3 stops, and its review
-    report written beside it."""
+    report written beside it, with what the model looked at (``--explain``)."""
     from infra.review.report import write_report
     from infra.review.runs import load_run
 
     folder = save_locally(output_uri, job_name, DEMO_OUTPUT)
     print(f"  copied to {folder}/ (the embedded S3 stops now)")
-    page = write_report([load_run(str(folder))], folder / "report")
+    page = write_report([load_run(str(folder))], folder / "report", explain=True)
     print(f"  report: open {page.resolve()} in a browser (brainseg-review {folder} prints the same in text)")
