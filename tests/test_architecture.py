@@ -18,15 +18,15 @@ PACKAGE = ROOT / "entry_point" / "brainseg"
 ALLOWED = {
     "io": set(), "dicom": set(), "labels": set(), "layout": set(), "overlap": set(), "metric_lines": set(),
     "environment": set(), "__init__": set(), "stream_config": set(), "locations": set(), "bill": set(),
-    "config": {"labels", "locations", "stream_config"}, "progress": {"metric_lines"}, "metrics": {"overlap"},
-    "postprocess": {"overlap"},
+    "config": {"labels", "locations", "stream_config"}, "progress": {"metric_lines"},
+    "metrics": {"detection", "overlap"}, "postprocess": {"overlap"}, "detection": {"overlap"},
     "flags": {"config", "labels"},
     "data": {"config", "dicom", "io", "labels", "stream_config"},
     "model": {"config", "io", "labels"},
     "tasks": {"config", "data", "labels", "metrics", "model", "postprocess"},
-    "run": {"bill", "config", "locations", "stream_config", "data", "dicom", "environment", "io", "labels", "layout",
+    "run": {"bill", "config", "locations", "stream_config", "data", "detection", "dicom", "environment", "io", "labels", "layout",
             "metric_lines", "metrics", "model", "overlap", "postprocess", "progress", "tasks"},
-    "prediction": {"flags", "config", "locations", "stream_config", "data", "dicom", "environment", "io", "labels",
+    "prediction": {"flags", "config", "locations", "stream_config", "data", "detection", "dicom", "environment", "io", "labels",
                    "layout", "metrics", "model", "overlap", "postprocess", "progress", "tasks"},
     "commands": {"flags", "config", "data", "dicom", "environment", "io", "labels", "layout", "metric_lines", "metrics", "model",
                  "overlap", "postprocess", "prediction", "progress", "run", "tasks"},
@@ -37,7 +37,7 @@ OWNERS = {"boto3": ("brainseg/io/s3",), "botocore": ("brainseg/io/s3",), "smart_
           "onnx": ("brainseg/model/export",), "onnxruntime": ("brainseg/model/export",)}
 # Modules the launcher and the review import on a laptop without torch.
 TORCH_FREE = ("brainseg.config", "brainseg.bill", "brainseg.stream_config", "brainseg.locations", "brainseg.flags", "brainseg.layout", "brainseg.overlap", "brainseg.metric_lines", "brainseg.labels",
-              "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options", "brainseg.postprocess",
+              "brainseg.environment", "brainseg.model.description", "brainseg.prediction.options", "brainseg.postprocess", "brainseg.detection",
               "brainseg.io.store", "infra.launcher.cli", "infra.launcher.jobspec", "infra.review.cli",
               "infra.review.report")
 
