@@ -156,3 +156,18 @@ def test_a_run_on_studies_with_and_without_tumour_reports_detection(bucket, tmp_
     page = (tmp_path / "report" / "index.html").read_text()
     assert "detection on" in page and '<img src="roc_detect.png"' in page
     assert matplotlib.image.imread(tmp_path / "report" / "roc_detect.png").shape[0] > 100
+
+
+def test_the_review_draws_studies_with_tumour_and_the_worst_false_alarm():
+    from types import SimpleNamespace
+
+    from infra.review.report import _overlay_picks
+
+    rows = [{"case_id": "a", "dice": "1.0", "truth_voxels": "0", "predicted_voxels": "0"},  # clean: Dice 1
+            {"case_id": "b", "dice": "0.0", "truth_voxels": "0", "predicted_voxels": "40"},
+            {"case_id": "c", "dice": "0.0", "truth_voxels": "0", "predicted_voxels": "900"},
+            {"case_id": "d", "dice": "0.4", "truth_voxels": "500", "predicted_voxels": "300"},
+            {"case_id": "e", "dice": "0.8", "truth_voxels": "700", "predicted_voxels": "650"}]
+    run = SimpleNamespace(cases_worst_first=lambda: sorted(rows, key=lambda row: float(row["dice"])), structures=[])
+    assert [(reason, row["case_id"]) for reason, row in _overlay_picks(run)] == [
+        ("worst mean Dice", "d"), ("best mean Dice", "e"), ("tumour-free, largest false alarm", "c")]

@@ -342,11 +342,16 @@ def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), s
 
 
 def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
-    """The cases to draw: the worst and best by mean Dice and, with several structures, the worst by
-    each structure's Dice; each case once, with every reason it was picked."""
-    ordered = run.cases_worst_first()
+    """The cases to draw: among the studies with tumour, the worst and best by mean Dice and, with
+    several structures, the worst by each structure's Dice; then the tumour-free study with the
+    largest false alarm, if any; each case once, with every reason it was picked."""
+    free = [row for row in run.cases_worst_first() if row.get("truth_voxels") == "0"]
+    ordered = [row for row in run.cases_worst_first() if row not in free]
+    alarms = [row for row in free if row.get("predicted_voxels") not in ("0", None)]
+    alarm = [("tumour-free, largest false alarm", max(alarms, key=lambda row: int(row["predicted_voxels"])))] \
+        if alarms else []
     if not ordered:
-        return []
+        return alarm
     picks = {ordered[0]["case_id"]: ["worst mean Dice"]}
     rows = {row["case_id"]: row for row in ordered}
     if len(ordered) > 1:
@@ -356,7 +361,7 @@ def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
         if scored:
             worst = min(scored, key=lambda row: (dice_rank(row[f"dice_{name}"]), row["case_id"]))
             picks.setdefault(worst["case_id"], []).append(f"worst {name} Dice")
-    return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()]
+    return [(", ".join(reasons), rows[case_id]) for case_id, reasons in picks.items()] + alarm
 
 
 def explain_figure(crop: dict, occlusion: np.ndarray, saliency: np.ndarray, title: str, path: Path,
