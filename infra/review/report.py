@@ -303,6 +303,16 @@ def _colour(number: int) -> str:
     return STRUCTURE_COLOURS[(number - 1) % len(STRUCTURE_COLOURS)]
 
 
+def _views(crop: dict) -> list[tuple[str, tuple, float]]:
+    """``(name, index, aspect)`` of the axial, coronal and sagittal slices through the crop's tumour
+    (the truth's, else the prediction's), each drawn with its voxels' aspect."""
+    centre = tumour_centre(crop["mask"], crop["prediction"])
+    dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
+    return [("axial", (centre[0], slice(None), slice(None)), dy / dx),
+            ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
+            ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
+
+
 def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), sequences: tuple = ()) -> None:
     """Axial, coronal and sagittal slices through the tumour centre, one row per sequence: the
     image in grey, each true structure outlined and each predicted one filled in its own colour.
@@ -313,11 +323,7 @@ def overlay_figure(crop: dict, title: str, path: Path, structures: tuple = (), s
     images = crop["image"].astype(np.float32)
     images = images[None] if images.ndim == 3 else images
     mask, prediction = crop["mask"].astype(np.int16), crop["prediction"].astype(np.int16)
-    centre = tumour_centre(mask, prediction)
-    dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
-    views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
-             ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
-             ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
+    views = _views(crop)
     count = int(max(mask.max(), prediction.max(), len(structures), 1))
     names = [structures[k] if k < len(structures) else f"structure {k + 1}" for k in range(count)]
     fill = ListedColormap([_colour(k) for k in range(1, count + 1)])
@@ -371,11 +377,7 @@ def explain_figure(crop: dict, occlusion: np.ndarray, saliency: np.ndarray, titl
     images = crop["image"].astype(np.float32)
     images = images[None] if images.ndim == 3 else images
     mask = crop["mask"].astype(np.int16) > 0
-    centre = tumour_centre(crop["mask"], crop["prediction"])
-    dz, dy, dx = (float(v) for v in crop["spacing"]) if "spacing" in crop else (1.0, 1.0, 1.0)
-    views = [("axial", (centre[0], slice(None), slice(None)), dy / dx),
-             ("coronal", (slice(None), centre[1], slice(None)), dz / dx),
-             ("sagittal", (slice(None), slice(None), centre[2]), dz / dy)]
+    views = _views(crop)
     scale = float(saliency.max()) or 1.0
     reach = float(np.abs(occlusion).max()) or 1.0
     rows = [("occlusion (every sequence hidden)", images[0], occlusion, "RdBu_r", -reach, reach)]
