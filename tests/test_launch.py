@@ -639,3 +639,12 @@ def test_bad_predict_options_are_refused_before_anything_is_submitted(argv, mess
             "--output-uri", f"s3://{bucket}/pred/", "--dry-run"]
     assert launch.main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_demos_overrides_are_checked_on_top_of_its_own_settings():
+    spec = launch.spec_from_args(launch._parser().parse_args(["train", "--hp", "sequence_dropout=0.5"]))
+    assert spec.hyperparameters["sequence_dropout"] == 0.5  # needs the demo's four sequences, not the default one
+    assert spec.hyperparameters["sequences"] == "t1c,t1,t2,flair"
+    with pytest.raises(ValueError, match="sequence_dropout 0.5 with sequences 'image'"):
+        launch.spec_from_args(launch._parser().parse_args(["train", "--hp", "sequence_dropout=0.5", "--hp",
+                                                           "sequences=image"]))

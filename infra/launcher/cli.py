@@ -41,6 +41,7 @@ from pathlib import Path
 from brainseg.io import s3
 from infra.launcher import iam, lifecycle
 from infra.launcher.crossval import cross_validate
+from infra.launcher.demo import DEMO_HYPERPARAMETERS
 from infra.launcher.jobspec import JobSpec, build_spec, load_config, parse_overrides
 from infra.launcher.launching import launch, launch_tuning
 from infra.launcher.tuning import STRATEGIES, TuningSpec, load_tuning, parse_range
@@ -234,6 +235,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     if settings["mode"] != "process":
         settings = with_sagemaker_defaults(settings)
     overrides = parse_overrides(args.hp)
+    if args.command == "train" and not settings.get("data_uri"):  # the demo: --hp on top of its own settings
+        overrides = {**DEMO_HYPERPARAMETERS, **overrides}
     if args.command == "predict":
         settings["script"] = "predict.py"
         overrides["model"] = ",".join(args.model)
