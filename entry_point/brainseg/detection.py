@@ -58,6 +58,11 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
+def _one_kind(truths: np.ndarray) -> bool:
+    """Every study holds tumour, or none does: nothing to tell apart."""
+    return bool(truths.all() or not truths.any())
+
+
 def largest_component_ml(matches: dict[str, LesionMatch], rules: dict | None = None) -> float:
     """A study's score from its structures' lesion matches (``{structure: LesionMatch}``): the
     largest component any structure keeps under ``rules`` (``{structure: Rule}``; none: all kept)."""
@@ -99,7 +104,7 @@ def choose_threshold(scores: list[float], truths: list[bool]) -> Threshold:
     """The validation studies' threshold (module docstring): ``scores`` in ml, ``truths`` whether
     each study holds tumour."""
     scores, truths = np.asarray(scores, dtype=np.float64), np.asarray(truths, dtype=bool)
-    if truths.all() or not truths.any():
+    if _one_kind(truths):
         kind = "tumour-free" if truths.all() else "tumour"
         return Threshold(0.0, f"default (no {kind} study among {len(truths)} validation cases): any predicted "
                               "component")
@@ -124,7 +129,7 @@ def roc_curve(scores: list[float], truths: list[bool]) -> list[tuple[float, floa
     """``[(false-positive rate, true-positive rate), ...]`` from (0, 0) to (1, 1), one point per
     distinct score; ``None`` without both kinds of study."""
     scores, truths = np.asarray(scores, dtype=np.float64), np.asarray(truths, dtype=bool)
-    if truths.all() or not truths.any():
+    if _one_kind(truths):
         return None
     points = [(0.0, 0.0)]
     for value in np.unique(scores)[::-1]:
@@ -136,7 +141,7 @@ def roc_curve(scores: list[float], truths: list[bool]) -> list[tuple[float, floa
 def roc_auc(scores: list[float], truths: list[bool]) -> float | None:
     """The area under the ROC curve (Mann-Whitney: ties count half); ``None`` without both kinds."""
     scores, truths = np.asarray(scores, dtype=np.float64), np.asarray(truths, dtype=bool)
-    if truths.all() or not truths.any():
+    if _one_kind(truths):
         return None
     positive, negative = scores[truths][:, None], scores[~truths][None, :]
     return float(np.mean((positive > negative) + 0.5 * (positive == negative)))
