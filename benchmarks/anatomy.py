@@ -18,8 +18,9 @@ matter) and of five types, each recorded so that detection can be counted per ty
   t1c-only       an enhancing nodule (4) brighter only on T1c, no oedema
 
 ``--kind`` sets the mix: ``mixed`` (every type, one to four lesions, a third of them small),
-``glioma`` (mostly one large rim or non-enhancing tumour) and ``metastases`` (several small
-enhancing nodules). Small lesions are 3.5-7 mm in radius (mostly under 2 ml with their oedema),
+``glioma`` (mostly one large rim or non-enhancing tumour), ``metastases`` (several small
+enhancing nodules) and ``one-sequence`` (mostly lesions visible in one sequence only, FLAIR or T1c:
+the designed check of sequence importance). Small lesions are 3.5-7 mm in radius (mostly under 2 ml with their oedema),
 the others 8-22 mm. Not labelled, and there to be mistaken for tumour: enhancing vessels (thin
 tubes bright on T1c) in every study and, in some, small white-matter hyperintensities (bright on
 T2 and FLAIR). Slices are averaged into 1-4 mm (partial volume); labels are the nearest slice's.
@@ -44,6 +45,7 @@ KINDS = {
     "mixed": ((0.3, 0.15, 0.2, 0.2, 0.15), (0.45, 0.3, 0.15, 0.1), 0.35),
     "glioma": ((0.5, 0.1, 0.25, 0.15, 0.0), (0.7, 0.2, 0.1, 0.0), 0.15),
     "metastases": ((0.25, 0.4, 0.0, 0.0, 0.35), (0.2, 0.3, 0.3, 0.2), 0.6),
+    "one-sequence": ((0.1, 0.1, 0.1, 0.35, 0.35), (0.4, 0.3, 0.2, 0.1), 0.25),
 }
 # Tissue codes of the lesion map, and their BraTS labels.
 OEDEMA, NECROSIS, ENHANCING, CORE, FLAIR_ONLY, T1C_ONLY = 1, 2, 3, 4, 5, 6
