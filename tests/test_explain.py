@@ -4,6 +4,8 @@ review report them."""
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import re
 
@@ -49,7 +51,11 @@ def test_a_sequence_the_network_rests_on_matters_and_one_it_ignores_does_not(buc
     assert found["without"]["flair"]["tumour"] == {**found["intact"]["tumour"], "dice_drop": 0.0}
     assert found["without"]["t1c"]["tumour"]["dice"] == 0.0  # nothing is bright on a zeroed sequence
     assert found["without"]["t1c"]["tumour"]["dice_drop"] == pytest.approx(whole)
+    assert found["reading"].startswith("reliance: trained without --sequence-dropout")
     assert json.loads(json.dumps(found)) == found
+    dropped = sequence_importance(BrightOnFirst(), cases, dataclasses.replace(hp, sequence_dropout=0.25), task, device,
+                                  NATIVE, {}, intact)
+    assert dropped["reading"].startswith("information: trained with --sequence-dropout 0.25")
 
 
 def test_occlusion_and_saliency_find_what_the_network_reads():
@@ -85,9 +91,11 @@ def test_a_multi_sequence_run_reports_each_sequences_importance(bucket, tmp_path
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("importance: sequence"))
     for sequence, structures in found["without"].items():
         assert f"without {sequence}: tumour {structures['tumour']['dice']:.3f}" in line
+    assert line.endswith(f". Read as {found['reading']}") and found["reading"].startswith("reliance")
     page = (tmp_path / "report" / "index.html").read_text()
     table = page.split("Sequence importance:")[1].split("</table>")[0]
     assert table.count('<td class="name">') == 2 and "Dice tumour" in table
+    assert f"Read as {found['reading']}." in " ".join(html.unescape(page).split("Sequence importance:")[1].split("<table>")[0].split())
     assert review.main([f"{output}/importance", "--report", str(tmp_path / "explained"), "--explain"]) == 0
     page = (tmp_path / "explained" / "index.html").read_text()
     shown = re.findall(r'<img src="(explain_importance_\d\.png)"', page)

@@ -61,7 +61,8 @@ th { background: #eee; } td.name { text-align: left; }
 <h2>{{ run.name }}: test cases, worst first</h2>
 {% for note in notes[run.name] %}<p>{{ note }}</p>{% endfor %}
 {% if importance[run.name] %}<p>Sequence importance: test Dice with each sequence replaced by zeros (its change); a
-structure rests on the sequence whose loss costs it most.</p>
+structure rests on the sequence whose loss costs it most.{% if importance_note[run.name] %} Read as
+{{ importance_note[run.name] }}.{% endif %}</p>
 <table><tr><th>without</th>{% for name, _, _ in importance[run.name][0][1] %}<th>Dice {{ name }}</th>{% endfor %}</tr>
 {% for sequence, cells in importance[run.name] %}<tr><td class="name">{{ sequence }}</td>
 {% for name, dice, drop in cells %}<td>{{ "%.3f (%+.3f)" % (dice, -drop) }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
@@ -179,9 +180,17 @@ def importance_text(importance) -> str:
     rows = importance_rows(importance)
     if not rows:
         return ""
-    return (f"sequence importance (test Dice with the sequence replaced by zeros, change; {importance.get('cases', '?')} "
+    text = (f"sequence importance (test Dice with the sequence replaced by zeros, change; {importance.get('cases', '?')} "
             "cases): " + "; ".join(f"without {sequence}: " + ", ".join(
                 f"{name} {dice:.3f} ({-drop:+.3f})" for name, dice, drop in cells) for sequence, cells in rows))
+    reading = importance_note(importance)
+    return f"{text}. Read as {reading}" if reading else text
+
+
+def importance_note(importance) -> str:
+    """summary.json's ``sequence_importance`` ``reading`` (information or reliance, and why), or ""."""
+    reading = importance.get("reading") if isinstance(importance, dict) else None
+    return reading if isinstance(reading, str) else ""
 
 
 def lesion_text(lesion_wise) -> str:
@@ -548,6 +557,8 @@ def write_report(runs: list[ReviewedRun], out: Path, explain: bool = False) -> P
                            lr_find=lr_find_figure(runs, out), notes={run.name: run_notes(run, importance=False) for run in runs},
                            importance={run.name: importance_rows((run.summary or {}).get("sequence_importance"))
                                        for run in runs},
+                           importance_note={run.name: importance_note((run.summary or {}).get("sequence_importance"))
+                                               for run in runs},
                            overlays=overlays, differing=differing_hyperparameters(runs), fmt=_fmt)
     path = out / "index.html"
     path.write_text(page)

@@ -260,7 +260,8 @@ def sequence_importance(model: torch.nn.Module, cases: list[Case], hp: Hyperpara
     """summary.json's ``sequence_importance``: the first ``--sequence-importance`` test ``cases`` by
     case ID scored again with each sequence replaced by zeros (the body mean after z-scoring), each
     structure's Dice and lesion-wise Dice beside the same cases' ``intact`` figures. A structure
-    that loses most without a sequence rests on it; one that loses nothing can do without it."""
+    that loses most without a sequence rests on it; one that loses nothing can do without it.
+    ``reading`` says whether that measures information or reliance (:func:`importance_reading`)."""
     chosen = sorted(cases, key=lambda case: case.case_id)[:hp.sequence_importance]
     names = list(task.scheme.names)
     figures = lambda scores: {name: {"dice": scores.get(f"dice_{name}"), "lesion_dice": scores.get(f"lesion_dice_{name}")}
@@ -277,7 +278,17 @@ def sequence_importance(model: torch.nn.Module, cases: list[Case], hp: Hyperpara
             f"{name} {values['dice']:.3f} ({-values['dice_drop']:+.3f})" for name, values in without[sequence].items()),
             len(chosen))
     return {"cases": len(chosen), "replaced_by": "zeros (the body mean after z-scoring; black after min-max)",
-            "intact": whole, "without": without}
+            "reading": importance_reading(hp.sequence_dropout), "intact": whole, "without": without}
+
+
+def importance_reading(sequence_dropout: float) -> str:
+    """How to read sequence importance, by whether training ever showed the model a missing sequence."""
+    if sequence_dropout:
+        return (f"information: trained with --sequence-dropout {sequence_dropout:g}, the model has seen a sequence "
+                "replaced by zeros, so what a structure loses without a sequence is what that sequence carries")
+    return ("reliance: trained without --sequence-dropout, the model never saw a sequence replaced by zeros, so a "
+            "structure's loss says which sequences the network leans on, which need not be those that carry the "
+            "tumour; train with --sequence-dropout to measure what each sequence carries")
 
 
 def aggregate(results: list[CaseResult]) -> dict:
