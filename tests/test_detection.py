@@ -14,7 +14,7 @@ import pytest
 
 from brainseg.commands import train
 from brainseg.data.catalog import build_catalog
-from brainseg.data.splits import assign_splits
+from brainseg.data.splits import assign_folds, assign_splits
 from brainseg.detection import (
     SliceCounts,
     Threshold,
@@ -99,6 +99,20 @@ def test_strata_are_split_on_their_own_and_one_stratum_splits_as_before():
     free = [splits[case_id] for case_id, stratum in strata.items() if stratum == "tumour-free"]
     assert sorted(free) == ["test", "test", "train", "train", "val"]  # 5 tumour-free: 50/20/30 of them
     assert assign_splits(groups, 3, strata={case_id: "tumour" for case_id in groups}) == assign_splits(groups, 3)
+
+
+def test_folds_deal_each_stratum_on_its_own_and_one_stratum_deals_as_before():
+    groups = {f"c{n:02d}": f"p{n // 2}" if n < 4 else "" for n in range(23)}  # two patients with two studies
+    strata = {case_id: "tumour-free" if n % 4 == 1 else "tumour" for n, case_id in enumerate(sorted(groups))}
+    for seed in range(6):
+        folds = assign_folds(groups, 5, seed, strata)
+        free = np.bincount([folds[case_id] for case_id, stratum in strata.items() if stratum == "tumour-free"],
+                           minlength=5)
+        assert sorted(free) == [1, 1, 1, 1, 2], (seed, free)  # 6 tumour-free studies (one with its patient's other)
+        sizes = np.bincount(list(folds.values()), minlength=5)
+        assert sizes.max() - sizes.min() <= 2, (seed, sizes)
+        assert len({folds["c00"], folds["c01"]}) == 1 and len({folds["c02"], folds["c03"]}) == 1
+        assert assign_folds(groups, 5, seed, {case_id: "tumour" for case_id in groups}) == assign_folds(groups, 5, seed)
 
 
 def test_the_generator_writes_tumour_free_studies_the_catalog_keeps(bucket):

@@ -39,9 +39,13 @@ def _patients(groups: dict[str, str]) -> dict[str, list[str]]:
     return dict(sorted(members.items(), key=lambda item: item[1][0]))
 
 
-def assign_folds(groups: dict[str, str], folds: int, seed: int) -> dict[str, int]:
+def assign_folds(groups: dict[str, str], folds: int, seed: int, strata: dict[str, str] | None = None) -> dict[str, int]:
     """Seeded patient-level cross-validation folds: ``{case_id: fold}`` (0-based), every patient's
     cases in one fold, the patients dealt in shuffled order to the fold with the fewest cases.
+    With ``strata`` (``{case_id: stratum}``, e.g. with tumour, tumour-free) each stratum is dealt
+    in turn to the fold with the fewest cases of that stratum (then the fewest cases), so every
+    fold gets its share of each; a patient goes with the stratum of its first case. One stratum
+    deals as without it.
 
     Raises:
         ValueError: fewer patients than folds.
@@ -51,13 +55,17 @@ def assign_folds(groups: dict[str, str], folds: int, seed: int) -> dict[str, int
         raise ValueError(f"{len(members)} patient(s) among the {len(groups)} training and validation case(s) "
                          f"cannot fill {folds} folds; lower --folds or add cases")
     keys = list(members)
+    stratum_of = {key: (strata or {}).get(cases[0], "") for key, cases in members.items()}
     counts = np.zeros(folds, dtype=int)
+    shuffled = [keys[position] for position in np.random.default_rng([seed, FOLD_STREAM]).permutation(len(keys))]
     assigned = {}
-    for position in np.random.default_rng([seed, FOLD_STREAM]).permutation(len(keys)):
-        group = members[keys[position]]
-        fold = int(np.argmin(counts))
-        counts[fold] += len(group)
-        assigned.update((case_id, fold) for case_id in group)
+    for stratum in sorted(set(stratum_of.values())):
+        in_stratum = np.zeros(folds, dtype=int)
+        for key in (key for key in shuffled if stratum_of[key] == stratum):
+            fold = int(np.lexsort((counts, in_stratum))[0])  # fewest of the stratum, then fewest in all
+            in_stratum[fold] += len(members[key])
+            counts[fold] += len(members[key])
+            assigned.update((case_id, fold) for case_id in members[key])
     return assigned
 
 

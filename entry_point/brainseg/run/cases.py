@@ -48,13 +48,15 @@ def load_catalog(hp: Hyperparameters) -> Catalog:
 def case_splits(hp: Hyperparameters, catalog: Catalog) -> dict[str, str]:
     """``{case_id: split}`` of the run: the catalog's, or with ``--fold K`` its test cases held out
     and its training and validation cases dealt into ``--folds`` patient-level folds (seeded by
-    ``--seed``), fold K validating and the others training."""
+    ``--seed``, studies with tumour and tumour-free ones dealt each on their own), fold K
+    validating and the others training."""
     splits = {case.case_id: case.split for case in catalog.cases}
     if hp.fold < 0:
         return splits
     pool = {case.case_id: case.patient_group for case in catalog.cases if case.split != "test"}
+    strata = {case.case_id: "tumour" if case.summary.tumour_voxels else "tumour-free" for case in catalog.cases}
     try:
-        folds = assign_folds(pool, hp.folds, hp.seed)
+        folds = assign_folds(pool, hp.folds, hp.seed, strata)
     except ValueError as err:
         raise TrainingError(str(err)) from err
     splits.update((case_id, "val" if fold == hp.fold else "train") for case_id, fold in folds.items())
