@@ -8,12 +8,13 @@ import json
 import pytest
 
 from brainseg.data.fingerprint import LesionCounts
+from brainseg.detection import Threshold
 from brainseg.io import s3
 from brainseg.layout import RunLayout
 from brainseg.metrics import lesion_scores
 from brainseg.model.artifact import ModelError
 from brainseg.postprocess import Offer, Rule, offer, validation_record
-from brainseg.prediction.predictor import pooled_rules
+from brainseg.prediction.predictor import pooled_choices
 from infra.launcher import cli as launch
 from infra.launcher.crossval import fold_specs, fold_summary, summary_text, write_summary
 from infra.launcher.jobspec import build_spec, parse_overrides
@@ -93,15 +94,49 @@ def test_postprocessing_is_chosen_on_the_folds_validation_cases_pooled_and_predi
     assert "postprocessing wt (folds' validation pooled, 2 cases): remove components under 10 mm³" in text
     assert f"--hp postprocessing={output}/p-cv.json" in text
     uri = write_summary(summary, output)
-    assert pooled_rules(uri) == {"wt": Rule(min_mm3=10)}
+    assert pooled_choices(uri)[0] == {"wt": Rule(min_mm3=10)}
     s3.put_bytes(f"{output}/not-cv.json", json.dumps({"postprocessing_note": "1 of 2 folds have not finished"}).encode())
     with pytest.raises(ModelError, match=r"not-cv.json: expected a cross-validation summary with postprocessing_rules "
                                          r"\(1 of 2 folds have not finished\)"):
-        pooled_rules(f"{output}/not-cv.json")
+        pooled_choices(f"{output}/not-cv.json")
     with pytest.raises(ModelError, match="no such object"):
-        pooled_rules(f"{output}/missing-cv.json")
+        pooled_choices(f"{output}/missing-cv.json")
     s3.delete(f"{output}/p-fold1-20261205100000/{RunLayout.VALIDATION_MATCHES}")
     assert "has no metrics/validation_lesions.json" in fold_summary(output, "p", 2)["postprocessing_note"]
+
+
+def test_the_detection_threshold_is_chosen_on_the_folds_validation_cases_pooled(bucket):
+    output = f"s3://{bucket}/cv-detection"
+    one_mm = (1.0, 1.0, 1.0)
+    nothing = LESION & False
+    folds = [{"case_00": (LESION, LESION, True), "case_02": (BLOB, nothing, False)},  # a 64 mm³ false alarm
+             {"case_01": (LESION | SPECK, LESION, True), "case_03": (nothing, nothing, False)}]
+    for fold, cases in enumerate(folds):
+        name = f"d-fold{fold}-20261207100000"
+        _run(output, name, 1.0, {"best_val_dice": 0.5})
+        matches = {case_id: {"wt": lesion_scores(prediction, truth, one_mm)[1]}
+                   for case_id, (prediction, truth, _) in cases.items()}
+        tumour = {case_id: present for case_id, (_, _, present) in cases.items()}
+        s3.put_bytes(f"{output}/{name}/{RunLayout.VALIDATION_MATCHES}",
+                     json.dumps(validation_record(matches, {"wt": Offer()}, tumour)).encode())
+    summary = fold_summary(output, "d", 2)
+    # Scores (the largest component kept, ml): tumour 0.125, 0.125 (the speck is below any rule's
+    # floor or not the largest); tumour-free 0.064 (the blob), 0. Youden's J is 1 above 0.064, set
+    # halfway to 0.125. Fold 1 alone would have chosen 0.0625.
+    assert summary["detection"] == {"ml": 0.0945, "chosen_on": "the folds' validation pooled: validation, 4 cases: "
+                                                                "sensitivity 1.00, specificity 1.00"}
+    assert "detection: tumour present above 0.0945 ml (the folds' validation pooled" in summary_text(summary, output)
+    rules, threshold = pooled_choices(write_summary(summary, output))
+    assert threshold == Threshold.from_dict(summary["detection"]) and set(rules) <= {"wt"}
+    old_record = json.loads(s3.read_uri(f"{output}/d-fold1-20261207100000/{RunLayout.VALIDATION_MATCHES}"))
+    del old_record["tumour"]
+    s3.put_bytes(f"{output}/d-fold1-20261207100000/{RunLayout.VALIDATION_MATCHES}", json.dumps(old_record).encode())
+    summary = fold_summary(output, "d", 2)
+    assert "detection" not in summary and "each fold keeps its own threshold" in summary["detection_note"]
+    assert pooled_choices(write_summary(summary, output))[1] is None
+    s3.put_bytes(f"{output}/bad-cv.json", json.dumps({"postprocessing_rules": {}, "detection": {"ml": 1}}).encode())
+    with pytest.raises(ModelError, match=r"bad-cv.json: detection threshold \{'ml': 1\}: expected"):
+        pooled_choices(f"{output}/bad-cv.json")
 
 
 def test_the_review_names_a_folds_run_and_ignores_what_is_not_a_fold():

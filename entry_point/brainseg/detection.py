@@ -99,6 +99,19 @@ class Threshold:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data) -> Threshold:
+        """The threshold :meth:`to_dict` wrote.
+
+        Raises:
+            ValueError: not ``{"ml": a number >= 0, "chosen_on": text}``.
+        """
+        ml = data.get("ml") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or set(data) != {"ml", "chosen_on"} or isinstance(ml, bool)
+                or not isinstance(ml, (int, float)) or not ml >= 0 or not isinstance(data["chosen_on"], str)):
+            raise ValueError(f"detection threshold {data!r}: expected {{'ml': a number >= 0, 'chosen_on': text}}")
+        return cls(float(ml), data["chosen_on"])
+
 
 def choose_threshold(scores: list[float], truths: list[bool]) -> Threshold:
     """The validation studies' threshold (module docstring): ``scores`` in ml, ``truths`` whether
@@ -123,6 +136,27 @@ def choose_threshold(scores: list[float], truths: list[bool]) -> Threshold:
     called = scores > threshold
     return Threshold(round(threshold, 4), f"validation, {len(truths)} cases: sensitivity "
                                           f"{np.mean(called[truths]):.2f}, specificity {np.mean(~called[~truths]):.2f}")
+
+
+def choose_pooled_threshold(records: list[dict], rules: dict) -> Threshold:
+    """The threshold over the validation cases of several runs pooled (a cross-validation's folds,
+    each case validated by the fold that held it out): their validation records
+    (:func:`brainseg.postprocess.validation_record`, with ``tumour``), scored under ``rules``.
+
+    Raises:
+        ValueError: a record without a case's tumour flag, or not a record.
+    """
+    scores, truths = [], []
+    try:
+        for record in records:
+            for case_id, case in sorted(record["cases"].items()):
+                scores.append(largest_component_ml({name: LesionMatch.from_dict(match) for name, match in case.items()},
+                                                   rules))
+                truths.append(bool(record["tumour"][case_id]))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"validation record: expected cases and their tumour flags ({err!r})") from None
+    threshold = choose_threshold(scores, truths)
+    return Threshold(threshold.ml, f"the folds' validation pooled: {threshold.chosen_on}")
 
 
 def roc_curve(scores: list[float], truths: list[bool]) -> list[tuple[float, float]] | None:

@@ -185,12 +185,14 @@ def choose(matches: list[dict[str, LesionMatch]], offers: dict[str, Offer]) -> d
     return choices
 
 
-def validation_record(matches: dict, offers: dict[str, Offer]) -> dict:
-    """What a run writes for a cross-validation to pool: the offers and each validation case's
-    lesion matches (``{case_id: {region: LesionMatch}}``); case IDs and counts only."""
+def validation_record(matches: dict, offers: dict[str, Offer], tumour: dict[str, bool] | None = None) -> dict:
+    """What a run writes for a cross-validation to pool: the offers, each validation case's
+    lesion matches (``{case_id: {region: LesionMatch}}``) and whether it holds tumour (``tumour``,
+    for the detection threshold); case IDs and counts only."""
     return {"offers": {name: value.to_dict() for name, value in offers.items()},
             "cases": {case_id: {name: match.to_dict() for name, match in by_region.items()}
-                      for case_id, by_region in sorted(matches.items())}}
+                      for case_id, by_region in sorted(matches.items())},
+            **({"tumour": {case_id: bool(tumour[case_id]) for case_id in sorted(matches)}} if tumour else {})}
 
 
 def choose_pooled(records: list[dict]) -> dict[str, Choice]:

@@ -6,8 +6,9 @@ cases. Once the folds have finished (process and local mode: at once; aws: ``cv 
 later), each fold's figures and their mean and standard deviation are printed and written to
 ``<output>/<base>-cv.json``, with the postprocessing chosen on the folds' validation cases pooled
 (every training and validation case once, predicted by the fold that held it out: what nnU-Net
-chooses its postprocessing on); ``python infra/launch.py predict --model <fold run> --model ...
---hp postprocessing=<output>/<base>-cv.json`` predicts with the folds as an ensemble and that choice.
+chooses its postprocessing on), and the tumour-present threshold chosen on them under that
+postprocessing; ``python infra/launch.py predict --model <fold run> --model ...
+--hp postprocessing=<output>/<base>-cv.json`` predicts with the folds as an ensemble and those choices.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 from collections.abc import Callable
 
+from brainseg.detection import choose_pooled_threshold
 from brainseg.io import s3
 from brainseg.layout import RunLayout
 from brainseg.postprocess import choose_pooled
@@ -59,8 +61,9 @@ def fold_summary(output_uri: str, base: str, folds: int) -> dict:
 def pooled_postprocessing(output_uri: str, names: list[str], folds: int) -> dict:
     """``postprocessing`` (per structure, the choice on the finished folds' validation cases pooled)
     and ``postprocessing_rules`` (the rules that change something, what ``predict --postprocessing``
-    applies), or a ``postprocessing_note`` saying why there are none: not every fold finished, or a
-    fold's run has no validation record."""
+    applies) and the pooled ``detection`` threshold (:func:`pooled_detection`), or a
+    ``postprocessing_note`` saying why there are none: not every fold finished, or a fold's run has
+    no validation record."""
     if len(names) < folds:
         return {"postprocessing_note": f"{folds - len(names)} of {folds} folds have not finished; postprocessing is "
                                        "chosen once every fold has"}
@@ -77,7 +80,20 @@ def pooled_postprocessing(output_uri: str, names: list[str], folds: int) -> dict
         return {"postprocessing_note": f"the folds' validation records cannot be pooled: {err}"}
     return {"postprocessing": {name: choice.to_dict() for name, choice in choices.items()},
             "postprocessing_rules": {name: choice.rule.to_dict() for name, choice in choices.items()
-                                     if not choice.rule.changes_nothing}}
+                                     if not choice.rule.changes_nothing},
+            **pooled_detection(records, {name: choice.rule for name, choice in choices.items()})}
+
+
+def pooled_detection(records: list[dict], rules: dict) -> dict:
+    """``detection``: the tumour-present threshold on the folds' validation cases pooled under the
+    pooled ``rules`` (:func:`brainseg.detection.choose_pooled_threshold`), or a ``detection_note``."""
+    if not all("tumour" in record for record in records):
+        return {"detection_note": "a fold's validation record does not say which cases hold tumour (trained before "
+                                  "runs recorded it); each fold keeps its own threshold"}
+    try:
+        return {"detection": choose_pooled_threshold(records, rules).to_dict()}
+    except ValueError as err:
+        return {"detection_note": f"the folds' validation records cannot be pooled: {err}"}
 
 
 def _spread(runs: list[dict]) -> dict:
@@ -107,6 +123,11 @@ def summary_text(summary: dict, output_uri: str) -> str:
                      f"{choice['val_lesion_dice_after']:.4f})")
     if summary.get("postprocessing_note"):
         lines.append(f"  postprocessing: {summary['postprocessing_note']}")
+    if summary.get("detection"):
+        lines.append(f"  detection: tumour present above {summary['detection']['ml']:.4g} ml "
+                     f"({summary['detection']['chosen_on']})")
+    elif summary.get("detection_note"):
+        lines.append(f"  detection: {summary['detection_note']}")
     models = " ".join(f"--model {output_uri.rstrip('/')}/{run['run']}/" for run in summary["runs"] if run["finished"])
     if models:
         pooled = (f" --hp postprocessing={output_uri.rstrip('/')}/{summary['base']}-cv.json"

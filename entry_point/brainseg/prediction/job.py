@@ -38,7 +38,7 @@ from brainseg.model.artifact import load_model
 from brainseg.model.description import ModelDescription
 from brainseg.prediction.nifti import label_map_bytes
 from brainseg.prediction.options import PredictOptions, parse_shard
-from brainseg.prediction.predictor import Prediction, Predictor, pooled_rules
+from brainseg.prediction.predictor import Prediction, Predictor, pooled_choices
 from brainseg.progress import Progress
 from brainseg.stream_config import FLOAT_BYTES
 
@@ -149,10 +149,11 @@ class PredictionJob:
             raise PredictionError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         try:
             models = [load_model(location, self.device) for location in options.model]
-            rules = pooled_rules(options.postprocessing) if options.postprocessing else None
+            rules, detection = pooled_choices(options.postprocessing) if options.postprocessing else (None, None)
             self.predictor = Predictor(models, self.device, mirror=options.mirror, sw_batch_size=options.sw_batch_size,
                                        overlap=None if options.sw_overlap < 0 else options.sw_overlap,
-                                       precision=options.precision, postprocess=options.postprocess, rules=rules)
+                                       precision=options.precision, postprocess=options.postprocess, rules=rules,
+                                       detection=detection)
         except ValueError as err:
             raise PredictionError(str(err)) from err
         description = self.predictor.description

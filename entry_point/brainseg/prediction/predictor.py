@@ -70,12 +70,14 @@ class Predictor:
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         postprocess: apply the models' postprocessing (:func:`shared_rules`), or ``rules``.
         rules: ``{structure: Rule}`` to apply instead of the models' own (a cross-validation's
-            pooled choice, :func:`pooled_rules`).
+            pooled choice, :func:`pooled_choices`).
+        detection: the tumour-present threshold to use instead of the models' own
+            (:func:`shared_threshold`; a cross-validation's pooled one).
     """
 
     def __init__(self, models: list[LoadedModel], device: torch.device, mirror: bool = False,
                  sw_batch_size: int = 2, overlap: float | None = None, precision: str = "fp32",
-                 postprocess: bool = True, rules: dict | None = None):
+                 postprocess: bool = True, rules: dict | None = None, detection: Threshold | None = None):
         if not models:
             raise ModelError("no model given")
         self.models = models
@@ -87,7 +89,7 @@ class Predictor:
         self.overlap = overlap
         self.precision = precision
         self.rules = {} if not postprocess else shared_rules(models) if rules is None else rules
-        self.detection = shared_threshold(models)
+        self.detection = detection or shared_threshold(models)
         unknown = sorted(set(self.rules) - set(self.scheme.names))
         if unknown:
             raise ModelError(f"postprocessing for {', '.join(unknown)}: the models' structures are "
@@ -133,22 +135,24 @@ def shared_threshold(models: list[LoadedModel]) -> Threshold:
     """The ensemble's tumour-present threshold (:mod:`brainseg.detection`): its one model's, or the
     median of its models' (a model from before detection counts as 0 ml)."""
     try:
-        thresholds = [Threshold(**loaded.description.detection) if loaded.description.detection else Threshold()
+        thresholds = [Threshold.from_dict(loaded.description.detection) if loaded.description.detection else Threshold()
                       for loaded in models]
-    except TypeError as err:
-        raise ModelError(f"a model's detection threshold is damaged ({err}); expected ml and chosen_on") from None
+    except ValueError as err:
+        raise ModelError(f"a model's detection threshold is damaged: {err}") from None
     if len(thresholds) == 1:
         return thresholds[0]
     return Threshold(float(np.median([threshold.ml for threshold in thresholds])),
                      f"the median of {len(thresholds)} models' thresholds")
 
 
-def pooled_rules(location: str) -> dict[str, Rule]:
-    """The postprocessing a cross-validation chose on its folds' pooled validation cases, from its
-    ``<name>-cv.json`` (``s3://`` or a path).
+def pooled_choices(location: str) -> tuple[dict[str, Rule], Threshold | None]:
+    """The postprocessing a cross-validation chose on its folds' pooled validation cases, and its
+    tumour-present threshold chosen there (``None`` where it has none), from its ``<name>-cv.json``
+    (``s3://`` or a path).
 
     Raises:
-        ModelError: nothing there, not JSON, or no pooled choice in it (its note says why).
+        ModelError: nothing there, not JSON, no pooled choice in it (its note says why), or a
+            damaged threshold.
     """
     try:
         data = s3.read_uri(location) if location.startswith("s3://") else Path(location).read_bytes()
@@ -166,6 +170,6 @@ def pooled_rules(location: str) -> dict[str, Rule]:
         raise ModelError(f"postprocessing {location}: expected a cross-validation summary with postprocessing_rules"
                          + (f" ({note})" if note else "")) from None
     try:
-        return rules_of(rules)
+        return rules_of(rules), Threshold.from_dict(summary["detection"]) if "detection" in summary else None
     except ValueError as err:
         raise ModelError(f"postprocessing {location}: {err}") from None

@@ -382,10 +382,11 @@ class Trainer:
         offers = {structure.name: offer(LesionCounts.of(self.train_cases, structure.values))
                   for structure in self.task.scheme.structures}
         self.postprocessing = choose_postprocessing(matches, offers)
+        truths = {case.case_id: case.summary.tumour_voxels > 0 for case in self.val_cases}
         self.detection = choose_detection(matches, {name: choice.rule for name, choice in self.postprocessing.items()},
-                                          {case.case_id: case.summary.tumour_voxels > 0 for case in self.val_cases})
+                                          truths)
         if self.main:
-            self.store.put_json(RunLayout.VALIDATION_MATCHES, validation_record(matches, offers))
+            self.store.put_json(RunLayout.VALIDATION_MATCHES, validation_record(matches, offers, truths))
             self.save_model()  # the model artifact carries the choices
 
     def test(self) -> dict:
