@@ -19,8 +19,8 @@ matter) and of five types, each recorded so that detection can be counted per ty
 
 ``--kind`` sets the mix: ``mixed`` (every type, one to four lesions, a third of them small),
 ``glioma`` (mostly one large rim or non-enhancing tumour), ``metastases`` (several small
-enhancing nodules) and ``one-sequence`` (mostly lesions visible in one sequence only, FLAIR or T1c:
-the designed check of sequence importance). Small lesions are 3.5-7 mm in radius (mostly under 2 ml with their oedema),
+enhancing nodules) and ``one-sequence`` (mostly lesions visible in one sequence only, FLAIR or T1c,
+the FLAIR-only ones as bright on FLAIR as oedema: the designed check of sequence importance). Small lesions are 3.5-7 mm in radius (mostly under 2 ml with their oedema),
 the others 8-22 mm. Not labelled, and there to be mistaken for tumour: enhancing vessels (thin
 tubes bright on T1c) in every study and, in some, small white-matter hyperintensities (bright on
 T2 and FLAIR). Slices are averaged into 1-4 mm (partial volume); labels are the nearest slice's.
@@ -58,6 +58,9 @@ CONTRAST = {  # csf, grey, white | oedema, necrosis, enhancing, non-enhancing co
     "flair": ((0.15, 0.55, 0.45), (0.72, 0.45, 0.62, 0.70)),
 }
 FLAIR_ONLY_FACTOR = 1.45  # flair-only lesions: FLAIR 45% above the tissue they replace
+# one-sequence studies: their FLAIR-only lesions are as bright on FLAIR as oedema (80% above white
+# matter at full conspicuity), so that a network can learn them from FLAIR alone
+FLAIR_ONLY_FACTORS = {"one-sequence": 1.8}
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ def make_study(kind: str, rng: np.random.Generator) -> Study:
         targets = {code: value * rng.uniform(0.92, 1.08) for code, value in zip(
             (OEDEMA, NECROSIS, ENHANCING, CORE), lesion_values)}
         if sequence == "flair":
-            targets[FLAIR_ONLY] = FLAIR_ONLY_FACTOR
+            targets[FLAIR_ONLY] = FLAIR_ONLY_FACTORS.get(kind, FLAIR_ONLY_FACTOR)
         if sequence == "t1c":
             targets[T1C_ONLY] = targets[ENHANCING]
         volume = tissue.copy()

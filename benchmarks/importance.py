@@ -11,11 +11,14 @@ are rim, solid and non-enhancing tumours) go into an embedded S3 as DICOM, and
 ``dropout`` with ``--sequence-dropout 0.5``) with semireal.py's network, patch and steps.
 
 Then every test study is scored by benchmarks/scoring.py as it is and with each sequence replaced
-by zeros after normalisation (what the run's own ``sequence_importance`` does): Dice per region and
-lesions found per generator type. The sequence the generator made informative for a type is the
-one whose removal loses that type's lesions: FLAIR for ``flair-only``, T1c for ``t1c-only``. A
-sequence whose removal loses every type says that the network leans on it, not that it carries
-the tumour. The run's own ``sequence_importance`` (summary.json) is printed beside it.
+by zeros after normalisation (what the run's own ``sequence_importance`` does): Dice per region,
+and per generator type the lesions found and their mean local Dice (the predicted whole tumour
+against the lesion within 5 mm of it: it falls when a lesion is missed and when the prediction
+floods around it, where *found* would still count it). The sequence the generator made
+informative for a type is the one whose removal costs that type's lesions most: FLAIR for
+``flair-only``, T1c for ``t1c-only``. A sequence whose removal costs every type says that the
+network leans on it, not that it carries the tumour. The run's own ``sequence_importance``
+(summary.json) is kept beside it.
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ def without(member: scoring.Member, channel: int | None) -> scoring.Member:
 
 
 def figures(rows: list[dict]) -> dict:
-    """Dice per region and lesions found per generator type over one scoring's rows."""
+    """Dice per region, and per generator type the lesions found and their mean local Dice, over
+    one scoring's rows."""
     summary = scoring.summarise(rows)
     return {**{f"dice_{name}": summary[f"dice_{name}"] for name in scoring.REGIONS},
-            **{kind: summary.get(f"found_type_{kind}", "0/0") for kind in TYPES}}
+            **{kind: summary.get(f"found_type_{kind}", "0/0") for kind in TYPES},
+            **{f"local_dice_{kind}": summary.get(f"local_dice_type_{kind}") for kind in TYPES}}
 
 
 def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
@@ -101,12 +106,15 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
 
 
 def table(runs: dict) -> str:
-    lines = ["| run | without | Dice WT / TC / ET | " + " | ".join(f"{kind} found" for kind in TYPES) + " |",
-             "|" + "---|" * (len(TYPES) + 3)]
+    """Per run and sequence removed: Dice per region, and per type lesions found (local Dice)."""
+    lines = ["| run | without | Dice WT / TC / ET | " + " | ".join(f"{kind} found (local Dice)" for kind in TYPES)
+             + " |", "|" + "---|" * (len(TYPES) + 3)]
     for name, run in runs.items():
         for sequence, values in run["scored"].items():
             dice = " / ".join(f"{values[f'dice_{region}']:.3f}" for region in scoring.REGIONS)
-            lines.append(f"| {name} | {sequence} | {dice} | " + " | ".join(values[kind] for kind in TYPES) + " |")
+            cells = [f"{values[kind]} ({values[f'local_dice_{kind}']:.2f})" if values[f"local_dice_{kind}"] is not None
+                     else values[kind] for kind in TYPES]
+            lines.append(f"| {name} | {sequence} | {dice} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

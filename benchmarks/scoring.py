@@ -13,8 +13,11 @@ Lesions are counted independently of the lesion-wise rules: each 26-connected co
 true whole tumour larger than BraTS's 50 mm³ floor is a lesion, *found* when the predicted whole
 tumour covers at least half of it (and *detected* when it covers any of it). It is binned by size (under 2 ml, 2-10 ml, 10 ml and more), by
 BraTS type (enhancing: it holds an enhancing voxel; else non-enhancing) and, where the generator
-recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). False
-positive components are counted per region, before any postprocessing and after it.
+recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). Each
+lesion also gets a *local Dice*: the predicted whole tumour against the lesion within 5 mm of it,
+which falls when a lesion is missed and when the prediction floods its surroundings (where
+*found* would still count it). False positive components are counted per region, before any
+postprocessing and after it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from brainseg.postprocess import apply_rules
 
 REGIONS = ("wt", "tc", "et")  # the sigmoid channels' order
 FOUND_FRACTION = 0.5
+LOCAL_MARGIN_MM = 5.0
 SIZE_BINS = ((0.0, 2.0, "under 2 ml"), (2.0, 10.0, "2-10 ml"), (10.0, float("inf"), "10 ml and more"))
 _COMPONENTS = np.ones((3, 3, 3), dtype=bool)
 
@@ -103,6 +107,18 @@ def lesions_of(label: np.ndarray, spacing: tuple, numbers: np.ndarray | None = N
         yield voxels, facts
 
 
+def local_dice(predicted: np.ndarray, voxels: np.ndarray, spacing: tuple) -> float:
+    """Dice of ``predicted`` against the lesion ``voxels`` within ``LOCAL_MARGIN_MM`` of the lesion."""
+    reach = [int(np.ceil(LOCAL_MARGIN_MM / mm)) + 1 for mm in spacing]
+    where = np.argwhere(voxels)
+    box = tuple(slice(max(0, low - r), min(n, high + r + 1))
+                for low, high, r, n in zip(where.min(0), where.max(0), reach, voxels.shape))
+    lesion = voxels[box]
+    near = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= LOCAL_MARGIN_MM
+    hits = predicted[box] & lesion
+    return float(2.0 * hits.sum() / ((predicted[box] & near).sum() + lesion.sum()))
+
+
 def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, numbers: np.ndarray | None = None,
                 types: tuple = ()) -> dict:
     """One study's figures from its thresholded regions ``predicted`` ``(3, D, H, W)``."""
@@ -117,7 +133,8 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
             row[f"hd95_{name}"] = hausdorff95(predicted[index], truth[index], spacing)
     row["dice_mean"] = float(np.mean([row[f"dice_{name}"] for name in REGIONS]))
     row["lesions"] = [{**facts, "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION),
-                       "detected": bool(predicted[0][voxels].any())}
+                       "detected": bool(predicted[0][voxels].any()),
+                       "local_dice": round(local_dice(predicted[0], voxels, spacing), 4)}
                       for voxels, facts in lesions_of(label, spacing, numbers, types)]
     return row
 
@@ -178,6 +195,8 @@ def summarise(rows: list[dict]) -> dict:
         out[f"found_{kind}"] = found(lesions, "brats_type", kind)
     for kind in sorted({lesion["type"] for lesion in lesions if "type" in lesion}):
         out[f"found_type_{kind}"] = found(lesions, "type", kind)
+        out[f"local_dice_type_{kind}"] = round(float(np.mean(
+            [lesion["local_dice"] for lesion in lesions if lesion.get("type") == kind])), 4)
     return out
 
 
