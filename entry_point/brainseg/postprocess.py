@@ -192,7 +192,7 @@ def validation_record(matches: dict, offers: dict[str, Offer], tumour: dict[str,
     return {"offers": {name: value.to_dict() for name, value in offers.items()},
             "cases": {case_id: {name: match.to_dict() for name, match in by_region.items()}
                       for case_id, by_region in sorted(matches.items())},
-            **({"tumour": {case_id: bool(tumour[case_id]) for case_id in sorted(matches)}} if tumour else {})}
+            **({"tumour": {case_id: bool(tumour[case_id]) for case_id in sorted(matches)}} if tumour is not None else {})}
 
 
 def choose_pooled(records: list[dict]) -> dict[str, Choice]:
