@@ -176,3 +176,6 @@ def test_a_process_mode_cross_validation_runs_every_fold_and_summarises_them(cap
     assert tests[0] == tests[1] and len(tests[0]) == 2  # the same held-out test cases
     assert not vals[0] & vals[1] and len(vals[0] | vals[1]) == 6  # the folds partition the other cases
     assert summary["figures"]["best_val_dice"]["folds"] == 2
+    # every study holds tumour, so the pooled threshold is the default; the folds recorded their flags
+    assert summary["detection"]["chosen_on"] == ("the folds' validation pooled: default (no tumour-free study among 6 "
+                                                 "validation cases): any predicted component")
