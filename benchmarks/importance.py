@@ -88,11 +88,9 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
     semireal.check_reader(catalog, studies, test_ids)
     cases = {case.case_id: case for case in catalog.cases}
     test = [semireal.as_scored(case_id, studies[case_id], cases[case_id]) for case_id in test_ids]
-    controls = ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps), "--channels", args.channels,
-                "--patch-size", args.patch_size, "--batch-size", str(args.batch_size), *semireal.FLAGS]
     with tempfile.TemporaryDirectory() as work:
         for name, flags in runs:
-            run = ours.train(f"{name}-{seed}", dataset, f"s3://{BUCKET}/runs", Path(work) / name, [*controls, *flags])
+            run = ours.train(f"{name}-{seed}", dataset, f"s3://{BUCKET}/runs", Path(work) / name, [*semireal.training_flags(args), *flags])
             summary = json.loads(s3.read_uri(f"s3://{BUCKET}/runs/{name}-{seed}/{RunLayout.SUMMARY}"))
             member = ours.member(run["loaded"])
             scored = {}
@@ -121,17 +119,12 @@ def table(runs: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--cases", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--channels", default="16,32,64,128")
-    parser.add_argument("--patch-size", default="56,64,64")
-    parser.add_argument("--batch-size", type=int, default=2)
+    semireal.add_training_arguments(parser)
     parser.add_argument("--run", action="append", default=[], metavar="NAME=FLAGS",
                         help=f"a named run and its extra train.py flags (repeatable; default {DEFAULT_RUNS})")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "importance.json")
     args = parser.parse_args(argv)
-    runs = [(name.strip(), flags.split()) for name, _, flags in (run.partition("=") for run in args.run or DEFAULT_RUNS)]
+    runs = semireal.parse_runs(args.run or DEFAULT_RUNS)
     torch.set_num_threads(os.cpu_count() or 1)
     report = {"kind": KIND, "cases": args.cases, "epochs": args.epochs, "steps_per_epoch": args.steps,
               "channels": args.channels, "patch_size": args.patch_size, "batch_size": args.batch_size,

@@ -107,10 +107,8 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
                     "lesion_types": {t: sum(s.types.count(t) for s in studies.values()) for t in anatomy.TYPES}},
            "runs": {}}
     with tempfile.TemporaryDirectory() as work:
-        controls = ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps), "--channels", args.channels,
-                    "--patch-size", args.patch_size, "--batch-size", str(args.batch_size), *FLAGS]
         trained = {name: ours.train(f"{name}-{args.kind}-{seed}", dataset, f"s3://{BUCKET}/runs", Path(work) / name,
-                                    [*controls, *flags]) for name, flags in runs}
+                                    [*training_flags(args), *flags]) for name, flags in runs}
         catalog = build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0)
         splits = {name: sorted(case.case_id for case in catalog.split(name)) for name in ("train", "val", "test")}
         out["split"] = {name: len(ids) for name, ids in splits.items()}
@@ -141,6 +139,27 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
     return out
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The studies per seed and the network, patch, batch and steps every run of ours trains with."""
+    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--channels", default="16,32,64,128")
+    parser.add_argument("--patch-size", default="56,64,64")
+    parser.add_argument("--batch-size", type=int, default=2)
+
+
+def training_flags(args) -> list[str]:
+    """train.py's flags from :func:`add_training_arguments`' arguments, with the four sequences' :data:`FLAGS`."""
+    return ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps), "--channels", args.channels,
+            "--patch-size", args.patch_size, "--batch-size", str(args.batch_size), *FLAGS]
+
+
+def parse_runs(values: list[str]) -> list[tuple[str, list[str]]]:
+    """``NAME=FLAGS`` values as ``(name, flags)``."""
+    return [(name.strip(), flags.split()) for name, _, flags in (value.partition("=") for value in values)]
+
+
 def table(results: dict) -> str:
     lines = ["| run | " + " | ".join(HEADLINE) + " |", "|" + "---|" * (len(HEADLINE) + 1)]
     for name, result in results.items():
@@ -152,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0", help="generator seeds, e.g. 0,1,2 (other studies of the same kind)")
     parser.add_argument("--kind", default="mixed", choices=sorted(anatomy.KINDS))
-    parser.add_argument("--cases", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--channels", default="16,32,64,128")
-    parser.add_argument("--patch-size", default="56,64,64")
-    parser.add_argument("--batch-size", type=int, default=2)
+    add_training_arguments(parser)
     parser.add_argument("--run", action="append", default=[], metavar="NAME=FLAGS",
                         help="a named run of ours and its extra train.py flags, e.g. 'fg=--foreground-fraction 0.5' "
                              "(repeatable; default one run, 'defaults', with none)")
@@ -166,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monai", action="store_true", help="also train and score MONAI's tutorial pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semireal.json")
     args = parser.parse_args(argv)
-    runs = [(name.strip(), flags.split()) for name, _, flags in (run.partition("=") for run in args.run)] or [
-        ("defaults", [])]
+    runs = parse_runs(args.run) or [("defaults", [])]
     torch.set_num_threads(os.cpu_count() or 1)
     report = {"kind": args.kind, "cases": args.cases, "epochs": args.epochs, "steps_per_epoch": args.steps,
               "channels": args.channels, "patch_size": args.patch_size, "batch_size": args.batch_size,
