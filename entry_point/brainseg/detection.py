@@ -138,25 +138,12 @@ def choose_threshold(scores: list[float], truths: list[bool]) -> Threshold:
                                           f"{np.mean(called[truths]):.2f}, specificity {np.mean(~called[~truths]):.2f}")
 
 
-def choose_pooled_threshold(records: list[dict], rules: dict) -> Threshold:
-    """The threshold over the validation cases of several runs pooled (a cross-validation's folds,
-    each case validated by the fold that held it out): their validation records
-    (:func:`brainseg.postprocess.validation_record`, with ``tumour``), scored under ``rules``.
-
-    Raises:
-        ValueError: a record without a case's tumour flag, or not a record.
-    """
-    scores, truths = [], []
-    try:
-        for record in records:
-            for case_id, case in sorted(record["cases"].items()):
-                scores.append(largest_component_ml({name: LesionMatch.from_dict(match) for name, match in case.items()},
-                                                   rules))
-                truths.append(bool(record["tumour"][case_id]))
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"validation record: expected cases and their tumour flags ({err!r})") from None
-    threshold = choose_threshold(scores, truths)
-    return Threshold(threshold.ml, f"the folds' validation pooled: {threshold.chosen_on}")
+def threshold_of(matches: dict[str, dict[str, LesionMatch]], truths: dict[str, bool], rules: dict) -> Threshold:
+    """:func:`choose_threshold` on validation cases' lesion matches (``{case_id: {structure:
+    LesionMatch}}``) scored under ``rules``, ``truths`` saying whether each case holds tumour."""
+    cases = sorted(matches)
+    return choose_threshold([largest_component_ml(matches[case_id], rules) for case_id in cases],
+                            [bool(truths[case_id]) for case_id in cases])
 
 
 def roc_curve(scores: list[float], truths: list[bool]) -> list[tuple[float, float]] | None:

@@ -209,11 +209,16 @@ def choose_pooled(records: list[dict]) -> dict[str, Choice]:
             raise ValueError(f"the runs' regions differ: {sorted(set(regions))}")
         offers = {name: common_offer([Offer.from_dict(record["offers"][name]) for record in records])
                   for name in (regions[0] if regions else ())}
-        matches = [{name: LesionMatch.from_dict(match) for name, match in case.items()}
-                   for record in records for _, case in sorted(record["cases"].items())]
+        matches = [case for record in records for _, case in sorted(record_matches(record).items())]
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"validation record: expected offers and cases ({err!r})") from None
     return choose(matches, offers)
+
+
+def record_matches(record: dict) -> dict[str, dict[str, LesionMatch]]:
+    """A :func:`validation_record`'s lesion matches, ``{case_id: {region: LesionMatch}}``."""
+    return {case_id: {name: LesionMatch.from_dict(match) for name, match in case.items()}
+            for case_id, case in record["cases"].items()}
 
 
 def rules_of(data: dict) -> dict[str, Rule]:

@@ -18,10 +18,10 @@ import json
 import math
 from collections.abc import Callable
 
-from brainseg.detection import choose_pooled_threshold
+from brainseg.detection import Threshold, threshold_of
 from brainseg.io import s3
 from brainseg.layout import RunLayout
-from brainseg.postprocess import choose_pooled
+from brainseg.postprocess import choose_pooled, record_matches
 from infra.launcher.jobspec import JobSpec
 from infra.launcher.results import latest_run
 
@@ -85,15 +85,22 @@ def pooled_postprocessing(output_uri: str, names: list[str], folds: int) -> dict
 
 
 def pooled_detection(records: list[dict], rules: dict) -> dict:
-    """``detection``: the tumour-present threshold on the folds' validation cases pooled under the
-    pooled ``rules`` (:func:`brainseg.detection.choose_pooled_threshold`), or a ``detection_note``."""
+    """``detection``: the tumour-present threshold (:func:`brainseg.detection.threshold_of`) on the
+    folds' validation cases pooled (each validated by the fold that held it out) under the pooled
+    ``rules``, or a ``detection_note``."""
     if not all("tumour" in record for record in records):
         return {"detection_note": "a fold's validation record does not say which cases hold tumour (trained before "
                                   "runs recorded it); each fold keeps its own threshold"}
+    matches, truths = {}, {}
     try:
-        return {"detection": choose_pooled_threshold(records, rules).to_dict()}
-    except ValueError as err:
-        return {"detection_note": f"the folds' validation records cannot be pooled: {err}"}
+        for record in records:
+            matches.update(record_matches(record))
+            truths.update(record["tumour"])
+        threshold = threshold_of(matches, truths, rules)
+    except (KeyError, TypeError, AttributeError) as err:
+        return {"detection_note": "the folds' validation records cannot be pooled: validation record: expected cases "
+                                  f"and their tumour flags ({err!r})"}
+    return {"detection": Threshold(threshold.ml, f"the folds' validation pooled: {threshold.chosen_on}").to_dict()}
 
 
 def _spread(runs: list[dict]) -> dict:

@@ -360,8 +360,9 @@ def _overlay_picks(run: ReviewedRun) -> list[tuple[str, dict]]:
     """The cases to draw: among the studies with tumour, the worst and best by mean Dice and, with
     several structures, the worst by each structure's Dice; then the tumour-free study with the
     largest false alarm, if any; each case once, with every reason it was picked."""
-    free = [row for row in run.cases_worst_first() if row.get("truth_voxels") == "0"]
-    ordered = [row for row in run.cases_worst_first() if row not in free]
+    listed = run.cases_worst_first()
+    free = [row for row in listed if row.get("truth_voxels") == "0"]
+    ordered = [row for row in listed if row.get("truth_voxels") != "0"]
     alarms = [row for row in free if row.get("predicted_voxels") not in ("0", None)]
     alarm = [("tumour-free, largest false alarm", max(alarms, key=lambda row: int(row["predicted_voxels"])))] \
         if alarms else []

@@ -23,7 +23,7 @@ from brainseg.data.catalog import Case
 from brainseg.data.resample import NATIVE, TargetSpacing
 from brainseg.data.stream import read_case_region
 from brainseg.data.transforms import normalize
-from brainseg.detection import SliceCounts, Threshold, choose_threshold, detection_figures, largest_component_ml
+from brainseg.detection import SliceCounts, Threshold, detection_figures, largest_component_ml, threshold_of
 from brainseg.dicom import PixelDataError
 from brainseg.model.inferer import sliding_window
 from brainseg.overlap import Overlap, tumour_centre
@@ -236,12 +236,10 @@ def choose_postprocessing(matches: dict, offers: dict[str, Offer]) -> dict[str, 
 
 
 def choose_detection(matches: dict, rules: dict, truths: dict[str, bool]) -> Threshold:
-    """The tumour-present threshold (:func:`brainseg.detection.choose_threshold`) from the validation
+    """The tumour-present threshold (:func:`brainseg.detection.threshold_of`) from the validation
     cases' lesion matches (``{case_id: {structure: LesionMatch}}``) under the chosen postprocessing
     ``rules`` and whether each case holds tumour (``truths``), logged."""
-    cases = sorted(matches)
-    threshold = choose_threshold([largest_component_ml(matches[case_id], rules) for case_id in cases],
-                                 [truths[case_id] for case_id in cases])
+    threshold = threshold_of(matches, truths, rules)
     logger.info("detection: a study holds tumour when its largest predicted component exceeds %.4g ml (%s)",
                 threshold.ml, threshold.chosen_on)
     return threshold
