@@ -8,7 +8,11 @@ built: both whole series are read, averaged down to about :data:`WORKING_SPACING
 ``BinShrink``), and a rigid transform (``Euler3DTransform``: three rotations about the heads'
 centre and a shift) is fitted by Mattes mutual information (a metric for images of different
 contrasts), multi-resolution (shrink 4, 2, 1; smoothing 2, 1, 0 mm), regular-step gradient
-descent, started from the two volumes' centres of mass.
+descent, started from the two volumes' centres of mass. The coarser of the two (the larger voxel
+after averaging down, typically a thick-slice FLAIR) is the fixed image the metric samples, and the
+finer one is interpolated at its voxels: interpolating between thick slices biases the metric's
+optimum by up to a degree or so, interpolating a fine volume hardly at all. A fit the other way
+round is inverted.
 
 The result is a 4x4 matrix taking the reference's patient coordinates (mm) to the sequence's;
 :class:`~brainseg.data.geometry.Aligned` composes it with the two grids, so the sequence is read
@@ -33,7 +37,7 @@ from scipy import ndimage
 
 from brainseg.data.series import object_identity
 
-REGISTRATION_VERSION = 1  # part of a result's name: a change in how registration is done names new ones
+REGISTRATION_VERSION = 2  # part of a result's name: a change in how registration is done names new ones
 WORKING_SPACING_MM = 2.0  # volumes are averaged down to about this spacing before registering
 HISTOGRAM_BINS = 32  # Mattes mutual information
 SAMPLING_FRACTION = 0.25  # of the reference's voxels the metric samples (a fixed seed)
@@ -158,7 +162,9 @@ def register(reference, moving) -> Registration:
     import SimpleITK as sitk
 
     started = time.perf_counter()
-    fixed, floating = _image(reference), _image(moving)
+    reference_image, moving_image = _image(reference), _image(moving)
+    swapped = _voxel_volume(moving_image) > _voxel_volume(reference_image)
+    fixed, floating = (moving_image, reference_image) if swapped else (reference_image, moving_image)
     initial = sitk.CenteredTransformInitializer(fixed, floating, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = sitk.ImageRegistrationMethod()
@@ -181,11 +187,21 @@ def register(reference, moving) -> Registration:
     matrix = np.eye(4)
     matrix[:3, :3] = rotation
     matrix[:3, 3] = centre + shift - rotation @ centre
-    head = _head(sitk.GetArrayFromImage(fixed))
+    if swapped:
+        matrix = np.linalg.inv(matrix)
+    fit = sitk.AffineTransform(3)
+    fit.SetMatrix(tuple(float(v) for v in matrix[:3, :3].ravel()))
+    fit.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
+    head = _head(sitk.GetArrayFromImage(reference_image))
     return Registration(tuple(float(v) for v in matrix.ravel()), float(method.GetMetricValue()),
-                        round(_head_dice(fixed, head, floating, euler), 4),
-                        round(_head_dice(fixed, head, floating, sitk.Euler3DTransform()), 4),
+                        round(_head_dice(reference_image, head, moving_image, fit), 4),
+                        round(_head_dice(reference_image, head, moving_image, sitk.Euler3DTransform()), 4),
                         round(time.perf_counter() - started, 2))
+
+
+def _voxel_volume(image) -> float:
+    """mm³ of one voxel of a SimpleITK ``image``."""
+    return float(np.prod(image.GetSpacing()))
 
 
 class Registrar:
