@@ -111,6 +111,18 @@ def test_sequence_dropout_zeroes_one_drawn_sequence_and_changes_nothing_else():
         assert torch.equal(out[0, 1 - gone], plain[0, 1 - gone]) and torch.equal(out_labels, plain_labels)
 
 
+def test_sequence_dropout_draws_only_among_the_droppable_channels():
+    kept = [aug.draw(np.random.default_rng([5, n]), 4, True, sequence_dropout=1.0) for n in range(200)]
+    among = [aug.draw(np.random.default_rng([5, n]), 4, True, sequence_dropout=1.0, droppable=(1, 2, 3))
+             for n in range(200)]
+    assert {a[-1] for a in kept} == {0.0, 1.0, 2.0, 3.0}
+    assert {b[-1] for b in among} == {1.0, 2.0, 3.0}  # channel 0 is never dropped
+    assert all(np.array_equal(a[:-1], b[:-1]) for a, b in zip(kept, among))
+    every = [aug.draw(np.random.default_rng([5, n]), 4, True, sequence_dropout=1.0, droppable=(0, 1, 2, 3))
+             for n in range(200)]
+    assert all(np.array_equal(a, b) for a, b in zip(kept, every))  # naming them all is the default
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here; the CPU path is checked above")
 def test_a_batch_augmented_on_the_gpu_matches_the_cpu(monkeypatch):
     images, labels, draws = _batch(4, (0, 1, 2, 3), monkeypatch)

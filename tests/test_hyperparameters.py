@@ -72,6 +72,10 @@ def test_locations_and_budget_are_checked_before_anything_runs(fields_, message)
     (["--sequence-dropout", "1.5", "--sequences", "t1c,flair"], r"sequence_dropout 1.5: expected a value in \[0, 1\]"),
     (["--sequence-dropout", "0.3"], r"sequence_dropout 0.3 with sequences 'image' and augment True: expected at least two"),
     (["--sequence-dropout", "0.3", "--sequences", "t1c,flair", "--augment", "false"], "and --augment true"),
+    (["--sequence-dropout", "0.3", "--sequences", "t1c,flair", "--sequence-dropout-among", "t2"],
+     "sequence_dropout_among 't2': expected distinct names among the sequences 't1c,flair'"),
+    (["--sequence-dropout", "0.3", "--sequences", "t1c,flair", "--sequence-dropout-among", "flair,flair"],
+     "sequence_dropout_among 'flair,flair'"),
 ])
 def test_bad_values_name_the_field_and_what_was_expected(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -136,7 +140,7 @@ def test_overrides_are_validated_for_launchers():
 def test_the_stream_settings_are_declared_once():
     stream = {spec.name: spec for spec in fields(StreamConfig)}
     flags = {spec.name: spec for spec in fields(Hyperparameters)}
-    assert set(stream) == {*STREAM_FLAGS, "memory_budget_bytes", "seed"}
+    assert set(stream) == {*STREAM_FLAGS, "memory_budget_bytes", "seed", "sequence_dropout_channels"}
     for name in STREAM_FLAGS:
         assert flags[name].default == stream[name].default and flags[name].metadata == stream[name].metadata, name
     assert Hyperparameters().stream_config() == StreamConfig()
@@ -146,7 +150,9 @@ def test_stream_config_carries_the_stream_fields():
     hp = Hyperparameters(patch_size=(32, 48, 64), memory_budget_mb=64, mix_slabs=3, seed=9)
     config = hp.stream_config()
     assert config.patch_size == (32, 48, 64) and config.memory_budget_bytes == 64 * 2**20
-    assert config.mix_slabs == 3 and config.seed == 9
+    assert config.mix_slabs == 3 and config.seed == 9 and config.sequence_dropout_channels == ()
+    among = Hyperparameters(sequences="t1c,t1,t2,flair", sequence_dropout=0.5, sequence_dropout_among="flair, t1")
+    assert among.stream_config().sequence_dropout_channels == (3, 1)
 
 
 def _hp_attributes() -> set[str]:
@@ -175,12 +181,12 @@ def _stream_config_attributes() -> set[str]:
     return read | (set(STREAM_FLAGS) if by_name else set())
 
 
-DERIVED = {"sequence_names": "sequences"}  # properties of Hyperparameters and the field each one reads
+DERIVED = {"sequence_names": "sequences", "sequence_dropout_names": "sequence_dropout_among"}  # properties of Hyperparameters and the field each one reads
 
 
 def test_every_field_is_used():
-    used = {DERIVED.get(name, name) for name in _hp_attributes()}
-    unused = {f.name for f in fields(Hyperparameters)} - used - _stream_config_attributes()
+    used = {DERIVED.get(name, name) for name in _hp_attributes() | _stream_config_attributes()}
+    unused = {f.name for f in fields(Hyperparameters)} - used
     assert not unused, f"hyperparameters never read by the training code: {sorted(unused)}"
 
 

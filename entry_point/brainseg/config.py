@@ -198,6 +198,9 @@ class Hyperparameters:
     normalization: str = _stream_field("normalization")
     augment: bool = _stream_field("augment")
     sequence_dropout: float = _stream_field("sequence_dropout")
+    sequence_dropout_among: str = flag_field("", "the sequences dropout may drop, comma-separated (empty: any); e.g. "
+                                                 "t1,t2,flair keeps the T1c the enhancing tumour is defined on in "
+                                                 "every patch")
     memory_budget_mb: int = flag_field(StreamConfig.memory_budget_bytes // MiB, "MiB the patch pipeline may hold, shared "
                                                                             "by the DataLoader workers")
     read_ahead: int = _stream_field("read_ahead")
@@ -267,6 +270,11 @@ class Hyperparameters:
         return tuple(name.strip() for name in self.sequences.split(","))
 
     @property
+    def sequence_dropout_names(self) -> tuple[str, ...]:
+        """The sequences dropout may drop (``--sequence-dropout-among``; empty: any)."""
+        return tuple(name.strip() for name in self.sequence_dropout_among.split(",") if name.strip())
+
+    @property
     def target_spacing_mm(self) -> tuple | str:
         """``"median"``, ``"native"`` or ``(dz, dy, dx)`` in mm."""
         return parse_target_spacing(self.target_spacing)
@@ -283,6 +291,10 @@ class Hyperparameters:
             raise ValueError(f"sequence_dropout {self.sequence_dropout} with sequences {self.sequences!r} and augment "
                              f"{self.augment}: expected at least two sequences and --augment true (it drops one of "
                              "them from a training patch)")
+        among = self.sequence_dropout_names
+        if any(name not in names for name in among) or len(set(among)) != len(among):
+            raise ValueError(f"sequence_dropout_among {self.sequence_dropout_among!r}: expected distinct names among "
+                             f"the sequences {self.sequences!r}")
 
     def _check_locations(self) -> None:
         """Outputs never inside the dataset: they would be listed as cases, and could overwrite data."""
@@ -308,6 +320,8 @@ class Hyperparameters:
     def stream_config(self) -> StreamConfig:
         """The patch-stream settings of this run."""
         return StreamConfig(**{name: getattr(self, name) for name in STREAM_FLAGS},
+                            sequence_dropout_channels=tuple(self.sequence_names.index(name)
+                                                            for name in self.sequence_dropout_names),
                             memory_budget_bytes=self.memory_budget_mb * MiB, seed=self.seed)
 
     def to_dict(self) -> dict:

@@ -65,7 +65,7 @@ FLAG_GROUPS = {
                      "epochs", "steps_per_epoch", "batch_size", "patience", "precision", "compile", "lr_find_steps",
                      "lr_find_min", "lr_find_max"),
     "patches": ("patch_size", "foreground_fraction", "foreground_sampling", "normalization", "augment", "sequence_dropout",
-                "num_workers"),
+                "sequence_dropout_among", "num_workers"),
     "evaluation": ("keep_weights", "sw_overlap", "sw_batch_size", "save_predictions", "sequence_importance"),
     "checkpoints and tracking": ("checkpoint_steps", "keep_checkpoints", "log_every", "mlflow_tracking_uri",
                                  "mlflow_experiment"),

@@ -45,6 +45,7 @@ class StreamConfig:
     sequence_dropout: float = flag_field(0.0, "probability that a training patch has one sequence, drawn evenly, "
                                               "replaced by zeros (with --augment): the network learns to read "
                                               "each sequence without the others")
+    sequence_dropout_channels: tuple = flag_field((), "the channels sequence dropout may drop (empty: any)")
     memory_budget_bytes: int = flag_field(1024 * MiB, "bytes the patch pipeline may hold, shared by the DataLoader workers")
     read_ahead: int = flag_field(4, "slabs fetched ahead of the consumer per worker (the budget may lower it)")
     seed: int = flag_field(0, "seed of every random choice")
@@ -60,6 +61,7 @@ class StreamConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(v) for v in self.patch_size))
         object.__setattr__(self, "slab_margin", tuple(int(v) for v in self.slab_margin))
+        object.__setattr__(self, "sequence_dropout_channels", tuple(int(v) for v in self.sequence_dropout_channels))
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size {self.patch_size}: expected three positive sizes (D, H, W)")
         if len(self.slab_margin) != 2 or min(self.slab_margin) < 0:
@@ -68,6 +70,8 @@ class StreamConfig:
             raise ValueError(f"foreground_fraction {self.foreground_fraction}: expected a value in [0, 1]")
         if not 0.0 <= self.sequence_dropout <= 1.0:
             raise ValueError(f"sequence_dropout {self.sequence_dropout}: expected a value in [0, 1]")
+        if self.sequence_dropout_channels and min(self.sequence_dropout_channels) < 0:
+            raise ValueError(f"sequence_dropout_channels {self.sequence_dropout_channels}: expected channel indices")
         if self.foreground_sampling not in FOREGROUND_SAMPLINGS:
             raise ValueError(f"foreground_sampling {self.foreground_sampling!r}: expected one of "
                              f"{', '.join(FOREGROUND_SAMPLINGS)}")

@@ -55,11 +55,12 @@ def draws_length(channels: int) -> int:
     return _GEOMETRY + channels * _CHANNEL + 3 + 1
 
 
-def draw(rng: np.random.Generator, channels: int, square: bool, sequence_dropout: float = 0.0) -> np.ndarray:
+def draw(rng: np.random.Generator, channels: int, square: bool, sequence_dropout: float = 0.0,
+         droppable: tuple = ()) -> np.ndarray:
     """Every random number one patch's augmentation needs (float64, :func:`draws_length` long), in a
     fixed order from ``rng``; ``square``: the patch's in-plane sides are equal (turns allowed);
-    ``sequence_dropout``: the probability that one sequence is replaced by zeros (the draws before it
-    do not depend on it)."""
+    ``sequence_dropout``: the probability that one sequence, drawn evenly among the ``droppable``
+    channels (empty: any), is replaced by zeros (the draws before it do not depend on it)."""
     spatial = [float(rng.random() < SPATIAL_PROBABILITY) for _ in range(3)]
     angles = np.deg2rad(rng.uniform(-1, 1, 3) * ROTATION_DEGREES)
     factor = rng.uniform(*SCALE)
@@ -75,7 +76,8 @@ def draw(rng: np.random.Generator, channels: int, square: bool, sequence_dropout
         parts += [flags, amounts, coefficients, [rng.uniform(*INTENSITY_SCALE), rng.uniform(*INTENSITY_SHIFT)]]
     parts += [[float(rng.random() < NOISE_PROBABILITY), rng.uniform(*NOISE_STD), float(rng.integers(2**31))]]
     dropped = rng.random() < sequence_dropout
-    channel = float(rng.integers(channels))
+    among = droppable or range(channels)
+    channel = float(among[rng.integers(len(among))])
     parts += [[channel if dropped else -1.0]]
     return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in parts])
 

@@ -259,6 +259,7 @@ class PatchStream(IterableDataset):
             if self.config.augment:  # drawn here, applied to the batch on the training device
                 rng = np.random.default_rng([self.config.seed, plan.number, number, 1])
                 square = patch_label.shape[1] == patch_label.shape[2]
-                sample["augment"] = torch.from_numpy(draw(rng, len(images), square, self.config.sequence_dropout))
+                sample["augment"] = torch.from_numpy(draw(rng, len(images), square, self.config.sequence_dropout,
+                                                             self.config.sequence_dropout_channels))
             out.append(sample)
         return out
