@@ -13,7 +13,7 @@ import pytest
 
 from brainseg.data.catalog import Catalog, build_catalog
 from brainseg.data.geometry import Aligned, InMemory, centre_of, grid_of, labels_onto, voxel_to_patient
-from brainseg.data.registration import Registration, otsu_level
+from brainseg.data.registration import Registration, otsu_level, register, rotation_degrees
 from brainseg.data.stream import read_case_region
 from brainseg.io import s3
 from brainseg.overlap import Overlap
@@ -86,6 +86,21 @@ def test_a_sequence_in_another_frame_is_registered_once_and_read_through_the_tra
     assert again.index_stats["registrations_fitted"] == 0
     reused = {case.case_id: case for case in again.cases}["case_0000"].resampled["flair"].registration
     assert reused == flair.registration
+
+
+def test_either_series_may_be_the_reference_and_the_fits_are_each_others_inverse(first_catalog):
+    """The metric samples the coarser series whichever is the reference; a fit made the other way
+    round is inverted, so registering the t1c to the flair gives the inverse of the flair to the t1c."""
+    case = {case.case_id: case for case in first_catalog.cases}["case_0000"]
+    flair = case.resampled["flair"].native
+    forward, backward = register(case.image, flair), register(flair, case.image)
+    truth = SPEC.motion(0)["flair"]
+    centre = centre_of(case.image)[None]
+    for fitted in (forward.transform, np.linalg.inv(backward.transform)):
+        assert rotation_degrees(np.linalg.inv(truth) @ fitted) < 2.0
+        assert np.linalg.norm(moved(fitted, centre) - moved(truth, centre)) < 2.0
+    assert rotation_degrees(truth) > 4.0  # so a fit left uninverted would miss by twice that
+    assert forward.passed and backward.passed
 
 
 def test_a_seg_drawn_on_the_registered_sequence_is_read_through_the_registration(studies):
