@@ -1,7 +1,7 @@
 """Studies as a scanner writes them against the same studies curated onto one grid: test Dice,
 same training.
 
-    python benchmarks/own_grids.py [--seeds 0,1] [--variants shared,own,exported] [--cases 24]
+    python benchmarks/own_grids.py [--seeds 0,1] [--variants shared,own,exported,moved] [--cases 24]
                                    [--shape 48,96,96] [--out benchmarks/results/own_grids.json]
 
 Per generator seed, the same synthetic four-sequence studies (infra/data/phantom.py) are written
@@ -10,12 +10,14 @@ series on the study's grid; ``own``, in sequence folders but as a scanner writes
 the mask on the study's grid, the T1 an oblique stack, the T2 sagittal and finer in plane, the
 FLAIR in thick axial slices; one frame of reference, infra/data/grids.py); ``exported``, the same
 grids as a PACS exports the exam (``--layout studies``: UID-named objects, localiser, diffusion, ADC
-and an MPR beside them, infra/data/exported.py), found by their headers. Every variant gets the
-same split (a ``manifest.csv``; for the exported studies by their study IDs), and each is trained by
-``entry_point/train.py`` with the demo's settings (infra/launcher/demo.py); its test Dice per
-region (on the T1c's grid, where all hold the same labels) and wall time are reported, with the
-ratio to ``shared``, and for ``exported`` the confusion table of what each series was written as
-against what the rules found.
+and an MPR beside them, infra/data/exported.py), found by their headers; ``moved``, exported with
+every study's FLAIR in a frame of reference of its own (the patient turned 5-10 degrees and shifted
+5-15 mm, infra/data/grids.py ``frame_motion``), so each is registered when the catalog is built.
+Every variant gets the same split (a ``manifest.csv``; for the exported studies by their study
+IDs), and each is trained by ``entry_point/train.py`` with the demo's settings
+(infra/launcher/demo.py); its test Dice per region (on the T1c's grid, where all hold the same
+labels) and wall time are reported, with the ratio to ``shared``, and for ``exported`` and
+``moved`` the confusion table of what each series was written as against what the rules found.
 """
 
 from __future__ import annotations
@@ -58,7 +60,14 @@ def flags() -> list[str]:
     return out
 
 
-VARIANTS = {"shared": dict(grids="shared"), "own": dict(grids="own"), "exported": dict(grids="own", layout="studies")}
+VARIANTS = {"shared": dict(grids="shared"), "own": dict(grids="own"), "exported": dict(grids="own", layout="studies"),
+            "moved": dict(grids="own", layout="studies")}  # moved: every study's FLAIR in a frame of its own
+
+
+def spec_of(variant: str, seed: int, args) -> SynthSpec:
+    """The generator's settings of ``variant``: the same studies, written as it says."""
+    moved = args.cases if variant == "moved" else 0
+    return SynthSpec(shape=args.shape, sequences=DEMO_SEQUENCES, seed=seed, other_frame=moved, **VARIANTS[variant])
 
 
 def split_of(index: int) -> str:
@@ -73,7 +82,8 @@ def manifest(case_ids: dict[int, str]) -> bytes:
 
 def exported_ids(dataset: str, seed: int, cases: int) -> tuple[dict[int, str], dict]:
     """The exported studies' case IDs by case number (each study's PatientID, hashed with the dataset's
-    identity key, names its number) and the confusion table of written series against found roles."""
+    identity key, names its number), the confusion table of written series against found roles, and how
+    many sequences were registered from another frame."""
     catalog = build_catalog(dataset, sequences=DEMO_SEQUENCES, layout="studies")
     key = identity_key(index_uri_for(dataset.rstrip("/")))
     numbers = {identity_hash(key, f"SYN{seed:03d}{index:05d}"): index for index in range(cases)}
@@ -83,7 +93,8 @@ def exported_ids(dataset: str, seed: int, cases: int) -> tuple[dict[int, str], d
         for written, verdict in zip(SERIES_ORDER, verdicts):
             confusion.setdefault(written, {}).setdefault(verdict.role, 0)
             confusion[written][verdict.role] += 1
-    return ids, {"confusion": confusion, "usable": len(catalog.cases), "studies": cases,
+    registered = sum(item.registration is not None for case in catalog.cases for item in case.resampled.values())
+    return ids, {"confusion": confusion, "usable": len(catalog.cases), "studies": cases, "registered": registered,
                  "excluded": {item.case_id: item.reason for item in catalog.exclusions}}
 
 
@@ -92,13 +103,12 @@ def one_seed(seed: int, args, work: Path) -> dict:
     for variant in args.variants:
         dataset = f"s3://{BUCKET}/seed{seed}-{variant}/"
         started = time.perf_counter()
-        write_dataset(args.cases, dataset, SynthSpec(shape=args.shape, sequences=DEMO_SEQUENCES, seed=seed,
-                                                     **VARIANTS[variant]), jobs=2)
+        write_dataset(args.cases, dataset, spec_of(variant, seed, args), jobs=2)
         written = time.perf_counter() - started
         found = {}
-        if variant == "exported":
+        if VARIANTS[variant].get("layout") == "studies":
             ids, found = exported_ids(dataset, seed, args.cases)
-            print(f"# seed {seed} exported: {found['usable']}/{found['studies']} studies usable; written -> found "
+            print(f"# seed {seed} {variant}: {found['usable']}/{found['studies']} studies usable; written -> found "
                   f"{found['confusion']}", flush=True)
         else:
             ids = {index: case_id_for(index) for index in range(args.cases)}
