@@ -12,7 +12,8 @@ descent, started from the two volumes' centres of mass. The coarser of the two (
 after averaging down, typically a thick-slice FLAIR) is the fixed image the metric samples, and the
 finer one is interpolated at its voxels: interpolating between thick slices biases the metric's
 optimum by up to a degree or so, interpolating a fine volume hardly at all. A fit the other way
-round is inverted.
+round is inverted. The metric samples only the fixed image's head (its Otsu head grown by
+:data:`MASK_MARGIN_VOXELS`): the air around it holds noise, not anatomy.
 
 The result is a 4x4 matrix taking the reference's patient coordinates (mm) to the sequence's;
 :class:`~brainseg.data.geometry.Aligned` composes it with the two grids, so the sequence is read
@@ -42,6 +43,7 @@ WORKING_SPACING_MM = 2.0  # volumes are averaged down to about this spacing befo
 HISTOGRAM_BINS = 32  # Mattes mutual information
 SAMPLING_FRACTION = 0.25  # of the reference's voxels the metric samples (a fixed seed)
 SAMPLING_SEED = 17
+MASK_MARGIN_VOXELS = 2  # the metric samples the fixed image's head grown by this much (working voxels)
 ITERATIONS = 200  # per resolution level
 MIN_HEAD_DICE = 0.8  # the check a registration must pass: it catches gross failures, not millimetres
 
@@ -171,6 +173,7 @@ def register(reference, moving) -> Registration:
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(SAMPLING_FRACTION, SAMPLING_SEED)
+    method.SetMetricFixedMask(_head_mask(fixed))
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-5, numberOfIterations=ITERATIONS,
                                                     relaxationFactor=0.85, gradientMagnitudeTolerance=1e-8)
@@ -197,6 +200,17 @@ def register(reference, moving) -> Registration:
                         round(_head_dice(reference_image, head, moving_image, fit), 4),
                         round(_head_dice(reference_image, head, moving_image, sitk.Euler3DTransform()), 4),
                         round(time.perf_counter() - started, 2))
+
+
+def _head_mask(image):
+    """The head of a SimpleITK ``image`` grown by :data:`MASK_MARGIN_VOXELS`, as a mask on its grid:
+    where the metric samples (air carries noise, not anatomy)."""
+    import SimpleITK as sitk
+
+    head = ndimage.binary_dilation(_head(sitk.GetArrayFromImage(image)), iterations=MASK_MARGIN_VOXELS)
+    mask = sitk.GetImageFromArray(head.astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask
 
 
 def _voxel_volume(image) -> float:
