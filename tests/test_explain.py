@@ -56,6 +56,12 @@ def test_a_sequence_the_network_rests_on_matters_and_one_it_ignores_does_not(buc
     dropped = sequence_importance(BrightOnFirst(), cases, dataclasses.replace(hp, sequence_dropout=0.25), task, device,
                                   NATIVE, {}, intact)
     assert dropped["reading"].startswith("information: trained with --sequence-dropout 0.25")
+    assert "except" not in dropped["reading"]
+    among = sequence_importance(BrightOnFirst(), cases, dataclasses.replace(
+        hp, sequence_dropout=0.25, sequence_dropout_among="flair"), task, device, NATIVE, {}, intact)
+    assert among["reading"].startswith("information: trained with --sequence-dropout 0.25") and among[
+        "reading"].endswith("; except without t1c, which training never dropped (--sequence-dropout-among): those "
+                            "figures read as reliance")
 
 
 def test_occlusion_and_saliency_find_what_the_network_reads():

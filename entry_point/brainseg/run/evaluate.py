@@ -265,6 +265,8 @@ def sequence_importance(model: torch.nn.Module, cases: list[Case], hp: Hyperpara
     figures = lambda scores: {name: {"dice": scores.get(f"dice_{name}"), "lesion_dice": scores.get(f"lesion_dice_{name}")}
                               for name in names}
     ids = {case.case_id for case in chosen}
+    among = hp.sequence_dropout_names
+    kept = tuple(name for name in hp.sequence_names if among and name not in among)
     whole = figures(aggregate([result for result in intact if result.case_id in ids]))
     without = {}
     for channel, sequence in enumerate(hp.sequence_names):
@@ -276,14 +278,18 @@ def sequence_importance(model: torch.nn.Module, cases: list[Case], hp: Hyperpara
             f"{name} {values['dice']:.3f} ({-values['dice_drop']:+.3f})" for name, values in without[sequence].items()),
             len(chosen))
     return {"cases": len(chosen), "replaced_by": "zeros (the body mean after z-scoring; black after min-max)",
-            "reading": importance_reading(hp.sequence_dropout), "intact": whole, "without": without}
+            "reading": importance_reading(hp.sequence_dropout, kept), "intact": whole, "without": without}
 
 
-def importance_reading(sequence_dropout: float) -> str:
-    """How to read sequence importance, by whether training ever showed the model a missing sequence."""
+def importance_reading(sequence_dropout: float, never_dropped: tuple = ()) -> str:
+    """How to read sequence importance, by whether training ever showed the model a missing sequence;
+    ``never_dropped``: the sequences dropout was not allowed to drop (``--sequence-dropout-among``)."""
     if sequence_dropout:
+        exception = (f"; except without {', '.join(never_dropped)}, which training never dropped "
+                     "(--sequence-dropout-among): those figures read as reliance") if never_dropped else ""
         return (f"information: trained with --sequence-dropout {sequence_dropout:g}, the model has seen a sequence "
-                "replaced by zeros, so what a structure loses without a sequence is what that sequence carries")
+                "replaced by zeros, so what a structure loses without a sequence is what that sequence carries"
+                + exception)
     return ("reliance: trained without --sequence-dropout, the model never saw a sequence replaced by zeros, so a "
             "structure's loss says which sequences the network leans on, which need not be those that carry the "
             "tumour; train with --sequence-dropout to measure what each sequence carries")
