@@ -41,7 +41,7 @@ from brainseg.data.series import object_identity
 REGISTRATION_VERSION = 2  # part of a result's name: a change in how registration is done names new ones
 WORKING_SPACING_MM = 2.0  # volumes are averaged down to about this spacing before registering
 HISTOGRAM_BINS = 32  # Mattes mutual information
-SAMPLING_FRACTION = 0.25  # of the reference's voxels the metric samples (a fixed seed)
+SAMPLING_FRACTION = 0.5  # of the fixed image's head voxels the metric samples (a fixed seed)
 SAMPLING_SEED = 17
 MASK_MARGIN_VOXELS = 2  # the metric samples the fixed image's head grown by this much (working voxels)
 ITERATIONS = 200  # per resolution level
