@@ -14,9 +14,9 @@ true whole tumour larger than BraTS's 50 mm³ floor is a lesion, *found* when th
 tumour covers at least half of it (and *detected* when it covers any of it). It is binned by size (under 2 ml, 2-10 ml, 10 ml and more), by
 BraTS type (enhancing: it holds an enhancing voxel; else non-enhancing) and, where the generator
 recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). Each
-lesion also gets a *local Dice*: the predicted whole tumour against the lesion within 5 mm of it,
-which falls when a lesion is missed and when the prediction floods its surroundings (where
-*found* would still count it). False positive components are counted per region, before any
+lesion also records the share of it *covered* and a *local Dice*: the predicted whole tumour
+against the lesion within 5 mm of it, which falls when a lesion is missed and when the prediction
+floods its surroundings (where *found* would still count it). False positive components are counted per region, before any
 postprocessing and after it.
 """
 
@@ -132,7 +132,8 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
         if predicted[index].any() and truth[index].any():
             row[f"hd95_{name}"] = hausdorff95(predicted[index], truth[index], spacing)
     row["dice_mean"] = float(np.mean([row[f"dice_{name}"] for name in REGIONS]))
-    row["lesions"] = [{**facts, "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION),
+    row["lesions"] = [{**facts, "covered": round(float(predicted[0][voxels].mean()), 4),
+                       "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION),
                        "detected": bool(predicted[0][voxels].any()),
                        "local_dice": round(local_dice(predicted[0], voxels, spacing), 4)}
                       for voxels, facts in lesions_of(label, spacing, numbers, types)]
