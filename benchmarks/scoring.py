@@ -16,8 +16,8 @@ BraTS type (enhancing: it holds an enhancing voxel; else non-enhancing) and, whe
 recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flair-only). Each
 lesion also records the share of it *covered* and a *local Dice*: the predicted whole tumour
 against the lesion within 5 mm of it, which falls when a lesion is missed and when the prediction
-floods its surroundings (where *found* would still count it). False positive components are counted per region, before any
-postprocessing and after it.
+floods its surroundings (where *found* would still count it). False positive components are
+counted per region, before any postprocessing and after it.
 """
 
 from __future__ import annotations
@@ -132,12 +132,18 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
         if predicted[index].any() and truth[index].any():
             row[f"hd95_{name}"] = hausdorff95(predicted[index], truth[index], spacing)
     row["dice_mean"] = float(np.mean([row[f"dice_{name}"] for name in REGIONS]))
-    row["lesions"] = [{**facts, "covered": round(float(predicted[0][voxels].mean()), 4),
-                       "found": bool(predicted[0][voxels].mean() >= FOUND_FRACTION),
-                       "detected": bool(predicted[0][voxels].any()),
-                       "local_dice": round(local_dice(predicted[0], voxels, spacing), 4)}
+    row["lesions"] = [lesion_record(predicted[0], voxels, facts, spacing)
                       for voxels, facts in lesions_of(label, spacing, numbers, types)]
     return row
+
+
+def lesion_record(whole_tumour: np.ndarray, voxels: np.ndarray, facts: dict, spacing: tuple) -> dict:
+    """One true lesion's ``facts`` with the share of it the predicted whole tumour covers, whether
+    that finds it or detects it, and its local Dice."""
+    covered = float(whole_tumour[voxels].mean())
+    return {**facts, "covered": round(covered, 4), "found": covered >= FOUND_FRACTION,
+            "detected": bool(whole_tumour[voxels].any()),
+            "local_dice": round(local_dice(whole_tumour, voxels, spacing), 4)}
 
 
 def score_cases(members: list[Member], studies: list[dict], rules: dict | None = None,
