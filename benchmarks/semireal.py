@@ -3,7 +3,8 @@
     pip install --no-deps nilearn==0.14.1      # only its ICBM152 2009a template files are read
     python benchmarks/semireal.py [--seeds 0,1,2] [--kind mixed] [--cases 40] [--epochs 6] [--steps 100]
                                   [--channels 16,32,64,128] [--patch-size 56,64,64] [--batch-size 2]
-                                  [--run NAME=FLAGS ...] [--mirror] [--monai] [--out benchmarks/results/semireal.json]
+                                  [--run NAME=FLAGS ...] [--mirror] [--monai] [--train-seeds 1,2]
+                                  [--out benchmarks/results/semireal.json]
 
 Per seed, ``--cases`` studies of ``--kind`` (benchmarks/anatomy.py: real anatomy, five lesion
 types, several lesions and lesions under 2 ml, vessels and white-matter spots to be mistaken for
@@ -12,6 +13,10 @@ is ``entry_point/train.py`` on them with our defaults, the benchmark's network (
 patch, batch, steps) and its own flags; ``--monai`` adds MONAI's BraTS-tutorial pipeline
 (benchmarks/monai_tutorial.py: its loss, optimiser, learning rate and augmentation) with the same
 network, patch, batch, steps and split. The train/val/test split is the catalog's (20/8/12 of 40).
+``--train-seeds`` trains every pipeline once per training seed T on the same studies and split:
+each dataset gets a ``manifest.csv`` of the catalog's seed-0 split, ours runs with ``--seed T``
+and MONAI's initial weights and transforms with the generator seed + 100 T; the runs are named
+``<run>@T`` and pooled with the other seeds and training seeds under ``<run>``.
 
 Every model is scored by benchmarks/scoring.py on the test studies as the generator made them
 (its labels and lesion types; our DICOM reader is checked to return the same labels): voxel and
@@ -48,9 +53,10 @@ import ours  # noqa: E402
 import scoring  # noqa: E402
 
 from brainseg.data.catalog import build_catalog  # noqa: E402
+from brainseg.data.listing import MANIFEST_NAME  # noqa: E402
 from brainseg.data.resample import median_spacing  # noqa: E402
 from brainseg.data.stream import read_case_region  # noqa: E402
-from brainseg.io import s3  # noqa: E402
+from brainseg.io import s3, s3_writes  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
 from brainseg.postprocess import rules_of  # noqa: E402
 from brainseg.prediction.predictor import MIRROR_FLIPS  # noqa: E402
@@ -97,8 +103,17 @@ def check_reader(catalog, studies: dict, case_ids: list[str]) -> None:
             raise RuntimeError(f"{case_id}: our reader's labels differ from the generator's")
 
 
+def fix_split(dataset: str) -> None:
+    """A ``manifest.csv`` of the catalog's seed-0 split in ``dataset``, so that ``--seed`` moves only
+    a run's initial weights and patch stream."""
+    catalog = build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0)
+    rows = ["case_id,split", *(f"{case.case_id},{name}" for name in ("train", "val", "test")
+                               for case in sorted(catalog.split(name), key=lambda case: case.case_id))]
+    s3_writes.put_bytes(dataset + MANIFEST_NAME, ("\n".join(rows) + "\n").encode(), "text/csv")
+
+
 def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
-    """Every run of one generator seed, scored on its test studies."""
+    """Every run of one generator seed (and each training seed), scored on its test studies."""
     dataset = f"s3://{BUCKET}/semireal-{args.kind}-{seed}/"
     started = time.perf_counter()
     studies = write_studies(args.cases, args.kind, seed, dataset)
@@ -106,9 +121,16 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
     out = {"data": {"thickness_mm": sorted({s.spacing[0] for s in studies.values()}),
                     "lesion_types": {t: sum(s.types.count(t) for s in studies.values()) for t in anatomy.TYPES}},
            "runs": {}}
+    training_seeds = [int(v) for v in args.train_seeds.split(",")] if args.train_seeds else [None]
+    if args.train_seeds:
+        fix_split(dataset)
     with tempfile.TemporaryDirectory() as work:
-        trained = {name: ours.train(f"{name}-{args.kind}-{seed}", dataset, f"s3://{BUCKET}/runs", Path(work) / name,
-                                    [*training_flags(args), *flags]) for name, flags in runs}
+        trained = {}
+        for (name, flags), training in itertools.product(runs, training_seeds):
+            key = name if training is None else f"{name}@{training}"
+            seeded = [] if training is None else ["--seed", str(training)]
+            trained[key] = ours.train(f"{key.replace('@', '-t')}-{args.kind}-{seed}", dataset, f"s3://{BUCKET}/runs",
+                                      Path(work) / key, [*training_flags(args), *flags, *seeded])
         catalog = build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0)
         splits = {name: sorted(case.case_id for case in catalog.split(name)) for name in ("train", "val", "test")}
         out["split"] = {name: len(ids) for name, ids in splits.items()}
@@ -125,17 +147,19 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
             after = rows.get("postprocessed", rows["raw"])
             out["runs"][f"{name}{suffix}+pp"] = {"rules": {key: rule.describe() for key, rule in rules.items()},
                                                  "scores": scoring.summarise(after), "per_case": after}
-        if args.monai:
+        for training in training_seeds if args.monai else ():
             spacing = median_spacing(studies[case_id].spacing for case_id in splits["train"])
-            torch.manual_seed(seed)
+            monai_seed = seed + 100 * (training or 0)
+            torch.manual_seed(monai_seed)
             model = build_model(NetworkSpec(in_channels=len(anatomy.SEQUENCES), out_channels=len(scoring.REGIONS),
                                             channels=tuple(int(v) for v in args.channels.split(","))))
             patch = tuple(int(v) for v in args.patch_size.split(","))
             run = monai_tutorial.train(model, [as_scored(i, studies[i]) for i in splits["train"]],
                                        [as_scored(i, studies[i]) for i in splits["val"]], patch, args.batch_size,
-                                       args.epochs, args.steps, seed, spacing)
+                                       args.epochs, args.steps, monai_seed, spacing)
             rows = scoring.score_cases([monai_tutorial.member(model, patch, spacing)], test)["raw"]
-            out["runs"]["monai"] = {**run, "scores": scoring.summarise(rows), "per_case": rows}
+            out["runs"]["monai" if training is None else f"monai@{training}"] = {
+                **run, "scores": scoring.summarise(rows), "per_case": rows}
     return out
 
 
@@ -160,6 +184,17 @@ def parse_runs(values: list[str]) -> list[tuple[str, list[str]]]:
     return [(name.strip(), flags.split()) for name, _, flags in (value.partition("=") for value in values)]
 
 
+def pooled_runs(seeds) -> dict:
+    """Each run's scores pooled over the generator seeds and, for ``<run>@T``, the training seeds
+    (under ``<run>``; ``<run>@T+pp`` under ``<run>+pp``)."""
+    grouped: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for key, run in seed["runs"].items():
+            name, _, rest = key.partition("@")
+            grouped.setdefault(name + rest[len(rest.split("+")[0]):], []).append(run["scores"])
+    return {name: scoring.pooled(scores) for name, scores in grouped.items()}
+
+
 def table(results: dict) -> str:
     lines = ["| run | " + " | ".join(HEADLINE) + " |", "|" + "---|" * (len(HEADLINE) + 1)]
     for name, result in results.items():
@@ -178,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", action="store_true",
                         help="also score each run of ours averaged over the 8 mirrorings (<run>+mirror, 8x the inference)")
     parser.add_argument("--monai", action="store_true", help="also train and score MONAI's tutorial pipeline")
+    parser.add_argument("--train-seeds", default="",
+                        help="training seeds, e.g. 1,2: every pipeline trained once per seed on a split fixed by a "
+                             "manifest.csv (default: one training, the split by the catalog's seed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "semireal.json")
     args = parser.parse_args(argv)
     runs = parse_runs(args.run) or [("defaults", [])]
@@ -196,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1))
-    names = list(next(iter(report["seeds"].values()))["runs"])
-    report["pooled"] = {name: scoring.pooled([seed["runs"][name]["scores"] for seed in report["seeds"].values()])
-                        for name in names}
+    report["pooled"] = pooled_runs(report["seeds"].values())
     args.out.write_text(json.dumps(report, indent=1))
     print("# pooled over seeds " + args.seeds + "\n" + table(report["pooled"]))
     print(f"# written to {args.out}")
