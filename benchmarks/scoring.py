@@ -17,7 +17,8 @@ recorded one (``lesions``, ``types``), by the generator's lesion type (e.g. flai
 lesion also records the share of it *covered* and a *local Dice*: the predicted whole tumour
 against the lesion within 5 mm of it, which falls when a lesion is missed and when the prediction
 floods its surroundings (where *found* would still count it). False positive components are
-counted per region, before any postprocessing and after it.
+counted per region, before any postprocessing and after it, and so are the predicted and true
+volumes and the predicted volume outside the true region (what a flood adds).
 """
 
 from __future__ import annotations
@@ -123,9 +124,13 @@ def score_study(predicted: np.ndarray, label: np.ndarray, spacing: tuple, number
                 types: tuple = ()) -> dict:
     """One study's figures from its thresholded regions ``predicted`` ``(3, D, H, W)``."""
     truth = truth_regions(label)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     row = {}
     for index, name in enumerate(REGIONS):
         row[f"dice_{name}"] = Overlap.of(predicted[index], truth[index]).dice
+        row[f"predicted_ml_{name}"] = round(float(predicted[index].sum()) * voxel_ml, 3)
+        row[f"true_ml_{name}"] = round(float(truth[index].sum()) * voxel_ml, 3)
+        row[f"outside_ml_{name}"] = round(float((predicted[index] & ~truth[index]).sum()) * voxel_ml, 3)
         scores = lesion_wise(predicted[index], truth[index], spacing)
         row[f"lesion_dice_{name}"] = scores.dice
         row[f"false_positives_{name}"] = scores.false_positives
@@ -192,6 +197,9 @@ def summarise(rows: list[dict]) -> dict:
     out["lesion_dice_mean"] = round(float(np.mean([out[f"lesion_dice_{name}"] for name in REGIONS])), 4)
     for name in REGIONS:
         out[f"false_positives_per_study_{name}"] = round(float(np.mean([row[f"false_positives_{name}"] for row in rows])), 3)
+    for name in REGIONS:  # set totals, as "predicted / true volume over the test set"
+        for volume in ("predicted", "true", "outside"):
+            out[f"{volume}_ml_{name}"] = round(float(sum(row.get(f"{volume}_ml_{name}", 0.0) for row in rows)), 1)
     lesions = [lesion for row in rows for lesion in row["lesions"]]
     out["lesions_found"] = f"{sum(lesion['found'] for lesion in lesions)}/{len(lesions)}"
     out["lesions_detected"] = f"{sum(lesion['detected'] for lesion in lesions)}/{len(lesions)}"

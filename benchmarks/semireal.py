@@ -67,7 +67,7 @@ BUCKET = "bench-semireal"
 FLAGS = ["--sequences", ",".join(anatomy.SEQUENCES), "--labels", "ncr=1,ed=2,et=4", "--regions", "brats",
          "--num-workers", "2", "--log-every", "1000"]
 HEADLINE = ("dice_wt", "dice_tc", "dice_et", "lesion_dice_mean", "lesions_found", "found_under 2 ml",
-            "found_enhancing", "found_non-enhancing", "lesions_detected", "false_positives_per_study_wt",
+            "found_enhancing", "found_non-enhancing", "lesions_detected", "outside_ml_wt", "false_positives_per_study_wt",
             "false_positives_per_study_et")
 
 
