@@ -199,7 +199,7 @@ def summarise(rows: list[dict]) -> dict:
         out[f"false_positives_per_study_{name}"] = round(float(np.mean([row[f"false_positives_{name}"] for row in rows])), 3)
     for name in REGIONS:  # set totals, as "predicted / true volume over the test set"
         for volume in ("predicted", "true", "outside"):
-            out[f"{volume}_ml_{name}"] = round(float(sum(row.get(f"{volume}_ml_{name}", 0.0) for row in rows)), 1)
+            out[f"{volume}_ml_{name}"] = round(float(sum(row[f"{volume}_ml_{name}"] for row in rows)), 1)
     lesions = [lesion for row in rows for lesion in row["lesions"]]
     out["lesions_found"] = f"{sum(lesion['found'] for lesion in lesions)}/{len(lesions)}"
     out["lesions_detected"] = f"{sum(lesion['detected'] for lesion in lesions)}/{len(lesions)}"

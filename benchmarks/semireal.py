@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ import scoring  # noqa: E402
 from brainseg.data.catalog import build_catalog  # noqa: E402
 from brainseg.data.listing import MANIFEST_NAME  # noqa: E402
 from brainseg.data.resample import median_spacing  # noqa: E402
+from brainseg.data.splits import SPLITS  # noqa: E402
 from brainseg.data.stream import read_case_region  # noqa: E402
 from brainseg.io import s3, s3_writes  # noqa: E402
 from brainseg.model.networks import NetworkSpec, build_model  # noqa: E402
@@ -103,12 +105,16 @@ def check_reader(catalog, studies: dict, case_ids: list[str]) -> None:
             raise RuntimeError(f"{case_id}: our reader's labels differ from the generator's")
 
 
+def split_ids(catalog) -> dict[str, list[str]]:
+    """The sorted case IDs of each split of ``catalog``."""
+    return {name: sorted(case.case_id for case in catalog.split(name)) for name in SPLITS}
+
+
 def fix_split(dataset: str) -> None:
     """A ``manifest.csv`` of the catalog's seed-0 split in ``dataset``, so that ``--seed`` moves only
     a run's initial weights and patch stream."""
-    catalog = build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0)
-    rows = ["case_id,split", *(f"{case.case_id},{name}" for name in ("train", "val", "test")
-                               for case in sorted(catalog.split(name), key=lambda case: case.case_id))]
+    splits = split_ids(build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0))
+    rows = ["case_id,split", *(f"{case_id},{name}" for name, ids in splits.items() for case_id in ids)]
     s3_writes.put_bytes(dataset + MANIFEST_NAME, ("\n".join(rows) + "\n").encode(), "text/csv")
 
 
@@ -132,7 +138,7 @@ def one_seed(seed: int, args, runs: list[tuple[str, list[str]]]) -> dict:
             trained[key] = ours.train(f"{key.replace('@', '-t')}-{args.kind}-{seed}", dataset, f"s3://{BUCKET}/runs",
                                       Path(work) / key, [*training_flags(args), *flags, *seeded])
         catalog = build_catalog(dataset, sequences=anatomy.SEQUENCES, seed=0)
-        splits = {name: sorted(case.case_id for case in catalog.split(name)) for name in ("train", "val", "test")}
+        splits = split_ids(catalog)
         out["split"] = {name: len(ids) for name, ids in splits.items()}
         check_reader(catalog, studies, splits["test"])
         cases = {case.case_id: case for case in catalog.cases}
@@ -190,8 +196,7 @@ def pooled_runs(seeds) -> dict:
     grouped: dict[str, list[dict]] = {}
     for seed in seeds:
         for key, run in seed["runs"].items():
-            name, _, rest = key.partition("@")
-            grouped.setdefault(name + rest[len(rest.split("+")[0]):], []).append(run["scores"])
+            grouped.setdefault(re.sub(r"@\d+", "", key), []).append(run["scores"])
     return {name: scoring.pooled(scores) for name, scores in grouped.items()}
 
 
